@@ -1,0 +1,351 @@
+//! Types shared by the kernel programs (`lb-ebpf`) and the daemon (`lb-userspace`):
+//! map keys and values, map names, sizes and limits, and the flow hash. One
+//! definition for both sides; every layout is pinned by a size assertion.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Bumped whenever a map layout or the meaning of a field changes, so a daemon
+/// never adopts pinned maps written by an incompatible version.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Service ids are `0..MAX_SERVICES` unless the daemon asks for fewer.
+pub const MAX_SERVICES: u32 = 64;
+/// Backend ids are global across services: `0..MAX_BACKENDS`.
+pub const MAX_BACKENDS: u32 = 8192;
+/// Maglev tables per service: current, previous (still read by packets in
+/// flight) and the one being written.
+pub const TABLES_PER_SERVICE: u32 = 3;
+pub const DEFAULT_MAGLEV_SIZE: u32 = 65_537;
+pub const MAX_MAGLEV_SIZE: u32 = 1_048_573;
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1_048_576;
+/// Services whose address is specific (not the wildcard) live in a hash map.
+pub const MAX_ADDR_SERVICES: u32 = 4096;
+/// Entries of the port-indexed arrays: one per (port, protocol).
+pub const PORT_SLOTS: u32 = 65_536 * 2;
+/// A Maglev slot or flow that points nowhere.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Map names, as the kernel object defines them (at most 15 bytes each).
+pub mod maps {
+    pub const PORTS: &str = "LB_PORTS";
+    pub const ADDR_SERVICES: &str = "LB_ADDR_SVCS";
+    pub const SERVICES: &str = "LB_SERVICES";
+    pub const MAGLEV: &str = "LB_MAGLEV";
+    pub const BACKENDS: &str = "LB_BACKENDS";
+    pub const FLOWS: &str = "LB_FLOWS";
+    pub const REV_PORTS: &str = "LB_REV_PORTS";
+    pub const REV_ADDRS: &str = "LB_REV_ADDRS";
+    pub const SERVICE_STATS: &str = "LB_SVC_STATS";
+    pub const BACKEND_STATS: &str = "LB_BE_STATS";
+    pub const ACTION_STATS: &str = "LB_ACT_STATS";
+    pub const REASON_STATS: &str = "LB_RSN_STATS";
+    pub const ALL: [&str; 12] = [
+        PORTS,
+        ADDR_SERVICES,
+        SERVICES,
+        MAGLEV,
+        BACKENDS,
+        FLOWS,
+        REV_PORTS,
+        REV_ADDRS,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        ACTION_STATS,
+        REASON_STATS,
+    ];
+}
+
+/// Program names in the object.
+pub mod programs {
+    pub const XDP: &str = "lb_xdp";
+    pub const TC_EGRESS: &str = "lb_tc_egress";
+}
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Index into the port arrays for a (host-order port, IP protocol) pair.
+#[inline(always)]
+pub fn port_slot(port: u16, proto: u8) -> u32 {
+    (port as u32) * 2 + if proto == PROTO_UDP { 1 } else { 0 }
+}
+
+/// Address words as they sit in the packet (network byte order, read natively).
+/// IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`) so one key type
+/// serves both families.
+pub type Addr = [u32; 4];
+
+/// The third word of an IPv4-mapped address, in packet byte order.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+#[inline(always)]
+pub fn v4_mapped(addr: u32) -> Addr {
+    [0, 0, V4_MAPPED_WORD, addr]
+}
+
+#[inline(always)]
+pub fn is_v4_mapped(addr: &Addr) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
+}
+
+/// Value of `LB_PORTS[port_slot(port, proto)]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortEntry {
+    /// Wildcard service on this port: service id + 1, 0 for none.
+    pub wildcard: u32,
+    /// `PORT_HAS_ADDR_SERVICES` when `LB_ADDR_SVCS` holds services for this
+    /// port; only then does the program pay for a hash lookup.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<PortEntry>() == 8);
+pub const PORT_HAS_ADDR_SERVICES: u32 = 1;
+
+/// Key of `LB_ADDR_SVCS` (value: service id) and `LB_REV_ADDRS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<AddrKey>() == 20);
+
+/// How a service reaches its backends.
+pub const FWD_LOCAL: u8 = 0;
+pub const FWD_NAT: u8 = 1;
+pub const FWD_DSR: u8 = 2;
+
+/// Value of `LB_SERVICES[service id]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// Index (0..3) of the Maglev table packets read. Userspace writes an
+    /// inactive table, then flips this one word.
+    pub active: u32,
+    /// Maglev table size M (prime); 0 means the service has no backends.
+    pub table_size: u32,
+    pub forwarding: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    pub _reserved: u32,
+}
+const _: () = assert!(size_of::<ServiceEntry>() == 16);
+
+/// Index of a service's table `t` in `LB_MAGLEV`, whose every table has the
+/// dataplane-wide size `m`.
+#[inline(always)]
+pub fn maglev_index(service: u32, table: u32, m: u32, slot: u32) -> u32 {
+    (service * TABLES_PER_SERVICE + table) * m + slot
+}
+
+/// One slot of a Maglev table: the backend new flows take, and the backend
+/// the slot held before its last change. While the two differ the slot is
+/// "sticky": its flows may be pinned in the flow table and must look there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevSlot {
+    pub backend: u32,
+    pub prev: u32,
+}
+const _: () = assert!(size_of::<MaglevSlot>() == 8);
+
+impl MaglevSlot {
+    pub const EMPTY: MaglevSlot = MaglevSlot {
+        backend: NO_BACKEND,
+        prev: NO_BACKEND,
+    };
+}
+
+impl Default for MaglevSlot {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
+/// Backend states as the data plane sees them.
+pub const BACKEND_UNUSED: u8 = 0;
+/// Takes new flows (it is in the current Maglev table) and keeps old ones.
+pub const BACKEND_ACTIVE: u8 = 1;
+/// Takes no new flows; flows already on it stay.
+pub const BACKEND_DRAINING: u8 = 2;
+/// Disabled by the operator or failed its health checks: flows are re-picked.
+pub const BACKEND_DOWN: u8 = 3;
+
+/// Rewrite the destination address too (the backend address differs from the
+/// service address); otherwise only the port changes.
+pub const BACKEND_REWRITE_ADDR: u8 = 1;
+
+/// Value of `LB_BACKENDS[backend id]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendEntry {
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    pub state: u8,
+    pub flags: u8,
+    pub service: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<BackendEntry>() == 28);
+
+/// Key of the LRU flow table `LB_FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Packet byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// Value of `LB_FLOWS`: where the flow is pinned, and the slot that made it
+/// sticky (so userspace can tell which slots still have pinned flows).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub backend: u32,
+    pub service: u32,
+    pub slot: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FlowValue>() == 16);
+
+/// Value of `LB_REV_PORTS[port_slot(backend port, proto)]`: replies leaving
+/// from this port belong to a local backend and are rewritten.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevPortEntry {
+    /// Service port (host order) for backends of wildcard services.
+    pub service_port: u16,
+    pub flags: u16,
+}
+const _: () = assert!(size_of::<RevPortEntry>() == 4);
+/// Replies from this port go back out as `service_port`, address unchanged.
+pub const REV_PORT_ONLY: u16 = 1;
+/// `LB_REV_ADDRS` has entries for this port: look the source address up.
+pub const REV_HAS_ADDRS: u16 = 2;
+
+/// Value of `LB_REV_ADDRS[(backend addr, backend port, proto)]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevAddrValue {
+    pub addr: Addr,
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<RevAddrValue>() == 20);
+
+/// Per-CPU counters per service and per backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+const _: () = assert!(size_of::<Counters>() == 24);
+
+impl Counters {
+    pub fn add(&mut self, other: &Counters) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.new_flows += other.new_flows;
+    }
+}
+
+/// XDP actions, indexed by their kernel value in `LB_ACT_STATS`.
+pub const XDP_ACTIONS: [&str; 5] = ["aborted", "drop", "pass", "tx", "redirect"];
+
+/// Why a packet was not forwarded to a backend. Every such packet leaves the
+/// program untouched with `XDP_PASS` and bumps `LB_RSN_STATS[reason]`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...).
+    NotIp = 0,
+    /// IP, but neither TCP nor UDP (ICMP, ...).
+    NotTcpUdp = 1,
+    /// No service on this address, port and protocol.
+    NoService = 2,
+    /// A non-first IP fragment: it carries no ports.
+    Fragment = 3,
+    /// The frame ends inside a header.
+    Truncated = 4,
+    /// A header that cannot be right (IP version, IHL < 5, ...).
+    BadHeader = 5,
+    /// The service has no backend to take this flow.
+    NoBackend = 6,
+    /// More IPv6 extension headers than the program walks.
+    ExtHeaders = 7,
+}
+pub const REASON_COUNT: u32 = 8;
+pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
+    "not_ip",
+    "not_tcp_udp",
+    "no_service",
+    "fragment",
+    "truncated",
+    "bad_header",
+    "no_backend",
+    "ext_headers",
+];
+
+/// Most IPv6 extension headers walked before giving up.
+pub const MAX_IPV6_EXT_HEADERS: usize = 4;
+
+#[inline(always)]
+fn mix(h: u32, k: u32) -> u32 {
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+/// The flow hash that picks a Maglev slot: a murmur3-style mix of the 5-tuple.
+/// Addresses and ports are in packet byte order.
+#[inline(always)]
+pub fn flow_hash(src: &Addr, dst: &Addr, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h = 0x9747_b28c ^ proto as u32;
+    h = mix(h, src[0]);
+    h = mix(h, src[1]);
+    h = mix(h, src[2]);
+    h = mix(h, src[3]);
+    h = mix(h, dst[0]);
+    h = mix(h, dst[1]);
+    h = mix(h, dst[2]);
+    h = mix(h, dst[3]);
+    h = mix(h, ((sport as u32) << 16) | dport as u32);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for PortEntry {}
+    unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for ServiceEntry {}
+    unsafe impl aya::Pod for MaglevSlot {}
+    unsafe impl aya::Pod for BackendEntry {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for RevPortEntry {}
+    unsafe impl aya::Pod for RevAddrValue {}
+    unsafe impl aya::Pod for Counters {}
+}

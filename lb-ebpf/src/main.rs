@@ -1,0 +1,140 @@
+//! The balancer's kernel side: an XDP program that sends service packets to
+//! a backend picked by Maglev, and a TC egress program that turns replies
+//! from local backends back into replies from the service.
+#![no_std]
+#![no_main]
+
+mod csum;
+mod maps;
+mod nat;
+mod parse;
+mod select;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, xdp_action::XDP_PASS},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::{AddrKey, FWD_LOCAL, PROTO_UDP, REV_HAS_ADDRS, REV_PORT_ONLY, Reason, port_slot};
+
+use crate::{
+    maps::{LB_REV_ADDRS, LB_REV_PORTS},
+    parse::{Bounds, TCP_CHECK_OFF, UDP_CHECK_OFF},
+};
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let b = Bounds {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    let action = match balance(&b) {
+        Ok(action) => action,
+        Err(reason) => {
+            stats::reason(reason);
+            XDP_PASS
+        }
+    };
+    stats::action(action);
+    action
+}
+
+#[inline(always)]
+fn balance(b: &Bounds) -> Result<u32, Reason> {
+    let p = parse::parse(b, true)?;
+    let (id, svc) = select::service(&p)?;
+    let pick = select::backend(&p, id, svc)?;
+    match svc.forwarding {
+        FWD_LOCAL => nat::local(b, &p, pick.entry)?,
+        _ => return Err(Reason::NoBackend),
+    }
+    stats::forwarded(id, pick.backend, b.len(), pick.new_flow);
+    Ok(XDP_PASS)
+}
+
+/// BPF_F_MARK_MANGLED_0: keep a zero IPv4 UDP checksum zero.
+const BPF_F_MARK_MANGLED_0: u64 = 32;
+
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    // Whatever happens, the packet goes on: a reply that cannot be rewritten
+    // is still better delivered than dropped.
+    let _ = reverse(&ctx);
+    TC_ACT_OK as i32
+}
+
+/// Rewrites a reply leaving from a local backend's port back to the service
+/// address and port.
+#[inline(always)]
+fn reverse(ctx: &TcContext) -> Result<(), Reason> {
+    let bounds = |ctx: &TcContext| Bounds {
+        start: ctx.data(),
+        end: ctx.data_end(),
+    };
+    let p = match parse::parse(&bounds(ctx), false) {
+        // Headers outside the linear data: pull them in and look again.
+        Err(Reason::Truncated) if ctx.len() > 14 => {
+            ctx.pull_data(ctx.len().min(128))
+                .map_err(|_| Reason::Truncated)?;
+            parse::parse(&bounds(ctx), false)?
+        }
+        r => r?,
+    };
+    let sport = u16::from_be(p.sport);
+    let entry = LB_REV_PORTS
+        .get(port_slot(sport, p.proto))
+        .ok_or(Reason::NoService)?;
+    if entry.flags == 0 {
+        return Err(Reason::NoService);
+    }
+    let mut new_port = entry.service_port;
+    let mut new_addr = None;
+    if entry.flags & REV_HAS_ADDRS != 0 {
+        let key = AddrKey {
+            addr: p.src,
+            port: sport,
+            proto: p.proto,
+            _pad: 0,
+        };
+        match unsafe { LB_REV_ADDRS.get(&key) } {
+            Some(v) => {
+                new_port = v.port;
+                new_addr = Some(v.addr);
+            }
+            None if entry.flags & REV_PORT_ONLY == 0 => return Err(Reason::NoService),
+            None => {}
+        }
+    }
+    let udp = p.proto == PROTO_UDP;
+    let csum_off = p.l4_off + if udp { UDP_CHECK_OFF } else { TCP_CHECK_OFF };
+    let mangled = if udp { BPF_F_MARK_MANGLED_0 } else { 0 };
+    let fail = |_| Reason::BadHeader;
+    let new_sport = new_port.to_be();
+    ctx.l4_csum_replace(csum_off, p.sport as u64, new_sport as u64, 2 | mangled)
+        .map_err(fail)?;
+    ctx.store(p.l4_off, &new_sport, 0).map_err(fail)?;
+    if let Some(addr) = new_addr {
+        let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
+        if p.v6 {
+            for i in 0..4 {
+                ctx.l4_csum_replace(csum_off, p.src[i] as u64, addr[i] as u64, pseudo)
+                    .map_err(fail)?;
+            }
+            ctx.store(p.l3_off + 8, &addr, 0).map_err(fail)?;
+        } else {
+            ctx.l4_csum_replace(csum_off, p.src[3] as u64, addr[3] as u64, pseudo)
+                .map_err(fail)?;
+            ctx.l3_csum_replace(p.l3_off + 10, p.src[3] as u64, addr[3] as u64, 4)
+                .map_err(fail)?;
+            ctx.store(p.l3_off + 12, &addr[3], 0).map_err(fail)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,55 @@
+//! Every kernel map the programs use. Sizes here are defaults: the daemon
+//! resizes the Maglev and flow tables at load time from its config.
+use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    AddrKey, BackendEntry, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, FlowKey,
+    FlowValue, MAX_ADDR_SERVICES, MAX_BACKENDS, MAX_SERVICES, MaglevSlot, PORT_SLOTS, PortEntry,
+    REASON_COUNT, RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE,
+};
+
+#[map]
+pub static LB_PORTS: Array<PortEntry> = Array::with_max_entries(PORT_SLOTS, 0);
+
+#[map]
+pub static LB_ADDR_SVCS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_ADDR_SERVICES, 0);
+
+#[map]
+pub static LB_SERVICES: Array<ServiceEntry> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// Mapped into the daemon's memory so a whole table is written without a
+/// system call per slot.
+#[map]
+pub static LB_MAGLEV: Array<MaglevSlot> = Array::with_max_entries(
+    MAX_SERVICES * TABLES_PER_SERVICE * DEFAULT_MAGLEV_SIZE,
+    BPF_F_MMAPABLE,
+);
+
+#[map]
+pub static LB_BACKENDS: Array<BackendEntry> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+#[map]
+pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+#[map]
+pub static LB_REV_PORTS: Array<RevPortEntry> = Array::with_max_entries(PORT_SLOTS, 0);
+
+#[map]
+pub static LB_REV_ADDRS: HashMap<AddrKey, RevAddrValue> =
+    HashMap::with_max_entries(MAX_ADDR_SERVICES, 0);
+
+#[map]
+pub static LB_SVC_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+
+#[map]
+pub static LB_BE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+#[map]
+pub static LB_ACT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(5, 0);
+
+#[map]
+pub static LB_RSN_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);

@@ -1,0 +1,251 @@
+//! Header parsing with bounds checks. `Bounds::ptr_at` is the only place that
+//! turns an offset into a pointer; everything else works on what it returns.
+use core::mem::size_of;
+
+use lb_common::{Addr, MAX_IPV6_EXT_HEADERS, PROTO_TCP, PROTO_UDP, Reason, v4_mapped};
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto: u16,
+}
+
+#[repr(C)]
+pub struct VlanHdr {
+    pub tci: u16,
+    pub proto: u16,
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub src: u32,
+    pub dst: u32,
+}
+
+#[repr(C)]
+pub struct Ipv6Hdr {
+    pub vtc_flow: u32,
+    pub payload_len: u16,
+    pub next: u8,
+    pub hop_limit: u8,
+    pub src: Addr,
+    pub dst: Addr,
+}
+
+/// The first two bytes of every walkable IPv6 extension header.
+#[repr(C)]
+pub struct Ipv6Ext {
+    pub next: u8,
+    pub len: u8,
+}
+
+#[repr(C)]
+pub struct Ipv6Frag {
+    pub next: u8,
+    pub _reserved: u8,
+    pub frag_off: u16,
+    pub id: u32,
+}
+
+/// Source and destination ports, common to TCP and UDP.
+#[repr(C)]
+pub struct Ports {
+    pub src: u16,
+    pub dst: u16,
+}
+
+#[repr(C)]
+pub struct TcpHdr {
+    pub src: u16,
+    pub dst: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub off_res: u8,
+    pub flags: u8,
+    pub window: u16,
+    pub check: u16,
+    pub urg: u16,
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub src: u16,
+    pub dst: u16,
+    pub len: u16,
+    pub check: u16,
+}
+
+/// Offsets of the checksum fields inside the L4 headers.
+pub const TCP_CHECK_OFF: usize = 16;
+pub const UDP_CHECK_OFF: usize = 6;
+
+/// The packet's bounds, from an XDP or TC context.
+#[derive(Clone, Copy)]
+pub struct Bounds {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl Bounds {
+    #[inline(always)]
+    pub fn len(&self) -> u64 {
+        (self.end - self.start) as u64
+    }
+
+    /// A pointer to a `T` at `off`, or `Truncated` when the frame is shorter.
+    #[inline(always)]
+    pub fn ptr_at<T>(&self, off: usize) -> Result<*mut T, Reason> {
+        if self.start + off + size_of::<T>() > self.end {
+            return Err(Reason::Truncated);
+        }
+        Ok((self.start + off) as *mut T)
+    }
+}
+
+/// What the balancer needs to know about a TCP or UDP packet.
+pub struct Packet {
+    pub l3_off: usize,
+    pub l4_off: usize,
+    pub v6: bool,
+    pub proto: u8,
+    pub src: Addr,
+    pub dst: Addr,
+    /// Packet byte order.
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP flags; 0 for UDP.
+    pub tcp_flags: u8,
+}
+
+/// Parses Ethernet (one VLAN tag), IPv4 or IPv6, and the TCP or UDP ports.
+/// Non-first fragments, unknown protocols and short frames are errors: the
+/// caller passes them on untouched. `whole` also requires the IP datagram to
+/// be inside the frame; on TC egress a GSO packet's IP length counts bytes
+/// that are not in the linear data, so that check is left out there.
+#[inline(always)]
+pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
+    let eth: *mut EthHdr = b.ptr_at(0)?;
+    let mut proto = u16::from_be(unsafe { (*eth).proto });
+    let mut l3_off = size_of::<EthHdr>();
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        let vlan: *mut VlanHdr = b.ptr_at(l3_off)?;
+        proto = u16::from_be(unsafe { (*vlan).proto });
+        l3_off += size_of::<VlanHdr>();
+    }
+    let (src, dst, l4_proto, l4_off, v6) = match proto {
+        ETH_P_IP => {
+            let ip: *mut Ipv4Hdr = b.ptr_at(l3_off)?;
+            let version_ihl = unsafe { (*ip).version_ihl };
+            let ihl = ((version_ihl & 0x0f) as usize) * 4;
+            if version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() {
+                return Err(Reason::BadHeader);
+            }
+            // The whole datagram, options included, must be in the frame.
+            let total = u16::from_be(unsafe { (*ip).tot_len }) as usize;
+            if total < ihl {
+                return Err(Reason::BadHeader);
+            }
+            if whole && b.start + l3_off + total > b.end {
+                return Err(Reason::Truncated);
+            }
+            if u16::from_be(unsafe { (*ip).frag_off }) & 0x1fff != 0 {
+                return Err(Reason::Fragment);
+            }
+            let (s, d) = unsafe { ((*ip).src, (*ip).dst) };
+            (
+                v4_mapped(s),
+                v4_mapped(d),
+                unsafe { (*ip).proto },
+                l3_off + ihl,
+                false,
+            )
+        }
+        ETH_P_IPV6 => {
+            let ip: *mut Ipv6Hdr = b.ptr_at(l3_off)?;
+            if unsafe { *(ip as *const u8) } >> 4 != 6 {
+                return Err(Reason::BadHeader);
+            }
+            let payload = u16::from_be(unsafe { (*ip).payload_len }) as usize;
+            if whole && b.start + l3_off + size_of::<Ipv6Hdr>() + payload > b.end {
+                return Err(Reason::Truncated);
+            }
+            let (next, off) =
+                walk_ipv6_ext(b, unsafe { (*ip).next }, l3_off + size_of::<Ipv6Hdr>())?;
+            let (s, d) = unsafe { ((*ip).src, (*ip).dst) };
+            (s, d, next, off, true)
+        }
+        _ => return Err(Reason::NotIp),
+    };
+    let (sport, dport, tcp_flags) = match l4_proto {
+        PROTO_TCP => {
+            let tcp: *mut TcpHdr = b.ptr_at(l4_off)?;
+            if unsafe { (*tcp).off_res } >> 4 < 5 {
+                return Err(Reason::BadHeader);
+            }
+            unsafe { ((*tcp).src, (*tcp).dst, (*tcp).flags) }
+        }
+        PROTO_UDP => {
+            let udp: *mut UdpHdr = b.ptr_at(l4_off)?;
+            unsafe { ((*udp).src, (*udp).dst, 0) }
+        }
+        _ => return Err(Reason::NotTcpUdp),
+    };
+    Ok(Packet {
+        l3_off,
+        l4_off,
+        v6,
+        proto: l4_proto,
+        src,
+        dst,
+        sport,
+        dport,
+        tcp_flags,
+    })
+}
+
+/// Skips hop-by-hop, routing, destination-options and fragment headers, at
+/// most `MAX_IPV6_EXT_HEADERS` of them. Returns the upper-layer protocol and
+/// its offset.
+#[inline(always)]
+fn walk_ipv6_ext(b: &Bounds, mut next: u8, mut off: usize) -> Result<(u8, usize), Reason> {
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            0 | 43 | 60 => {
+                let ext: *mut Ipv6Ext = b.ptr_at(off)?;
+                next = unsafe { (*ext).next };
+                off += (unsafe { (*ext).len } as usize + 1) * 8;
+            }
+            44 => {
+                let frag: *mut Ipv6Frag = b.ptr_at(off)?;
+                if u16::from_be(unsafe { (*frag).frag_off }) & 0xfff8 != 0 {
+                    return Err(Reason::Fragment);
+                }
+                next = unsafe { (*frag).next };
+                off += size_of::<Ipv6Frag>();
+            }
+            _ => return Ok((next, off)),
+        }
+    }
+    match next {
+        0 | 43 | 60 | 44 => Err(Reason::ExtHeaders),
+        _ => Ok((next, off)),
+    }
+}

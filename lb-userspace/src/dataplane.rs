@@ -1,0 +1,1109 @@
+//! The only code that touches kernel maps: loads the eBPF object, attaches
+//! its programs, and turns the desired services and backends into map
+//! contents, diffing against what is installed and flipping Maglev tables
+//! atomically.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, AsRawFd},
+    ptr::NonNull,
+    sync::atomic::{Ordering, fence},
+};
+
+use aya::{
+    Ebpf, EbpfLoader, TestRun, TestRunOptions, TestRunResult,
+    maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
+};
+use lb_common::{
+    Addr, AddrKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_REWRITE_ADDR,
+    BACKEND_UNUSED, BackendEntry, Counters, FWD_LOCAL, FlowKey, FlowValue, MAX_BACKENDS,
+    MAX_SERVICES, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, PROTO_UDP, PortEntry,
+    REASON_COUNT, REV_HAS_ADDRS, REV_PORT_ONLY, RevAddrValue, RevPortEntry, ServiceEntry,
+    TABLES_PER_SERVICE, maglev_index, maps, port_slot, programs,
+};
+use thiserror::Error;
+use tracing::{debug, info};
+
+use crate::maglev;
+
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    #[error("loading the eBPF object failed: {0} (is this root on Linux >= 5.15 with BTF?)")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("the eBPF object has no {0}; it does not match this build")]
+    Missing(&'static str),
+    #[error("mapping the Maglev table map into memory failed: {0}")]
+    Mmap(std::io::Error),
+    #[error("invalid data plane options: {0}")]
+    Options(String),
+    #[error("too many {0}: raise the limit or remove some")]
+    Full(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+/// Sizes fixed when the object is loaded.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Maglev table size M, a prime.
+    pub maglev_size: u32,
+    /// Most services at once (each holds three tables of M slots).
+    pub max_services: u32,
+    /// Entries of the LRU flow table.
+    pub flow_table_size: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            maglev_size: lb_common::DEFAULT_MAGLEV_SIZE,
+            max_services: 16,
+            flow_table_size: lb_common::DEFAULT_FLOW_TABLE_SIZE,
+        }
+    }
+}
+
+impl Options {
+    pub fn validate(&self) -> Result<()> {
+        maglev::check_size(self.maglev_size).map_err(|e| DataplaneError::Options(e.to_string()))?;
+        if self.max_services == 0 || self.max_services > MAX_SERVICES {
+            return Err(DataplaneError::Options(format!(
+                "max_services must be 1..={MAX_SERVICES}, got {}",
+                self.max_services
+            )));
+        }
+        let slots = self.max_services as u64 * TABLES_PER_SERVICE as u64 * self.maglev_size as u64;
+        if slots > u32::MAX as u64 {
+            return Err(DataplaneError::Options(format!(
+                "max_services x 3 x maglev_size = {slots} slots is more than one map holds; \
+                 lower max_services or maglev_size"
+            )));
+        }
+        if self.flow_table_size < 1024 {
+            return Err(DataplaneError::Options(format!(
+                "flow_table_size must be at least 1024, got {}",
+                self.flow_table_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Where the XDP program runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native if the driver supports it, generic otherwise.
+    #[default]
+    Auto,
+    Native,
+    Skb,
+}
+
+impl AttachMode {
+    fn xdp(self) -> XdpMode {
+        match self {
+            Self::Auto => XdpMode::Default,
+            Self::Native => XdpMode::Driver,
+            Self::Skb => XdpMode::Skb,
+        }
+    }
+}
+
+/// The data plane's memory-mapped Maglev tables.
+struct MaglevMmap {
+    ptr: NonNull<MaglevSlot>,
+    len: usize,
+}
+
+// The mapping is plain memory shared with the kernel; access goes through
+// `&mut Dataplane`, so there is one writer.
+unsafe impl Send for MaglevMmap {}
+unsafe impl Sync for MaglevMmap {}
+
+impl MaglevMmap {
+    fn new(map: &MapData, len: usize) -> Result<Self> {
+        let bytes = len * size_of::<MaglevSlot>();
+        let fd = map.fd().as_fd().as_raw_fd();
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DataplaneError::Mmap(std::io::Error::last_os_error()));
+        }
+        Ok(Self {
+            ptr: NonNull::new(ptr.cast()).ok_or(DataplaneError::Mmap(std::io::Error::other(
+                "mmap returned null",
+            )))?,
+            len,
+        })
+    }
+
+    fn slots(&self) -> &[MaglevSlot] {
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    fn slots_mut(&mut self) -> &mut [MaglevSlot] {
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for MaglevMmap {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * size_of::<MaglevSlot>()) };
+    }
+}
+
+/// The loaded object and typed handles on every map.
+pub struct Dataplane {
+    opts: Options,
+    ebpf: Ebpf,
+    maglev: MaglevMmap,
+    ports: Array<MapData, PortEntry>,
+    addr_services: BpfHashMap<MapData, AddrKey, u32>,
+    services: Array<MapData, ServiceEntry>,
+    backends: Array<MapData, BackendEntry>,
+    flows: BpfHashMap<MapData, FlowKey, FlowValue>,
+    rev_ports: Array<MapData, RevPortEntry>,
+    rev_addrs: BpfHashMap<MapData, AddrKey, RevAddrValue>,
+    service_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    action_stats: PerCpuArray<MapData, u64>,
+    reason_stats: PerCpuArray<MapData, u64>,
+    attached: Option<String>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
+    ebpf.take_map(name).ok_or(DataplaneError::Missing(name))
+}
+
+macro_rules! typed {
+    ($ebpf:expr, $name:expr) => {
+        take($ebpf, $name)?.try_into().map_err(map_err($name))?
+    };
+}
+
+impl Dataplane {
+    /// Loads the object built into this binary and its two programs; nothing
+    /// is attached yet.
+    pub fn load(opts: Options) -> Result<Self> {
+        Self::load_object(crate::EBPF_OBJECT, opts)
+    }
+
+    pub fn load_object(object: &[u8], opts: Options) -> Result<Self> {
+        opts.validate()?;
+        let maglev_len = opts.max_services * TABLES_PER_SERVICE * opts.maglev_size;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::MAGLEV, maglev_len)
+            .map_max_entries(maps::FLOWS, opts.flow_table_size)
+            .load(object)?;
+        for name in [programs::XDP, programs::TC_EGRESS] {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Missing(name))?;
+            let res = match prog {
+                aya::programs::Program::Xdp(p) => p.load(),
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                _ => return Err(DataplaneError::Missing(name)),
+            };
+            res.map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        let Map::Array(maglev_data) = take(&mut ebpf, maps::MAGLEV)? else {
+            return Err(DataplaneError::Missing(maps::MAGLEV));
+        };
+        let maglev = MaglevMmap::new(&maglev_data, maglev_len as usize)?;
+        let dp = Self {
+            maglev,
+            ports: typed!(&mut ebpf, maps::PORTS),
+            addr_services: typed!(&mut ebpf, maps::ADDR_SERVICES),
+            services: typed!(&mut ebpf, maps::SERVICES),
+            backends: typed!(&mut ebpf, maps::BACKENDS),
+            flows: typed!(&mut ebpf, maps::FLOWS),
+            rev_ports: typed!(&mut ebpf, maps::REV_PORTS),
+            rev_addrs: typed!(&mut ebpf, maps::REV_ADDRS),
+            service_stats: typed!(&mut ebpf, maps::SERVICE_STATS),
+            backend_stats: typed!(&mut ebpf, maps::BACKEND_STATS),
+            action_stats: typed!(&mut ebpf, maps::ACTION_STATS),
+            reason_stats: typed!(&mut ebpf, maps::REASON_STATS),
+            opts,
+            ebpf,
+            attached: None,
+        };
+        // The mapping keeps the map alive; the handle is no longer needed.
+        drop(maglev_data);
+        Ok(dp)
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    fn xdp(&self) -> Result<&Xdp> {
+        let p = self
+            .ebpf
+            .program(programs::XDP)
+            .ok_or(DataplaneError::Missing(programs::XDP))?;
+        p.try_into().map_err(|source| DataplaneError::Program {
+            name: programs::XDP,
+            source,
+        })
+    }
+
+    fn tc(&self) -> Result<&SchedClassifier> {
+        let p = self
+            .ebpf
+            .program(programs::TC_EGRESS)
+            .ok_or(DataplaneError::Missing(programs::TC_EGRESS))?;
+        p.try_into().map_err(|source| DataplaneError::Program {
+            name: programs::TC_EGRESS,
+            source,
+        })
+    }
+
+    /// Attaches XDP on ingress and the reply rewriter on TC egress of
+    /// `iface`. Both detach when the `Dataplane` is dropped.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        let xdp: &mut Xdp = self
+            .ebpf
+            .program_mut(programs::XDP)
+            .ok_or(DataplaneError::Missing(programs::XDP))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                name: programs::XDP,
+                source,
+            })?;
+        xdp.attach(iface, mode.xdp())
+            .map_err(|source| DataplaneError::Program {
+                name: programs::XDP,
+                source,
+            })?;
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(programs::TC_EGRESS)
+            .ok_or(DataplaneError::Missing(programs::TC_EGRESS))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                name: programs::TC_EGRESS,
+                source,
+            })?;
+        tc.attach(iface, TcAttachType::Egress)
+            .map_err(|source| DataplaneError::Program {
+                name: programs::TC_EGRESS,
+                source,
+            })?;
+        info!(iface, ?mode, "data plane attached");
+        self.attached = Some(iface.to_string());
+        Ok(())
+    }
+
+    pub fn attached_interface(&self) -> Option<&str> {
+        self.attached.as_deref()
+    }
+
+    /// Runs the XDP program once on `frame` with `BPF_PROG_TEST_RUN`;
+    /// returns the action and the frame as the program left it.
+    pub fn test_run_xdp(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        test_run(self.xdp()?, programs::XDP, frame)
+    }
+
+    /// Runs the TC egress program once on `frame`.
+    pub fn test_run_tc(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        test_run(self.tc()?, programs::TC_EGRESS, frame)
+    }
+
+    /// Runs the XDP program `repeat` times on `frame` in the kernel and
+    /// returns the mean time per run as the kernel measured it.
+    pub fn bench_xdp(&self, frame: &[u8], repeat: u32) -> Result<std::time::Duration> {
+        let mut out = vec![0u8; frame.len() + 512];
+        let res = self
+            .xdp()?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..Default::default()
+            })
+            .map_err(|source| DataplaneError::Program {
+                name: programs::XDP,
+                source,
+            })?;
+        Ok(res.duration)
+    }
+
+    fn write_backend(&mut self, id: u32, entry: &BackendEntry) -> Result<()> {
+        self.backends
+            .set(id, entry, 0)
+            .map_err(map_err(maps::BACKENDS))
+    }
+
+    fn write_service(&mut self, id: u32, entry: &ServiceEntry) -> Result<()> {
+        self.services
+            .set(id, entry, 0)
+            .map_err(map_err(maps::SERVICES))
+    }
+
+    fn service_entry(&self, id: u32) -> Result<ServiceEntry> {
+        self.services.get(&id, 0).map_err(map_err(maps::SERVICES))
+    }
+
+    /// One table of one service, as the kernel sees it.
+    pub fn table(&self, service: u32, table: u32) -> &[MaglevSlot] {
+        let m = self.opts.maglev_size;
+        let start = maglev_index(service, table, m, 0) as usize;
+        &self.maglev.slots()[start..start + m as usize]
+    }
+
+    /// The table packets read now, and its index.
+    pub fn active_table(&self, service: u32) -> Result<(u32, &[MaglevSlot])> {
+        let e = self.service_entry(service)?;
+        Ok((e.active, self.table(service, e.active)))
+    }
+
+    /// Writes `slots` into the service's inactive table (never the active
+    /// one, nor the one before it, which packets in flight may still read),
+    /// then flips the service's one `active` word.
+    pub fn install_table(
+        &mut self,
+        service: u32,
+        slots: &[MaglevSlot],
+        forwarding: u8,
+    ) -> Result<u32> {
+        let m = self.opts.maglev_size;
+        if slots.len() != m as usize || service >= self.opts.max_services {
+            return Err(DataplaneError::Options(format!(
+                "table of {} slots for service {service}; expected {m} and id < {}",
+                slots.len(),
+                self.opts.max_services
+            )));
+        }
+        let mut entry = self.service_entry(service)?;
+        let next = if entry.table_size == 0 {
+            0
+        } else {
+            (entry.active + 1) % TABLES_PER_SERVICE
+        };
+        let start = maglev_index(service, next, m, 0) as usize;
+        self.maglev.slots_mut()[start..start + m as usize].copy_from_slice(slots);
+        // The table must be visible before the word that points at it.
+        fence(Ordering::SeqCst);
+        entry.active = next;
+        entry.table_size = m;
+        entry.forwarding = forwarding;
+        self.write_service(service, &entry)?;
+        Ok(next)
+    }
+
+    /// Summed over CPUs.
+    pub fn service_counters(&self, id: u32) -> Result<Counters> {
+        sum_counters(&self.service_stats, id, maps::SERVICE_STATS)
+    }
+
+    pub fn backend_counters(&self, id: u32) -> Result<Counters> {
+        sum_counters(&self.backend_stats, id, maps::BACKEND_STATS)
+    }
+
+    /// Packets per XDP action, indexed by the action's value.
+    pub fn action_counts(&self) -> Result<[u64; 5]> {
+        let mut out = [0u64; 5];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = sum_u64(&self.action_stats, i as u32, maps::ACTION_STATS)?;
+        }
+        Ok(out)
+    }
+
+    /// Packets per `lb_common::Reason`, indexed by the reason's value.
+    pub fn reason_counts(&self) -> Result<[u64; REASON_COUNT as usize]> {
+        let mut out = [0u64; REASON_COUNT as usize];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = sum_u64(&self.reason_stats, i as u32, maps::REASON_STATS)?;
+        }
+        Ok(out)
+    }
+
+    /// Entries in the flow table (walks it).
+    pub fn flow_count(&self) -> usize {
+        self.flows.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Removes every flow pinned to one of `backends`.
+    pub fn purge_flows(&mut self, backends: &HashSet<u32>) -> Result<usize> {
+        if backends.is_empty() {
+            return Ok(0);
+        }
+        let doomed: Vec<FlowKey> = self
+            .flows
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, v)| backends.contains(&v.backend))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            // Already gone (expired by the LRU) is fine.
+            let _ = self.flows.remove(k);
+        }
+        Ok(doomed.len())
+    }
+}
+
+fn sum_counters(
+    map: &PerCpuArray<MapData, Counters>,
+    id: u32,
+    name: &'static str,
+) -> Result<Counters> {
+    let values = map.get(&id, 0).map_err(map_err(name))?;
+    let mut total = Counters::default();
+    for v in values.iter() {
+        total.add(v);
+    }
+    Ok(total)
+}
+
+fn sum_u64(map: &PerCpuArray<MapData, u64>, id: u32, name: &'static str) -> Result<u64> {
+    Ok(map.get(&id, 0).map_err(map_err(name))?.iter().sum())
+}
+
+fn test_run<P>(prog: &P, name: &'static str, frame: &[u8]) -> Result<(u32, Vec<u8>)>
+where
+    for<'a> P: TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len() + 512];
+    let res = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    out.truncate(res.data_size_out as usize);
+    Ok((res.return_value, out))
+}
+
+/// Converts an address to the data plane's form (IPv4 as IPv4-mapped).
+pub fn addr_words(ip: IpAddr) -> Addr {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let o = v6.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+/// The other way round.
+pub fn words_addr(words: &Addr) -> IpAddr {
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = std::net::Ipv6Addr::from(o);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Desired state and the map writer.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => PROTO_TCP,
+            Self::Udp => PROTO_UDP,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Forwarding {
+    /// Backends are ports on this host.
+    #[default]
+    Local,
+}
+
+impl Forwarding {
+    fn code(self) -> u8 {
+        match self {
+            Self::Local => FWD_LOCAL,
+        }
+    }
+}
+
+/// What the operator asked of a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AdminState {
+    #[default]
+    Active,
+    /// No new flows; existing flows stay.
+    Draining,
+    /// Out of service; existing flows are re-picked.
+    Disabled,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub address: SocketAddr,
+    pub weight: u16,
+    pub state: AdminState,
+    /// Health as the checker last decided it.
+    pub healthy: bool,
+}
+
+impl BackendSpec {
+    pub fn new(address: SocketAddr, weight: u16) -> Self {
+        Self {
+            address,
+            weight,
+            state: AdminState::Active,
+            healthy: true,
+        }
+    }
+
+    fn dataplane_state(&self) -> u8 {
+        match (self.state, self.healthy) {
+            (AdminState::Disabled, _) | (_, false) => BACKEND_DOWN,
+            (AdminState::Draining, true) => BACKEND_DRAINING,
+            (AdminState::Active, true) => BACKEND_ACTIVE,
+        }
+    }
+
+    /// Takes new flows: in the Maglev table.
+    fn in_table(&self) -> bool {
+        self.dataplane_state() == BACKEND_ACTIVE && self.weight > 0
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: String,
+    /// `0.0.0.0` or `::` for any local address.
+    pub listen: SocketAddr,
+    pub protocols: Vec<Protocol>,
+    pub forwarding: Forwarding,
+    pub backends: Vec<BackendSpec>,
+}
+
+struct Installed {
+    id: u32,
+    spec: ServiceSpec,
+    backend_ids: HashMap<SocketAddr, u32>,
+    /// The slots last installed, with the previous backend of each slot.
+    slots: Vec<MaglevSlot>,
+    /// Backend ids last built into the table, to skip identical rebuilds.
+    table: Vec<u32>,
+}
+
+/// Applies desired services to the data plane. Owns the `Dataplane`.
+pub struct MapWriter {
+    dp: Dataplane,
+    services: BTreeMap<String, Installed>,
+    free_service_ids: Vec<u32>,
+    free_backend_ids: Vec<u32>,
+    ports: HashMap<u32, PortEntry>,
+    addr_services: HashMap<AddrKey, u32>,
+    rev_ports: HashMap<u32, RevPortEntry>,
+    rev_addrs: HashMap<AddrKey, RevAddrValue>,
+}
+
+/// What an `apply` changed, for logs and metrics.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub tables_installed: usize,
+    pub flows_purged: usize,
+}
+
+fn is_local_host(ip: IpAddr) -> bool {
+    ip.is_loopback() || ip.is_unspecified()
+}
+
+impl MapWriter {
+    pub fn new(dp: Dataplane) -> Self {
+        let max_services = dp.opts.max_services;
+        Self {
+            dp,
+            services: BTreeMap::new(),
+            free_service_ids: (0..max_services).rev().collect(),
+            free_backend_ids: (0..MAX_BACKENDS).rev().collect(),
+            ports: HashMap::new(),
+            addr_services: HashMap::new(),
+            rev_ports: HashMap::new(),
+            rev_addrs: HashMap::new(),
+        }
+    }
+
+    pub fn dataplane(&self) -> &Dataplane {
+        &self.dp
+    }
+
+    pub fn dataplane_mut(&mut self) -> &mut Dataplane {
+        &mut self.dp
+    }
+
+    /// The id the data plane uses for a service.
+    pub fn service_id(&self, name: &str) -> Option<u32> {
+        self.services.get(name).map(|s| s.id)
+    }
+
+    /// The id the data plane uses for a backend of a service.
+    pub fn backend_id(&self, service: &str, address: SocketAddr) -> Option<u32> {
+        self.services
+            .get(service)?
+            .backend_ids
+            .get(&address)
+            .copied()
+    }
+
+    /// Makes the data plane serve exactly `desired`. Checks everything that
+    /// can fail on input before writing anything.
+    pub fn apply(&mut self, desired: &[ServiceSpec]) -> Result<ApplyReport> {
+        self.check(desired)?;
+        let mut report = ApplyReport::default();
+        let wanted: HashSet<&str> = desired.iter().map(|s| s.name.as_str()).collect();
+
+        // Services that go: unpublish first, then free their backends.
+        let gone: Vec<String> = self
+            .services
+            .keys()
+            .filter(|n| !wanted.contains(n.as_str()))
+            .cloned()
+            .collect();
+        let mut purge = HashSet::new();
+        for name in &gone {
+            let inst = self.services.remove(name).expect("listed above");
+            self.dp.write_service(inst.id, &ServiceEntry::default())?;
+            for id in inst.backend_ids.values() {
+                let down = BackendEntry {
+                    state: BACKEND_DOWN,
+                    ..Default::default()
+                };
+                self.dp.write_backend(*id, &down)?;
+                purge.insert(*id);
+                self.free_backend_ids.insert(0, *id);
+            }
+            self.free_service_ids.push(inst.id);
+            info!(service = %name, "service removed");
+        }
+        // Unpublish removed services before their ids can be reused below.
+        self.sync_lookup_maps(desired)?;
+
+        for spec in desired {
+            let id = match self.services.get(&spec.name) {
+                Some(inst) => inst.id,
+                None => self
+                    .free_service_ids
+                    .pop()
+                    .ok_or(DataplaneError::Full("services"))?,
+            };
+            let mut inst = self
+                .services
+                .remove(&spec.name)
+                .unwrap_or_else(|| Installed {
+                    id,
+                    spec: spec.clone(),
+                    backend_ids: HashMap::new(),
+                    slots: Vec::new(),
+                    table: Vec::new(),
+                });
+            let installed = self.apply_service(&mut inst, spec, &mut purge, &mut report);
+            self.services.insert(spec.name.clone(), inst);
+            installed?;
+        }
+        self.sync_lookup_maps(desired)?;
+        report.flows_purged = self.dp.purge_flows(&purge)?;
+        Ok(report)
+    }
+
+    fn check(&self, desired: &[ServiceSpec]) -> Result<()> {
+        let mut names = HashSet::new();
+        let mut listens = HashSet::new();
+        let new_services = desired
+            .iter()
+            .filter(|s| !self.services.contains_key(&s.name))
+            .count();
+        let kept = self
+            .services
+            .keys()
+            .filter(|n| desired.iter().any(|s| &s.name == *n))
+            .count();
+        if kept + new_services > self.dp.opts.max_services as usize {
+            return Err(DataplaneError::Full("services"));
+        }
+        let mut backends = 0usize;
+        for s in desired {
+            if !names.insert(&s.name) {
+                return Err(DataplaneError::Conflict(format!(
+                    "service name {:?} is used twice",
+                    s.name
+                )));
+            }
+            for p in &s.protocols {
+                if !listens.insert((s.listen, *p)) {
+                    return Err(DataplaneError::Conflict(format!(
+                        "two services listen on {} {:?}",
+                        s.listen, p
+                    )));
+                }
+            }
+            let mut seen = HashSet::new();
+            for b in &s.backends {
+                if !seen.insert(b.address) {
+                    return Err(DataplaneError::Conflict(format!(
+                        "service {:?} lists backend {} twice",
+                        s.name, b.address
+                    )));
+                }
+            }
+            backends += s.backends.len();
+        }
+        if backends > MAX_BACKENDS as usize {
+            return Err(DataplaneError::Full("backends"));
+        }
+        // Reverse translation keys on the backend port: two services whose
+        // backends share a port must agree on the service port.
+        let mut rev: HashMap<(u16, u8), u16> = HashMap::new();
+        for s in desired {
+            for b in &s.backends {
+                for p in &s.protocols {
+                    if let Some(port) = rev.insert((b.address.port(), p.number()), s.listen.port())
+                        && port != s.listen.port()
+                    {
+                        return Err(DataplaneError::Conflict(format!(
+                            "backend port {} {:?} serves service ports {} and {}; \
+                             replies could not be told apart",
+                            b.address.port(),
+                            p,
+                            port,
+                            s.listen.port()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_service(
+        &mut self,
+        inst: &mut Installed,
+        spec: &ServiceSpec,
+        purge: &mut HashSet<u32>,
+        report: &mut ApplyReport,
+    ) -> Result<()> {
+        let id = inst.id;
+        // Backends that left the service: down first, so flows are re-picked.
+        let wanted: HashSet<SocketAddr> = spec.backends.iter().map(|b| b.address).collect();
+        let leaving: Vec<SocketAddr> = inst
+            .backend_ids
+            .keys()
+            .filter(|a| !wanted.contains(a))
+            .copied()
+            .collect();
+        let mut released = Vec::new();
+        for addr in leaving {
+            let bid = inst.backend_ids.remove(&addr).expect("listed above");
+            let mut e = self.backend_entry(spec, id, addr);
+            e.state = BACKEND_DOWN;
+            self.dp.write_backend(bid, &e)?;
+            purge.insert(bid);
+            released.push(bid);
+        }
+        for b in &spec.backends {
+            let bid = match inst.backend_ids.get(&b.address) {
+                Some(bid) => *bid,
+                None => {
+                    let bid = self
+                        .free_backend_ids
+                        .pop()
+                        .ok_or(DataplaneError::Full("backends"))?;
+                    inst.backend_ids.insert(b.address, bid);
+                    bid
+                }
+            };
+            let mut e = self.backend_entry(spec, id, b.address);
+            e.state = b.dataplane_state();
+            self.dp.write_backend(bid, &e)?;
+            if e.state == BACKEND_DOWN {
+                purge.insert(bid);
+            }
+        }
+
+        let entries: Vec<maglev::Entry> = spec
+            .backends
+            .iter()
+            .filter(|b| b.in_table())
+            .map(|b| maglev::Entry {
+                name: b.address.to_string(),
+                id: inst.backend_ids[&b.address],
+                weight: b.weight,
+            })
+            .collect();
+        let table = maglev::build(&entries, self.dp.opts.maglev_size);
+        let forwarding_changed = inst.spec.forwarding != spec.forwarding;
+        if table != inst.table || inst.slots.is_empty() || forwarding_changed {
+            let slots = next_slots(&inst.slots, &table);
+            let t = self.dp.install_table(id, &slots, spec.forwarding.code())?;
+            debug!(service = %spec.name, table = t, backends = entries.len(), "Maglev table installed");
+            inst.slots = slots;
+            inst.table = table;
+            report.tables_installed += 1;
+        }
+        // A released id stays down (flows still pinned to it, or slots that
+        // remember it, re-pick) and is handed out again last.
+        for bid in released {
+            self.free_backend_ids.insert(0, bid);
+        }
+        inst.spec = spec.clone();
+        Ok(())
+    }
+
+    fn backend_entry(&self, spec: &ServiceSpec, service: u32, addr: SocketAddr) -> BackendEntry {
+        let rewrite = !spec.listen.ip().is_unspecified()
+            && !is_local_host(addr.ip())
+            && addr.ip() != spec.listen.ip()
+            && addr.is_ipv4() == spec.listen.is_ipv4();
+        BackendEntry {
+            addr: addr_words(addr.ip()),
+            port: addr.port(),
+            state: BACKEND_UNUSED,
+            flags: if rewrite { BACKEND_REWRITE_ADDR } else { 0 },
+            service,
+            _pad: 0,
+        }
+    }
+
+    /// Rewrites the port, address-service and reverse-translation maps to
+    /// match `desired`, restricted to the services installed so far.
+    fn sync_lookup_maps(&mut self, desired: &[ServiceSpec]) -> Result<()> {
+        let mut ports: HashMap<u32, PortEntry> = HashMap::new();
+        let mut addr_services: HashMap<AddrKey, u32> = HashMap::new();
+        let mut rev_ports: HashMap<u32, RevPortEntry> = HashMap::new();
+        let mut rev_addrs: HashMap<AddrKey, RevAddrValue> = HashMap::new();
+        for spec in desired {
+            let Some(inst) = self.services.get(&spec.name) else {
+                continue;
+            };
+            for p in &spec.protocols {
+                let proto = p.number();
+                let slot = port_slot(spec.listen.port(), proto);
+                let e = ports.entry(slot).or_default();
+                if spec.listen.ip().is_unspecified() {
+                    e.wildcard = inst.id + 1;
+                } else {
+                    e.flags |= PORT_HAS_ADDR_SERVICES;
+                    addr_services.insert(
+                        AddrKey {
+                            addr: addr_words(spec.listen.ip()),
+                            port: spec.listen.port(),
+                            proto,
+                            _pad: 0,
+                        },
+                        inst.id,
+                    );
+                }
+                for b in &spec.backends {
+                    let rslot = port_slot(b.address.port(), proto);
+                    let r = rev_ports.entry(rslot).or_default();
+                    let entry = self.backend_entry(spec, inst.id, b.address);
+                    if entry.flags & BACKEND_REWRITE_ADDR != 0 {
+                        r.flags |= REV_HAS_ADDRS;
+                        rev_addrs.insert(
+                            AddrKey {
+                                addr: entry.addr,
+                                port: b.address.port(),
+                                proto,
+                                _pad: 0,
+                            },
+                            RevAddrValue {
+                                addr: addr_words(spec.listen.ip()),
+                                port: spec.listen.port(),
+                                _pad: [0; 2],
+                            },
+                        );
+                    } else {
+                        r.flags |= REV_PORT_ONLY;
+                        r.service_port = spec.listen.port();
+                    }
+                }
+            }
+        }
+        // Additions and changes, then deletions of what is left over.
+        for (k, v) in &addr_services {
+            if self.addr_services.get(k) != Some(v) {
+                self.dp
+                    .addr_services
+                    .insert(k, v, 0)
+                    .map_err(map_err(maps::ADDR_SERVICES))?;
+                self.addr_services.insert(*k, *v);
+            }
+        }
+        for (k, v) in &ports {
+            self.write_port(*k, *v)?;
+        }
+        for (k, v) in &rev_addrs {
+            if self.rev_addrs.get(k) != Some(v) {
+                self.dp
+                    .rev_addrs
+                    .insert(k, v, 0)
+                    .map_err(map_err(maps::REV_ADDRS))?;
+                self.rev_addrs.insert(*k, *v);
+            }
+        }
+        for (k, v) in &rev_ports {
+            if self.rev_ports.get(k) != Some(v) {
+                self.dp
+                    .rev_ports
+                    .set(*k, v, 0)
+                    .map_err(map_err(maps::REV_PORTS))?;
+                self.rev_ports.insert(*k, *v);
+            }
+        }
+        for k in self.ports.keys().copied().collect::<Vec<_>>() {
+            if !ports.contains_key(&k) {
+                self.write_port(k, PortEntry::default())?;
+            }
+        }
+        for k in self.addr_services.keys().copied().collect::<Vec<_>>() {
+            if !addr_services.contains_key(&k) {
+                self.delete_addr_service(&k)?;
+            }
+        }
+        for k in self.rev_ports.keys().copied().collect::<Vec<_>>() {
+            if !rev_ports.contains_key(&k) {
+                self.dp
+                    .rev_ports
+                    .set(k, RevPortEntry::default(), 0)
+                    .map_err(map_err(maps::REV_PORTS))?;
+                self.rev_ports.remove(&k);
+            }
+        }
+        for k in self.rev_addrs.keys().copied().collect::<Vec<_>>() {
+            if !rev_addrs.contains_key(&k) {
+                let _ = self.dp.rev_addrs.remove(&k);
+                self.rev_addrs.remove(&k);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_port(&mut self, slot: u32, entry: PortEntry) -> Result<()> {
+        if self.ports.get(&slot).copied().unwrap_or_default() == entry {
+            return Ok(());
+        }
+        self.dp
+            .ports
+            .set(slot, entry, 0)
+            .map_err(map_err(maps::PORTS))?;
+        if entry == PortEntry::default() {
+            self.ports.remove(&slot);
+        } else {
+            self.ports.insert(slot, entry);
+        }
+        Ok(())
+    }
+
+    fn delete_addr_service(&mut self, key: &AddrKey) -> Result<()> {
+        match self.dp.addr_services.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(maps::ADDR_SERVICES)(e)),
+        }
+        self.addr_services.remove(key);
+        Ok(())
+    }
+}
+
+/// The slots to install for a freshly built table: a slot whose backend
+/// changed remembers the backend it had, so flows established there before
+/// the change can stay; an unchanged slot keeps what it remembered.
+pub fn next_slots(installed: &[MaglevSlot], table: &[u32]) -> Vec<MaglevSlot> {
+    table
+        .iter()
+        .enumerate()
+        .map(|(i, &backend)| match installed.get(i) {
+            Some(old) if old.backend == backend => *old,
+            Some(old) if old.backend != NO_BACKEND => MaglevSlot {
+                backend,
+                prev: old.backend,
+            },
+            // First table, or the slot had no backend: nothing to remember.
+            _ => MaglevSlot {
+                backend,
+                prev: backend,
+            },
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_words_round_trip() {
+        for ip in ["10.1.2.3", "fd00::1", "::", "0.0.0.0", "127.0.0.1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(words_addr(&addr_words(ip)), ip);
+        }
+        let w = addr_words("10.1.2.3".parse().unwrap());
+        assert!(lb_common::is_v4_mapped(&w));
+        assert_eq!(w[3].to_ne_bytes(), [10, 1, 2, 3]);
+    }
+
+    #[test]
+    fn changed_slots_remember_their_previous_backend() {
+        let first = next_slots(&[], &[1, 2, 3]);
+        assert!(first.iter().all(|s| s.backend == s.prev));
+        let second = next_slots(&first, &[1, 4, 3]);
+        assert_eq!(
+            second[1],
+            MaglevSlot {
+                backend: 4,
+                prev: 2
+            }
+        );
+        assert_eq!(second[0], first[0]);
+        // A slot that changes again remembers only the last backend.
+        let third = next_slots(&second, &[1, 5, 3]);
+        assert_eq!(
+            third[1],
+            MaglevSlot {
+                backend: 5,
+                prev: 4
+            }
+        );
+        // Unchanged sticky slots stay sticky.
+        let fourth = next_slots(&third, &[1, 5, 3]);
+        assert_eq!(fourth[1], third[1]);
+    }
+}

@@ -1,0 +1,6 @@
+//! The balancer's userspace: loads and drives the kernel data plane.
+pub mod dataplane;
+pub mod maglev;
+
+/// The eBPF object built from `lb-ebpf` by this crate's build script.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

@@ -1,0 +1,15 @@
+//! Shared pieces of the integration tests: frame building and checking,
+//! network-namespace topologies that clean up after themselves, and the root
+//! check that privileged tests start with.
+pub mod netns;
+pub mod packet;
+
+/// Fails the test, loudly, when it cannot do its job without root.
+pub fn require_root() {
+    if unsafe { libc::geteuid() } != 0 {
+        panic!(
+            "this test loads eBPF programs and creates network namespaces: it must run as root \
+             (run `cargo xtask test` as root)"
+        );
+    }
+}
