@@ -314,7 +314,7 @@ mod tests {
         }
 
         #[test]
-        fn weighted_counts_track_weights_within_a_slot_per_pass(
+        fn weighted_counts_track_weights_within_two_slots(
             weights in proptest::collection::vec(1u16..=1000, 1..40)
         ) {
             let b: Vec<Entry> = weights.iter().enumerate()
@@ -326,7 +326,10 @@ mod tests {
             for e in &b {
                 let expected = m as f64 * e.weight as f64 / total;
                 let got = counts.get(&e.id).copied().unwrap_or(0) as f64;
-                prop_assert!((got - expected).abs() <= 2.0,
+                // One slot for the cut-off last pass, one for unspent credit,
+                // and this backend's part of everyone's unspent credit.
+                let slack = 2.0 + b.len() as f64 * e.weight as f64 / total;
+                prop_assert!((got - expected).abs() <= slack,
                     "weight {}: {} vs {:.1}", e.weight, got, expected);
             }
         }

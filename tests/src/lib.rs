@@ -3,6 +3,7 @@
 //! check that privileged tests start with.
 pub mod netns;
 pub mod packet;
+pub mod servers;
 
 /// Fails the test, loudly, when it cannot do its job without root.
 pub fn require_root() {

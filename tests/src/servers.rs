@@ -1,0 +1,81 @@
+//! Small real servers for topology tests, each bound inside a namespace and
+//! stopped (and joined) when dropped.
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::Duration,
+};
+
+/// A TCP server that answers every line with `"<name>\n"`.
+pub struct EchoName {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicU64>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl EchoName {
+    pub fn start(ns: &str, addr: SocketAddr, name: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU64::new(0));
+        let (s, c, name) = (stop.clone(), served.clone(), name.to_string());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = crate::netns::spawn_in(ns, move || {
+            let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            listener.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            let mut workers = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (name, c) = (name.clone(), c.clone());
+                        workers.push(thread::spawn(move || {
+                            stream.set_nonblocking(false).ok();
+                            stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                            let mut w = stream.try_clone().unwrap();
+                            for line in BufReader::new(stream).lines() {
+                                if line.is_err() || writeln!(w, "{name}").is_err() {
+                                    break;
+                                }
+                                c.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(2));
+                    }
+                    Err(e) => panic!("accept on {addr}: {e}"),
+                }
+            }
+            for w in workers {
+                let _ = w.join();
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("server did not start");
+        Self {
+            stop,
+            served,
+            handle: Some(handle),
+        }
+    }
+
+    /// Requests answered so far.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for EchoName {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The data plane attached in native mode to a veth in a namespace of its
+//! own, with real TCP connections from a client namespace to port 443 that
+//! must reach both backend ports on the balancer's host.
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use lb_tests::{
+    netns::{self, Topology},
+    servers::EchoName,
+};
+use lb_userspace::dataplane::{
+    AttachMode, BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec,
+};
+
+fn request(to: SocketAddr) -> Result<String, String> {
+    let mut s =
+        TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(b"hello\n").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    Ok(line.trim().to_string())
+}
+
+#[test]
+fn tcp_connections_to_443_reach_both_backend_ports() {
+    let mut topo = Topology::new();
+    let lb = topo.namespace("lb");
+    let client = topo.namespace("cl");
+    topo.veth(
+        (&lb, "lb0", &["10.200.0.1/24", "fd00:200::1/64"]),
+        (&client, "cl0", &["10.200.0.2/24", "fd00:200::2/64"]),
+    );
+    let servers = [
+        EchoName::start(&lb, "[::]:8001".parse().unwrap(), "8001"),
+        EchoName::start(&lb, "[::]:8002".parse().unwrap(), "8002"),
+    ];
+
+    let spec = ServiceSpec {
+        name: "web".into(),
+        listen: "0.0.0.0:443".parse().unwrap(),
+        protocols: vec![Protocol::Tcp],
+        forwarding: Forwarding::Local,
+        backends: vec![
+            BackendSpec::new("127.0.0.1:8001".parse().unwrap(), 100),
+            BackendSpec::new("127.0.0.1:8002".parse().unwrap(), 100),
+        ],
+    };
+    let writer: MapWriter = netns::within(&lb, move || {
+        let opts = Options {
+            max_services: 2,
+            flow_table_size: 65_536,
+            ..Options::default()
+        };
+        let mut dp = Dataplane::load(opts).expect("load");
+        dp.attach("lb0", AttachMode::Native)
+            .expect("native XDP attach on a veth");
+        let mut w = MapWriter::new(dp);
+        w.apply(&[spec]).expect("apply");
+        w
+    });
+
+    let results: Vec<Result<String, String>> = netns::within(&client, || {
+        let mut out = Vec::new();
+        for i in 0..60 {
+            let to: SocketAddr = if i % 3 == 0 {
+                "[fd00:200::1]:443".parse().unwrap()
+            } else {
+                "10.200.0.1:443".parse().unwrap()
+            };
+            out.push(request(to));
+        }
+        out
+    });
+    let mut per_backend: HashMap<String, usize> = HashMap::new();
+    for (i, r) in results.iter().enumerate() {
+        match r {
+            Ok(name) => *per_backend.entry(name.clone()).or_default() += 1,
+            Err(e) => panic!("connection {i} failed: {e}"),
+        }
+    }
+    println!("connections per backend: {per_backend:?}");
+    assert_eq!(per_backend.values().sum::<usize>(), 60);
+    assert!(
+        per_backend.get("8001").copied().unwrap_or(0) > 0,
+        "8001 unused"
+    );
+    assert!(
+        per_backend.get("8002").copied().unwrap_or(0) > 0,
+        "8002 unused"
+    );
+    assert_eq!(servers[0].served() + servers[1].served(), 60);
+
+    // The kernel counters saw every connection's SYN.
+    let dp = writer.dataplane();
+    let svc = dp
+        .service_counters(writer.service_id("web").unwrap())
+        .unwrap();
+    assert_eq!(svc.new_flows, 60, "SYNs counted");
+    drop(writer);
+    drop(servers);
+}
