@@ -354,6 +354,22 @@ impl Dataplane {
         Ok(res.duration)
     }
 
+    /// (program, instructions after the verifier's rewrites, instructions
+    /// the verifier walked) for each loaded program.
+    pub fn program_sizes(&self) -> Vec<(&'static str, u32, u32)> {
+        [programs::XDP, programs::TC_EGRESS]
+            .into_iter()
+            .filter_map(|name| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some((
+                    name,
+                    info.size_translated().unwrap_or(0) / 8,
+                    info.verified_instruction_count().unwrap_or(0),
+                ))
+            })
+            .collect()
+    }
+
     fn write_backend(&mut self, id: u32, entry: &BackendEntry) -> Result<()> {
         self.backends
             .set(id, entry, 0)

@@ -223,7 +223,7 @@ pub fn build(s: &Spec) -> Vec<u8> {
         (IpAddr::V4(src), IpAddr::V4(dst)) => {
             frame.extend_from_slice(&0x0800u16.to_be_bytes());
             let mut opts = s.ip_options.clone();
-            while opts.len() % 4 != 0 {
+            while !opts.len().is_multiple_of(4) {
                 opts.push(0);
             }
             let ihl = 5 + opts.len() / 4;
@@ -264,7 +264,7 @@ pub fn build(s: &Spec) -> Vec<u8> {
                     exts.extend_from_slice(&body);
                     continue;
                 }
-                while (body.len() + 2) % 8 != 0 {
+                while !(body.len() + 2).is_multiple_of(8) {
                     body.push(0);
                 }
                 exts.push(next);
