@@ -131,7 +131,9 @@ pub struct ServiceEntry {
     pub forwarding: u8,
     pub flags: u8,
     pub _pad: [u8; 2],
-    pub _reserved: u32,
+    /// Counts table installs; the programs ignore it, readers use it to
+    /// tell how many flips happened while they looked.
+    pub generation: u32,
 }
 const _: () = assert!(size_of::<ServiceEntry>() == 16);
 

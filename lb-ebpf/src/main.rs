@@ -29,7 +29,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         start: ctx.data(),
         end: ctx.data_end(),
     };
-    let action = match balance(&b) {
+    let action = match balance(&ctx, &b) {
         Ok(action) => action,
         Err(reason) => {
             stats::reason(reason);
@@ -41,10 +41,10 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn balance(b: &Bounds) -> Result<u32, Reason> {
+fn balance(ctx: &XdpContext, b: &Bounds) -> Result<u32, Reason> {
     let p = parse::parse(b, true)?;
     let (id, svc) = select::service(&p)?;
-    let pick = select::backend(&p, id, svc)?;
+    let pick = select::backend(ctx, &p, id, svc)?;
     match svc.forwarding {
         FWD_LOCAL => nat::local(b, &p, pick.entry)?,
         _ => return Err(Reason::NoBackend),

@@ -7,6 +7,8 @@
 //! - `LB_FLOWS` (LRU): only in "sticky" slots, whose backend changed; flows in
 //!   slots that never changed cannot be pinned anywhere else, so a SYN or an
 //!   established packet in a clean slot costs no helper call at all.
+use aya_ebpf::programs::XdpContext;
+use aya_log_ebpf::debug;
 use lb_common::{
     AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, BackendEntry, FlowKey, FlowValue, NO_BACKEND,
     PORT_HAS_ADDR_SERVICES, PROTO_TCP, Reason, ServiceEntry, TABLES_PER_SERVICE, flow_hash,
@@ -69,7 +71,7 @@ fn keeps_flows(backend: u32) -> bool {
 
 /// Picks the backend for the packet from the service's active Maglev table.
 #[inline(always)]
-pub fn backend(p: &Packet, id: u32, svc: &ServiceEntry) -> Result<Pick, Reason> {
+pub fn backend(ctx: &XdpContext, p: &Packet, id: u32, svc: &ServiceEntry) -> Result<Pick, Reason> {
     let m = svc.table_size;
     let table = svc.active;
     if m == 0 || table >= TABLES_PER_SERVICE {
@@ -83,7 +85,7 @@ pub fn backend(p: &Packet, id: u32, svc: &ServiceEntry) -> Result<Pick, Reason> 
     let (backend, new_flow) = if e.backend == e.prev {
         (e.backend, syn)
     } else {
-        sticky(p, id, slot, e.backend, e.prev, syn)
+        sticky(ctx, p, id, slot, e.backend, e.prev, syn)
     };
     if backend == NO_BACKEND {
         return Err(Reason::NoBackend);
@@ -103,7 +105,15 @@ pub fn backend(p: &Packet, id: u32, svc: &ServiceEntry) -> Result<Pick, Reason> 
 /// SYN: a flow without a pin stays on the previous backend while it is
 /// active. Every decision here is pinned so it survives the next change.
 #[inline(always)]
-fn sticky(p: &Packet, id: u32, slot: u32, cur: u32, prev: u32, syn: bool) -> (u32, bool) {
+fn sticky(
+    ctx: &XdpContext,
+    p: &Packet,
+    id: u32,
+    slot: u32,
+    cur: u32,
+    prev: u32,
+    syn: bool,
+) -> (u32, bool) {
     let key = FlowKey {
         src: p.src,
         dst: p.dst,
@@ -121,6 +131,11 @@ fn sticky(p: &Packet, id: u32, slot: u32, cur: u32, prev: u32, syn: bool) -> (u3
             }
             return (pinned, false);
         }
+        // Rare (the daemon purges such flows): worth a line in its log.
+        debug!(
+            ctx,
+            "service {}: flow pinned to backend {}, which takes no flows; re-picked", id, pinned
+        );
     }
     let choice = if syn {
         cur

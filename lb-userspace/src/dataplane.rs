@@ -61,7 +61,7 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
 }
 
 /// Sizes fixed when the object is loaded.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
     /// Maglev table size M, a prime.
     pub maglev_size: u32,
@@ -139,19 +139,15 @@ unsafe impl Send for MaglevMmap {}
 unsafe impl Sync for MaglevMmap {}
 
 impl MaglevMmap {
-    fn new(map: &MapData, len: usize) -> Result<Self> {
+    fn new(map: &MapData, len: usize, writable: bool) -> Result<Self> {
         let bytes = len * size_of::<MaglevSlot>();
         let fd = map.fd().as_fd().as_raw_fd();
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
         };
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, prot, libc::MAP_SHARED, fd, 0) };
         if ptr == libc::MAP_FAILED {
             return Err(DataplaneError::Mmap(std::io::Error::last_os_error()));
         }
@@ -167,6 +163,7 @@ impl MaglevMmap {
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
+    /// Only for mappings made writable.
     fn slots_mut(&mut self) -> &mut [MaglevSlot] {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
@@ -183,6 +180,7 @@ pub struct Dataplane {
     opts: Options,
     ebpf: Ebpf,
     maglev: MaglevMmap,
+    maglev_map: MapData,
     ports: Array<MapData, PortEntry>,
     addr_services: BpfHashMap<MapData, AddrKey, u32>,
     services: Array<MapData, ServiceEntry>,
@@ -235,9 +233,10 @@ impl Dataplane {
         let Map::Array(maglev_data) = take(&mut ebpf, maps::MAGLEV)? else {
             return Err(DataplaneError::Missing(maps::MAGLEV));
         };
-        let maglev = MaglevMmap::new(&maglev_data, maglev_len as usize)?;
+        let maglev = MaglevMmap::new(&maglev_data, maglev_len as usize, true)?;
         let dp = Self {
             maglev,
+            maglev_map: maglev_data,
             ports: typed!(&mut ebpf, maps::PORTS),
             addr_services: typed!(&mut ebpf, maps::ADDR_SERVICES),
             services: typed!(&mut ebpf, maps::SERVICES),
@@ -253,9 +252,15 @@ impl Dataplane {
             ebpf,
             attached: None,
         };
-        // The mapping keeps the map alive; the handle is no longer needed.
-        drop(maglev_data);
         Ok(dp)
+    }
+
+    /// Starts reading the programs' aya-log records; each is forwarded to
+    /// `tracing` at debug level (target `lb::ebpf`). Poll the returned
+    /// logger's fd and call `flush` when it is readable.
+    pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<EbpfLog>> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, EbpfLog)
+            .map_err(|e| DataplaneError::Options(format!("eBPF logger: {e}")))
     }
 
     pub fn options(&self) -> &Options {
@@ -427,10 +432,34 @@ impl Dataplane {
         // The table must be visible before the word that points at it.
         fence(Ordering::SeqCst);
         entry.active = next;
+        entry.generation = entry.generation.wrapping_add(1);
         entry.table_size = m;
         entry.forwarding = forwarding;
         self.write_service(service, &entry)?;
         Ok(next)
+    }
+
+    /// A second, read-only view of the Maglev tables and service entries,
+    /// usable from another thread while this `Dataplane` keeps writing.
+    pub fn reader(&self) -> Result<TableReader> {
+        let fd = self.services_fd()?;
+        let services = Array::try_from(Map::Array(
+            MapData::from_fd(fd).map_err(map_err(maps::SERVICES))?,
+        ))
+        .map_err(map_err(maps::SERVICES))?;
+        Ok(TableReader {
+            maglev: MaglevMmap::new(&self.maglev_map, self.maglev.len, false)?,
+            services,
+            m: self.opts.maglev_size,
+        })
+    }
+
+    fn services_fd(&self) -> Result<std::os::fd::OwnedFd> {
+        aya::maps::IterableMap::map(&self.services)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(DataplaneError::Mmap)
     }
 
     /// Summed over CPUs.
@@ -482,6 +511,39 @@ impl Dataplane {
             let _ = self.flows.remove(k);
         }
         Ok(doomed.len())
+    }
+}
+
+/// Forwards the eBPF programs' log records to `tracing` at debug level.
+pub struct EbpfLog;
+
+impl log::Log for EbpfLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        tracing::debug!(target: "lb::ebpf", level = %record.level(), "{}", record.args());
+    }
+
+    fn flush(&self) {}
+}
+
+/// Reads tables and service entries beside a writing [`Dataplane`].
+pub struct TableReader {
+    maglev: MaglevMmap,
+    services: Array<MapData, ServiceEntry>,
+    m: u32,
+}
+
+impl TableReader {
+    pub fn service(&self, id: u32) -> Result<ServiceEntry> {
+        self.services.get(&id, 0).map_err(map_err(maps::SERVICES))
+    }
+
+    pub fn table(&self, service: u32, table: u32) -> &[MaglevSlot] {
+        let start = maglev_index(service, table, self.m, 0) as usize;
+        &self.maglev.slots()[start..start + self.m as usize]
     }
 }
 

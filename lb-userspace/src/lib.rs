@@ -1,6 +1,13 @@
-//! The balancer's userspace: loads and drives the kernel data plane.
+//! The balancer's userspace: the daemon that loads and drives the kernel data
+//! plane, checks backends and serves the admin API.
+pub mod api;
+pub mod config;
+pub mod daemon;
 pub mod dataplane;
+pub mod health;
 pub mod maglev;
+pub mod metrics;
+pub mod state;
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

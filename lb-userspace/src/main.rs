@@ -1,11 +1,17 @@
-//! `lb`: the load balancer daemon and its command line.
-use std::{net::SocketAddr, process::ExitCode};
-
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
-use lb_userspace::dataplane::{
-    AttachMode, BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec,
+//! `lb`: the load balancer daemon and the commands that talk to it.
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
 };
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use lb_userspace::{
+    api,
+    config::Config,
+    daemon::{Daemon, RunOptions},
+};
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(name = "lb", version, about = "XDP load balancer for port 443")]
@@ -14,29 +20,87 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Mode {
-    Auto,
-    Native,
-    Skb,
+#[derive(Subcommand)]
+enum Cmd {
+    /// Attach to the interface and serve the configured services and the admin API.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Interface to attach to, instead of dataplane.interface.
+        #[arg(long)]
+        iface: Option<String>,
+        /// Ignore the state file (changes made through the API) and start
+        /// from the config file's services.
+        #[arg(long)]
+        reset_state: bool,
+    },
+    /// Check a config file without touching anything.
+    Validate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show the services, their backends and their health.
+    Status(Client),
+    /// Add, remove, drain or re-weight a backend.
+    Backends {
+        #[command(subcommand)]
+        cmd: BackendCmd,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Client {
+    /// Base URL of the admin API.
+    #[arg(long, default_value = "http://127.0.0.1:9180", env = "LB_API")]
+    api: String,
+    /// Admin token (or set LB_TOKEN, or use --token-file).
+    #[arg(long, env = "LB_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
-enum Cmd {
-    /// Attach to an interface and balance one service over local ports.
-    Run {
-        /// Interface to attach the XDP and TC programs to.
-        #[arg(long)]
-        iface: String,
-        #[arg(long, value_enum, default_value = "auto")]
-        xdp_mode: Mode,
-        /// Service address; 0.0.0.0 or :: means any local address.
-        #[arg(long, default_value = "0.0.0.0:443")]
-        listen: SocketAddr,
-        /// A backend on this host, e.g. 127.0.0.1:8001 (repeat the flag).
-        #[arg(long = "backend", required = true)]
-        backends: Vec<SocketAddr>,
+enum BackendCmd {
+    /// Add a backend to a service.
+    Add {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 100)]
+        weight: u16,
     },
+    /// Remove a backend from a service.
+    Remove {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop sending new flows to a backend; its open flows finish.
+    Drain {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Put a drained or disabled backend back in service.
+    Activate {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Change a backend's weight (0..=65535).
+    Weight {
+        #[command(flatten)]
+        target: Target,
+        weight: u16,
+    },
+}
+
+#[derive(Args)]
+struct Target {
+    /// Service name.
+    #[arg(long, short)]
+    service: String,
+    /// Backend address, e.g. 127.0.0.1:8001.
+    address: String,
+    #[command(flatten)]
+    client: Client,
 }
 
 fn main() -> ExitCode {
@@ -44,8 +108,49 @@ fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Validate { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: valid ({} services, {} backends)",
+                    config.display(),
+                    c.services.len(),
+                    c.services.iter().map(|s| s.backends.len()).sum::<usize>()
+                );
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        },
+        Cmd::Run {
+            config,
+            iface,
+            reset_state,
+        } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            run(
+                cfg,
+                RunOptions {
+                    interface: iface,
+                    reset_state,
+                },
+            )
+        }
+        Cmd::Status(client) => status(&client),
+        Cmd::Backends { cmd } => backends(cmd),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lb: {e:#}");
@@ -54,40 +159,27 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.cmd {
-        Cmd::Run {
-            iface,
-            xdp_mode,
-            listen,
-            backends,
-        } => {
-            let mode = match xdp_mode {
-                Mode::Auto => AttachMode::Auto,
-                Mode::Native => AttachMode::Native,
-                Mode::Skb => AttachMode::Skb,
-            };
-            let mut dp = Dataplane::load(Options::default())?;
-            dp.attach(&iface, mode)
-                .with_context(|| format!("attaching to {iface}"))?;
-            let mut writer = MapWriter::new(dp);
-            writer.apply(&[ServiceSpec {
-                name: "default".into(),
-                listen,
-                protocols: vec![Protocol::Tcp, Protocol::Udp],
-                forwarding: Forwarding::Local,
-                backends: backends.iter().map(|b| BackendSpec::new(*b, 100)).collect(),
-            }])?;
-            tracing::info!(%listen, backends = backends.len(), "balancing; Ctrl-C to stop");
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(shutdown_signal());
-            tracing::info!("detaching");
-            drop(writer);
-            Ok(())
+fn run(config: Config, opts: RunOptions) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let daemon = Daemon::start(&config, &opts).await?;
+        let listen = config.admin.listen;
+        if !listen.ip().is_loopback() && daemon.token().is_none() {
+            warn!(%listen, "the admin API listens beyond loopback without a token: anyone who reaches it can change the balancer; set admin.token_file");
         }
-    }
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("admin API cannot listen on {listen}"))?;
+        info!(%listen, "admin API and /metrics listening");
+        axum::serve(listener, api::router(daemon))
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+        info!("shutting down; detaching the data plane");
+        Ok(())
+    })
 }
 
 async fn shutdown_signal() {
@@ -97,4 +189,151 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+impl Client {
+    fn token(&self) -> Result<Option<String>> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.clone()));
+        }
+        match &self.token_file {
+            Some(p) => Ok(Some(read_token(p)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let url = format!("{}/api/v1{path}", self.api.trim_end_matches('/'));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(10)))
+            .build()
+            .into();
+        let auth = self.token()?.map(|t| format!("Bearer {t}"));
+        let mut resp = match (method, body) {
+            ("GET", _) => agent.get(&url).call(),
+            (m, Some(b)) => {
+                let mut req = match m {
+                    "POST" => agent.post(&url),
+                    "PUT" => agent.put(&url),
+                    _ => agent.patch(&url),
+                };
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.send_json(b)
+            }
+            (_, None) => {
+                let mut req = agent.delete(&url);
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.call()
+            }
+        }
+        .with_context(|| format!("cannot reach the admin API at {}", self.api))?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        let value: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        if status >= 400 {
+            let msg = value["error"].as_str().unwrap_or(text.trim());
+            bail!("{method} {path}: {status}: {msg}");
+        }
+        Ok(value)
+    }
+}
+
+fn read_token(p: &Path) -> Result<String> {
+    Ok(std::fs::read_to_string(p)
+        .with_context(|| format!("reading token file {}", p.display()))?
+        .trim()
+        .to_string())
+}
+
+fn status(client: &Client) -> Result<()> {
+    let services = client.call("GET", "/services", None)?;
+    for s in services.as_array().into_iter().flatten() {
+        println!(
+            "{} {} {} ({})",
+            s["name"].as_str().unwrap_or("?"),
+            s["listen"].as_str().unwrap_or("?"),
+            s["protocols"]
+                .as_array()
+                .map(|p| p
+                    .iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join("+"))
+                .unwrap_or_default(),
+            s["forwarding"].as_str().unwrap_or("?"),
+        );
+        for b in s["backends"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<28} weight {:>5}  {:<9} {}{}",
+                b["address"].as_str().unwrap_or("?"),
+                b["weight"],
+                b["state"].as_str().unwrap_or("?"),
+                if b["healthy"].as_bool() == Some(true) {
+                    "healthy"
+                } else {
+                    "UNHEALTHY"
+                },
+                b["last_error"]
+                    .as_str()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn backends(cmd: BackendCmd) -> Result<()> {
+    let path = |t: &Target| format!("/services/{}/backends/{}", t.service, t.address);
+    let (t, result) = match &cmd {
+        BackendCmd::Add { target, weight } => (
+            target,
+            target.client.call(
+                "POST",
+                &format!("/services/{}/backends", target.service),
+                Some(serde_json::json!({"address": target.address, "weight": weight})),
+            ),
+        ),
+        BackendCmd::Remove { target } => {
+            (target, target.client.call("DELETE", &path(target), None))
+        }
+        BackendCmd::Drain { target } => (
+            target,
+            target.client.call(
+                "PATCH",
+                &path(target),
+                Some(serde_json::json!({"state": "draining"})),
+            ),
+        ),
+        BackendCmd::Activate { target } => (
+            target,
+            target.client.call(
+                "PATCH",
+                &path(target),
+                Some(serde_json::json!({"state": "active"})),
+            ),
+        ),
+        BackendCmd::Weight { target, weight } => (
+            target,
+            target.client.call(
+                "PATCH",
+                &path(target),
+                Some(serde_json::json!({"weight": weight})),
+            ),
+        ),
+    };
+    result?;
+    println!("{} {}: done", t.service, t.address);
+    Ok(())
 }

@@ -132,6 +132,12 @@ fn build(env: &setup::Env) -> Result<()> {
 fn test(env: &setup::Env, args: &[String]) -> Result<()> {
     require_root("cargo xtask test")?;
     remove_stale_namespaces();
+    // The daemon tests run the real `lb` binary.
+    let status = env
+        .cargo()
+        .args(["build", "-p", "lb-userspace", "--bin", "lb"])
+        .status()?;
+    check(status, "cargo build of lb")?;
     let status = env.cargo().arg("test").args(args).status()?;
     check(status, "cargo test")?;
     remove_stale_namespaces();

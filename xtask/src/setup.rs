@@ -17,7 +17,11 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the tests and benchmarks need, with the command that
 /// shows each is there.
-const PACKAGES: &[(&str, &str)] = &[("iproute2", "ip")];
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    // promtool, which checks the /metrics exposition.
+    ("prometheus", "promtool"),
+];
 
 /// The environment every child cargo and program runs with.
 pub struct Env {

@@ -1,0 +1,1271 @@
+//! The configuration: TOML on disk, the same service shape as JSON in the
+//! admin API and the state file. Everything is validated as a whole before
+//! anything is applied; every error names the file, line and field.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    dataplane::{AdminState, AttachMode, Forwarding, Options, Protocol},
+    health::{CheckKind, CheckSpec},
+    maglev,
+};
+
+/// A configuration problem: where it is and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file, or "request body" for the API.
+    pub source: String,
+    /// 1-based line and column, when the input is a file.
+    pub position: Option<(usize, usize)>,
+    /// The field, as a path: `services[0].backends[1].weight`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.source)?;
+        if let Some((line, col)) = self.position {
+            write!(f, ":{line}:{col}")?;
+        }
+        if self.field.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A field error before it is placed in a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: Vec<Seg>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+fn path_string(path: &[Seg]) -> String {
+    let mut s = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) if s.is_empty() => s.push_str(k),
+            Seg::Key(k) => {
+                s.push('.');
+                s.push_str(k);
+            }
+            Seg::Index(i) => s.push_str(&format!("[{i}]")),
+        }
+    }
+    s
+}
+
+impl FieldError {
+    fn new(path: &[Seg], message: impl Into<String>) -> Self {
+        Self {
+            path: path.to_vec(),
+            message: message.into(),
+        }
+    }
+
+    /// Places the error in a non-file input (an API request body).
+    pub fn in_body(self) -> ConfigError {
+        ConfigError {
+            source: "request body".into(),
+            position: None,
+            field: path_string(&self.path),
+            message: self.message,
+        }
+    }
+}
+
+fn key(path: &[Seg], k: &str) -> Vec<Seg> {
+    let mut p = path.to_vec();
+    p.push(Seg::Key(k.into()));
+    p
+}
+
+fn index(path: &[Seg], i: usize) -> Vec<Seg> {
+    let mut p = path.to_vec();
+    p.push(Seg::Index(i));
+    p
+}
+
+// ---------------------------------------------------------------------------
+// The raw shapes, as written by people (TOML) and programs (JSON).
+
+fn default_listen() -> String {
+    "0.0.0.0:443".into()
+}
+fn default_protocols() -> Vec<String> {
+    vec!["tcp".into(), "udp".into()]
+}
+fn default_forwarding() -> String {
+    "local".into()
+}
+fn default_weight() -> i64 {
+    100
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFile {
+    pub dataplane: Option<RawDataplane>,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub health: RawHealthGlobal,
+    #[serde(default)]
+    pub services: Vec<RawService>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDataplane {
+    pub interface: Option<String>,
+    pub xdp_mode: Option<String>,
+    pub flow_table_size: Option<i64>,
+    pub maglev_table_size: Option<i64>,
+    pub max_services: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+    pub token_file: Option<String>,
+    pub state_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthGlobal {
+    pub max_concurrent: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default = "default_protocols")]
+    pub protocols: Vec<String>,
+    #[serde(default = "default_forwarding")]
+    pub forwarding: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<RawHealth>,
+    #[serde(default)]
+    pub backends: Vec<RawBackend>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rise: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fall: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub address: String,
+    #[serde(default = "default_weight")]
+    pub weight: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// The validated shapes.
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub interface: Option<String>,
+    pub xdp_mode: AttachMode,
+    pub dataplane: Options,
+    pub admin: AdminConfig,
+    pub health_max_concurrent: usize,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token_file: Option<PathBuf>,
+    /// Where API changes are kept across restarts.
+    pub state_file: PathBuf,
+}
+
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/lb/state.json";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub protocols: Vec<Protocol>,
+    pub forwarding: Forwarding,
+    pub health: Option<CheckSpec>,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub address: SocketAddr,
+    pub weight: u16,
+    pub state: AdminState,
+}
+
+// ---------------------------------------------------------------------------
+// Parsing helpers.
+
+/// "2s", "500ms", "1.5s", "1m", "100us".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("{s:?} has no unit; write e.g. \"2s\" or \"500ms\""))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration; write e.g. \"2s\" or \"500ms\""))?;
+    let secs = match unit {
+        "us" => n / 1e6,
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {s:?}; use us, ms, s, m or h"
+            ));
+        }
+    };
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("{s:?} must be more than zero"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn socket_addr(path: &[Seg], s: &str) -> Result<SocketAddr, FieldError> {
+    s.parse::<SocketAddr>().map_err(|_| {
+        FieldError::new(
+            path,
+            format!(
+                "{s:?} is not an address with a port (e.g. \"127.0.0.1:8001\" or \"[::1]:8001\")"
+            ),
+        )
+    })
+}
+
+fn int_in(path: &[Seg], v: i64, lo: i64, hi: i64) -> Result<i64, FieldError> {
+    if v < lo || v > hi {
+        return Err(FieldError::new(
+            path,
+            format!("{v} is out of range {lo}..={hi}"),
+        ));
+    }
+    Ok(v)
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+pub fn parse_state(path: &[Seg], s: Option<&str>) -> Result<AdminState, FieldError> {
+    match s.unwrap_or("active") {
+        "active" => Ok(AdminState::Active),
+        "draining" => Ok(AdminState::Draining),
+        "disabled" => Ok(AdminState::Disabled),
+        other => Err(FieldError::new(
+            path,
+            format!("unknown state {other:?}; use active, draining or disabled"),
+        )),
+    }
+}
+
+pub fn state_name(s: AdminState) -> &'static str {
+    match s {
+        AdminState::Active => "active",
+        AdminState::Draining => "draining",
+        AdminState::Disabled => "disabled",
+    }
+}
+
+/// Validates one backend of a service.
+pub fn backend(path: &[Seg], raw: &RawBackend) -> Result<BackendConfig, FieldError> {
+    let address = socket_addr(&key(path, "address"), &raw.address)?;
+    if address.port() == 0 {
+        return Err(FieldError::new(
+            &key(path, "address"),
+            "port 0 is not a port",
+        ));
+    }
+    if address.ip().is_unspecified() || address.ip().is_multicast() {
+        return Err(FieldError::new(
+            &key(path, "address"),
+            format!("{} cannot be a backend address", address.ip()),
+        ));
+    }
+    let weight = int_in(&key(path, "weight"), raw.weight, 0, 65535)? as u16;
+    let state = parse_state(&key(path, "state"), raw.state.as_deref())?;
+    Ok(BackendConfig {
+        address,
+        weight,
+        state,
+    })
+}
+
+fn health(path: &[Seg], raw: &RawHealth) -> Result<CheckSpec, FieldError> {
+    let dur = |field: &str, v: &Option<String>, default: &str| {
+        parse_duration(v.as_deref().unwrap_or(default))
+            .map_err(|m| FieldError::new(&key(path, field), m))
+    };
+    let interval = dur("interval", &raw.interval, "2s")?;
+    let timeout = dur("timeout", &raw.timeout, "1s")?;
+    if timeout > interval {
+        return Err(FieldError::new(
+            &key(path, "timeout"),
+            format!(
+                "timeout {} is longer than interval {}; checks would overlap",
+                format_duration(timeout),
+                format_duration(interval)
+            ),
+        ));
+    }
+    let rise = int_in(&key(path, "rise"), raw.rise.unwrap_or(2), 1, 100)? as u32;
+    let fall = int_in(&key(path, "fall"), raw.fall.unwrap_or(3), 1, 100)? as u32;
+    let http_path = |p: &Option<String>| -> Result<String, FieldError> {
+        let p = p.clone().unwrap_or_else(|| "/".into());
+        if !p.starts_with('/') || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(FieldError::new(
+                &key(path, "path"),
+                format!("{p:?} must start with / and hold no spaces"),
+            ));
+        }
+        Ok(p)
+    };
+    let only = |allowed: &[&str]| -> Result<(), FieldError> {
+        for (name, set) in [
+            ("path", raw.path.is_some()),
+            ("host", raw.host.is_some()),
+            ("sni", raw.sni.is_some()),
+            ("ca_file", raw.ca_file.is_some()),
+            ("payload", raw.payload.is_some()),
+            ("expect", raw.expect.is_some()),
+        ] {
+            if set && !allowed.contains(&name) {
+                return Err(FieldError::new(
+                    &key(path, name),
+                    format!("does not apply to {} checks", raw.kind),
+                ));
+            }
+        }
+        Ok(())
+    };
+    let kind = match raw.kind.as_str() {
+        "tcp" => {
+            only(&[])?;
+            CheckKind::Tcp
+        }
+        "http" => {
+            only(&["path", "host"])?;
+            CheckKind::Http {
+                path: http_path(&raw.path)?,
+                host: raw.host.clone(),
+            }
+        }
+        "https" => {
+            only(&["path", "host", "sni", "ca_file"])?;
+            if let Some(ca) = &raw.ca_file
+                && !Path::new(ca).is_file()
+            {
+                return Err(FieldError::new(
+                    &key(path, "ca_file"),
+                    format!("{ca:?} is not a readable file"),
+                ));
+            }
+            CheckKind::Https {
+                path: http_path(&raw.path)?,
+                host: raw.host.clone(),
+                sni: raw.sni.clone(),
+                ca_file: raw.ca_file.as_ref().map(PathBuf::from),
+            }
+        }
+        "udp" => {
+            only(&["payload", "expect"])?;
+            let payload = raw.payload.clone().ok_or_else(|| {
+                FieldError::new(&key(path, "payload"), "udp checks need a payload to send")
+            })?;
+            if payload.is_empty() {
+                return Err(FieldError::new(&key(path, "payload"), "must not be empty"));
+            }
+            CheckKind::Udp {
+                payload: payload.into_bytes(),
+                expect: raw.expect.clone().map(String::into_bytes),
+            }
+        }
+        other => {
+            return Err(FieldError::new(
+                &key(path, "kind"),
+                format!("unknown check kind {other:?}; use tcp, http, https or udp"),
+            ));
+        }
+    };
+    Ok(CheckSpec {
+        kind,
+        interval,
+        timeout,
+        rise,
+        fall,
+    })
+}
+
+/// Validates one service on its own (cross-service rules are in
+/// [`check_services`]).
+pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldError> {
+    if !valid_name(&raw.name) {
+        return Err(FieldError::new(
+            &key(path, "name"),
+            format!(
+                "{:?} is not a service name: use 1-64 letters, digits, '-', '_' or '.'",
+                raw.name
+            ),
+        ));
+    }
+    let listen = socket_addr(&key(path, "listen"), &raw.listen)?;
+    if listen.port() == 0 {
+        return Err(FieldError::new(
+            &key(path, "listen"),
+            "port 0 is not a port",
+        ));
+    }
+    if raw.protocols.is_empty() {
+        return Err(FieldError::new(
+            &key(path, "protocols"),
+            "list at least one of \"tcp\", \"udp\"",
+        ));
+    }
+    let mut protocols = Vec::new();
+    for (i, p) in raw.protocols.iter().enumerate() {
+        let proto = match p.as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => {
+                return Err(FieldError::new(
+                    &index(&key(path, "protocols"), i),
+                    format!("unknown protocol {other:?}; use tcp or udp"),
+                ));
+            }
+        };
+        if protocols.contains(&proto) {
+            return Err(FieldError::new(
+                &index(&key(path, "protocols"), i),
+                format!("{p:?} is listed twice"),
+            ));
+        }
+        protocols.push(proto);
+    }
+    let forwarding = match raw.forwarding.as_str() {
+        "local" => Forwarding::Local,
+        "nat" | "dsr" => {
+            return Err(FieldError::new(
+                &key(path, "forwarding"),
+                format!(
+                    "{:?} is not supported by this version yet; use \"local\"",
+                    raw.forwarding
+                ),
+            ));
+        }
+        other => {
+            return Err(FieldError::new(
+                &key(path, "forwarding"),
+                format!("unknown forwarding {other:?}; use local, nat or dsr"),
+            ));
+        }
+    };
+    let health = match &raw.health {
+        Some(h) => Some(health(&key(path, "health"), h)?),
+        None => None,
+    };
+    let mut backends = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, b) in raw.backends.iter().enumerate() {
+        let bp = index(&key(path, "backends"), i);
+        let b = backend(&bp, b)?;
+        if !seen.insert(b.address) {
+            return Err(FieldError::new(
+                &key(&bp, "address"),
+                format!("backend {} is listed twice", b.address),
+            ));
+        }
+        if b.address.is_ipv4() != listen.is_ipv4()
+            && !listen.ip().is_unspecified()
+            && !b.address.ip().is_loopback()
+        {
+            return Err(FieldError::new(
+                &key(&bp, "address"),
+                format!(
+                    "backend {} and service {} are of different IP versions",
+                    b.address, listen
+                ),
+            ));
+        }
+        backends.push(b);
+    }
+    Ok(ServiceConfig {
+        name: raw.name.clone(),
+        listen,
+        protocols,
+        forwarding,
+        health,
+        backends,
+    })
+}
+
+/// Rules that span services: unique names and listeners, reverse
+/// translation that can tell replies apart, and the data plane's limits.
+pub fn check_services(services: &[ServiceConfig], opts: &Options) -> Result<(), FieldError> {
+    let root = [Seg::Key("services".into())];
+    let mut names = HashMap::new();
+    let mut listeners = HashMap::new();
+    let mut reverse: HashMap<(u16, Protocol), (u16, &str)> = HashMap::new();
+    let mut backends = 0;
+    if services.len() > opts.max_services as usize {
+        return Err(FieldError::new(
+            &root,
+            format!(
+                "{} services, but dataplane.max_services is {}",
+                services.len(),
+                opts.max_services
+            ),
+        ));
+    }
+    for (i, s) in services.iter().enumerate() {
+        let sp = index(&root, i);
+        if let Some(j) = names.insert(s.name.as_str(), i) {
+            return Err(FieldError::new(
+                &key(&sp, "name"),
+                format!("{:?} is also the name of services[{j}]", s.name),
+            ));
+        }
+        for p in &s.protocols {
+            if let Some(j) = listeners.insert((s.listen, *p), i) {
+                return Err(FieldError::new(
+                    &key(&sp, "listen"),
+                    format!("services[{j}] already listens on {} {:?}", s.listen, p),
+                ));
+            }
+            for b in &s.backends {
+                let k = (b.address.port(), *p);
+                match reverse.get(&k) {
+                    Some((port, other)) if *port != s.listen.port() => {
+                        return Err(FieldError::new(
+                            &key(&sp, "backends"),
+                            format!(
+                                "backend port {} ({:?}) also serves service {other:?} on port \
+                                 {port}; replies could not be told apart: use another backend port",
+                                b.address.port(),
+                                p
+                            ),
+                        ));
+                    }
+                    _ => {
+                        reverse.insert(k, (s.listen.port(), s.name.as_str()));
+                    }
+                }
+            }
+        }
+        backends += s.backends.len();
+    }
+    if backends > lb_common::MAX_BACKENDS as usize {
+        return Err(FieldError::new(
+            &root,
+            format!("{backends} backends; at most {}", lb_common::MAX_BACKENDS),
+        ));
+    }
+    Ok(())
+}
+
+impl From<&ServiceConfig> for RawService {
+    fn from(s: &ServiceConfig) -> Self {
+        RawService {
+            name: s.name.clone(),
+            listen: s.listen.to_string(),
+            protocols: s
+                .protocols
+                .iter()
+                .map(|p| match p {
+                    Protocol::Tcp => "tcp".into(),
+                    Protocol::Udp => "udp".into(),
+                })
+                .collect(),
+            forwarding: match s.forwarding {
+                Forwarding::Local => "local".into(),
+            },
+            health: s.health.as_ref().map(RawHealth::from),
+            backends: s.backends.iter().map(RawBackend::from).collect(),
+        }
+    }
+}
+
+impl From<&BackendConfig> for RawBackend {
+    fn from(b: &BackendConfig) -> Self {
+        RawBackend {
+            address: b.address.to_string(),
+            weight: b.weight as i64,
+            state: Some(state_name(b.state).into()),
+        }
+    }
+}
+
+impl From<&CheckSpec> for RawHealth {
+    fn from(c: &CheckSpec) -> Self {
+        let mut h = RawHealth {
+            kind: String::new(),
+            path: None,
+            host: None,
+            sni: None,
+            ca_file: None,
+            payload: None,
+            expect: None,
+            interval: Some(format_duration(c.interval)),
+            timeout: Some(format_duration(c.timeout)),
+            rise: Some(c.rise as i64),
+            fall: Some(c.fall as i64),
+        };
+        match &c.kind {
+            CheckKind::Tcp => h.kind = "tcp".into(),
+            CheckKind::Http { path, host } => {
+                h.kind = "http".into();
+                h.path = Some(path.clone());
+                h.host = host.clone();
+            }
+            CheckKind::Https {
+                path,
+                host,
+                sni,
+                ca_file,
+            } => {
+                h.kind = "https".into();
+                h.path = Some(path.clone());
+                h.host = host.clone();
+                h.sni = sni.clone();
+                h.ca_file = ca_file.as_ref().map(|p| p.display().to_string());
+            }
+            CheckKind::Udp { payload, expect } => {
+                h.kind = "udp".into();
+                h.payload = Some(String::from_utf8_lossy(payload).into_owned());
+                h.expect = expect
+                    .as_ref()
+                    .map(|e| String::from_utf8_lossy(e).into_owned());
+            }
+        }
+        h
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Whole files.
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source: path.display().to_string(),
+            position: None,
+            field: String::new(),
+            message: format!("cannot read the file: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates configuration text; `path` names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let span = e.span();
+            ConfigError {
+                source: file.clone(),
+                position: span.as_ref().map(|s| line_col(text, s.start)),
+                field: span
+                    .map(|s| {
+                        let p = path_at(text, s.start);
+                        if p.is_empty() {
+                            field_by_line(text, s.start)
+                        } else {
+                            path_string(&p)
+                        }
+                    })
+                    .unwrap_or_default(),
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        validate(path, &raw).map_err(|fe| ConfigError {
+            source: file,
+            position: span_of(text, &fe.path).map(|s| line_col(text, s.start)),
+            field: path_string(&fe.path),
+            message: fe.message,
+        })
+    }
+}
+
+fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
+    let dp_path = [Seg::Key("dataplane".into())];
+    let dp = raw.dataplane.clone().ok_or_else(|| {
+        FieldError::new(
+            &[],
+            "the [dataplane] table is missing; it names the interface",
+        )
+    })?;
+    let interface = match dp.interface {
+        Some(i) if i.is_empty() || i.len() > 15 || i.contains(['/', ' ', ':']) => {
+            return Err(FieldError::new(
+                &key(&dp_path, "interface"),
+                format!("{i:?} is not an interface name"),
+            ));
+        }
+        i => i,
+    };
+    let xdp_mode = match dp.xdp_mode.as_deref().unwrap_or("auto") {
+        "auto" => AttachMode::Auto,
+        "native" => AttachMode::Native,
+        "skb" => AttachMode::Skb,
+        other => {
+            return Err(FieldError::new(
+                &key(&dp_path, "xdp_mode"),
+                format!("unknown mode {other:?}; use auto, native or skb"),
+            ));
+        }
+    };
+    let mut opts = Options::default();
+    if let Some(v) = dp.flow_table_size {
+        opts.flow_table_size =
+            int_in(&key(&dp_path, "flow_table_size"), v, 1024, 64 * 1024 * 1024)? as u32;
+    }
+    if let Some(v) = dp.maglev_table_size {
+        let m = int_in(
+            &key(&dp_path, "maglev_table_size"),
+            v,
+            3,
+            lb_common::MAX_MAGLEV_SIZE as i64,
+        )? as u32;
+        maglev::check_size(m)
+            .map_err(|e| FieldError::new(&key(&dp_path, "maglev_table_size"), e.to_string()))?;
+        opts.maglev_size = m;
+    }
+    if let Some(v) = dp.max_services {
+        opts.max_services = int_in(
+            &key(&dp_path, "max_services"),
+            v,
+            1,
+            lb_common::MAX_SERVICES as i64,
+        )? as u32;
+    }
+    opts.validate()
+        .map_err(|e| FieldError::new(&dp_path, e.to_string()))?;
+
+    let admin_path = [Seg::Key("admin".into())];
+    let listen_s = raw
+        .admin
+        .listen
+        .clone()
+        .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.into());
+    let listen = socket_addr(&key(&admin_path, "listen"), &listen_s)?;
+    let token_file = raw.admin.token_file.as_ref().map(PathBuf::from);
+    if let Some(t) = &token_file {
+        match std::fs::read_to_string(t) {
+            Ok(s) if s.trim().is_empty() => {
+                return Err(FieldError::new(
+                    &key(&admin_path, "token_file"),
+                    format!("{} is empty", t.display()),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(FieldError::new(
+                    &key(&admin_path, "token_file"),
+                    format!("cannot read {}: {e}", t.display()),
+                ));
+            }
+        }
+    }
+    let state_file = raw
+        .admin
+        .state_file
+        .as_ref()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_FILE));
+
+    let health_max_concurrent = int_in(
+        &[Seg::Key("health".into()), Seg::Key("max_concurrent".into())],
+        raw.health.max_concurrent.unwrap_or(256),
+        1,
+        65536,
+    )? as usize;
+
+    let mut services = Vec::new();
+    for (i, s) in raw.services.iter().enumerate() {
+        services.push(service(&index(&[Seg::Key("services".into())], i), s)?);
+    }
+    check_services(&services, &opts)?;
+    Ok(Config {
+        path: path.to_path_buf(),
+        interface,
+        xdp_mode,
+        dataplane: opts,
+        admin: AdminConfig {
+            listen,
+            token_file,
+            state_file,
+        },
+        health_max_concurrent,
+        services,
+    })
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, col)
+}
+
+/// The span of the value at `path` in a TOML document.
+fn span_of(text: &str, path: &[Seg]) -> Option<Range<usize>> {
+    let doc = toml::de::DeTable::parse_recoverable(text).0;
+    let mut span = doc.span();
+    let mut value = toml::de::DeValue::Table(doc.into_inner());
+    for seg in path {
+        let next = match (&value, seg) {
+            (toml::de::DeValue::Table(t), Seg::Key(k)) => t
+                .iter()
+                .find(|(key, _)| key.get_ref().as_ref() == k.as_str())
+                .map(|(key, v)| (key.span(), v.clone())),
+            (toml::de::DeValue::Array(a), Seg::Index(i)) => {
+                a.get(*i).map(|v| (v.span(), v.clone()))
+            }
+            _ => None,
+        };
+        let Some((key_span, v)) = next else { break };
+        // Point at the key for tables, at the value otherwise.
+        span = if matches!(v.get_ref(), toml::de::DeValue::Table(_)) {
+            key_span
+        } else {
+            v.span()
+        };
+        value = v.into_inner();
+    }
+    Some(span)
+}
+
+/// For text too broken to parse: the `key =` on the line of `offset`, under
+/// the nearest `[table]` or `[[array]]` header above it.
+fn field_by_line(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split_once('=').map(|(k, _)| k.trim()).filter(|k| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    });
+    let mut table = String::new();
+    let mut arrays: HashMap<String, usize> = HashMap::new();
+    for l in text[..line_start].lines() {
+        let l = l.trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.strip_suffix("]]")) {
+            let n = arrays.entry(name.trim().to_string()).or_insert(0);
+            table = format!("{}[{}]", name.trim(), *n);
+            *n += 1;
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            table = name.trim().to_string();
+        }
+    }
+    match (table.is_empty(), key) {
+        (_, None) => table,
+        (true, Some(k)) => k.to_string(),
+        (false, Some(k)) => format!("{table}.{k}"),
+    }
+}
+
+/// The deepest field whose value holds `offset`.
+fn path_at(text: &str, offset: usize) -> Vec<Seg> {
+    let doc = toml::de::DeTable::parse_recoverable(text).0;
+    let mut path = Vec::new();
+    let mut value = toml::de::DeValue::Table(doc.into_inner());
+    loop {
+        let next = match &value {
+            toml::de::DeValue::Table(t) => t.iter().find_map(|(k, v)| {
+                let s = v.span();
+                let ks = k.span();
+                ((s.start <= offset && offset < s.end) || (ks.start <= offset && offset < ks.end))
+                    .then(|| (Seg::Key(k.get_ref().to_string()), v.clone()))
+            }),
+            toml::de::DeValue::Array(a) => a.iter().enumerate().find_map(|(i, v)| {
+                let s = v.span();
+                (s.start <= offset && offset < s.end).then(|| (Seg::Index(i), v.clone()))
+            }),
+            _ => None,
+        };
+        match next {
+            Some((seg, v)) => {
+                path.push(seg);
+                value = v.into_inner();
+            }
+            None => return path,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[dataplane]
+interface = "eth0"
+xdp_mode = "native"
+flow_table_size = 1048576
+
+[admin]
+listen = "127.0.0.1:9180"
+
+[[services]]
+name = "web"
+listen = "0.0.0.0:443"
+protocols = ["tcp", "udp"]
+forwarding = "local"
+health = { kind = "http", path = "/healthz", interval = "2s", timeout = "1s", rise = 2, fall = 3 }
+backends = [
+  { address = "127.0.0.1:8001", weight = 100 },
+  { address = "127.0.0.1:8002", weight = 50, state = "draining" },
+]
+"#;
+
+    fn err(text: &str) -> ConfigError {
+        Config::parse(Path::new("lb.toml"), text).expect_err("config must be rejected")
+    }
+
+    #[test]
+    fn the_design_example_is_valid() {
+        let c = Config::parse(Path::new("lb.toml"), GOOD).unwrap();
+        assert_eq!(c.interface.as_deref(), Some("eth0"));
+        assert_eq!(c.xdp_mode, AttachMode::Native);
+        assert_eq!(c.services.len(), 1);
+        let s = &c.services[0];
+        assert_eq!(s.protocols, vec![Protocol::Tcp, Protocol::Udp]);
+        assert_eq!(s.backends[1].state, AdminState::Draining);
+        let h = s.health.as_ref().unwrap();
+        assert_eq!(
+            (h.interval, h.timeout, h.rise, h.fall),
+            (Duration::from_secs(2), Duration::from_secs(1), 2, 3)
+        );
+        // Round trip through the raw shape (what the API and state file use).
+        let raw = RawService::from(s);
+        assert_eq!(&service(&[], &raw).unwrap(), s);
+    }
+
+    /// (what is wrong, the config, the field and line the error must name,
+    /// and words the message must contain)
+    #[test]
+    fn bad_files_name_file_line_and_field() {
+        let with = |from: &str, to: &str| GOOD.replacen(from, to, 1);
+        let cases: Vec<(&str, String, &str, usize, &str)> = vec![
+            (
+                "toml syntax",
+                with("xdp_mode = \"native\"", "xdp_mode = native"),
+                "dataplane.xdp_mode",
+                4,
+                "invalid",
+            ),
+            (
+                "unknown field",
+                with("flow_table_size", "flow_tabel_size"),
+                "dataplane.flow_tabel_size",
+                5,
+                "unknown field",
+            ),
+            (
+                "bad xdp mode",
+                with("\"native\"", "\"turbo\""),
+                "dataplane.xdp_mode",
+                4,
+                "turbo",
+            ),
+            (
+                "small flow table",
+                with("1048576", "10"),
+                "dataplane.flow_table_size",
+                5,
+                "out of range",
+            ),
+            (
+                "bad admin address",
+                with("127.0.0.1:9180", "localhost"),
+                "admin.listen",
+                8,
+                "not an address",
+            ),
+            (
+                "bad service name",
+                with("name = \"web\"", "name = \"w e b\""),
+                "services[0].name",
+                11,
+                "service name",
+            ),
+            (
+                "listen without port",
+                with("0.0.0.0:443", "0.0.0.0"),
+                "services[0].listen",
+                12,
+                "port",
+            ),
+            (
+                "unknown protocol",
+                with("[\"tcp\", \"udp\"]", "[\"tcp\", \"sctp\"]"),
+                "services[0].protocols[1]",
+                13,
+                "sctp",
+            ),
+            (
+                "unknown forwarding",
+                with("\"local\"", "\"tunnel\""),
+                "services[0].forwarding",
+                14,
+                "tunnel",
+            ),
+            (
+                "bad health kind",
+                with("kind = \"http\"", "kind = \"icmp\""),
+                "services[0].health.kind",
+                15,
+                "icmp",
+            ),
+            (
+                "bad interval",
+                with("interval = \"2s\"", "interval = \"2 fortnights\""),
+                "services[0].health.interval",
+                15,
+                "unit",
+            ),
+            (
+                "timeout over interval",
+                with("timeout = \"1s\"", "timeout = \"5s\""),
+                "services[0].health.timeout",
+                15,
+                "longer",
+            ),
+            (
+                "zero rise",
+                with("rise = 2", "rise = 0"),
+                "services[0].health.rise",
+                15,
+                "out of range",
+            ),
+            (
+                "weight too big",
+                with("weight = 50", "weight = 70000"),
+                "services[0].backends[1].weight",
+                18,
+                "65535",
+            ),
+            (
+                "negative weight",
+                with("weight = 100", "weight = -1"),
+                "services[0].backends[0].weight",
+                17,
+                "out of range",
+            ),
+            (
+                "bad backend",
+                with("127.0.0.1:8002", "127.0.0.1"),
+                "services[0].backends[1].address",
+                18,
+                "port",
+            ),
+            (
+                "duplicate backend",
+                with("127.0.0.1:8002", "127.0.0.1:8001"),
+                "services[0].backends[1].address",
+                18,
+                "twice",
+            ),
+            (
+                "bad state",
+                with("\"draining\"", "\"sleeping\""),
+                "services[0].backends[1].state",
+                18,
+                "sleeping",
+            ),
+            (
+                "path without slash",
+                with("/healthz", "healthz"),
+                "services[0].health.path",
+                15,
+                "start with /",
+            ),
+            (
+                "unknown table",
+                GOOD.replace("[dataplane]\n", "[unused]\n"),
+                "unused",
+                2,
+                "unknown field",
+            ),
+        ];
+        assert!(cases.len() >= 10);
+        for (what, text, field, line, words) in cases {
+            let e = err(&text);
+            assert_eq!(e.source, "lb.toml", "{what}: {e}");
+            assert_eq!(e.field, field, "{what}: {e}");
+            assert_eq!(e.position.map(|p| p.0), Some(line), "{what}: {e}");
+            assert!(e.message.contains(words), "{what}: {e}");
+            let shown = e.to_string();
+            assert!(
+                shown.starts_with(&format!("lb.toml:{line}:")),
+                "{what}: {shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn cross_service_conflicts_are_rejected() {
+        let two = format!(
+            "{GOOD}\n[[services]]\nname = \"web\"\nbackends = [{{ address = \"127.0.0.1:9001\" }}]\n"
+        );
+        let e = err(&two);
+        assert_eq!(e.field, "services[1].name");
+        assert!(e.message.contains("also the name"), "{e}");
+        let same_listen = format!(
+            "{GOOD}\n[[services]]\nname = \"api\"\nprotocols = [\"udp\"]\nbackends = [{{ address = \"127.0.0.1:9001\" }}]\n"
+        );
+        let e = err(&same_listen);
+        assert_eq!(e.field, "services[1].listen");
+        let shared_port = format!(
+            "{GOOD}\n[[services]]\nname = \"api\"\nlisten = \"0.0.0.0:8443\"\nbackends = [{{ address = \"127.0.0.1:8001\" }}]\n"
+        );
+        let e = err(&shared_port);
+        assert_eq!(e.field, "services[1].backends");
+        assert!(e.message.contains("told apart"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(format_duration(Duration::from_secs(3)), "3s");
+    }
+
+    #[test]
+    fn token_file_must_be_readable_and_not_empty() {
+        let dir = std::env::temp_dir().join(format!("lb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty");
+        std::fs::write(&empty, "  \n").unwrap();
+        let text = GOOD.replace(
+            "listen = \"127.0.0.1:9180\"",
+            &format!(
+                "listen = \"127.0.0.1:9180\"\ntoken_file = {:?}",
+                empty.display().to_string()
+            ),
+        );
+        let e = err(&text);
+        assert_eq!(e.field, "admin.token_file");
+        assert!(e.message.contains("empty"));
+        let missing = GOOD.replace(
+            "listen = \"127.0.0.1:9180\"",
+            "listen = \"127.0.0.1:9180\"\ntoken_file = \"/nonexistent/token\"",
+        );
+        assert_eq!(err(&missing).field, "admin.token_file");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+            /// Arbitrary text never panics the parser, and every error it
+            /// gives names the file.
+            #[test]
+            fn any_text_gives_a_config_or_an_error(text in "\\PC{0,400}") {
+                if let Err(e) = Config::parse(Path::new("x.toml"), &text) {
+                    prop_assert_eq!(e.source, "x.toml");
+                }
+            }
+
+            /// Mutating one byte of a good file never panics and any error
+            /// points inside the file.
+            #[test]
+            fn mutated_files_fail_cleanly(pos in 0usize..600, byte in any::<u8>()) {
+                let mut bytes = GOOD.as_bytes().to_vec();
+                let pos = pos % bytes.len();
+                bytes[pos] = byte;
+                if let Ok(text) = String::from_utf8(bytes)
+                    && let Err(e) = Config::parse(Path::new("x.toml"), &text)
+                    && let Some((line, _)) = e.position
+                {
+                    prop_assert!(line >= 1 && line <= text.lines().count() + 1);
+                }
+            }
+        }
+    }
+}

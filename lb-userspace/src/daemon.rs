@@ -1,0 +1,437 @@
+//! The running daemon: owns the desired services, the map writer and the
+//! health checker, and applies every change (API calls, health events) as
+//! one validated, persisted, atomic step.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{self, Config, ServiceConfig},
+    dataplane::{BackendSpec, Dataplane, DataplaneError, MapWriter, Options, ServiceSpec},
+    health::{self, Checker, HealthEvent, Target},
+    metrics::{Metrics, Snapshot},
+    state::{self, StateError},
+};
+
+/// Why a change was refused; the API turns these into status codes.
+#[derive(Debug, Error)]
+pub enum ChangeError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("{0}")]
+    Dataplane(#[from] DataplaneError),
+    #[error("the configuration names no interface: set dataplane.interface or pass --iface")]
+    NoInterface,
+    #[error("services from the state file do not fit this configuration: {0}")]
+    StateConflict(String),
+    #[error("admin API token file {path}: {source}")]
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How `lb run` was asked to start.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Overrides `dataplane.interface`.
+    pub interface: Option<String>,
+    /// Ignore (and overwrite) the state file.
+    pub reset_state: bool,
+}
+
+/// One backend as the API shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BackendView {
+    pub address: String,
+    pub weight: u16,
+    pub state: &'static str,
+    pub healthy: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub listen: String,
+    pub protocols: Vec<String>,
+    pub forwarding: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<config::RawHealth>,
+    pub backends: Vec<BackendView>,
+}
+
+struct Inner {
+    services: Vec<ServiceConfig>,
+    /// Health verdicts; a backend with no verdict yet counts as healthy.
+    health: HashMap<(String, SocketAddr), bool>,
+    checker: Checker,
+}
+
+struct Shared {
+    opts: Options,
+    state_file: PathBuf,
+    token: Option<String>,
+    metrics: Metrics,
+    writer: Arc<Mutex<MapWriter>>,
+    inner: tokio::sync::Mutex<Inner>,
+}
+
+/// A cheap handle on the daemon, shared by the API and the event loop.
+#[derive(Clone)]
+pub struct Daemon {
+    shared: Arc<Shared>,
+}
+
+fn specs(
+    services: &[ServiceConfig],
+    health: &HashMap<(String, SocketAddr), bool>,
+) -> Vec<ServiceSpec> {
+    services
+        .iter()
+        .map(|s| ServiceSpec {
+            name: s.name.clone(),
+            listen: s.listen,
+            protocols: s.protocols.clone(),
+            forwarding: s.forwarding,
+            backends: s
+                .backends
+                .iter()
+                .map(|b| BackendSpec {
+                    address: b.address,
+                    weight: b.weight,
+                    state: b.state,
+                    healthy: health
+                        .get(&(s.name.clone(), b.address))
+                        .copied()
+                        .unwrap_or(true),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn targets(services: &[ServiceConfig]) -> Vec<Target> {
+    let mut out = Vec::new();
+    for s in services {
+        let Some(spec) = &s.health else { continue };
+        for b in &s.backends {
+            if b.state != crate::dataplane::AdminState::Disabled {
+                out.push(Target {
+                    service: s.name.clone(),
+                    backend: b.address,
+                    spec: spec.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+impl Daemon {
+    /// Loads the data plane, attaches it, installs the services (from the
+    /// state file when there is one) and starts health checks. Must run
+    /// inside a tokio runtime.
+    pub async fn start(config: &Config, run: &RunOptions) -> Result<Daemon, StartError> {
+        let iface = run
+            .interface
+            .clone()
+            .or_else(|| config.interface.clone())
+            .ok_or(StartError::NoInterface)?;
+        let token = match &config.admin.token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|source| StartError::Token {
+                        path: p.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let services = if run.reset_state {
+            info!(file = %config.admin.state_file.display(), "state file ignored (--reset-state)");
+            config.services.clone()
+        } else {
+            match state::load(&config.admin.state_file)? {
+                Some(saved) => {
+                    if saved != config.services {
+                        warn!(
+                            file = %config.admin.state_file.display(),
+                            "services come from the state file (changes made through the API), \
+                             not from the config file; start with --reset-state to use the config"
+                        );
+                    }
+                    config::check_services(&saved, &config.dataplane)
+                        .map_err(|e| StartError::StateConflict(e.in_body().to_string()))?;
+                    saved
+                }
+                None => config.services.clone(),
+            }
+        };
+
+        let opts = config.dataplane.clone();
+        let mode = config.xdp_mode;
+        let (writer, logger) = tokio::task::spawn_blocking(move || {
+            let mut dp = Dataplane::load(opts)?;
+            let logger = dp.logger()?;
+            dp.attach(&iface, mode)?;
+            Ok::<_, DataplaneError>((MapWriter::new(dp), logger))
+        })
+        .await
+        .expect("loader task")?;
+        // SAFETY: the logger owns its ring buffer's fd and keeps it open
+        // for as long as it lives inside the AsyncFd.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        match registered {
+            Ok(mut logger) => {
+                tokio::spawn(async move {
+                    while let Ok(mut guard) = logger.readable_mut().await {
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                });
+            }
+            Err(e) => warn!("eBPF log records will not be shown: {e}"),
+        }
+
+        let metrics = Metrics::new();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
+            let weak = weak.clone();
+            let hook: health::ResultHook = Arc::new(move |svc, backend, result| {
+                if let Some(s) = weak.upgrade() {
+                    s.metrics.health_result(svc, &backend.to_string(), result);
+                }
+            });
+            Shared {
+                opts: config.dataplane.clone(),
+                state_file: config.admin.state_file.clone(),
+                token,
+                metrics,
+                writer: Arc::new(Mutex::new(writer)),
+                inner: tokio::sync::Mutex::new(Inner {
+                    services: Vec::new(),
+                    health: HashMap::new(),
+                    checker: Checker::new(config.health_max_concurrent, tx, hook),
+                }),
+            }
+        });
+        let daemon = Daemon { shared };
+        {
+            let mut inner = daemon.shared.inner.lock().await;
+            daemon
+                .install(&services, &inner.health)
+                .await
+                .map_err(|e| StartError::StateConflict(e.to_string()))?;
+            inner.checker.set_targets(targets(&services));
+            inner.services = services;
+        }
+        tokio::spawn(daemon.clone().health_events(rx));
+        Ok(daemon)
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.shared.token.as_deref()
+    }
+
+    /// Writes the services to the data plane off the async runtime.
+    async fn install(
+        &self,
+        services: &[ServiceConfig],
+        health: &HashMap<(String, SocketAddr), bool>,
+    ) -> Result<(), ChangeError> {
+        let specs = specs(services, health);
+        let writer = self.shared.writer.clone();
+        let started = Instant::now();
+        let report =
+            tokio::task::spawn_blocking(move || writer.lock().expect("writer lock").apply(&specs))
+                .await
+                .map_err(|e| ChangeError::Failed(format!("map writer task: {e}")))?
+                .map_err(|e| match e {
+                    DataplaneError::Full(_) | DataplaneError::Conflict(_) => {
+                        ChangeError::Conflict(e.to_string())
+                    }
+                    e => ChangeError::Failed(e.to_string()),
+                })?;
+        if report.tables_installed > 0 {
+            let secs = started.elapsed().as_secs_f64();
+            for _ in 0..report.tables_installed {
+                self.shared
+                    .metrics
+                    .observe_rebuild(secs / report.tables_installed as f64);
+            }
+        }
+        Ok(())
+    }
+
+    async fn health_events(self, mut rx: mpsc::UnboundedReceiver<HealthEvent>) {
+        while let Some(ev) = rx.recv().await {
+            let started = Instant::now();
+            let mut inner = self.shared.inner.lock().await;
+            let key = (ev.service.clone(), ev.backend);
+            let known = inner.services.iter().any(|s| {
+                s.name == ev.service && s.backends.iter().any(|b| b.address == ev.backend)
+            });
+            if !known {
+                continue;
+            }
+            inner.health.insert(key, ev.healthy);
+            let services = inner.services.clone();
+            match self.install(&services, &inner.health).await {
+                Ok(()) => info!(
+                    service = %ev.service,
+                    backend = %ev.backend,
+                    healthy = ev.healthy,
+                    reason = %ev.reason,
+                    install_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "backend health changed; table installed"
+                ),
+                Err(e) => {
+                    error!(service = %ev.service, backend = %ev.backend, "installing after a health change failed: {e}")
+                }
+            }
+        }
+    }
+
+    /// Applies `change` to a copy of the services, validates the result,
+    /// installs it, persists it, and only then makes it current. On any
+    /// failure nothing changes.
+    pub async fn change<T>(
+        &self,
+        change: impl FnOnce(&mut Vec<ServiceConfig>) -> Result<T, ChangeError>,
+    ) -> Result<T, ChangeError> {
+        let mut inner = self.shared.inner.lock().await;
+        let mut services = inner.services.clone();
+        let out = change(&mut services)?;
+        config::check_services(&services, &self.shared.opts)
+            .map_err(|e| ChangeError::Conflict(e.in_body().to_string()))?;
+        // Health verdicts of backends that are gone are forgotten.
+        let mut health = inner.health.clone();
+        health.retain(|(s, b), _| {
+            services
+                .iter()
+                .any(|svc| &svc.name == s && svc.backends.iter().any(|x| x.address == *b))
+        });
+        self.install(&services, &health).await?;
+        let path = self.shared.state_file.clone();
+        let saved = services.clone();
+        let persisted = tokio::task::spawn_blocking(move || state::save(&path, &saved))
+            .await
+            .map_err(|e| ChangeError::Failed(e.to_string()))?;
+        if let Err(e) = persisted {
+            error!("{e}; rolling the change back");
+            let old = inner.services.clone();
+            if let Err(e2) = self.install(&old, &inner.health).await {
+                error!("rolling back failed too: {e2}");
+            }
+            return Err(ChangeError::Failed(format!(
+                "the change could not be saved: {e}"
+            )));
+        }
+        inner.checker.set_targets(targets(&services));
+        inner.services = services;
+        inner.health = health;
+        Ok(out)
+    }
+
+    pub async fn services(&self) -> Vec<ServiceConfig> {
+        self.shared.inner.lock().await.services.clone()
+    }
+
+    /// The services with each backend's health, for the API.
+    pub async fn views(&self) -> Vec<ServiceView> {
+        let inner = self.shared.inner.lock().await;
+        let status = inner.checker.status();
+        inner
+            .services
+            .iter()
+            .map(|s| {
+                let raw = config::RawService::from(s);
+                ServiceView {
+                    name: raw.name,
+                    listen: raw.listen,
+                    protocols: raw.protocols,
+                    forwarding: raw.forwarding,
+                    health: raw.health,
+                    backends: s
+                        .backends
+                        .iter()
+                        .map(|b| {
+                            let key = (s.name.clone(), b.address);
+                            BackendView {
+                                address: b.address.to_string(),
+                                weight: b.weight,
+                                state: config::state_name(b.state),
+                                healthy: inner.health.get(&key).copied().unwrap_or(true),
+                                last_error: status.get(&key).and_then(|h| h.last_error.clone()),
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Reads the kernel counters and renders `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        let (services, health) = {
+            let inner = self.shared.inner.lock().await;
+            (inner.services.clone(), inner.health.clone())
+        };
+        let writer = self.shared.writer.clone();
+        let snap = tokio::task::spawn_blocking(move || {
+            let w = writer.lock().expect("writer lock");
+            let dp = w.dataplane();
+            let mut snap = Snapshot::default();
+            for s in &services {
+                for b in &s.backends {
+                    let name = b.address.to_string();
+                    if let Some(id) = w.backend_id(&s.name, b.address)
+                        && let Ok(c) = dp.backend_counters(id)
+                    {
+                        snap.backends.push((s.name.clone(), name.clone(), c));
+                    }
+                    let healthy = health
+                        .get(&(s.name.clone(), b.address))
+                        .copied()
+                        .unwrap_or(true);
+                    let up = healthy && b.state != crate::dataplane::AdminState::Disabled;
+                    snap.backend_state
+                        .push((s.name.clone(), name, b.weight, up));
+                }
+            }
+            snap.actions = dp.action_counts().unwrap_or_default();
+            snap.reasons = dp.reason_counts().unwrap_or_default();
+            snap.flow_entries = dp.flow_count() as u64;
+            snap
+        })
+        .await
+        .unwrap_or_default();
+        self.shared.metrics.render(&snap)
+    }
+}

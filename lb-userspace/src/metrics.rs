@@ -1,0 +1,228 @@
+//! Prometheus metrics, prefix `lb_`. Traffic counters come from the kernel's
+//! per-CPU maps at scrape time; health results and table rebuilds are
+//! counted as they happen.
+use std::{collections::HashSet, sync::Mutex};
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Kernel counters read under the map writer's lock.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    /// (service, backend, counters)
+    pub backends: Vec<(String, String, lb_common::Counters)>,
+    /// (service, weight, up) per backend, for the gauges.
+    pub backend_state: Vec<(String, String, u16, bool)>,
+    pub actions: [u64; 5],
+    pub reasons: [u64; lb_common::REASON_COUNT as usize],
+    pub flow_entries: u64,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    packets: IntCounterVec,
+    bytes: IntCounterVec,
+    new_flows: IntCounterVec,
+    actions: IntCounterVec,
+    drops: IntCounterVec,
+    backend_up: IntGaugeVec,
+    backend_weight: IntGaugeVec,
+    health_checks: IntCounterVec,
+    flow_entries: IntGauge,
+    rebuild: Histogram,
+    /// Label sets currently exported per backend, to drop removed ones.
+    exported: Mutex<HashSet<(String, String)>>,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+/// Sets a counter to an absolute value read from the kernel.
+fn set(c: &IntCounter, v: u64) {
+    let cur = c.get();
+    if v >= cur {
+        c.inc_by(v - cur);
+    } else {
+        // The kernel counters restarted (a new data plane): start over.
+        c.reset();
+        c.inc_by(v);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let sb = &["service", "backend"];
+        let rebuild = Histogram::with_opts(
+            HistogramOpts::new(
+                "lb_maglev_rebuild_seconds",
+                "Time to build and install a service's Maglev tables",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )
+        .expect("metric definition");
+        r.register(Box::new(rebuild.clone()))
+            .expect("unique metric");
+        let flow_entries = IntGauge::new("lb_flow_table_entries", "Entries in the LRU flow table")
+            .expect("metric definition");
+        r.register(Box::new(flow_entries.clone()))
+            .expect("unique metric");
+        Self {
+            packets: counter_vec(&r, "lb_packets_total", "Packets forwarded to a backend", sb),
+            bytes: counter_vec(&r, "lb_bytes_total", "Bytes forwarded to a backend", sb),
+            new_flows: counter_vec(
+                &r,
+                "lb_new_flows_total",
+                "New flows (TCP SYNs, UDP flows given a flow entry) sent to a backend",
+                sb,
+            ),
+            actions: counter_vec(
+                &r,
+                "lb_xdp_actions_total",
+                "Packets by XDP action",
+                &["action"],
+            ),
+            drops: counter_vec(
+                &r,
+                "lb_drops_total",
+                "Packets not balanced, by reason (passed to the stack untouched)",
+                &["reason"],
+            ),
+            backend_up: gauge_vec(&r, "lb_backend_up", "1 if the backend takes traffic", sb),
+            backend_weight: gauge_vec(&r, "lb_backend_weight", "Configured backend weight", sb),
+            health_checks: counter_vec(
+                &r,
+                "lb_health_checks_total",
+                "Health check results",
+                &["service", "backend", "result"],
+            ),
+            flow_entries,
+            rebuild,
+            registry: r,
+            exported: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn health_result(&self, service: &str, backend: &str, result: &str) {
+        self.health_checks
+            .with_label_values(&[service, backend, result])
+            .inc();
+    }
+
+    pub fn observe_rebuild(&self, seconds: f64) {
+        self.rebuild.observe(seconds);
+    }
+
+    /// Updates everything from `snap` and renders the text exposition.
+    pub fn render(&self, snap: &Snapshot) -> String {
+        let mut exported = self.exported.lock().expect("metrics lock");
+        let now: HashSet<(String, String)> = snap
+            .backend_state
+            .iter()
+            .map(|(s, b, _, _)| (s.clone(), b.clone()))
+            .collect();
+        for (s, b) in exported.difference(&now) {
+            let l = [s.as_str(), b.as_str()];
+            for v in [&self.packets, &self.bytes, &self.new_flows] {
+                let _ = v.remove_label_values(&l);
+            }
+            let _ = self.backend_up.remove_label_values(&l);
+            let _ = self.backend_weight.remove_label_values(&l);
+        }
+        *exported = now;
+        for (s, b, c) in &snap.backends {
+            let l = [s.as_str(), b.as_str()];
+            set(&self.packets.with_label_values(&l), c.packets);
+            set(&self.bytes.with_label_values(&l), c.bytes);
+            set(&self.new_flows.with_label_values(&l), c.new_flows);
+        }
+        for (s, b, weight, up) in &snap.backend_state {
+            let l = [s.as_str(), b.as_str()];
+            self.backend_up.with_label_values(&l).set(*up as i64);
+            self.backend_weight
+                .with_label_values(&l)
+                .set(*weight as i64);
+        }
+        for (i, name) in lb_common::XDP_ACTIONS.iter().enumerate() {
+            set(&self.actions.with_label_values(&[*name]), snap.actions[i]);
+        }
+        for (i, name) in lb_common::REASON_NAMES.iter().enumerate() {
+            set(&self.drops.with_label_values(&[*name]), snap.reasons[i]);
+        }
+        self.flow_entries.set(snap.flow_entries as i64);
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .expect("text encoding")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_metric_with_its_labels() {
+        let m = Metrics::new();
+        m.health_result("web", "127.0.0.1:8001", "success");
+        m.observe_rebuild(0.002);
+        let mut snap = Snapshot {
+            backends: vec![(
+                "web".into(),
+                "127.0.0.1:8001".into(),
+                lb_common::Counters {
+                    packets: 10,
+                    bytes: 1000,
+                    new_flows: 2,
+                },
+            )],
+            backend_state: vec![("web".into(), "127.0.0.1:8001".into(), 100, true)],
+            flow_entries: 3,
+            ..Default::default()
+        };
+        snap.actions[2] = 12;
+        snap.reasons[2] = 2;
+        let text = m.render(&snap);
+        for line in [
+            "lb_packets_total{backend=\"127.0.0.1:8001\",service=\"web\"} 10",
+            "lb_bytes_total{backend=\"127.0.0.1:8001\",service=\"web\"} 1000",
+            "lb_new_flows_total{backend=\"127.0.0.1:8001\",service=\"web\"} 2",
+            "lb_xdp_actions_total{action=\"pass\"} 12",
+            "lb_drops_total{reason=\"no_service\"} 2",
+            "lb_backend_up{backend=\"127.0.0.1:8001\",service=\"web\"} 1",
+            "lb_backend_weight{backend=\"127.0.0.1:8001\",service=\"web\"} 100",
+            "lb_health_checks_total{backend=\"127.0.0.1:8001\",result=\"success\",service=\"web\"} 1",
+            "lb_flow_table_entries 3",
+            "lb_maglev_rebuild_seconds_count 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        // Counters follow the kernel's absolute values; removed backends go.
+        snap.backends[0].2.packets = 15;
+        assert!(
+            m.render(&snap)
+                .contains("lb_packets_total{backend=\"127.0.0.1:8001\",service=\"web\"} 15")
+        );
+        snap.backends.clear();
+        snap.backend_state.clear();
+        assert!(!m.render(&snap).contains("lb_packets_total{"));
+    }
+}

@@ -1,0 +1,228 @@
+//! The real `lb` binary as a child process inside a test namespace, and an
+//! HTTP client that reaches its admin API there.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::netns;
+
+/// The `lb` binary next to this test executable (`cargo xtask test` builds
+/// it before the tests run).
+pub fn lb_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("target directory");
+    let lb = dir.join("lb");
+    assert!(
+        lb.exists(),
+        "{} is missing: build it first (`cargo build -p lb-userspace`; `cargo xtask test` does)",
+        lb.display()
+    );
+    lb
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "lbt-{}-{tag}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `lb run` in a namespace. Stopped with SIGTERM (then SIGKILL) on drop.
+pub struct Lb {
+    pub ns: String,
+    pub api: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Lb {
+    /// Starts `lb run --config <config>` in `ns` and waits for its API.
+    pub fn start(ns: &str, config: &Path, api: &str, extra: &[&str]) -> Lb {
+        static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let log = config.with_extension(format!("{n}.log"));
+        let out = fs::File::create(&log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(lb_binary())
+            .args(["run", "--config"])
+            .arg(config)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("spawn lb");
+        let mut lb = Lb {
+            ns: ns.to_string(),
+            api: api.to_string(),
+            child: Some(child),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = lb.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("lb exited early ({status}):\n{}", lb.log());
+            }
+            if lb.get("/healthz").0 == 200 {
+                return lb;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lb did not come up:\n{}",
+                lb.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("lb did not stop on SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// An API call from inside the namespace: (status, JSON body or Null).
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let (status, text) = self.raw(method, path, body, token);
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, None, None)
+    }
+
+    /// Like `call`, returning the body as text.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (u16, String) {
+        let url = format!("http://{}{path}", self.api);
+        let method = method.to_string();
+        let body = body.map(str::to_string);
+        let token = token.map(str::to_string);
+        netns::within(&self.ns, move || {
+            http(&method, &url, body.as_deref(), token.as_deref())
+        })
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One HTTP request; connection errors are status 0.
+pub fn http(method: &str, url: &str, body: Option<&str>, token: Option<&str>) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let result = match method {
+        "GET" => agent.get(url).call(),
+        "DELETE" => {
+            let mut r = agent.delete(url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        }
+        m => {
+            let mut r = match m {
+                "POST" => agent.post(url),
+                "PUT" => agent.put(url),
+                "PATCH" => agent.patch(url),
+                other => panic!("method {other}"),
+            };
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r = r.header("Content-Type", "application/json");
+            r.send(body.unwrap_or(""))
+        }
+    };
+    match result {
+        Ok(mut resp) => {
+            let status = resp.status().as_u16();
+            (status, resp.body_mut().read_to_string().unwrap_or_default())
+        }
+        Err(_) => (0, String::new()),
+    }
+}

@@ -1,0 +1,588 @@
+//! The `lb` daemon as an operator runs it: a config file, the data plane
+//! attached to a veth in a namespace, the admin API over HTTP, health
+//! checks against real servers, and a restart that keeps API changes.
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    daemon::{Lb, TempDir, lb_binary},
+    netns::{self, Topology},
+    servers::EchoName,
+};
+use serde_json::Value;
+
+const API: &str = "127.0.0.1:9180";
+const TOKEN: &str = "s3cret-token";
+
+struct Setup {
+    _topo: Topology,
+    lb_ns: String,
+    client_ns: String,
+    dir: TempDir,
+}
+
+fn setup(tag: &str) -> Setup {
+    let mut topo = Topology::new();
+    let lb_ns = topo.namespace("lb");
+    let client_ns = topo.namespace("cl");
+    topo.veth(
+        (&lb_ns, "lb0", &["10.201.0.1/24"]),
+        (&client_ns, "cl0", &["10.201.0.2/24"]),
+    );
+    Setup {
+        _topo: topo,
+        lb_ns,
+        client_ns,
+        dir: TempDir::new(tag),
+    }
+}
+
+impl Setup {
+    fn config(&self, token: bool, health: &str, backends: &[u16]) -> PathBuf {
+        let token_line = if token {
+            let p = self.dir.path("token");
+            std::fs::write(&p, format!("{TOKEN}\n")).unwrap();
+            format!("token_file = {:?}\n", p.display().to_string())
+        } else {
+            String::new()
+        };
+        let backends: Vec<String> = backends
+            .iter()
+            .map(|p| format!("{{ address = \"127.0.0.1:{p}\" }}"))
+            .collect();
+        let text = format!(
+            r#"
+[dataplane]
+interface = "lb0"
+xdp_mode = "native"
+flow_table_size = 65536
+max_services = 4
+
+[admin]
+listen = "{API}"
+{token_line}state_file = {state:?}
+
+[[services]]
+name = "web"
+listen = "0.0.0.0:443"
+protocols = ["tcp"]
+{health}
+backends = [{backends}]
+"#,
+            state = self.dir.path("state.json").display().to_string(),
+            backends = backends.join(", "),
+        );
+        let path = self.dir.path("lb.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn start(&self, config: &Path) -> Lb {
+        Lb::start(&self.lb_ns, config, API, &[])
+    }
+
+    /// `n` connections from the client to port 443; the backend that
+    /// answered each.
+    fn connect(&self, n: usize) -> Vec<Result<String, String>> {
+        netns::within(&self.client_ns, move || {
+            (0..n)
+                .map(|_| {
+                    let to: SocketAddr = "10.201.0.1:443".parse().unwrap();
+                    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                        .map_err(|e| e.to_string())?;
+                    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    s.write_all(b"hi\n").map_err(|e| e.to_string())?;
+                    let mut line = String::new();
+                    BufReader::new(s)
+                        .read_line(&mut line)
+                        .map_err(|e| e.to_string())?;
+                    Ok(line.trim().to_string())
+                })
+                .collect()
+        })
+    }
+}
+
+/// (method, path, body, token, expected status)
+type BadRequest<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>, u16);
+
+fn services(lb: &Lb) -> Value {
+    let (status, v) = lb.get("/api/v1/services");
+    assert_eq!(status, 200);
+    v
+}
+
+#[test]
+fn validate_names_file_line_and_field_and_exits_2() {
+    let dir = TempDir::new("validate");
+    let good = dir.path("good.toml");
+    std::fs::write(
+        &good,
+        "[dataplane]\ninterface = \"eth0\"\n[[services]]\nname = \"web\"\nbackends = [{ address = \"127.0.0.1:8001\" }]\n",
+    )
+    .unwrap();
+    let out = Command::new(lb_binary())
+        .args(["validate", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = dir.path("bad.toml");
+    std::fs::write(
+        &bad,
+        "[dataplane]\ninterface = \"eth0\"\n[[services]]\nname = \"web\"\nbackends = [{ address = \"127.0.0.1:8001\", weight = 99999 }]\n",
+    )
+    .unwrap();
+    let out = Command::new(lb_binary())
+        .args(["validate", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:5:", bad.display()))
+            && err.contains("services[0].backends[0].weight"),
+        "{err}"
+    );
+    // `lb run` refuses the same file before touching anything.
+    let out = Command::new(lb_binary())
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn every_api_route_with_good_and_bad_input_and_a_token() {
+    lb_tests::require_root();
+    let s = setup("api");
+    let _servers = [
+        EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001"),
+        EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002"),
+    ];
+    let lb = s.start(&s.config(true, "", &[8001, 8002]));
+    let t = Some(TOKEN);
+
+    // Reads need no token.
+    for path in [
+        "/healthz",
+        "/api/v1/healthz",
+        "/api/v1/services",
+        "/api/v1/services/web",
+        "/api/v1/services/web/backends",
+        "/api/v1/services/web/backends/127.0.0.1:8001",
+        "/api/v1/openapi.json",
+    ] {
+        assert_eq!(lb.get(path).0, 200, "{path}");
+    }
+    let (status, text) = lb.raw("GET", "/metrics", None, None);
+    assert_eq!(status, 200);
+    assert!(text.contains("lb_backend_up"));
+    assert_eq!(lb.get("/api/v1/openapi.json").1["openapi"], "3.0.3");
+    assert_eq!(lb.get("/api/v1/services/nope").0, 404);
+    assert_eq!(
+        lb.get("/api/v1/services/web/backends/127.0.0.1:9999").0,
+        404
+    );
+    assert_eq!(
+        lb.get("/api/v1/services/web/backends/not-an-address").0,
+        400
+    );
+    let (status, body) = lb.get("/no/such/route");
+    assert_eq!((status, body["error"].is_string()), (404, true));
+
+    let before = services(&lb);
+    let svc = r#"{"listen": "0.0.0.0:8443", "protocols": ["tcp"], "backends": [{"address": "127.0.0.1:9001", "weight": 10}]}"#;
+    // Every bad request: its status, a JSON error, and nothing changed.
+    let big = format!("{{\"listen\": \"{}\"}}", "x".repeat(70 * 1024));
+    let bad: Vec<BadRequest> = vec![
+        ("PUT", "/api/v1/services/api", Some(svc), None, 401),
+        ("PUT", "/api/v1/services/api", Some(svc), Some("wrong"), 401),
+        ("DELETE", "/api/v1/services/web", None, None, 401),
+        (
+            "POST",
+            "/api/v1/services/web/backends",
+            Some(r#"{"address": "127.0.0.1:8003"}"#),
+            None,
+            401,
+        ),
+        (
+            "PATCH",
+            "/api/v1/services/web/backends/127.0.0.1:8001",
+            Some(r#"{"weight": 1}"#),
+            Some("Bearer"),
+            401,
+        ),
+        ("PUT", "/api/v1/services/api", Some("{not json"), t, 400),
+        (
+            "PUT",
+            "/api/v1/services/api",
+            Some(r#"{"listen": "0.0.0.0:8443", "colour": "blue"}"#),
+            t,
+            400,
+        ),
+        (
+            "PUT",
+            "/api/v1/services/api",
+            Some(r#"{"name": "other", "listen": "0.0.0.0:8443"}"#),
+            t,
+            400,
+        ),
+        (
+            "PUT",
+            "/api/v1/services/api",
+            Some(r#"{"listen": "0.0.0.0:8443", "backends": [{"address": "nowhere"}]}"#),
+            t,
+            400,
+        ),
+        ("PUT", "/api/v1/services/bad%20name", Some(svc), t, 400),
+        (
+            "PUT",
+            "/api/v1/services/api",
+            Some(r#"{"listen": "0.0.0.0:443", "protocols": ["tcp"]}"#),
+            t,
+            409,
+        ),
+        ("PUT", "/api/v1/services/api", Some(&big), t, 413),
+        (
+            "POST",
+            "/api/v1/services/web/backends",
+            Some(r#"{"address": "127.0.0.1:8001"}"#),
+            t,
+            409,
+        ),
+        (
+            "POST",
+            "/api/v1/services/web/backends",
+            Some(r#"{"address": "127.0.0.1"}"#),
+            t,
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/services/web/backends",
+            Some(r#"{"address": "127.0.0.1:8003", "weight": 65536}"#),
+            t,
+            400,
+        ),
+        (
+            "POST",
+            "/api/v1/services/nope/backends",
+            Some(r#"{"address": "127.0.0.1:8003"}"#),
+            t,
+            404,
+        ),
+        (
+            "PATCH",
+            "/api/v1/services/web/backends/127.0.0.1:8001",
+            Some(r#"{"weight": 70000}"#),
+            t,
+            400,
+        ),
+        (
+            "PATCH",
+            "/api/v1/services/web/backends/127.0.0.1:8001",
+            Some(r#"{"state": "asleep"}"#),
+            t,
+            400,
+        ),
+        (
+            "PATCH",
+            "/api/v1/services/web/backends/127.0.0.1:8001",
+            Some("{}"),
+            t,
+            400,
+        ),
+        (
+            "PATCH",
+            "/api/v1/services/web/backends/127.0.0.1:9999",
+            Some(r#"{"weight": 1}"#),
+            t,
+            404,
+        ),
+        (
+            "DELETE",
+            "/api/v1/services/web/backends/127.0.0.1:9999",
+            None,
+            t,
+            404,
+        ),
+        ("DELETE", "/api/v1/services/nope", None, t, 404),
+    ];
+    for (method, path, body, token, want) in &bad {
+        let (status, v) = lb.call(method, path, *body, *token);
+        assert_eq!(status, *want, "{method} {path} {body:?}: {v}");
+        assert!(v["error"].is_string(), "{method} {path}: error body {v}");
+        assert_eq!(services(&lb), before, "{method} {path} changed something");
+    }
+
+    // And the good ones.
+    let (status, v) = lb.call("PUT", "/api/v1/services/api", Some(svc), t);
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["backends"][0]["weight"], 10);
+    assert_eq!(lb.call("PUT", "/api/v1/services/api", Some(svc), t).0, 200);
+    let (status, v) = lb.call(
+        "POST",
+        "/api/v1/services/web/backends",
+        Some(r#"{"address": "127.0.0.1:8003", "weight": 5}"#),
+        t,
+    );
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["address"], "127.0.0.1:8003");
+    let (status, v) = lb.call(
+        "PATCH",
+        "/api/v1/services/web/backends/127.0.0.1:8003",
+        Some(r#"{"weight": 7, "state": "draining"}"#),
+        t,
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["weight"].as_u64(), v["state"].as_str()),
+        (Some(7), Some("draining"))
+    );
+    assert_eq!(
+        lb.call(
+            "DELETE",
+            "/api/v1/services/web/backends/127.0.0.1:8003",
+            None,
+            t
+        )
+        .0,
+        204
+    );
+    assert_eq!(lb.call("DELETE", "/api/v1/services/api", None, t).0, 204);
+    assert_eq!(services(&lb), before);
+    // Traffic still flows after all that.
+    assert!(s.connect(10).iter().all(|r| r.is_ok()));
+}
+
+#[test]
+fn without_a_token_changes_need_no_header() {
+    lb_tests::require_root();
+    let s = setup("notoken");
+    let lb = s.start(&s.config(false, "", &[8001]));
+    let (status, v) = lb.call(
+        "PATCH",
+        "/api/v1/services/web/backends/127.0.0.1:8001",
+        Some(r#"{"weight": 3}"#),
+        None,
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["weight"], 3);
+}
+
+#[test]
+fn api_changes_survive_a_restart() {
+    lb_tests::require_root();
+    let s = setup("restart");
+    let config = s.config(true, "", &[8001, 8002]);
+    let mut lb = s.start(&config);
+    let t = Some(TOKEN);
+    assert_eq!(
+        lb.call(
+            "PATCH",
+            "/api/v1/services/web/backends/127.0.0.1:8001",
+            Some(r#"{"weight": 42}"#),
+            t
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        lb.call(
+            "PATCH",
+            "/api/v1/services/web/backends/127.0.0.1:8002",
+            Some(r#"{"state": "disabled"}"#),
+            t
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        lb.call(
+            "POST",
+            "/api/v1/services/web/backends",
+            Some(r#"{"address": "127.0.0.1:8003", "weight": 9}"#),
+            t
+        )
+        .0,
+        201
+    );
+    let (status, _) = lb.call(
+        "PUT",
+        "/api/v1/services/dns",
+        Some(r#"{"listen": "0.0.0.0:53", "protocols": ["udp"], "health": {"kind": "udp", "payload": "ping", "interval": "5s"}, "backends": [{"address": "127.0.0.1:5353"}]}"#),
+        t,
+    );
+    assert_eq!(status, 201);
+    let before = services(&lb);
+    assert!(lb.stop().success(), "SIGTERM exit:\n{}", lb.log());
+    let lb = s.start(&config);
+    assert_eq!(services(&lb), before, "restart lost changes:\n{}", lb.log());
+    assert!(lb.log().contains("services come from the state file"));
+}
+
+fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| {
+            l.starts_with(&format!("{name}{{")) && l.contains(labels)
+                || l.starts_with(&format!("{name} ")) && labels.is_empty()
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn metrics_match_the_traffic_sent() {
+    lb_tests::require_root();
+    let s = setup("metrics");
+    let servers = [
+        EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001"),
+        EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002"),
+    ];
+    let lb = s.start(&s.config(false, "", &[8001, 8002]));
+    let results = s.connect(50);
+    let mut per: HashMap<String, u64> = HashMap::new();
+    for r in &results {
+        *per.entry(r.clone().expect("connection")).or_default() += 1;
+    }
+    let (status, text) = lb.raw("GET", "/metrics", None, None);
+    assert_eq!(status, 200);
+    for (port, server) in [("8001", &servers[0]), ("8002", &servers[1])] {
+        let labels = format!("backend=\"127.0.0.1:{port}\",service=\"web\"");
+        let flows = metric(&text, "lb_new_flows_total", &labels)
+            .unwrap_or_else(|| panic!("no flows metric for {port}:\n{text}"));
+        assert_eq!(
+            flows as u64,
+            per.get(port).copied().unwrap_or(0),
+            "new flows to {port}"
+        );
+        assert_eq!(
+            flows as u64,
+            server.served(),
+            "flows to {port} vs requests it served"
+        );
+        let packets = metric(&text, "lb_packets_total", &labels).unwrap();
+        // SYN, ACK, data, FIN/ACK... at least three packets per connection.
+        assert!(
+            packets >= 3.0 * flows,
+            "{port}: {packets} packets for {flows} flows"
+        );
+        assert!(metric(&text, "lb_bytes_total", &labels).unwrap() >= packets * 54.0);
+        assert_eq!(metric(&text, "lb_backend_up", &labels), Some(1.0));
+        assert_eq!(metric(&text, "lb_backend_weight", &labels), Some(100.0));
+    }
+    assert!(metric(&text, "lb_xdp_actions_total", "action=\"pass\"").unwrap() >= 150.0);
+    assert!(
+        metric(&text, "lb_maglev_rebuild_seconds_count", "").unwrap() >= 1.0,
+        "{text}"
+    );
+    // The exposition is valid for Prometheus' own checker.
+    if let Ok(out) = promtool(&text) {
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}",
+            String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        panic!("promtool is missing: `cargo xtask setup` installs it (Debian package prometheus)");
+    }
+}
+
+fn promtool(text: &str) -> std::io::Result<std::process::Output> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child.stdin.take().unwrap().write_all(text.as_bytes())?;
+    child.wait_with_output()
+}
+
+#[test]
+fn a_dead_backend_leaves_the_table_and_comes_back() {
+    lb_tests::require_root();
+    let s = setup("health");
+    let health =
+        r#"health = { kind = "tcp", interval = "200ms", timeout = "100ms", rise = 2, fall = 2 }"#;
+    let keep = EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001");
+    let doomed = EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002");
+    let lb = s.start(&s.config(false, health, &[8001, 8002]));
+    let both: Vec<String> = s.connect(30).into_iter().map(|r| r.unwrap()).collect();
+    assert!(both.contains(&"8002".to_string()) && both.contains(&"8001".to_string()));
+
+    let healthy = |lb: &Lb, port: u16| -> bool {
+        lb.get(&format!("/api/v1/services/web/backends/127.0.0.1:{port}"))
+            .1["healthy"]
+            == Value::Bool(true)
+    };
+    drop(doomed);
+    let died = Instant::now();
+    while healthy(&lb, 8002) {
+        assert!(
+            died.elapsed() < Duration::from_secs(5),
+            "8002 never marked down:\n{}",
+            lb.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let detected = died.elapsed();
+    // fall x interval plus one check's timeout, and the table is in.
+    assert!(
+        detected <= Duration::from_millis(2 * 200 + 100 + 1000),
+        "took {detected:?}"
+    );
+    println!(
+        "backend death to table installed: {} ms",
+        detected.as_millis()
+    );
+    let after: Vec<Result<String, String>> = s.connect(30);
+    assert!(
+        after.iter().all(|r| r.as_deref() == Ok("8001")),
+        "{after:?}"
+    );
+    let (_, text) = lb.raw("GET", "/metrics", None, None);
+    assert_eq!(
+        metric(&text, "lb_backend_up", "backend=\"127.0.0.1:8002\""),
+        Some(0.0)
+    );
+    assert!(
+        metric(
+            &text,
+            "lb_health_checks_total",
+            "backend=\"127.0.0.1:8002\",result=\"failure\""
+        )
+        .unwrap_or(0.0)
+            >= 2.0
+    );
+
+    let _back = EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002");
+    let revived = Instant::now();
+    while !healthy(&lb, 8002) {
+        assert!(
+            revived.elapsed() < Duration::from_secs(5),
+            "8002 never came back:\n{}",
+            lb.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let again: Vec<String> = s.connect(30).into_iter().map(|r| r.unwrap()).collect();
+    assert!(
+        again.contains(&"8002".to_string()),
+        "8002 takes flows again"
+    );
+    drop(keep);
+}
