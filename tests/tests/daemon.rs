@@ -586,3 +586,95 @@ fn a_dead_backend_leaves_the_table_and_comes_back() {
     );
     drop(keep);
 }
+
+#[test]
+fn the_cli_changes_backends_through_the_api() {
+    lb_tests::require_root();
+    let s = setup("cli");
+    let lb = s.start(&s.config(true, "", &[8001]));
+    let token_file = s.dir.path("token");
+    let cli = |args: &[&str], token: Option<&str>| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &s.lb_ns])
+            .arg(lb_binary())
+            .args(args);
+        c.env_remove("LB_TOKEN");
+        if let Some(t) = token {
+            c.env("LB_TOKEN", t);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let tf = token_file.display().to_string();
+    let (ok, out) = cli(
+        &[
+            "backends",
+            "add",
+            "--service",
+            "web",
+            "127.0.0.1:8003",
+            "--weight",
+            "50",
+        ],
+        Some(TOKEN),
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = cli(
+        &[
+            "backends",
+            "weight",
+            "--service",
+            "web",
+            "127.0.0.1:8003",
+            "200",
+            "--token-file",
+            &tf,
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = cli(
+        &["backends", "drain", "--service", "web", "127.0.0.1:8003"],
+        Some(TOKEN),
+    );
+    assert!(ok, "{out}");
+    let b = lb.get("/api/v1/services/web/backends/127.0.0.1:8003").1;
+    assert_eq!(
+        (b["weight"].as_u64(), b["state"].as_str()),
+        (Some(200), Some("draining"))
+    );
+    let (ok, out) = cli(&["status"], None);
+    assert!(
+        ok && out.contains("127.0.0.1:8003") && out.contains("draining"),
+        "{out}"
+    );
+    // Without the token the API refuses, and the CLI says why.
+    let (ok, out) = cli(
+        &["backends", "remove", "--service", "web", "127.0.0.1:8003"],
+        None,
+    );
+    assert!(!ok && out.contains("401"), "{out}");
+    let (ok, out) = cli(
+        &["backends", "activate", "--service", "web", "127.0.0.1:8003"],
+        Some(TOKEN),
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = cli(
+        &["backends", "remove", "--service", "web", "127.0.0.1:8003"],
+        Some(TOKEN),
+    );
+    assert!(ok, "{out}");
+    assert_eq!(
+        lb.get("/api/v1/services/web/backends/127.0.0.1:8003").0,
+        404
+    );
+    let (ok, out) = cli(
+        &["backends", "remove", "--service", "web", "127.0.0.1:8003"],
+        Some(TOKEN),
+    );
+    assert!(!ok && out.contains("404"), "{out}");
+}
