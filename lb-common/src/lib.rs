@@ -7,7 +7,10 @@ use core::mem::size_of;
 
 /// Bumped whenever a map layout or the meaning of a field changes, so a daemon
 /// never adopts pinned maps written by an incompatible version.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// Interfaces `nat` and `dsr` packets may be redirected to.
+pub const MAX_TX_PORTS: u32 = 64;
 
 /// Service ids are `0..MAX_SERVICES` unless the daemon asks for fewer.
 pub const MAX_SERVICES: u32 = 64;
@@ -40,7 +43,8 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "LB_BE_STATS";
     pub const ACTION_STATS: &str = "LB_ACT_STATS";
     pub const REASON_STATS: &str = "LB_RSN_STATS";
-    pub const ALL: [&str; 12] = [
+    pub const TX_PORTS: &str = "LB_TX_PORTS";
+    pub const ALL: [&str; 13] = [
         PORTS,
         ADDR_SERVICES,
         SERVICES,
@@ -53,6 +57,7 @@ pub mod maps {
         BACKEND_STATS,
         ACTION_STATS,
         REASON_STATS,
+        TX_PORTS,
     ];
 }
 
@@ -288,8 +293,12 @@ pub enum Reason {
     NoBackend = 6,
     /// More IPv6 extension headers than the program walks.
     ExtHeaders = 7,
+    /// `nat`/`dsr`: no route or no neighbour for the backend yet. The
+    /// packet (for `nat` already rewritten) goes to the stack, which
+    /// forwards it and resolves the neighbour for the next ones.
+    FibMiss = 8,
 }
-pub const REASON_COUNT: u32 = 8;
+pub const REASON_COUNT: u32 = 9;
 pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
     "not_ip",
     "not_tcp_udp",
@@ -299,6 +308,7 @@ pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
     "bad_header",
     "no_backend",
     "ext_headers",
+    "fib_miss",
 ];
 
 /// Most IPv6 extension headers walked before giving up.

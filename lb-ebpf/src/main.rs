@@ -16,7 +16,10 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{AddrKey, FWD_LOCAL, PROTO_UDP, REV_HAS_ADDRS, REV_PORT_ONLY, Reason, port_slot};
+use lb_common::{
+    AddrKey, FWD_DSR, FWD_LOCAL, FWD_NAT, PROTO_UDP, REV_HAS_ADDRS, REV_PORT_ONLY, Reason,
+    port_slot,
+};
 
 use crate::{
     maps::{LB_REV_ADDRS, LB_REV_PORTS},
@@ -45,12 +48,17 @@ fn balance(ctx: &XdpContext, b: &Bounds) -> Result<u32, Reason> {
     let p = parse::parse(b, true)?;
     let (id, svc) = select::service(&p)?;
     let pick = select::backend(ctx, &p, id, svc)?;
-    match svc.forwarding {
-        FWD_LOCAL => nat::local(b, &p, pick.entry)?,
+    let action = match svc.forwarding {
+        FWD_LOCAL => {
+            nat::local(b, &p, pick.entry)?;
+            XDP_PASS
+        }
+        FWD_NAT => nat::nat(ctx, b, &p, pick.entry),
+        FWD_DSR => nat::dsr(ctx, b, &p, pick.entry),
         _ => return Err(Reason::NoBackend),
-    }
+    };
     stats::forwarded(id, pick.backend, b.len(), pick.new_flow);
-    Ok(XDP_PASS)
+    Ok(action)
 }
 
 /// BPF_F_MARK_MANGLED_0: keep a zero IPv4 UDP checksum zero.

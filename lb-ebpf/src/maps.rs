@@ -3,12 +3,12 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     AddrKey, BackendEntry, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, FlowKey,
-    FlowValue, MAX_ADDR_SERVICES, MAX_BACKENDS, MAX_SERVICES, MaglevSlot, PORT_SLOTS, PortEntry,
-    REASON_COUNT, RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE,
+    FlowValue, MAX_ADDR_SERVICES, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, MaglevSlot, PORT_SLOTS,
+    PortEntry, REASON_COUNT, RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE,
 };
 
 #[map]
@@ -53,3 +53,7 @@ pub static LB_ACT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(5, 0);
 
 #[map]
 pub static LB_RSN_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+
+/// Egress interfaces for `nat`/`dsr` redirects, keyed by ifindex.
+#[map]
+pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);

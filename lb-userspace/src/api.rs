@@ -468,7 +468,7 @@ pub fn openapi_document() -> serde_json::Value {
                 "Service": {"type": "object", "additionalProperties": false, "properties": {
                     "name": {"type": "string"}, "listen": {"type": "string", "default": "0.0.0.0:443"},
                     "protocols": {"type": "array", "items": {"type": "string", "enum": ["tcp", "udp"]}},
-                    "forwarding": {"type": "string", "enum": ["local"]},
+                    "forwarding": {"type": "string", "enum": ["local", "nat", "dsr"]},
                     "health": {"$ref": "#/components/schemas/Health"},
                     "backends": {"type": "array", "items": {"$ref": "#/components/schemas/Backend"}}}},
                 "BackendView": {"type": "object", "properties": {

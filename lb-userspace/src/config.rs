@@ -518,15 +518,8 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
     }
     let forwarding = match raw.forwarding.as_str() {
         "local" => Forwarding::Local,
-        "nat" | "dsr" => {
-            return Err(FieldError::new(
-                &key(path, "forwarding"),
-                format!(
-                    "{:?} is not supported by this version yet; use \"local\"",
-                    raw.forwarding
-                ),
-            ));
-        }
+        "nat" => Forwarding::Nat,
+        "dsr" => Forwarding::Dsr,
         other => {
             return Err(FieldError::new(
                 &key(path, "forwarding"),
@@ -534,6 +527,21 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
             ));
         }
     };
+    if forwarding != Forwarding::Local && listen.ip().is_unspecified() {
+        return Err(FieldError::new(
+            &key(path, "listen"),
+            format!(
+                "{} needs the service's own address (e.g. \"10.0.0.10:443\"), not {}: {}",
+                forwarding.name(),
+                listen.ip(),
+                if forwarding == Forwarding::Nat {
+                    "replies are translated back to it"
+                } else {
+                    "backends hold it on their loopback"
+                }
+            ),
+        ));
+    }
     let health = match &raw.health {
         Some(h) => Some(health(&key(path, "health"), h)?),
         None => None,
@@ -548,6 +556,37 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
                 &key(&bp, "address"),
                 format!("backend {} is listed twice", b.address),
             ));
+        }
+        if forwarding != Forwarding::Local {
+            let mode = forwarding.name();
+            if b.address.ip().is_loopback() {
+                return Err(FieldError::new(
+                    &key(&bp, "address"),
+                    format!(
+                        "{mode} backends are other hosts; {} is this host's loopback (use forwarding = \"local\")",
+                        b.address
+                    ),
+                ));
+            }
+            if b.address.is_ipv4() != listen.is_ipv4() {
+                return Err(FieldError::new(
+                    &key(&bp, "address"),
+                    format!(
+                        "{mode} cannot translate between IP versions: backend {} for service {listen}",
+                        b.address
+                    ),
+                ));
+            }
+            if forwarding == Forwarding::Dsr && b.address.port() != listen.port() {
+                return Err(FieldError::new(
+                    &key(&bp, "address"),
+                    format!(
+                        "dsr does not rewrite ports: backend {} must listen on the service port {}",
+                        b.address,
+                        listen.port()
+                    ),
+                ));
+            }
         }
         if b.address.is_ipv4() != listen.is_ipv4()
             && !listen.ip().is_unspecified()
@@ -606,7 +645,13 @@ pub fn check_services(services: &[ServiceConfig], opts: &Options) -> Result<(), 
                     format!("services[{j}] already listens on {} {:?}", s.listen, p),
                 ));
             }
-            for b in &s.backends {
+            // Replies of dsr backends never come back through the balancer.
+            let translated = if s.forwarding == Forwarding::Dsr {
+                &[][..]
+            } else {
+                &s.backends[..]
+            };
+            for b in translated {
                 let k = (b.address.port(), *p);
                 match reverse.get(&k) {
                     Some((port, other)) if *port != s.listen.port() => {
@@ -650,9 +695,7 @@ impl From<&ServiceConfig> for RawService {
                     Protocol::Udp => "udp".into(),
                 })
                 .collect(),
-            forwarding: match s.forwarding {
-                Forwarding::Local => "local".into(),
-            },
+            forwarding: s.forwarding.name().into(),
             health: s.health.as_ref().map(RawHealth::from),
             backends: s.backends.iter().map(RawBackend::from).collect(),
         }
@@ -1198,6 +1241,61 @@ backends = [
         let e = err(&shared_port);
         assert_eq!(e.field, "services[1].backends");
         assert!(e.message.contains("told apart"), "{e}");
+    }
+
+    #[test]
+    fn nat_and_dsr_mixes_that_cannot_work_are_rejected() {
+        let svc = |fwd: &str, listen: &str, backend: &str| {
+            format!(
+                "[dataplane]\ninterface = \"eth0\"\n[[services]]\nname = \"x\"\nforwarding = \"{fwd}\"\nlisten = \"{listen}\"\nbackends = [{{ address = \"{backend}\" }}]\n"
+            )
+        };
+        let ok = |t: String| Config::parse(Path::new("lb.toml"), &t).unwrap();
+        assert_eq!(
+            ok(svc("nat", "10.0.0.10:443", "10.0.1.5:8443")).services[0].forwarding,
+            Forwarding::Nat
+        );
+        assert_eq!(
+            ok(svc("dsr", "[fd00::10]:443", "[fd00:1::5]:443")).services[0].forwarding,
+            Forwarding::Dsr
+        );
+        let cases = [
+            (
+                svc("dsr", "10.0.0.10:443", "10.0.1.5:8443"),
+                "services[0].backends[0].address",
+                "dsr does not rewrite ports",
+            ),
+            (
+                svc("nat", "0.0.0.0:443", "10.0.1.5:443"),
+                "services[0].listen",
+                "own address",
+            ),
+            (
+                svc("dsr", "[::]:443", "[fd00::5]:443"),
+                "services[0].listen",
+                "own address",
+            ),
+            (
+                svc("nat", "10.0.0.10:443", "127.0.0.1:443"),
+                "services[0].backends[0].address",
+                "loopback",
+            ),
+            (
+                svc("nat", "10.0.0.10:443", "[fd00::5]:443"),
+                "services[0].backends[0].address",
+                "IP versions",
+            ),
+        ];
+        for (text, field, words) in cases {
+            let e = err(&text);
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.message.contains(words), "{e}");
+            assert_eq!(
+                e.position.map(|p| p.0),
+                Some(if field.ends_with("listen") { 6 } else { 7 }),
+                "{e}"
+            );
+        }
     }
 
     #[test]

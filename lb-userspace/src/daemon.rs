@@ -132,6 +132,53 @@ fn specs(
         .collect()
 }
 
+/// For `nat`/`dsr` services: warns when this host does not forward IP (the
+/// FIB lookup then fails and replies are not routed), and makes the kernel
+/// resolve each backend's neighbour entry now, so the data plane's FIB
+/// lookups find a MAC from the first packet on.
+fn prepare_remote_backends(specs: &[ServiceSpec]) {
+    use crate::dataplane::Forwarding;
+    let remote: Vec<&ServiceSpec> = specs
+        .iter()
+        .filter(|s| s.forwarding != Forwarding::Local)
+        .collect();
+    if remote.is_empty() {
+        return;
+    }
+    for (v6, file) in [
+        (false, "/proc/sys/net/ipv4/ip_forward"),
+        (true, "/proc/sys/net/ipv6/conf/all/forwarding"),
+    ] {
+        let used = remote.iter().any(|s| s.listen.is_ipv6() == v6);
+        let on = std::fs::read_to_string(file)
+            .map(|t| t.trim() == "1")
+            .unwrap_or(false);
+        if used && !on {
+            warn!(
+                "{file} is 0: nat and dsr services need IP forwarding on this host (sysctl -w {}=1)",
+                file.trim_start_matches("/proc/sys/").replace('/', ".")
+            );
+        }
+    }
+    for s in remote {
+        for b in &s.backends {
+            let bind: SocketAddr = if b.address.is_ipv6() {
+                "[::]:0"
+            } else {
+                "0.0.0.0:0"
+            }
+            .parse()
+            .expect("address");
+            // The discard port: nothing needs to answer, the neighbour
+            // lookup happens on send.
+            let target = SocketAddr::new(b.address.ip(), 9);
+            if let Ok(sock) = std::net::UdpSocket::bind(bind) {
+                let _ = sock.send_to(&[], target);
+            }
+        }
+    }
+}
+
 fn targets(services: &[ServiceConfig]) -> Vec<Target> {
     let mut out = Vec::new();
     for s in services {
@@ -268,16 +315,21 @@ impl Daemon {
         let specs = specs(services, health);
         let writer = self.shared.writer.clone();
         let started = Instant::now();
-        let report =
-            tokio::task::spawn_blocking(move || writer.lock().expect("writer lock").apply(&specs))
-                .await
-                .map_err(|e| ChangeError::Failed(format!("map writer task: {e}")))?
-                .map_err(|e| match e {
-                    DataplaneError::Full(_) | DataplaneError::Conflict(_) => {
-                        ChangeError::Conflict(e.to_string())
-                    }
-                    e => ChangeError::Failed(e.to_string()),
-                })?;
+        let report = tokio::task::spawn_blocking(move || {
+            let report = writer.lock().expect("writer lock").apply(&specs);
+            if report.is_ok() {
+                prepare_remote_backends(&specs);
+            }
+            report
+        })
+        .await
+        .map_err(|e| ChangeError::Failed(format!("map writer task: {e}")))?
+        .map_err(|e| match e {
+            DataplaneError::Full(_) | DataplaneError::Conflict(_) => {
+                ChangeError::Conflict(e.to_string())
+            }
+            e => ChangeError::Failed(e.to_string()),
+        })?;
         if report.tables_installed > 0 {
             let secs = started.elapsed().as_secs_f64();
             for _ in 0..report.tables_installed {

@@ -13,15 +13,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, TestRun, TestRunOptions, TestRunResult,
-    maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray},
     programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
 };
 use lb_common::{
     Addr, AddrKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_REWRITE_ADDR,
-    BACKEND_UNUSED, BackendEntry, Counters, FWD_LOCAL, FlowKey, FlowValue, MAX_BACKENDS,
-    MAX_SERVICES, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, PROTO_UDP, PortEntry,
-    REASON_COUNT, REV_HAS_ADDRS, REV_PORT_ONLY, RevAddrValue, RevPortEntry, ServiceEntry,
-    TABLES_PER_SERVICE, maglev_index, maps, port_slot, programs,
+    BACKEND_UNUSED, BackendEntry, Counters, FWD_DSR, FWD_LOCAL, FWD_NAT, FlowKey, FlowValue,
+    MAX_BACKENDS, MAX_SERVICES, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP,
+    PROTO_UDP, PortEntry, REASON_COUNT, REV_HAS_ADDRS, REV_PORT_ONLY, RevAddrValue, RevPortEntry,
+    ServiceEntry, TABLES_PER_SERVICE, maglev_index, maps, port_slot, programs,
 };
 use thiserror::Error;
 use tracing::{debug, info};
@@ -192,6 +192,7 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, Counters>,
     action_stats: PerCpuArray<MapData, u64>,
     reason_stats: PerCpuArray<MapData, u64>,
+    tx_ports: DevMapHash<MapData>,
     attached: Option<String>,
 }
 
@@ -248,6 +249,7 @@ impl Dataplane {
             backend_stats: typed!(&mut ebpf, maps::BACKEND_STATS),
             action_stats: typed!(&mut ebpf, maps::ACTION_STATS),
             reason_stats: typed!(&mut ebpf, maps::REASON_STATS),
+            tx_ports: typed!(&mut ebpf, maps::TX_PORTS),
             opts,
             ebpf,
             attached: None,
@@ -320,9 +322,49 @@ impl Dataplane {
                 name: programs::TC_EGRESS,
                 source,
             })?;
+        self.sync_tx_ports()?;
         info!(iface, ?mode, "data plane attached");
         self.attached = Some(iface.to_string());
         Ok(())
+    }
+
+    /// Lets `nat`/`dsr` packets be redirected to every interface of this
+    /// network namespace (the FIB decides which one each packet takes).
+    /// Call again when interfaces come and go.
+    pub fn sync_tx_ports(&mut self) -> Result<usize> {
+        // if_nameindex asks netlink, which answers for the calling thread's
+        // network namespace (sysfs would show the mounter's).
+        let list = unsafe { libc::if_nameindex() };
+        if list.is_null() {
+            return Err(DataplaneError::Options(format!(
+                "listing interfaces: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let mut indexes = Vec::new();
+        let mut i = 0;
+        loop {
+            let entry = unsafe { *list.add(i) };
+            if entry.if_index == 0 {
+                break;
+            }
+            indexes.push(entry.if_index);
+            i += 1;
+        }
+        unsafe { libc::if_freenameindex(list) };
+        let mut n = 0;
+        for ifindex in indexes {
+            if ifindex == 1 || n >= lb_common::MAX_TX_PORTS as usize {
+                continue;
+            }
+            self.tx_ports
+                .insert(ifindex, ifindex, None, 0)
+                .map_err(|e| {
+                    DataplaneError::Options(format!("redirect map, ifindex {ifindex}: {e}"))
+                })?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     pub fn attached_interface(&self) -> Option<&str> {
@@ -333,6 +375,32 @@ impl Dataplane {
     /// returns the action and the frame as the program left it.
     pub fn test_run_xdp(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
         test_run(self.xdp()?, programs::XDP, frame)
+    }
+
+    /// Like [`Self::test_run_xdp`], as if the frame arrived on interface
+    /// `ingress_ifindex` of the calling thread's network namespace (the FIB
+    /// lookups of `nat`/`dsr` depend on it).
+    pub fn test_run_xdp_on(&self, frame: &[u8], ingress_ifindex: u32) -> Result<(u32, Vec<u8>)> {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex.
+        let md: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut out = vec![0u8; frame.len() + 512];
+        let res = self
+            .xdp()?
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat: 1,
+                ..Default::default()
+            })
+            .map_err(|source| DataplaneError::Program {
+                name: programs::XDP,
+                source,
+            })?;
+        out.truncate(res.data_size_out as usize);
+        Ok((res.return_value, out))
     }
 
     /// Runs the TC egress program once on `frame`.
@@ -629,12 +697,28 @@ pub enum Forwarding {
     /// Backends are ports on this host.
     #[default]
     Local,
+    /// Backends are other hosts; destination rewritten, replies come back
+    /// through this host and are translated back.
+    Nat,
+    /// Backends are other hosts on this L2 segment holding the service
+    /// address; only MACs change, replies go straight to clients.
+    Dsr,
 }
 
 impl Forwarding {
     fn code(self) -> u8 {
         match self {
             Self::Local => FWD_LOCAL,
+            Self::Nat => FWD_NAT,
+            Self::Dsr => FWD_DSR,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Nat => "nat",
+            Self::Dsr => "dsr",
         }
     }
 }
@@ -871,7 +955,7 @@ impl MapWriter {
         // Reverse translation keys on the backend port: two services whose
         // backends share a port must agree on the service port.
         let mut rev: HashMap<(u16, u8), u16> = HashMap::new();
-        for s in desired {
+        for s in desired.iter().filter(|s| s.forwarding != Forwarding::Dsr) {
             for b in &s.backends {
                 for p in &s.protocols {
                     if let Some(port) = rev.insert((b.address.port(), p.number()), s.listen.port())
@@ -967,7 +1051,8 @@ impl MapWriter {
     }
 
     fn backend_entry(&self, spec: &ServiceSpec, service: u32, addr: SocketAddr) -> BackendEntry {
-        let rewrite = !spec.listen.ip().is_unspecified()
+        let rewrite = spec.forwarding != Forwarding::Dsr
+            && !spec.listen.ip().is_unspecified()
             && !is_local_host(addr.ip())
             && addr.ip() != spec.listen.ip()
             && addr.is_ipv4() == spec.listen.is_ipv4();
@@ -1010,7 +1095,13 @@ impl MapWriter {
                         inst.id,
                     );
                 }
-                for b in &spec.backends {
+                // Replies of `dsr` backends never pass through here.
+                let backends = if spec.forwarding == Forwarding::Dsr {
+                    &[][..]
+                } else {
+                    &spec.backends[..]
+                };
+                for b in backends {
                     let rslot = port_slot(b.address.port(), proto);
                     let r = rev_ports.entry(rslot).or_default();
                     let entry = self.backend_entry(spec, inst.id, b.address);

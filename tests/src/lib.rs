@@ -1,6 +1,7 @@
 //! Shared pieces of the integration tests: frame building and checking,
 //! network-namespace topologies that clean up after themselves, and the root
 //! check that privileged tests start with.
+pub mod capture;
 pub mod daemon;
 pub mod netns;
 pub mod packet;

@@ -44,6 +44,8 @@ pub struct Spec {
     pub fragment: Option<(u16, bool)>,
     /// Leave the IPv4 UDP checksum zero ("none").
     pub udp_zero_checksum: bool,
+    /// (destination, source) MAC addresses; `ETH_DST`, `ETH_SRC` if unset.
+    pub macs: Option<([u8; 6], [u8; 6])>,
 }
 
 impl Spec {
@@ -58,7 +60,26 @@ impl Spec {
             ext_headers: Vec::new(),
             fragment: None,
             udp_zero_checksum: false,
+            macs: None,
         }
+    }
+
+    /// The same packet between other MAC addresses.
+    pub fn with_macs(mut self, dst: [u8; 6], src: [u8; 6]) -> Self {
+        self.macs = Some((dst, src));
+        self
+    }
+
+    /// The same packet to another address and port.
+    pub fn with_dst(mut self, dst: &str, port: u16) -> Self {
+        self.dst = dst.parse().expect("destination address");
+        self.with_dport(port)
+    }
+
+    /// The same packet from another address and port.
+    pub fn with_src(mut self, src: &str, port: u16) -> Self {
+        self.src = src.parse().expect("source address");
+        self.with_sport(port)
     }
 
     pub fn tcp(src: &str, dst: &str, sport: u16, dport: u16, flags: u8) -> Self {
@@ -213,8 +234,9 @@ pub fn build(s: &Spec) -> Vec<u8> {
     l4[csum_at..csum_at + 2].copy_from_slice(&csum.to_be_bytes());
 
     let mut frame = Vec::new();
-    frame.extend_from_slice(&ETH_DST);
-    frame.extend_from_slice(&ETH_SRC);
+    let (dst_mac, src_mac) = s.macs.unwrap_or((ETH_DST, ETH_SRC));
+    frame.extend_from_slice(&dst_mac);
+    frame.extend_from_slice(&src_mac);
     if let Some(tci) = s.vlan {
         frame.extend_from_slice(&0x8100u16.to_be_bytes());
         frame.extend_from_slice(&tci.to_be_bytes());

@@ -1,10 +1,11 @@
 //! Small real servers for topology tests, each bound inside a namespace and
 //! stopped (and joined) when dropped.
 use std::{
+    collections::HashSet,
     io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener},
+    net::{IpAddr, SocketAddr, TcpListener},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::{self, JoinHandle},
@@ -15,6 +16,7 @@ use std::{
 pub struct EchoName {
     stop: Arc<AtomicBool>,
     served: Arc<AtomicU64>,
+    peers: Arc<Mutex<HashSet<IpAddr>>>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -22,7 +24,9 @@ impl EchoName {
     pub fn start(ns: &str, addr: SocketAddr, name: &str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let served = Arc::new(AtomicU64::new(0));
+        let peers = Arc::new(Mutex::new(HashSet::new()));
         let (s, c, name) = (stop.clone(), served.clone(), name.to_string());
+        let seen = peers.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = crate::netns::spawn_in(ns, move || {
             let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
@@ -31,7 +35,8 @@ impl EchoName {
             let mut workers = Vec::new();
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((stream, _)) => {
+                    Ok((stream, peer)) => {
+                        seen.lock().unwrap().insert(peer.ip().to_canonical());
                         let (name, c) = (name.clone(), c.clone());
                         workers.push(thread::spawn(move || {
                             stream.set_nonblocking(false).ok();
@@ -61,8 +66,14 @@ impl EchoName {
         Self {
             stop,
             served,
+            peers,
             handle: Some(handle),
         }
+    }
+
+    /// Client addresses of the connections accepted so far.
+    pub fn peers(&self) -> HashSet<IpAddr> {
+        self.peers.lock().unwrap().clone()
     }
 
     /// Requests answered so far.

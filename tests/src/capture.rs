@@ -1,0 +1,85 @@
+//! A packet capture on one interface of a test namespace (AF_PACKET), for
+//! tests that must see which MAC a frame came from.
+use std::{
+    ffi::CString,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+};
+
+pub struct Capture {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Vec<Vec<u8>>>,
+}
+
+const ETH_P_ALL: u16 = 0x0003;
+
+impl Capture {
+    /// Starts capturing every frame on `ifname` in namespace `ns`.
+    pub fn start(ns: &str, ifname: &str) -> Capture {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let ifname = CString::new(ifname).unwrap();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let handle = crate::netns::spawn_in(ns, move || {
+            let fd = unsafe {
+                libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (ETH_P_ALL.to_be()) as i32)
+            };
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
+            assert!(ifindex > 0, "no interface {ifname:?}");
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = ETH_P_ALL.to_be();
+            sll.sll_ifindex = ifindex as i32;
+            let rc = unsafe {
+                libc::bind(
+                    fd,
+                    &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 50_000,
+            };
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    &tv as *const libc::timeval as *const libc::c_void,
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            ready_tx.send(()).unwrap();
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            // Bounded: at most a million frames.
+            while !flag.load(Ordering::Relaxed) && frames.len() < 1_000_000 {
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0 {
+                    frames.push(buf[..n as usize].to_vec());
+                }
+            }
+            unsafe { libc::close(fd) };
+            frames
+        });
+        ready_rx.recv().expect("capture started");
+        Capture { stop, handle }
+    }
+
+    /// Stops and returns every frame seen.
+    pub fn stop(self) -> Vec<Vec<u8>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("capture thread")
+    }
+}

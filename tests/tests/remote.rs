@@ -1,0 +1,516 @@
+//! Backends on other hosts: `nat` and `dsr`, IPv4 and IPv6. Packet fixtures
+//! through `BPF_PROG_TEST_RUN` with a real FIB (routes and neighbours of a
+//! namespace the test builds), then real connections through namespaces
+//! standing in for client, balancer and backend hosts.
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use lb_common::Reason;
+use lb_tests::{
+    netns::{self, Topology, run_in},
+    packet::{self, Spec, TCP_ACK, TCP_SYN},
+    servers::EchoName,
+};
+use lb_userspace::dataplane::{
+    AttachMode, BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec,
+};
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x09, 0x02];
+const LB0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
+const LBB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
+const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x03, 0x05];
+const NEIGHBOUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x04, 0x07];
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn service(name: &str, listen: &str, fwd: Forwarding, backends: &[&str]) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        listen: listen.parse().unwrap(),
+        protocols: vec![Protocol::Tcp, Protocol::Udp],
+        forwarding: fwd,
+        backends: backends
+            .iter()
+            .map(|b| BackendSpec::new(b.parse().unwrap(), 100))
+            .collect(),
+    }
+}
+
+fn forwarding_on(ns: &str) {
+    run_in(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    run_in(ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+}
+
+fn ifindex(ns: &str, ifname: &str) -> u32 {
+    run_in(ns, &["cat", &format!("/sys/class/net/{ifname}/ifindex")])
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Frames in, exact frames and actions out, with the FIB of a namespace in
+/// which the backend network hangs off a second interface (`nat` redirects
+/// there) and a `dsr` backend shares the client's segment (`XDP_TX`).
+#[test]
+fn nat_and_dsr_fixtures_with_a_real_fib() {
+    let mut topo = Topology::new();
+    let lb = topo.namespace("lb");
+    let client = topo.namespace("cl");
+    let backend = topo.namespace("be");
+    topo.veth(
+        (&lb, "lb0", &["10.203.0.1/24", "fd00:203::1/64"]),
+        (&client, "cl0", &["10.203.0.2/24", "fd00:203::2/64"]),
+    );
+    topo.veth(
+        (&lb, "lbb", &["10.203.1.1/24", "fd00:203:1::1/64"]),
+        (&backend, "eth0", &["10.203.1.5/24", "fd00:203:1::5/64"]),
+    );
+    run_in(&lb, &["ip", "link", "set", "lb0", "address", &mac(LB0_MAC)]);
+    run_in(&lb, &["ip", "link", "set", "lbb", "address", &mac(LBB_MAC)]);
+    for (addr, m, dev) in [
+        ("10.203.1.5", BACKEND_MAC, "lbb"),
+        ("fd00:203:1::5", BACKEND_MAC, "lbb"),
+        ("10.203.0.7", NEIGHBOUR_MAC, "lb0"),
+        ("fd00:203::7", NEIGHBOUR_MAC, "lb0"),
+    ] {
+        run_in(
+            &lb,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                &mac(m),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ],
+        );
+    }
+    forwarding_on(&lb);
+
+    let services = vec![
+        service(
+            "nat4",
+            "10.203.0.10:443",
+            Forwarding::Nat,
+            &["10.203.1.5:8443"],
+        ),
+        service(
+            "nat6",
+            "[fd00:203::10]:443",
+            Forwarding::Nat,
+            &["[fd00:203:1::5]:8443"],
+        ),
+        service(
+            "dsr4",
+            "10.203.0.20:443",
+            Forwarding::Dsr,
+            &["10.203.0.7:443"],
+        ),
+        service(
+            "dsr6",
+            "[fd00:203::20]:443",
+            Forwarding::Dsr,
+            &["[fd00:203::7]:443"],
+        ),
+        // A backend with no neighbour entry: the FIB cannot finish.
+        service(
+            "miss",
+            "10.203.0.30:443",
+            Forwarding::Nat,
+            &["10.203.9.9:443"],
+        ),
+    ];
+    let lb_ns = lb.clone();
+    netns::within(&lb, move || {
+        let mut dp = Dataplane::load(Options {
+            max_services: 8,
+            flow_table_size: 4096,
+            ..Options::default()
+        })
+        .expect("load");
+        dp.sync_tx_ports().expect("redirect targets");
+        let mut w = MapWriter::new(dp);
+        w.apply(&services).expect("apply");
+        let dp = w.dataplane();
+        let lb0 = ifindex(&lb_ns, "lb0");
+        let from_client = |s: Spec| s.with_macs(LB0_MAC, CLIENT_MAC);
+        let cases: Vec<(&str, Spec, u32, Spec)> = vec![
+            (
+                "nat ipv4 tcp: address and port rewritten, redirected to the backend side",
+                from_client(Spec::tcp("10.203.0.2", "10.203.0.10", 40000, 443, TCP_SYN)),
+                XDP_REDIRECT,
+                Spec::tcp("10.203.0.2", "10.203.1.5", 40000, 8443, TCP_SYN)
+                    .with_macs(BACKEND_MAC, LBB_MAC),
+            ),
+            (
+                "nat ipv6 udp",
+                from_client(Spec::udp("fd00:203::2", "fd00:203::10", 40000, 443).payload(b"quic")),
+                XDP_REDIRECT,
+                Spec::udp("fd00:203::2", "fd00:203:1::5", 40000, 8443)
+                    .payload(b"quic")
+                    .with_macs(BACKEND_MAC, LBB_MAC),
+            ),
+            (
+                "dsr ipv4: only MACs change, out the way it came",
+                from_client(
+                    Spec::tcp("10.203.0.2", "10.203.0.20", 40000, 443, TCP_ACK).payload(b"x"),
+                ),
+                XDP_TX,
+                Spec::tcp("10.203.0.2", "10.203.0.20", 40000, 443, TCP_ACK)
+                    .payload(b"x")
+                    .with_macs(NEIGHBOUR_MAC, LB0_MAC),
+            ),
+            (
+                "dsr ipv6",
+                from_client(Spec::tcp(
+                    "fd00:203::2",
+                    "fd00:203::20",
+                    40000,
+                    443,
+                    TCP_SYN,
+                )),
+                XDP_TX,
+                Spec::tcp("fd00:203::2", "fd00:203::20", 40000, 443, TCP_SYN)
+                    .with_macs(NEIGHBOUR_MAC, LB0_MAC),
+            ),
+            (
+                "nat without a neighbour: rewritten, passed to the stack",
+                from_client(Spec::tcp("10.203.0.2", "10.203.0.30", 40000, 443, TCP_SYN)),
+                XDP_PASS,
+                from_client(Spec::tcp("10.203.0.2", "10.203.9.9", 40000, 443, TCP_SYN)),
+            ),
+        ];
+        for (name, input, action, output) in &cases {
+            let (got, out) = dp.test_run_xdp_on(&input.build(), lb0).expect("test run");
+            assert_eq!(got, *action, "{name}: action");
+            assert_eq!(out, output.build(), "{name}: bytes");
+            packet::verify_checksums(&out).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        assert_eq!(dp.reason_counts().unwrap()[Reason::FibMiss as usize], 1);
+        for name in ["nat4", "nat6", "dsr4", "dsr6", "miss"] {
+            let c = dp.service_counters(w.service_id(name).unwrap()).unwrap();
+            assert_eq!(c.packets, 1, "{name} counted");
+        }
+
+        // Replies from nat backends are translated back on egress; dsr
+        // backends answer clients themselves, so nothing maps their port.
+        let replies = [
+            (
+                Spec::tcp("10.203.1.5", "10.203.0.2", 8443, 40000, TCP_SYN | TCP_ACK),
+                Spec::tcp("10.203.0.10", "10.203.0.2", 443, 40000, TCP_SYN | TCP_ACK),
+            ),
+            (
+                Spec::udp("fd00:203:1::5", "fd00:203::2", 8443, 40000).payload(b"r"),
+                Spec::udp("fd00:203::10", "fd00:203::2", 443, 40000).payload(b"r"),
+            ),
+            (
+                Spec::tcp("10.203.0.7", "10.203.0.2", 443, 40000, TCP_ACK),
+                Spec::tcp("10.203.0.7", "10.203.0.2", 443, 40000, TCP_ACK),
+            ),
+        ];
+        for (input, output) in replies {
+            let (_, out) = dp.test_run_tc(&input.build()).unwrap();
+            assert_eq!(out, output.build());
+            packet::verify_checksums(&out).unwrap();
+        }
+    });
+}
+
+fn request(to: SocketAddr) -> Result<String, String> {
+    let mut s =
+        TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(b"hello\n").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    Ok(line.trim().to_string())
+}
+
+/// `n` requests from inside `ns` to `to`; answers counted by backend. Stops
+/// at the first failure.
+fn requests(ns: &str, to: SocketAddr, n: usize) -> HashMap<String, usize> {
+    let results: Result<Vec<String>, String> =
+        netns::within(ns, move || (0..n).map(|_| request(to)).collect());
+    let mut per = HashMap::new();
+    for name in results.unwrap_or_else(|e| panic!("a request to {to} failed: {e}")) {
+        *per.entry(name).or_insert(0) += 1;
+    }
+    per
+}
+
+/// A client on a veth hands its frames over with the TCP/UDP checksum only
+/// half done (TX checksum offload). A real client's NIC finishes it; so must
+/// this one, or frames that XDP redirects to another interface (where no
+/// one finishes it) arrive broken.
+fn full_checksums(ns: &str, ifname: &str) {
+    run_in(ns, &["ethtool", "-K", ifname, "tx", "off"]);
+}
+
+/// Client, balancer and two backend hosts, each a namespace; the backends
+/// route back through the balancer.
+#[test]
+fn nat_spreads_connections_over_backend_hosts_v4_and_v6() {
+    let mut topo = Topology::new();
+    let lb = topo.namespace("lb");
+    let client = topo.namespace("cl");
+    let b1 = topo.namespace("b1");
+    let b2 = topo.namespace("b2");
+    topo.veth(
+        (
+            &lb,
+            "lb0",
+            &[
+                "10.203.0.1/24",
+                "10.203.0.10/24",
+                "fd00:203::1/64",
+                "fd00:203::10/64",
+            ],
+        ),
+        (&client, "cl0", &["10.203.0.2/24", "fd00:203::2/64"]),
+    );
+    topo.veth(
+        (&lb, "lbb1", &["10.203.1.1/24", "fd00:203:1::1/64"]),
+        (&b1, "eth0", &["10.203.1.2/24", "fd00:203:1::2/64"]),
+    );
+    topo.veth(
+        (&lb, "lbb2", &["10.203.2.1/24", "fd00:203:2::1/64"]),
+        (&b2, "eth0", &["10.203.2.2/24", "fd00:203:2::2/64"]),
+    );
+    forwarding_on(&lb);
+    full_checksums(&client, "cl0");
+    for (ns, gw4, gw6) in [
+        (&b1, "10.203.1.1", "fd00:203:1::1"),
+        (&b2, "10.203.2.1", "fd00:203:2::1"),
+    ] {
+        run_in(ns, &["ip", "route", "add", "default", "via", gw4]);
+        run_in(ns, &["ip", "-6", "route", "add", "default", "via", gw6]);
+        // A veth receives XDP-redirected frames only with NAPI on.
+        run_in(ns, &["ethtool", "-K", "eth0", "gro", "on"]);
+    }
+    let servers = [
+        EchoName::start(&b1, "[::]:8443".parse().unwrap(), "b1"),
+        EchoName::start(&b2, "[::]:8443".parse().unwrap(), "b2"),
+    ];
+    let services = vec![
+        service(
+            "web4",
+            "10.203.0.10:443",
+            Forwarding::Nat,
+            &["10.203.1.2:8443", "10.203.2.2:8443"],
+        ),
+        service(
+            "web6",
+            "[fd00:203::10]:443",
+            Forwarding::Nat,
+            &["[fd00:203:1::2]:8443", "[fd00:203:2::2]:8443"],
+        ),
+    ];
+    let writer: MapWriter = netns::within(&lb, move || {
+        let mut dp = Dataplane::load(Options {
+            max_services: 4,
+            flow_table_size: 4096,
+            ..Options::default()
+        })
+        .unwrap();
+        dp.attach("lb0", AttachMode::Native).expect("attach");
+        let mut w = MapWriter::new(dp);
+        w.apply(&services).unwrap();
+        w
+    });
+    for vip in ["10.203.0.10:443", "[fd00:203::10]:443"] {
+        let per = requests(&client, vip.parse().unwrap(), 40);
+        println!("nat {vip}: {per:?}");
+        assert!(
+            per.get("b1").copied().unwrap_or(0) > 0 && per.get("b2").copied().unwrap_or(0) > 0,
+            "{vip}: {per:?}"
+        );
+    }
+    // The client's address is preserved: the backends saw only the client.
+    for s in &servers {
+        let peers: Vec<String> = s.peers().iter().map(|p| p.to_string()).collect();
+        let mut peers = peers;
+        peers.sort();
+        assert_eq!(peers, ["10.203.0.2", "fd00:203::2"]);
+    }
+    let dp = writer.dataplane();
+    let redirected = dp.action_counts().unwrap()[XDP_REDIRECT as usize];
+    assert!(redirected > 0, "nothing went through XDP_REDIRECT");
+}
+
+/// One L2 segment (a bridge in its own namespace): client, balancer and two
+/// backends that hold the service address on their loopback. Replies must
+/// reach the client from the backends' MACs, never the balancer's.
+#[test]
+fn dsr_replies_bypass_the_balancer_v4_and_v6() {
+    let mut topo = Topology::new();
+    let sw = topo.namespace("sw");
+    let lb = topo.namespace("lb");
+    let client = topo.namespace("cl");
+    let b1 = topo.namespace("b1");
+    let b2 = topo.namespace("b2");
+    run_in(&sw, &["ip", "link", "add", "br0", "type", "bridge"]);
+    run_in(&sw, &["ip", "link", "set", "br0", "up"]);
+    let hosts = [
+        (&client, "swc", "10.204.0.2/24", "fd00:204::2/64"),
+        (&lb, "swl", "10.204.0.1/24", "fd00:204::1/64"),
+        (&b1, "sw1", "10.204.0.11/24", "fd00:204::11/64"),
+        (&b2, "sw2", "10.204.0.12/24", "fd00:204::12/64"),
+    ];
+    for (ns, port, v4, v6) in hosts {
+        topo.veth((&sw, port, &[]), (ns, "eth0", &[v4, v6]));
+        run_in(&sw, &["ip", "link", "set", port, "master", "br0"]);
+    }
+    full_checksums(&client, "eth0");
+    // A veth delivers XDP_TX frames to its peer only when the peer runs an
+    // XDP program itself (GRO is not enough for XDP_TX here): give the
+    // switch port one that passes everything (no services).
+    let _port_program = netns::within(&sw, || {
+        let mut dp = Dataplane::load(Options {
+            max_services: 1,
+            maglev_size: 251,
+            flow_table_size: 1024,
+        })
+        .unwrap();
+        dp.attach("swl", AttachMode::Native)
+            .expect("attach to the switch port");
+        dp
+    });
+    run_in(
+        &lb,
+        &["ip", "addr", "add", "10.204.0.100/24", "dev", "eth0"],
+    );
+    run_in(
+        &lb,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd00:204::100/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    forwarding_on(&lb);
+    for ns in [&b1, &b2] {
+        run_in(ns, &["ip", "addr", "add", "10.204.0.100/32", "dev", "lo"]);
+        run_in(
+            ns,
+            &["ip", "-6", "addr", "add", "fd00:204::100/128", "dev", "lo"],
+        );
+        run_in(ns, &["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"]);
+        run_in(ns, &["sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2"]);
+    }
+    let _servers = [
+        EchoName::start(&b1, "[::]:443".parse().unwrap(), "b1"),
+        EchoName::start(&b2, "[::]:443".parse().unwrap(), "b2"),
+    ];
+    let services = vec![
+        service(
+            "web4",
+            "10.204.0.100:443",
+            Forwarding::Dsr,
+            &["10.204.0.11:443", "10.204.0.12:443"],
+        ),
+        service(
+            "web6",
+            "[fd00:204::100]:443",
+            Forwarding::Dsr,
+            &["[fd00:204::11]:443", "[fd00:204::12]:443"],
+        ),
+    ];
+    let writer: MapWriter = netns::within(&lb, move || {
+        let mut dp = Dataplane::load(Options {
+            max_services: 4,
+            flow_table_size: 4096,
+            ..Options::default()
+        })
+        .unwrap();
+        dp.attach("eth0", AttachMode::Native).expect("attach");
+        let mut w = MapWriter::new(dp);
+        w.apply(&services).unwrap();
+        w
+    });
+    // The backends' MACs, as the kernel would learn them from traffic.
+    for (ns, v4, v6) in [
+        (&b1, "10.204.0.11", "fd00:204::11"),
+        (&b2, "10.204.0.12", "fd00:204::12"),
+    ] {
+        let m = run_in(ns, &["cat", "/sys/class/net/eth0/address"])
+            .trim()
+            .to_string();
+        for addr in [v4, v6] {
+            run_in(
+                &lb,
+                &[
+                    "ip",
+                    "neigh",
+                    "replace",
+                    addr,
+                    "lladdr",
+                    &m,
+                    "dev",
+                    "eth0",
+                    "nud",
+                    "reachable",
+                ],
+            );
+        }
+    }
+    let lb_mac = run_in(&lb, &["cat", "/sys/class/net/eth0/address"])
+        .trim()
+        .to_string();
+    let capture = lb_tests::capture::Capture::start(&client, "eth0");
+    for vip in ["10.204.0.100:443", "[fd00:204::100]:443"] {
+        let per = requests(&client, vip.parse().unwrap(), 40);
+        println!("dsr {vip}: {per:?}");
+        assert!(
+            per.get("b1").copied().unwrap_or(0) > 0 && per.get("b2").copied().unwrap_or(0) > 0,
+            "{vip}: {per:?}"
+        );
+    }
+    let frames = capture.stop();
+    let replies: Vec<_> = frames
+        .iter()
+        .filter_map(|f| packet::parse(f).map(|p| (f, p)))
+        .filter(|(_, p)| {
+            p.sport == 443
+                && (p.src.to_string() == "10.204.0.100" || p.src.to_string() == "fd00:204::100")
+        })
+        .collect();
+    assert!(
+        replies.len() >= 160,
+        "saw only {} replies from the service address",
+        replies.len()
+    );
+    for (f, p) in &replies {
+        let src_mac = mac(f[6..12].try_into().unwrap());
+        assert_ne!(
+            src_mac, lb_mac,
+            "a reply from {} came through the balancer",
+            p.src
+        );
+    }
+    let tx = writer.dataplane().action_counts().unwrap()[XDP_TX as usize];
+    assert!(tx > 0, "nothing went out with XDP_TX");
+}
