@@ -142,6 +142,7 @@ pub struct RawDataplane {
     pub flow_table_size: Option<i64>,
     pub maglev_table_size: Option<i64>,
     pub max_services: Option<i64>,
+    pub pin_path: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -235,6 +236,8 @@ pub struct AdminConfig {
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
 pub const DEFAULT_STATE_FILE: &str = "/var/lib/lb/state.json";
+/// Maps and links are pinned here so the data plane outlives the daemon.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
@@ -855,6 +858,14 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
             lb_common::MAX_SERVICES as i64,
         )? as u32;
     }
+    let pin = dp.pin_path.unwrap_or_else(|| DEFAULT_PIN_PATH.into());
+    if !pin.starts_with('/') || pin.len() < 2 {
+        return Err(FieldError::new(
+            &key(&dp_path, "pin_path"),
+            format!("{pin:?} must be an absolute directory on a bpf filesystem"),
+        ));
+    }
+    opts.pin_path = Some(PathBuf::from(pin));
     opts.validate()
         .map_err(|e| FieldError::new(&dp_path, e.to_string()))?;
 
@@ -889,6 +900,10 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         .as_ref()
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_FILE));
+
+    // The record of the pinned maps sits beside the state file (bpffs
+    // holds no regular files).
+    opts.record_path = Some(state_file.with_extension("dataplane.json"));
 
     let health_max_concurrent = int_in(
         &[Seg::Key("health".into()), Seg::Key("max_concurrent".into())],

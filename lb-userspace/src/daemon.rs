@@ -58,6 +58,9 @@ pub struct RunOptions {
     pub interface: Option<String>,
     /// Ignore (and overwrite) the state file.
     pub reset_state: bool,
+    /// On shutdown, leave the data plane attached and pinned for the next
+    /// daemon instead of detaching it.
+    pub keep_dataplane: bool,
 }
 
 /// One backend as the API shows it.
@@ -300,6 +303,22 @@ impl Daemon {
         }
         tokio::spawn(daemon.clone().health_events(rx));
         Ok(daemon)
+    }
+
+    /// Stops health checks and detaches the data plane (or leaves it pinned
+    /// and running with `keep`).
+    pub async fn shutdown(&self, keep: bool) {
+        let mut inner = self.shared.inner.lock().await;
+        inner.checker.set_targets(Vec::new());
+        let writer = self.shared.writer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            writer
+                .lock()
+                .expect("writer lock")
+                .dataplane_mut()
+                .shutdown(keep)
+        })
+        .await;
     }
 
     pub fn token(&self) -> Option<&str> {

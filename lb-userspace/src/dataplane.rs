@@ -7,6 +7,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
+    path::PathBuf,
     ptr::NonNull,
     sync::atomic::{Ordering, fence},
 };
@@ -14,7 +15,12 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader, TestRun, TestRunOptions, TestRunResult,
     maps::{Array, DevMapHash, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
 };
 use lb_common::{
     Addr, AddrKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_REWRITE_ADDR,
@@ -24,9 +30,9 @@ use lb_common::{
     ServiceEntry, TABLES_PER_SERVICE, maglev_index, maps, port_slot, programs,
 };
 use thiserror::Error;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use crate::maglev;
+use crate::{maglev, pins};
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {
@@ -52,6 +58,8 @@ pub enum DataplaneError {
     Full(&'static str),
     #[error("{0}")]
     Conflict(String),
+    #[error("pinned data plane under {path}: {message}")]
+    Pin { path: PathBuf, message: String },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -69,6 +77,13 @@ pub struct Options {
     pub max_services: u32,
     /// Entries of the LRU flow table.
     pub flow_table_size: u32,
+    /// Where maps and links are pinned so the data plane outlives the
+    /// daemon (restarts, crashes) and a new daemon adopts it. `None`: the
+    /// data plane lives and dies with this process.
+    pub pin_path: Option<PathBuf>,
+    /// With `pin_path`: the regular file that records the pinned maps'
+    /// layout and the ids in them.
+    pub record_path: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -77,6 +92,8 @@ impl Default for Options {
             maglev_size: lb_common::DEFAULT_MAGLEV_SIZE,
             max_services: 16,
             flow_table_size: lb_common::DEFAULT_FLOW_TABLE_SIZE,
+            pin_path: None,
+            record_path: None,
         }
     }
 }
@@ -194,6 +211,12 @@ pub struct Dataplane {
     reason_stats: PerCpuArray<MapData, u64>,
     tx_ports: DevMapHash<MapData>,
     attached: Option<String>,
+    /// Pinned links this process holds, with their pin files.
+    links: Vec<(PathBuf, FdLink)>,
+    /// The maps came from an earlier daemon's pins.
+    adopted: bool,
+    /// What is recorded about the pinned maps.
+    record: pins::Record,
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -216,10 +239,58 @@ impl Dataplane {
     pub fn load_object(object: &[u8], opts: Options) -> Result<Self> {
         opts.validate()?;
         let maglev_len = opts.max_services * TABLES_PER_SERVICE * opts.maglev_size;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(maps::MAGLEV, maglev_len)
-            .map_max_entries(maps::FLOWS, opts.flow_table_size)
-            .load(object)?;
+            .map_max_entries(maps::FLOWS, opts.flow_table_size);
+        let mut adopted = false;
+        let mut record = None;
+        let map_paths: Vec<(&str, PathBuf)>;
+        if let Some(pin) = &opts.pin_path {
+            let pin_err = |message: String| DataplaneError::Pin {
+                path: pin.clone(),
+                message,
+            };
+            if opts.record_path.is_none() {
+                return Err(pin_err("pinning needs a record_path".into()));
+            }
+            pins::ensure_bpffs(pin).map_err(pin_err)?;
+            let wanted = Self::layout_for(&opts, None);
+            let found = opts.record_path.as_deref().and_then(pins::read_record);
+            let pinned = pins::maps_pinned(pin);
+            match found {
+                Some(r) if pinned && r.layout.same_maps(&wanted) => {
+                    adopted = true;
+                    record = Some(r);
+                }
+                Some(r) if pinned => {
+                    let old = r.layout;
+                    // Maps of another shape: new ones are made; the old
+                    // ones stay with the running program until its links
+                    // move to the new program in `attach`.
+                    info!(?old, "pinned maps have another layout; replacing them");
+                    let retired = pin.join(format!("maps.retired.{}", std::process::id()));
+                    let _ = std::fs::rename(pins::maps_dir(pin), retired);
+                }
+                // No record of these pins: they cannot be read back safely.
+                _ if pinned => {
+                    warn!(pin = %pin.display(), "pinned maps without a record; replacing them");
+                    let retired = pin.join(format!("maps.retired.{}", std::process::id()));
+                    let _ = std::fs::rename(pins::maps_dir(pin), retired);
+                }
+                _ => {}
+            }
+            std::fs::create_dir_all(pins::maps_dir(pin))
+                .map_err(|e| pin_err(format!("creating the maps directory: {e}")))?;
+            map_paths = maps::ALL
+                .iter()
+                .map(|name| (*name, pins::maps_dir(pin).join(name)))
+                .collect();
+            for (name, path) in &map_paths {
+                loader.map_pin_path(name, path.as_path());
+            }
+        }
+        let mut ebpf = loader.load(object)?;
         for name in [programs::XDP, programs::TC_EGRESS] {
             let prog = ebpf
                 .program_mut(name)
@@ -231,6 +302,7 @@ impl Dataplane {
             };
             res.map_err(|source| DataplaneError::Program { name, source })?;
         }
+        let opts_copy = opts.clone();
         let Map::Array(maglev_data) = take(&mut ebpf, maps::MAGLEV)? else {
             return Err(DataplaneError::Missing(maps::MAGLEV));
         };
@@ -253,8 +325,77 @@ impl Dataplane {
             opts,
             ebpf,
             attached: None,
+            links: Vec::new(),
+            adopted,
+            record: record.unwrap_or_else(|| pins::Record {
+                layout: Self::layout_for(&opts_copy, None),
+                ids: pins::Ids::default(),
+            }),
         };
+        dp.write_record()?;
         Ok(dp)
+    }
+
+    /// Saves the layout and ids record (with pinning only).
+    fn write_record(&self) -> Result<()> {
+        if let (Some(_), Some(path)) = (&self.opts.pin_path, &self.opts.record_path) {
+            pins::write_record(path, &self.record).map_err(|e| DataplaneError::Pin {
+                path: path.clone(),
+                message: format!("writing the record: {e}"),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The ids recorded with the pinned maps when they were adopted.
+    pub fn recorded_ids(&self) -> &pins::Ids {
+        &self.record.ids
+    }
+
+    /// Records the ids the map writer uses, beside the pins.
+    pub fn record_ids(&mut self, ids: pins::Ids) -> Result<()> {
+        if self.record.ids == ids {
+            return Ok(());
+        }
+        self.record.ids = ids;
+        self.write_record()
+    }
+
+    fn layout_for(opts: &Options, interface: Option<String>) -> pins::Layout {
+        pins::Layout {
+            version: lb_common::LAYOUT_VERSION,
+            maglev_size: opts.maglev_size,
+            max_services: opts.max_services,
+            flow_table_size: opts.flow_table_size,
+            interface,
+        }
+    }
+
+    /// The maps came from an earlier daemon (pinned), not made afresh.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Leaves the data plane running for the next daemon (with pins), or
+    /// detaches it and removes every pin.
+    pub fn shutdown(&mut self, keep: bool) {
+        let Some(pin) = self.opts.pin_path.clone() else {
+            return;
+        };
+        if keep {
+            info!(pin = %pin.display(), "leaving the data plane attached for the next daemon");
+            return;
+        }
+        for (path, _) in &self.links {
+            let _ = std::fs::remove_file(path);
+        }
+        // Closing the last descriptor of an unpinned link detaches it.
+        self.links.clear();
+        pins::remove_all(&pin);
+        if let Some(r) = &self.opts.record_path {
+            let _ = std::fs::remove_file(r);
+        }
+        info!(pin = %pin.display(), "data plane detached and unpinned");
     }
 
     /// Starts reading the programs' aya-log records; each is forwarded to
@@ -294,38 +435,106 @@ impl Dataplane {
     /// Attaches XDP on ingress and the reply rewriter on TC egress of
     /// `iface`. Both detach when the `Dataplane` is dropped.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        let prog_err = |name: &'static str| move |source| DataplaneError::Program { name, source };
+        let link_err = |name: &'static str| {
+            move |e: LinkError| DataplaneError::Pin {
+                path: PathBuf::from(name),
+                message: format!("link: {e}"),
+            }
+        };
+        let pin = self.opts.pin_path.clone();
+        let same_iface = self.adopted && self.record.layout.interface.as_deref() == Some(iface);
+        // A pinned link on this interface is moved to the new program in
+        // one step (bpf_link_update): packets never see no program.
+        let adopt = |path: &std::path::Path| -> Option<FdLink> {
+            if !same_iface {
+                let _ = std::fs::remove_file(path);
+                return None;
+            }
+            PinnedLink::from_pin(path).ok().map(FdLink::from)
+        };
+
+        let xdp_pin = pin.as_ref().map(|p| pins::link_path(p, "xdp"));
         let xdp: &mut Xdp = self
             .ebpf
             .program_mut(programs::XDP)
             .ok_or(DataplaneError::Missing(programs::XDP))?
             .try_into()
-            .map_err(|source| DataplaneError::Program {
-                name: programs::XDP,
-                source,
-            })?;
-        xdp.attach(iface, mode.xdp())
-            .map_err(|source| DataplaneError::Program {
-                name: programs::XDP,
-                source,
-            })?;
+            .map_err(prog_err(programs::XDP))?;
+        let existing = xdp_pin.as_deref().and_then(adopt);
+        let id = match existing {
+            Some(link) => {
+                let link = XdpLink::try_from(link).map_err(link_err(programs::XDP))?;
+                xdp.attach_to_link(link).map_err(prog_err(programs::XDP))?
+            }
+            None => xdp
+                .attach(iface, mode.xdp())
+                .map_err(prog_err(programs::XDP))?,
+        };
+        if let Some(path) = xdp_pin {
+            let link = FdLink::try_from(xdp.take_link(id).map_err(prog_err(programs::XDP))?)
+                .map_err(link_err(programs::XDP))?;
+            self.links.push(self.keep_pinned(path, link)?);
+        }
+
+        let tc_pin = pin.as_ref().map(|p| pins::link_path(p, "tc_egress"));
         let tc: &mut SchedClassifier = self
             .ebpf
             .program_mut(programs::TC_EGRESS)
             .ok_or(DataplaneError::Missing(programs::TC_EGRESS))?
             .try_into()
-            .map_err(|source| DataplaneError::Program {
-                name: programs::TC_EGRESS,
-                source,
-            })?;
-        tc.attach(iface, TcAttachType::Egress)
-            .map_err(|source| DataplaneError::Program {
-                name: programs::TC_EGRESS,
-                source,
-            })?;
+            .map_err(prog_err(programs::TC_EGRESS))?;
+        let existing = tc_pin.as_deref().and_then(adopt);
+        let id = match existing {
+            Some(link) => {
+                let link =
+                    SchedClassifierLink::try_from(link).map_err(link_err(programs::TC_EGRESS))?;
+                tc.attach_to_link(link)
+                    .map_err(prog_err(programs::TC_EGRESS))?
+            }
+            None => tc
+                .attach(iface, TcAttachType::Egress)
+                .map_err(prog_err(programs::TC_EGRESS))?,
+        };
+        if let Some(path) = tc_pin {
+            let link = FdLink::try_from(tc.take_link(id).map_err(prog_err(programs::TC_EGRESS))?)
+                .map_err(link_err(programs::TC_EGRESS))?;
+            self.links.push(self.keep_pinned(path, link)?);
+        }
+
+        if let Some(pin) = &pin {
+            self.record.layout = Self::layout_for(&self.opts, Some(iface.to_string()));
+            self.write_record()?;
+            // Maps retired by a layout change are no longer used by any
+            // attached program.
+            if let Ok(entries) = std::fs::read_dir(pin) {
+                for e in entries.flatten() {
+                    if e.file_name().to_string_lossy().starts_with("maps.retired") {
+                        let _ = pins::remove_dir_files(&e.path());
+                    }
+                }
+            }
+        }
         self.sync_tx_ports()?;
-        info!(iface, ?mode, "data plane attached");
+        info!(iface, ?mode, adopted = self.adopted, "data plane attached");
         self.attached = Some(iface.to_string());
         Ok(())
+    }
+
+    /// Pins `link` at `path` (unless it is pinned there already) and keeps
+    /// a descriptor of it.
+    fn keep_pinned(&self, path: PathBuf, link: FdLink) -> Result<(PathBuf, FdLink)> {
+        if path.exists() {
+            return Ok((path, link));
+        }
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let pinned = link.pin(&path).map_err(|e| DataplaneError::Pin {
+            path: path.clone(),
+            message: format!("pinning the link: {e}"),
+        })?;
+        Ok((path, FdLink::from(pinned)))
     }
 
     /// Lets `nat`/`dsr` packets be redirected to every interface of this
@@ -813,7 +1022,7 @@ fn is_local_host(ip: IpAddr) -> bool {
 impl MapWriter {
     pub fn new(dp: Dataplane) -> Self {
         let max_services = dp.opts.max_services;
-        Self {
+        let mut w = Self {
             dp,
             services: BTreeMap::new(),
             free_service_ids: (0..max_services).rev().collect(),
@@ -822,7 +1031,100 @@ impl MapWriter {
             addr_services: HashMap::new(),
             rev_ports: HashMap::new(),
             rev_addrs: HashMap::new(),
+        };
+        if w.dp.adopted {
+            match w.adopt() {
+                Ok(n) => info!(services = n, "adopted the pinned data plane's services"),
+                Err(e) => warn!("cannot read back the pinned data plane ({e}); rewriting it"),
+            }
         }
+        w
+    }
+
+    /// Reads back what an earlier daemon installed in adopted maps: the ids
+    /// it recorded, each service's active table (with every slot's previous
+    /// backend), and the lookup maps. An `apply` of unchanged services then
+    /// changes nothing in the kernel.
+    fn adopt(&mut self) -> Result<usize> {
+        let ids = self.dp.recorded_ids().clone();
+        let m = self.dp.opts.maglev_size;
+        for (name, sid) in &ids.services {
+            let entry = self.dp.service_entry(sid.id)?;
+            let slots = if entry.table_size == m && entry.active < TABLES_PER_SERVICE {
+                self.dp.table(sid.id, entry.active).to_vec()
+            } else {
+                Vec::new()
+            };
+            let forwarding = match sid.forwarding.as_str() {
+                "nat" => Forwarding::Nat,
+                "dsr" => Forwarding::Dsr,
+                _ => Forwarding::Local,
+            };
+            self.free_service_ids.retain(|i| *i != sid.id);
+            let used: HashSet<u32> = sid.backends.values().copied().collect();
+            self.free_backend_ids.retain(|i| !used.contains(i));
+            self.services.insert(
+                name.clone(),
+                Installed {
+                    id: sid.id,
+                    spec: ServiceSpec {
+                        name: name.clone(),
+                        listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+                        protocols: Vec::new(),
+                        forwarding,
+                        backends: Vec::new(),
+                    },
+                    backend_ids: sid.backends.iter().map(|(a, i)| (*a, *i)).collect(),
+                    table: slots.iter().map(|s| s.backend).collect(),
+                    slots,
+                },
+            );
+        }
+        for (i, e) in self.dp.ports.iter().enumerate() {
+            let e = e.map_err(map_err(maps::PORTS))?;
+            if e != PortEntry::default() {
+                self.ports.insert(i as u32, e);
+            }
+        }
+        for (i, e) in self.dp.rev_ports.iter().enumerate() {
+            let e = e.map_err(map_err(maps::REV_PORTS))?;
+            if e != RevPortEntry::default() {
+                self.rev_ports.insert(i as u32, e);
+            }
+        }
+        for kv in self.dp.addr_services.iter() {
+            let (k, v) = kv.map_err(map_err(maps::ADDR_SERVICES))?;
+            self.addr_services.insert(k, v);
+        }
+        for kv in self.dp.rev_addrs.iter() {
+            let (k, v) = kv.map_err(map_err(maps::REV_ADDRS))?;
+            self.rev_addrs.insert(k, v);
+        }
+        Ok(ids.services.len())
+    }
+
+    /// Records the ids in use next to the pins (nothing without pins).
+    fn persist_ids(&mut self) -> Result<()> {
+        if self.dp.opts.pin_path.is_none() {
+            return Ok(());
+        }
+        let ids = pins::Ids {
+            services: self
+                .services
+                .iter()
+                .map(|(name, inst)| {
+                    (
+                        name.clone(),
+                        pins::ServiceIds {
+                            id: inst.id,
+                            forwarding: inst.spec.forwarding.name().into(),
+                            backends: inst.backend_ids.iter().map(|(a, i)| (*a, *i)).collect(),
+                        },
+                    )
+                })
+                .collect(),
+        };
+        self.dp.record_ids(ids)
     }
 
     pub fn dataplane(&self) -> &Dataplane {
@@ -880,29 +1182,48 @@ impl MapWriter {
         // Unpublish removed services before their ids can be reused below.
         self.sync_lookup_maps(desired)?;
 
+        // Hand out every new id first and record them before any table can
+        // name them, so a daemon killed halfway still reads its maps right.
         for spec in desired {
-            let id = match self.services.get(&spec.name) {
-                Some(inst) => inst.id,
-                None => self
+            if !self.services.contains_key(&spec.name) {
+                let id = self
                     .free_service_ids
                     .pop()
-                    .ok_or(DataplaneError::Full("services"))?,
-            };
-            let mut inst = self
-                .services
-                .remove(&spec.name)
-                .unwrap_or_else(|| Installed {
-                    id,
-                    spec: spec.clone(),
-                    backend_ids: HashMap::new(),
-                    slots: Vec::new(),
-                    table: Vec::new(),
-                });
+                    .ok_or(DataplaneError::Full("services"))?;
+                self.services.insert(
+                    spec.name.clone(),
+                    Installed {
+                        id,
+                        spec: spec.clone(),
+                        backend_ids: HashMap::new(),
+                        slots: Vec::new(),
+                        table: Vec::new(),
+                    },
+                );
+            }
+            let inst = self.services.get_mut(&spec.name).expect("inserted above");
+            for b in &spec.backends {
+                if let std::collections::hash_map::Entry::Vacant(slot) =
+                    inst.backend_ids.entry(b.address)
+                {
+                    let bid = self
+                        .free_backend_ids
+                        .pop()
+                        .ok_or(DataplaneError::Full("backends"))?;
+                    slot.insert(bid);
+                }
+            }
+        }
+        self.persist_ids()?;
+
+        for spec in desired {
+            let mut inst = self.services.remove(&spec.name).expect("allocated above");
             let installed = self.apply_service(&mut inst, spec, &mut purge, &mut report);
             self.services.insert(spec.name.clone(), inst);
             installed?;
         }
         self.sync_lookup_maps(desired)?;
+        self.persist_ids()?;
         report.flows_purged = self.dp.purge_flows(&purge)?;
         Ok(report)
     }

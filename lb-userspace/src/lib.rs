@@ -7,6 +7,7 @@ pub mod dataplane;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
+pub mod pins;
 pub mod state;
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.

@@ -33,6 +33,10 @@ enum Cmd {
         /// from the config file's services.
         #[arg(long)]
         reset_state: bool,
+        /// On SIGTERM/Ctrl-C, leave the data plane attached and pinned so
+        /// traffic keeps flowing until the next `lb run` adopts it.
+        #[arg(long)]
+        keep_dataplane: bool,
     },
     /// Check a config file without touching anything.
     Validate {
@@ -132,6 +136,7 @@ fn main() -> ExitCode {
             config,
             iface,
             reset_state,
+            keep_dataplane,
         } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
@@ -145,6 +150,7 @@ fn main() -> ExitCode {
                 RunOptions {
                     interface: iface,
                     reset_state,
+                    keep_dataplane,
                 },
             )
         }
@@ -175,10 +181,11 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
             .await
             .with_context(|| format!("admin API cannot listen on {listen}"))?;
         info!(%listen, "admin API and /metrics listening");
-        axum::serve(listener, api::router(daemon))
+        axum::serve(listener, api::router(daemon.clone()))
             .with_graceful_shutdown(shutdown_signal())
             .await?;
-        info!("shutting down; detaching the data plane");
+        info!("shutting down");
+        daemon.shutdown(opts.keep_dataplane).await;
         Ok(())
     })
 }

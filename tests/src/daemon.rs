@@ -62,6 +62,27 @@ impl Drop for TempDir {
     }
 }
 
+/// A bpf filesystem of the test's own, mounted where every `ip netns exec`
+/// sees it, so pins outlive the daemon process that made them. Unmounted
+/// (which detaches whatever is still pinned there) on drop.
+pub struct BpfFs(pub PathBuf);
+
+impl BpfFs {
+    pub fn mount(tag: &str) -> Self {
+        let dir = PathBuf::from(format!("/run/lbt-{}-{tag}-bpf", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        crate::netns::run(&["mount", "-t", "bpf", "bpf", dir.to_str().unwrap()]);
+        Self(dir)
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
 /// `lb run` in a namespace. Stopped with SIGTERM (then SIGKILL) on drop.
 pub struct Lb {
     pub ns: String,
@@ -117,6 +138,13 @@ impl Lb {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Kills the daemon outright (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// Sends SIGTERM and waits for a clean exit.

@@ -1,0 +1,273 @@
+//! The daemon restarts (cleanly with --keep-dataplane, or killed with -9)
+//! while traffic flows: the pinned data plane keeps forwarding, the next
+//! daemon adopts it, and no connection fails or is reset. And a daemon
+//! killed during a burst of API changes keeps every acknowledged change.
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    daemon::{BpfFs, Lb, TempDir},
+    netns::{self, Topology},
+    servers::EchoName,
+};
+
+const API: &str = "127.0.0.1:9180";
+const VIP: &str = "10.205.0.1:443";
+
+struct Setup {
+    _topo: Topology,
+    lb_ns: String,
+    client_ns: String,
+    dir: TempDir,
+    bpf: BpfFs,
+}
+
+fn setup(tag: &str) -> Setup {
+    let mut topo = Topology::new();
+    let lb_ns = topo.namespace("lb");
+    let client_ns = topo.namespace("cl");
+    topo.veth(
+        (&lb_ns, "lb0", &["10.205.0.1/24"]),
+        (&client_ns, "cl0", &["10.205.0.2/24"]),
+    );
+    Setup {
+        _topo: topo,
+        lb_ns,
+        client_ns,
+        dir: TempDir::new(tag),
+        bpf: BpfFs::mount(tag),
+    }
+}
+
+impl Setup {
+    fn config(&self) -> PathBuf {
+        let text = format!(
+            r#"
+[dataplane]
+interface = "lb0"
+xdp_mode = "native"
+flow_table_size = 65536
+max_services = 4
+pin_path = "{pin}"
+
+[admin]
+listen = "{API}"
+state_file = {state:?}
+
+[[services]]
+name = "web"
+listen = "0.0.0.0:443"
+protocols = ["tcp"]
+health = {{ kind = "tcp", interval = "500ms", timeout = "200ms" }}
+backends = [{{ address = "127.0.0.1:8001", weight = 100 }}, {{ address = "127.0.0.1:8002", weight = 50 }}]
+"#,
+            pin = self.bpf.0.join("lb").display(),
+            state = self.dir.path("state.json").display().to_string(),
+        );
+        let p = self.dir.path("lb.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+fn exchange(s: &mut TcpStream, r: &mut BufReader<TcpStream>) -> Result<(), String> {
+    s.write_all(b"ping\n").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    match r.read_line(&mut line) {
+        Ok(0) => Err("closed".into()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[test]
+fn restarts_and_crashes_drop_no_connection() {
+    let s = setup("restart");
+    let _servers = [
+        EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001"),
+        EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002"),
+    ];
+    let config = s.config();
+    let mut lb = Lb::start(&s.lb_ns, &config, API, &["--keep-dataplane"]);
+    let before = lb.get("/api/v1/services").1;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let new_ok = Arc::new(AtomicU64::new(0));
+    let long_ok = Arc::new(AtomicU64::new(0));
+    let to: SocketAddr = VIP.parse().unwrap();
+    // Long-lived connections: one exchange every 20 ms each.
+    let mut workers = Vec::new();
+    for _ in 0..6 {
+        let (stop, failures, ok) = (stop.clone(), failures.clone(), long_ok.clone());
+        workers.push(netns::spawn_in(&s.client_ns, move || {
+            let mut conn =
+                TcpStream::connect_timeout(&to, Duration::from_secs(2)).expect("long connection");
+            conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match exchange(&mut conn, &mut reader) {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        failures.lock().unwrap().push(format!("long-lived: {e}"));
+                        return;
+                    }
+                };
+                thread::sleep(Duration::from_millis(20));
+            }
+        }));
+    }
+    // New connections, one after another, each a full exchange.
+    {
+        let (stop, failures, ok) = (stop.clone(), failures.clone(), new_ok.clone());
+        workers.push(netns::spawn_in(&s.client_ns, move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && n < 100_000 {
+                n += 1;
+                let r = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut c| {
+                        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                        let mut reader = BufReader::new(c.try_clone().unwrap());
+                        exchange(&mut c, &mut reader)
+                    });
+                match r {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("new connection {n}: {e}"));
+                        0
+                    }
+                };
+                thread::sleep(Duration::from_millis(5));
+            }
+        }));
+    }
+
+    thread::sleep(Duration::from_millis(300));
+    let mut restarts = 0;
+    for i in 0..10 {
+        if i % 2 == 0 {
+            assert!(
+                lb.stop().success(),
+                "SIGTERM with --keep-dataplane:\n{}",
+                lb.log()
+            );
+        } else {
+            lb.kill();
+        }
+        // No daemon at all for a moment: the pinned programs carry on.
+        thread::sleep(Duration::from_millis(150));
+        lb = Lb::start(&s.lb_ns, &config, API, &["--keep-dataplane"]);
+        restarts += 1;
+        assert!(
+            lb.log().contains("adopted"),
+            "restart {i} did not adopt the data plane:\n{}",
+            lb.log()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    println!(
+        "{restarts} restarts (5 SIGTERM --keep-dataplane, 5 kill -9); {} new connections and {} long-lived exchanges ok; {} failures",
+        new_ok.load(Ordering::Relaxed),
+        long_ok.load(Ordering::Relaxed),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "failures: {failures:?}");
+    assert!(new_ok.load(Ordering::Relaxed) > 100);
+    assert_eq!(
+        lb.get("/api/v1/services").1,
+        before,
+        "services changed across restarts"
+    );
+    // A daemon run without --keep-dataplane adopts too, and its stop
+    // detaches and unpins everything.
+    assert!(lb.stop().success());
+    let mut lb = Lb::start(&s.lb_ns, &config, API, &[]);
+    assert!(lb.log().contains("adopted"));
+    assert!(lb.stop().success());
+    let pin = s.bpf.0.join("lb");
+    if pin.exists() {
+        let left = lb_tests::netns::run(&["find", pin.to_str().unwrap()]);
+        panic!("pins left after a plain stop:\n{left}");
+    }
+}
+
+#[test]
+fn a_crash_during_api_changes_keeps_every_acknowledged_change() {
+    let s = setup("crash-api");
+    let config = s.config();
+    let mut lb = Lb::start(&s.lb_ns, &config, API, &["--keep-dataplane"]);
+    let mut next = 1u64;
+    for round in 0..5 {
+        let acked = Arc::new(AtomicU64::new(0));
+        let attempted = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let ns = s.lb_ns.clone();
+        let (a, t, st) = (acked.clone(), attempted.clone(), stop.clone());
+        let start = next;
+        // Weights only go up, so the last acknowledged one tells whether
+        // any acknowledged change was lost.
+        let burst = thread::spawn(move || {
+            netns::enter(&ns);
+            let mut w = start;
+            while !st.load(Ordering::Relaxed) && w < start + 5000 {
+                t.store(w, Ordering::SeqCst);
+                let (status, _) = lb_tests::daemon::http(
+                    "PATCH",
+                    &format!("http://{API}/api/v1/services/web/backends/127.0.0.1:8001"),
+                    Some(&format!("{{\"weight\": {w}}}")),
+                    None,
+                );
+                if (200..300).contains(&status) {
+                    a.store(w, Ordering::SeqCst);
+                }
+                w += 1;
+            }
+            w
+        });
+        thread::sleep(Duration::from_millis(150 + 97 * round));
+        lb.kill();
+        stop.store(true, Ordering::Relaxed);
+        next = burst.join().unwrap() + 1;
+        let (acked, attempted) = (
+            acked.load(Ordering::SeqCst),
+            attempted.load(Ordering::SeqCst),
+        );
+        assert!(
+            acked > 0,
+            "round {round}: no change was acknowledged before the kill"
+        );
+        lb = Lb::start(&s.lb_ns, &config, API, &["--keep-dataplane"]);
+        let weight = lb.get("/api/v1/services/web/backends/127.0.0.1:8001").1["weight"]
+            .as_u64()
+            .unwrap();
+        println!(
+            "round {round}: last acknowledged weight {acked}, last attempted {attempted}, after restart {weight}"
+        );
+        assert!(
+            weight >= acked && weight <= attempted,
+            "round {round}: weight {weight} after restart; acknowledged {acked}, attempted {attempted}"
+        );
+    }
+    assert!(lb.stop().success());
+}
