@@ -388,6 +388,7 @@ fn dsr_replies_bypass_the_balancer_v4_and_v6() {
             max_services: 1,
             maglev_size: 251,
             flow_table_size: 1024,
+            ..Options::default()
         })
         .unwrap();
         dp.attach("swl", AttachMode::Native)

@@ -50,12 +50,16 @@ fn setup(tag: &str) -> Setup {
 
 impl Setup {
     fn config(&self) -> PathBuf {
+        self.config_with_flows(65536)
+    }
+
+    fn config_with_flows(&self, flows: u32) -> PathBuf {
         let text = format!(
             r#"
 [dataplane]
 interface = "lb0"
 xdp_mode = "native"
-flow_table_size = 65536
+flow_table_size = {flows}
 max_services = 4
 pin_path = "{pin}"
 
@@ -269,5 +273,37 @@ fn a_crash_during_api_changes_keeps_every_acknowledged_change() {
             "round {round}: weight {weight} after restart; acknowledged {acked}, attempted {attempted}"
         );
     }
+    assert!(lb.stop().success());
+}
+
+#[test]
+fn a_pinned_data_plane_of_another_layout_is_replaced() {
+    let s = setup("relayout");
+    let _server = EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001");
+    let _server2 = EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002");
+    let mut lb = Lb::start(&s.lb_ns, &s.config(), API, &["--keep-dataplane"]);
+    assert!(lb.stop().success());
+    // Another flow table size: the pinned maps cannot be reused.
+    let mut lb = Lb::start(&s.lb_ns, &s.config_with_flows(131072), API, &[]);
+    assert!(lb.log().contains("another layout"), "{}", lb.log());
+    let to: SocketAddr = VIP.parse().unwrap();
+    let ok = netns::within(&s.client_ns, move || {
+        (0..20)
+            .map(|_| {
+                let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+                c.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut r = BufReader::new(c.try_clone()?);
+                exchange(&mut c, &mut r).map_err(std::io::Error::other)
+            })
+            .filter(|r| r.is_ok())
+            .count()
+    });
+    assert_eq!(ok, 20, "connections through the replaced data plane");
+    let retired: Vec<_> = std::fs::read_dir(s.bpf.0.join("lb"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("retired"))
+        .collect();
+    assert!(retired.is_empty(), "old maps left behind: {retired:?}");
     assert!(lb.stop().success());
 }
