@@ -90,3 +90,18 @@ impl Drop for EchoName {
         }
     }
 }
+
+/// One request to an [`EchoName`] server (through the balancer or not):
+/// connect, send a line, return the name it answers with.
+pub fn ask(to: SocketAddr) -> Result<String, String> {
+    let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))
+        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"hello\n").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    Ok(line.trim().to_string())
+}

@@ -1,32 +1,15 @@
 //! The data plane attached in native mode to a veth in a namespace of its
 //! own, with real TCP connections from a client namespace to port 443 that
 //! must reach both backend ports on the balancer's host.
-use std::{
-    collections::HashMap,
-    io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::{collections::HashMap, net::SocketAddr};
 
 use lb_tests::{
     netns::{self, Topology},
-    servers::EchoName,
+    servers::{EchoName, ask},
 };
 use lb_userspace::dataplane::{
     AttachMode, BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec,
 };
-
-fn request(to: SocketAddr) -> Result<String, String> {
-    let mut s =
-        TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    s.write_all(b"hello\n").map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    Ok(line.trim().to_string())
-}
 
 #[test]
 fn tcp_connections_to_443_reach_both_backend_ports() {
@@ -74,7 +57,7 @@ fn tcp_connections_to_443_reach_both_backend_ports() {
             } else {
                 "10.200.0.1:443".parse().unwrap()
             };
-            out.push(request(to));
+            out.push(ask(to));
         }
         out
     });

@@ -2,18 +2,13 @@
 //! through `BPF_PROG_TEST_RUN` with a real FIB (routes and neighbours of a
 //! namespace the test builds), then real connections through namespaces
 //! standing in for client, balancer and backend hosts.
-use std::{
-    collections::HashMap,
-    io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::{collections::HashMap, net::SocketAddr};
 
 use lb_common::Reason;
 use lb_tests::{
     netns::{self, Topology, run_in},
     packet::{self, Spec, TCP_ACK, TCP_SYN},
-    servers::EchoName,
+    servers::{EchoName, ask},
 };
 use lb_userspace::dataplane::{
     AttachMode, BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec,
@@ -233,23 +228,27 @@ fn nat_and_dsr_fixtures_with_a_real_fib() {
     });
 }
 
-fn request(to: SocketAddr) -> Result<String, String> {
-    let mut s =
-        TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    s.write_all(b"hello\n").map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    Ok(line.trim().to_string())
+/// The data plane attached to `iface` in namespace `ns`, serving `services`.
+fn balancer(ns: &str, iface: &'static str, services: Vec<ServiceSpec>) -> MapWriter {
+    netns::within(ns, move || {
+        let mut dp = Dataplane::load(Options {
+            max_services: 4,
+            flow_table_size: 4096,
+            ..Options::default()
+        })
+        .unwrap();
+        dp.attach(iface, AttachMode::Native).expect("attach");
+        let mut w = MapWriter::new(dp);
+        w.apply(&services).unwrap();
+        w
+    })
 }
 
 /// `n` requests from inside `ns` to `to`; answers counted by backend. Stops
 /// at the first failure.
 fn requests(ns: &str, to: SocketAddr, n: usize) -> HashMap<String, usize> {
     let results: Result<Vec<String>, String> =
-        netns::within(ns, move || (0..n).map(|_| request(to)).collect());
+        netns::within(ns, move || (0..n).map(|_| ask(to)).collect());
     let mut per = HashMap::new();
     for name in results.unwrap_or_else(|e| panic!("a request to {to} failed: {e}")) {
         *per.entry(name).or_insert(0) += 1;
@@ -324,18 +323,7 @@ fn nat_spreads_connections_over_backend_hosts_v4_and_v6() {
             &["[fd00:203:1::2]:8443", "[fd00:203:2::2]:8443"],
         ),
     ];
-    let writer: MapWriter = netns::within(&lb, move || {
-        let mut dp = Dataplane::load(Options {
-            max_services: 4,
-            flow_table_size: 4096,
-            ..Options::default()
-        })
-        .unwrap();
-        dp.attach("lb0", AttachMode::Native).expect("attach");
-        let mut w = MapWriter::new(dp);
-        w.apply(&services).unwrap();
-        w
-    });
+    let writer = balancer(&lb, "lb0", services);
     for vip in ["10.203.0.10:443", "[fd00:203::10]:443"] {
         let per = requests(&client, vip.parse().unwrap(), 40);
         println!("nat {vip}: {per:?}");
@@ -440,18 +428,7 @@ fn dsr_replies_bypass_the_balancer_v4_and_v6() {
             &["[fd00:204::11]:443", "[fd00:204::12]:443"],
         ),
     ];
-    let writer: MapWriter = netns::within(&lb, move || {
-        let mut dp = Dataplane::load(Options {
-            max_services: 4,
-            flow_table_size: 4096,
-            ..Options::default()
-        })
-        .unwrap();
-        dp.attach("eth0", AttachMode::Native).expect("attach");
-        let mut w = MapWriter::new(dp);
-        w.apply(&services).unwrap();
-        w
-    });
+    let writer = balancer(&lb, "eth0", services);
     // The backends' MACs, as the kernel would learn them from traffic.
     for (ns, v4, v6) in [
         (&b1, "10.204.0.11", "fd00:204::11"),
