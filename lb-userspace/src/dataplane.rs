@@ -217,6 +217,8 @@ pub struct Dataplane {
     adopted: bool,
     /// What is recorded about the pinned maps.
     record: pins::Record,
+    /// The interface pinned links were attached to, if any were recorded.
+    linked_interface: Option<String>,
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -245,6 +247,7 @@ impl Dataplane {
             .map_max_entries(maps::FLOWS, opts.flow_table_size);
         let mut adopted = false;
         let mut record = None;
+        let mut linked_interface = None;
         let map_paths: Vec<(&str, PathBuf)>;
         if let Some(pin) = &opts.pin_path {
             let pin_err = |message: String| DataplaneError::Pin {
@@ -258,6 +261,8 @@ impl Dataplane {
             let wanted = Self::layout_for(&opts, None);
             let found = opts.record_path.as_deref().and_then(pins::read_record);
             let pinned = pins::maps_pinned(pin);
+            // Links do not depend on the maps' layout, only on the interface.
+            linked_interface = found.as_ref().and_then(|r| r.layout.interface.clone());
             match found {
                 Some(r) if pinned && r.layout.same_maps(&wanted) => {
                     adopted = true;
@@ -327,6 +332,7 @@ impl Dataplane {
             attached: None,
             links: Vec::new(),
             adopted,
+            linked_interface,
             record: record.unwrap_or_else(|| pins::Record {
                 layout: Self::layout_for(&opts_copy, None),
                 ids: pins::Ids::default(),
@@ -443,7 +449,7 @@ impl Dataplane {
             }
         };
         let pin = self.opts.pin_path.clone();
-        let same_iface = self.adopted && self.record.layout.interface.as_deref() == Some(iface);
+        let same_iface = self.linked_interface.as_deref() == Some(iface);
         // A pinned link on this interface is moved to the new program in
         // one step (bpf_link_update): packets never see no program.
         let adopt = |path: &std::path::Path| -> Option<FdLink> {
