@@ -284,7 +284,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs <= 0.0 {
         return Err(format!("{s:?} must be more than zero"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is too long"))
 }
 
 pub fn format_duration(d: Duration) -> String {
@@ -1322,6 +1322,8 @@ backends = [
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("s").is_err());
+        assert!(parse_duration("1e30s").is_err());
+        assert!(parse_duration("99999999999999999999999h").is_err());
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(format_duration(Duration::from_secs(3)), "3s");
     }

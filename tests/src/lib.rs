@@ -3,9 +3,11 @@
 //! check that privileged tests start with.
 pub mod capture;
 pub mod daemon;
+pub mod https;
 pub mod netns;
 pub mod packet;
 pub mod servers;
+pub mod topology;
 
 /// Fails the test, loudly, when it cannot do its job without root.
 pub fn require_root() {

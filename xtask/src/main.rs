@@ -27,9 +27,11 @@ enum Cmd {
     Setup,
     /// Build the eBPF object and the `lb` binary (release).
     Build,
-    /// Build, then run `lb` as root with the given arguments.
+    /// Build, then run the demo (no arguments, or `-- demo [--for SECONDS]`),
+    /// or the daemon on an interface (`-- --config FILE [--iface IF]`), or
+    /// `lb` with any other arguments (`-- status`), as root.
     Run {
-        /// Arguments for `lb`, after `--`.
+        /// Arguments after `--`: none for the demo, `--config FILE` for `lb run`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -39,11 +41,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Measure the data plane's per-packet cost against a baseline program.
+    /// Benchmark against same-run baselines and the usual gateways:
+    /// per-packet cost, packets per second, end to end, control plane.
+    /// Writes target/bench/results.json; the full run also docs/BENCHMARKS.md.
     Bench {
-        /// Fewer repetitions, for a smoke run.
+        /// A shorter run of everything (under two minutes).
         #[arg(long)]
         quick: bool,
+        /// More arguments for lb-bench (`--only e2e`, `--setups lb,nftables`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -62,20 +69,17 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Setup => Ok(()),
         Cmd::Build => build(&env),
-        Cmd::Run { args } => {
-            build(&env)?;
-            let lb = workspace().join("target/release/lb");
-            require_root("cargo xtask run")?;
-            let status = env
-                .command(&lb)
-                .args(&args)
-                .status()
-                .with_context(|| format!("running {}", lb.display()))?;
-            check(status, "lb")
-        }
+        Cmd::Run { args } => run_cmd(&env, &args),
         Cmd::Test { args } => test(&env, &args),
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, args } => {
             require_root("cargo xtask bench")?;
+            remove_stale_namespaces();
+            // The end-to-end part runs the real daemon.
+            let status = env
+                .cargo()
+                .args(["build", "--release", "-p", "lb-userspace", "--bin", "lb"])
+                .status()?;
+            check(status, "cargo build of lb")?;
             let mut cmd = env.cargo();
             cmd.args([
                 "run",
@@ -89,8 +93,88 @@ fn run(cli: Cli) -> Result<()> {
             if quick {
                 cmd.arg("--quick");
             }
-            check(cmd.status()?, "lb-bench")
+            cmd.args(&args);
+            let status = cmd.status()?;
+            remove_stale_namespaces();
+            check(status, "lb-bench")
         }
+    }
+}
+
+/// `cargo xtask run`: the demo with no arguments (or `demo ...`); `lb run`
+/// when the arguments start with one of its flags (`--config`, `--iface`);
+/// `lb` with the arguments as they are otherwise (`status`, `backends ...`).
+fn run_cmd(env: &setup::Env, args: &[String]) -> Result<()> {
+    require_root("cargo xtask run")?;
+    build(env)?;
+    let first = args.first().map(String::as_str);
+    let demo_args = match first {
+        None | Some("--for") => Some(args),
+        Some("demo") => Some(&args[1..]),
+        _ => None,
+    };
+    if let Some(demo_args) = demo_args {
+        println!(
+            "xtask: building the demo (release; the first time takes a minute) and starting it..."
+        );
+        let mut cmd = env.cargo();
+        cmd.args([
+            "run",
+            "--release",
+            "-p",
+            "lb-tests",
+            "--bin",
+            "lb-demo",
+            "--",
+        ])
+        .args(demo_args);
+        return run_until_done(cmd, "lb-demo");
+    }
+    let lb = workspace().join("target/release/lb");
+    let mut cmd = env.command(&lb);
+    let run_flag = |a: &str| {
+        ["--config", "-c", "--iface", "--reset-state"]
+            .iter()
+            .any(|f| a == *f || a.starts_with(&format!("{f}=")))
+    };
+    if first.is_some_and(run_flag) {
+        cmd.arg("run");
+    }
+    cmd.args(args);
+    run_until_done(cmd, "lb")
+}
+
+/// Runs `cmd` and waits for it even through Ctrl-C: the child (in the same
+/// process group) gets the signal too and cleans up (detaches, removes its
+/// namespaces) before it exits; SIGINT or SIGTERM sent to xtask alone is
+/// passed on to it.
+fn run_until_done(mut cmd: Command, what: &str) -> Result<()> {
+    use std::sync::atomic::{AtomicI32, Ordering};
+    static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+    extern "C" fn note(sig: i32) {
+        SIGNALLED.store(sig, Ordering::SeqCst);
+    }
+    const SIGINT: i32 = 2;
+    const SIGTERM: i32 = 15;
+    unsafe extern "C" {
+        fn signal(sig: i32, handler: extern "C" fn(i32)) -> usize;
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // A handler (unlike SIG_IGN) is reset to the default in the child.
+    unsafe {
+        signal(SIGINT, note);
+        signal(SIGTERM, note);
+    }
+    let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return check(status, what);
+        }
+        let sig = SIGNALLED.swap(0, Ordering::SeqCst);
+        if sig != 0 {
+            unsafe { kill(child.id() as i32, sig) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 

@@ -19,6 +19,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// shows each is there.
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
+    // The demo's printed commands and the README's API examples.
+    ("curl", "curl"),
     // Checksum offload and GRO settings of test veths (nat/dsr tests).
     ("ethtool", "ethtool"),
     // promtool, which checks the /metrics exposition.
