@@ -7,7 +7,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a map layout or the meaning of a field changes, so a daemon
 /// never adopts pinned maps written by an incompatible version.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Interfaces `nat` and `dsr` packets may be redirected to.
 pub const MAX_TX_PORTS: u32 = 64;
@@ -157,15 +157,37 @@ pub fn maglev_index(service: u32, table: u32, m: u32, slot: u32) -> u32 {
 pub struct MaglevSlot {
     pub backend: u32,
     pub prev: u32,
+    /// When the backend last changed, in seconds of CLOCK_MONOTONIC (the
+    /// clock of `bpf_ktime_get_coarse_ns`); 0 if it never did.
+    pub changed: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<MaglevSlot>() == 8);
+const _: () = assert!(size_of::<MaglevSlot>() == 16);
 
 impl MaglevSlot {
     pub const EMPTY: MaglevSlot = MaglevSlot {
         backend: NO_BACKEND,
         prev: NO_BACKEND,
+        changed: 0,
+        _pad: 0,
     };
+
+    /// A slot whose backend never changed.
+    pub const fn clean(backend: u32) -> MaglevSlot {
+        MaglevSlot {
+            backend,
+            prev: backend,
+            changed: 0,
+            _pad: 0,
+        }
+    }
 }
+
+/// How long after a slot changes a UDP flow with no flow entry is still
+/// taken for one that began before the change (and kept on the slot's
+/// previous backend). After that, such a flow is new and takes the slot's
+/// current backend, so backends added for UDP get their share.
+pub const UDP_AFFINITY_SECS: u32 = 30;
 
 impl Default for MaglevSlot {
     fn default() -> Self {

@@ -7,12 +7,12 @@
 //! - `LB_FLOWS` (LRU): only in "sticky" slots, whose backend changed; flows in
 //!   slots that never changed cannot be pinned anywhere else, so a SYN or an
 //!   established packet in a clean slot costs no helper call at all.
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use aya_log_ebpf::debug;
 use lb_common::{
     AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, BackendEntry, FlowKey, FlowValue, NO_BACKEND,
-    PORT_HAS_ADDR_SERVICES, PROTO_TCP, Reason, ServiceEntry, TABLES_PER_SERVICE, flow_hash,
-    maglev_index, port_slot,
+    PORT_HAS_ADDR_SERVICES, PROTO_TCP, Reason, ServiceEntry, TABLES_PER_SERVICE, UDP_AFFINITY_SECS,
+    flow_hash, maglev_index, port_slot,
 };
 
 use crate::{
@@ -85,7 +85,7 @@ pub fn backend(ctx: &XdpContext, p: &Packet, id: u32, svc: &ServiceEntry) -> Res
     let (backend, new_flow) = if e.backend == e.prev {
         (e.backend, syn)
     } else {
-        sticky(ctx, p, id, slot, e.backend, e.prev, syn)
+        sticky(ctx, p, id, slot, e.backend, e.prev, e.changed, syn)
     };
     if backend == NO_BACKEND {
         return Err(Reason::NoBackend);
@@ -98,12 +98,21 @@ pub fn backend(ctx: &XdpContext, p: &Packet, id: u32, svc: &ServiceEntry) -> Res
     })
 }
 
+/// The slot changed less than `UDP_AFFINITY_SECS` ago. A clock read, but
+/// only for UDP packets with no flow entry in a changed slot.
+#[inline(always)]
+fn recently(changed: u32) -> bool {
+    let now = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
+    now.wrapping_sub(changed) < UDP_AFFINITY_SECS
+}
+
 /// A slot whose backend changed: the flow table decides. A flow pinned to a
 /// live backend stays there; an unpinned TCP flow that is not a SYN was
 /// established before the change and stays on the slot's previous backend
 /// (if that still takes flows); a SYN takes the current backend. UDP has no
 /// SYN: a flow without a pin stays on the previous backend while it is
-/// active. Every decision here is pinned so it survives the next change.
+/// active, for `UDP_AFFINITY_SECS` after the change; later ones are new
+/// flows. Every decision here is pinned so it survives the next change.
 #[inline(always)]
 fn sticky(
     ctx: &XdpContext,
@@ -112,6 +121,7 @@ fn sticky(
     slot: u32,
     cur: u32,
     prev: u32,
+    changed: u32,
     syn: bool,
 ) -> (u32, bool) {
     let key = FlowKey {
@@ -141,7 +151,7 @@ fn sticky(
         cur
     } else if p.proto == PROTO_TCP {
         if keeps_flows(prev) { prev } else { cur }
-    } else if state(prev) == BACKEND_ACTIVE {
+    } else if state(prev) == BACKEND_ACTIVE && recently(changed) {
         prev
     } else {
         cur

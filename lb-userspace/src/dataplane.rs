@@ -90,7 +90,8 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             maglev_size: lb_common::DEFAULT_MAGLEV_SIZE,
-            max_services: 16,
+            // 8 x 3 tables x 65537 slots x 16 bytes: 25 MiB of tables.
+            max_services: 8,
             flow_table_size: lb_common::DEFAULT_FLOW_TABLE_SIZE,
             pin_path: None,
             record_path: None,
@@ -1361,7 +1362,7 @@ impl MapWriter {
         let table = maglev::build(&entries, self.dp.opts.maglev_size);
         let forwarding_changed = inst.spec.forwarding != spec.forwarding;
         if table != inst.table || inst.slots.is_empty() || forwarding_changed {
-            let slots = next_slots(&inst.slots, &table);
+            let slots = next_slots(&inst.slots, &table, monotonic_secs());
             let t = self.dp.install_table(id, &slots, spec.forwarding.code())?;
             debug!(service = %spec.name, table = t, backends = entries.len(), "Maglev table installed");
             inst.slots = slots;
@@ -1539,10 +1540,21 @@ impl MapWriter {
     }
 }
 
+/// Seconds of CLOCK_MONOTONIC, the clock the data plane reads.
+pub fn monotonic_secs() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u32
+}
+
 /// The slots to install for a freshly built table: a slot whose backend
-/// changed remembers the backend it had, so flows established there before
-/// the change can stay; an unchanged slot keeps what it remembered.
-pub fn next_slots(installed: &[MaglevSlot], table: &[u32]) -> Vec<MaglevSlot> {
+/// changed remembers the backend it had, and when (`now`), so flows
+/// established there before the change can stay; an unchanged slot keeps
+/// what it remembered.
+pub fn next_slots(installed: &[MaglevSlot], table: &[u32], now: u32) -> Vec<MaglevSlot> {
     table
         .iter()
         .enumerate()
@@ -1551,12 +1563,11 @@ pub fn next_slots(installed: &[MaglevSlot], table: &[u32]) -> Vec<MaglevSlot> {
             Some(old) if old.backend != NO_BACKEND => MaglevSlot {
                 backend,
                 prev: old.backend,
+                changed: now,
+                _pad: 0,
             },
             // First table, or the slot had no backend: nothing to remember.
-            _ => MaglevSlot {
-                backend,
-                prev: backend,
-            },
+            _ => MaglevSlot::clean(backend),
         })
         .collect()
 }
@@ -1578,28 +1589,22 @@ mod tests {
 
     #[test]
     fn changed_slots_remember_their_previous_backend() {
-        let first = next_slots(&[], &[1, 2, 3]);
-        assert!(first.iter().all(|s| s.backend == s.prev));
-        let second = next_slots(&first, &[1, 4, 3]);
+        let first = next_slots(&[], &[1, 2, 3], 100);
+        assert!(first.iter().all(|s| *s == MaglevSlot::clean(s.backend)));
+        let second = next_slots(&first, &[1, 4, 3], 200);
         assert_eq!(
-            second[1],
-            MaglevSlot {
-                backend: 4,
-                prev: 2
-            }
+            (second[1].backend, second[1].prev, second[1].changed),
+            (4, 2, 200)
         );
         assert_eq!(second[0], first[0]);
         // A slot that changes again remembers only the last backend.
-        let third = next_slots(&second, &[1, 5, 3]);
+        let third = next_slots(&second, &[1, 5, 3], 300);
         assert_eq!(
-            third[1],
-            MaglevSlot {
-                backend: 5,
-                prev: 4
-            }
+            (third[1].backend, third[1].prev, third[1].changed),
+            (5, 4, 300)
         );
-        // Unchanged sticky slots stay sticky.
-        let fourth = next_slots(&third, &[1, 5, 3]);
+        // Unchanged sticky slots stay sticky, with their time.
+        let fourth = next_slots(&third, &[1, 5, 3], 400);
         assert_eq!(fourth[1], third[1]);
     }
 }

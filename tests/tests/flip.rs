@@ -57,10 +57,7 @@ fn readers_never_see_a_half_written_table() {
     let started = Instant::now();
     for g in 1..=flips {
         let slots = vec![
-            MaglevSlot {
-                backend: g,
-                prev: g
-            };
+            MaglevSlot::clean(g);
             m
         ];
         dp.install_table(0, &slots, 0).unwrap();

@@ -599,3 +599,70 @@ fn udp_flows_stick_to_their_backend() {
         "udp flows moved when a backend was added"
     );
 }
+
+/// UDP has no SYN: right after a change, a flow with no entry in a changed
+/// slot is taken for an old one and stays on the slot's previous backend;
+/// once the change is `UDP_AFFINITY_SECS` old, such flows are new and take
+/// the slot's current backend, so a backend added for UDP gets its share.
+#[test]
+fn new_udp_flows_reach_an_added_backend_once_the_change_is_old() {
+    let mut svc = five_backends();
+    let mut w = writer(std::slice::from_ref(&svc));
+    svc.backends
+        .push(BackendSpec::new("127.0.0.1:8006".parse().unwrap(), 100));
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    let id = w.service_id("web").unwrap();
+    let table: Vec<lb_common::MaglevSlot> = w.dataplane().active_table(id).unwrap().1.to_vec();
+    let udp = |sport: u16| Spec::udp("10.1.0.1", "10.0.0.1", sport, 443).payload(b"q");
+    let slot_of = |spec: &Spec| {
+        let p = packet::parse(&spec.build()).unwrap();
+        let h = lb_common::flow_hash(
+            &addr_words(p.src),
+            &addr_words(p.dst),
+            p.sport.to_be(),
+            p.dport.to_be(),
+            p.proto,
+        );
+        table[(h % table.len() as u32) as usize]
+    };
+    // Fresh change: new flows in changed slots stay on the old backend.
+    let fresh: Vec<Spec> = (30000..32000)
+        .map(udp)
+        .filter(|f| slot_of(f).backend != slot_of(f).prev)
+        .collect();
+    assert!(
+        fresh.len() > 50,
+        "too few flows in changed slots: {}",
+        fresh.len()
+    );
+    for (f, port) in fresh.iter().zip(send(w.dataplane(), &fresh, 0)) {
+        assert_eq!(port, backend_port(&w, &svc, slot_of(f).prev));
+    }
+    // The same table, its changes made older than the affinity window.
+    let aged: Vec<lb_common::MaglevSlot> = table
+        .iter()
+        .map(|s| lb_common::MaglevSlot {
+            changed: s.changed.wrapping_sub(lb_common::UDP_AFFINITY_SECS + 1),
+            ..*s
+        })
+        .collect();
+    w.dataplane_mut()
+        .install_table(id, &aged, lb_common::FWD_LOCAL)
+        .unwrap();
+    let later: Vec<Spec> = (40000..42000)
+        .map(udp)
+        .filter(|f| slot_of(f).backend != slot_of(f).prev)
+        .collect();
+    let ports = send(w.dataplane(), &later, 0);
+    for (f, port) in later.iter().zip(&ports) {
+        assert_eq!(*port, backend_port(&w, &svc, slot_of(f).backend));
+    }
+    assert!(
+        ports.contains(&8006),
+        "the added backend got no new UDP flow"
+    );
+    // Flows pinned while the change was fresh keep their backend.
+    for (f, port) in fresh.iter().zip(send(w.dataplane(), &fresh, 0)) {
+        assert_eq!(port, backend_port(&w, &svc, slot_of(f).prev));
+    }
+}
