@@ -2,7 +2,9 @@
 //! turns an offset into a pointer; everything else works on what it returns.
 use core::mem::size_of;
 
-use lb_common::{Addr, MAX_IPV6_EXT_HEADERS, PROTO_TCP, PROTO_UDP, Reason, v4_mapped};
+use lb_common::{
+    Addr, MAX_IPV6_EXT_HEADERS, PROTO_TCP, PROTO_UDP, Reason, is_v4_mapped, v4_mapped,
+};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
@@ -150,6 +152,8 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
         proto = u16::from_be(unsafe { (*vlan).proto });
         l3_off += size_of::<VlanHdr>();
     }
+    // Where the IP datagram ends (the frame may carry padding past it).
+    let ip_end;
     let (src, dst, l4_proto, l4_off, v6) = match proto {
         ETH_P_IP => {
             let ip: *mut Ipv4Hdr = b.ptr_at(l3_off)?;
@@ -166,6 +170,7 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
             if whole && b.start + l3_off + total > b.end {
                 return Err(Reason::Truncated);
             }
+            ip_end = l3_off + total;
             if u16::from_be(unsafe { (*ip).frag_off }) & 0x1fff != 0 {
                 return Err(Reason::Fragment);
             }
@@ -183,10 +188,16 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
             if unsafe { *(ip as *const u8) } >> 4 != 6 {
                 return Err(Reason::BadHeader);
             }
+            // An IPv4-mapped destination is not an IPv6 address anyone
+            // serves; it must not reach IPv4 services.
+            if is_v4_mapped(unsafe { &(*ip).dst }) {
+                return Err(Reason::BadHeader);
+            }
             let payload = u16::from_be(unsafe { (*ip).payload_len }) as usize;
             if whole && b.start + l3_off + size_of::<Ipv6Hdr>() + payload > b.end {
                 return Err(Reason::Truncated);
             }
+            ip_end = l3_off + size_of::<Ipv6Hdr>() + payload;
             let (next, off) =
                 walk_ipv6_ext(b, unsafe { (*ip).next }, l3_off + size_of::<Ipv6Hdr>())?;
             let (s, d) = unsafe { ((*ip).src, (*ip).dst) };
@@ -197,6 +208,9 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
     let (sport, dport, tcp_flags) = match l4_proto {
         PROTO_TCP => {
             let tcp: *mut TcpHdr = b.ptr_at(l4_off)?;
+            if whole && l4_off + size_of::<TcpHdr>() > ip_end {
+                return Err(Reason::Truncated);
+            }
             if unsafe { (*tcp).off_res } >> 4 < 5 {
                 return Err(Reason::BadHeader);
             }
@@ -204,6 +218,9 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
         }
         PROTO_UDP => {
             let udp: *mut UdpHdr = b.ptr_at(l4_off)?;
+            if whole && l4_off + size_of::<UdpHdr>() > ip_end {
+                return Err(Reason::Truncated);
+            }
             unsafe { ((*udp).src, (*udp).dst, 0) }
         }
         _ => return Err(Reason::NotTcpUdp),

@@ -281,18 +281,29 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ));
         }
     };
-    if !secs.is_finite() || secs <= 0.0 {
-        return Err(format!("{s:?} must be more than zero"));
+    // Whole microseconds, so `format_duration` writes back exactly this.
+    let micros = (secs * 1e6).round();
+    if !micros.is_finite() || micros < 1.0 {
+        return Err(format!("{s:?} must be at least 1us"));
     }
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is too long"))
+    if micros > MAX_DURATION.as_micros() as f64 {
+        return Err(format!("{s:?} is too long; at most 24h"));
+    }
+    Ok(Duration::from_micros(micros as u64))
 }
 
+/// Longest duration a config takes (health intervals and timeouts).
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// The shortest exact form: whole seconds, milliseconds or microseconds.
 pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
+    let us = d.as_micros();
+    if us.is_multiple_of(1_000_000) {
+        format!("{}s", us / 1_000_000)
+    } else if us.is_multiple_of(1000) {
+        format!("{}ms", us / 1000)
     } else {
-        format!("{ms}ms")
+        format!("{us}us")
     }
 }
 
@@ -1320,6 +1331,9 @@ backends = [
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("0.1us").is_err());
+        assert_eq!(format_duration(parse_duration("500us").unwrap()), "500us");
+        assert_eq!(format_duration(parse_duration("1.5ms").unwrap()), "1500us");
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("1e30s").is_err());

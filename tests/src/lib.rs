@@ -4,8 +4,10 @@
 pub mod capture;
 pub mod daemon;
 pub mod https;
+pub mod inputs;
 pub mod netns;
 pub mod packet;
+pub mod rng;
 pub mod servers;
 pub mod topology;
 

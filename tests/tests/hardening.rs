@@ -1,0 +1,640 @@
+//! The admin API locked down, against the real `lb` daemon in a namespace:
+//! it listens on loopback unless told otherwise, warns when told to listen
+//! beyond it without a token, refuses every change without the token,
+//! limits request bodies, and never shows the token in its logs, metrics or
+//! answers. Requests are written by hand (raw HTTP/1.1), so every header,
+//! body and framing is the test's choice.
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    daemon::{TempDir, lb_binary},
+    netns::{self, Topology},
+};
+
+const TOKEN: &str = "tok-7f3a9c1e5b2d4f6a8c0e";
+const LB_ADDR: &str = "10.202.0.1";
+const BODY_LIMIT: usize = 64 * 1024;
+
+/// One raw HTTP/1.1 exchange from inside `ns`: (status, body); status 0
+/// when the connection failed or closed without an answer.
+fn request(
+    ns: &str,
+    to: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Body,
+) -> (u16, String) {
+    let (method, path) = (method.to_string(), path.to_string());
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    netns::within(ns, move || {
+        let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(2)) else {
+            return (0, String::new());
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n");
+        for (k, v) in &headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        let payload = match &body {
+            Body::None => Vec::new(),
+            Body::Json(b) => {
+                head.push_str(&format!(
+                    "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                    b.len()
+                ));
+                b.clone().into_bytes()
+            }
+            Body::Chunked(b) => {
+                head.push_str("Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n");
+                let mut out = Vec::new();
+                for c in b.as_bytes().chunks(4096) {
+                    out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                    out.extend_from_slice(c);
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b"0\r\n\r\n");
+                out
+            }
+        };
+        head.push_str("\r\n");
+        // The server may answer (and close) before reading a body it
+        // refuses; a failed write is not a failed test.
+        let _ = s
+            .write_all(head.as_bytes())
+            .and_then(|_| s.write_all(&payload));
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status = text
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    })
+}
+
+#[derive(Clone)]
+enum Body {
+    None,
+    Json(String),
+    Chunked(String),
+}
+
+fn bearer(t: &str) -> String {
+    format!("Bearer {t}")
+}
+
+/// `lb run` in a namespace with the log level of the test's choice; its
+/// stderr (the log) goes to a file. Stopped on drop, also on panic.
+struct Daemon {
+    ns: String,
+    api: SocketAddr,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(ns: &str, config: &Path, api: SocketAddr, rust_log: &str) -> Daemon {
+        let log = config.with_extension(format!("{}.log", rust_log.replace(['=', ','], "_")));
+        let out = fs::File::create(&log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(lb_binary())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", rust_log)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn lb");
+        let mut d = Daemon {
+            ns: ns.to_string(),
+            api,
+            child: Some(child),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("lb exited early ({status}):\n{}", d.log());
+            }
+            if d.get("/healthz").0 == 200 {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lb did not come up:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    fn call(&self, method: &str, path: &str, auth: Option<&str>, body: Body) -> (u16, String) {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        request(&self.ns, self.api, method, path, &headers, body)
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        self.call("GET", path, None, Body::None)
+    }
+
+    fn services(&self) -> serde_json::Value {
+        let (status, body) = self.get("/api/v1/services");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Resident memory of the daemon, KiB.
+    fn rss_kib(&self) -> u64 {
+        fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A balancer namespace and a client namespace joined by a veth, a scratch
+/// directory, and (when this `lb` pins its data plane) a pin directory of
+/// the test's own; all removed on drop.
+struct Setup {
+    _topo: Topology,
+    lb_ns: String,
+    client_ns: String,
+    dir: TempDir,
+    pin: Option<PathBuf>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if let Some(p) = &self.pin {
+            let _ = fs::remove_dir_all(p);
+        }
+    }
+}
+
+fn setup(tag: &str) -> Setup {
+    lb_tests::require_root();
+    let mut topo = Topology::new();
+    let lb_ns = topo.namespace("lb");
+    let client_ns = topo.namespace("cl");
+    topo.veth(
+        (&lb_ns, "lb0", &[&format!("{LB_ADDR}/24")]),
+        (&client_ns, "cl0", &["10.202.0.2/24"]),
+    );
+    let dir = TempDir::new(tag);
+    // A daemon that pins its data plane gets a pin directory no other test
+    // uses; an older one, which knows no `pin_path`, gets none.
+    let pin = PathBuf::from(format!("/sys/fs/bpf/lbt-{}-{tag}", std::process::id()));
+    let probe = dir.path("probe.toml");
+    fs::write(
+        &probe,
+        format!("[dataplane]\npin_path = {:?}\n", pin.display().to_string()),
+    )
+    .unwrap();
+    let out = Command::new(lb_binary())
+        .args(["validate", "--config"])
+        .arg(&probe)
+        .output()
+        .unwrap();
+    let knows_pins = !String::from_utf8_lossy(&out.stderr).contains("unknown field");
+    Setup {
+        _topo: topo,
+        lb_ns,
+        client_ns,
+        dir,
+        pin: knows_pins.then_some(pin),
+    }
+}
+
+impl Setup {
+    /// A config with one service; `admin` is the `[admin]` table's body
+    /// (the state file is added).
+    fn config(&self, admin: &str, token: bool) -> PathBuf {
+        let token_line = if token {
+            let p = self.dir.path("token");
+            fs::write(&p, format!("{TOKEN}\n")).unwrap();
+            format!("token_file = {:?}\n", p.display().to_string())
+        } else {
+            String::new()
+        };
+        let pin_line = match &self.pin {
+            Some(p) => format!("pin_path = {:?}\n", p.display().to_string()),
+            None => String::new(),
+        };
+        let text = format!(
+            "[dataplane]\ninterface = \"lb0\"\nxdp_mode = \"native\"\nflow_table_size = 65536\n\
+             max_services = 4\n{pin_line}\n\
+             [admin]\n{admin}\n{token_line}state_file = {state:?}\n\n\
+             [[services]]\nname = \"web\"\nlisten = \"0.0.0.0:443\"\nprotocols = [\"tcp\"]\n\
+             backends = [{{ address = \"127.0.0.1:8001\" }}, {{ address = \"127.0.0.1:8002\" }}]\n",
+            state = self.dir.path("state.json").display().to_string(),
+        );
+        let path = self.dir.path("lb.toml");
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn start(&self, config: &Path, api: &str, rust_log: &str) -> Daemon {
+        Daemon::start(&self.lb_ns, config, api.parse().unwrap(), rust_log)
+    }
+}
+
+const WARNING: &str = "listens beyond loopback without a token";
+
+#[test]
+fn the_api_listens_on_loopback_unless_told_otherwise() {
+    let s = setup("default-listen");
+    // No `listen` in [admin] at all.
+    let lb = s.start(&s.config("", false), "127.0.0.1:9180", "info");
+    let listening = netns::run_in(&s.lb_ns, &["ss", "-ltnH", "sport = :9180"]);
+    let locals: Vec<&str> = listening
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .collect();
+    assert_eq!(
+        locals,
+        ["127.0.0.1:9180"],
+        "listening sockets:\n{listening}"
+    );
+    let outside: SocketAddr = format!("{LB_ADDR}:9180").parse().unwrap();
+    assert_eq!(
+        request(&s.client_ns, outside, "GET", "/healthz", &[], Body::None).0,
+        0,
+        "the API answered on the veth address"
+    );
+    assert!(!lb.log().contains(WARNING), "{}", lb.log());
+}
+
+#[test]
+fn listening_beyond_loopback_without_a_token_is_warned_about() {
+    let s = setup("warn");
+    let outside = format!("{LB_ADDR}:9180");
+    let api: SocketAddr = outside.parse().unwrap();
+    for (listen, token, warned) in [
+        (outside.as_str(), false, true),
+        ("0.0.0.0:9180", false, true),
+        (outside.as_str(), true, false),
+        ("[::1]:9180", false, false),
+    ] {
+        let at = if listen.starts_with('[') {
+            listen
+        } else {
+            outside.as_str()
+        };
+        let mut lb = s.start(
+            &s.config(&format!("listen = {listen:?}"), token),
+            at,
+            "info",
+        );
+        let log = lb.log();
+        assert_eq!(
+            log.contains(WARNING),
+            warned,
+            "listen {listen}, token {token}: warning expected {warned}:\n{log}"
+        );
+        if warned {
+            let line = log.lines().find(|l| l.contains(WARNING)).unwrap();
+            assert!(line.contains("WARN"), "{line}");
+        }
+        if !listen.starts_with('[') {
+            // Reachable from the client, where only a token protects it.
+            let (status, _) = request(
+                &s.client_ns,
+                api,
+                "GET",
+                "/api/v1/services",
+                &[],
+                Body::None,
+            );
+            assert_eq!(status, 200, "listen {listen}");
+            let (status, _) = request(
+                &s.client_ns,
+                api,
+                "DELETE",
+                "/api/v1/services/web",
+                &[],
+                Body::None,
+            );
+            assert_eq!(status, if token { 401 } else { 204 }, "listen {listen}");
+            // Put it back for the next round.
+            let _ = fs::remove_file(s.dir.path("state.json"));
+        }
+        lb.stop();
+    }
+}
+
+/// Every route and method that changes something.
+fn changes() -> Vec<(&'static str, &'static str, Body)> {
+    let svc = r#"{"listen": "0.0.0.0:8443", "protocols": ["tcp"], "backends": [{"address": "127.0.0.1:9001"}]}"#;
+    vec![
+        (
+            "PUT",
+            "/api/v1/services/web",
+            Body::Json(svc.replace("8443", "443")),
+        ),
+        ("PUT", "/api/v1/services/api", Body::Json(svc.into())),
+        ("DELETE", "/api/v1/services/web", Body::None),
+        (
+            "POST",
+            "/api/v1/services/web/backends",
+            Body::Json(r#"{"address": "127.0.0.1:8003"}"#.into()),
+        ),
+        (
+            "PATCH",
+            "/api/v1/services/web/backends/127.0.0.1:8001",
+            Body::Json(r#"{"weight": 1}"#.into()),
+        ),
+        (
+            "PATCH",
+            "/api/v1/services/web/backends/127.0.0.1:8001",
+            Body::Json(r#"{"state": "disabled"}"#.into()),
+        ),
+        (
+            "DELETE",
+            "/api/v1/services/web/backends/127.0.0.1:8001",
+            Body::None,
+        ),
+        // Routes that take no change must not let one through either.
+        ("POST", "/api/v1/services", Body::Json(svc.into())),
+        ("DELETE", "/api/v1/services", Body::None),
+        (
+            "PUT",
+            "/api/v1/services/web/backends",
+            Body::Json("[]".into()),
+        ),
+        ("POST", "/api/v1/healthz", Body::None),
+        ("POST", "/metrics", Body::None),
+        ("DELETE", "/no/such/route", Body::None),
+    ]
+}
+
+/// Authorization headers that are not the token. (Trailing spaces are not
+/// among them: HTTP strips them from every header value.)
+fn wrong_credentials() -> Vec<Option<String>> {
+    let mut near = TOKEN.to_string();
+    near.pop();
+    near.push('X');
+    vec![
+        None,
+        Some(String::new()),
+        Some("Bearer".into()),
+        Some("Bearer ".into()),
+        Some(bearer("wrong")),
+        Some(bearer(&near)),
+        Some(bearer(&TOKEN[..TOKEN.len() - 1])),
+        Some(bearer(&format!("{TOKEN}x"))),
+        Some(bearer(&TOKEN.to_uppercase())),
+        Some(TOKEN.into()),
+        Some(format!("Basic {TOKEN}")),
+        Some(format!("Bearer  {TOKEN}")),
+    ]
+}
+
+#[test]
+fn every_change_without_the_token_is_refused() {
+    let s = setup("auth");
+    let lb = s.start(&s.config("", true), "127.0.0.1:9180", "info");
+    let before = lb.services();
+    let mut refused = 0;
+    for (method, path, body) in changes() {
+        for auth in wrong_credentials() {
+            let (status, text) = lb.call(method, path, auth.as_deref(), body.clone());
+            assert_eq!(
+                status, 401,
+                "{method} {path} with Authorization {auth:?}: {text}"
+            );
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            assert!(v["error"].is_string(), "{method} {path}: {text}");
+            refused += 1;
+        }
+        // The token in the query string is not the header.
+        let (status, _) = lb.call(method, &format!("{path}?token={TOKEN}"), None, body.clone());
+        assert_eq!(status, 401, "{method} {path}?token=");
+    }
+    assert_eq!(lb.services(), before, "a refused change changed something");
+    assert!(
+        !s.dir.path("state.json").exists(),
+        "a refused change wrote the state file"
+    );
+    // Reads need no token; with it, every real change goes through.
+    let t = bearer(TOKEN);
+    for (method, path, body, want) in [
+        ("PUT", "/api/v1/services/api", changes()[1].2.clone(), 201),
+        (
+            "POST",
+            "/api/v1/services/web/backends",
+            changes()[3].2.clone(),
+            201,
+        ),
+        (
+            "PATCH",
+            "/api/v1/services/web/backends/127.0.0.1:8001",
+            changes()[4].2.clone(),
+            200,
+        ),
+        (
+            "DELETE",
+            "/api/v1/services/web/backends/127.0.0.1:8003",
+            Body::None,
+            204,
+        ),
+        ("DELETE", "/api/v1/services/api", Body::None, 204),
+    ] {
+        let (status, text) = lb.call(method, path, Some(&t), body);
+        assert_eq!(status, want, "{method} {path} with the token: {text}");
+    }
+    println!("{refused} changes without the right token refused with 401");
+}
+
+#[test]
+fn request_bodies_over_64_kib_are_refused() {
+    let s = setup("limit");
+    let mut lb = s.start(&s.config("", true), "127.0.0.1:9180", "info");
+    let t = bearer(TOKEN);
+    let before = lb.services();
+    // A valid body padded with spaces to exactly `n` bytes.
+    let padded = |json: &str, n: usize| format!("{json}{}", " ".repeat(n - json.len()));
+    let svc = r#"{"listen": "0.0.0.0:8443", "protocols": ["tcp"], "backends": [{"address": "127.0.0.1:9001"}]}"#;
+    let backend = r#"{"address": "127.0.0.1:8003"}"#;
+    let patch = r#"{"weight": 5}"#;
+    let routes = [
+        ("PUT", "/api/v1/services/api", svc),
+        ("POST", "/api/v1/services/web/backends", backend),
+        (
+            "PATCH",
+            "/api/v1/services/web/backends/127.0.0.1:8001",
+            patch,
+        ),
+    ];
+    for (method, path, json) in routes {
+        for body in [
+            Body::Json(padded(json, BODY_LIMIT + 1)),
+            Body::Json(padded(json, 4 * BODY_LIMIT)),
+            Body::Chunked(padded(json, 2 * BODY_LIMIT)),
+        ] {
+            let (status, text) = lb.call(method, path, Some(&t), body);
+            assert_eq!(status, 413, "{method} {path}: {text}");
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            assert!(v["error"].is_string(), "{method} {path}: {text}");
+        }
+    }
+    assert_eq!(lb.services(), before, "an oversized body changed something");
+    // At the limit, a body is read and applied.
+    for ((method, path, json), want) in routes.iter().zip([201, 201, 200]) {
+        let (status, text) = lb.call(method, path, Some(&t), Body::Json(padded(json, BODY_LIMIT)));
+        assert_eq!(status, want, "{method} {path} at the limit: {text}");
+    }
+    // Without the token, a huge body is refused before it is read, and the
+    // daemon neither falls over nor keeps the memory.
+    let rss = lb.rss_kib();
+    for _ in 0..5 {
+        let (status, _) = lb.call(
+            "PUT",
+            "/api/v1/services/big",
+            None,
+            Body::Json(padded(svc, 16 << 20)),
+        );
+        assert!(
+            status == 401 || status == 0,
+            "unauthenticated 16 MiB body: {status}"
+        );
+    }
+    assert_eq!(lb.get("/healthz").0, 200);
+    let grown = lb.rss_kib().saturating_sub(rss);
+    println!("daemon VmRSS {rss} KiB, grew {grown} KiB after five refused 16 MiB bodies");
+    assert!(grown < 32 * 1024, "the daemon grew by {grown} KiB");
+    lb.stop();
+}
+
+#[test]
+fn the_token_never_shows_in_logs_metrics_or_answers() {
+    let s = setup("secret");
+    let config = s.config("", true);
+    let t = bearer(TOKEN);
+    let wrong = wrong_credentials();
+    for level in ["debug", "trace"] {
+        let _ = fs::remove_file(s.dir.path("state.json"));
+        let mut lb = s.start(&config, "127.0.0.1:9180", level);
+        let mut seen = String::new();
+        // Refused changes, with every wrong credential.
+        for auth in &wrong {
+            let (status, body) = lb.call(
+                "PATCH",
+                "/api/v1/services/web/backends/127.0.0.1:8001",
+                auth.as_deref(),
+                Body::Json(r#"{"weight": 3}"#.into()),
+            );
+            assert_eq!(status, 401);
+            seen.push_str(&body);
+        }
+        // Accepted ones, and ones that fail after the token was accepted.
+        for (method, path, body) in [
+            ("PUT", "/api/v1/services/api", changes()[1].2.clone()),
+            (
+                "PUT",
+                "/api/v1/services/bad",
+                Body::Json("{not json".into()),
+            ),
+            (
+                "PATCH",
+                "/api/v1/services/web/backends/127.0.0.1:8001",
+                changes()[4].2.clone(),
+            ),
+            ("DELETE", "/api/v1/services/nope", Body::None),
+            ("DELETE", "/api/v1/services/api", Body::None),
+        ] {
+            let (status, body) = lb.call(method, path, Some(&t), body);
+            assert_ne!(status, 401, "{method} {path}: {body}");
+            seen.push_str(&body);
+        }
+        for path in [
+            "/metrics",
+            "/api/v1/metrics",
+            "/api/v1/services",
+            "/api/v1/openapi.json",
+            "/healthz",
+        ] {
+            let (status, body) = lb.get(path);
+            assert_eq!(status, 200, "{path}");
+            seen.push_str(&body);
+        }
+        lb.stop();
+        let log = lb.log();
+        let state = fs::read_to_string(s.dir.path("state.json")).unwrap_or_default();
+        assert!(log.len() > 1000, "the {level} log is nearly empty:\n{log}");
+        for (what, text) in [
+            ("log", &log),
+            ("answers and metrics", &seen),
+            ("state file", &state),
+        ] {
+            assert!(
+                !text.contains(TOKEN),
+                "the token shows in the {what} at RUST_LOG={level}"
+            );
+            // Nor do the near misses, which would give most of it away.
+            assert!(
+                !text.contains(&TOKEN[..TOKEN.len() - 1]),
+                "part of the token shows in the {what} at RUST_LOG={level}"
+            );
+        }
+        println!(
+            "RUST_LOG={level}: {} log lines ({} at debug, {} at trace), {} bytes of answers and \
+             metrics, state file of {} bytes: no token",
+            log.lines().count(),
+            log.lines().filter(|l| l.contains("DEBUG")).count(),
+            log.lines().filter(|l| l.contains("TRACE")).count(),
+            seen.len(),
+            state.len()
+        );
+    }
+}
