@@ -99,7 +99,7 @@ async fn auth(State(d): State<Daemon>, req: Request, next: Next) -> Response {
             .and_then(|v| v.split_once(' '))
             // The scheme is case-insensitive (RFC 9110); the token is not.
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim())
+            .map(|(_, token)| token)
             .unwrap_or("");
         if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
             return ApiError::new(
