@@ -3,9 +3,9 @@
 //! the client can tell from the certificate alone which backend it reached:
 //! proof that the balancer passes TLS through instead of terminating it.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
-    net::{Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -173,6 +173,8 @@ struct Counters {
     errors: AtomicU64,
     datagrams: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Addresses of the client connections (not loopback) accepted.
+    peers: Mutex<HashSet<IpAddr>>,
 }
 
 /// Counts a live socket or task until dropped.
@@ -296,6 +298,14 @@ impl Backend {
         }
     }
 
+    /// The client addresses (IPv4-mapped ones as IPv4) of the TCP
+    /// connections accepted so far, health checks from loopback left out:
+    /// what the backend saw as the peer, e.g. to check that the balancer
+    /// preserved the client's address.
+    pub fn peers(&self) -> HashSet<IpAddr> {
+        self.counters.peers.lock().unwrap().clone()
+    }
+
     /// The last error a client connection ended with, on this side.
     pub fn last_error(&self) -> Option<String> {
         self.counters.last_error.lock().unwrap().clone()
@@ -369,6 +379,7 @@ async fn serve(
     let from_client = !peer.ip().to_canonical().is_loopback();
     let c = &ctx.counters;
     if from_client {
+        c.peers.lock().unwrap().insert(peer.ip().to_canonical());
         c.accepted.fetch_add(1, Ordering::SeqCst);
     } else {
         c.health_accepted.fetch_add(1, Ordering::SeqCst);

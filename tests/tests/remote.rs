@@ -1,14 +1,19 @@
 //! Backends on other hosts: `nat` and `dsr`, IPv4 and IPv6. Packet fixtures
 //! through `BPF_PROG_TEST_RUN` with a real FIB (routes and neighbours of a
 //! namespace the test builds), then real connections through namespaces
-//! standing in for client, balancer and backend hosts.
-use std::{collections::HashMap, net::SocketAddr};
+//! standing in for client, balancer and backend hosts: HTTPS with a
+//! certificate of its own on each backend host, passed through untouched.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+};
 
 use lb_common::Reason;
 use lb_tests::{
+    https::{Backend, ClientTls, Pki},
     netns::{self, Topology, run_in},
     packet::{self, Spec, TCP_ACK, TCP_SYN},
-    servers::{EchoName, ask},
+    topology::NsRuntime,
 };
 use lb_userspace::dataplane::{
     AttachMode, BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec,
@@ -244,16 +249,106 @@ fn balancer(ns: &str, iface: &'static str, services: Vec<ServiceSpec>) -> MapWri
     })
 }
 
-/// `n` requests from inside `ns` to `to`; answers counted by backend. Stops
-/// at the first failure.
-fn requests(ns: &str, to: SocketAddr, n: usize) -> HashMap<String, usize> {
-    let results: Result<Vec<String>, String> =
-        netns::within(ns, move || (0..n).map(|_| ask(to)).collect());
-    let mut per = HashMap::new();
-    for name in results.unwrap_or_else(|e| panic!("a request to {to} failed: {e}")) {
-        *per.entry(name).or_insert(0) += 1;
+/// Real HTTPS backends, one per backend host (each on a runtime inside its
+/// host's namespace) with a certificate of its own from a CA made for the
+/// test, and a client in the client's namespace that trusts only that CA
+/// and names the backend from the certificate it sees. Fields drop in
+/// order: the client, the backends (stopped), their runtimes.
+struct Https {
+    client: NsRuntime,
+    tls: ClientTls,
+    backends: Vec<Backend>,
+    _hosts: Vec<NsRuntime>,
+}
+
+impl Https {
+    /// A backend named `<name>.test` on `[::]:port` (dual stack) of each
+    /// `(name, namespace)` host.
+    fn start(client_ns: &str, hosts: &[(&str, &str)], port: u16) -> Https {
+        let pki = Pki::new();
+        let tls = pki.client(&[]);
+        let mut runtimes = Vec::new();
+        let mut backends = Vec::new();
+        for &(name, ns) in hosts {
+            let rt = NsRuntime::new(ns, 1);
+            let identity = pki.issue(&format!("{name}.test"));
+            tls.learn(&identity);
+            backends.push(Backend::start(&rt, port, identity));
+            runtimes.push(rt);
+        }
+        Https {
+            client: NsRuntime::new(client_ns, 2),
+            tls,
+            backends,
+            _hosts: runtimes,
+        }
     }
-    per
+
+    /// `n` HTTPS GETs to `to`, each over a new connection, 4 at a time.
+    /// Every one must succeed and be answered by the backend whose
+    /// certificate the client saw (TLS passed through, not terminated), and
+    /// each backend must count exactly the connections and requests the
+    /// client got from it. Returns the answers by backend.
+    fn spread(&self, what: &str, to: SocketAddr, n: usize) -> BTreeMap<String, usize> {
+        const WORKERS: usize = 4;
+        let before: Vec<_> = self.backends.iter().map(Backend::stats).collect();
+        let tls = self.tls.clone();
+        let results = self.client.run(async move {
+            let tasks: Vec<_> = (0..WORKERS)
+                .map(|w| {
+                    let tls = tls.clone();
+                    tokio::spawn(async move {
+                        let mut out = Vec::new();
+                        for _ in (w..n).step_by(WORKERS) {
+                            out.push(tls.get(to, "/", None).await);
+                        }
+                        out
+                    })
+                })
+                .collect();
+            let mut all = Vec::with_capacity(n);
+            for t in tasks {
+                all.extend(t.await.expect("a client task panicked"));
+            }
+            all
+        });
+        assert_eq!(results.len(), n);
+        let failures: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|f| f.to_string()))
+            .collect();
+        assert!(
+            failures.is_empty(),
+            "{what} {to}: {} of {n} HTTPS requests failed: {failures:?}",
+            failures.len()
+        );
+        let mut per: BTreeMap<String, usize> =
+            self.backends.iter().map(|b| (b.name.clone(), 0)).collect();
+        for r in results.iter().flatten() {
+            assert_eq!(
+                r.cert, r.body,
+                "{what} {to}: the certificate seen vs the backend that answered"
+            );
+            *per.get_mut(&r.cert).expect("a backend of this test") += 1;
+        }
+        let mut line = format!("{what} {to}: {n} HTTPS requests, all answered;");
+        for (b, was) in self.backends.iter().zip(before) {
+            let now = b.stats();
+            let got = per[&b.name] as u64;
+            line += &format!(
+                " {} {got} (accepted {}, completed {})",
+                b.name,
+                now.accepted - was.accepted,
+                now.requests - was.requests
+            );
+            assert_eq!(now.accepted - was.accepted, got, "{what} {to}: {}", b.name);
+            assert_eq!(now.requests - was.requests, got, "{what} {to}: {}", b.name);
+            assert_eq!(now.errors, 0, "{what} {to}: {:?}", b.last_error());
+            assert!(got > 0, "{what} {to}: {} served nothing: {per:?}", b.name);
+        }
+        println!("{line}");
+        per
+    }
 }
 
 /// A client on a veth hands its frames over with the TCP/UDP checksum only
@@ -305,10 +400,7 @@ fn nat_spreads_connections_over_backend_hosts_v4_and_v6() {
         // A veth receives XDP-redirected frames only with NAPI on.
         run_in(ns, &["ethtool", "-K", "eth0", "gro", "on"]);
     }
-    let servers = [
-        EchoName::start(&b1, "[::]:8443".parse().unwrap(), "b1"),
-        EchoName::start(&b2, "[::]:8443".parse().unwrap(), "b2"),
-    ];
+    let https = Https::start(&client, &[("b1", &b1), ("b2", &b2)], 8443);
     let services = vec![
         service(
             "web4",
@@ -325,19 +417,17 @@ fn nat_spreads_connections_over_backend_hosts_v4_and_v6() {
     ];
     let writer = balancer(&lb, "lb0", services);
     for vip in ["10.203.0.10:443", "[fd00:203::10]:443"] {
-        let per = requests(&client, vip.parse().unwrap(), 40);
-        println!("nat {vip}: {per:?}");
-        assert!(
-            per.get("b1").copied().unwrap_or(0) > 0 && per.get("b2").copied().unwrap_or(0) > 0,
-            "{vip}: {per:?}"
-        );
+        https.spread("nat", vip.parse().unwrap(), 40);
     }
     // The client's address is preserved: the backends saw only the client.
-    for s in &servers {
-        let peers: Vec<String> = s.peers().iter().map(|p| p.to_string()).collect();
-        let mut peers = peers;
+    let client_addrs: Vec<IpAddr> = ["10.203.0.2", "fd00:203::2"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    for b in &https.backends {
+        let mut peers: Vec<IpAddr> = b.peers().into_iter().collect();
         peers.sort();
-        assert_eq!(peers, ["10.203.0.2", "fd00:203::2"]);
+        assert_eq!(peers, client_addrs, "{}: the peers it saw", b.name);
     }
     let dp = writer.dataplane();
     let redirected = dp.action_counts().unwrap()[XDP_REDIRECT as usize];
@@ -410,10 +500,7 @@ fn dsr_replies_bypass_the_balancer_v4_and_v6() {
         run_in(ns, &["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"]);
         run_in(ns, &["sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2"]);
     }
-    let _servers = [
-        EchoName::start(&b1, "[::]:443".parse().unwrap(), "b1"),
-        EchoName::start(&b2, "[::]:443".parse().unwrap(), "b2"),
-    ];
+    let https = Https::start(&client, &[("b1", &b1), ("b2", &b2)], 443);
     let services = vec![
         service(
             "web4",
@@ -430,13 +517,15 @@ fn dsr_replies_bypass_the_balancer_v4_and_v6() {
     ];
     let writer = balancer(&lb, "eth0", services);
     // The backends' MACs, as the kernel would learn them from traffic.
-    for (ns, v4, v6) in [
-        (&b1, "10.204.0.11", "fd00:204::11"),
-        (&b2, "10.204.0.12", "fd00:204::12"),
+    let mut backend_macs = HashMap::new();
+    for (host, ns, v4, v6) in [
+        ("b1", &b1, "10.204.0.11", "fd00:204::11"),
+        ("b2", &b2, "10.204.0.12", "fd00:204::12"),
     ] {
         let m = run_in(ns, &["cat", "/sys/class/net/eth0/address"])
             .trim()
             .to_string();
+        backend_macs.insert(m.clone(), (host, 0usize));
         for addr in [v4, v6] {
             run_in(
                 &lb,
@@ -459,13 +548,12 @@ fn dsr_replies_bypass_the_balancer_v4_and_v6() {
         .trim()
         .to_string();
     let capture = lb_tests::capture::Capture::start(&client, "eth0");
+    let mut requests = 0;
     for vip in ["10.204.0.100:443", "[fd00:204::100]:443"] {
-        let per = requests(&client, vip.parse().unwrap(), 40);
-        println!("dsr {vip}: {per:?}");
-        assert!(
-            per.get("b1").copied().unwrap_or(0) > 0 && per.get("b2").copied().unwrap_or(0) > 0,
-            "{vip}: {per:?}"
-        );
+        requests += https
+            .spread("dsr", vip.parse().unwrap(), 40)
+            .values()
+            .sum::<usize>();
     }
     let frames = capture.stop();
     let replies: Vec<_> = frames
@@ -476,9 +564,10 @@ fn dsr_replies_bypass_the_balancer_v4_and_v6() {
                 && (p.src.to_string() == "10.204.0.100" || p.src.to_string() == "fd00:204::100")
         })
         .collect();
+    // At least a SYN-ACK and the TLS server flight per connection.
     assert!(
-        replies.len() >= 160,
-        "saw only {} replies from the service address",
+        replies.len() >= 2 * requests,
+        "saw only {} replies from the service address for {requests} connections",
         replies.len()
     );
     for (f, p) in &replies {
@@ -488,7 +577,19 @@ fn dsr_replies_bypass_the_balancer_v4_and_v6() {
             "a reply from {} came through the balancer",
             p.src
         );
+        backend_macs
+            .get_mut(&src_mac)
+            .unwrap_or_else(|| panic!("a reply from {} came from {src_mac}", p.src))
+            .1 += 1;
     }
+    println!(
+        "dsr: {} replies from the service address, by source MAC: {backend_macs:?}",
+        replies.len()
+    );
+    assert!(
+        backend_macs.values().all(|&(_, n)| n > 0),
+        "replies from each backend's MAC: {backend_macs:?}"
+    );
     let tx = writer.dataplane().action_counts().unwrap()[XDP_TX as usize];
     assert!(tx > 0, "nothing went out with XDP_TX");
 }
