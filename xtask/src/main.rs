@@ -222,10 +222,39 @@ fn test(env: &setup::Env, args: &[String]) -> Result<()> {
         .args(["build", "-p", "lb-userspace", "--bin", "lb"])
         .status()?;
     check(status, "cargo build of lb")?;
-    let status = env.cargo().arg("test").args(args).status()?;
-    check(status, "cargo test")?;
+    let mut child = env
+        .cargo()
+        .arg("test")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    // Pass the output through and add up every test binary's result line,
+    // so the run ends with one line that counts all of them.
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped stdout");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match what {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    "ignored" => ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
     remove_stale_namespaces();
-    Ok(())
+    println!("\ntests: {passed} passed, {failed} failed, {ignored} skipped");
+    check(status, "cargo test")
 }
 
 /// Namespaces left by test runs that were killed (their pid is gone).
