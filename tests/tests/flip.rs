@@ -56,10 +56,7 @@ fn readers_never_see_a_half_written_table() {
     let flips = 3000u32;
     let started = Instant::now();
     for g in 1..=flips {
-        let slots = vec![
-            MaglevSlot::clean(g);
-            m
-        ];
+        let slots = vec![MaglevSlot::clean(g); m];
         dp.install_table(0, &slots, 0).unwrap();
     }
     let spent = started.elapsed();

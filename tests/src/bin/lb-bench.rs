@@ -1,240 +1,270 @@
-//! `cargo xtask bench`: the data plane's cost per packet through
-//! `BPF_PROG_TEST_RUN` on the real object, next to a baseline program
-//! measured in the same run (parse, swap MACs, `XDP_TX`).
+//! `cargo xtask bench`: how fast the balancer is, always next to a baseline
+//! measured in the same run (these machines are shared and noisy):
+//! - the data plane's cost per packet through `BPF_PROG_TEST_RUN`, next to
+//!   a minimal XDP program (parse, swap MACs, `XDP_TX`);
+//! - packets per second on one core through the program attached to a
+//!   veth, driven by XDP live frames, next to the baseline attached the same
+//!   way;
+//! - end to end in network namespaces, the real `lb` daemon next to a direct
+//!   connection and the gateways users run instead (nftables, HAProxy,
+//!   nginx, Caddy);
+//! - the control plane: Maglev builds, flows moved by a backend change, time
+//!   from a backend's death to the new table, daemon memory under API load.
 //!
-//! With `repeat`, the kernel runs the program again on the buffer the last
-//! run left. Every case here is built so that buffer is the input again: the
-//! service's backends listen on the service port itself (127.0.0.x:443), so
-//! the rewrite writes the bytes that were there and every run takes the full
-//! forwarding path. The proof is checked, not assumed: one run's output must
-//! equal its input, and the service's packet counter must advance by
-//! exactly the number of runs.
-use std::{fs, time::Duration};
+//! Writes `results.json` (every figure, with an id and a unit),
+//! `BENCHMARKS.md` and a chart to the output directory (`target/bench`);
+//! the full run also writes the last two to `docs/`.
+//!
+//! `--quick` is a shorter run of everything, `--smoke` a CI-sized one that
+//! needs no package from outside (no peers); `--only SECTION,...` runs some
+//! of `per-packet`, `pps`, `e2e`, `control`.
+#[path = "../bench/chart.rs"]
+mod chart;
+#[path = "../bench/control.rs"]
+mod control;
+#[path = "../bench/e2e.rs"]
+mod e2e;
+#[path = "../bench/load.rs"]
+mod load;
+#[path = "../bench/markdown.rs"]
+mod markdown;
+#[path = "../bench/peers.rs"]
+mod peers;
+#[path = "../bench/per_packet.rs"]
+mod per_packet;
+#[path = "../bench/pps.rs"]
+mod pps;
+#[path = "../bench/report.rs"]
+mod report;
+#[path = "../bench/sys.rs"]
+mod sys;
 
-use aya::{Ebpf, TestRun, TestRunOptions, programs::Xdp};
-use lb_tests::packet::{Spec, TCP_ACK, TCP_SYN};
-use lb_userspace::dataplane::{
-    BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec, addr_words,
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
+use serde_json::json;
 
-struct Case {
-    name: String,
-    ns: f64,
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    Smoke,
+    Quick,
+    Full,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn per_packet(d: Duration, repeat: u32) -> f64 {
-    // The kernel reports the mean per run already.
-    let _ = repeat;
-    d.as_nanos() as f64
-}
-
-fn service(n: usize) -> ServiceSpec {
-    ServiceSpec {
-        name: "bench".into(),
-        listen: "0.0.0.0:443".parse().unwrap(),
-        protocols: vec![Protocol::Tcp, Protocol::Udp],
-        forwarding: Forwarding::Local,
-        backends: (0..n)
-            .map(|i| {
-                let addr = format!("127.0.{}.{}:443", i / 250, i % 250 + 1);
-                BackendSpec::new(addr.parse().unwrap(), 100)
-            })
-            .collect(),
-    }
-}
-
-struct Bench {
-    repeat: u32,
-    rounds: usize,
-}
-
-impl Bench {
-    fn baseline(&self, frame: &[u8]) -> f64 {
-        let mut ebpf = Ebpf::load(lb_userspace::BASELINE_OBJECT).expect("baseline object");
-        let prog: &mut Xdp = ebpf.program_mut("baseline").unwrap().try_into().unwrap();
-        prog.load().expect("baseline loads");
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut samples = Vec::new();
-        for _ in 0..self.rounds {
-            let r = prog
-                .test_run(TestRunOptions {
-                    data_in: Some(frame),
-                    data_out: Some(&mut out),
-                    repeat: self.repeat,
-                    ..Default::default()
-                })
-                .expect("baseline test run");
-            assert_eq!(r.return_value, XDP_TX, "baseline must transmit");
-            samples.push(per_packet(r.duration, self.repeat));
-        }
-        median(samples)
-    }
-
-    /// Measures `frame` through the balancer; `forwarded` says whether it is
-    /// a service packet (its counter must then move by every run).
-    fn lb(&self, w: &MapWriter, frame: &[u8], forwarded: bool) -> f64 {
-        let dp = w.dataplane();
-        let (action, out) = dp.test_run_xdp(frame).unwrap();
-        assert_eq!(action, XDP_PASS);
-        assert_eq!(out, frame, "the bench frame must come out as it went in");
-        let id = w.service_id("bench").unwrap();
-        let mut samples = Vec::new();
-        for _ in 0..self.rounds {
-            let before = dp.service_counters(id).unwrap().packets;
-            let d = dp.bench_xdp(frame, self.repeat).unwrap();
-            let after = dp.service_counters(id).unwrap().packets;
-            let expected = if forwarded { self.repeat as u64 } else { 0 };
-            assert_eq!(
-                after - before,
-                expected,
-                "every measured run took the path it claims"
-            );
-            samples.push(per_packet(d, self.repeat));
-        }
-        median(samples)
-    }
-}
-
-fn writer(n: usize) -> MapWriter {
-    let dp = Dataplane::load(Options {
-        max_services: 2,
-        ..Options::default()
-    })
-    .expect("load the data plane");
-    let mut w = MapWriter::new(dp);
-    w.apply(&[service(n)]).unwrap();
-    w
-}
-
-/// A TCP flow of the bench service whose Maglev slot changed in the last
-/// table (so it goes through the flow table).
-fn sticky_flow(w: &MapWriter) -> Spec {
-    let id = w.service_id("bench").unwrap();
-    let (_, table) = w.dataplane().active_table(id).unwrap();
-    for sport in 1024..65535u16 {
-        let spec = Spec::tcp("10.9.0.2", "10.9.0.1", sport, 443, TCP_ACK);
-        let p = lb_tests::packet::parse(&spec.build()).unwrap();
-        let h = lb_common::flow_hash(
-            &addr_words(p.src),
-            &addr_words(p.dst),
-            p.sport.to_be(),
-            p.dport.to_be(),
-            6,
-        );
-        let s = table[(h % table.len() as u32) as usize];
-        if s.backend != s.prev {
-            return spec;
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Smoke => "smoke",
+            Mode::Quick => "quick",
+            Mode::Full => "full",
         }
     }
-    panic!("no sticky slot found");
+}
+
+/// How much of everything a mode does.
+pub struct Scale {
+    pub mode: Mode,
+    /// Per packet: runs per `BPF_PROG_TEST_RUN` call, calls per case.
+    pub repeat: u32,
+    pub rounds: usize,
+    /// Flow-table entries, the share filled for "nearly full", and the
+    /// distinct frames of a repeat=1 measurement.
+    pub flow_table: u32,
+    pub fill: f64,
+    pub insert_samples: usize,
+    /// Live frames per call and calls per case.
+    pub pps_frames: u32,
+    pub pps_rounds: usize,
+    /// End to end: length of each load phase, the fixed offered load of the
+    /// latency phase, and whether the peers run.
+    pub phase: Duration,
+    pub latency_rate: u32,
+    pub peers: bool,
+    /// Passes over all setups; each figure is the best of them.
+    pub e2e_passes: usize,
+    /// Only these setups (`--setups direct,lb,...`), for a partial run.
+    pub setups: Option<Vec<String>>,
+    /// Control plane.
+    pub maglev_reps: usize,
+    pub share_flows: usize,
+    pub death_trials: usize,
+    pub api_changes: usize,
+}
+
+impl Scale {
+    fn of(mode: Mode) -> Scale {
+        match mode {
+            Mode::Full => Scale {
+                mode,
+                repeat: 1_000_000,
+                rounds: 7,
+                flow_table: lb_common::DEFAULT_FLOW_TABLE_SIZE,
+                fill: 0.95,
+                insert_samples: 20_000,
+                pps_frames: 4_000_000,
+                pps_rounds: 5,
+                phase: Duration::from_secs(5),
+                latency_rate: 1000,
+                peers: true,
+                e2e_passes: 3,
+                setups: None,
+                maglev_reps: 5,
+                share_flows: 50_000,
+                death_trials: 5,
+                api_changes: 10_000,
+            },
+            Mode::Quick => Scale {
+                mode,
+                repeat: 200_000,
+                rounds: 3,
+                flow_table: 65_536,
+                fill: 0.95,
+                insert_samples: 3_000,
+                pps_frames: 1_000_000,
+                pps_rounds: 3,
+                phase: Duration::from_millis(1500),
+                latency_rate: 500,
+                peers: true,
+                e2e_passes: 1,
+                setups: None,
+                maglev_reps: 2,
+                share_flows: 10_000,
+                death_trials: 2,
+                api_changes: 1_000,
+            },
+            Mode::Smoke => Scale {
+                mode,
+                repeat: 20_000,
+                rounds: 2,
+                flow_table: 4_096,
+                fill: 0.9,
+                insert_samples: 300,
+                pps_frames: 200_000,
+                pps_rounds: 1,
+                phase: Duration::from_millis(500),
+                latency_rate: 200,
+                peers: false,
+                e2e_passes: 1,
+                setups: None,
+                maglev_reps: 1,
+                share_flows: 2_000,
+                death_trials: 1,
+                api_changes: 200,
+            },
+        }
+    }
+}
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn main() {
     lb_tests::require_root();
-    let quick = std::env::args().any(|a| a == "--quick");
-    let bench = Bench {
-        repeat: if quick { 20_000 } else { 1_000_000 },
-        rounds: if quick { 3 } else { 7 },
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let value = |f: &str| {
+        args.iter()
+            .position(|a| a == f)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
     };
-    let syn4 = Spec::tcp("10.9.0.2", "10.9.0.1", 40000, 443, TCP_SYN).build();
-    let mut cases = Vec::new();
-    let floor = bench.baseline(&syn4);
-    cases.push(Case {
-        name: "baseline: parse, swap MACs, XDP_TX".into(),
-        ns: floor,
-    });
-
-    let w = writer(3);
-    for (name, xlated, verified) in w.dataplane().program_sizes() {
-        println!(
-            "program {name}: {xlated} instructions after the verifier's rewrites, {verified} verified"
-        );
-    }
-    let est4 = Spec::tcp("10.9.0.2", "10.9.0.1", 40000, 443, TCP_ACK)
-        .payload(&[0; 10])
-        .build();
-    let syn6 = Spec::tcp("fd00::2", "fd00::1", 40000, 443, TCP_SYN).build();
-    let est6 = Spec::tcp("fd00::2", "fd00::1", 40000, 443, TCP_ACK).build();
-    let udp4 = Spec::udp("10.9.0.2", "10.9.0.1", 40000, 443)
-        .payload(&[0; 22])
-        .build();
-    let big4 = Spec::tcp("10.9.0.2", "10.9.0.1", 40000, 443, TCP_ACK)
-        .payload(&[0; 1446])
-        .build();
-    let other = Spec::tcp("10.9.0.2", "10.9.0.1", 40000, 80, TCP_SYN).build();
-    cases.push(Case {
-        name: "lb: non-service packet (port 80)".into(),
-        ns: bench.lb(&w, &other, false),
-    });
-    cases.push(Case {
-        name: "lb: ipv4 tcp syn, 3 backends".into(),
-        ns: bench.lb(&w, &syn4, true),
-    });
-    cases.push(Case {
-        name: "lb: ipv4 tcp established, 3 backends".into(),
-        ns: bench.lb(&w, &est4, true),
-    });
-    cases.push(Case {
-        name: "lb: ipv6 tcp syn, 3 backends".into(),
-        ns: bench.lb(&w, &syn6, true),
-    });
-    cases.push(Case {
-        name: "lb: ipv6 tcp established, 3 backends".into(),
-        ns: bench.lb(&w, &est6, true),
-    });
-    cases.push(Case {
-        name: "lb: ipv4 udp, 3 backends".into(),
-        ns: bench.lb(&w, &udp4, true),
-    });
-    cases.push(Case {
-        name: "lb: ipv4 tcp 1500-byte frame".into(),
-        ns: bench.lb(&w, &big4, true),
-    });
-    for n in [100, 1000] {
-        let w = writer(n);
-        cases.push(Case {
-            name: format!("lb: ipv4 tcp established, {n} backends"),
-            ns: bench.lb(&w, &est4, true),
+    let mode = if flag("--smoke") {
+        Mode::Smoke
+    } else if flag("--quick") {
+        Mode::Quick
+    } else {
+        Mode::Full
+    };
+    let mut scale = Scale::of(mode);
+    scale.setups = value("--setups").map(|v| v.split(',').map(str::to_string).collect());
+    let sections: Vec<String> = value("--only")
+        .map(|v| v.split(',').map(str::to_string).collect())
+        .unwrap_or_else(|| {
+            ["per-packet", "pps", "e2e", "control"]
+                .map(String::from)
+                .to_vec()
         });
-    }
-    // A slot that changed: the flow is pinned in the LRU flow table.
-    let mut w = writer(3);
-    let mut more = service(4);
-    more.backends.truncate(4);
-    w.apply(&[more]).unwrap();
-    let pinned = sticky_flow(&w).build();
-    cases.push(Case {
-        name: "lb: ipv4 tcp established, changed slot (flow table hit)".into(),
-        ns: bench.lb(&w, &pinned, true),
-    });
+    let out = value("--out")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/bench"));
+    std::fs::create_dir_all(&out).expect("output directory");
 
+    let started = Instant::now();
+    let load_before = sys::loadavg();
+    let mut report = report::Report::default();
+    let machine = sys::machine();
     println!(
-        "\nper-packet cost through BPF_PROG_TEST_RUN ({} runs x {} rounds, median)",
-        bench.repeat, bench.rounds
+        "lb-bench ({} mode) on {} x {}, kernel {}, load average {:.2}",
+        mode.name(),
+        machine.cpus,
+        machine.cpu_model,
+        machine.kernel,
+        load_before
     );
-    println!("{:<60} {:>9} {:>9}", "case", "ns/pkt", "x floor");
-    let mut json = String::from("{\n  \"unit\": \"ns_per_packet\",\n  \"cases\": [\n");
-    for (i, c) in cases.iter().enumerate() {
-        println!("{:<60} {:>9.1} {:>9.2}", c.name, c.ns, c.ns / floor);
-        json.push_str(&format!(
-            "    {{\"name\": \"{}\", \"ns\": {:.1}, \"ratio_to_baseline\": {:.3}}}{}\n",
-            c.name,
-            c.ns,
-            c.ns / floor,
-            if i + 1 < cases.len() { "," } else { "" }
-        ));
+    for s in &sections {
+        let t = Instant::now();
+        match s.as_str() {
+            "per-packet" => per_packet::run(&scale, &mut report),
+            "pps" => pps::run(&scale, &mut report),
+            "e2e" => e2e::run(&scale, &mut report),
+            "control" => control::run(&scale, &mut report),
+            other => panic!("unknown section {other:?}: per-packet, pps, e2e, control"),
+        }
+        println!("bench: {s} took {:.0} s", t.elapsed().as_secs_f64());
     }
-    json.push_str("  ]\n}\n");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join("results.json"), json).unwrap();
-    println!("\nwritten to target/bench/results.json");
+    let elapsed = started.elapsed().as_secs_f64();
+    let command = match mode {
+        Mode::Full => "cargo xtask bench".to_string(),
+        Mode::Quick => "cargo xtask bench --quick".to_string(),
+        Mode::Smoke => format!("lb-bench {}", args[1..].join(" ")),
+    };
+    let meta = json!({
+        "mode": mode.name(),
+        "command": command,
+        "sections": sections,
+        "machine": {
+            "cpus": machine.cpus,
+            "cpu_model": machine.cpu_model,
+            "kernel": machine.kernel,
+            "memory_gib": machine.memory_gib,
+        },
+        "load_average_before": load_before,
+        "load_average_after": sys::loadavg(),
+        "unix_time": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        "duration_s": elapsed,
+    });
+    let json_path = out.join("results.json");
+    report.write_json(&json_path, meta.clone()).unwrap();
+    let png = out.join("benchmarks.png");
+    if let Err(e) = chart::draw(&report, &png) {
+        report.skip(format!("chart: {e}"));
+    }
+    let md_path = out.join("BENCHMARKS.md");
+    markdown::write(&report, &meta, &md_path, "benchmarks.png");
+    if mode == Mode::Full && sections.len() == 4 {
+        let docs = workspace().join("docs");
+        std::fs::create_dir_all(&docs).unwrap();
+        let _ = std::fs::copy(&png, docs.join("benchmarks.png"));
+        markdown::write(
+            &report,
+            &meta,
+            &docs.join("BENCHMARKS.md"),
+            "benchmarks.png",
+        );
+        println!("\nwritten to docs/BENCHMARKS.md and docs/benchmarks.png");
+    }
+    println!(
+        "\nwritten to {} (and BENCHMARKS.md, benchmarks.png beside it) in {:.0} s",
+        json_path.display(),
+        elapsed
+    );
 }

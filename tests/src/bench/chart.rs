@@ -1,0 +1,258 @@
+//! The report's chart (PNG, plotters): per-packet cost against the
+//! baseline, packets per second on one core, and the end-to-end figures of
+//! every setup relative to a direct connection.
+use std::path::Path;
+
+use plotters::{prelude::*, style::register_font};
+use serde_json::Value;
+
+use crate::{report::Report, sys};
+
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// One horizontal bar: label, value, and the series (colour) it belongs to.
+struct Bar {
+    label: String,
+    value: f64,
+    series: usize,
+}
+
+const COLORS: [RGBColor; 4] = [
+    RGBColor(0x3b, 0x6e, 0xa8),
+    RGBColor(0xa0, 0xa0, 0xa0),
+    RGBColor(0xe0, 0x8a, 0x2c),
+    RGBColor(0x5a, 0xa0, 0x5a),
+];
+
+pub fn draw(report: &Report, path: &Path) -> Result<(), String> {
+    if !Path::new(FONT).exists() {
+        let missing = sys::ensure_packages(&[("fonts-dejavu-core", FONT)]);
+        if !missing.is_empty() {
+            return Err("no font for the chart (fonts-dejavu-core)".into());
+        }
+    }
+    let bytes: &'static [u8] = Box::leak(std::fs::read(FONT).map_err(|e| e.to_string())?.into());
+    register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| "bad font")?;
+
+    let mut panels: Vec<(String, String, Vec<Bar>, Vec<&str>)> = Vec::new();
+    if let Some(Value::Array(rows)) = report.sections.get("per_packet") {
+        let wanted = [
+            (
+                "per_packet/baseline/ipv4/64B",
+                "baseline: parse, swap MACs, XDP_TX",
+                1,
+            ),
+            (
+                "per_packet/ipv4/tcp_syn/64B/3_backends/clean_slot/empty_table",
+                "ipv4 tcp syn",
+                0,
+            ),
+            (
+                "per_packet/ipv4/tcp_established/64B/3_backends/clean_slot/empty_table",
+                "ipv4 tcp established",
+                0,
+            ),
+            (
+                "per_packet/ipv4/udp/64B/3_backends/clean_slot/empty_table",
+                "ipv4 udp",
+                0,
+            ),
+            (
+                "per_packet/ipv6/tcp_established/74B/3_backends/clean_slot/empty_table",
+                "ipv6 tcp established",
+                0,
+            ),
+            (
+                "per_packet/ipv4/non_service/64B/3_backends/clean_slot/empty_table",
+                "non-service packet",
+                0,
+            ),
+            (
+                "per_packet/ipv4/tcp_established/64B/1000_backends/clean_slot/empty_table",
+                "established, 1000 backends",
+                0,
+            ),
+            (
+                "per_packet/ipv4/tcp_established/64B/4_backends/clean_slot/full_table",
+                "established, clean slot, full flow table",
+                0,
+            ),
+            (
+                "per_packet/ipv4/tcp_established/64B/4_backends/sticky_slot_pinned/full_table",
+                "established, sticky slot (LRU hit), full table",
+                2,
+            ),
+            (
+                "per_packet/ipv4/tcp_syn/64B/4_backends/sticky_slot_insert/full_table",
+                "syn, sticky slot (LRU insert), full table",
+                2,
+            ),
+        ];
+        let bars = wanted
+            .iter()
+            .filter_map(|(id, label, series)| {
+                let r = rows.iter().find(|r| r["id"] == *id)?;
+                Some(Bar {
+                    label: label.to_string(),
+                    value: r["ns"].as_f64()?,
+                    series: *series,
+                })
+            })
+            .collect();
+        panels.push((
+            "Cost per packet, BPF_PROG_TEST_RUN (ns, lower is better)".into(),
+            "ns".into(),
+            bars,
+            vec![],
+        ));
+    }
+    if let Some(Value::Array(rows)) = report.sections.get("pps") {
+        let bars = rows
+            .iter()
+            .map(|r| Bar {
+                label: r["label"].as_str().unwrap_or("").to_string(),
+                value: r["pps"].as_f64().unwrap_or(0.0) / 1e6,
+                series: if r["id"].as_str().unwrap_or("").contains("baseline") {
+                    1
+                } else {
+                    0
+                },
+            })
+            .collect();
+        panels.push((
+            "Native XDP on a veth, one core, live frames (Mpps, higher is better)".into(),
+            "Mpps".into(),
+            bars,
+            vec![],
+        ));
+    }
+    if let Some(Value::Array(rows)) = report.sections.get("e2e") {
+        let direct = rows.iter().find(|r| r["setup"] == "direct");
+        if let Some(d) = direct {
+            let mut bars = Vec::new();
+            for r in rows {
+                let name = r["setup"].as_str().unwrap_or("").to_string();
+                let rel =
+                    |a: &Value, b: &Value| a.as_f64().unwrap_or(0.0) / b.as_f64().unwrap_or(1.0);
+                for (series, v) in [
+                    rel(&r["https"]["conn_per_s"], &d["https"]["conn_per_s"]),
+                    rel(&r["http"]["conn_per_s"], &d["http"]["conn_per_s"]),
+                    rel(&r["bulk"]["gbit_per_s"], &d["bulk"]["gbit_per_s"]),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    bars.push(Bar {
+                        label: if series == 0 {
+                            name.clone()
+                        } else {
+                            String::new()
+                        },
+                        value: v,
+                        series,
+                    });
+                }
+            }
+            panels.push((
+                "End to end, relative to a direct connection (x, higher is better)".into(),
+                "x direct".into(),
+                bars,
+                vec!["HTTPS conn/s", "HTTP conn/s", "bulk throughput"],
+            ));
+        }
+    }
+    if panels.is_empty() {
+        return Err("nothing to draw".into());
+    }
+    let heights: Vec<u32> = panels
+        .iter()
+        .map(|(_, _, bars, _)| 90 + 26 * bars.len() as u32)
+        .collect();
+    let total: u32 = heights.iter().sum();
+    let root = BitMapBackend::new(path, (1200, total)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut rest = root.clone();
+    for ((title, unit, bars, legend), h) in panels.iter().zip(&heights) {
+        let (area, below) = rest.split_vertically(*h);
+        rest = below;
+        panel(&area, title, unit, bars, legend).map_err(|e| e.to_string())?;
+    }
+    root.present().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    title: &str,
+    unit: &str,
+    bars: &[Bar],
+    legend: &[&str],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let max = bars.iter().map(|b| b.value).fold(0.0, f64::max).max(1e-9);
+    // The left part of the x range holds the labels.
+    let left = -max * 0.75;
+    let n = bars.len() as f64;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(28)
+        .build_cartesian_2d(left..max * 1.18, n..0.0)?;
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .disable_y_axis()
+        .light_line_style(TRANSPARENT)
+        .x_labels(8)
+        .x_label_formatter(&|v| {
+            if *v < 0.0 {
+                String::new()
+            } else if max < 10.0 {
+                format!("{v:.1}")
+            } else {
+                format!("{v:.0}")
+            }
+        })
+        .x_desc(unit)
+        .label_style(("sans-serif", 13))
+        .draw()?;
+    for (i, b) in bars.iter().enumerate() {
+        let y = i as f64;
+        let color = COLORS[b.series % COLORS.len()];
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [(0.0, y + 0.15), (b.value, y + 0.85)],
+            color.filled(),
+        )))?;
+        chart.draw_series(std::iter::once(Text::new(
+            format!("{:.2}", b.value)
+                .trim_end_matches('0')
+                .trim_end_matches('.')
+                .to_string(),
+            (b.value + max * 0.01, y + 0.2),
+            ("sans-serif", 13),
+        )))?;
+        if !b.label.is_empty() {
+            chart.draw_series(std::iter::once(Text::new(
+                b.label.clone(),
+                (left + max * 0.02, y + 0.2),
+                ("sans-serif", 14),
+            )))?;
+        }
+    }
+    for (i, name) in legend.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())?
+            .label(*name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    if !legend.is_empty() {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK.mix(0.3))
+            .label_font(("sans-serif", 13))
+            .draw()?;
+    }
+    Ok(())
+}

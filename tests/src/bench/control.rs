@@ -1,0 +1,435 @@
+//! The control plane: Maglev table builds, the share of flows a backend
+//! change moves (with the flow table, through the real program; without
+//! it, from the tables), the time from a backend's death to the new table
+//! in the real daemon, and the daemon's memory under a stream of API
+//! changes.
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    daemon::{Lb, TempDir, http},
+    netns::{self, Topology},
+    packet::{Spec, TCP_ACK},
+    servers::EchoName,
+};
+use lb_userspace::{
+    dataplane::{
+        BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec, addr_words,
+    },
+    maglev,
+};
+use serde_json::{Value, json};
+
+use crate::{
+    Scale,
+    report::{Report, Table, num},
+    sys,
+};
+
+pub fn run(scale: &Scale, report: &mut Report) {
+    maglev_builds(scale, report);
+    flow_moves(scale, report);
+    daemon(scale, report);
+}
+
+fn entries(n: usize) -> Vec<maglev::Entry> {
+    (0..n)
+        .map(|i| maglev::Entry {
+            name: format!("10.{}.{}.{}:443", i / 65536, (i / 256) % 256, i % 256),
+            id: i as u32,
+            weight: 100,
+        })
+        .collect()
+}
+
+fn maglev_builds(scale: &Scale, report: &mut Report) {
+    let mut t = Table::new(
+        format!(
+            "Maglev table build (lb_userspace::maglev::build, median of {})",
+            scale.maglev_reps
+        ),
+        &[
+            "backends",
+            "M = 65537, ms",
+            "M >= 100 x backends",
+            "ms",
+            "slots per backend (min..max, M = 65537)",
+        ],
+    );
+    let mut rows = Vec::new();
+    for n in [10usize, 100, 1000, 5000] {
+        let e = entries(n);
+        let time = |m: u32| {
+            let v: Vec<f64> = (0..scale.maglev_reps)
+                .map(|_| {
+                    let t0 = Instant::now();
+                    let table = maglev::build(&e, m);
+                    let ms = t0.elapsed().as_secs_f64() * 1e3;
+                    std::hint::black_box(table);
+                    ms
+                })
+                .collect();
+            sys::median(&v)
+        };
+        let default_ms = time(lb_common::DEFAULT_MAGLEV_SIZE);
+        let big_m = maglev::next_prime((100 * n as u32).max(lb_common::DEFAULT_MAGLEV_SIZE));
+        let big_ms = time(big_m);
+        let counts = maglev::slot_counts(&maglev::build(&e, lb_common::DEFAULT_MAGLEV_SIZE));
+        let (min, max) = (
+            counts.values().min().copied().unwrap_or(0),
+            counts.values().max().copied().unwrap_or(0),
+        );
+        t.row(vec![
+            n.to_string(),
+            num(default_ms),
+            big_m.to_string(),
+            num(big_ms),
+            format!("{min}..{max}"),
+        ]);
+        report.figure(
+            format!("control/maglev_build/{n}_backends/ms"),
+            default_ms,
+            "ms",
+        );
+        report.figure(
+            format!("control/maglev_build/{n}_backends_m{big_m}/ms"),
+            big_ms,
+            "ms",
+        );
+        rows.push(
+            json!({"backends": n, "m": lb_common::DEFAULT_MAGLEV_SIZE, "ms": default_ms,
+                         "big_m": big_m, "big_m_ms": big_ms, "min_slots": min, "max_slots": max}),
+        );
+    }
+    t.note("one thread; the daemon builds off its async runtime and then flips one word");
+    report.section("maglev_build", rows);
+    report.table(t);
+}
+
+fn service(ports: &[u16]) -> ServiceSpec {
+    ServiceSpec {
+        name: "bench".into(),
+        listen: "0.0.0.0:443".parse().unwrap(),
+        protocols: vec![Protocol::Tcp],
+        forwarding: Forwarding::Local,
+        backends: ports
+            .iter()
+            .map(|p| BackendSpec::new(format!("127.0.0.1:{p}").parse().unwrap(), 100))
+            .collect(),
+    }
+}
+
+/// Distinct established-TCP flows from a fixed pseudo-random sequence.
+fn random_flows(n: usize) -> Vec<(Ipv4Addr, u16)> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let src = Ipv4Addr::from(0x0a00_0000 | (x as u32 & 0x00ff_ffff));
+        let port = 1024 + ((x >> 32) as u16 % 64000);
+        if seen.insert((src, port)) {
+            out.push((src, port));
+        }
+    }
+    out
+}
+
+/// The backend port each flow's established packet goes to now.
+fn ports_now(w: &MapWriter, frames: &[Vec<u8>]) -> Vec<u16> {
+    frames
+        .iter()
+        .map(|f| {
+            let (action, out) = w.dataplane().test_run_xdp(f).unwrap();
+            assert_eq!(action, 2, "a local-mode service packet is passed up");
+            u16::from_be_bytes([out[36], out[37]])
+        })
+        .collect()
+}
+
+/// The backend port each flow's slot holds in the active table (what a
+/// balancer without a flow table would pick).
+fn ports_from_table(w: &MapWriter, flows: &[(Ipv4Addr, u16)], ports: &[u16]) -> Vec<u16> {
+    let id = w.service_id("bench").unwrap();
+    let (_, table) = w.dataplane().active_table(id).unwrap();
+    let port_of = |backend: u32| {
+        ports
+            .iter()
+            .find(|p| {
+                w.backend_id("bench", format!("127.0.0.1:{p}").parse().unwrap()) == Some(backend)
+            })
+            .copied()
+            .unwrap_or(0)
+    };
+    flows
+        .iter()
+        .map(|(src, sport)| {
+            let h = lb_common::flow_hash(
+                &addr_words((*src).into()),
+                &addr_words("10.9.0.1".parse().unwrap()),
+                sport.to_be(),
+                443u16.to_be(),
+                6,
+            );
+            port_of(table[(h % table.len() as u32) as usize].backend)
+        })
+        .collect()
+}
+
+fn share_changed(a: &[u16], b: &[u16]) -> f64 {
+    a.iter().zip(b).filter(|(x, y)| x != y).count() as f64 / a.len() as f64
+}
+
+fn flow_moves(scale: &Scale, report: &mut Report) {
+    let mut t = Table::new(
+        format!(
+            "Flows that change backend when one backend leaves or joins ({} established flows)",
+            scale.share_flows
+        ),
+        &[
+            "backends",
+            "change",
+            "least possible without state",
+            "without flow table (Maglev alone)",
+            "with flow table (through the program)",
+        ],
+    );
+    let flows = random_flows(scale.share_flows);
+    let frames: Vec<Vec<u8>> = flows
+        .iter()
+        .map(|(src, p)| Spec::tcp(&src.to_string(), "10.9.0.1", *p, 443, TCP_ACK).build())
+        .collect();
+    let mut rows = Vec::new();
+    for n in [10usize, 100] {
+        let ports: Vec<u16> = (0..n as u16).map(|i| 10000 + i).collect();
+        for change in ["remove", "add"] {
+            let dp = Dataplane::load(Options {
+                max_services: 2,
+                flow_table_size: (scale.share_flows as u32 * 2).max(65_536),
+                ..Options::default()
+            })
+            .expect("load the data plane");
+            let mut w = MapWriter::new(dp);
+            w.apply(&[service(&ports)]).unwrap();
+            let before = ports_now(&w, &frames);
+            let table_before = ports_from_table(&w, &flows, &ports);
+            assert_eq!(before, table_before, "the program follows the table");
+            // Removing: the flows on the removed backend must move. Adding:
+            // a balancer without state must give the new backend its share.
+            let (after_ports, ideal) = if change == "remove" {
+                let on_removed = before.iter().filter(|p| **p == ports[0]).count();
+                (ports[1..].to_vec(), on_removed as f64 / before.len() as f64)
+            } else {
+                let mut p = ports.clone();
+                p.push(10000 + n as u16);
+                (p, 1.0 / (n + 1) as f64)
+            };
+            w.apply(&[service(&after_ports)]).unwrap();
+            let all_ports: Vec<u16> = (0..=n as u16).map(|i| 10000 + i).collect();
+            let stateless = share_changed(&before, &ports_from_table(&w, &flows, &all_ports));
+            let stateful = share_changed(&before, &ports_now(&w, &frames));
+            t.row(vec![
+                n.to_string(),
+                if change == "remove" {
+                    "one removed".to_string()
+                } else {
+                    "one added".to_string()
+                },
+                format!("{:.2}%", ideal * 100.0),
+                format!("{:.2}%", stateless * 100.0),
+                format!("{:.2}%", stateful * 100.0),
+            ]);
+            let id = format!("control/flows_moved/{n}_backends/{change}");
+            report.figure(format!("{id}/without_flow_table"), stateless, "share");
+            report.figure(format!("{id}/with_flow_table"), stateful, "share");
+            rows.push(json!({"backends": n, "change": change, "ideal": ideal,
+                             "without_flow_table": stateless, "with_flow_table": stateful}));
+        }
+    }
+    t.note(
+        "with the flow table: each flow's established packet through BPF_PROG_TEST_RUN before \
+         and after the change; only flows on a removed backend may move; without: the flows' \
+         slots in the old and new tables; least possible: the flows that were on the removed \
+         backend, or the new backend's fair share",
+    );
+    report.section("flows_moved", rows);
+    report.table(t);
+}
+
+fn daemon(scale: &Scale, report: &mut Report) {
+    let mut topo = Topology::new();
+    let lb_ns = topo.namespace("ctl-lb");
+    let cl_ns = topo.namespace("ctl-cl");
+    // The daemon attaches to the veth; nothing is sent through it here.
+    topo.veth(
+        (&lb_ns, "lb0", &["10.212.0.1/24"]),
+        (&cl_ns, "cl0", &["10.212.0.2/24"]),
+    );
+    let dir = TempDir::new("bench-ctl");
+    let api = "127.0.0.1:9180";
+    let write_config = |name: &str, health: &str, ports: &[u16]| {
+        let backends: Vec<String> = ports
+            .iter()
+            .map(|p| format!("{{ address = \"127.0.0.1:{p}\" }}"))
+            .collect();
+        let text = format!(
+            "[dataplane]\ninterface = \"lb0\"\nxdp_mode = \"native\"\nflow_table_size = 65536\nmax_services = 4\n\n\
+             [admin]\nlisten = \"{api}\"\nstate_file = {state:?}\n\n\
+             [[services]]\nname = \"web\"\nlisten = \"0.0.0.0:443\"\nprotocols = [\"tcp\"]\n{health}\nbackends = [{}]\n",
+            backends.join(", "),
+            state = dir
+                .path(&format!("{name}-state.json"))
+                .display()
+                .to_string(),
+        );
+        let path = dir.path(&format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+
+    // Backend death to new table.
+    let health =
+        r#"health = { kind = "tcp", interval = "200ms", timeout = "100ms", rise = 2, fall = 2 }"#;
+    let keep = EchoName::start(&lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001");
+    let mut doomed = Some(EchoName::start(
+        &lb_ns,
+        "0.0.0.0:8002".parse().unwrap(),
+        "8002",
+    ));
+    let lb = Lb::start(
+        &lb_ns,
+        &write_config("health", health, &[8001, 8002]),
+        api,
+        &["--reset-state"],
+    );
+    let healthy = |lb: &Lb| {
+        lb.get("/api/v1/services/web/backends/127.0.0.1:8002").1["healthy"] == Value::Bool(true)
+    };
+    let wait = |lb: &Lb, want: bool| {
+        let t0 = Instant::now();
+        while healthy(lb) != want {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "backend never turned {want}:\n{}",
+                lb.log()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        t0.elapsed()
+    };
+    wait(&lb, true);
+    let mut deaths = Vec::new();
+    for _ in 0..scale.death_trials {
+        drop(doomed.take());
+        deaths.push(wait(&lb, false).as_secs_f64() * 1e3);
+        doomed = Some(EchoName::start(
+            &lb_ns,
+            "0.0.0.0:8002".parse().unwrap(),
+            "8002",
+        ));
+        wait(&lb, true);
+    }
+    drop(lb);
+    drop((keep, doomed));
+
+    // Memory, idle and under API changes.
+    let ports: Vec<u16> = (8001..8011).collect();
+    let mut lb = Lb::start(
+        &lb_ns,
+        &write_config("api", "", &ports),
+        api,
+        &["--reset-state"],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = lb.pid();
+    let (idle_rss, _) = sys::rss_kib(pid).expect("daemon status");
+    let n = scale.api_changes;
+    let base = format!("http://{api}/api/v1/services/web/backends/");
+    let t0 = Instant::now();
+    let (ok, failed) = netns::within(&lb_ns, move || {
+        let (mut ok, mut failed) = (0u64, 0u64);
+        for i in 0..n {
+            let addr: SocketAddr = format!("127.0.0.1:{}", 8001 + (i % 10)).parse().unwrap();
+            let body = format!("{{\"weight\": {}}}", 50 + (i / 10) % 100);
+            let (status, _) = http("PATCH", &format!("{base}{addr}"), Some(&body), None);
+            if status == 200 {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+        }
+        (ok, failed)
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    let (after_rss, peak_rss) = sys::rss_kib(pid).expect("daemon status");
+    assert!(
+        failed == 0,
+        "{failed} of {n} API changes failed:\n{}",
+        lb.log()
+    );
+    lb.stop();
+    drop(topo);
+
+    let mut t = Table::new("Daemon", &["figure", "value"]);
+    let death_med = sys::median(&deaths);
+    let death_max = deaths.iter().cloned().fold(0.0, f64::max);
+    t.row(vec![
+        format!(
+            "backend death to new table, ms (health: tcp, interval 200ms, timeout 100ms, fall 2; median of {})",
+            deaths.len()
+        ),
+        num(death_med),
+    ]);
+    t.row(vec!["  the slowest of them, ms".into(), num(death_max)]);
+    t.row(vec![
+        "daemon RSS idle, MiB".into(),
+        format!("{:.1}", idle_rss as f64 / 1024.0),
+    ]);
+    t.row(vec![
+        format!("daemon RSS after {ok} API changes (PATCH weight), MiB"),
+        format!("{:.1}", after_rss as f64 / 1024.0),
+    ]);
+    t.row(vec![
+        "  peak RSS (VmHWM), MiB".into(),
+        format!("{:.1}", peak_rss as f64 / 1024.0),
+    ]);
+    t.row(vec![
+        "API changes per second (each rebuilds a table and writes the state file)".into(),
+        num(ok as f64 / secs),
+    ]);
+    t.note(
+        "death: a backend's listener closes; the time runs until the API reports it unhealthy, \
+         which the daemon does in the step that installs the table without it",
+    );
+    report.figure("control/death_to_table/median_ms", death_med, "ms");
+    report.figure("control/death_to_table/max_ms", death_max, "ms");
+    report.figure(
+        "control/daemon_rss/idle_mib",
+        idle_rss as f64 / 1024.0,
+        "MiB",
+    );
+    report.figure(
+        "control/daemon_rss/after_api_changes_mib",
+        after_rss as f64 / 1024.0,
+        "MiB",
+    );
+    report.figure(
+        "control/daemon_rss/peak_mib",
+        peak_rss as f64 / 1024.0,
+        "MiB",
+    );
+    report.figure("control/api_changes_per_s", ok as f64 / secs, "changes/s");
+    report.section(
+        "daemon",
+        vec![json!({
+            "death_to_table_ms": deaths, "death_median_ms": death_med,
+            "rss_idle_kib": idle_rss, "rss_after_kib": after_rss, "rss_peak_kib": peak_rss,
+            "api_changes": ok, "api_seconds": secs,
+        })],
+    );
+    report.table(t);
+}

@@ -1,0 +1,106 @@
+//! The bench never silently rots: a CI-sized run of `lb-bench --smoke`
+//! (every section, no package from outside) must finish and write every
+//! figure, each a finite number that can be one. Speed is not judged here.
+use std::{collections::HashSet, process::Command, time::Instant};
+
+use lb_tests::daemon::TempDir;
+use serde_json::Value;
+
+/// Figures every smoke run must write, one or more per measurement.
+const REQUIRED: &[&str] = &[
+    "per_packet/baseline/ipv4/64B/ns",
+    "per_packet/baseline/ipv6/1514B/ns",
+    "per_packet/ipv4/tcp_syn/64B/3_backends/clean_slot/empty_table/ns",
+    "per_packet/ipv4/tcp_established/64B/3_backends/clean_slot/empty_table/x_baseline",
+    "per_packet/ipv4/udp/1514B/3_backends/clean_slot/empty_table/ns",
+    "per_packet/ipv6/tcp_established/74B/3_backends/clean_slot/empty_table/ns",
+    "per_packet/ipv6/non_service/1514B/3_backends/clean_slot/empty_table/ns",
+    "per_packet/ipv4/tcp_established/64B/1000_backends/clean_slot/empty_table/ns",
+    "per_packet/ipv4/tcp_established/64B/4_backends/clean_slot/full_table/ns",
+    "per_packet/ipv4/tcp_established/64B/4_backends/sticky_slot_pinned/full_table/ns",
+    "per_packet/ipv4/udp/64B/4_backends/sticky_slot_pinned/empty_table/ns",
+    "per_packet/ipv4/tcp_syn/64B/4_backends/sticky_slot_insert/full_table/ns",
+    "per_packet/repeat1_overhead/ns",
+    "pps/baseline/udp_64B/pps",
+    "pps/lb/udp_64B/pps",
+    "pps/lb/non_service_64B/ns",
+    "e2e/direct/https_conn_per_s",
+    "e2e/lb/https_conn_per_s",
+    "e2e/lb/http_conn_per_s",
+    "e2e/lb/latency_p999_us",
+    "e2e/lb/bulk_gbit_per_s",
+    "e2e/lb/cpu_us_per_https_conn",
+    "e2e/lb_vs_direct/https_conn_per_s",
+    "control/maglev_build/10_backends/ms",
+    "control/maglev_build/5000_backends/ms",
+    "control/flows_moved/100_backends/remove/with_flow_table",
+    "control/flows_moved/10_backends/add/without_flow_table",
+    "control/death_to_table/median_ms",
+    "control/daemon_rss/idle_mib",
+    "control/daemon_rss/after_api_changes_mib",
+];
+
+#[test]
+fn a_smoke_run_of_the_bench_writes_every_figure() {
+    lb_tests::require_root();
+    let dir = TempDir::new("bench-smoke");
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_lb-bench"))
+        .args(["--smoke", "--out"])
+        .arg(&dir.0)
+        .output()
+        .expect("run lb-bench");
+    let log = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "lb-bench --smoke failed:\n{log}");
+    println!("lb-bench --smoke took {:?}", started.elapsed());
+
+    let text = std::fs::read_to_string(dir.path("results.json")).expect("results.json written");
+    let v: Value = serde_json::from_str(&text).expect("results.json is JSON");
+    assert_eq!(v["meta"]["mode"], "smoke");
+    assert!(v["meta"]["machine"]["cpus"].as_u64().unwrap_or(0) >= 1);
+    let figures = v["figures"].as_array().expect("a figures array");
+    let mut ids = HashSet::new();
+    for f in figures {
+        let id = f["id"].as_str().expect("every figure has an id");
+        assert!(ids.insert(id.to_string()), "figure {id} written twice");
+        let unit = f["unit"].as_str().unwrap_or("");
+        assert!(!unit.is_empty(), "figure {id} has no unit");
+        let value = f["value"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("figure {id} is not a finite number: {}", f["value"]));
+        // A share of flows moved may be none; everything else is a
+        // duration, a rate, a size or a ratio of two.
+        if unit == "share" {
+            assert!((0.0..=1.0).contains(&value), "figure {id} = {value}");
+        } else {
+            assert!(value > 0.0, "figure {id} = {value} {unit}");
+        }
+    }
+    for id in REQUIRED {
+        assert!(ids.contains(*id), "figure {id} missing; written:\n{ids:#?}");
+    }
+    // The report beside it has every table.
+    let md = std::fs::read_to_string(dir.path("BENCHMARKS.md")).expect("BENCHMARKS.md written");
+    for title in [
+        "Per-packet cost",
+        "Packets per second",
+        "End to end",
+        "Maglev table build",
+        "Flows that change backend",
+        "Daemon",
+    ] {
+        assert!(md.contains(title), "BENCHMARKS.md lacks {title:?}");
+    }
+    // The chart, where the machine has its font (the bench installs it
+    // when it can).
+    if std::path::Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").exists() {
+        assert!(
+            dir.path("benchmarks.png").exists(),
+            "benchmarks.png written"
+        );
+    }
+}
