@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::{
     config::{self, RawBackend, RawService, Seg},
-    daemon::{ChangeError, Daemon},
+    daemon::{ChangeError, Daemon, ServiceView},
 };
 
 /// Largest request body accepted.
@@ -151,6 +151,15 @@ pub fn router(daemon: Daemon) -> Router {
         .with_state(daemon)
 }
 
+/// One service as the API shows it, or 404.
+async fn view(d: &Daemon, name: &str) -> Result<ServiceView, ChangeError> {
+    d.views()
+        .await
+        .into_iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| no_service(name))
+}
+
 fn no_service(name: &str) -> ChangeError {
     ChangeError::NotFound(format!("no service {name:?}"))
 }
@@ -187,12 +196,7 @@ async fn get_service(
     State(d): State<Daemon>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let v = d
-        .views()
-        .await
-        .into_iter()
-        .find(|s| s.name == name)
-        .ok_or_else(|| no_service(&name))?;
+    let v = view(&d, &name).await?;
     Ok(Json(v).into_response())
 }
 
@@ -257,12 +261,7 @@ async fn list_backends(
     State(d): State<Daemon>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let v = d
-        .views()
-        .await
-        .into_iter()
-        .find(|s| s.name == name)
-        .ok_or_else(|| no_service(&name))?;
+    let v = view(&d, &name).await?;
     Ok(Json(v.backends).into_response())
 }
 
@@ -271,12 +270,7 @@ async fn get_backend(
     Path((name, address)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let addr = parse_address(&address)?;
-    let v = d
-        .views()
-        .await
-        .into_iter()
-        .find(|s| s.name == name)
-        .ok_or_else(|| no_service(&name))?;
+    let v = view(&d, &name).await?;
     let b = v
         .backends
         .into_iter()
