@@ -17,6 +17,32 @@ pub struct Capture {
 
 const ETH_P_ALL: u16 = 0x0003;
 
+/// An AF_PACKET socket that sees every frame of interface `ifname` in the
+/// calling thread's namespace, in and out. The caller closes it.
+pub fn packet_socket(ifname: &std::ffi::CStr) -> i32 {
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (ETH_P_ALL.to_be()) as i32) };
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
+    assert!(ifindex > 0, "no interface {ifname:?}");
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = ETH_P_ALL.to_be();
+    sll.sll_ifindex = ifindex as i32;
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+    fd
+}
+
 impl Capture {
     /// Starts capturing every frame on `ifname` in namespace `ns`.
     pub fn start(ns: &str, ifname: &str) -> Capture {
@@ -25,28 +51,7 @@ impl Capture {
         let ifname = CString::new(ifname).unwrap();
         let (ready_tx, ready_rx) = mpsc::channel();
         let handle = crate::netns::spawn_in(ns, move || {
-            let fd = unsafe {
-                libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (ETH_P_ALL.to_be()) as i32)
-            };
-            assert!(
-                fd >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
-            assert!(ifindex > 0, "no interface {ifname:?}");
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = ETH_P_ALL.to_be();
-            sll.sll_ifindex = ifindex as i32;
-            let rc = unsafe {
-                libc::bind(
-                    fd,
-                    &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+            let fd = packet_socket(&ifname);
             let tv = libc::timeval {
                 tv_sec: 0,
                 tv_usec: 50_000,

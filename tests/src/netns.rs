@@ -40,6 +40,24 @@ pub fn run_in(ns: &str, args: &[&str]) -> String {
     run(&full)
 }
 
+/// A MAC address as `ip` writes it.
+pub fn mac_string(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Sets a neighbour entry in namespace `ns`, e.g. `state` "permanent".
+pub fn neighbour(ns: &str, addr: &str, mac: &str, dev: &str, state: &str) {
+    run_in(
+        ns,
+        &[
+            "ip", "neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", state,
+        ],
+    );
+}
+
 /// A set of namespaces owned by one test.
 pub struct Topology {
     tag: String,

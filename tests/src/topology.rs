@@ -355,7 +355,6 @@ pub struct TxCapture {
     handle: Option<std::thread::JoinHandle<(Vec<SentFrame>, u32)>>,
 }
 
-const ETH_P_ALL: u16 = 0x0003;
 const PACKET_OUTGOING: u8 = 4;
 
 impl TxCapture {
@@ -366,32 +365,7 @@ impl TxCapture {
         let ifname = std::ffi::CString::new(ifname).unwrap();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = netns::spawn_in(ns, move || {
-            let fd = Fd(unsafe {
-                libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW,
-                    i32::from(ETH_P_ALL.to_be()),
-                )
-            });
-            assert!(
-                fd.0 >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
-            assert!(ifindex > 0, "no interface {ifname:?}");
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = ETH_P_ALL.to_be();
-            sll.sll_ifindex = ifindex as i32;
-            let rc = unsafe {
-                libc::bind(
-                    fd.0,
-                    (&sll as *const libc::sockaddr_ll).cast(),
-                    size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+            let fd = Fd(crate::capture::packet_socket(&ifname));
             fd.set(libc::SO_RCVBUFFORCE, &(16i32 << 20));
             fd.set(
                 libc::SO_RCVTIMEO,

@@ -29,13 +29,6 @@ const LBB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
 const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x03, 0x05];
 const NEIGHBOUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x04, 0x07];
 
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 fn service(name: &str, listen: &str, fwd: Forwarding, backends: &[&str]) -> ServiceSpec {
     ServiceSpec {
         name: name.into(),
@@ -78,29 +71,35 @@ fn nat_and_dsr_fixtures_with_a_real_fib() {
         (&lb, "lbb", &["10.203.1.1/24", "fd00:203:1::1/64"]),
         (&backend, "eth0", &["10.203.1.5/24", "fd00:203:1::5/64"]),
     );
-    run_in(&lb, &["ip", "link", "set", "lb0", "address", &mac(LB0_MAC)]);
-    run_in(&lb, &["ip", "link", "set", "lbb", "address", &mac(LBB_MAC)]);
+    run_in(
+        &lb,
+        &[
+            "ip",
+            "link",
+            "set",
+            "lb0",
+            "address",
+            &netns::mac_string(LB0_MAC),
+        ],
+    );
+    run_in(
+        &lb,
+        &[
+            "ip",
+            "link",
+            "set",
+            "lbb",
+            "address",
+            &netns::mac_string(LBB_MAC),
+        ],
+    );
     for (addr, m, dev) in [
         ("10.203.1.5", BACKEND_MAC, "lbb"),
         ("fd00:203:1::5", BACKEND_MAC, "lbb"),
         ("10.203.0.7", NEIGHBOUR_MAC, "lb0"),
         ("fd00:203::7", NEIGHBOUR_MAC, "lb0"),
     ] {
-        run_in(
-            &lb,
-            &[
-                "ip",
-                "neigh",
-                "replace",
-                addr,
-                "lladdr",
-                &mac(m),
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ],
-        );
+        netns::neighbour(&lb, addr, &netns::mac_string(m), dev, "permanent");
     }
     forwarding_on(&lb);
 
@@ -527,21 +526,7 @@ fn dsr_replies_bypass_the_balancer_v4_and_v6() {
             .to_string();
         backend_macs.insert(m.clone(), (host, 0usize));
         for addr in [v4, v6] {
-            run_in(
-                &lb,
-                &[
-                    "ip",
-                    "neigh",
-                    "replace",
-                    addr,
-                    "lladdr",
-                    &m,
-                    "dev",
-                    "eth0",
-                    "nud",
-                    "reachable",
-                ],
-            );
+            netns::neighbour(&lb, addr, &m, "eth0", "reachable");
         }
     }
     let lb_mac = run_in(&lb, &["cat", "/sys/class/net/eth0/address"])
@@ -571,7 +556,7 @@ fn dsr_replies_bypass_the_balancer_v4_and_v6() {
         replies.len()
     );
     for (f, p) in &replies {
-        let src_mac = mac(f[6..12].try_into().unwrap());
+        let src_mac = netns::mac_string(f[6..12].try_into().unwrap());
         assert_ne!(
             src_mac, lb_mac,
             "a reply from {} came through the balancer",

@@ -729,13 +729,6 @@ const LB0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x13, 0x01];
 const LBB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x13, 0x02];
 const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x13, 0x05];
 
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// `nat` and `dsr`: backends on other hosts, reached through the kernel's
 /// FIB. The runs happen inside a namespace whose routes and (permanent)
 /// neighbours make every lookup succeed. Without a context the test run's
@@ -758,8 +751,28 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
         (&ns, "lbb", &["10.213.1.1/24"]),
         (&peer, "p1", &["10.213.1.2/24"]),
     );
-    run_in(&ns, &["ip", "link", "set", "lb0", "address", &mac(LB0_MAC)]);
-    run_in(&ns, &["ip", "link", "set", "lbb", "address", &mac(LBB_MAC)]);
+    run_in(
+        &ns,
+        &[
+            "ip",
+            "link",
+            "set",
+            "lb0",
+            "address",
+            &netns::mac_string(LB0_MAC),
+        ],
+    );
+    run_in(
+        &ns,
+        &[
+            "ip",
+            "link",
+            "set",
+            "lbb",
+            "address",
+            &netns::mac_string(LBB_MAC),
+        ],
+    );
     run_in(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     for (addr, dev) in [
         ("10.213.1.5", "lbb"),
@@ -769,21 +782,7 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
         ("10.213.0.8", "lb0"),
         ("10.213.0.9", "lb0"),
     ] {
-        run_in(
-            &ns,
-            &[
-                "ip",
-                "neigh",
-                "replace",
-                addr,
-                "lladdr",
-                &mac(PEER_MAC),
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ],
-        );
+        netns::neighbour(&ns, addr, &netns::mac_string(PEER_MAC), dev, "permanent");
     }
     let spec = |name: &str, listen: &str, fwd: Forwarding, backends: &[&str]| ServiceSpec {
         name: name.into(),
