@@ -94,6 +94,11 @@ pub struct Lb {
 impl Lb {
     /// Starts `lb run --config <config>` in `ns` and waits for its API.
     pub fn start(ns: &str, config: &Path, api: &str, extra: &[&str]) -> Lb {
+        Self::start_logging(ns, config, api, extra, "info")
+    }
+
+    /// Like [`Lb::start`], logging at `rust_log` (a `RUST_LOG` filter).
+    pub fn start_logging(ns: &str, config: &Path, api: &str, extra: &[&str], rust_log: &str) -> Lb {
         static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = config.with_extension(format!("{n}.log"));
@@ -104,9 +109,10 @@ impl Lb {
             .args(["run", "--config"])
             .arg(config)
             .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            .env("RUST_LOG", rust_log)
+            .stdout(out.try_clone().unwrap())
             .stderr(out)
+            .stdin(Stdio::null())
             .spawn()
             .expect("spawn lb");
         let mut lb = Lb {

@@ -9,12 +9,12 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::Command,
+    time::Duration,
 };
 
 use lb_tests::{
-    daemon::{TempDir, lb_binary},
+    daemon::{Lb, TempDir, lb_binary},
     netns::{self, Topology},
 };
 
@@ -101,64 +101,32 @@ fn bearer(t: &str) -> String {
     format!("Bearer {t}")
 }
 
-/// `lb run` in a namespace with the log level of the test's choice; its
-/// stderr (the log) goes to a file. Stopped on drop, also on panic.
+/// `lb run` in a namespace with the log level of the test's choice, spoken
+/// to with raw HTTP requests (chunked bodies, odd headers).
 struct Daemon {
-    ns: String,
+    lb: Lb,
     api: SocketAddr,
-    child: Option<Child>,
-    log: PathBuf,
 }
 
 impl Daemon {
     fn start(ns: &str, config: &Path, api: SocketAddr, rust_log: &str) -> Daemon {
-        let log = config.with_extension(format!("{}.log", rust_log.replace(['=', ','], "_")));
-        let out = fs::File::create(&log).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(lb_binary())
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", rust_log)
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn lb");
-        let mut d = Daemon {
-            ns: ns.to_string(),
+        Daemon {
+            lb: Lb::start_logging(ns, config, &api.to_string(), &[], rust_log),
             api,
-            child: Some(child),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("lb exited early ({status}):\n{}", d.log());
-            }
-            if d.get("/healthz").0 == 200 {
-                return d;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "lb did not come up:\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
+        self.lb.log()
     }
 
     fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.lb.pid()
     }
 
     fn call(&self, method: &str, path: &str, auth: Option<&str>, body: Body) -> (u16, String) {
         let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
-        request(&self.ns, self.api, method, path, &headers, body)
+        request(&self.lb.ns, self.api, method, path, &headers, body)
     }
 
     fn get(&self, path: &str) -> (u16, String) {
@@ -182,24 +150,7 @@ impl Daemon {
     }
 
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if c.try_wait().ok().flatten().is_some() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop();
+        self.lb.stop();
     }
 }
 
