@@ -98,6 +98,7 @@ struct Shared {
     token: Option<String>,
     metrics: Metrics,
     writer: Arc<Mutex<MapWriter>>,
+    flow_counter: Arc<crate::dataplane::FlowCounter>,
     inner: tokio::sync::Mutex<Inner>,
 }
 
@@ -244,11 +245,12 @@ impl Daemon {
 
         let opts = config.dataplane.clone();
         let mode = config.xdp_mode;
-        let (writer, logger) = tokio::task::spawn_blocking(move || {
+        let (writer, logger, flow_counter) = tokio::task::spawn_blocking(move || {
             let mut dp = Dataplane::load(opts)?;
             let logger = dp.logger()?;
+            let flow_counter = dp.flow_counter()?;
             dp.attach(&iface, mode)?;
-            Ok::<_, DataplaneError>((MapWriter::new(dp), logger))
+            Ok::<_, DataplaneError>((MapWriter::new(dp), logger, flow_counter))
         })
         .await
         .expect("loader task")?;
@@ -284,6 +286,7 @@ impl Daemon {
                 token,
                 metrics,
                 writer: Arc::new(Mutex::new(writer)),
+                flow_counter: Arc::new(flow_counter),
                 inner: tokio::sync::Mutex::new(Inner {
                     services: Vec::new(),
                     health: HashMap::new(),
@@ -475,7 +478,7 @@ impl Daemon {
             (inner.services.clone(), inner.health.clone())
         };
         let writer = self.shared.writer.clone();
-        let snap = tokio::task::spawn_blocking(move || {
+        let mut snap = tokio::task::spawn_blocking(move || {
             let w = writer.lock().expect("writer lock");
             let dp = w.dataplane();
             let mut snap = Snapshot::default();
@@ -498,11 +501,15 @@ impl Daemon {
             }
             snap.actions = dp.action_counts().unwrap_or_default();
             snap.reasons = dp.reason_counts().unwrap_or_default();
-            snap.flow_entries = dp.flow_count() as u64;
             snap
         })
         .await
         .unwrap_or_default();
+        // Walking the flow table happens without the writer's lock.
+        let counter = self.shared.flow_counter.clone();
+        snap.flow_entries = tokio::task::spawn_blocking(move || counter.count() as u64)
+            .await
+            .unwrap_or(0);
         self.shared.metrics.render(&snap)
     }
 }

@@ -778,6 +778,21 @@ impl Dataplane {
         self.flows.keys().filter(|k| k.is_ok()).count()
     }
 
+    /// A second handle on the flow table, to count it from another thread
+    /// without holding up whoever writes maps (a walk of a full table takes
+    /// about a second).
+    pub fn flow_counter(&self) -> Result<FlowCounter> {
+        let fd = aya::maps::IterableMap::map(&self.flows)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(DataplaneError::Mmap)?;
+        let map = MapData::from_fd(fd).map_err(map_err(maps::FLOWS))?;
+        Ok(FlowCounter(
+            BpfHashMap::try_from(Map::LruHashMap(map)).map_err(map_err(maps::FLOWS))?,
+        ))
+    }
+
     /// Removes every flow pinned to one of `backends`.
     pub fn purge_flows(&mut self, backends: &HashSet<u32>) -> Result<usize> {
         if backends.is_empty() {
@@ -811,6 +826,15 @@ impl log::Log for EbpfLog {
     }
 
     fn flush(&self) {}
+}
+
+/// Counts flow-table entries beside a writing [`Dataplane`].
+pub struct FlowCounter(BpfHashMap<MapData, FlowKey, FlowValue>);
+
+impl FlowCounter {
+    pub fn count(&self) -> usize {
+        self.0.keys().filter(|k| k.is_ok()).count()
+    }
 }
 
 /// Reads tables and service entries beside a writing [`Dataplane`].
