@@ -590,7 +590,8 @@ impl Dataplane {
     /// Runs the XDP program once on `frame` with `BPF_PROG_TEST_RUN`;
     /// returns the action and the frame as the program left it.
     pub fn test_run_xdp(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        test_run(self.xdp()?, programs::XDP, frame)
+        let (action, out, _) = test_run(self.xdp()?, programs::XDP, frame, None, 1)?;
+        Ok((action, out))
     }
 
     /// Like [`Self::test_run_xdp`], as if the frame arrived on interface
@@ -601,46 +602,20 @@ impl Dataplane {
         // rx_queue_index, egress_ifindex.
         let md: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
         let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let mut out = vec![0u8; frame.len() + 512];
-        let res = self
-            .xdp()?
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat: 1,
-                ..Default::default()
-            })
-            .map_err(|source| DataplaneError::Program {
-                name: programs::XDP,
-                source,
-            })?;
-        out.truncate(res.data_size_out as usize);
-        Ok((res.return_value, out))
+        let (action, out, _) = test_run(self.xdp()?, programs::XDP, frame, Some(&ctx), 1)?;
+        Ok((action, out))
     }
 
     /// Runs the TC egress program once on `frame`.
     pub fn test_run_tc(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        test_run(self.tc()?, programs::TC_EGRESS, frame)
+        let (action, out, _) = test_run(self.tc()?, programs::TC_EGRESS, frame, None, 1)?;
+        Ok((action, out))
     }
 
     /// Runs the XDP program `repeat` times on `frame` in the kernel and
     /// returns the mean time per run as the kernel measured it.
     pub fn bench_xdp(&self, frame: &[u8], repeat: u32) -> Result<std::time::Duration> {
-        let mut out = vec![0u8; frame.len() + 512];
-        let res = self
-            .xdp()?
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                repeat,
-                ..Default::default()
-            })
-            .map_err(|source| DataplaneError::Program {
-                name: programs::XDP,
-                source,
-            })?;
-        Ok(res.duration)
+        Ok(test_run(self.xdp()?, programs::XDP, frame, None, repeat)?.2)
     }
 
     /// (program, instructions after the verifier's rewrites, instructions
@@ -872,7 +847,15 @@ fn sum_u64(map: &PerCpuArray<MapData, u64>, id: u32, name: &'static str) -> Resu
     Ok(map.get(&id, 0).map_err(map_err(name))?.iter().sum())
 }
 
-fn test_run<P>(prog: &P, name: &'static str, frame: &[u8]) -> Result<(u32, Vec<u8>)>
+/// One `BPF_PROG_TEST_RUN` of `prog`: its return value, the frame as the
+/// last run left it, and the kernel's mean time per run.
+fn test_run<P>(
+    prog: &P,
+    name: &'static str,
+    frame: &[u8],
+    ctx: Option<&[u8]>,
+    repeat: u32,
+) -> Result<(u32, Vec<u8>, std::time::Duration)>
 where
     for<'a> P: TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
 {
@@ -881,12 +864,13 @@ where
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
-            repeat: 1,
+            ctx_in: ctx,
+            repeat,
             ..Default::default()
         })
         .map_err(|source| DataplaneError::Program { name, source })?;
     out.truncate(res.data_size_out as usize);
-    Ok((res.return_value, out))
+    Ok((res.return_value, out, res.duration))
 }
 
 /// Converts an address to the data plane's form (IPv4 as IPv4-mapped).
