@@ -75,21 +75,8 @@ fn run(cli: Cli) -> Result<()> {
             require_root("cargo xtask bench")?;
             remove_stale_namespaces();
             // The end-to-end part runs the real daemon.
-            let status = env
-                .cargo()
-                .args(["build", "--release", "-p", "lb-userspace", "--bin", "lb"])
-                .status()?;
-            check(status, "cargo build of lb")?;
-            let mut cmd = env.cargo();
-            cmd.args([
-                "run",
-                "--release",
-                "-p",
-                "lb-tests",
-                "--bin",
-                "lb-bench",
-                "--",
-            ]);
+            build(&env)?;
+            let mut cmd = tests_bin(&env, "lb-bench");
             if quick {
                 cmd.arg("--quick");
             }
@@ -117,17 +104,8 @@ fn run_cmd(env: &setup::Env, args: &[String]) -> Result<()> {
         println!(
             "xtask: building the demo (release; the first time takes a minute) and starting it..."
         );
-        let mut cmd = env.cargo();
-        cmd.args([
-            "run",
-            "--release",
-            "-p",
-            "lb-tests",
-            "--bin",
-            "lb-demo",
-            "--",
-        ])
-        .args(demo_args);
+        let mut cmd = tests_bin(env, "lb-demo");
+        cmd.args(demo_args);
         return run_until_done(cmd, "lb-demo");
     }
     let lb = workspace().join("target/release/lb");
@@ -202,6 +180,14 @@ fn require_root(what: &str) -> Result<()> {
 unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
+}
+
+/// `cargo run --release` of one of the tests crate's programs (the bench,
+/// the demo); arguments for it follow.
+fn tests_bin(env: &setup::Env, bin: &str) -> Command {
+    let mut cmd = env.cargo();
+    cmd.args(["run", "--release", "-p", "lb-tests", "--bin", bin, "--"]);
+    cmd
 }
 
 fn build(env: &setup::Env) -> Result<()> {
