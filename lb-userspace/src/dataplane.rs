@@ -1007,8 +1007,9 @@ struct Installed {
     backend_ids: HashMap<SocketAddr, u32>,
     /// The slots last installed, with the previous backend of each slot.
     slots: Vec<MaglevSlot>,
-    /// Backend ids last built into the table, to skip identical rebuilds.
-    table: Vec<u32>,
+    /// What the installed table was built from: the same input needs no
+    /// rebuild (empty when unknown, after adopting a pinned data plane).
+    entries: Vec<maglev::Entry>,
 }
 
 /// Applies desired services to the data plane. Owns the `Dataplane`.
@@ -1090,8 +1091,8 @@ impl MapWriter {
                         backends: Vec::new(),
                     },
                     backend_ids: sid.backends.iter().map(|(a, i)| (*a, *i)).collect(),
-                    table: slots.iter().map(|s| s.backend).collect(),
                     slots,
+                    entries: Vec::new(),
                 },
             );
         }
@@ -1212,7 +1213,7 @@ impl MapWriter {
                         spec: spec.clone(),
                         backend_ids: HashMap::new(),
                         slots: Vec::new(),
-                        table: Vec::new(),
+                        entries: Vec::new(),
                     },
                 );
             }
@@ -1367,15 +1368,19 @@ impl MapWriter {
                 weight: b.weight,
             })
             .collect();
-        let table = maglev::build(&entries, self.dp.opts.maglev_size);
         let forwarding_changed = inst.spec.forwarding != spec.forwarding;
-        if table != inst.table || inst.slots.is_empty() || forwarding_changed {
-            let slots = next_slots(&inst.slots, &table, monotonic_secs());
-            let t = self.dp.install_table(id, &slots, spec.forwarding.code())?;
-            debug!(service = %spec.name, table = t, backends = entries.len(), "Maglev table installed");
-            inst.slots = slots;
-            inst.table = table;
-            report.tables_installed += 1;
+        if entries != inst.entries || inst.slots.is_empty() || forwarding_changed {
+            let table = maglev::build(&entries, self.dp.opts.maglev_size);
+            let same = table.len() == inst.slots.len()
+                && table.iter().zip(&inst.slots).all(|(b, s)| *b == s.backend);
+            if !same || forwarding_changed {
+                let slots = next_slots(&inst.slots, &table, monotonic_secs());
+                let t = self.dp.install_table(id, &slots, spec.forwarding.code())?;
+                debug!(service = %spec.name, table = t, backends = entries.len(), "Maglev table installed");
+                inst.slots = slots;
+                report.tables_installed += 1;
+            }
+            inst.entries = entries;
         }
         // A released id stays down (flows still pinned to it, or slots that
         // remember it, re-pick) and is handed out again last.
