@@ -10,9 +10,9 @@
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use aya_log_ebpf::debug;
 use lb_common::{
-    AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, BackendEntry, FlowKey, FlowValue, NO_BACKEND,
-    PORT_HAS_ADDR_SERVICES, PROTO_TCP, Reason, ServiceEntry, TABLES_PER_SERVICE, UDP_AFFINITY_SECS,
-    flow_hash, maglev_index, port_slot,
+    AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, BackendEntry, FlowKey, FlowValue, MaglevSlot,
+    NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, Reason, ServiceEntry, TABLES_PER_SERVICE,
+    UDP_AFFINITY_SECS, flow_hash, maglev_index, port_slot,
 };
 
 use crate::{
@@ -85,7 +85,7 @@ pub fn backend(ctx: &XdpContext, p: &Packet, id: u32, svc: &ServiceEntry) -> Res
     let (backend, new_flow) = if e.backend == e.prev {
         (e.backend, syn)
     } else {
-        sticky(ctx, p, id, slot, e.backend, e.prev, e.changed, syn)
+        sticky(ctx, p, id, slot, e, syn)
     };
     if backend == NO_BACKEND {
         return Err(Reason::NoBackend);
@@ -119,11 +119,10 @@ fn sticky(
     p: &Packet,
     id: u32,
     slot: u32,
-    cur: u32,
-    prev: u32,
-    changed: u32,
+    e: &MaglevSlot,
     syn: bool,
 ) -> (u32, bool) {
+    let (cur, prev) = (e.backend, e.prev);
     let key = FlowKey {
         src: p.src,
         dst: p.dst,
@@ -151,7 +150,7 @@ fn sticky(
         cur
     } else if p.proto == PROTO_TCP {
         if keeps_flows(prev) { prev } else { cur }
-    } else if state(prev) == BACKEND_ACTIVE && recently(changed) {
+    } else if state(prev) == BACKEND_ACTIVE && recently(e.changed) {
         prev
     } else {
         cur
