@@ -433,10 +433,6 @@ impl Daemon {
         Ok(out)
     }
 
-    pub async fn services(&self) -> Vec<ServiceConfig> {
-        self.shared.inner.lock().await.services.clone()
-    }
-
     /// The services with each backend's health, for the API.
     pub async fn views(&self) -> Vec<ServiceView> {
         let inner = self.shared.inner.lock().await;

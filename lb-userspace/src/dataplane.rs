@@ -211,7 +211,6 @@ pub struct Dataplane {
     action_stats: PerCpuArray<MapData, u64>,
     reason_stats: PerCpuArray<MapData, u64>,
     tx_ports: DevMapHash<MapData>,
-    attached: Option<String>,
     /// Pinned links this process holds, with their pin files.
     links: Vec<(PathBuf, FdLink)>,
     /// The maps came from an earlier daemon's pins.
@@ -330,7 +329,6 @@ impl Dataplane {
             tx_ports: typed!(&mut ebpf, maps::TX_PORTS),
             opts,
             ebpf,
-            attached: None,
             links: Vec::new(),
             adopted,
             linked_interface,
@@ -376,11 +374,6 @@ impl Dataplane {
             flow_table_size: opts.flow_table_size,
             interface,
         }
-    }
-
-    /// The maps came from an earlier daemon (pinned), not made afresh.
-    pub fn adopted(&self) -> bool {
-        self.adopted
     }
 
     /// Leaves the data plane running for the next daemon (with pins), or
@@ -524,7 +517,6 @@ impl Dataplane {
         }
         self.sync_tx_ports()?;
         info!(iface, ?mode, adopted = self.adopted, "data plane attached");
-        self.attached = Some(iface.to_string());
         Ok(())
     }
 
@@ -581,10 +573,6 @@ impl Dataplane {
             n += 1;
         }
         Ok(n)
-    }
-
-    pub fn attached_interface(&self) -> Option<&str> {
-        self.attached.as_deref()
     }
 
     /// Runs the XDP program once on `frame` with `BPF_PROG_TEST_RUN`;
