@@ -7,7 +7,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a map layout or the meaning of a field changes, so a daemon
 /// never adopts pinned maps written by an incompatible version.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Interfaces `nat` and `dsr` packets may be redirected to.
 pub const MAX_TX_PORTS: u32 = 64;
@@ -44,7 +44,10 @@ pub mod maps {
     pub const ACTION_STATS: &str = "LB_ACT_STATS";
     pub const REASON_STATS: &str = "LB_RSN_STATS";
     pub const TX_PORTS: &str = "LB_TX_PORTS";
-    pub const ALL: [&str; 13] = [
+    pub const EVENTS: &str = "LB_EVENTS";
+    pub const FLOOD: &str = "LB_FLOOD";
+    pub const UDP_SEEN: &str = "LB_UDP_SEEN";
+    pub const ALL: [&str; 16] = [
         PORTS,
         ADDR_SERVICES,
         SERVICES,
@@ -58,6 +61,9 @@ pub mod maps {
         ACTION_STATS,
         REASON_STATS,
         TX_PORTS,
+        EVENTS,
+        FLOOD,
+        UDP_SEEN,
     ];
 }
 
@@ -152,6 +158,8 @@ pub fn maglev_index(service: u32, table: u32, m: u32, slot: u32) -> u32 {
 /// One slot of a Maglev table: the backend new flows take, and the backend
 /// the slot held before its last change. While the two differ the slot is
 /// "sticky": its flows may be pinned in the flow table and must look there.
+/// The daemon makes a sticky slot clean again (`prev = backend`) once no
+/// live pin needs its previous backend and misses no longer go there.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaglevSlot {
@@ -160,7 +168,9 @@ pub struct MaglevSlot {
     /// When the backend last changed, in seconds of CLOCK_MONOTONIC (the
     /// clock of `bpf_ktime_get_coarse_ns`); 0 if it never did.
     pub changed: u32,
-    pub _pad: u32,
+    /// `BackendEntry::generation` of `prev` when the slot changed: a reused
+    /// id of another generation is not the backend this slot remembers.
+    pub prev_gen: u32,
 }
 const _: () = assert!(size_of::<MaglevSlot>() == 16);
 
@@ -169,7 +179,7 @@ impl MaglevSlot {
         backend: NO_BACKEND,
         prev: NO_BACKEND,
         changed: 0,
-        _pad: 0,
+        prev_gen: 0,
     };
 
     /// A slot whose backend never changed.
@@ -178,16 +188,37 @@ impl MaglevSlot {
             backend,
             prev: backend,
             changed: 0,
-            _pad: 0,
+            prev_gen: 0,
         }
+    }
+
+    /// The slot's backend changed and flows may be pinned elsewhere.
+    pub const fn is_sticky(&self) -> bool {
+        self.backend != self.prev
     }
 }
 
-/// How long after a slot changes a UDP flow with no flow entry is still
-/// taken for one that began before the change (and kept on the slot's
-/// previous backend). After that, such a flow is new and takes the slot's
-/// current backend, so backends added for UDP get their share.
+/// How long after a slot changes a UDP packet with no pin, of a flow seen
+/// before (its hash is in `LB_UDP_SEEN`), is still taken for one of a flow
+/// that began before the change and kept on the slot's previous backend.
+/// Later, such a packet is taken for a flow whose pin the LRU evicted and
+/// goes to the current backend. Flows never seen are new: they take the
+/// current backend at once, so backends added for UDP get their share and
+/// draining backends get no new flows.
 pub const UDP_AFFINITY_SECS: u32 = 30;
+/// The same for TCP packets that are not a SYN: within this time of the
+/// change a miss is most likely a connection established before it and
+/// idle since (it goes to the previous backend); later, a miss is most
+/// likely a pin the LRU evicted (it goes to the current backend). See the
+/// README's "fast path" section for the measured trade-off.
+pub const TCP_MISS_PREV_SECS: u32 = 120;
+/// After this long no miss goes to a slot's previous backend any more, so
+/// only pins can still need it: the daemon's sweep may make the slot clean.
+pub const STICKY_MISS_SECS: u32 = if TCP_MISS_PREV_SECS > UDP_AFFINITY_SECS {
+    TCP_MISS_PREV_SECS
+} else {
+    UDP_AFFINITY_SECS
+};
 
 impl Default for MaglevSlot {
     fn default() -> Self {
@@ -217,8 +248,12 @@ pub struct BackendEntry {
     pub port: u16,
     pub state: u8,
     pub flags: u8,
+    /// The service this id belongs to; a pin or slot that names the id
+    /// from another service is stale.
     pub service: u32,
-    pub _pad: u32,
+    /// Bumped each time the daemon hands the id to a backend, so pins and
+    /// slots made for an earlier holder of a reused id never match it.
+    pub generation: u32,
 }
 const _: () = assert!(size_of::<BackendEntry>() == 28);
 
@@ -244,7 +279,8 @@ pub struct FlowValue {
     pub backend: u32,
     pub service: u32,
     pub slot: u32,
-    pub _pad: u32,
+    /// The backend's generation when the flow was pinned.
+    pub generation: u32,
 }
 const _: () = assert!(size_of::<FlowValue>() == 16);
 
@@ -290,6 +326,46 @@ impl Counters {
         self.new_flows += other.new_flows;
     }
 }
+
+/// Flow-table events, indexed by their value in `LB_EVENTS` (per CPU).
+pub const EVENT_PIN_INSERTED: u32 = 0;
+/// An insert refused because this CPU reached `FLOW_INSERT_RATE` this second.
+pub const EVENT_PIN_REFUSED: u32 = 1;
+/// A miss in a changed slot sent to the slot's previous backend.
+pub const EVENT_MISS_PREV: u32 = 2;
+/// A miss in a changed slot sent to the slot's current backend.
+pub const EVENT_MISS_CURRENT: u32 = 3;
+/// A pin that named a backend no longer holding it (down, removed, id
+/// reused): the flow was picked again.
+pub const EVENT_PIN_STALE: u32 = 4;
+pub const EVENT_COUNT: u32 = 5;
+pub const EVENT_NAMES: [&str; EVENT_COUNT as usize] = [
+    "pin_inserted",
+    "pin_refused",
+    "miss_prev",
+    "miss_current",
+    "pin_stale",
+];
+
+/// Per-CPU state of the flow-insert rate cap (`LB_FLOOD[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloodState {
+    /// The second (CLOCK_MONOTONIC) `inserts` counts.
+    pub second: u32,
+    pub inserts: u32,
+}
+const _: () = assert!(size_of::<FloodState>() == 8);
+
+/// Default cap on flow-table inserts per CPU per second.
+pub const DEFAULT_FLOW_INSERT_RATE: u32 = 100_000;
+
+/// Buckets of `LB_UDP_SEEN`, the cache of UDP flow hashes that tells a new
+/// UDP flow from a known one: `UDP_SEEN_WAYS` hashes a bucket, picked by the
+/// hash's top `UDP_SEEN_BITS` bits (4 MiB in all).
+pub const UDP_SEEN_BITS: u32 = 18;
+pub const UDP_SEEN_BUCKETS: u32 = 1 << UDP_SEEN_BITS;
+pub const UDP_SEEN_WAYS: usize = 4;
 
 /// XDP actions, indexed by their kernel value in `LB_ACT_STATS`.
 pub const XDP_ACTIONS: [&str; 5] = ["aborted", "drop", "pass", "tx", "redirect"];
@@ -382,4 +458,5 @@ mod pod {
     unsafe impl aya::Pod for RevPortEntry {}
     unsafe impl aya::Pod for RevAddrValue {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for FloodState {}
 }

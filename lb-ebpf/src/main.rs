@@ -47,7 +47,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 fn balance(ctx: &XdpContext, b: &Bounds) -> Result<u32, Reason> {
     let p = parse::parse(b, true)?;
     let (id, svc) = select::service(&p)?;
-    let pick = select::backend(ctx, &p, id, svc)?;
+    let pick = select::backend(&p, id, svc)?;
     let action = match svc.forwarding {
         FWD_LOCAL => {
             nat::local(b, &p, pick.entry)?;
@@ -113,6 +113,22 @@ fn reverse(ctx: &TcContext) -> Result<(), Reason> {
             None if entry.flags & REV_PORT_ONLY == 0 => return Err(Reason::NoService),
             None => {}
         }
+    }
+    // Only replies of balanced flows: the host's own connections from a
+    // backend port, and traffic it forwards, leave untouched.
+    let fwd = parse::Packet {
+        l3_off: p.l3_off,
+        l4_off: p.l4_off,
+        v6: p.v6,
+        proto: p.proto,
+        src: p.dst,
+        dst: new_addr.unwrap_or(p.src),
+        sport: p.dport,
+        dport: new_port.to_be(),
+        tcp_flags: 0,
+    };
+    if !select::answers(&fwd, sport, &p.src) {
+        return Err(Reason::NoService);
     }
     let udp = p.proto == PROTO_UDP;
     let csum_off = p.l4_off + if udp { UDP_CHECK_OFF } else { TCP_CHECK_OFF };

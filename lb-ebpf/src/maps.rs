@@ -6,9 +6,10 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, BackendEntry, Counters, DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, FlowKey,
-    FlowValue, MAX_ADDR_SERVICES, MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, MaglevSlot, PORT_SLOTS,
-    PortEntry, REASON_COUNT, RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE,
+    AddrKey, BackendEntry, Counters, DEFAULT_FLOW_INSERT_RATE, DEFAULT_FLOW_TABLE_SIZE,
+    DEFAULT_MAGLEV_SIZE, EVENT_COUNT, FloodState, FlowKey, FlowValue, MAX_ADDR_SERVICES,
+    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, MaglevSlot, PORT_SLOTS, PortEntry, REASON_COUNT,
+    RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE, UDP_SEEN_BUCKETS, UDP_SEEN_WAYS,
 };
 
 #[map]
@@ -57,3 +58,27 @@ pub static LB_RSN_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON
 /// Egress interfaces for `nat`/`dsr` redirects, keyed by ifindex.
 #[map]
 pub static LB_TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+
+#[map]
+pub static LB_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_COUNT, 0);
+
+/// This CPU's flow-insert count in the current second (one entry).
+#[map]
+pub static LB_FLOOD: PerCpuArray<FloodState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Hashes of UDP flows seen, in 4-way buckets picked by the hash's top
+/// bits: a packet whose hash is not in its bucket starts a new flow.
+#[map]
+pub static LB_UDP_SEEN: Array<[u32; UDP_SEEN_WAYS]> = Array::with_max_entries(UDP_SEEN_BUCKETS, 0);
+
+/// Flow-table inserts allowed per CPU per second; set by the daemon at load
+/// time (`dataplane.flow_insert_rate`), 0 for no cap.
+#[unsafe(no_mangle)]
+pub static FLOW_INSERT_RATE: u32 = DEFAULT_FLOW_INSERT_RATE;
+
+#[inline(always)]
+pub fn flow_insert_rate() -> u32 {
+    // SAFETY: a plain read of a global the loader may have rewritten; the
+    // volatile read keeps the compiler from folding the default in.
+    unsafe { core::ptr::read_volatile(&FLOW_INSERT_RATE) }
+}

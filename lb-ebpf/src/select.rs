@@ -4,20 +4,26 @@
 //! - `LB_PORTS`, `LB_SERVICES`, `LB_MAGLEV`, `LB_BACKENDS`: arrays, inlined by
 //!   the verifier, no helper call.
 //! - `LB_ADDR_SVCS` (hash): only for ports that have address-specific services.
+//! - `LB_UDP_SEEN`: an array, read for UDP packets to count new flows.
 //! - `LB_FLOWS` (LRU): only in "sticky" slots, whose backend changed; flows in
 //!   slots that never changed cannot be pinned anywhere else, so a SYN or an
 //!   established packet in a clean slot costs no helper call at all.
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
-use aya_log_ebpf::debug;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, BackendEntry, FlowKey, FlowValue, MaglevSlot,
-    NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, Reason, ServiceEntry, TABLES_PER_SERVICE,
-    UDP_AFFINITY_SECS, flow_hash, maglev_index, port_slot,
+    Addr, AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_REWRITE_ADDR, BackendEntry,
+    EVENT_MISS_CURRENT, EVENT_MISS_PREV, EVENT_PIN_INSERTED, EVENT_PIN_REFUSED, EVENT_PIN_STALE,
+    FlowKey, FlowValue, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, Reason,
+    ServiceEntry, TABLES_PER_SERVICE, TCP_MISS_PREV_SECS, UDP_AFFINITY_SECS, UDP_SEEN_BITS,
+    flow_hash, maglev_index, port_slot,
 };
 
 use crate::{
-    maps::{LB_ADDR_SVCS, LB_BACKENDS, LB_FLOWS, LB_MAGLEV, LB_PORTS, LB_SERVICES},
+    maps::{
+        LB_ADDR_SVCS, LB_BACKENDS, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_PORTS, LB_SERVICES,
+        LB_UDP_SEEN, flow_insert_rate,
+    },
     parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
+    stats,
 };
 
 /// Finds the service for the packet's destination: the port array first
@@ -54,43 +60,48 @@ pub struct Pick {
     pub new_flow: bool,
 }
 
+/// The entry of backend `id` if it still is the backend a pin or a slot
+/// remembers: same service, same generation (ids are reused), and it keeps
+/// its flows (active or draining).
 #[inline(always)]
-fn state(backend: u32) -> u8 {
-    match LB_BACKENDS.get(backend) {
-        Some(b) => b.state,
-        None => 0,
+fn holder(id: u32, service: u32, generation: u32) -> Option<&'static BackendEntry> {
+    let e = LB_BACKENDS.get(id)?;
+    let keeps = e.state == BACKEND_ACTIVE || e.state == BACKEND_DRAINING;
+    if keeps && e.service == service && e.generation == generation {
+        Some(e)
+    } else {
+        None
     }
-}
-
-/// Existing flows may stay on an active or draining backend.
-#[inline(always)]
-fn keeps_flows(backend: u32) -> bool {
-    let s = state(backend);
-    s == BACKEND_ACTIVE || s == BACKEND_DRAINING
 }
 
 /// Picks the backend for the packet from the service's active Maglev table.
 #[inline(always)]
-pub fn backend(ctx: &XdpContext, p: &Packet, id: u32, svc: &ServiceEntry) -> Result<Pick, Reason> {
+pub fn backend(p: &Packet, id: u32, svc: &ServiceEntry) -> Result<Pick, Reason> {
     let m = svc.table_size;
     let table = svc.active;
     if m == 0 || table >= TABLES_PER_SERVICE {
         return Err(Reason::NoBackend);
     }
-    let slot = flow_hash(&p.src, &p.dst, p.sport, p.dport, p.proto) % m;
+    let h = flow_hash(&p.src, &p.dst, p.sport, p.dport, p.proto);
+    let slot = h % m;
     let e = LB_MAGLEV
         .get(maglev_index(id, table, m, slot))
         .ok_or(Reason::NoBackend)?;
-    let syn = p.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let (backend, new_flow) = if e.backend == e.prev {
-        (e.backend, syn)
+    let tcp = p.proto == PROTO_TCP;
+    // A flow is new on a SYN (TCP) or when its hash is not in the cache of
+    // UDP flows seen (an array read; written only for new flows).
+    let new_flow = if tcp {
+        p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     } else {
-        sticky(ctx, p, id, slot, e, syn)
+        udp_new(h)
     };
-    if backend == NO_BACKEND {
-        return Err(Reason::NoBackend);
-    }
-    let entry = LB_BACKENDS.get(backend).ok_or(Reason::NoBackend)?;
+    let (backend, entry) = if e.is_sticky() {
+        sticky(p, id, slot, e, new_flow)?
+    } else {
+        // The current table's backends are written before the table.
+        let entry = LB_BACKENDS.get(e.backend).ok_or(Reason::NoBackend)?;
+        (e.backend, entry)
+    };
     Ok(Pick {
         backend,
         entry,
@@ -98,31 +109,86 @@ pub fn backend(ctx: &XdpContext, p: &Packet, id: u32, svc: &ServiceEntry) -> Res
     })
 }
 
-/// The slot changed less than `UDP_AFFINITY_SECS` ago. A clock read, but
-/// only for UDP packets with no flow entry in a changed slot.
+/// Whether a UDP packet starts a flow not seen before: its hash against the
+/// four last seen in its bucket. One array read (a cache line); written only
+/// for new flows. A full bucket forgets one of its four flows, which then
+/// counts as new again: rare below about a million live UDP flows.
 #[inline(always)]
-fn recently(changed: u32) -> bool {
-    let now = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
-    now.wrapping_sub(changed) < UDP_AFFINITY_SECS
+fn udp_new(h: u32) -> bool {
+    let tag = h | 1;
+    let Some(b) = LB_UDP_SEEN.get_ptr_mut(h >> (32 - UDP_SEEN_BITS)) else {
+        return false;
+    };
+    let b = unsafe { &mut *b };
+    if b[0] == tag || b[1] == tag || b[2] == tag || b[3] == tag {
+        return false;
+    }
+    let way = if b[0] == 0 {
+        0
+    } else if b[1] == 0 {
+        1
+    } else if b[2] == 0 {
+        2
+    } else if b[3] == 0 {
+        3
+    } else {
+        (h as usize >> 1) & 3
+    };
+    b[way] = tag;
+    true
 }
 
-/// A slot whose backend changed: the flow table decides. A flow pinned to a
-/// live backend stays there; an unpinned TCP flow that is not a SYN was
-/// established before the change and stays on the slot's previous backend
-/// (if that still takes flows); a SYN takes the current backend. UDP has no
-/// SYN: a flow without a pin stays on the previous backend while it is
-/// active, for `UDP_AFFINITY_SECS` after the change; later ones are new
-/// flows. Every decision here is pinned so it survives the next change.
+#[inline(always)]
+fn now_secs() -> u32 {
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// Counts an insert against this CPU's per-second cap (Katran's
+/// `is_under_flood`): a flood of new flows in changed slots cannot churn the
+/// whole flow table. Refused flows are still forwarded, unpinned.
+#[inline(always)]
+fn may_insert(now: u32) -> bool {
+    let cap = flow_insert_rate();
+    if cap == 0 {
+        return true;
+    }
+    let Some(f) = LB_FLOOD.get_ptr_mut(0) else {
+        return true;
+    };
+    let f = unsafe { &mut *f };
+    if f.second != now {
+        f.second = now;
+        f.inserts = 0;
+    }
+    if f.inserts >= cap {
+        return false;
+    }
+    f.inserts += 1;
+    true
+}
+
+/// A slot whose backend changed: the flow table decides.
+/// - A flow pinned to a backend that still holds it stays there.
+/// - A new flow (a SYN, a UDP flow not seen before) takes the current
+///   backend.
+/// - A miss (no pin, not new) within `TCP_MISS_PREV_SECS` (TCP) or
+///   `UDP_AFFINITY_SECS` (UDP) of the change is taken for a flow that began
+///   before it and goes to the previous backend if that still keeps flows
+///   (active or draining); later misses are taken for pins the LRU evicted
+///   and go to the current backend.
+///
+/// Every decision is pinned so it survives the next change, except for a
+/// RST (which ends the flow) and inserts over the per-CPU rate cap. A RST
+/// never removes a pin: an unverified RST could be spoofed to move a live
+/// flow, so pins of closed flows age out of the LRU instead.
 #[inline(always)]
 fn sticky(
-    ctx: &XdpContext,
     p: &Packet,
     id: u32,
     slot: u32,
     e: &MaglevSlot,
-    syn: bool,
-) -> (u32, bool) {
-    let (cur, prev) = (e.backend, e.prev);
+    new_flow: bool,
+) -> Result<(u32, &'static BackendEntry), Reason> {
     let key = FlowKey {
         src: p.src,
         dst: p.dst,
@@ -131,38 +197,104 @@ fn sticky(
         proto: p.proto,
         _pad: [0; 3],
     };
-    let rst = p.proto == PROTO_TCP && p.tcp_flags & TCP_RST != 0;
     if let Some(v) = LB_FLOWS.get_ptr(&key) {
-        let pinned = unsafe { (*v).backend };
-        if keeps_flows(pinned) {
-            if rst {
-                let _ = LB_FLOWS.remove(&key);
-            }
-            return (pinned, false);
+        let v = unsafe { *v };
+        if let Some(entry) = holder(v.backend, id, v.generation) {
+            return Ok((v.backend, entry));
         }
-        // Rare (the daemon purges such flows): worth a line in its log.
-        debug!(
-            ctx,
-            "service {}: flow pinned to backend {}, which takes no flows; re-picked", id, pinned
-        );
+        stats::event(EVENT_PIN_STALE);
     }
-    let choice = if syn {
-        cur
-    } else if p.proto == PROTO_TCP {
-        if keeps_flows(prev) { prev } else { cur }
-    } else if state(prev) == BACKEND_ACTIVE && recently(e.changed) {
-        prev
-    } else {
-        cur
-    };
-    if choice != NO_BACKEND && !rst {
-        let v = FlowValue {
-            backend: choice,
-            service: id,
-            slot,
-            _pad: 0,
+    let tcp = p.proto == PROTO_TCP;
+    let now = now_secs();
+    let mut choice = e.backend;
+    if !new_flow {
+        let window = if tcp {
+            TCP_MISS_PREV_SECS
+        } else {
+            UDP_AFFINITY_SECS
         };
-        let _ = LB_FLOWS.insert(&key, &v, 0);
+        let prev = if now.wrapping_sub(e.changed) < window {
+            holder(e.prev, id, e.prev_gen)
+        } else {
+            None
+        };
+        if prev.is_some() {
+            choice = e.prev;
+        }
+        stats::event(if prev.is_some() {
+            EVENT_MISS_PREV
+        } else {
+            EVENT_MISS_CURRENT
+        });
     }
-    (choice, syn || p.proto != PROTO_TCP)
+    if choice == NO_BACKEND {
+        return Err(Reason::NoBackend);
+    }
+    let entry = LB_BACKENDS.get(choice).ok_or(Reason::NoBackend)?;
+    let rst = tcp && p.tcp_flags & TCP_RST != 0;
+    if !rst {
+        if may_insert(now) {
+            let v = FlowValue {
+                backend: choice,
+                service: id,
+                slot,
+                generation: entry.generation,
+            };
+            let _ = LB_FLOWS.insert(&key, &v, 0);
+            stats::event(EVENT_PIN_INSERTED);
+        } else {
+            stats::event(EVENT_PIN_REFUSED);
+        }
+    }
+    Ok((choice, entry))
+}
+
+/// Whether a reply leaving from backend port `port` (host order) and
+/// address `addr` answers a flow this program balanced: `fwd`, the flow it
+/// answers, maps in its service's active table to a backend with that port
+/// (and address, where the address was rewritten), as the slot's current or
+/// previous backend or the backend the flow is pinned to. Replies of the
+/// host's own connections that happen to use a backend port do not.
+#[inline(always)]
+pub fn answers(fwd: &Packet, port: u16, addr: &Addr) -> bool {
+    let Ok((id, svc)) = service(fwd) else {
+        return false;
+    };
+    let m = svc.table_size;
+    if m == 0 || svc.active >= TABLES_PER_SERVICE {
+        return false;
+    }
+    let slot = flow_hash(&fwd.src, &fwd.dst, fwd.sport, fwd.dport, fwd.proto) % m;
+    let Some(e) = LB_MAGLEV.get(maglev_index(id, svc.active, m, slot)) else {
+        return false;
+    };
+    let is = |backend: u32| match LB_BACKENDS.get(backend) {
+        Some(b) => {
+            b.service == id
+                && b.port == port
+                && (b.flags & BACKEND_REWRITE_ADDR == 0 || b.addr == *addr)
+        }
+        None => false,
+    };
+    if is(e.backend) {
+        return true;
+    }
+    if !e.is_sticky() {
+        return false;
+    }
+    if is(e.prev) {
+        return true;
+    }
+    let key = FlowKey {
+        src: fwd.src,
+        dst: fwd.dst,
+        sport: fwd.sport,
+        dport: fwd.dport,
+        proto: fwd.proto,
+        _pad: [0; 3],
+    };
+    match LB_FLOWS.get_ptr(&key) {
+        Some(v) => is(unsafe { (*v).backend }),
+        None => false,
+    }
 }

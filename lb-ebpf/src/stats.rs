@@ -2,7 +2,7 @@
 //! costs no helper call.
 use lb_common::{Counters, Reason};
 
-use crate::maps::{LB_ACT_STATS, LB_BE_STATS, LB_RSN_STATS, LB_SVC_STATS};
+use crate::maps::{LB_ACT_STATS, LB_BE_STATS, LB_EVENTS, LB_RSN_STATS, LB_SVC_STATS};
 
 #[inline(always)]
 fn bump(c: Option<*mut u64>) {
@@ -14,6 +14,12 @@ fn bump(c: Option<*mut u64>) {
 #[inline(always)]
 pub fn action(action: u32) {
     bump(LB_ACT_STATS.get_ptr_mut(action));
+}
+
+/// One of the flow-table events (`lb_common::EVENT_*`).
+#[inline(always)]
+pub fn event(event: u32) {
+    bump(LB_EVENTS.get_ptr_mut(event));
 }
 
 #[inline(always)]

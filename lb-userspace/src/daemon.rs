@@ -11,7 +11,7 @@ use std::{
 
 use thiserror::Error;
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{self, Config, ServiceConfig},
@@ -91,6 +91,9 @@ struct Inner {
     health: HashMap<(String, SocketAddr), bool>,
     checker: Checker,
 }
+
+/// How often the flow table is swept for changed slots that can be clean.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct Shared {
     opts: Options,
@@ -247,7 +250,9 @@ impl Daemon {
         let mode = config.xdp_mode;
         let (writer, logger, flow_counter) = tokio::task::spawn_blocking(move || {
             let mut dp = Dataplane::load(opts)?;
-            let logger = dp.logger()?;
+            // The programs log nothing on the packet path; an object without
+            // log records has no log map, and that is fine.
+            let logger = dp.logger().ok();
             let flow_counter = dp.flow_counter()?;
             dp.attach(&iface, mode)?;
             Ok::<_, DataplaneError>((MapWriter::new(dp), logger, flow_counter))
@@ -256,11 +261,19 @@ impl Daemon {
         .expect("loader task")?;
         // SAFETY: the logger owns its ring buffer's fd and keeps it open
         // for as long as it lives inside the AsyncFd.
-        let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        let registered = match logger {
+            // SAFETY: see above.
+            Some(logger) => Some(unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    logger,
+                    tokio::io::Interest::READABLE,
+                )
+            }),
+            None => None,
         };
         match registered {
-            Ok(mut logger) => {
+            None => {}
+            Some(Ok(mut logger)) => {
                 tokio::spawn(async move {
                     while let Ok(mut guard) = logger.readable_mut().await {
                         guard.get_inner_mut().flush();
@@ -268,7 +281,7 @@ impl Daemon {
                     }
                 });
             }
-            Err(e) => warn!("eBPF log records will not be shown: {e}"),
+            Some(Err(e)) => warn!("eBPF log records will not be shown: {e}"),
         }
 
         let metrics = Metrics::new();
@@ -305,7 +318,52 @@ impl Daemon {
             inner.services = services;
         }
         tokio::spawn(daemon.clone().health_events(rx));
+        tokio::spawn(daemon.clone().sweeps());
         Ok(daemon)
+    }
+
+    /// Every `SWEEP_INTERVAL`, when some changed slot is past the time in
+    /// which misses go to its previous backend: walks the flow table
+    /// (without the writer's lock), then makes the slots no live pin needs
+    /// clean again and removes pins whose backend no longer holds them.
+    async fn sweeps(self) {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let writer = self.shared.writer.clone();
+            let counter = self.shared.flow_counter.clone();
+            let swept = tokio::task::spawn_blocking(move || {
+                let plan = match writer.lock() {
+                    Ok(w) => w.sweep_plan(crate::dataplane::monotonic_secs()),
+                    Err(_) => return None,
+                };
+                if plan.candidates.is_empty() {
+                    return None;
+                }
+                let found = counter.walk(&plan);
+                let report = writer.lock().ok()?.finish_sweep(&plan, &found);
+                Some(report)
+            })
+            .await;
+            match swept {
+                Ok(Some(Ok(r))) => {
+                    if r.slots_cleaned > 0 || r.stale_pins_removed > 0 {
+                        debug!(
+                            slots = r.slots_cleaned,
+                            stale_pins = r.stale_pins_removed,
+                            "flow table swept"
+                        );
+                    }
+                    self.shared
+                        .metrics
+                        .sweep(r.slots_cleaned, r.stale_pins_removed);
+                }
+                Ok(Some(Err(e))) => warn!("flow table sweep failed: {e}"),
+                Ok(None) => {}
+                Err(e) => warn!("flow table sweep task: {e}"),
+            }
+        }
     }
 
     /// Stops health checks and detaches the data plane (or leaves it pinned
@@ -497,6 +555,7 @@ impl Daemon {
             }
             snap.actions = dp.action_counts().unwrap_or_default();
             snap.reasons = dp.reason_counts().unwrap_or_default();
+            snap.events = dp.event_counts().unwrap_or_default();
             snap
         })
         .await

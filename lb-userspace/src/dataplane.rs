@@ -24,10 +24,11 @@ use aya::{
 };
 use lb_common::{
     Addr, AddrKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_REWRITE_ADDR,
-    BACKEND_UNUSED, BackendEntry, Counters, FWD_DSR, FWD_LOCAL, FWD_NAT, FlowKey, FlowValue,
-    MAX_BACKENDS, MAX_SERVICES, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP,
-    PROTO_UDP, PortEntry, REASON_COUNT, REV_HAS_ADDRS, REV_PORT_ONLY, RevAddrValue, RevPortEntry,
-    ServiceEntry, TABLES_PER_SERVICE, maglev_index, maps, port_slot, programs,
+    BACKEND_UNUSED, BackendEntry, Counters, EVENT_COUNT, FWD_DSR, FWD_LOCAL, FWD_NAT, FlowKey,
+    FlowValue, MAX_BACKENDS, MAX_SERVICES, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES,
+    PROTO_TCP, PROTO_UDP, PortEntry, REASON_COUNT, REV_HAS_ADDRS, REV_PORT_ONLY, RevAddrValue,
+    RevPortEntry, STICKY_MISS_SECS, ServiceEntry, TABLES_PER_SERVICE, maglev_index, maps,
+    port_slot, programs,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -77,6 +78,9 @@ pub struct Options {
     pub max_services: u32,
     /// Entries of the LRU flow table.
     pub flow_table_size: u32,
+    /// Flow-table inserts allowed per CPU per second (0: no cap). Flows
+    /// over the cap are forwarded unpinned and counted (`pin_refused`).
+    pub flow_insert_rate: u32,
     /// Where maps and links are pinned so the data plane outlives the
     /// daemon (restarts, crashes) and a new daemon adopts it. `None`: the
     /// data plane lives and dies with this process.
@@ -93,6 +97,7 @@ impl Default for Options {
             // 8 x 3 tables x 65537 slots x 16 bytes: 25 MiB of tables.
             max_services: 8,
             flow_table_size: lb_common::DEFAULT_FLOW_TABLE_SIZE,
+            flow_insert_rate: lb_common::DEFAULT_FLOW_INSERT_RATE,
             pin_path: None,
             record_path: None,
         }
@@ -210,6 +215,7 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, Counters>,
     action_stats: PerCpuArray<MapData, u64>,
     reason_stats: PerCpuArray<MapData, u64>,
+    events: PerCpuArray<MapData, u64>,
     tx_ports: DevMapHash<MapData>,
     /// Pinned links this process holds, with their pin files.
     links: Vec<(PathBuf, FdLink)>,
@@ -244,7 +250,8 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(maps::MAGLEV, maglev_len)
-            .map_max_entries(maps::FLOWS, opts.flow_table_size);
+            .map_max_entries(maps::FLOWS, opts.flow_table_size)
+            .override_global("FLOW_INSERT_RATE", &opts.flow_insert_rate, true);
         let mut adopted = false;
         let mut record = None;
         let mut linked_interface = None;
@@ -326,6 +333,7 @@ impl Dataplane {
             backend_stats: typed!(&mut ebpf, maps::BACKEND_STATS),
             action_stats: typed!(&mut ebpf, maps::ACTION_STATS),
             reason_stats: typed!(&mut ebpf, maps::REASON_STATS),
+            events: typed!(&mut ebpf, maps::EVENTS),
             tx_ports: typed!(&mut ebpf, maps::TX_PORTS),
             opts,
             ebpf,
@@ -645,6 +653,12 @@ impl Dataplane {
         &self.maglev.slots()[start..start + m as usize]
     }
 
+    fn table_mut(&mut self, service: u32, table: u32) -> &mut [MaglevSlot] {
+        let m = self.opts.maglev_size;
+        let start = maglev_index(service, table, m, 0) as usize;
+        &mut self.maglev.slots_mut()[start..start + m as usize]
+    }
+
     /// The table packets read now, and its index.
     pub fn active_table(&self, service: u32) -> Result<(u32, &[MaglevSlot])> {
         let e = self.service_entry(service)?;
@@ -736,6 +750,25 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// Flow-table events per `lb_common::EVENT_*`, indexed by value.
+    pub fn event_counts(&self) -> Result<[u64; EVENT_COUNT as usize]> {
+        let mut out = [0u64; EVENT_COUNT as usize];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = sum_u64(&self.events, i as u32, maps::EVENTS)?;
+        }
+        Ok(out)
+    }
+
+    /// Removes every pin, as an LRU under pressure would evict them; returns
+    /// how many there were. For tests of what misses do.
+    pub fn clear_flows(&mut self) -> usize {
+        let keys: Vec<FlowKey> = self.flows.keys().filter_map(|k| k.ok()).collect();
+        for k in &keys {
+            let _ = self.flows.remove(k);
+        }
+        keys.len()
+    }
+
     /// Entries in the flow table (walks it).
     pub fn flow_count(&self) -> usize {
         self.flows.keys().filter(|k| k.is_ok()).count()
@@ -754,25 +787,6 @@ impl Dataplane {
         Ok(FlowCounter(
             BpfHashMap::try_from(Map::LruHashMap(map)).map_err(map_err(maps::FLOWS))?,
         ))
-    }
-
-    /// Removes every flow pinned to one of `backends`.
-    pub fn purge_flows(&mut self, backends: &HashSet<u32>) -> Result<usize> {
-        if backends.is_empty() {
-            return Ok(0);
-        }
-        let doomed: Vec<FlowKey> = self
-            .flows
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(_, v)| backends.contains(&v.backend))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &doomed {
-            // Already gone (expired by the LRU) is fine.
-            let _ = self.flows.remove(k);
-        }
-        Ok(doomed.len())
     }
 }
 
@@ -795,6 +809,26 @@ impl log::Log for EbpfLog {
 pub struct FlowCounter(BpfHashMap<MapData, FlowKey, FlowValue>);
 
 impl FlowCounter {
+    /// Walks the flow table for a sweep: which candidate slots live pins
+    /// still need, and which pins name a backend that no longer holds them.
+    pub fn walk(&self, plan: &SweepPlan) -> SweepFound {
+        let mut found = SweepFound::default();
+        for (k, v) in self.0.iter().filter_map(|r| r.ok()) {
+            let live = plan.holders.get(&v.backend) == Some(&(v.service, v.generation));
+            if !live {
+                found.stale.push((k, v));
+                continue;
+            }
+            let key = (v.service, v.slot);
+            if let Some((current, _)) = plan.candidates.get(&key)
+                && *current != v.backend
+            {
+                found.needed.insert(key);
+            }
+        }
+        found
+    }
+
     pub fn count(&self) -> usize {
         self.0.keys().filter(|k| k.is_ok()).count()
     }
@@ -1010,13 +1044,43 @@ pub struct MapWriter {
     addr_services: HashMap<AddrKey, u32>,
     rev_ports: HashMap<u32, RevPortEntry>,
     rev_addrs: HashMap<AddrKey, RevAddrValue>,
+    /// Every backend entry as written to the kernel.
+    backend_entries: HashMap<u32, BackendEntry>,
+    /// The next `BackendEntry::generation` to hand out.
+    next_generation: u32,
 }
 
 /// What an `apply` changed, for logs and metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ApplyReport {
     pub tables_installed: usize,
-    pub flows_purged: usize,
+}
+
+/// What a sweep of the flow table looks for, taken under the writer's lock
+/// and used without it: sticky slots old enough to become clean, and the
+/// backends that still hold flows.
+#[derive(Debug, Default, Clone)]
+pub struct SweepPlan {
+    /// (service id, slot) -> (current backend, when the slot changed).
+    pub candidates: HashMap<(u32, u32), (u32, u32)>,
+    /// Backend id -> (service id, generation) for backends keeping flows.
+    pub holders: HashMap<u32, (u32, u32)>,
+}
+
+/// What a walk of the flow table found for a `SweepPlan`.
+#[derive(Debug, Default, Clone)]
+pub struct SweepFound {
+    /// Candidate slots a live pin still needs (it names another backend).
+    pub needed: HashSet<(u32, u32)>,
+    /// Pins naming a backend that no longer holds them.
+    pub stale: Vec<(FlowKey, FlowValue)>,
+}
+
+/// What a sweep changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    pub slots_cleaned: usize,
+    pub stale_pins_removed: usize,
 }
 
 fn is_local_host(ip: IpAddr) -> bool {
@@ -1035,6 +1099,8 @@ impl MapWriter {
             addr_services: HashMap::new(),
             rev_ports: HashMap::new(),
             rev_addrs: HashMap::new(),
+            backend_entries: HashMap::new(),
+            next_generation: 1,
         };
         if w.dp.adopted {
             match w.adopt() {
@@ -1104,6 +1170,15 @@ impl MapWriter {
             let (k, v) = kv.map_err(map_err(maps::REV_ADDRS))?;
             self.rev_addrs.insert(k, v);
         }
+        // Generations go on from the highest in the maps, so no id handed
+        // out from now on matches a pin or slot of an earlier holder.
+        for (i, e) in self.dp.backends.iter().enumerate() {
+            let e = e.map_err(map_err(maps::BACKENDS))?;
+            if e != BackendEntry::default() {
+                self.next_generation = self.next_generation.max(e.generation.wrapping_add(1));
+                self.backend_entries.insert(i as u32, e);
+            }
+        }
         Ok(ids.services.len())
     }
 
@@ -1167,7 +1242,6 @@ impl MapWriter {
             .filter(|n| !wanted.contains(n.as_str()))
             .cloned()
             .collect();
-        let mut purge = HashSet::new();
         for name in &gone {
             let inst = self.services.remove(name).expect("listed above");
             self.dp.write_service(inst.id, &ServiceEntry::default())?;
@@ -1176,8 +1250,7 @@ impl MapWriter {
                     state: BACKEND_DOWN,
                     ..Default::default()
                 };
-                self.dp.write_backend(*id, &down)?;
-                purge.insert(*id);
+                self.put_backend(*id, down)?;
                 self.free_backend_ids.insert(0, *id);
             }
             self.free_service_ids.push(inst.id);
@@ -1222,13 +1295,125 @@ impl MapWriter {
 
         for spec in desired {
             let mut inst = self.services.remove(&spec.name).expect("allocated above");
-            let installed = self.apply_service(&mut inst, spec, &mut purge, &mut report);
+            let installed = self.apply_service(&mut inst, spec, &mut report);
             self.services.insert(spec.name.clone(), inst);
             installed?;
         }
         self.sync_lookup_maps(desired)?;
         self.persist_ids()?;
-        report.flows_purged = self.dp.purge_flows(&purge)?;
+        Ok(report)
+    }
+
+    /// Writes a backend entry, with a new generation when the id gets a new
+    /// holder or its backend goes down: pins and slots made before then no
+    /// longer match it, so no walk of the flow table is needed to end them.
+    fn put_backend(&mut self, id: u32, mut e: BackendEntry) -> Result<()> {
+        let old = self.backend_entries.get(&id).copied();
+        let fresh = match old {
+            None => true,
+            Some(o) => {
+                o.service != e.service
+                    || o.addr != e.addr
+                    || o.port != e.port
+                    || (e.state == BACKEND_DOWN && o.state != BACKEND_DOWN)
+            }
+        };
+        e.generation = match old {
+            Some(o) if !fresh => o.generation,
+            _ => {
+                let g = self.next_generation;
+                self.next_generation = g.wrapping_add(1).max(1);
+                g
+            }
+        };
+        if old != Some(e) {
+            self.dp.write_backend(id, &e)?;
+            self.backend_entries.insert(id, e);
+        }
+        Ok(())
+    }
+
+    fn generation(&self, id: u32) -> u32 {
+        self.backend_entries.get(&id).map_or(0, |e| e.generation)
+    }
+
+    /// The generation the data plane holds for a backend id (tests).
+    pub fn backend_generation(&self, id: u32) -> u32 {
+        self.generation(id)
+    }
+
+    /// What the next sweep of the flow table must look at.
+    pub fn sweep_plan(&self, now: u32) -> SweepPlan {
+        let mut plan = SweepPlan::default();
+        for inst in self.services.values() {
+            for (i, s) in inst.slots.iter().enumerate() {
+                if s.is_sticky() && now.wrapping_sub(s.changed) >= STICKY_MISS_SECS {
+                    plan.candidates
+                        .insert((inst.id, i as u32), (s.backend, s.changed));
+                }
+            }
+        }
+        for (id, e) in &self.backend_entries {
+            if e.state == BACKEND_ACTIVE || e.state == BACKEND_DRAINING {
+                plan.holders.insert(*id, (e.service, e.generation));
+            }
+        }
+        plan
+    }
+
+    /// Ends a sweep: removes the stale pins it found (unless the program
+    /// replaced them meanwhile) and makes every candidate slot that no live
+    /// pin needs clean again, in the active table and in the next one.
+    /// Past `STICKY_MISS_SECS` no miss goes to a slot's previous backend, so
+    /// no pin made after the walk can need it either.
+    pub fn finish_sweep(&mut self, plan: &SweepPlan, found: &SweepFound) -> Result<SweepReport> {
+        let mut report = SweepReport::default();
+        for (k, v) in &found.stale {
+            if self.dp.flows.get(k, 0).ok().as_ref() == Some(v) && self.dp.flows.remove(k).is_ok() {
+                report.stale_pins_removed += 1;
+            }
+        }
+        let mut by_service: HashMap<u32, Vec<u32>> = HashMap::new();
+        for key in plan.candidates.keys() {
+            if !found.needed.contains(key) {
+                by_service.entry(key.0).or_default().push(key.1);
+            }
+        }
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            let inst = self.services.get_mut(&name).expect("listed above");
+            let Some(slots) = by_service.get(&inst.id) else {
+                continue;
+            };
+            let entry = self.dp.service_entry(inst.id)?;
+            if entry.table_size != self.dp.opts.maglev_size || entry.active >= TABLES_PER_SERVICE {
+                continue;
+            }
+            let mut cleaned = Vec::new();
+            for &i in slots {
+                let planned = plan.candidates[&(inst.id, i)];
+                let Some(s) = inst.slots.get_mut(i as usize) else {
+                    continue;
+                };
+                // The table changed since the plan: the next sweep decides.
+                if !s.is_sticky() || (s.backend, s.changed) != planned {
+                    continue;
+                }
+                *s = MaglevSlot::clean(s.backend);
+                cleaned.push(i);
+            }
+            let table = self.dp.table_mut(inst.id, entry.active);
+            for &i in &cleaned {
+                let slot = &mut table[i as usize];
+                // `prev` last: a packet that reads the slot halfway sees
+                // a sticky slot past its window, which behaves the same.
+                slot.changed = 0;
+                slot.prev_gen = 0;
+                fence(Ordering::SeqCst);
+                slot.prev = slot.backend;
+            }
+            report.slots_cleaned += cleaned.len();
+        }
         Ok(report)
     }
 
@@ -1305,7 +1490,6 @@ impl MapWriter {
         &mut self,
         inst: &mut Installed,
         spec: &ServiceSpec,
-        purge: &mut HashSet<u32>,
         report: &mut ApplyReport,
     ) -> Result<()> {
         let id = inst.id;
@@ -1322,8 +1506,7 @@ impl MapWriter {
             let bid = inst.backend_ids.remove(&addr).expect("listed above");
             let mut e = self.backend_entry(spec, id, addr);
             e.state = BACKEND_DOWN;
-            self.dp.write_backend(bid, &e)?;
-            purge.insert(bid);
+            self.put_backend(bid, e)?;
             released.push(bid);
         }
         for b in &spec.backends {
@@ -1340,10 +1523,7 @@ impl MapWriter {
             };
             let mut e = self.backend_entry(spec, id, b.address);
             e.state = b.dataplane_state();
-            self.dp.write_backend(bid, &e)?;
-            if e.state == BACKEND_DOWN {
-                purge.insert(bid);
-            }
+            self.put_backend(bid, e)?;
         }
 
         let entries: Vec<maglev::Entry> = spec
@@ -1362,7 +1542,9 @@ impl MapWriter {
             let same = table.len() == inst.slots.len()
                 && table.iter().zip(&inst.slots).all(|(b, s)| *b == s.backend);
             if !same || forwarding_changed {
-                let slots = next_slots(&inst.slots, &table, monotonic_secs());
+                let slots = next_slots(&inst.slots, &table, monotonic_secs(), |b| {
+                    self.generation(b)
+                });
                 let t = self.dp.install_table(id, &slots, spec.forwarding.code())?;
                 debug!(service = %spec.name, table = t, backends = entries.len(), "Maglev table installed");
                 inst.slots = slots;
@@ -1391,7 +1573,7 @@ impl MapWriter {
             state: BACKEND_UNUSED,
             flags: if rewrite { BACKEND_REWRITE_ADDR } else { 0 },
             service,
-            _pad: 0,
+            generation: 0,
         }
     }
 
@@ -1555,7 +1737,12 @@ pub fn monotonic_secs() -> u32 {
 /// changed remembers the backend it had, and when (`now`), so flows
 /// established there before the change can stay; an unchanged slot keeps
 /// what it remembered.
-pub fn next_slots(installed: &[MaglevSlot], table: &[u32], now: u32) -> Vec<MaglevSlot> {
+pub fn next_slots(
+    installed: &[MaglevSlot],
+    table: &[u32],
+    now: u32,
+    generation: impl Fn(u32) -> u32,
+) -> Vec<MaglevSlot> {
     table
         .iter()
         .enumerate()
@@ -1565,7 +1752,7 @@ pub fn next_slots(installed: &[MaglevSlot], table: &[u32], now: u32) -> Vec<Magl
                 backend,
                 prev: old.backend,
                 changed: now,
-                _pad: 0,
+                prev_gen: generation(old.backend),
             },
             // First table, or the slot had no backend: nothing to remember.
             _ => MaglevSlot::clean(backend),
@@ -1590,6 +1777,7 @@ mod tests {
 
     #[test]
     fn changed_slots_remember_their_previous_backend() {
+        let next_slots = |i: &[MaglevSlot], t: &[u32], now| next_slots(i, t, now, |b| b + 10);
         let first = next_slots(&[], &[1, 2, 3], 100);
         assert!(first.iter().all(|s| *s == MaglevSlot::clean(s.backend)));
         let second = next_slots(&first, &[1, 4, 3], 200);
@@ -1597,6 +1785,7 @@ mod tests {
             (second[1].backend, second[1].prev, second[1].changed),
             (4, 2, 200)
         );
+        assert_eq!(second[1].prev_gen, 12, "the previous backend's generation");
         assert_eq!(second[0], first[0]);
         // A slot that changes again remembers only the last backend.
         let third = next_slots(&second, &[1, 5, 3], 300);

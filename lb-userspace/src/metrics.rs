@@ -17,6 +17,7 @@ pub struct Snapshot {
     pub backend_state: Vec<(String, String, u16, bool)>,
     pub actions: [u64; 5],
     pub reasons: [u64; lb_common::REASON_COUNT as usize],
+    pub events: [u64; lb_common::EVENT_COUNT as usize],
     pub flow_entries: u64,
 }
 
@@ -27,6 +28,9 @@ pub struct Metrics {
     new_flows: IntCounterVec,
     actions: IntCounterVec,
     drops: IntCounterVec,
+    flow_events: IntCounterVec,
+    sweep_slots: IntCounter,
+    sweep_stale: IntCounter,
     backend_up: IntGaugeVec,
     backend_weight: IntGaugeVec,
     health_checks: IntCounterVec,
@@ -38,6 +42,12 @@ pub struct Metrics {
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("metric definition");
     r.register(Box::new(c.clone())).expect("unique metric");
     c
 }
@@ -107,6 +117,23 @@ impl Metrics {
                 "Packets not balanced, by reason (passed to the stack untouched)",
                 &["reason"],
             ),
+            flow_events: counter_vec(
+                &r,
+                "lb_flow_events_total",
+                "Flow-table events in changed Maglev slots: pins inserted or refused by the \
+                 per-CPU insert cap, misses sent to the previous or current backend, stale pins",
+                &["event"],
+            ),
+            sweep_slots: counter(
+                &r,
+                "lb_sweep_slots_cleaned_total",
+                "Changed Maglev slots made clean again by the sweep (no live pin needed them)",
+            ),
+            sweep_stale: counter(
+                &r,
+                "lb_sweep_stale_pins_total",
+                "Pins removed by the sweep because their backend no longer holds them",
+            ),
             backend_up: gauge_vec(&r, "lb_backend_up", "1 if the backend takes traffic", sb),
             backend_weight: gauge_vec(&r, "lb_backend_weight", "Configured backend weight", sb),
             health_checks: counter_vec(
@@ -126,6 +153,11 @@ impl Metrics {
         self.health_checks
             .with_label_values(&[service, backend, result])
             .inc();
+    }
+
+    pub fn sweep(&self, slots_cleaned: usize, stale_pins: usize) {
+        self.sweep_slots.inc_by(slots_cleaned as u64);
+        self.sweep_stale.inc_by(stale_pins as u64);
     }
 
     pub fn observe_rebuild(&self, seconds: f64) {
@@ -168,6 +200,12 @@ impl Metrics {
         for (i, name) in lb_common::REASON_NAMES.iter().enumerate() {
             set(&self.drops.with_label_values(&[*name]), snap.reasons[i]);
         }
+        for (i, name) in lb_common::EVENT_NAMES.iter().enumerate() {
+            set(
+                &self.flow_events.with_label_values(&[*name]),
+                snap.events[i],
+            );
+        }
         self.flow_entries.set(snap.flow_entries as i64);
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
@@ -200,6 +238,7 @@ mod tests {
         };
         snap.actions[2] = 12;
         snap.reasons[2] = 2;
+        snap.events[lb_common::EVENT_PIN_REFUSED as usize] = 4;
         let text = m.render(&snap);
         for line in [
             "lb_packets_total{backend=\"127.0.0.1:8001\",service=\"web\"} 10",
@@ -211,6 +250,7 @@ mod tests {
             "lb_backend_weight{backend=\"127.0.0.1:8001\",service=\"web\"} 100",
             "lb_health_checks_total{backend=\"127.0.0.1:8001\",result=\"success\",service=\"web\"} 1",
             "lb_flow_table_entries 3",
+            "lb_flow_events_total{event=\"pin_refused\"} 4",
             "lb_maglev_rebuild_seconds_count 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
