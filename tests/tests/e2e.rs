@@ -634,13 +634,97 @@ fn udp_datagrams_of_one_flow_always_reach_the_same_backend() {
     for (_, names) in &fresh {
         *fresh_spread.entry(names[0].clone()).or_default() += 1;
     }
-    // Not asserted: a UDP packet without a pin in a slot that changed
-    // follows the slot's previous backend while that one is active, so a
-    // backend added at run time gets no new UDP flows (reported).
+    // A flow the program has not seen is new: in a changed slot it takes
+    // the slot's current backend, so the added backend gets new UDP flows.
     println!("new UDP flows after the change: {fresh_spread:?}");
+    assert!(
+        fresh_spread.contains_key(&Site::backend_name(8004)),
+        "the added backend got none of {FLOWS} new UDP flows: {fresh_spread:?}"
+    );
     println!(
         "UDP 443: {FLOWS} flows x 40 datagrams (20 before, 20 after adding a backend), each \
          flow on one backend throughout: {spread:?}"
+    );
+}
+
+/// QUIC-like UDP flows (a datagram every 200 ms) on a backend that is
+/// drained keep reaching it for 60 s, as TCP connections do; new flows
+/// never go to it.
+#[test]
+fn udp_flows_of_a_drained_backend_keep_reaching_it() {
+    let _serial = serial();
+    let site = Site::new("e2e-udpdrain");
+    let _servers: Vec<_> = (8001..=8003).map(|p| site.backend(p)).collect();
+    let mut svc = ServiceConf::tcp(&[(8001, 100), (8002, 100), (8003, 100)]);
+    svc.protocols = vec!["tcp", "udp"];
+    let lb = site.start_lb(&svc);
+    let _log = lb_tests::topology::LogOnPanic(&lb);
+    let (v4, v6) = (site.v4(), site.v6());
+    let drained = Site::backend_name(8002);
+    const FLOWS: usize = 24;
+    let open = |tag: &'static str| {
+        site.client.run(async move {
+            let mut flows = Vec::new();
+            for i in 0..FLOWS {
+                let to = if i % 4 == 0 { v6 } else { v4 };
+                let mut f = lb_tests::https::UdpFlow::open(to, &format!("{tag}{i}"), None)
+                    .await
+                    .unwrap();
+                let name = f.exchange(1).await.unwrap().remove(0);
+                flows.push((f, name));
+            }
+            flows
+        })
+    };
+    let flows = open("q");
+    let on_drained = flows.iter().filter(|(_, n)| *n == drained).count();
+    assert!(on_drained > 0, "no flow on {drained}; the test proves nothing");
+    lb_tests::topology::change(
+        &lb,
+        "PATCH",
+        "/api/v1/services/web/backends/127.0.0.1:8002",
+        Some(r#"{"state": "draining"}"#),
+        200,
+    );
+    // 60 s of one datagram per flow every 200 ms: 300 rounds, bounded.
+    let started = Instant::now();
+    let (rounds, moved) = site.client.run(async move {
+        let mut flows = flows;
+        let mut moved = Vec::new();
+        let mut rounds = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        while rounds < 300 {
+            tick.tick().await;
+            let tasks: Vec<_> = flows
+                .into_iter()
+                .map(|(mut f, owner)| {
+                    tokio::spawn(async move {
+                        let got = f.exchange(1).await;
+                        (f, owner, got)
+                    })
+                })
+                .collect();
+            flows = Vec::new();
+            for t in tasks {
+                let (f, owner, got) = t.await.unwrap();
+                match got {
+                    Ok(names) if names[0] == owner => {}
+                    other => moved.push(format!("{owner} -> {other:?}")),
+                }
+                flows.push((f, owner));
+            }
+            rounds += 1;
+        }
+        (rounds, moved)
+    });
+    assert!(moved.is_empty(), "UDP flows left their backend: {moved:?}");
+    let fresh = open("n");
+    let to_drained = fresh.iter().filter(|(_, n)| *n == drained).count();
+    assert_eq!(to_drained, 0, "a draining backend took new UDP flows");
+    println!(
+        "UDP drain: {on_drained} of {FLOWS} flows on {drained}; {rounds} rounds over {:.0?}: \
+         every datagram reached its flow's backend; 0 of {FLOWS} new flows to the drained one",
+        started.elapsed()
     );
 }
 
@@ -730,6 +814,10 @@ fn metrics_equal_the_packets_and_connections_the_client_sent() {
         );
         owner.insert((17, *port), names[0].clone());
     }
+    let mut udp_flows_to: HashMap<String, u64> = HashMap::new();
+    for (_, names) in &flows {
+        *udp_flows_to.entry(names[0].clone()).or_default() += 1;
+    }
     // (packets, bytes, SYNs) per backend, as the client sent them.
     let mut sent: HashMap<String, (u64, u64, u64)> = HashMap::new();
     for f in &frames {
@@ -749,12 +837,15 @@ fn metrics_equal_the_packets_and_connections_the_client_sent() {
     for (port, server) in ports.iter().zip(&servers) {
         let name = Site::backend_name(*port);
         let (packets, bytes, syns) = sent.get(&name).copied().unwrap_or_default();
-        let flows = m.backend("lb_new_flows_total", *port);
+        // New flows: every connection (its SYN) and every UDP flow, once.
+        let udp = udp_flows_to.get(&name).copied().unwrap_or(0);
+        let flows = m.backend("lb_new_flows_total", *port) - udp;
         println!(
             "  {name}: lb_packets_total {} = {packets} sent, lb_bytes_total {} = {bytes}, \
-             lb_new_flows_total {flows} = {} accepted",
+             lb_new_flows_total {} = {} accepted + {udp} UDP flows",
             m.backend("lb_packets_total", *port),
             m.backend("lb_bytes_total", *port),
+            m.backend("lb_new_flows_total", *port),
             server.stats().accepted
         );
         assert_eq!(

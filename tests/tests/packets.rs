@@ -923,7 +923,7 @@ fn sticky_slots_become_clean_once_no_pin_needs_them() {
     let mut svc = five_backends();
     let mut w = writer(std::slice::from_ref(&svc));
     let flows = client_flows(4000);
-    let first = send(w.dataplane(), &flows, TCP_SYN);
+    send(w.dataplane(), &flows, TCP_SYN);
     for port in 8006..8016 {
         svc.backends.push(BackendSpec::new(
             format!("127.0.0.1:{port}").parse().unwrap(),
