@@ -186,6 +186,48 @@ fn prepare_remote_backends(specs: &[ServiceSpec]) {
     }
 }
 
+/// The interfaces of the default routes in `/proc/net/route` (IPv4) or
+/// `/proc/net/ipv6_route` (IPv6) text.
+fn default_route_devices(text: &str, v6: bool) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let default = if v6 {
+                f.len() >= 10 && f[0].bytes().all(|b| b == b'0') && f[1] == "00"
+            } else {
+                f.len() >= 8 && f[1] == "00000000" && f[7] == "00000000"
+            };
+            let dev = if v6 { f.last() } else { f.first() };
+            (default && dev != Some(&"lo")).then(|| dev.map(|d| d.to_string()))?
+        })
+        .collect()
+}
+
+/// Replies of `local` and `nat` services are translated back by the TC
+/// program on the attached interface only: warns when a default route
+/// leaves by another one, since replies to clients would follow it
+/// untranslated.
+fn check_reply_routes(iface: &str, specs: &[ServiceConfig]) {
+    for (v6, file) in [(false, "/proc/net/route"), (true, "/proc/net/ipv6_route")] {
+        let used = specs
+            .iter()
+            .any(|s| s.forwarding != crate::dataplane::Forwarding::Dsr && s.listen.is_ipv6() == v6);
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for dev in default_route_devices(&text, v6) {
+            if used && dev != iface {
+                warn!(
+                    "the default {} route leaves by {dev}, but the balancer is attached to \
+                     {iface}: replies of local and nat services routed by {dev} are not \
+                     translated back to the service address (route clients by {iface})",
+                    if v6 { "IPv6" } else { "IPv4" }
+                );
+            }
+        }
+    }
+}
+
 fn targets(services: &[ServiceConfig]) -> Vec<Target> {
     let mut out = Vec::new();
     for s in services {
@@ -248,6 +290,7 @@ impl Daemon {
 
         let opts = config.dataplane.clone();
         let mode = config.xdp_mode;
+        let services_for_check = services.clone();
         let (writer, logger, flow_counter) = tokio::task::spawn_blocking(move || {
             let mut dp = Dataplane::load(opts)?;
             // The programs log nothing on the packet path; an object without
@@ -255,6 +298,7 @@ impl Daemon {
             let logger = dp.logger().ok();
             let flow_counter = dp.flow_counter()?;
             dp.attach(&iface, mode)?;
+            check_reply_routes(&iface, &services_for_check);
             Ok::<_, DataplaneError>((MapWriter::new(dp), logger, flow_counter))
         })
         .await
@@ -566,5 +610,23 @@ impl Daemon {
             .await
             .unwrap_or(0);
         self.shared.metrics.render(&snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finds_the_default_routes_devices() {
+        let v4 = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
+                  eth1\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                  eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(super::default_route_devices(v4, false), ["eth1"]);
+        let v6 = "fd000000000000000000000000000000 40 00000000000000000000000000000000 00 \
+                  00000000000000000000000000000000 00000100 00000001 00000000 00000001 eth0\n\
+                  00000000000000000000000000000000 00 00000000000000000000000000000000 00 \
+                  fd000000000000000000000000000001 00000400 00000002 00000000 00000003 eth2\n\
+                  00000000000000000000000000000000 00 00000000000000000000000000000000 00 \
+                  00000000000000000000000000000000 ffffffff 00000001 00000000 00200200 lo\n";
+        assert_eq!(super::default_route_devices(v6, true), ["eth2"]);
     }
 }

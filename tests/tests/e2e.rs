@@ -678,7 +678,10 @@ fn udp_flows_of_a_drained_backend_keep_reaching_it() {
     };
     let flows = open("q");
     let on_drained = flows.iter().filter(|(_, n)| *n == drained).count();
-    assert!(on_drained > 0, "no flow on {drained}; the test proves nothing");
+    assert!(
+        on_drained > 0,
+        "no flow on {drained}; the test proves nothing"
+    );
     lb_tests::topology::change(
         &lb,
         "PATCH",
