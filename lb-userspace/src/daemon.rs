@@ -303,29 +303,26 @@ impl Daemon {
         })
         .await
         .expect("loader task")?;
-        // SAFETY: the logger owns its ring buffer's fd and keeps it open
-        // for as long as it lives inside the AsyncFd.
-        let registered = match logger {
-            // SAFETY: see above.
-            Some(logger) => Some(unsafe {
+        if let Some(logger) = logger {
+            // SAFETY: the logger owns its ring buffer's fd and keeps it open
+            // for as long as it lives inside the AsyncFd.
+            let registered = unsafe {
                 tokio::io::unix::AsyncFd::register_with_interest(
                     logger,
                     tokio::io::Interest::READABLE,
                 )
-            }),
-            None => None,
-        };
-        match registered {
-            None => {}
-            Some(Ok(mut logger)) => {
-                tokio::spawn(async move {
-                    while let Ok(mut guard) = logger.readable_mut().await {
-                        guard.get_inner_mut().flush();
-                        guard.clear_ready();
-                    }
-                });
+            };
+            match registered {
+                Ok(mut logger) => {
+                    tokio::spawn(async move {
+                        while let Ok(mut guard) = logger.readable_mut().await {
+                            guard.get_inner_mut().flush();
+                            guard.clear_ready();
+                        }
+                    });
+                }
+                Err(e) => warn!("eBPF log records will not be shown: {e}"),
             }
-            Some(Err(e)) => warn!("eBPF log records will not be shown: {e}"),
         }
 
         let metrics = Metrics::new();

@@ -1015,3 +1015,88 @@ fn only_replies_of_balanced_flows_are_translated() {
     }
     assert!(translated > 10 && untouched > 100);
 }
+
+/// Backend ids are reused lowest first after a restart (the new daemon knows
+/// only the ids of services that still exist). A pin made for the earlier
+/// holder of an id must not match the new holder: it names the same service
+/// id and backend id, but not the generation.
+#[test]
+fn a_reused_backend_id_never_matches_old_pins() {
+    lb_tests::require_root();
+    let bpf = lb_tests::daemon::BpfFs::mount("reuse");
+    let dir = lb_tests::daemon::TempDir::new("reuse");
+    let opts = Options {
+        pin_path: Some(bpf.0.join("lb")),
+        record_path: Some(dir.path("record.json")),
+        ..options()
+    };
+    let flows = client_flows(3000);
+    let old_ids: Vec<u32>;
+    {
+        // The first daemon: service a, changed, with flows pinned in it.
+        let mut a = five_backends();
+        a.name = "a".into();
+        let mut w = MapWriter::new(Dataplane::load(opts.clone()).unwrap());
+        w.apply(std::slice::from_ref(&a)).unwrap();
+        a.backends
+            .push(BackendSpec::new("127.0.0.1:8006".parse().unwrap(), 100));
+        w.apply(std::slice::from_ref(&a)).unwrap();
+        send(w.dataplane(), &flows, TCP_SYN);
+        assert!(w.dataplane().flow_count() > 100);
+        old_ids = a
+            .backends
+            .iter()
+            .map(|b| w.backend_id("a", b.address).unwrap())
+            .collect();
+        // Service a goes; its pins stay in the LRU.
+        w.apply(&[]).unwrap();
+        w.dataplane_mut().shutdown(true);
+    }
+    // The next daemon adopts the pinned maps; service b takes the same ids.
+    let mut b = service(
+        "b",
+        "0.0.0.0:443",
+        &[
+            "127.0.0.1:9001",
+            "127.0.0.1:9002",
+            "127.0.0.1:9003",
+            "127.0.0.1:9004",
+            "127.0.0.1:9005",
+        ],
+    );
+    let mut w = MapWriter::new(Dataplane::load(opts).unwrap());
+    assert!(
+        w.dataplane().flow_count() > 100,
+        "the old pins are still there"
+    );
+    w.apply(std::slice::from_ref(&b)).unwrap();
+    b.backends
+        .push(BackendSpec::new("127.0.0.1:9006".parse().unwrap(), 100));
+    w.apply(std::slice::from_ref(&b)).unwrap();
+    let new_ids: Vec<u32> = b
+        .backends
+        .iter()
+        .map(|x| w.backend_id("b", x.address).unwrap())
+        .collect();
+    assert!(
+        new_ids.iter().any(|i| old_ids.contains(i)),
+        "no id was reused ({old_ids:?} then {new_ids:?}); the test proves nothing"
+    );
+    // Every old flow is a miss in b's changed slots (previous backend) or
+    // follows a clean slot: none follows a pin of service a.
+    let ports = send(w.dataplane(), &flows, TCP_ACK);
+    let mut misses = 0;
+    for (f, port) in flows.iter().zip(&ports) {
+        let want = match sticky_slot(&w, &b, f) {
+            Some(slot) => {
+                misses += 1;
+                backend_port(&w, &b, slot.prev)
+            }
+            None => table_port(&w, &b, &f.build()),
+        };
+        assert_eq!(*port, want, "a flow followed a stale pin");
+    }
+    assert!(misses > 50);
+    let stale = w.dataplane().event_counts().unwrap()[lb_common::EVENT_PIN_STALE as usize];
+    assert!(stale > 0, "no old pin was met");
+}
