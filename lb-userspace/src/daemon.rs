@@ -496,7 +496,8 @@ impl Daemon {
                 }
             }
             snap.actions = dp.action_counts().unwrap_or_default();
-            snap.reasons = dp.reason_counts().unwrap_or_default();
+            snap.passed = dp.reason_counts().unwrap_or_default();
+            snap.dropped = dp.drop_counts().unwrap_or_default();
             snap
         })
         .await

@@ -210,6 +210,7 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, Counters>,
     action_stats: PerCpuArray<MapData, u64>,
     reason_stats: PerCpuArray<MapData, u64>,
+    drop_stats: PerCpuArray<MapData, u64>,
     tx_ports: DevMapHash<MapData>,
     /// Pinned links this process holds, with their pin files.
     links: Vec<(PathBuf, FdLink)>,
@@ -326,6 +327,7 @@ impl Dataplane {
             backend_stats: typed!(&mut ebpf, maps::BACKEND_STATS),
             action_stats: typed!(&mut ebpf, maps::ACTION_STATS),
             reason_stats: typed!(&mut ebpf, maps::REASON_STATS),
+            drop_stats: typed!(&mut ebpf, maps::DROP_STATS),
             tx_ports: typed!(&mut ebpf, maps::TX_PORTS),
             opts,
             ebpf,
@@ -727,11 +729,21 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Packets per `lb_common::Reason`, indexed by the reason's value.
+    /// Packets passed to the stack unbalanced, per `lb_common::Reason`,
+    /// indexed by the reason's value.
     pub fn reason_counts(&self) -> Result<[u64; REASON_COUNT as usize]> {
         let mut out = [0u64; REASON_COUNT as usize];
         for (i, o) in out.iter_mut().enumerate() {
             *o = sum_u64(&self.reason_stats, i as u32, maps::REASON_STATS)?;
+        }
+        Ok(out)
+    }
+
+    /// Packets dropped, per `lb_common::Reason`, indexed by the reason's value.
+    pub fn drop_counts(&self) -> Result<[u64; REASON_COUNT as usize]> {
+        let mut out = [0u64; REASON_COUNT as usize];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = sum_u64(&self.drop_stats, i as u32, maps::DROP_STATS)?;
         }
         Ok(out)
     }

@@ -16,7 +16,10 @@ pub struct Snapshot {
     /// (service, weight, up) per backend, for the gauges.
     pub backend_state: Vec<(String, String, u16, bool)>,
     pub actions: [u64; 5],
-    pub reasons: [u64; lb_common::REASON_COUNT as usize],
+    /// Packets passed to the stack unbalanced, by reason.
+    pub passed: [u64; lb_common::REASON_COUNT as usize],
+    /// Packets dropped, by reason.
+    pub dropped: [u64; lb_common::REASON_COUNT as usize],
     pub flow_entries: u64,
 }
 
@@ -26,7 +29,8 @@ pub struct Metrics {
     bytes: IntCounterVec,
     new_flows: IntCounterVec,
     actions: IntCounterVec,
-    drops: IntCounterVec,
+    passed: IntCounterVec,
+    dropped: IntCounterVec,
     backend_up: IntGaugeVec,
     backend_weight: IntGaugeVec,
     health_checks: IntCounterVec,
@@ -101,10 +105,16 @@ impl Metrics {
                 "Packets by XDP action",
                 &["action"],
             ),
-            drops: counter_vec(
+            passed: counter_vec(
                 &r,
-                "lb_drops_total",
-                "Packets not balanced, by reason (passed to the stack untouched)",
+                lb_common::metrics::PASSED,
+                "Packets not balanced and passed to the local stack, by reason",
+                &["reason"],
+            ),
+            dropped: counter_vec(
+                &r,
+                lb_common::metrics::DROPPED,
+                "Packets dropped, by reason",
                 &["reason"],
             ),
             backend_up: gauge_vec(&r, "lb_backend_up", "1 if the backend takes traffic", sb),
@@ -166,7 +176,8 @@ impl Metrics {
             set(&self.actions.with_label_values(&[*name]), snap.actions[i]);
         }
         for (i, name) in lb_common::REASON_NAMES.iter().enumerate() {
-            set(&self.drops.with_label_values(&[*name]), snap.reasons[i]);
+            set(&self.passed.with_label_values(&[*name]), snap.passed[i]);
+            set(&self.dropped.with_label_values(&[*name]), snap.dropped[i]);
         }
         self.flow_entries.set(snap.flow_entries as i64);
         TextEncoder::new()
@@ -199,14 +210,18 @@ mod tests {
             ..Default::default()
         };
         snap.actions[2] = 12;
-        snap.reasons[2] = 2;
+        snap.passed[2] = 2;
+        snap.dropped[lb_common::Reason::NoTxPort as usize] = 4;
         let text = m.render(&snap);
         for line in [
             "lb_packets_total{backend=\"127.0.0.1:8001\",service=\"web\"} 10",
             "lb_bytes_total{backend=\"127.0.0.1:8001\",service=\"web\"} 1000",
             "lb_new_flows_total{backend=\"127.0.0.1:8001\",service=\"web\"} 2",
             "lb_xdp_actions_total{action=\"pass\"} 12",
-            "lb_drops_total{reason=\"no_service\"} 2",
+            "lb_passed_total{reason=\"no_service\"} 2",
+            "lb_passed_total{reason=\"no_tx_port\"} 0",
+            "lb_dropped_total{reason=\"no_tx_port\"} 4",
+            "lb_dropped_total{reason=\"no_service\"} 0",
             "lb_backend_up{backend=\"127.0.0.1:8001\",service=\"web\"} 1",
             "lb_backend_weight{backend=\"127.0.0.1:8001\",service=\"web\"} 100",
             "lb_health_checks_total{backend=\"127.0.0.1:8001\",result=\"success\",service=\"web\"} 1",

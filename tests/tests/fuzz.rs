@@ -169,7 +169,7 @@ fn parse(f: &[u8]) -> Result<Hdr, Reason> {
                 return Err(Reason::Truncated);
             }
             if be16(f, l3 + 6) & 0x1fff != 0 {
-                return Err(Reason::Fragment);
+                return Err(Reason::FragmentUnknown);
             }
             let s = u32::from_ne_bytes(f[l3 + 12..l3 + 16].try_into().unwrap());
             let d = u32::from_ne_bytes(f[l3 + 16..l3 + 20].try_into().unwrap());
@@ -212,7 +212,7 @@ fn parse(f: &[u8]) -> Result<Hdr, Reason> {
                             return Err(Reason::Truncated);
                         }
                         if be16(f, off + 2) & 0xfff8 != 0 {
-                            return Err(Reason::Fragment);
+                            return Err(Reason::FragmentUnknown);
                         }
                         next = f[off];
                         off += 8;
@@ -1175,7 +1175,7 @@ fn the_oracle_agrees_with_known_frames() {
                 s.fragment = Some((8, false));
                 s.build()
             },
-            Some(Reason::Fragment),
+            Some(Reason::FragmentUnknown),
         ),
         (
             {

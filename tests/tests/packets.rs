@@ -239,8 +239,16 @@ fn non_service_packets_pass_untouched() {
             Spec::new("fd00::2", "fd00::1", packet::L4::Icmp).build(),
             Reason::NotTcpUdp,
         ),
-        ("ipv4 later fragment", v4_frag.build(), Reason::Fragment),
-        ("ipv6 later fragment", v6_frag.build(), Reason::Fragment),
+        (
+            "ipv4 later fragment",
+            v4_frag.build(),
+            Reason::FragmentUnknown,
+        ),
+        (
+            "ipv6 later fragment",
+            v6_frag.build(),
+            Reason::FragmentUnknown,
+        ),
         (
             "five ipv6 extension headers",
             too_many_ext.build(),
