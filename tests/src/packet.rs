@@ -311,6 +311,24 @@ pub fn build(s: &Spec) -> Vec<u8> {
     frame
 }
 
+/// One UDP datagram in three fragments: the first (offset 0, more
+/// fragments) with the UDP header, then two with none. The builder writes a
+/// "UDP header" into the later ones too: there it is payload, made to look
+/// like other ports so a program that read ports there would go wrong.
+pub fn udp_fragments(src: &str, dst: &str, sport: u16, dport: u16, id: u32) -> [Spec; 3] {
+    let mut first = Spec::udp(src, dst, sport, dport).payload(&[0x5a; 48]);
+    first.fragment = Some((0, true));
+    first.frag_id = Some(id);
+    let later = |off: u16, more: bool| {
+        let mut s = Spec::udp(src, dst, 0x4142, 0x4344).payload(&[0xa5; 40]);
+        s.fragment = Some((off, more));
+        s.frag_id = Some(id);
+        s
+    };
+    // 56 bytes (7 units) in the first, 48 (6 units) in the second.
+    [first, later(7, true), later(13, false)]
+}
+
 /// A copy of an IPv4 or IPv6 frame (no VLAN tag) with another destination
 /// address, the IPv4 header checksum recomputed in full. Nothing else
 /// changes: for a non-first fragment that is all a rewrite may touch.

@@ -371,24 +371,6 @@ fn replies_from_backends_leave_as_the_service() {
     }
 }
 
-/// One UDP datagram in three fragments: the first (offset 0, more
-/// fragments) with the UDP header, then two with none. The builder writes a
-/// "UDP header" into the later ones too: there it is payload, made to look
-/// like other ports so a program that read ports there would go wrong.
-fn fragments(src: &str, dst: &str, sport: u16, dport: u16, id: u32) -> [Spec; 3] {
-    let mut first = Spec::udp(src, dst, sport, dport).payload(&[0x5a; 48]);
-    first.fragment = Some((0, true));
-    first.frag_id = Some(id);
-    let later = |off: u16, more: bool| {
-        let mut s = Spec::udp(src, dst, 0x4142, 0x4344).payload(&[0xa5; 40]);
-        s.fragment = Some((off, more));
-        s.frag_id = Some(id);
-        s
-    };
-    // 56 bytes (7 units) in the first, 48 (6 units) in the second.
-    [first, later(7, true), later(13, false)]
-}
-
 fn backend_packets(w: &MapWriter, svc: &ServiceSpec, port: u16) -> u64 {
     let b = svc
         .backends
@@ -416,7 +398,7 @@ fn later_fragments_follow_their_first_in_local_mode() {
         } else {
             ("fd00::2", "fd00::1")
         };
-        let [first, a, b] = fragments(src, dst, 41000 + i, 443, 0x100 + i as u32);
+        let [first, a, b] = packet::udp_fragments(src, dst, 41000 + i, 443, 0x100 + i as u32);
         let input = first.build();
         let port = table_port(&w, &web, &input);
         let (action, out) = run(dp, &input);
@@ -450,7 +432,7 @@ fn later_fragments_follow_their_first_in_local_mode() {
         (&api, "10.0.0.2", "10.0.0.1", "10.0.0.9", 9001),
         (&api6, "fd00::2", "fd00::1", "fd00::9", 9002),
     ] {
-        let [first, a, b] = fragments(src, dst, 42000, 8443, 0x77);
+        let [first, a, b] = packet::udp_fragments(src, dst, 42000, 8443, 0x77);
         let (action, out) = run(dp, &first.build());
         assert_eq!(action, XDP_PASS);
         let want = first.clone().with_dst(be, be_port).build();
@@ -469,7 +451,7 @@ fn later_fragments_follow_their_first_in_local_mode() {
 
     // Out of order: a later fragment before its first goes up untouched,
     // counted; once the first is balanced, the same fragment follows it.
-    let [first, a, _] = fragments("10.0.0.3", "10.0.0.1", 43000, 8443, 0x9999);
+    let [first, a, _] = packet::udp_fragments("10.0.0.3", "10.0.0.1", 43000, 8443, 0x9999);
     let f = a.build();
     let (action, out) = run(dp, &f);
     assert_eq!((action, hex(&out)), (XDP_PASS, hex(&f)), "before its first");
@@ -484,8 +466,8 @@ fn later_fragments_follow_their_first_in_local_mode() {
     );
     assert_eq!(backend_packets(&w, &api, 9001), 5);
     // Another datagram between the same hosts, and an IPv6 one, never seen.
-    let [_, other, _] = fragments("10.0.0.3", "10.0.0.1", 43000, 8443, 0x999a);
-    let [_, other6, _] = fragments("fd00::3", "fd00::1", 43000, 8443, 0x1234_5678);
+    let [_, other, _] = packet::udp_fragments("10.0.0.3", "10.0.0.1", 43000, 8443, 0x999a);
+    let [_, other6, _] = packet::udp_fragments("fd00::3", "fd00::1", 43000, 8443, 0x1234_5678);
     for f in [other.build(), other6.build()] {
         let (action, out) = run(dp, &f);
         assert_eq!((action, hex(&out)), (XDP_PASS, hex(&f)));
