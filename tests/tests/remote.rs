@@ -927,3 +927,194 @@ fn nat_and_dsr_failures_are_dropped_or_passed_by_reason() {
         assert_eq!(actions[XDP_PASS as usize], 2);
     });
 }
+
+/// Large UDP datagrams (3000 bytes, fragmented by the client's stack at
+/// MTU 1500) to a `nat` service, IPv4 and IPv6, through real stacks: every
+/// datagram reaches a backend's socket whole, from the client's address,
+/// on the backend the first fragment's flow maps to in the Maglev table,
+/// so every datagram of a flow lands on one backend.
+#[test]
+fn nat_delivers_fragmented_udp_datagrams_whole_v4_and_v6() {
+    const FLOWS: usize = 16;
+    const PER_FLOW: usize = 3;
+    const SIZE: usize = 3000;
+    let mut topo = Topology::new();
+    let lb = topo.namespace("lb");
+    let client = topo.namespace("cl");
+    let b1 = topo.namespace("b1");
+    let b2 = topo.namespace("b2");
+    topo.veth(
+        (
+            &lb,
+            "lb0",
+            &[
+                "10.203.0.1/24",
+                "10.203.0.10/24",
+                "fd00:203::1/64",
+                "fd00:203::10/64",
+            ],
+        ),
+        (&client, "cl0", &["10.203.0.2/24", "fd00:203::2/64"]),
+    );
+    topo.veth(
+        (&lb, "lbb1", &["10.203.1.1/24", "fd00:203:1::1/64"]),
+        (&b1, "eth0", &["10.203.1.2/24", "fd00:203:1::2/64"]),
+    );
+    topo.veth(
+        (&lb, "lbb2", &["10.203.2.1/24", "fd00:203:2::1/64"]),
+        (&b2, "eth0", &["10.203.2.2/24", "fd00:203:2::2/64"]),
+    );
+    forwarding_on(&lb);
+    full_checksums(&client, "cl0");
+    for (ns, gw4, gw6) in [
+        (&b1, "10.203.1.1", "fd00:203:1::1"),
+        (&b2, "10.203.2.1", "fd00:203:2::1"),
+    ] {
+        run_in(ns, &["ip", "route", "add", "default", "via", gw4]);
+        run_in(ns, &["ip", "-6", "route", "add", "default", "via", gw6]);
+        run_in(ns, &["ethtool", "-K", "eth0", "gro", "on"]);
+    }
+    let services = vec![
+        service(
+            "udp4",
+            "10.203.0.10:443",
+            Forwarding::Nat,
+            &["10.203.1.2:8443", "10.203.2.2:8443"],
+        ),
+        service(
+            "udp6",
+            "[fd00:203::10]:443",
+            Forwarding::Nat,
+            &["[fd00:203:1::2]:8443", "[fd00:203:2::2]:8443"],
+        ),
+    ];
+    let writer = balancer(&lb, "lb0", services.clone());
+    // Neighbours known beforehand, or the first datagrams meet the FIB
+    // without them (passed to the stack, which forwards them itself).
+    for (ns, dev, a4, a6) in [
+        (&b1, "lbb1", "10.203.1.2", "fd00:203:1::2"),
+        (&b2, "lbb2", "10.203.2.2", "fd00:203:2::2"),
+    ] {
+        let mac = run_in(ns, &["cat", "/sys/class/net/eth0/address"])
+            .trim()
+            .to_string();
+        for addr in [a4, a6] {
+            netns::neighbour(&lb, addr, &mac, dev, "permanent");
+        }
+    }
+
+    // One dual-stack socket per backend host, read on its own thread until
+    // every datagram has arrived or 20 s passed.
+    let total = 2 * FLOWS * PER_FLOW;
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let receivers: Vec<_> = [("b1", &b1), ("b2", &b2)]
+        .into_iter()
+        .map(|(host, ns)| {
+            let sock = netns::within(ns, || std::net::UdpSocket::bind("[::]:8443").unwrap());
+            sock.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+                .unwrap();
+            let got = got.clone();
+            std::thread::spawn(move || {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                let mut seen = Vec::new();
+                let mut buf = vec![0u8; 65536];
+                while got.load(std::sync::atomic::Ordering::SeqCst) < total
+                    && std::time::Instant::now() < deadline
+                {
+                    if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                        seen.push((peer, buf[..n].to_vec()));
+                        got.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                (host, seen)
+            })
+        })
+        .collect();
+
+    // Flows: one client socket each, PER_FLOW datagrams, each tagged with
+    // its flow and sequence number and filled to SIZE bytes.
+    let flows: Vec<SocketAddr> = netns::within(&client, move || {
+        let mut locals = Vec::new();
+        for f in 0..2 * FLOWS {
+            let (bind, vip) = if f < FLOWS {
+                ("10.203.0.2:0", "10.203.0.10:443")
+            } else {
+                ("[fd00:203::2]:0", "[fd00:203::10]:443")
+            };
+            let s = std::net::UdpSocket::bind(bind).unwrap();
+            for seq in 0..PER_FLOW {
+                let mut d = vec![(f * 7 + seq) as u8; SIZE];
+                d[0] = f as u8;
+                d[1] = seq as u8;
+                s.send_to(&d, vip).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            locals.push(s.local_addr().unwrap());
+        }
+        locals
+    });
+    let mut by_flow: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
+    let results: Vec<_> = receivers.into_iter().map(|r| r.join().unwrap()).collect();
+    for (host, seen) in &results {
+        for (peer, d) in seen {
+            let f = d[0] as usize;
+            assert_eq!(d.len(), SIZE, "{host}: datagram of flow {f} arrived whole");
+            let mut want = vec![(f * 7 + d[1] as usize) as u8; SIZE];
+            want[0] = d[0];
+            want[1] = d[1];
+            assert!(*d == want, "{host}: datagram {f}/{} intact", d[1]);
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+            assert_eq!(peer, flows[f], "{host}: the client's address and port");
+            by_flow.entry(f).or_default().push(host);
+        }
+    }
+    let received: usize = results.iter().map(|(_, s)| s.len()).sum();
+    assert_eq!(received, total, "datagrams received: {by_flow:?}");
+
+    // The backend the first fragment's flow maps to in the active table.
+    let dp = writer.dataplane();
+    let mut per_host: BTreeMap<&str, usize> = BTreeMap::new();
+    for (f, local) in flows.iter().enumerate() {
+        let (svc, vip): (&ServiceSpec, SocketAddr) = if f < FLOWS {
+            (&services[0], "10.203.0.10:443".parse().unwrap())
+        } else {
+            (&services[1], "[fd00:203::10]:443".parse().unwrap())
+        };
+        let h = lb_common::flow_hash(
+            &lb_userspace::dataplane::addr_words(local.ip()),
+            &lb_userspace::dataplane::addr_words(vip.ip()),
+            local.port().to_be(),
+            vip.port().to_be(),
+            lb_common::PROTO_UDP,
+        );
+        let id = writer.service_id(&svc.name).unwrap();
+        let (_, table) = dp.active_table(id).unwrap();
+        let backend = table[(h % table.len() as u32) as usize].backend;
+        let addr = svc
+            .backends
+            .iter()
+            .find(|b| writer.backend_id(&svc.name, b.address) == Some(backend))
+            .unwrap()
+            .address;
+        let on_b1 = ["10.203.1.2", "fd00:203:1::2"].contains(&addr.ip().to_string().as_str());
+        let host = if on_b1 { "b1" } else { "b2" };
+        assert_eq!(
+            by_flow[&f],
+            vec![host; PER_FLOW],
+            "flow {f} from {local}: every datagram on {addr}"
+        );
+        *per_host.entry(host).or_default() += 1;
+    }
+    let passed = dp.reason_counts().unwrap();
+    let redirected = dp.action_counts().unwrap()[XDP_REDIRECT as usize];
+    println!(
+        "nat fragments: {received} datagrams of {SIZE} bytes in {} flows, flows by backend \
+         host {per_host:?}; XDP_REDIRECT {redirected}; fragment_unknown {}",
+        flows.len(),
+        passed[Reason::FragmentUnknown as usize]
+    );
+    assert_eq!(per_host.len(), 2, "both backend hosts got flows");
+    assert_eq!(passed[Reason::FragmentUnknown as usize], 0);
+    // Three fragments per datagram, every one redirected.
+    assert!(redirected >= 3 * total as u64, "redirected {redirected}");
+}
