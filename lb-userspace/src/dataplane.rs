@@ -25,9 +25,9 @@ use aya::{
 use lb_common::{
     Addr, AddrKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_REWRITE_ADDR,
     BACKEND_UNUSED, BackendEntry, Counters, FWD_DSR, FWD_LOCAL, FWD_NAT, FlowKey, FlowValue,
-    MAX_BACKENDS, MAX_SERVICES, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP,
-    PROTO_UDP, PortEntry, REASON_COUNT, REV_HAS_ADDRS, REV_PORT_ONLY, RevAddrValue, RevPortEntry,
-    ServiceEntry, TABLES_PER_SERVICE, maglev_index, maps, port_slot, programs,
+    FragKey, FragValue, MAX_BACKENDS, MAX_SERVICES, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES,
+    PROTO_TCP, PROTO_UDP, PortEntry, REASON_COUNT, REV_HAS_ADDRS, REV_PORT_ONLY, RevAddrValue,
+    RevPortEntry, ServiceEntry, TABLES_PER_SERVICE, maglev_index, maps, port_slot, programs,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -211,6 +211,7 @@ pub struct Dataplane {
     action_stats: PerCpuArray<MapData, u64>,
     reason_stats: PerCpuArray<MapData, u64>,
     drop_stats: PerCpuArray<MapData, u64>,
+    frags: BpfHashMap<MapData, FragKey, FragValue>,
     tx_ports: DevMapHash<MapData>,
     /// Pinned links this process holds, with their pin files.
     links: Vec<(PathBuf, FdLink)>,
@@ -328,6 +329,7 @@ impl Dataplane {
             action_stats: typed!(&mut ebpf, maps::ACTION_STATS),
             reason_stats: typed!(&mut ebpf, maps::REASON_STATS),
             drop_stats: typed!(&mut ebpf, maps::DROP_STATS),
+            frags: typed!(&mut ebpf, maps::FRAGS),
             tx_ports: typed!(&mut ebpf, maps::TX_PORTS),
             opts,
             ebpf,
@@ -746,6 +748,12 @@ impl Dataplane {
             *o = sum_u64(&self.drop_stats, i as u32, maps::DROP_STATS)?;
         }
         Ok(out)
+    }
+
+    /// Where the first fragment of datagram `key` went, if it is still
+    /// remembered for the later fragments.
+    pub fn fragment(&self, key: &FragKey) -> Option<FragValue> {
+        self.frags.get(key, 0).ok()
     }
 
     /// Entries in the flow table (walks it).
