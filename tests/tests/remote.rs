@@ -677,6 +677,13 @@ fn later_fragments_follow_their_first_in_nat_and_dsr() {
     });
 }
 
+/// Which counter a fixture's packet bumps.
+enum Counted {
+    Passed(Reason),
+    Dropped(Reason),
+    Forwarded,
+}
+
 /// Every way `nat` and `dsr` can fail to forward, with a real FIB: the
 /// action, the bytes (unchanged wherever nothing may be rewritten) and the
 /// pass or drop counter of its own reason; none counted as forwarded.
@@ -749,8 +756,8 @@ fn nat_and_dsr_failures_are_dropped_or_passed_by_reason() {
             s
         };
         let big = c(Spec::udp("10.203.0.2", "10.203.0.36", 40000, 443).payload(&[9; 1400]));
-        // (name, input, action, output or None for "unchanged", pass or drop, reason)
-        let cases: Vec<(&str, Spec, u32, Option<Spec>, bool, Reason)> = vec![
+        // (name, input, action, output or None for "unchanged", counter)
+        let cases: Vec<(&str, Spec, u32, Option<Spec>, Counted)> = vec![
             (
                 "nat, no neighbour: rewritten, passed for the stack to resolve",
                 syn("10.203.0.30"),
@@ -762,8 +769,7 @@ fn nat_and_dsr_failures_are_dropped_or_passed_by_reason() {
                     8443,
                     TCP_SYN,
                 ))),
-                false,
-                Reason::FibNoNeigh,
+                Counted::Passed(Reason::FibNoNeigh),
             ),
             (
                 "nat ipv6, no neighbour",
@@ -772,48 +778,42 @@ fn nat_and_dsr_failures_are_dropped_or_passed_by_reason() {
                 Some(c(
                     Spec::udp("fd00:203::2", "fd00:203:1::99", 40000, 8443).payload(b"q")
                 )),
-                false,
-                Reason::FibNoNeigh,
+                Counted::Passed(Reason::FibNoNeigh),
             ),
             (
                 "dsr, no neighbour: dropped (passed, the stack would answer it)",
                 syn("10.203.0.31"),
                 XDP_DROP,
                 None,
-                true,
-                Reason::FibNoNeigh,
+                Counted::Dropped(Reason::FibNoNeigh),
             ),
             (
                 "no route",
                 syn("10.203.0.32"),
                 XDP_DROP,
                 None,
-                true,
-                Reason::FibFail,
+                Counted::Dropped(Reason::FibFail),
             ),
             (
                 "blackhole",
                 syn("10.203.0.33"),
                 XDP_DROP,
                 None,
-                true,
-                Reason::FibFail,
+                Counted::Dropped(Reason::FibFail),
             ),
             (
                 "unreachable",
                 syn("10.203.0.34"),
                 XDP_DROP,
                 None,
-                true,
-                Reason::FibFail,
+                Counted::Dropped(Reason::FibFail),
             ),
             (
                 "prohibit",
                 syn("10.203.0.39"),
                 XDP_DROP,
                 None,
-                true,
-                Reason::FibFail,
+                Counted::Dropped(Reason::FibFail),
             ),
             (
                 "dsr ipv6 blackhole",
@@ -826,48 +826,42 @@ fn nat_and_dsr_failures_are_dropped_or_passed_by_reason() {
                 )),
                 XDP_DROP,
                 None,
-                true,
-                Reason::FibFail,
+                Counted::Dropped(Reason::FibFail),
             ),
             (
                 "larger than the route's MTU (fragmentation needed)",
                 big,
                 XDP_DROP,
                 None,
-                true,
-                Reason::FibFail,
+                Counted::Dropped(Reason::FibFail),
             ),
             (
                 "nat, egress not in the redirect map",
                 syn("10.203.0.37"),
                 XDP_DROP,
                 None,
-                true,
-                Reason::NoTxPort,
+                Counted::Dropped(Reason::NoTxPort),
             ),
             (
                 "dsr, egress not in the redirect map",
                 syn("10.203.0.38"),
                 XDP_DROP,
                 None,
-                true,
-                Reason::NoTxPort,
+                Counted::Dropped(Reason::NoTxPort),
             ),
             (
                 "nat, VLAN tag",
                 tagged("10.203.0.10"),
                 XDP_DROP,
                 None,
-                true,
-                Reason::VlanTagged,
+                Counted::Dropped(Reason::VlanTagged),
             ),
             (
                 "dsr, VLAN tag",
                 tagged("10.203.0.20"),
                 XDP_DROP,
                 None,
-                true,
-                Reason::VlanTagged,
+                Counted::Dropped(Reason::VlanTagged),
             ),
             // The same services untagged: they work.
             (
@@ -878,8 +872,7 @@ fn nat_and_dsr_failures_are_dropped_or_passed_by_reason() {
                     Spec::tcp("10.203.0.2", "10.203.1.5", 40000, 8443, TCP_SYN)
                         .with_macs(BACKEND_MAC, LBB_MAC),
                 ),
-                false,
-                Reason::NotIp,
+                Counted::Forwarded,
             ),
             (
                 "dsr, untagged",
@@ -889,21 +882,21 @@ fn nat_and_dsr_failures_are_dropped_or_passed_by_reason() {
                     Spec::tcp("10.203.0.2", "10.203.0.20", 40000, 443, TCP_SYN)
                         .with_macs(NEIGHBOUR_MAC, LB0_MAC),
                 ),
-                false,
-                Reason::NotIp,
+                Counted::Forwarded,
             ),
         ];
         let mut passed = [0u64; lb_common::REASON_COUNT as usize];
         let mut dropped = [0u64; lb_common::REASON_COUNT as usize];
-        for (name, input, action, output, drop, reason) in &cases {
+        for (name, input, action, output, counted) in &cases {
             let input = input.build();
             let (got, out) = dp.test_run_xdp_on(&input, lb0).expect("test run");
             assert_eq!(got, *action, "{name}: action");
             let want = output.as_ref().map(Spec::build).unwrap_or(input.clone());
             assert_eq!(out, want, "{name}: bytes");
-            if *action == XDP_PASS || *action == XDP_DROP {
-                let counts = if *drop { &mut dropped } else { &mut passed };
-                counts[*reason as usize] += 1;
+            match counted {
+                Counted::Passed(r) => passed[*r as usize] += 1,
+                Counted::Dropped(r) => dropped[*r as usize] += 1,
+                Counted::Forwarded => {}
             }
             assert_eq!(
                 dp.reason_counts().unwrap(),
