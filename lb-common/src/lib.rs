@@ -28,6 +28,8 @@ pub const MAX_ADDR_SERVICES: u32 = 4096;
 pub const PORT_SLOTS: u32 = 65_536 * 2;
 /// A Maglev slot or flow that points nowhere.
 pub const NO_BACKEND: u32 = u32::MAX;
+/// First fragments remembered until their later fragments arrive.
+pub const MAX_FRAGS: u32 = 8192;
 
 /// Map names, as the kernel object defines them (at most 15 bytes each).
 pub mod maps {
@@ -47,7 +49,9 @@ pub mod maps {
     pub const EVENTS: &str = "LB_EVENTS";
     pub const FLOOD: &str = "LB_FLOOD";
     pub const UDP_SEEN: &str = "LB_UDP_SEEN";
-    pub const ALL: [&str; 16] = [
+    pub const FRAGS: &str = "LB_FRAGS";
+    pub const DROP_STATS: &str = "LB_DROP_STATS";
+    pub const ALL: [&str; 18] = [
         PORTS,
         ADDR_SERVICES,
         SERVICES,
@@ -64,7 +68,17 @@ pub mod maps {
         EVENTS,
         FLOOD,
         UDP_SEEN,
+        FRAGS,
+        DROP_STATS,
     ];
+}
+
+/// Metric names both the daemon and the tests read.
+pub mod metrics {
+    /// Packets passed to the local stack unbalanced, by `Reason`.
+    pub const PASSED: &str = "lb_passed_total";
+    /// Packets dropped, by `Reason`.
+    pub const DROPPED: &str = "lb_dropped_total";
 }
 
 /// Program names in the object.
@@ -284,6 +298,31 @@ pub struct FlowValue {
 }
 const _: () = assert!(size_of::<FlowValue>() == 16);
 
+/// Key of the LRU map `LB_FRAGS`: one fragmented datagram, as IP reassembly
+/// knows it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Packet byte order: the IPv4 16-bit identification (widened) or the
+    /// IPv6 fragment header's 32-bit one.
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FragKey>() == 40);
+
+/// Value of `LB_FRAGS`: where the first fragment went, so the later ones
+/// (which carry no ports) follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub service: u32,
+    pub backend: u32,
+}
+const _: () = assert!(size_of::<FragValue>() == 8);
+
 /// Value of `LB_REV_PORTS[port_slot(backend port, proto)]`: replies leaving
 /// from this port belong to a local backend and are rewritten.
 #[repr(C)]
@@ -370,8 +409,11 @@ pub const UDP_SEEN_WAYS: usize = 4;
 /// XDP actions, indexed by their kernel value in `LB_ACT_STATS`.
 pub const XDP_ACTIONS: [&str; 5] = ["aborted", "drop", "pass", "tx", "redirect"];
 
-/// Why a packet was not forwarded to a backend. Every such packet leaves the
-/// program untouched with `XDP_PASS` and bumps `LB_RSN_STATS[reason]`.
+/// Why a packet was not forwarded to a backend. A packet passed to the stack
+/// bumps `LB_RSN_STATS[reason]`, a dropped one `LB_DROP_STATS[reason]`.
+/// Passed packets leave untouched, except `nat` packets passed for
+/// `FibNoNeigh` (already rewritten for the backend, so the stack forwards
+/// them and resolves the neighbour).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -381,8 +423,10 @@ pub enum Reason {
     NotTcpUdp = 1,
     /// No service on this address, port and protocol.
     NoService = 2,
-    /// A non-first IP fragment: it carries no ports.
-    Fragment = 3,
+    /// A non-first IP fragment whose first fragment was not balanced here:
+    /// not a service's, not seen yet (arrived out of order), or forgotten
+    /// (evicted from `LB_FRAGS`). Passed.
+    FragmentUnknown = 3,
     /// The frame ends inside a header.
     Truncated = 4,
     /// A header that cannot be right (IP version, IHL < 5, ...).
@@ -391,22 +435,35 @@ pub enum Reason {
     NoBackend = 6,
     /// More IPv6 extension headers than the program walks.
     ExtHeaders = 7,
-    /// `nat`/`dsr`: no route or no neighbour for the backend yet. The
-    /// packet (for `nat` already rewritten) goes to the stack, which
-    /// forwards it and resolves the neighbour for the next ones.
-    FibMiss = 8,
+    /// `nat`/`dsr`: the FIB has a route to the backend but no neighbour
+    /// (MAC) yet. `nat`: passed, rewritten, so the stack forwards it and
+    /// resolves the neighbour. `dsr`: dropped (the packet is addressed to a
+    /// local service address; the stack would answer it itself).
+    FibNoNeigh = 8,
+    /// `nat`/`dsr`: any other FIB failure (no route, blackhole, unreachable,
+    /// prohibit, fragmentation needed, forwarding off, ...). Dropped.
+    FibFail = 9,
+    /// `nat`/`dsr`: the backend is reached through an interface that is not
+    /// in `LB_TX_PORTS`. Dropped, nothing rewritten.
+    NoTxPort = 10,
+    /// `nat`/`dsr`: a VLAN-tagged frame (the tag cannot be carried safely to
+    /// another interface). Dropped.
+    VlanTagged = 11,
 }
-pub const REASON_COUNT: u32 = 9;
+pub const REASON_COUNT: u32 = 12;
 pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
     "not_ip",
     "not_tcp_udp",
     "no_service",
-    "fragment",
+    "fragment_unknown",
     "truncated",
     "bad_header",
     "no_backend",
     "ext_headers",
-    "fib_miss",
+    "fib_no_neigh",
+    "fib_fail",
+    "no_tx_port",
+    "vlan_tagged",
 ];
 
 /// Most IPv6 extension headers walked before giving up.
@@ -455,6 +512,8 @@ mod pod {
     unsafe impl aya::Pod for BackendEntry {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for RevPortEntry {}
     unsafe impl aya::Pod for RevAddrValue {}
     unsafe impl aya::Pod for Counters {}

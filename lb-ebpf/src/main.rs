@@ -5,6 +5,7 @@
 #![no_main]
 
 mod csum;
+mod frags;
 mod maps;
 mod nat;
 mod parse;
@@ -17,13 +18,14 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    AddrKey, FWD_DSR, FWD_LOCAL, FWD_NAT, PROTO_UDP, REV_HAS_ADDRS, REV_PORT_ONLY, Reason,
-    port_slot,
+    AddrKey, BackendEntry, FWD_DSR, FWD_LOCAL, FWD_NAT, PROTO_UDP, REV_HAS_ADDRS, REV_PORT_ONLY,
+    Reason, ServiceEntry, port_slot,
 };
 
 use crate::{
     maps::{LB_REV_ADDRS, LB_REV_PORTS},
-    parse::{Bounds, TCP_CHECK_OFF, UDP_CHECK_OFF},
+    parse::{Bounds, FRAG_FIRST, FRAG_LATER, Packet, TCP_CHECK_OFF, UDP_CHECK_OFF},
+    stats::Fail,
 };
 
 #[xdp]
@@ -34,31 +36,66 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     };
     let action = match balance(&ctx, &b) {
         Ok(action) => action,
-        Err(reason) => {
-            stats::reason(reason);
-            XDP_PASS
-        }
+        Err(fail) => fail.count(),
     };
     stats::action(action);
     action
 }
 
 #[inline(always)]
-fn balance(ctx: &XdpContext, b: &Bounds) -> Result<u32, Reason> {
+fn balance(ctx: &XdpContext, b: &Bounds) -> Result<u32, Fail> {
     let p = parse::parse(b, true)?;
+    if p.frag == FRAG_LATER {
+        return later_fragment(ctx, b, &p);
+    }
     let (id, svc) = select::service(&p)?;
+    refuse_vlan(&p, svc)?;
     let pick = select::backend(&p, id, svc)?;
-    let action = match svc.forwarding {
-        FWD_LOCAL => {
-            nat::local(b, &p, pick.entry)?;
-            XDP_PASS
-        }
-        FWD_NAT => nat::nat(ctx, b, &p, pick.entry),
-        FWD_DSR => nat::dsr(ctx, b, &p, pick.entry),
-        _ => return Err(Reason::NoBackend),
-    };
+    if p.frag == FRAG_FIRST {
+        frags::remember(&p, id, pick.backend);
+    }
+    let action = forward(ctx, b, &p, svc, pick.entry)?;
     stats::forwarded(id, pick.backend, b.len(), pick.new_flow);
     Ok(action)
+}
+
+/// A non-first fragment goes where its first fragment went.
+#[inline(always)]
+fn later_fragment(ctx: &XdpContext, b: &Bounds, p: &Packet) -> Result<u32, Fail> {
+    let r = frags::recall(p)?;
+    refuse_vlan(p, r.svc)?;
+    let action = forward(ctx, b, p, r.svc, r.entry)?;
+    stats::forwarded(r.service, r.backend, b.len(), false);
+    Ok(action)
+}
+
+/// `nat` and `dsr` send frames out of another interface or back out, where
+/// the tag they came with may mean nothing (or another network): refused.
+#[inline(always)]
+fn refuse_vlan(p: &Packet, svc: &ServiceEntry) -> Result<(), Fail> {
+    if p.vlan && svc.forwarding != FWD_LOCAL {
+        return Err(Fail::Drop(Reason::VlanTagged));
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn forward(
+    ctx: &XdpContext,
+    b: &Bounds,
+    p: &Packet,
+    svc: &ServiceEntry,
+    be: &BackendEntry,
+) -> Result<u32, Fail> {
+    match svc.forwarding {
+        FWD_LOCAL => {
+            nat::local(b, p, be)?;
+            Ok(XDP_PASS)
+        }
+        FWD_NAT => nat::nat(ctx, b, p, be),
+        FWD_DSR => nat::dsr(ctx, b, p, be),
+        _ => Err(Reason::NoBackend.into()),
+    }
 }
 
 /// BPF_F_MARK_MANGLED_0: keep a zero IPv4 UDP checksum zero.
@@ -89,6 +126,10 @@ fn reverse(ctx: &TcContext) -> Result<(), Reason> {
         }
         r => r?,
     };
+    // Ports (and the L4 checksum) are in the first fragment only.
+    if p.frag == FRAG_LATER {
+        return Err(Reason::FragmentUnknown);
+    }
     let sport = u16::from_be(p.sport);
     let entry = LB_REV_PORTS
         .get(port_slot(sport, p.proto))
@@ -126,6 +167,9 @@ fn reverse(ctx: &TcContext) -> Result<(), Reason> {
         sport: p.dport,
         dport: new_port.to_be(),
         tcp_flags: 0,
+        vlan: p.vlan,
+        frag: p.frag,
+        frag_id: p.frag_id,
     };
     if !select::answers(&fwd, sport, &p.src) {
         return Err(Reason::NoService);

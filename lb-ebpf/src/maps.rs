@@ -7,9 +7,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, BackendEntry, Counters, DEFAULT_FLOW_INSERT_RATE, DEFAULT_FLOW_TABLE_SIZE,
-    DEFAULT_MAGLEV_SIZE, EVENT_COUNT, FloodState, FlowKey, FlowValue, MAX_ADDR_SERVICES,
-    MAX_BACKENDS, MAX_SERVICES, MAX_TX_PORTS, MaglevSlot, PORT_SLOTS, PortEntry, REASON_COUNT,
-    RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE, UDP_SEEN_BUCKETS, UDP_SEEN_WAYS,
+    DEFAULT_MAGLEV_SIZE, EVENT_COUNT, FloodState, FlowKey, FlowValue, FragKey, FragValue,
+    MAX_ADDR_SERVICES, MAX_BACKENDS, MAX_FRAGS, MAX_SERVICES, MAX_TX_PORTS, MaglevSlot, PORT_SLOTS,
+    PortEntry, REASON_COUNT, RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE,
+    UDP_SEEN_BUCKETS, UDP_SEEN_WAYS,
 };
 
 #[map]
@@ -52,8 +53,13 @@ pub static LB_BE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MA
 #[map]
 pub static LB_ACT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(5, 0);
 
+/// Packets passed to the stack unbalanced, by `Reason`.
 #[map]
 pub static LB_RSN_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+
+/// Packets dropped, by `Reason`.
+#[map]
+pub static LB_DROP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
 
 /// Egress interfaces for `nat`/`dsr` redirects, keyed by ifindex.
 #[map]
@@ -82,3 +88,7 @@ pub fn flow_insert_rate() -> u32 {
     // volatile read keeps the compiler from folding the default in.
     unsafe { core::ptr::read_volatile(&FLOW_INSERT_RATE) }
 }
+/// Where the first fragment of a fragmented datagram went, for its later
+/// fragments (which carry no ports). Written and read only for fragments.
+#[map]
+pub static LB_FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(MAX_FRAGS, 0);

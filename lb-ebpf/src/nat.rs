@@ -1,11 +1,14 @@
 //! Header rewrites towards a backend, with incremental checksum updates,
-//! and the next hop for backends on other hosts.
+//! and the next hop for backends on other hosts. For `nat` and `dsr` the
+//! next hop is found and checked before anything in the frame changes, so
+//! a packet that cannot be forwarded is dropped or passed as it came (the
+//! one exception is documented on `nat`).
 use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup,
-        xdp_action::{XDP_PASS, XDP_TX},
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup,
+        xdp_action::{XDP_DROP, XDP_TX},
     },
     helpers::bpf_fib_lookup,
     programs::XdpContext,
@@ -15,8 +18,10 @@ use lb_common::{Addr, BACKEND_REWRITE_ADDR, BackendEntry, PROTO_UDP, Reason, is_
 use crate::{
     csum,
     maps::LB_TX_PORTS,
-    parse::{Bounds, EthHdr, Ipv4Hdr, Ipv6Hdr, Packet, Ports, TCP_CHECK_OFF, UDP_CHECK_OFF},
-    stats,
+    parse::{
+        Bounds, EthHdr, FRAG_LATER, Ipv4Hdr, Ipv6Hdr, Packet, Ports, TCP_CHECK_OFF, UDP_CHECK_OFF,
+    },
+    stats::Fail,
 };
 
 /// `local` forwarding: the backend is a port on this host. The destination
@@ -28,9 +33,17 @@ pub fn local(b: &Bounds, p: &Packet, be: &BackendEntry) -> Result<(), Reason> {
 }
 
 /// Points the packet at the backend's port, and its address too when
-/// `addr` is set, fixing the IP and L4 checksums.
+/// `addr` is set, fixing the IP and L4 checksums. A non-first fragment has
+/// no ports and no L4 checksum: only its address changes.
 #[inline(always)]
 fn rewrite(b: &Bounds, p: &Packet, be: &BackendEntry, addr: bool) -> Result<(), Reason> {
+    let addr = addr && be.addr != p.dst && is_v4_mapped(&be.addr) != p.v6;
+    if p.frag == FRAG_LATER {
+        if addr {
+            set_dst(b, p, &be.addr, 0)?;
+        }
+        return Ok(());
+    }
     let udp = p.proto == PROTO_UDP;
     let check: *mut u16 = b.ptr_at(p.l4_off + if udp { UDP_CHECK_OFF } else { TCP_CHECK_OFF })?;
     let ports: *mut Ports = b.ptr_at(p.l4_off)?;
@@ -40,21 +53,8 @@ fn rewrite(b: &Bounds, p: &Packet, be: &BackendEntry, addr: bool) -> Result<(), 
     let new_port = be.port.to_be();
     let mut c = csum::replace16(old_csum, p.dport, new_port);
     unsafe { (*ports).dst = new_port };
-
-    if addr && be.addr != p.dst && is_v4_mapped(&be.addr) != p.v6 {
-        if p.v6 {
-            let ip: *mut Ipv6Hdr = b.ptr_at(p.l3_off)?;
-            c = csum::replace128(c, &p.dst, &be.addr);
-            unsafe { (*ip).dst = be.addr };
-        } else {
-            let ip: *mut Ipv4Hdr = b.ptr_at(p.l3_off)?;
-            let (old, new) = (p.dst[3], be.addr[3]);
-            unsafe {
-                (*ip).check = csum::replace32((*ip).check, old, new);
-                (*ip).dst = new;
-            }
-            c = csum::replace32(c, old, new);
-        }
+    if addr {
+        c = set_dst(b, p, &be.addr, c)?;
     }
     if has_csum {
         unsafe { *check = if udp && c == 0 { 0xffff } else { c } };
@@ -62,33 +62,64 @@ fn rewrite(b: &Bounds, p: &Packet, be: &BackendEntry, addr: bool) -> Result<(), 
     Ok(())
 }
 
-/// `nat` forwarding: the backend is another host. Destination address and
-/// port become the backend's (the client's address stays), then the packet
-/// is routed to it.
+/// Sets the destination address (fixing the IPv4 header checksum) and
+/// returns the L4 checksum `c` updated for the pseudo-header change.
 #[inline(always)]
-pub fn nat(ctx: &XdpContext, b: &Bounds, p: &Packet, be: &BackendEntry) -> u32 {
-    if rewrite(b, p, be, true).is_err() {
-        return XDP_PASS;
+fn set_dst(b: &Bounds, p: &Packet, to: &Addr, c: u16) -> Result<u16, Reason> {
+    if p.v6 {
+        let ip: *mut Ipv6Hdr = b.ptr_at(p.l3_off)?;
+        unsafe { (*ip).dst = *to };
+        Ok(csum::replace128(c, &p.dst, to))
+    } else {
+        let ip: *mut Ipv4Hdr = b.ptr_at(p.l3_off)?;
+        let (old, new) = (p.dst[3], to[3]);
+        unsafe {
+            (*ip).check = csum::replace32((*ip).check, old, new);
+            (*ip).dst = new;
+        }
+        Ok(csum::replace32(c, old, new))
     }
-    route(ctx, b, p, &be.addr)
+}
+
+/// `nat` forwarding: the backend is another host. Destination address and
+/// port become the backend's (the client's address stays), and the frame
+/// goes to the next hop. Without a neighbour entry for the next hop the
+/// rewritten packet goes to the stack (`fib_no_neigh`, passed), which
+/// forwards it and resolves the neighbour for the packets after it.
+#[inline(always)]
+pub fn nat(ctx: &XdpContext, b: &Bounds, p: &Packet, be: &BackendEntry) -> Result<u32, Fail> {
+    let hop = match fib(ctx, b, p, &be.addr) {
+        Ok(hop) => hop,
+        Err(Reason::FibNoNeigh) => {
+            rewrite(b, p, be, true)?;
+            return Err(Fail::Pass(Reason::FibNoNeigh));
+        }
+        Err(r) => return Err(Fail::Drop(r)),
+    };
+    let action = egress(ctx, &hop)?;
+    rewrite(b, p, be, true)?;
+    set_macs(b, &hop)?;
+    Ok(action)
 }
 
 /// `dsr` forwarding: the backend holds the service address itself; only the
-/// MAC addresses change, and its replies go straight to the client.
+/// MAC addresses change, and its replies go straight to the client. Every
+/// failure drops: passed, the packet would reach the local service address.
 #[inline(always)]
-pub fn dsr(ctx: &XdpContext, b: &Bounds, p: &Packet, be: &BackendEntry) -> u32 {
-    route(ctx, b, p, &be.addr)
+pub fn dsr(ctx: &XdpContext, b: &Bounds, p: &Packet, be: &BackendEntry) -> Result<u32, Fail> {
+    let hop = fib(ctx, b, p, &be.addr).map_err(Fail::Drop)?;
+    let action = egress(ctx, &hop)?;
+    set_macs(b, &hop)?;
+    Ok(action)
 }
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Finds the next hop towards `to` in the kernel's FIB and sends the frame
-/// there: `XDP_TX` out of the interface it came in on, `XDP_REDIRECT`
-/// through `LB_TX_PORTS` to another. Without a route or neighbour the frame
-/// goes to the stack (counted as `fib_miss`), never dropped.
+/// Asks the kernel's FIB for the next hop towards `to`: egress interface
+/// and MAC addresses. Reads the packet, changes nothing.
 #[inline(always)]
-fn route(ctx: &XdpContext, b: &Bounds, p: &Packet, to: &Addr) -> u32 {
+fn fib(ctx: &XdpContext, b: &Bounds, p: &Packet, to: &Addr) -> Result<bpf_fib_lookup, Reason> {
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.l4_protocol = p.proto;
     fib.sport = p.sport;
@@ -104,7 +135,7 @@ fn route(ctx: &XdpContext, b: &Bounds, p: &Packet, to: &Addr) -> u32 {
         fib.__bindgen_anon_3.ipv4_src = p.src[3];
         fib.__bindgen_anon_4.ipv4_dst = to[3];
     }
-    // The one helper call of these modes: where does the backend live?
+    // The helper call these modes need: where does the backend live?
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut c_void,
@@ -113,22 +144,34 @@ fn route(ctx: &XdpContext, b: &Bounds, p: &Packet, to: &Addr) -> u32 {
             0,
         )
     };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        stats::reason(Reason::FibMiss);
-        return XDP_PASS;
+    match rc {
+        r if r == BPF_FIB_LKUP_RET_SUCCESS as i64 => Ok(fib),
+        r if r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 => Err(Reason::FibNoNeigh),
+        _ => Err(Reason::FibFail),
     }
-    let Ok(eth) = b.ptr_at::<EthHdr>(0) else {
-        return XDP_PASS;
-    };
+}
+
+/// The action that sends the frame out of the FIB's egress interface:
+/// `XDP_TX` when it is the one the frame came in on, else `XDP_REDIRECT`
+/// through `LB_TX_PORTS`. The redirect target is set here, before the frame
+/// is touched (it is sent only after the program returns), and an egress
+/// missing from the devmap drops it unchanged.
+#[inline(always)]
+fn egress(ctx: &XdpContext, hop: &bpf_fib_lookup) -> Result<u32, Fail> {
+    if hop.ifindex == ctx.ingress_ifindex() as u32 {
+        return Ok(XDP_TX);
+    }
+    LB_TX_PORTS
+        .redirect(hop.ifindex, XDP_DROP as u64)
+        .map_err(|_| Fail::Drop(Reason::NoTxPort))
+}
+
+#[inline(always)]
+fn set_macs(b: &Bounds, hop: &bpf_fib_lookup) -> Result<(), Reason> {
+    let eth: *mut EthHdr = b.ptr_at(0)?;
     unsafe {
-        (*eth).dst = fib.dmac;
-        (*eth).src = fib.smac;
+        (*eth).dst = hop.dmac;
+        (*eth).src = hop.smac;
     }
-    if fib.ifindex == ctx.ingress_ifindex() as u32 {
-        XDP_TX
-    } else {
-        LB_TX_PORTS
-            .redirect(fib.ifindex, XDP_PASS as u64)
-            .unwrap_or(XDP_PASS)
-    }
+    Ok(())
 }

@@ -135,11 +135,27 @@ pub struct Packet {
     pub dport: u16,
     /// TCP flags; 0 for UDP.
     pub tcp_flags: u8,
+    /// The frame carries an 802.1Q/802.1ad tag.
+    pub vlan: bool,
+    /// `FRAG_NONE`, `FRAG_FIRST` or `FRAG_LATER`. A later fragment has no
+    /// ports (`sport`, `dport` and `tcp_flags` are 0).
+    pub frag: u8,
+    /// Fragment identification, packet byte order (IPv4: 16 bits widened);
+    /// 0 when not a fragment.
+    pub frag_id: u32,
 }
 
+/// Not a fragment (or an IPv6 atomic fragment: offset 0, no more).
+pub const FRAG_NONE: u8 = 0;
+/// Offset 0, more fragments follow: has the ports.
+pub const FRAG_FIRST: u8 = 1;
+/// Offset > 0: no ports.
+pub const FRAG_LATER: u8 = 2;
+
 /// Parses Ethernet (one VLAN tag), IPv4 or IPv6, and the TCP or UDP ports.
-/// Non-first fragments, unknown protocols and short frames are errors: the
-/// caller passes them on untouched. `whole` also requires the IP datagram to
+/// Unknown protocols and short frames are errors: the caller passes them on
+/// untouched. A non-first TCP or UDP fragment comes back without ports
+/// (`frag == FRAG_LATER`); one of another protocol is `FragmentUnknown`. `whole` also requires the IP datagram to
 /// be inside the frame; on TC egress a GSO packet's IP length counts bytes
 /// that are not in the linear data, so that check is left out there.
 #[inline(always)]
@@ -147,14 +163,15 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
     let eth: *mut EthHdr = b.ptr_at(0)?;
     let mut proto = u16::from_be(unsafe { (*eth).proto });
     let mut l3_off = size_of::<EthHdr>();
-    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-        let vlan: *mut VlanHdr = b.ptr_at(l3_off)?;
-        proto = u16::from_be(unsafe { (*vlan).proto });
+    let vlan = proto == ETH_P_8021Q || proto == ETH_P_8021AD;
+    if vlan {
+        let tag: *mut VlanHdr = b.ptr_at(l3_off)?;
+        proto = u16::from_be(unsafe { (*tag).proto });
         l3_off += size_of::<VlanHdr>();
     }
     // Where the IP datagram ends (the frame may carry padding past it).
     let ip_end;
-    let (src, dst, l4_proto, l4_off, v6) = match proto {
+    let (src, dst, l4_proto, l4_off, v6, frag, frag_id) = match proto {
         ETH_P_IP => {
             let ip: *mut Ipv4Hdr = b.ptr_at(l3_off)?;
             let version_ihl = unsafe { (*ip).version_ihl };
@@ -171,9 +188,20 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
                 return Err(Reason::Truncated);
             }
             ip_end = l3_off + total;
-            if u16::from_be(unsafe { (*ip).frag_off }) & 0x1fff != 0 {
-                return Err(Reason::Fragment);
-            }
+            // Flags and offset: more fragments (0x2000), offset (0x1fff).
+            let frag_off = u16::from_be(unsafe { (*ip).frag_off });
+            let frag = if frag_off & 0x1fff != 0 {
+                FRAG_LATER
+            } else if frag_off & 0x2000 != 0 {
+                FRAG_FIRST
+            } else {
+                FRAG_NONE
+            };
+            let id = if frag == FRAG_NONE {
+                0
+            } else {
+                u32::from(unsafe { (*ip).id })
+            };
             let (s, d) = unsafe { ((*ip).src, (*ip).dst) };
             (
                 v4_mapped(s),
@@ -181,6 +209,8 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
                 unsafe { (*ip).proto },
                 l3_off + ihl,
                 false,
+                frag,
+                id,
             )
         }
         ETH_P_IPV6 => {
@@ -198,13 +228,33 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
                 return Err(Reason::Truncated);
             }
             ip_end = l3_off + size_of::<Ipv6Hdr>() + payload;
-            let (next, off) =
+            let (next, off, frag, id) =
                 walk_ipv6_ext(b, unsafe { (*ip).next }, l3_off + size_of::<Ipv6Hdr>())?;
             let (s, d) = unsafe { ((*ip).src, (*ip).dst) };
-            (s, d, next, off, true)
+            (s, d, next, off, true, frag, id)
         }
         _ => return Err(Reason::NotIp),
     };
+    if frag == FRAG_LATER {
+        // No ports here: the first fragment's pick decides (see `frags`).
+        if l4_proto != PROTO_TCP && l4_proto != PROTO_UDP {
+            return Err(Reason::FragmentUnknown);
+        }
+        return Ok(Packet {
+            l3_off,
+            l4_off,
+            v6,
+            proto: l4_proto,
+            src,
+            dst,
+            sport: 0,
+            dport: 0,
+            tcp_flags: 0,
+            vlan,
+            frag,
+            frag_id,
+        });
+    }
     let (sport, dport, tcp_flags) = match l4_proto {
         PROTO_TCP => {
             let tcp: *mut TcpHdr = b.ptr_at(l4_off)?;
@@ -235,14 +285,20 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
         sport,
         dport,
         tcp_flags,
+        vlan,
+        frag,
+        frag_id,
     })
 }
 
 /// Skips hop-by-hop, routing, destination-options and fragment headers, at
-/// most `MAX_IPV6_EXT_HEADERS` of them. Returns the upper-layer protocol and
-/// its offset.
+/// most `MAX_IPV6_EXT_HEADERS` of them. Returns the upper-layer protocol, its
+/// offset, and the fragment kind and id. A non-first fragment stops the walk:
+/// what follows its fragment header is payload.
 #[inline(always)]
-fn walk_ipv6_ext(b: &Bounds, mut next: u8, mut off: usize) -> Result<(u8, usize), Reason> {
+fn walk_ipv6_ext(b: &Bounds, mut next: u8, mut off: usize) -> Result<(u8, usize, u8, u32), Reason> {
+    let mut frag = FRAG_NONE;
+    let mut id = 0;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             0 | 43 | 60 => {
@@ -251,18 +307,24 @@ fn walk_ipv6_ext(b: &Bounds, mut next: u8, mut off: usize) -> Result<(u8, usize)
                 off += (unsafe { (*ext).len } as usize + 1) * 8;
             }
             44 => {
-                let frag: *mut Ipv6Frag = b.ptr_at(off)?;
-                if u16::from_be(unsafe { (*frag).frag_off }) & 0xfff8 != 0 {
-                    return Err(Reason::Fragment);
-                }
-                next = unsafe { (*frag).next };
+                let fh: *mut Ipv6Frag = b.ptr_at(off)?;
+                // Offset (upper 13 bits), more fragments (bit 0).
+                let fo = u16::from_be(unsafe { (*fh).frag_off });
+                next = unsafe { (*fh).next };
                 off += size_of::<Ipv6Frag>();
+                if fo & 0xfff8 != 0 {
+                    return Ok((next, off, FRAG_LATER, unsafe { (*fh).id }));
+                }
+                if fo & 1 != 0 {
+                    frag = FRAG_FIRST;
+                    id = unsafe { (*fh).id };
+                }
             }
-            _ => return Ok((next, off)),
+            _ => return Ok((next, off, frag, id)),
         }
     }
     match next {
         0 | 43 | 60 | 44 => Err(Reason::ExtHeaders),
-        _ => Ok((next, off)),
+        _ => Ok((next, off, frag, id)),
     }
 }

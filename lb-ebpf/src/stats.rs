@@ -1,8 +1,45 @@
-//! Per-CPU counters. Array lookups are inlined by the verifier, so counting
-//! costs no helper call.
+//! Per-CPU counters, and the verdict of a packet that was not forwarded.
+//! Array lookups are inlined by the verifier, so counting costs no helper
+//! call.
+use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use lb_common::{Counters, Reason};
 
-use crate::maps::{LB_ACT_STATS, LB_BE_STATS, LB_EVENTS, LB_RSN_STATS, LB_SVC_STATS};
+use crate::maps::{
+    LB_ACT_STATS, LB_BE_STATS, LB_DROP_STATS, LB_EVENTS, LB_RSN_STATS, LB_SVC_STATS,
+};
+
+/// A packet not forwarded to a backend: passed to the stack or dropped,
+/// and why. Every stage returns `Result<_, Fail>`, so no failure is counted
+/// as forwarded; a bare `Reason` (`?` on parse and lookup errors) passes.
+#[derive(Clone, Copy)]
+pub enum Fail {
+    Pass(Reason),
+    Drop(Reason),
+}
+
+impl From<Reason> for Fail {
+    #[inline(always)]
+    fn from(r: Reason) -> Self {
+        Fail::Pass(r)
+    }
+}
+
+impl Fail {
+    /// Counts the packet under its reason and returns its XDP action.
+    #[inline(always)]
+    pub fn count(self) -> u32 {
+        match self {
+            Fail::Pass(r) => {
+                bump(LB_RSN_STATS.get_ptr_mut(r as u32));
+                XDP_PASS
+            }
+            Fail::Drop(r) => {
+                bump(LB_DROP_STATS.get_ptr_mut(r as u32));
+                XDP_DROP
+            }
+        }
+    }
+}
 
 #[inline(always)]
 fn bump(c: Option<*mut u64>) {
@@ -20,11 +57,6 @@ pub fn action(action: u32) {
 #[inline(always)]
 pub fn event(event: u32) {
     bump(LB_EVENTS.get_ptr_mut(event));
-}
-
-#[inline(always)]
-pub fn reason(reason: Reason) {
-    bump(LB_RSN_STATS.get_ptr_mut(reason as u32));
 }
 
 #[inline(always)]

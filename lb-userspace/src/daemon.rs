@@ -595,7 +595,8 @@ impl Daemon {
                 }
             }
             snap.actions = dp.action_counts().unwrap_or_default();
-            snap.reasons = dp.reason_counts().unwrap_or_default();
+            snap.passed = dp.reason_counts().unwrap_or_default();
+            snap.dropped = dp.drop_counts().unwrap_or_default();
             snap.events = dp.event_counts().unwrap_or_default();
             snap
         })

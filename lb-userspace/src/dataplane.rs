@@ -25,10 +25,10 @@ use aya::{
 use lb_common::{
     Addr, AddrKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, BACKEND_REWRITE_ADDR,
     BACKEND_UNUSED, BackendEntry, Counters, EVENT_COUNT, FWD_DSR, FWD_LOCAL, FWD_NAT, FlowKey,
-    FlowValue, MAX_BACKENDS, MAX_SERVICES, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES,
-    PROTO_TCP, PROTO_UDP, PortEntry, REASON_COUNT, REV_HAS_ADDRS, REV_PORT_ONLY, RevAddrValue,
-    RevPortEntry, STICKY_MISS_SECS, ServiceEntry, TABLES_PER_SERVICE, maglev_index, maps,
-    port_slot, programs,
+    FlowValue, FragKey, FragValue, MAX_BACKENDS, MAX_SERVICES, MaglevSlot, NO_BACKEND,
+    PORT_HAS_ADDR_SERVICES, PROTO_TCP, PROTO_UDP, PortEntry, REASON_COUNT, REV_HAS_ADDRS,
+    REV_PORT_ONLY, RevAddrValue, RevPortEntry, STICKY_MISS_SECS, ServiceEntry, TABLES_PER_SERVICE,
+    maglev_index, maps, port_slot, programs,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -216,6 +216,8 @@ pub struct Dataplane {
     action_stats: PerCpuArray<MapData, u64>,
     reason_stats: PerCpuArray<MapData, u64>,
     events: PerCpuArray<MapData, u64>,
+    drop_stats: PerCpuArray<MapData, u64>,
+    frags: BpfHashMap<MapData, FragKey, FragValue>,
     tx_ports: DevMapHash<MapData>,
     /// Pinned links this process holds, with their pin files.
     links: Vec<(PathBuf, FdLink)>,
@@ -334,6 +336,8 @@ impl Dataplane {
             action_stats: typed!(&mut ebpf, maps::ACTION_STATS),
             reason_stats: typed!(&mut ebpf, maps::REASON_STATS),
             events: typed!(&mut ebpf, maps::EVENTS),
+            drop_stats: typed!(&mut ebpf, maps::DROP_STATS),
+            frags: typed!(&mut ebpf, maps::FRAGS),
             tx_ports: typed!(&mut ebpf, maps::TX_PORTS),
             opts,
             ebpf,
@@ -741,7 +745,8 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Packets per `lb_common::Reason`, indexed by the reason's value.
+    /// Packets passed to the stack unbalanced, per `lb_common::Reason`,
+    /// indexed by the reason's value.
     pub fn reason_counts(&self) -> Result<[u64; REASON_COUNT as usize]> {
         let mut out = [0u64; REASON_COUNT as usize];
         for (i, o) in out.iter_mut().enumerate() {
@@ -759,6 +764,15 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// Packets dropped, per `lb_common::Reason`, indexed by the reason's value.
+    pub fn drop_counts(&self) -> Result<[u64; REASON_COUNT as usize]> {
+        let mut out = [0u64; REASON_COUNT as usize];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = sum_u64(&self.drop_stats, i as u32, maps::DROP_STATS)?;
+        }
+        Ok(out)
+    }
+
     /// Removes every pin, as an LRU under pressure would evict them; returns
     /// how many there were. For tests of what misses do.
     pub fn clear_flows(&mut self) -> usize {
@@ -767,6 +781,12 @@ impl Dataplane {
             let _ = self.flows.remove(k);
         }
         keys.len()
+    }
+
+    /// Where the first fragment of datagram `key` went, if it is still
+    /// remembered for the later fragments.
+    pub fn fragment(&self, key: &FragKey) -> Option<FragValue> {
+        self.frags.get(key, 0).ok()
     }
 
     /// Entries in the flow table (walks it).

@@ -16,8 +16,11 @@ pub struct Snapshot {
     /// (service, weight, up) per backend, for the gauges.
     pub backend_state: Vec<(String, String, u16, bool)>,
     pub actions: [u64; 5],
-    pub reasons: [u64; lb_common::REASON_COUNT as usize],
     pub events: [u64; lb_common::EVENT_COUNT as usize],
+    /// Packets passed to the stack unbalanced, by reason.
+    pub passed: [u64; lb_common::REASON_COUNT as usize],
+    /// Packets dropped, by reason.
+    pub dropped: [u64; lb_common::REASON_COUNT as usize],
     pub flow_entries: u64,
 }
 
@@ -27,10 +30,11 @@ pub struct Metrics {
     bytes: IntCounterVec,
     new_flows: IntCounterVec,
     actions: IntCounterVec,
-    drops: IntCounterVec,
     flow_events: IntCounterVec,
     sweep_slots: IntCounter,
     sweep_stale: IntCounter,
+    passed: IntCounterVec,
+    dropped: IntCounterVec,
     backend_up: IntGaugeVec,
     backend_weight: IntGaugeVec,
     health_checks: IntCounterVec,
@@ -111,10 +115,16 @@ impl Metrics {
                 "Packets by XDP action",
                 &["action"],
             ),
-            drops: counter_vec(
+            passed: counter_vec(
                 &r,
-                "lb_drops_total",
-                "Packets not balanced, by reason (passed to the stack untouched)",
+                lb_common::metrics::PASSED,
+                "Packets not balanced and passed to the local stack, by reason",
+                &["reason"],
+            ),
+            dropped: counter_vec(
+                &r,
+                lb_common::metrics::DROPPED,
+                "Packets dropped, by reason",
                 &["reason"],
             ),
             flow_events: counter_vec(
@@ -198,7 +208,8 @@ impl Metrics {
             set(&self.actions.with_label_values(&[*name]), snap.actions[i]);
         }
         for (i, name) in lb_common::REASON_NAMES.iter().enumerate() {
-            set(&self.drops.with_label_values(&[*name]), snap.reasons[i]);
+            set(&self.passed.with_label_values(&[*name]), snap.passed[i]);
+            set(&self.dropped.with_label_values(&[*name]), snap.dropped[i]);
         }
         for (i, name) in lb_common::EVENT_NAMES.iter().enumerate() {
             set(
@@ -237,15 +248,19 @@ mod tests {
             ..Default::default()
         };
         snap.actions[2] = 12;
-        snap.reasons[2] = 2;
         snap.events[lb_common::EVENT_PIN_REFUSED as usize] = 4;
+        snap.passed[2] = 2;
+        snap.dropped[lb_common::Reason::NoTxPort as usize] = 4;
         let text = m.render(&snap);
         for line in [
             "lb_packets_total{backend=\"127.0.0.1:8001\",service=\"web\"} 10",
             "lb_bytes_total{backend=\"127.0.0.1:8001\",service=\"web\"} 1000",
             "lb_new_flows_total{backend=\"127.0.0.1:8001\",service=\"web\"} 2",
             "lb_xdp_actions_total{action=\"pass\"} 12",
-            "lb_drops_total{reason=\"no_service\"} 2",
+            "lb_passed_total{reason=\"no_service\"} 2",
+            "lb_passed_total{reason=\"no_tx_port\"} 0",
+            "lb_dropped_total{reason=\"no_tx_port\"} 4",
+            "lb_dropped_total{reason=\"no_service\"} 0",
             "lb_backend_up{backend=\"127.0.0.1:8001\",service=\"web\"} 1",
             "lb_backend_weight{backend=\"127.0.0.1:8001\",service=\"web\"} 100",
             "lb_health_checks_total{backend=\"127.0.0.1:8001\",result=\"success\",service=\"web\"} 1",

@@ -42,6 +42,9 @@ pub struct Spec {
     pub ext_headers: Vec<(u8, Vec<u8>)>,
     /// (fragment offset in 8-byte units, more fragments).
     pub fragment: Option<(u16, bool)>,
+    /// Fragment identification (IPv4: the low 16 bits); 0x1234 (IPv4) or
+    /// 0xabcd (IPv6 fragment header) if unset.
+    pub frag_id: Option<u32>,
     /// Leave the IPv4 UDP checksum zero ("none").
     pub udp_zero_checksum: bool,
     /// (destination, source) MAC addresses; `ETH_DST`, `ETH_SRC` if unset.
@@ -59,6 +62,7 @@ impl Spec {
             ip_options: Vec::new(),
             ext_headers: Vec::new(),
             fragment: None,
+            frag_id: None,
             udp_zero_checksum: false,
             macs: None,
         }
@@ -252,7 +256,7 @@ pub fn build(s: &Spec) -> Vec<u8> {
             let total = ihl * 4 + l4.len();
             let mut ip = vec![(4 << 4) | ihl as u8, 0];
             ip.extend_from_slice(&(total as u16).to_be_bytes());
-            ip.extend_from_slice(&0x1234u16.to_be_bytes());
+            ip.extend_from_slice(&(s.frag_id.unwrap_or(0x1234) as u16).to_be_bytes());
             let frag = match s.fragment {
                 Some((off, more)) => off | if more { 0x2000 } else { 0 },
                 None => 0x4000, // don't fragment
@@ -273,7 +277,7 @@ pub fn build(s: &Spec) -> Vec<u8> {
             if let Some((off, more)) = s.fragment {
                 let v = (off << 3) | more as u16;
                 let mut body = v.to_be_bytes().to_vec();
-                body.extend_from_slice(&0xabcdu32.to_be_bytes());
+                body.extend_from_slice(&s.frag_id.unwrap_or(0xabcd).to_be_bytes());
                 headers.push((44, body));
             }
             let first = headers.first().map(|h| h.0).unwrap_or(proto);
@@ -305,6 +309,54 @@ pub fn build(s: &Spec) -> Vec<u8> {
     }
     frame.extend_from_slice(&l4);
     frame
+}
+
+/// One UDP datagram in three fragments: the first (offset 0, more
+/// fragments) with the UDP header, then two with none. The builder writes a
+/// "UDP header" into the later ones too: there it is payload, made to look
+/// like other ports so a program that read ports there would go wrong.
+pub fn udp_fragments(src: &str, dst: &str, sport: u16, dport: u16, id: u32) -> [Spec; 3] {
+    let mut first = Spec::udp(src, dst, sport, dport).payload(&[0x5a; 48]);
+    first.fragment = Some((0, true));
+    first.frag_id = Some(id);
+    let later = |off: u16, more: bool| {
+        let mut s = Spec::udp(src, dst, 0x4142, 0x4344).payload(&[0xa5; 40]);
+        s.fragment = Some((off, more));
+        s.frag_id = Some(id);
+        s
+    };
+    // 56 bytes (7 units) in the first, 48 (6 units) in the second.
+    [first, later(7, true), later(13, false)]
+}
+
+/// A copy of an IPv4 or IPv6 frame (no VLAN tag) with another destination
+/// address, the IPv4 header checksum recomputed in full. Nothing else
+/// changes: for a non-first fragment that is all a rewrite may touch.
+pub fn with_dst_addr(frame: &[u8], dst: IpAddr) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    match dst {
+        IpAddr::V4(a) => {
+            assert_eq!(&f[12..14], &[0x08, 0x00], "an IPv4 frame");
+            f[30..34].copy_from_slice(&a.octets());
+            let ihl = (f[14] & 0xf) as usize * 4;
+            f[24..26].copy_from_slice(&[0, 0]);
+            let c = checksum(&f[14..14 + ihl]);
+            f[24..26].copy_from_slice(&c.to_be_bytes());
+        }
+        IpAddr::V6(a) => {
+            assert_eq!(&f[12..14], &[0x86, 0xdd], "an IPv6 frame");
+            f[38..54].copy_from_slice(&a.octets());
+        }
+    }
+    f
+}
+
+/// A copy of a frame between other MAC addresses.
+pub fn with_macs(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[0..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f
 }
 
 /// An ARP request.

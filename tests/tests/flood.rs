@@ -182,7 +182,11 @@ fn flow_maps() -> Vec<(u32, u64)> {
                 .find_map(|l| l.strip_prefix(name))
                 .map(|v| v.trim().to_string())
         };
-        if field("map_type:").as_deref() == Some("9") && field("key_size:").as_deref() == Some("40")
+        // The LRU map of 40-byte flow keys and 16-byte values (the
+        // fragments map has 40-byte keys too, and 8-byte values).
+        if field("map_type:").as_deref() == Some("9")
+            && field("key_size:").as_deref() == Some("40")
+            && field("value_size:").as_deref() == Some("16")
         {
             out.push((
                 field("max_entries:").unwrap().parse().unwrap(),

@@ -240,8 +240,16 @@ fn non_service_packets_pass_untouched() {
             Spec::new("fd00::2", "fd00::1", packet::L4::Icmp).build(),
             Reason::NotTcpUdp,
         ),
-        ("ipv4 later fragment", v4_frag.build(), Reason::Fragment),
-        ("ipv6 later fragment", v6_frag.build(), Reason::Fragment),
+        (
+            "ipv4 later fragment",
+            v4_frag.build(),
+            Reason::FragmentUnknown,
+        ),
+        (
+            "ipv6 later fragment",
+            v6_frag.build(),
+            Reason::FragmentUnknown,
+        ),
         (
             "five ipv6 extension headers",
             too_many_ext.build(),
@@ -362,6 +370,112 @@ fn replies_from_backends_leave_as_the_service() {
         assert_eq!(hex(&out), hex(&expected.build()), "{name}");
         packet::verify_checksums(&out).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
+}
+
+fn backend_packets(w: &MapWriter, svc: &ServiceSpec, port: u16) -> u64 {
+    let b = svc
+        .backends
+        .iter()
+        .find(|b| b.address.port() == port)
+        .expect("a backend of the service");
+    let id = w.backend_id(&svc.name, b.address).unwrap();
+    w.dataplane().backend_counters(id).unwrap().packets
+}
+
+#[test]
+fn later_fragments_follow_their_first_in_local_mode() {
+    let web = service("web", "0.0.0.0:443", &["127.0.0.1:8001", "127.0.0.1:8002"]);
+    let api = service("api", "10.0.0.1:8443", &["10.0.0.9:9001"]);
+    let api6 = service("api6", "[fd00::1]:8443", &["[fd00::9]:9002"]);
+    let w = writer(&[web.clone(), api.clone(), api6.clone()]);
+    let dp = w.dataplane();
+
+    // Backends that differ from the service in port only: a later fragment
+    // has nothing to rewrite, and goes up counted for its first's backend.
+    let mut sent: HashMap<u16, u64> = HashMap::new();
+    for i in 0..16u16 {
+        let (src, dst) = if i % 2 == 0 {
+            ("10.0.0.2", "10.0.0.1")
+        } else {
+            ("fd00::2", "fd00::1")
+        };
+        let [first, a, b] = packet::udp_fragments(src, dst, 41000 + i, 443, 0x100 + i as u32);
+        let input = first.build();
+        let port = table_port(&w, &web, &input);
+        let (action, out) = run(dp, &input);
+        assert_eq!(action, XDP_PASS, "datagram {i}: first fragment");
+        assert_eq!(
+            hex(&out),
+            hex(&first.clone().with_dport(port).build()),
+            "datagram {i}: first fragment"
+        );
+        for (n, later) in [a, b].iter().enumerate() {
+            let f = later.build();
+            let (action, out) = run(dp, &f);
+            assert_eq!(action, XDP_PASS, "datagram {i}: fragment {}", n + 1);
+            assert_eq!(hex(&out), hex(&f), "datagram {i}: fragment {}", n + 1);
+        }
+        *sent.entry(port).or_default() += 3;
+    }
+    for port in [8001, 8002] {
+        let got = backend_packets(&w, &web, port);
+        assert_eq!(
+            got, sent[&port],
+            "backend {port}: every fragment of its datagrams"
+        );
+        assert!(got > 0, "backend {port} got no datagram");
+    }
+    println!("16 datagrams of 3 fragments by backend port: {sent:?}");
+
+    // Backends with an address of their own: the later fragments get the
+    // address (and for IPv4 a right header checksum), never the port.
+    for (svc, src, dst, be, be_port) in [
+        (&api, "10.0.0.2", "10.0.0.1", "10.0.0.9", 9001),
+        (&api6, "fd00::2", "fd00::1", "fd00::9", 9002),
+    ] {
+        let [first, a, b] = packet::udp_fragments(src, dst, 42000, 8443, 0x77);
+        let (action, out) = run(dp, &first.build());
+        assert_eq!(action, XDP_PASS);
+        let want = first.clone().with_dst(be, be_port).build();
+        assert_eq!(hex(&out), hex(&want), "{}: first fragment", svc.name);
+        packet::verify_checksums(&out).unwrap();
+        for later in [a, b] {
+            let f = later.build();
+            let (action, out) = run(dp, &f);
+            assert_eq!(action, XDP_PASS);
+            let want = packet::with_dst_addr(&f, be.parse().unwrap());
+            assert_eq!(hex(&out), hex(&want), "{}: later fragment", svc.name);
+        }
+        assert_eq!(backend_packets(&w, svc, be_port), 3, "{}", svc.name);
+    }
+    assert_eq!(dp.reason_counts().unwrap().iter().sum::<u64>(), 0);
+
+    // Out of order: a later fragment before its first goes up untouched,
+    // counted; once the first is balanced, the same fragment follows it.
+    let [first, a, _] = packet::udp_fragments("10.0.0.3", "10.0.0.1", 43000, 8443, 0x9999);
+    let f = a.build();
+    let (action, out) = run(dp, &f);
+    assert_eq!((action, hex(&out)), (XDP_PASS, hex(&f)), "before its first");
+    assert_eq!(reason(dp, Reason::FragmentUnknown), 1);
+    assert_eq!(backend_packets(&w, &api, 9001), 3);
+    run(dp, &first.build());
+    let (_, out) = run(dp, &f);
+    assert_eq!(
+        hex(&out),
+        hex(&packet::with_dst_addr(&f, "10.0.0.9".parse().unwrap())),
+        "after its first"
+    );
+    assert_eq!(backend_packets(&w, &api, 9001), 5);
+    // Another datagram between the same hosts, and an IPv6 one, never seen.
+    let [_, other, _] = packet::udp_fragments("10.0.0.3", "10.0.0.1", 43000, 8443, 0x999a);
+    let [_, other6, _] = packet::udp_fragments("fd00::3", "fd00::1", 43000, 8443, 0x1234_5678);
+    for f in [other.build(), other6.build()] {
+        let (action, out) = run(dp, &f);
+        assert_eq!((action, hex(&out)), (XDP_PASS, hex(&f)));
+    }
+    assert_eq!(reason(dp, Reason::FragmentUnknown), 3);
+    assert_eq!(dp.reason_counts().unwrap().iter().sum::<u64>(), 3);
+    assert_eq!(dp.drop_counts().unwrap().iter().sum::<u64>(), 0);
 }
 
 /// Sends `flows` packets with `flags` and returns the backend port each went to.

@@ -19,6 +19,7 @@ use lb_userspace::dataplane::{
     AttachMode, BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec,
 };
 
+const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
@@ -28,6 +29,7 @@ const LB0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
 const LBB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
 const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x03, 0x05];
 const NEIGHBOUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x04, 0x07];
+const BACKEND2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x03, 0x06];
 
 fn service(name: &str, listen: &str, fwd: Forwarding, backends: &[&str]) -> ServiceSpec {
     ServiceSpec {
@@ -54,11 +56,10 @@ fn ifindex(ns: &str, ifname: &str) -> u32 {
         .unwrap()
 }
 
-/// Frames in, exact frames and actions out, with the FIB of a namespace in
-/// which the backend network hangs off a second interface (`nat` redirects
-/// there) and a `dsr` backend shares the client's segment (`XDP_TX`).
-#[test]
-fn nat_and_dsr_fixtures_with_a_real_fib() {
+/// The balancer's namespace for fixtures with a real FIB: the client's
+/// segment on `lb0` (a `dsr` neighbour `.7` there), the backend network on
+/// `lbb` (backends `.5` and `.6`), every neighbour permanent, forwarding on.
+fn fib_lab() -> (Topology, String) {
     let mut topo = Topology::new();
     let lb = topo.namespace("lb");
     let client = topo.namespace("cl");
@@ -71,38 +72,48 @@ fn nat_and_dsr_fixtures_with_a_real_fib() {
         (&lb, "lbb", &["10.203.1.1/24", "fd00:203:1::1/64"]),
         (&backend, "eth0", &["10.203.1.5/24", "fd00:203:1::5/64"]),
     );
-    run_in(
-        &lb,
-        &[
-            "ip",
-            "link",
-            "set",
-            "lb0",
-            "address",
-            &netns::mac_string(LB0_MAC),
-        ],
-    );
-    run_in(
-        &lb,
-        &[
-            "ip",
-            "link",
-            "set",
-            "lbb",
-            "address",
-            &netns::mac_string(LBB_MAC),
-        ],
-    );
+    for (dev, m) in [("lb0", LB0_MAC), ("lbb", LBB_MAC)] {
+        run_in(
+            &lb,
+            &["ip", "link", "set", dev, "address", &netns::mac_string(m)],
+        );
+    }
     for (addr, m, dev) in [
         ("10.203.1.5", BACKEND_MAC, "lbb"),
         ("fd00:203:1::5", BACKEND_MAC, "lbb"),
+        ("10.203.1.6", BACKEND2_MAC, "lbb"),
+        ("fd00:203:1::6", BACKEND2_MAC, "lbb"),
         ("10.203.0.7", NEIGHBOUR_MAC, "lb0"),
         ("fd00:203::7", NEIGHBOUR_MAC, "lb0"),
     ] {
         netns::neighbour(&lb, addr, &netns::mac_string(m), dev, "permanent");
     }
     forwarding_on(&lb);
+    (topo, lb)
+}
 
+/// A data plane loaded in `ns`, redirecting to every interface there now.
+fn fib_writer(ns: &str, services: Vec<ServiceSpec>) -> MapWriter {
+    netns::within(ns, move || {
+        let mut dp = Dataplane::load(Options {
+            max_services: 16,
+            flow_table_size: 4096,
+            ..Options::default()
+        })
+        .expect("load");
+        dp.sync_tx_ports().expect("redirect targets");
+        let mut w = MapWriter::new(dp);
+        w.apply(&services).expect("apply");
+        w
+    })
+}
+
+/// Frames in, exact frames and actions out, with the FIB of a namespace in
+/// which the backend network hangs off a second interface (`nat` redirects
+/// there) and a `dsr` backend shares the client's segment (`XDP_TX`).
+#[test]
+fn nat_and_dsr_fixtures_with_a_real_fib() {
+    let (_topo, lb) = fib_lab();
     let services = vec![
         service(
             "nat4",
@@ -128,25 +139,10 @@ fn nat_and_dsr_fixtures_with_a_real_fib() {
             Forwarding::Dsr,
             &["[fd00:203::7]:443"],
         ),
-        // A backend with no neighbour entry: the FIB cannot finish.
-        service(
-            "miss",
-            "10.203.0.30:443",
-            Forwarding::Nat,
-            &["10.203.9.9:443"],
-        ),
     ];
+    let w = fib_writer(&lb, services);
     let lb_ns = lb.clone();
     netns::within(&lb, move || {
-        let mut dp = Dataplane::load(Options {
-            max_services: 8,
-            flow_table_size: 4096,
-            ..Options::default()
-        })
-        .expect("load");
-        dp.sync_tx_ports().expect("redirect targets");
-        let mut w = MapWriter::new(dp);
-        w.apply(&services).expect("apply");
         let dp = w.dataplane();
         let lb0 = ifindex(&lb_ns, "lb0");
         let from_client = |s: Spec| s.with_macs(LB0_MAC, CLIENT_MAC);
@@ -189,12 +185,6 @@ fn nat_and_dsr_fixtures_with_a_real_fib() {
                 Spec::tcp("fd00:203::2", "fd00:203::20", 40000, 443, TCP_SYN)
                     .with_macs(NEIGHBOUR_MAC, LB0_MAC),
             ),
-            (
-                "nat without a neighbour: rewritten, passed to the stack",
-                from_client(Spec::tcp("10.203.0.2", "10.203.0.30", 40000, 443, TCP_SYN)),
-                XDP_PASS,
-                from_client(Spec::tcp("10.203.0.2", "10.203.9.9", 40000, 443, TCP_SYN)),
-            ),
         ];
         for (name, input, action, output) in &cases {
             let (got, out) = dp.test_run_xdp_on(&input.build(), lb0).expect("test run");
@@ -202,8 +192,7 @@ fn nat_and_dsr_fixtures_with_a_real_fib() {
             assert_eq!(out, output.build(), "{name}: bytes");
             packet::verify_checksums(&out).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
-        assert_eq!(dp.reason_counts().unwrap()[Reason::FibMiss as usize], 1);
-        for name in ["nat4", "nat6", "dsr4", "dsr6", "miss"] {
+        for name in ["nat4", "nat6", "dsr4", "dsr6"] {
             let c = dp.service_counters(w.service_id(name).unwrap()).unwrap();
             assert_eq!(c.packets, 1, "{name} counted");
         }
@@ -577,4 +566,548 @@ fn dsr_replies_bypass_the_balancer_v4_and_v6() {
     );
     let tx = writer.dataplane().action_counts().unwrap()[XDP_TX as usize];
     assert!(tx > 0, "nothing went out with XDP_TX");
+}
+
+/// Fragmented UDP datagrams through `nat` (two backend hosts) and `dsr`,
+/// IPv4 and IPv6: the first fragment is balanced, the later ones (no ports)
+/// go to the same backend, with only what applies to a fragment changed
+/// (`nat`: destination address and MACs; `dsr`: MACs).
+#[test]
+fn later_fragments_follow_their_first_in_nat_and_dsr() {
+    let (_topo, lb) = fib_lab();
+    let services = vec![
+        service(
+            "nat4",
+            "10.203.0.10:443",
+            Forwarding::Nat,
+            &["10.203.1.5:8443", "10.203.1.6:8443"],
+        ),
+        service(
+            "nat6",
+            "[fd00:203::10]:443",
+            Forwarding::Nat,
+            &["[fd00:203:1::5]:8443", "[fd00:203:1::6]:8443"],
+        ),
+        service(
+            "dsr4",
+            "10.203.0.20:443",
+            Forwarding::Dsr,
+            &["10.203.0.7:443"],
+        ),
+        service(
+            "dsr6",
+            "[fd00:203::20]:443",
+            Forwarding::Dsr,
+            &["[fd00:203::7]:443"],
+        ),
+    ];
+    let w = fib_writer(&lb, services);
+    let lb_ns = lb.clone();
+    netns::within(&lb, move || {
+        let dp = w.dataplane();
+        let lb0 = ifindex(&lb_ns, "lb0");
+        let backend_mac: HashMap<IpAddr, [u8; 6]> = [
+            ("10.203.1.5", BACKEND_MAC),
+            ("fd00:203:1::5", BACKEND_MAC),
+            ("10.203.1.6", BACKEND2_MAC),
+            ("fd00:203:1::6", BACKEND2_MAC),
+        ]
+        .into_iter()
+        .map(|(a, m)| (a.parse().unwrap(), m))
+        .collect();
+        let from_client = |s: &Spec| s.clone().with_macs(LB0_MAC, CLIENT_MAC).build();
+        let mut per_backend: BTreeMap<IpAddr, u64> = BTreeMap::new();
+        for i in 0..24u16 {
+            let (src, vip) = if i % 2 == 0 {
+                ("10.203.0.2", "10.203.0.10")
+            } else {
+                ("fd00:203::2", "fd00:203::10")
+            };
+            let [first, a, b] = packet::udp_fragments(src, vip, 41000 + i, 443, 0x200 + i as u32);
+            let (action, out) = dp.test_run_xdp_on(&from_client(&first), lb0).unwrap();
+            assert_eq!(action, XDP_REDIRECT, "datagram {i}: first fragment");
+            let be = packet::parse(&out).unwrap().dst;
+            let mac = backend_mac[&be];
+            let want = first
+                .clone()
+                .with_dst(&be.to_string(), 8443)
+                .with_macs(mac, LBB_MAC)
+                .build();
+            assert_eq!(out, want, "datagram {i}: first fragment");
+            for (n, later) in [a, b].iter().enumerate() {
+                let f = from_client(later);
+                let (action, out) = dp.test_run_xdp_on(&f, lb0).unwrap();
+                assert_eq!(action, XDP_REDIRECT, "datagram {i}: fragment {}", n + 1);
+                let want = packet::with_macs(&packet::with_dst_addr(&f, be), mac, LBB_MAC);
+                assert_eq!(out, want, "datagram {i}: fragment {} to {be}", n + 1);
+            }
+            *per_backend.entry(be).or_default() += 3;
+        }
+        println!("nat: 24 datagrams of 3 fragments, fragments by backend: {per_backend:?}");
+        assert_eq!(per_backend.len(), 4, "every backend got datagrams");
+        for (name, addr) in [
+            ("nat4", "10.203.1.5:8443"),
+            ("nat4", "10.203.1.6:8443"),
+            ("nat6", "[fd00:203:1::5]:8443"),
+            ("nat6", "[fd00:203:1::6]:8443"),
+        ] {
+            let sa: SocketAddr = addr.parse().unwrap();
+            let id = w.backend_id(name, sa).unwrap();
+            let c = dp.backend_counters(id).unwrap();
+            assert_eq!(c.packets, per_backend[&sa.ip()], "{name} {addr}");
+        }
+
+        for (src, vip) in [
+            ("10.203.0.2", "10.203.0.20"),
+            ("fd00:203::2", "fd00:203::20"),
+        ] {
+            for f in packet::udp_fragments(src, vip, 42000, 443, 0x300) {
+                let input = from_client(&f);
+                let (action, out) = dp.test_run_xdp_on(&input, lb0).unwrap();
+                assert_eq!(action, XDP_TX, "dsr {vip}");
+                assert_eq!(out, packet::with_macs(&input, NEIGHBOUR_MAC, LB0_MAC));
+            }
+        }
+        for name in ["dsr4", "dsr6"] {
+            let c = dp.service_counters(w.service_id(name).unwrap()).unwrap();
+            assert_eq!(c.packets, 3, "{name}: every fragment forwarded");
+        }
+        assert_eq!(dp.reason_counts().unwrap().iter().sum::<u64>(), 0);
+        assert_eq!(dp.drop_counts().unwrap().iter().sum::<u64>(), 0);
+    });
+}
+
+/// Which counter a fixture's packet bumps.
+enum Counted {
+    Passed(Reason),
+    Dropped(Reason),
+    Forwarded,
+}
+
+/// Every way `nat` and `dsr` can fail to forward, with a real FIB: the
+/// action, the bytes (unchanged wherever nothing may be rewritten) and the
+/// pass or drop counter of its own reason; none counted as forwarded.
+#[test]
+fn nat_and_dsr_failures_are_dropped_or_passed_by_reason() {
+    let (mut topo, lb) = fib_lab();
+    for route in [
+        &["ip", "route", "add", "blackhole", "10.251.0.0/24"][..],
+        &["ip", "route", "add", "unreachable", "10.252.0.0/24"],
+        &["ip", "route", "add", "prohibit", "10.254.0.0/24"],
+        &["ip", "-6", "route", "add", "blackhole", "fd00:251::/64"],
+        &[
+            "ip",
+            "route",
+            "add",
+            "10.253.0.0/24",
+            "via",
+            "10.203.1.5",
+            "dev",
+            "lbb",
+            "mtu",
+            "lock",
+            "1280",
+        ],
+    ] {
+        run_in(&lb, route);
+    }
+    let nat = |name: &str, vip: &str, be: &str| service(name, vip, Forwarding::Nat, &[be]);
+    let dsr = |name: &str, vip: &str, be: &str| service(name, vip, Forwarding::Dsr, &[be]);
+    let services = vec![
+        nat("ok_nat", "10.203.0.10:443", "10.203.1.5:8443"),
+        dsr("ok_dsr", "10.203.0.20:443", "10.203.0.7:443"),
+        // In a connected network, no neighbour entry.
+        nat("nn_nat", "10.203.0.30:443", "10.203.1.99:8443"),
+        nat("nn_nat6", "[fd00:203::30]:443", "[fd00:203:1::99]:8443"),
+        dsr("nn_dsr", "10.203.0.31:443", "10.203.0.99:443"),
+        // No route at all (the namespace has no default route).
+        nat("noroute", "10.203.0.32:443", "10.250.0.5:443"),
+        nat("blackhole", "10.203.0.33:443", "10.251.0.5:443"),
+        nat("unreach", "10.203.0.34:443", "10.252.0.5:443"),
+        dsr("blackhole6", "[fd00:203::35]:443", "[fd00:251::5]:443"),
+        nat("mtu", "10.203.0.36:443", "10.253.0.5:443"),
+        nat("prohibit", "10.203.0.39:443", "10.254.0.5:443"),
+        // Behind an interface that appears after the redirect map was filled.
+        nat("notx_nat", "10.203.0.37:443", "10.203.5.5:443"),
+        dsr("notx_dsr", "10.203.0.38:443", "10.203.5.6:443"),
+    ];
+    let names: Vec<String> = services.iter().map(|s| s.name.clone()).collect();
+    let w = fib_writer(&lb, services);
+    let x = topo.namespace("x");
+    topo.veth((&lb, "lbx", &["10.203.5.1/24"]), (&x, "eth0", &[]));
+    for addr in ["10.203.5.5", "10.203.5.6"] {
+        netns::neighbour(
+            &lb,
+            addr,
+            &netns::mac_string(BACKEND_MAC),
+            "lbx",
+            "permanent",
+        );
+    }
+    let lb_ns = lb.clone();
+    netns::within(&lb, move || {
+        let dp = w.dataplane();
+        let lb0 = ifindex(&lb_ns, "lb0");
+        let c = |s: Spec| s.with_macs(LB0_MAC, CLIENT_MAC);
+        let syn = |dst: &str| c(Spec::tcp("10.203.0.2", dst, 40000, 443, TCP_SYN));
+        let tagged = |dst: &str| {
+            let mut s = syn(dst);
+            s.vlan = Some(100);
+            s
+        };
+        let big = c(Spec::udp("10.203.0.2", "10.203.0.36", 40000, 443).payload(&[9; 1400]));
+        // (name, input, action, output or None for "unchanged", counter)
+        let cases: Vec<(&str, Spec, u32, Option<Spec>, Counted)> = vec![
+            (
+                "nat, no neighbour: rewritten, passed for the stack to resolve",
+                syn("10.203.0.30"),
+                XDP_PASS,
+                Some(c(Spec::tcp(
+                    "10.203.0.2",
+                    "10.203.1.99",
+                    40000,
+                    8443,
+                    TCP_SYN,
+                ))),
+                Counted::Passed(Reason::FibNoNeigh),
+            ),
+            (
+                "nat ipv6, no neighbour",
+                c(Spec::udp("fd00:203::2", "fd00:203::30", 40000, 443).payload(b"q")),
+                XDP_PASS,
+                Some(c(
+                    Spec::udp("fd00:203::2", "fd00:203:1::99", 40000, 8443).payload(b"q")
+                )),
+                Counted::Passed(Reason::FibNoNeigh),
+            ),
+            (
+                "dsr, no neighbour: dropped (passed, the stack would answer it)",
+                syn("10.203.0.31"),
+                XDP_DROP,
+                None,
+                Counted::Dropped(Reason::FibNoNeigh),
+            ),
+            (
+                "no route",
+                syn("10.203.0.32"),
+                XDP_DROP,
+                None,
+                Counted::Dropped(Reason::FibFail),
+            ),
+            (
+                "blackhole",
+                syn("10.203.0.33"),
+                XDP_DROP,
+                None,
+                Counted::Dropped(Reason::FibFail),
+            ),
+            (
+                "unreachable",
+                syn("10.203.0.34"),
+                XDP_DROP,
+                None,
+                Counted::Dropped(Reason::FibFail),
+            ),
+            (
+                "prohibit",
+                syn("10.203.0.39"),
+                XDP_DROP,
+                None,
+                Counted::Dropped(Reason::FibFail),
+            ),
+            (
+                "dsr ipv6 blackhole",
+                c(Spec::tcp(
+                    "fd00:203::2",
+                    "fd00:203::35",
+                    40000,
+                    443,
+                    TCP_SYN,
+                )),
+                XDP_DROP,
+                None,
+                Counted::Dropped(Reason::FibFail),
+            ),
+            (
+                "larger than the route's MTU (fragmentation needed)",
+                big,
+                XDP_DROP,
+                None,
+                Counted::Dropped(Reason::FibFail),
+            ),
+            (
+                "nat, egress not in the redirect map",
+                syn("10.203.0.37"),
+                XDP_DROP,
+                None,
+                Counted::Dropped(Reason::NoTxPort),
+            ),
+            (
+                "dsr, egress not in the redirect map",
+                syn("10.203.0.38"),
+                XDP_DROP,
+                None,
+                Counted::Dropped(Reason::NoTxPort),
+            ),
+            (
+                "nat, VLAN tag",
+                tagged("10.203.0.10"),
+                XDP_DROP,
+                None,
+                Counted::Dropped(Reason::VlanTagged),
+            ),
+            (
+                "dsr, VLAN tag",
+                tagged("10.203.0.20"),
+                XDP_DROP,
+                None,
+                Counted::Dropped(Reason::VlanTagged),
+            ),
+            // The same services untagged: they work.
+            (
+                "nat, untagged",
+                syn("10.203.0.10"),
+                XDP_REDIRECT,
+                Some(
+                    Spec::tcp("10.203.0.2", "10.203.1.5", 40000, 8443, TCP_SYN)
+                        .with_macs(BACKEND_MAC, LBB_MAC),
+                ),
+                Counted::Forwarded,
+            ),
+            (
+                "dsr, untagged",
+                syn("10.203.0.20"),
+                XDP_TX,
+                Some(
+                    Spec::tcp("10.203.0.2", "10.203.0.20", 40000, 443, TCP_SYN)
+                        .with_macs(NEIGHBOUR_MAC, LB0_MAC),
+                ),
+                Counted::Forwarded,
+            ),
+        ];
+        let mut passed = [0u64; lb_common::REASON_COUNT as usize];
+        let mut dropped = [0u64; lb_common::REASON_COUNT as usize];
+        for (name, input, action, output, counted) in &cases {
+            let input = input.build();
+            let (got, out) = dp.test_run_xdp_on(&input, lb0).expect("test run");
+            assert_eq!(got, *action, "{name}: action");
+            let want = output.as_ref().map(Spec::build).unwrap_or(input.clone());
+            assert_eq!(out, want, "{name}: bytes");
+            match counted {
+                Counted::Passed(r) => passed[*r as usize] += 1,
+                Counted::Dropped(r) => dropped[*r as usize] += 1,
+                Counted::Forwarded => {}
+            }
+            assert_eq!(
+                dp.reason_counts().unwrap(),
+                passed,
+                "{name}: passed counters"
+            );
+            assert_eq!(
+                dp.drop_counts().unwrap(),
+                dropped,
+                "{name}: dropped counters"
+            );
+        }
+        println!("passed by reason: {passed:?}\ndropped by reason: {dropped:?}");
+        for name in &names {
+            let c = dp.service_counters(w.service_id(name).unwrap()).unwrap();
+            let want = u64::from(name.starts_with("ok_"));
+            assert_eq!(c.packets, want, "{name}: counted as forwarded");
+        }
+        let actions = dp.action_counts().unwrap();
+        assert_eq!(actions[XDP_DROP as usize], 11);
+        assert_eq!(actions[XDP_PASS as usize], 2);
+    });
+}
+
+/// Large UDP datagrams (3000 bytes, fragmented by the client's stack at
+/// MTU 1500) to a `nat` service, IPv4 and IPv6, through real stacks: every
+/// datagram reaches a backend's socket whole, from the client's address,
+/// on the backend the first fragment's flow maps to in the Maglev table,
+/// so every datagram of a flow lands on one backend.
+#[test]
+fn nat_delivers_fragmented_udp_datagrams_whole_v4_and_v6() {
+    const FLOWS: usize = 16;
+    const PER_FLOW: usize = 3;
+    const SIZE: usize = 3000;
+    let mut topo = Topology::new();
+    let lb = topo.namespace("lb");
+    let client = topo.namespace("cl");
+    let b1 = topo.namespace("b1");
+    let b2 = topo.namespace("b2");
+    topo.veth(
+        (
+            &lb,
+            "lb0",
+            &[
+                "10.203.0.1/24",
+                "10.203.0.10/24",
+                "fd00:203::1/64",
+                "fd00:203::10/64",
+            ],
+        ),
+        (&client, "cl0", &["10.203.0.2/24", "fd00:203::2/64"]),
+    );
+    topo.veth(
+        (&lb, "lbb1", &["10.203.1.1/24", "fd00:203:1::1/64"]),
+        (&b1, "eth0", &["10.203.1.2/24", "fd00:203:1::2/64"]),
+    );
+    topo.veth(
+        (&lb, "lbb2", &["10.203.2.1/24", "fd00:203:2::1/64"]),
+        (&b2, "eth0", &["10.203.2.2/24", "fd00:203:2::2/64"]),
+    );
+    forwarding_on(&lb);
+    full_checksums(&client, "cl0");
+    for (ns, gw4, gw6) in [
+        (&b1, "10.203.1.1", "fd00:203:1::1"),
+        (&b2, "10.203.2.1", "fd00:203:2::1"),
+    ] {
+        run_in(ns, &["ip", "route", "add", "default", "via", gw4]);
+        run_in(ns, &["ip", "-6", "route", "add", "default", "via", gw6]);
+        run_in(ns, &["ethtool", "-K", "eth0", "gro", "on"]);
+    }
+    let services = vec![
+        service(
+            "udp4",
+            "10.203.0.10:443",
+            Forwarding::Nat,
+            &["10.203.1.2:8443", "10.203.2.2:8443"],
+        ),
+        service(
+            "udp6",
+            "[fd00:203::10]:443",
+            Forwarding::Nat,
+            &["[fd00:203:1::2]:8443", "[fd00:203:2::2]:8443"],
+        ),
+    ];
+    let writer = balancer(&lb, "lb0", services.clone());
+    // Neighbours known beforehand, or the first datagrams meet the FIB
+    // without them (passed to the stack, which forwards them itself).
+    for (ns, dev, a4, a6) in [
+        (&b1, "lbb1", "10.203.1.2", "fd00:203:1::2"),
+        (&b2, "lbb2", "10.203.2.2", "fd00:203:2::2"),
+    ] {
+        let mac = run_in(ns, &["cat", "/sys/class/net/eth0/address"])
+            .trim()
+            .to_string();
+        for addr in [a4, a6] {
+            netns::neighbour(&lb, addr, &mac, dev, "permanent");
+        }
+    }
+
+    // One dual-stack socket per backend host, read on its own thread until
+    // every datagram has arrived or 20 s passed.
+    let total = 2 * FLOWS * PER_FLOW;
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let receivers: Vec<_> = [("b1", &b1), ("b2", &b2)]
+        .into_iter()
+        .map(|(host, ns)| {
+            let sock = netns::within(ns, || std::net::UdpSocket::bind("[::]:8443").unwrap());
+            sock.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+                .unwrap();
+            let got = got.clone();
+            std::thread::spawn(move || {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                let mut seen = Vec::new();
+                let mut buf = vec![0u8; 65536];
+                while got.load(std::sync::atomic::Ordering::SeqCst) < total
+                    && std::time::Instant::now() < deadline
+                {
+                    if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                        seen.push((peer, buf[..n].to_vec()));
+                        got.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                (host, seen)
+            })
+        })
+        .collect();
+
+    // Flows: one client socket each, PER_FLOW datagrams, each tagged with
+    // its flow and sequence number and filled to SIZE bytes.
+    let flows: Vec<SocketAddr> = netns::within(&client, move || {
+        let mut locals = Vec::new();
+        for f in 0..2 * FLOWS {
+            let (bind, vip) = if f < FLOWS {
+                ("10.203.0.2:0", "10.203.0.10:443")
+            } else {
+                ("[fd00:203::2]:0", "[fd00:203::10]:443")
+            };
+            let s = std::net::UdpSocket::bind(bind).unwrap();
+            for seq in 0..PER_FLOW {
+                let mut d = vec![(f * 7 + seq) as u8; SIZE];
+                d[0] = f as u8;
+                d[1] = seq as u8;
+                s.send_to(&d, vip).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            locals.push(s.local_addr().unwrap());
+        }
+        locals
+    });
+    let mut by_flow: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
+    let results: Vec<_> = receivers.into_iter().map(|r| r.join().unwrap()).collect();
+    for (host, seen) in &results {
+        for (peer, d) in seen {
+            let f = d[0] as usize;
+            assert_eq!(d.len(), SIZE, "{host}: datagram of flow {f} arrived whole");
+            let mut want = vec![(f * 7 + d[1] as usize) as u8; SIZE];
+            want[0] = d[0];
+            want[1] = d[1];
+            assert!(*d == want, "{host}: datagram {f}/{} intact", d[1]);
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+            assert_eq!(peer, flows[f], "{host}: the client's address and port");
+            by_flow.entry(f).or_default().push(host);
+        }
+    }
+    let received: usize = results.iter().map(|(_, s)| s.len()).sum();
+    assert_eq!(received, total, "datagrams received: {by_flow:?}");
+
+    // The backend the first fragment's flow maps to in the active table.
+    let dp = writer.dataplane();
+    let mut per_host: BTreeMap<&str, usize> = BTreeMap::new();
+    for (f, local) in flows.iter().enumerate() {
+        let (svc, vip): (&ServiceSpec, SocketAddr) = if f < FLOWS {
+            (&services[0], "10.203.0.10:443".parse().unwrap())
+        } else {
+            (&services[1], "[fd00:203::10]:443".parse().unwrap())
+        };
+        let h = lb_common::flow_hash(
+            &lb_userspace::dataplane::addr_words(local.ip()),
+            &lb_userspace::dataplane::addr_words(vip.ip()),
+            local.port().to_be(),
+            vip.port().to_be(),
+            lb_common::PROTO_UDP,
+        );
+        let id = writer.service_id(&svc.name).unwrap();
+        let (_, table) = dp.active_table(id).unwrap();
+        let backend = table[(h % table.len() as u32) as usize].backend;
+        let addr = svc
+            .backends
+            .iter()
+            .find(|b| writer.backend_id(&svc.name, b.address) == Some(backend))
+            .unwrap()
+            .address;
+        let on_b1 = ["10.203.1.2", "fd00:203:1::2"].contains(&addr.ip().to_string().as_str());
+        let host = if on_b1 { "b1" } else { "b2" };
+        assert_eq!(
+            by_flow[&f],
+            vec![host; PER_FLOW],
+            "flow {f} from {local}: every datagram on {addr}"
+        );
+        *per_host.entry(host).or_default() += 1;
+    }
+    let passed = dp.reason_counts().unwrap();
+    let redirected = dp.action_counts().unwrap()[XDP_REDIRECT as usize];
+    println!(
+        "nat fragments: {received} datagrams of {SIZE} bytes in {} flows, flows by backend \
+         host {per_host:?}; XDP_REDIRECT {redirected}; fragment_unknown {}",
+        flows.len(),
+        passed[Reason::FragmentUnknown as usize]
+    );
+    assert_eq!(per_host.len(), 2, "both backend hosts got flows");
+    assert_eq!(passed[Reason::FragmentUnknown as usize], 0);
+    // Three fragments per datagram, every one redirected.
+    assert!(redirected >= 3 * total as u64, "redirected {redirected}");
 }

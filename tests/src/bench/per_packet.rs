@@ -458,6 +458,23 @@ fn v4_frame(template: &[u8], src: Ipv4Addr, sport: u16) -> Vec<u8> {
     f
 }
 
+/// The first fragment (offset 0, more fragments) and a later one (offset
+/// 64 bytes, no ports) of one UDP datagram to the service, 64-byte frames
+/// (or the smallest that hold the headers). `dst` defaults to the family's
+/// service address.
+fn fragment_frames(fam: Fam, dst: Option<&str>, macs: Option<([u8; 6], [u8; 6])>) -> [Vec<u8>; 2] {
+    let (src, vip) = fam.addrs();
+    let l3 = if fam == Fam::V4 { 20 } else { 48 };
+    let pad = vec![0u8; 64usize.saturating_sub(14 + l3 + 8)];
+    let mut first = Spec::udp(src, dst.unwrap_or(vip), 40000, 443).payload(&pad);
+    first.fragment = Some((0, true));
+    first.frag_id = Some(0x4242);
+    first.macs = macs;
+    let mut later = first.clone();
+    later.fragment = Some((8, false));
+    [first.build(), later.build()]
+}
+
 fn v4_spec_frame(kind: Kind, src: Ipv4Addr, sport: u16) -> Vec<u8> {
     let base = frame(Fam::V4, kind, Size::Small, sport);
     let l4 = if kind == Kind::Udp { 8 } else { 20 };
@@ -524,6 +541,36 @@ pub fn run(scale: &Scale, report: &mut Report) {
                     runs: scale.repeat as u64 * scale.rounds as u64,
                 });
             }
+        }
+    }
+    // Fragments of a UDP datagram: the first records its pick in LB_FRAGS
+    // (an LRU update on every run), a later one finds it there (an LRU
+    // lookup) and goes where the first went. Both come out as they went in
+    // (local mode, port-only backends), so both repeat.
+    for fam in [Fam::V4, Fam::V6] {
+        let [first, later] = fragment_frames(fam, None, None);
+        let e = Expect::of(Kind::Udp, false);
+        for (what, name, f) in [
+            ("udp first fragment", "udp_first_fragment", &first),
+            ("udp later fragment", "udp_later_fragment", &later),
+        ] {
+            let label = format!("{} {what}", fam.name());
+            let ns = b.lb(&w, f, e, &label);
+            rows.push(Row {
+                id: format!(
+                    "{}/{name}/{}B/3_backends/clean_slot/empty_table",
+                    fam.name(),
+                    f.len()
+                ),
+                label,
+                frame_len: f.len(),
+                backends: 3,
+                table: "empty",
+                ns,
+                baseline_ns: baseline_of(fam, Size::Small),
+                method: "repeat",
+                runs: scale.repeat as u64 * scale.rounds as u64,
+            });
         }
     }
     drop(w);
@@ -989,6 +1036,50 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
                     runs: n,
                 });
             }
+            // A later fragment through nat: its first has been balanced; it
+            // gets the backend's address and MACs (repeat=1: the address
+            // changes).
+            let [first, later] =
+                fragment_frames(Fam::V4, Some("10.213.0.10"), Some((LB0_MAC, PEER_MAC)));
+            let dp = w.dataplane();
+            let (action, o) = dp.test_run_xdp(&first).unwrap();
+            assert_eq!(action, XDP_REDIRECT, "nat first fragment: action");
+            let to = lb_tests::packet::parse(&o).expect("nat output parses").dst;
+            let (action, o) = dp.test_run_xdp(&later).unwrap();
+            assert_eq!(action, XDP_REDIRECT, "nat later fragment: action");
+            assert_eq!(
+                o,
+                lb_tests::packet::with_macs(
+                    &lb_tests::packet::with_dst_addr(&later, to),
+                    PEER_MAC,
+                    LBB_MAC
+                ),
+                "nat later fragment: to the first's backend {to}"
+            );
+            let before = dp.service_counters(nat_id).unwrap().packets;
+            let samples: Vec<f64> = (0..scale.insert_samples)
+                .map(|_| dp.bench_xdp(&later, 1).unwrap().as_nanos() as f64)
+                .collect();
+            let n = scale.insert_samples as u64;
+            assert_eq!(
+                dp.service_counters(nat_id).unwrap().packets - before,
+                n,
+                "nat later fragment: every run forwarded"
+            );
+            out.push(Row {
+                id: format!(
+                    "ipv4/udp_later_fragment/{}B/3_backends/nat/empty_table",
+                    later.len()
+                ),
+                label: "ipv4 udp later fragment, nat".into(),
+                frame_len: later.len(),
+                backends: 3,
+                table: "empty",
+                ns: sys::median(&samples) - overhead,
+                baseline_ns: base_small,
+                method: "repeat=1",
+                runs: n,
+            });
             out
         })
         .join()
