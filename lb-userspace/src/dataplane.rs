@@ -1411,7 +1411,13 @@ impl MapWriter {
                 let slot = port_slot(spec.listen.port(), proto);
                 let e = ports.entry(slot).or_default();
                 if spec.listen.ip().is_unspecified() {
-                    e.wildcard = inst.id + 1;
+                    // `0.0.0.0` takes IPv4 packets only, `[::]` IPv6 only.
+                    let id = (inst.id + 1) as u16;
+                    if spec.listen.is_ipv4() {
+                        e.wildcard_v4 = id;
+                    } else {
+                        e.wildcard_v6 = id;
+                    }
                 } else {
                     e.flags |= PORT_HAS_ADDR_SERVICES;
                     addr_services.insert(

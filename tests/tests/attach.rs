@@ -45,7 +45,13 @@ fn tcp_connections_to_443_reach_both_backend_ports() {
         dp.attach("lb0", AttachMode::Native)
             .expect("native XDP attach on a veth");
         let mut w = MapWriter::new(dp);
-        w.apply(&[spec]).expect("apply");
+        // A wildcard serves one family: `[::]:443` for the IPv6 clients.
+        let spec6 = ServiceSpec {
+            name: "web6".into(),
+            listen: "[::]:443".parse().unwrap(),
+            ..spec.clone()
+        };
+        w.apply(&[spec, spec6]).expect("apply");
         w
     });
 

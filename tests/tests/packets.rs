@@ -102,8 +102,10 @@ fn reason(dp: &Dataplane, r: Reason) -> u64 {
 
 #[test]
 fn service_packets_are_rewritten_to_the_picked_backend() {
+    // Wildcards are per family: IPv4 packets take `web`, IPv6 ones `web6`.
     let svc = service("web", "0.0.0.0:443", &["127.0.0.1:8001", "127.0.0.1:8002"]);
-    let w = writer(std::slice::from_ref(&svc));
+    let svc6 = service("web6", "[::]:443", &["127.0.0.1:8001", "127.0.0.1:8002"]);
+    let w = writer(&[svc.clone(), svc6.clone()]);
     let dp = w.dataplane();
 
     let mut v4_opts = Spec::tcp("10.0.0.2", "10.0.0.1", 40001, 443, TCP_SYN);
@@ -151,8 +153,13 @@ fn service_packets_are_rewritten_to_the_picked_backend() {
     let mut ports = HashMap::new();
     for (name, spec) in &specs {
         let input = spec.build();
-        let port = table_port(&w, &svc, &input);
-        *ports.entry(port).or_insert(0) += 1;
+        let family = if packet::parse(&input).unwrap().dst.is_ipv6() {
+            &svc6
+        } else {
+            &svc
+        };
+        let port = table_port(&w, family, &input);
+        *ports.entry((family.name.clone(), port)).or_insert(0) += 1;
         fixtures.push(Fixture {
             name: name.to_string(),
             output: spec.clone().with_dport(port).build(),
@@ -169,28 +176,129 @@ fn service_packets_are_rewritten_to_the_picked_backend() {
     // Every fixture ran twice; the counters say exactly that.
     let runs = 2 * fixtures.len() as u64;
     let bytes: u64 = 2 * fixtures.iter().map(|f| f.input.len() as u64).sum::<u64>();
-    let id = w.service_id("web").unwrap();
-    let c = dp.service_counters(id).unwrap();
+    let mut c = lb_common::Counters::default();
+    for name in ["web", "web6"] {
+        let sc = dp.service_counters(w.service_id(name).unwrap()).unwrap();
+        assert!(sc.packets > 0, "{name} took no packet");
+        c.add(&sc);
+    }
     assert_eq!(c.packets, runs);
     assert_eq!(c.bytes, bytes);
     // SYNs count as new flows; in a table that never changed nothing else does.
     assert_eq!(c.new_flows, 2 * 5);
     let mut per_backend = 0;
-    for b in &svc.backends {
-        let bc = dp
-            .backend_counters(w.backend_id("web", b.address).unwrap())
-            .unwrap();
-        assert_eq!(
-            bc.packets,
-            2 * ports.get(&b.address.port()).copied().unwrap_or(0)
-        );
-        per_backend += bc.packets;
+    for s in [&svc, &svc6] {
+        for b in &s.backends {
+            let bc = dp
+                .backend_counters(w.backend_id(&s.name, b.address).unwrap())
+                .unwrap();
+            let key = (s.name.clone(), b.address.port());
+            assert_eq!(bc.packets, 2 * ports.get(&key).copied().unwrap_or(0));
+            per_backend += bc.packets;
+        }
     }
     assert_eq!(per_backend, runs);
     assert_eq!(dp.action_counts().unwrap()[XDP_PASS as usize], runs);
     assert_eq!(dp.reason_counts().unwrap().iter().sum::<u64>(), 0);
     // Nothing in a table that never changed needs the flow table.
     assert_eq!(dp.flow_count(), 0);
+}
+
+#[test]
+fn each_wildcard_serves_its_own_family() {
+    // `0.0.0.0:443` and `[::]:443` side by side: IPv4 clients reach only the
+    // IPv4 service's backends, IPv6 clients only the IPv6 service's.
+    let v4 = service("web4", "0.0.0.0:443", &["127.0.0.1:8001", "127.0.0.1:8002"]);
+    let v6 = service("web6", "[::]:443", &["[::1]:9001", "[::1]:9002"]);
+    let w = writer(&[v4.clone(), v6.clone()]);
+    let dp = w.dataplane();
+    let mut fixtures = Vec::new();
+    let mut seen: HashMap<u16, u32> = HashMap::new();
+    for i in 0..64u16 {
+        let specs = [
+            (
+                &v4,
+                Spec::tcp(
+                    &format!("10.1.0.{}", i + 1),
+                    "10.0.0.1",
+                    30000 + i,
+                    443,
+                    TCP_SYN,
+                ),
+            ),
+            (
+                &v4,
+                Spec::udp(&format!("10.1.1.{}", i + 1), "10.0.0.1", 30000 + i, 443).payload(b"q"),
+            ),
+            (
+                &v6,
+                Spec::tcp(
+                    &format!("fd00:1::{:x}", i + 1),
+                    "fd00::1",
+                    30000 + i,
+                    443,
+                    TCP_SYN,
+                ),
+            ),
+            (
+                &v6,
+                Spec::udp(&format!("fd00:2::{:x}", i + 1), "fd00::1", 30000 + i, 443).payload(b"q"),
+            ),
+        ];
+        for (svc, spec) in specs {
+            let input = spec.build();
+            let port = table_port(&w, svc, &input);
+            *seen.entry(port).or_default() += 1;
+            fixtures.push(Fixture {
+                name: format!("{} flow {i} to {}", svc.name, port),
+                output: spec.clone().with_dport(port).build(),
+                input,
+                action: XDP_PASS,
+            });
+        }
+    }
+    check(dp, &fixtures);
+    // 128 packets a family, each family spread over its own two backends.
+    assert_eq!(seen.values().sum::<u32>(), 256);
+    assert_eq!(seen.get(&8001).unwrap() + seen.get(&8002).unwrap(), 128);
+    assert_eq!(seen.get(&9001).unwrap() + seen.get(&9002).unwrap(), 128);
+    for name in ["web4", "web6"] {
+        let c = dp.service_counters(w.service_id(name).unwrap()).unwrap();
+        assert_eq!(c.packets, 128, "{name}");
+    }
+    assert_eq!(dp.reason_counts().unwrap().iter().sum::<u64>(), 0);
+}
+
+#[test]
+fn a_wildcard_of_one_family_leaves_the_other_alone() {
+    for (listen, other) in [
+        (
+            "0.0.0.0:443",
+            [("fd00::2", "fd00::1"), ("fd00::3", "fd00::1")],
+        ),
+        (
+            "[::]:443",
+            [("10.0.0.2", "10.0.0.1"), ("10.0.0.3", "10.0.0.1")],
+        ),
+    ] {
+        let w = writer(&[service("web", listen, &["127.0.0.1:8001"])]);
+        let dp = w.dataplane();
+        let fixtures: Vec<Fixture> = [
+            Spec::tcp(other[0].0, other[0].1, 40000, 443, TCP_SYN),
+            Spec::udp(other[1].0, other[1].1, 40001, 443).payload(b"hello"),
+        ]
+        .iter()
+        .map(|spec| Fixture {
+            name: format!("{listen}: {:?} to 443", spec.build().len()),
+            input: spec.build(),
+            action: XDP_PASS,
+            output: spec.build(),
+        })
+        .collect();
+        check(dp, &fixtures);
+        assert_eq!(reason(dp, Reason::NoService), 2, "{listen}");
+        assert_eq!(dp.service_counters(0).unwrap().packets, 0, "{listen}");
+    }
 }
 
 #[test]
