@@ -633,6 +633,9 @@ pub fn check_services(services: &[ServiceConfig], opts: &Options) -> Result<(), 
     let mut names = HashMap::new();
     let mut listeners = HashMap::new();
     let mut reverse: HashMap<(u16, Protocol), (u16, &str)> = HashMap::new();
+    // Replies of backends whose address is rewritten are found by backend
+    // address, port and protocol (`LB_REV_ADDRS`): one service each.
+    let mut reverse_addr: HashMap<(SocketAddr, Protocol), (SocketAddr, &str)> = HashMap::new();
     let mut backends = 0;
     if services.len() > opts.max_services as usize {
         return Err(FieldError::new(
@@ -665,7 +668,25 @@ pub fn check_services(services: &[ServiceConfig], opts: &Options) -> Result<(), 
             } else {
                 &s.backends[..]
             };
-            for b in translated {
+            for (j, b) in translated.iter().enumerate() {
+                if rewrites_address(s, b.address) {
+                    match reverse_addr.get(&(b.address, *p)) {
+                        Some((listen, other)) if *listen != s.listen => {
+                            return Err(FieldError::new(
+                                &key(&index(&key(&sp, "backends"), j), "address"),
+                                format!(
+                                    "backend {} ({:?}) serves service {other:?} on {listen} and \
+                                     service {:?} on {}; replies could not be told apart: \
+                                     give each service backends of its own",
+                                    b.address, p, s.name, s.listen
+                                ),
+                            ));
+                        }
+                        _ => {
+                            reverse_addr.insert((b.address, *p), (s.listen, s.name.as_str()));
+                        }
+                    }
+                }
                 let k = (b.address.port(), *p);
                 match reverse.get(&k) {
                     Some((port, other)) if *port != s.listen.port() => {
@@ -694,6 +715,13 @@ pub fn check_services(services: &[ServiceConfig], opts: &Options) -> Result<(), 
         ));
     }
     Ok(())
+}
+
+/// Whether the data plane rewrites the destination address of packets to
+/// this backend (and so translates its replies back by backend address);
+/// the same rule as the map writer's.
+fn rewrites_address(s: &ServiceConfig, backend: SocketAddr) -> bool {
+    crate::dataplane::rewrites_address(s.forwarding, s.listen, backend)
 }
 
 impl From<&ServiceConfig> for RawService {
@@ -1267,6 +1295,64 @@ backends = [
         let e = err(&shared_port);
         assert_eq!(e.field, "services[1].backends");
         assert!(e.message.contains("told apart"), "{e}");
+    }
+
+    #[test]
+    fn services_on_different_addresses_cannot_share_a_translated_backend() {
+        let svc = |name: &str, listen: &str, fwd: &str, backend: &str| {
+            format!(
+                "\n[[services]]\nname = \"{name}\"\nlisten = \"{listen}\"\nforwarding = \"{fwd}\"\n\
+                 backends = [\n  {{ address = \"{backend}\" }},\n]\n"
+            )
+        };
+        let head = "[dataplane]\ninterface = \"eth0\"\n";
+        let text = format!(
+            "{head}{}{}",
+            svc("a", "10.0.0.10:443", "nat", "10.0.1.5:8443"),
+            svc("b", "10.0.0.11:443", "nat", "10.0.1.5:8443")
+        );
+        let e = err(&text);
+        assert_eq!(e.field, "services[1].backends[0].address", "{e}");
+        // The line of b's backend.
+        assert_eq!(e.position.map(|p| p.0), Some(17), "{e}");
+        for part in [
+            "10.0.1.5:8443",
+            "\"a\"",
+            "\"b\"",
+            "10.0.0.10:443",
+            "10.0.0.11:443",
+        ] {
+            assert!(e.message.contains(part), "{part}: {e}");
+        }
+        // Local services with their own addresses and backends on other
+        // hosts are translated the same way.
+        let text = format!(
+            "{head}{}{}",
+            svc("a", "10.0.0.10:443", "local", "10.0.1.5:8443"),
+            svc("b", "10.0.0.11:443", "nat", "10.0.1.5:8443")
+        );
+        assert_eq!(err(&text).field, "services[1].backends[0].address");
+        // Allowed: the same address and port (one service per protocol),
+        // another backend port, dsr (replies never come back), wildcards.
+        for text in [
+            format!(
+                "{head}{}{}",
+                svc("a", "10.0.0.10:443", "nat", "10.0.1.5:8443"),
+                svc("b", "10.0.0.11:443", "nat", "10.0.1.5:8444")
+            ),
+            format!(
+                "{head}{}{}",
+                svc("a", "10.0.0.10:443", "dsr", "10.0.1.5:443"),
+                svc("b", "10.0.0.11:443", "dsr", "10.0.1.5:443")
+            ),
+            format!(
+                "{head}{}{}",
+                svc("a", "0.0.0.0:443", "local", "127.0.0.1:8443"),
+                svc("b", "10.0.0.11:443", "local", "127.0.0.1:8443")
+            ),
+        ] {
+            Config::parse(Path::new("lb.toml"), &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        }
     }
 
     #[test]

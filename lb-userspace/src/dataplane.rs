@@ -1023,6 +1023,17 @@ fn is_local_host(ip: IpAddr) -> bool {
     ip.is_loopback() || ip.is_unspecified()
 }
 
+/// Whether packets of a service on `listen` to `backend` get their
+/// destination address rewritten too (and replies their source address
+/// back, found by backend address in `LB_REV_ADDRS`).
+pub fn rewrites_address(forwarding: Forwarding, listen: SocketAddr, backend: SocketAddr) -> bool {
+    forwarding != Forwarding::Dsr
+        && !listen.ip().is_unspecified()
+        && !is_local_host(backend.ip())
+        && backend.ip() != listen.ip()
+        && backend.is_ipv4() == listen.is_ipv4()
+}
+
 impl MapWriter {
     pub fn new(dp: Dataplane) -> Self {
         let max_services = dp.opts.max_services;
@@ -1380,11 +1391,7 @@ impl MapWriter {
     }
 
     fn backend_entry(&self, spec: &ServiceSpec, service: u32, addr: SocketAddr) -> BackendEntry {
-        let rewrite = spec.forwarding != Forwarding::Dsr
-            && !spec.listen.ip().is_unspecified()
-            && !is_local_host(addr.ip())
-            && addr.ip() != spec.listen.ip()
-            && addr.is_ipv4() == spec.listen.is_ipv4();
+        let rewrite = rewrites_address(spec.forwarding, spec.listen, addr);
         BackendEntry {
             addr: addr_words(addr.ip()),
             port: addr.port(),

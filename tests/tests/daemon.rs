@@ -678,3 +678,67 @@ fn the_cli_changes_backends_through_the_api() {
     );
     assert!(!ok && out.contains("404"), "{out}");
 }
+
+#[test]
+fn two_services_on_different_addresses_cannot_share_a_nat_backend() {
+    lb_tests::require_root();
+    let s = setup("revaddr");
+    // `lb validate` names the file, the line and both services.
+    let conflict = s.dir.path("conflict.toml");
+    std::fs::write(
+        &conflict,
+        "[dataplane]\ninterface = \"eth0\"\n\
+         [[services]]\nname = \"a\"\nlisten = \"10.201.0.10:443\"\nforwarding = \"nat\"\nbackends = [{ address = \"10.201.0.50:8443\" }]\n\
+         [[services]]\nname = \"b\"\nlisten = \"10.201.0.11:443\"\nforwarding = \"nat\"\nbackends = [{ address = \"10.201.0.50:8443\" }]\n",
+    )
+    .unwrap();
+    let out = Command::new(lb_binary())
+        .args(["validate", "--config"])
+        .arg(&conflict)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("{}:12:", conflict.display()))
+            && err.contains("services[1].backends[0].address")
+            && err.contains("\"a\"")
+            && err.contains("\"b\"")
+            && err.contains("10.201.0.50:8443"),
+        "{err}"
+    );
+
+    // The API refuses the same through both of its paths, and changes nothing.
+    let lb = s.start(&s.config(true, "", &[8001]));
+    let t = Some(TOKEN);
+    let a = r#"{"listen": "10.201.0.10:443", "protocols": ["tcp"], "forwarding": "nat", "backends": [{"address": "10.201.0.50:8443"}]}"#;
+    let (status, v) = lb.call("PUT", "/api/v1/services/a", Some(a), t);
+    assert!(status == 200 || status == 201, "{status} {v}");
+    let b = r#"{"listen": "10.201.0.11:443", "protocols": ["tcp"], "forwarding": "nat", "backends": [{"address": "10.201.0.50:8443"}]}"#;
+    let before = services(&lb);
+    let (status, v) = lb.call("PUT", "/api/v1/services/b", Some(b), t);
+    assert_eq!(status, 409, "{v}");
+    let msg = v["error"].as_str().unwrap_or_default().to_string();
+    for part in ["\"a\"", "\"b\"", "10.201.0.50:8443"] {
+        assert!(msg.contains(part), "{part} not in {msg:?}");
+    }
+    assert_eq!(services(&lb), before);
+    // A service of its own is fine; adding the shared backend to it is not.
+    let b_own = b.replace("10.201.0.50:8443", "10.201.0.51:8443");
+    let (status, v) = lb.call("PUT", "/api/v1/services/b", Some(&b_own), t);
+    assert!(status == 200 || status == 201, "{status} {v}");
+    let before = services(&lb);
+    let (status, v) = lb.call(
+        "POST",
+        "/api/v1/services/b/backends",
+        Some(r#"{"address": "10.201.0.50:8443"}"#),
+        t,
+    );
+    assert_eq!(status, 409, "{v}");
+    let msg = v["error"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("\"a\"") && msg.contains("\"b\"") && msg.contains("10.201.0.50:8443"),
+        "{msg}"
+    );
+    assert_eq!(services(&lb), before);
+}
