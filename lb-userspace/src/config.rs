@@ -224,6 +224,9 @@ pub struct Config {
     pub admin: AdminConfig,
     pub health_max_concurrent: usize,
     pub services: Vec<ServiceConfig>,
+    /// Things that work but may hurt (e.g. a local backend port inside the
+    /// host's ephemeral port range), placed in the file like errors.
+    pub warnings: Vec<ConfigError>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -836,12 +839,18 @@ impl Config {
                 message: e.message().trim().to_string(),
             }
         })?;
-        validate(path, &raw).map_err(|fe| ConfigError {
-            source: file,
+        let place = |fe: FieldError| ConfigError {
+            source: file.clone(),
             position: span_of(text, &fe.path).map(|s| line_col(text, s.start)),
             field: path_string(&fe.path),
             message: fe.message,
-        })
+        };
+        let mut config = validate(path, &raw).map_err(place)?;
+        config.warnings = local_port_warnings(&config.services, ephemeral_port_range())
+            .into_iter()
+            .map(place)
+            .collect();
+        Ok(config)
     }
 }
 
@@ -968,7 +977,59 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         },
         health_max_concurrent,
         services,
+        warnings: Vec::new(),
     })
+}
+
+/// The host's `net.ipv4.ip_local_port_range` (it applies to IPv6 too), or
+/// `None` when it cannot be read.
+pub fn ephemeral_port_range() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(|w| w.parse::<u16>().ok());
+    Some((it.next()??, it.next()??))
+}
+
+/// Local backends whose port lies in the ephemeral range `range`: the TC
+/// egress program rewrites every packet leaving from a backend port, so the
+/// host's own outgoing connections that happen to get that source port
+/// would leave with the service port instead.
+pub fn local_port_warnings(
+    services: &[ServiceConfig],
+    range: Option<(u16, u16)>,
+) -> Vec<FieldError> {
+    let Some((lo, hi)) = range else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, s) in services.iter().enumerate() {
+        if s.forwarding != Forwarding::Local {
+            continue;
+        }
+        for (j, b) in s.backends.iter().enumerate() {
+            let port = b.address.port();
+            if (lo..=hi).contains(&port) {
+                let path = key(
+                    &index(
+                        &key(&index(&[Seg::Key("services".into())], i), "backends"),
+                        j,
+                    ),
+                    "address",
+                );
+                out.push(FieldError::new(
+                    &path,
+                    format!(
+                        "local backend port {port} (service {:?}) is inside \
+                         net.ipv4.ip_local_port_range {lo}-{hi}: the host's own outgoing \
+                         connections from that port would have their replies rewritten; \
+                         use a port outside the range or reserve it with \
+                         net.ipv4.ip_local_reserved_ports",
+                        s.name
+                    ),
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// 1-based line and column of a byte offset.

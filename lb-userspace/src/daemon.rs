@@ -427,6 +427,18 @@ impl Daemon {
                 "the change could not be saved: {e}"
             )));
         }
+        // Warn about what the change brought in, not what was there.
+        let range = config::ephemeral_port_range();
+        let before: std::collections::HashSet<String> =
+            config::local_port_warnings(&inner.services, range)
+                .into_iter()
+                .map(|w| w.message)
+                .collect();
+        for w in config::local_port_warnings(&services, range) {
+            if !before.contains(&w.message) {
+                warn!("API change: {}", w.in_body());
+            }
+        }
         inner.checker.set_targets(targets(&services));
         inner.services = services;
         inner.health = health;

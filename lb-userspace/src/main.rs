@@ -119,6 +119,9 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Validate { config } => match Config::load(&config) {
             Ok(c) => {
+                for w in &c.warnings {
+                    eprintln!("warning: {w}");
+                }
                 println!(
                     "{}: valid ({} services, {} backends)",
                     config.display(),
@@ -139,7 +142,12 @@ fn main() -> ExitCode {
             keep_dataplane,
         } => {
             let cfg = match Config::load(&config) {
-                Ok(c) => c,
+                Ok(c) => {
+                    for w in &c.warnings {
+                        warn!("{w}");
+                    }
+                    c
+                }
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(2);

@@ -742,3 +742,41 @@ fn two_services_on_different_addresses_cannot_share_a_nat_backend() {
     );
     assert_eq!(services(&lb), before);
 }
+
+#[test]
+fn validate_warns_about_a_local_backend_port_in_the_ephemeral_range() {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let mut it = range.split_whitespace().map(|w| w.parse::<u16>().unwrap());
+    let (lo, hi) = (it.next().unwrap(), it.next().unwrap());
+    let inside = lo + (hi - lo) / 2;
+    let outside = if lo > 1025 { lo - 1 } else { hi + 1 };
+    let dir = TempDir::new("ephemeral");
+    let file = dir.path("lb.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[dataplane]\ninterface = \"eth0\"\n[[services]]\nname = \"web\"\nbackends = [\n  \
+             {{ address = \"127.0.0.1:{outside}\" }},\n  {{ address = \"127.0.0.1:{inside}\" }},\n]\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(lb_binary())
+        .args(["validate", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "a warning is not an error: {err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    let w = warnings[0];
+    for part in [
+        format!("{}:7:", file.display()),
+        "services[0].backends[1].address".to_string(),
+        format!("port {inside}"),
+        format!("ip_local_port_range {lo}-{hi}"),
+    ] {
+        assert!(w.contains(&part), "{part:?} not in {w:?}");
+    }
+    println!("lb validate: {w}");
+}
