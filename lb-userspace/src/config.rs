@@ -14,7 +14,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    dataplane::{AdminState, AttachMode, Forwarding, Options, Protocol},
+    dataplane::{AdminState, AttachMode, Forwarding, Options, Protocol, WhenAllDown},
     health::{CheckKind, CheckSpec},
     maglev,
 };
@@ -172,6 +172,9 @@ pub struct RawService {
     pub forwarding: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<RawHealth>,
+    /// "keep_last" (default) or "refuse".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when_all_down: Option<String>,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
 }
@@ -249,6 +252,7 @@ pub struct ServiceConfig {
     pub protocols: Vec<Protocol>,
     pub forwarding: Forwarding,
     pub health: Option<CheckSpec>,
+    pub when_all_down: WhenAllDown,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -563,6 +567,16 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
         Some(h) => Some(health(&key(path, "health"), h)?),
         None => None,
     };
+    let when_all_down = match raw.when_all_down.as_deref().unwrap_or("keep_last") {
+        "keep_last" => WhenAllDown::KeepLast,
+        "refuse" => WhenAllDown::Refuse,
+        other => {
+            return Err(FieldError::new(
+                &key(path, "when_all_down"),
+                format!("unknown policy {other:?}; use keep_last or refuse"),
+            ));
+        }
+    };
     let mut backends = Vec::new();
     let mut seen = HashSet::new();
     for (i, b) in raw.backends.iter().enumerate() {
@@ -625,6 +639,7 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
         protocols,
         forwarding,
         health,
+        when_all_down,
         backends,
     })
 }
@@ -742,6 +757,7 @@ impl From<&ServiceConfig> for RawService {
                 .collect(),
             forwarding: s.forwarding.name().into(),
             health: s.health.as_ref().map(RawHealth::from),
+            when_all_down: Some(s.when_all_down.name().into()),
             backends: s.backends.iter().map(RawBackend::from).collect(),
         }
     }

@@ -82,6 +82,10 @@ pub struct ServiceView {
     pub forwarding: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<config::RawHealth>,
+    pub when_all_down: String,
+    /// Every backend failed its health checks and the ones that were up
+    /// last still take flows (`when_all_down = "keep_last"`).
+    pub fail_open: bool,
     pub backends: Vec<BackendView>,
 }
 
@@ -98,6 +102,8 @@ struct Shared {
     token: Option<String>,
     metrics: Metrics,
     writer: Arc<Mutex<MapWriter>>,
+    /// Services failing open after the last install.
+    fail_open: Mutex<std::collections::HashSet<String>>,
     flow_counter: Arc<crate::dataplane::FlowCounter>,
     inner: tokio::sync::Mutex<Inner>,
 }
@@ -119,6 +125,7 @@ fn specs(
             listen: s.listen,
             protocols: s.protocols.clone(),
             forwarding: s.forwarding,
+            when_all_down: s.when_all_down,
             backends: s
                 .backends
                 .iter()
@@ -286,6 +293,7 @@ impl Daemon {
                 token,
                 metrics,
                 writer: Arc::new(Mutex::new(writer)),
+                fail_open: Mutex::new(Default::default()),
                 flow_counter: Arc::new(flow_counter),
                 inner: tokio::sync::Mutex::new(Inner {
                     services: Vec::new(),
@@ -337,16 +345,24 @@ impl Daemon {
         let specs = specs(services, health);
         let writer = self.shared.writer.clone();
         let started = Instant::now();
-        let report = tokio::task::spawn_blocking(move || {
-            let report = writer.lock().expect("writer lock").apply(&specs);
+        let (report, fail_open) = tokio::task::spawn_blocking(move || {
+            let mut w = writer.lock().expect("writer lock");
+            let report = w.apply(&specs);
+            let fail_open: std::collections::HashSet<String> = specs
+                .iter()
+                .filter(|s| w.fail_open(&s.name))
+                .map(|s| s.name.clone())
+                .collect();
+            drop(w);
             if report.is_ok() {
                 prepare_remote_backends(&specs);
             }
-            report
+            (report, fail_open)
         })
         .await
-        .map_err(|e| ChangeError::Failed(format!("map writer task: {e}")))?
-        .map_err(|e| match e {
+        .map_err(|e| ChangeError::Failed(format!("map writer task: {e}")))?;
+        *self.shared.fail_open.lock().expect("fail-open lock") = fail_open;
+        let report = report.map_err(|e| match e {
             DataplaneError::Full(_) | DataplaneError::Conflict(_) => {
                 ChangeError::Conflict(e.to_string())
             }
@@ -449,6 +465,12 @@ impl Daemon {
     pub async fn views(&self) -> Vec<ServiceView> {
         let inner = self.shared.inner.lock().await;
         let status = inner.checker.status();
+        let fail_open = self
+            .shared
+            .fail_open
+            .lock()
+            .expect("fail-open lock")
+            .clone();
         inner
             .services
             .iter()
@@ -460,6 +482,8 @@ impl Daemon {
                     protocols: raw.protocols,
                     forwarding: raw.forwarding,
                     health: raw.health,
+                    when_all_down: s.when_all_down.name().into(),
+                    fail_open: fail_open.contains(&s.name),
                     backends: s
                         .backends
                         .iter()
@@ -507,6 +531,10 @@ impl Daemon {
                         .push((s.name.clone(), name, b.weight, up));
                 }
             }
+            snap.fail_open = services
+                .iter()
+                .map(|s| (s.name.clone(), w.fail_open(&s.name)))
+                .collect();
             snap.actions = dp.action_counts().unwrap_or_default();
             snap.reasons = dp.reason_counts().unwrap_or_default();
             snap

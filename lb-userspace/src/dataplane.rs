@@ -979,14 +979,36 @@ impl BackendSpec {
     }
 }
 
+/// What a service does when health checks take down every backend that
+/// was taking new flows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WhenAllDown {
+    /// Nothing takes new flows: connections are refused.
+    Refuse,
+    /// Fail open (Envoy's "panic mode"): the backends that were up last stay
+    /// in the table and keep their flows until one backend is healthy again.
+    #[default]
+    KeepLast,
+}
+
+impl WhenAllDown {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Refuse => "refuse",
+            Self::KeepLast => "keep_last",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub name: String,
-    /// `0.0.0.0` or `::` for any local address.
+    /// `0.0.0.0` (IPv4 packets) or `::` (IPv6 packets) for any local address.
     pub listen: SocketAddr,
     pub protocols: Vec<Protocol>,
     pub forwarding: Forwarding,
     pub backends: Vec<BackendSpec>,
+    pub when_all_down: WhenAllDown,
 }
 
 struct Installed {
@@ -998,6 +1020,9 @@ struct Installed {
     /// What the installed table was built from: the same input needs no
     /// rebuild (empty when unknown, after adopting a pinned data plane).
     entries: Vec<maglev::Entry>,
+    /// Failing open: every backend failed its checks and the table holds
+    /// the ones that were up last (`WhenAllDown::KeepLast`).
+    fail_open: bool,
 }
 
 /// Applies desired services to the data plane. Owns the `Dataplane`.
@@ -1088,10 +1113,12 @@ impl MapWriter {
                         protocols: Vec::new(),
                         forwarding,
                         backends: Vec::new(),
+                        when_all_down: WhenAllDown::default(),
                     },
                     backend_ids: sid.backends.iter().map(|(a, i)| (*a, *i)).collect(),
                     slots,
                     entries: Vec::new(),
+                    fail_open: false,
                 },
             );
         }
@@ -1155,6 +1182,12 @@ impl MapWriter {
         self.services.get(name).map(|s| s.id)
     }
 
+    /// Whether the service fails open: all its backends failed their
+    /// health checks and the ones that were up last still take flows.
+    pub fn fail_open(&self, name: &str) -> bool {
+        self.services.get(name).is_some_and(|s| s.fail_open)
+    }
+
     /// The id the data plane uses for a backend of a service.
     pub fn backend_id(&self, service: &str, address: SocketAddr) -> Option<u32> {
         self.services
@@ -1213,6 +1246,7 @@ impl MapWriter {
                         backend_ids: HashMap::new(),
                         slots: Vec::new(),
                         entries: Vec::new(),
+                        fail_open: false,
                     },
                 );
             }
@@ -1337,6 +1371,22 @@ impl MapWriter {
             purge.insert(bid);
             released.push(bid);
         }
+        // Fail open: when health checks (not the operator) leave no backend
+        // for new flows, the ones that were up last stay, as they are.
+        let kept = self.kept_last(inst, spec);
+        let fail_open = !kept.is_empty();
+        if fail_open != inst.fail_open {
+            if fail_open {
+                warn!(
+                    service = %spec.name,
+                    backends = ?kept,
+                    "every backend failed its health checks; failing open: the last ones keep taking flows (when_all_down = \"keep_last\")"
+                );
+            } else {
+                info!(service = %spec.name, "a backend is up again; no longer failing open");
+            }
+            inst.fail_open = fail_open;
+        }
         for b in &spec.backends {
             let bid = match inst.backend_ids.get(&b.address) {
                 Some(bid) => *bid,
@@ -1350,7 +1400,11 @@ impl MapWriter {
                 }
             };
             let mut e = self.backend_entry(spec, id, b.address);
-            e.state = b.dataplane_state();
+            e.state = if kept.contains(&b.address) {
+                BACKEND_ACTIVE
+            } else {
+                b.dataplane_state()
+            };
             self.dp.write_backend(bid, &e)?;
             if e.state == BACKEND_DOWN {
                 purge.insert(bid);
@@ -1360,7 +1414,7 @@ impl MapWriter {
         let entries: Vec<maglev::Entry> = spec
             .backends
             .iter()
-            .filter(|b| b.in_table())
+            .filter(|b| b.in_table() || kept.contains(&b.address))
             .map(|b| maglev::Entry {
                 name: b.address.to_string(),
                 id: inst.backend_ids[&b.address],
@@ -1388,6 +1442,41 @@ impl MapWriter {
         }
         inst.spec = spec.clone();
         Ok(())
+    }
+
+    /// With `KeepLast`, when no backend is fit for the table, the backends
+    /// to keep there: those of the installed table that are down only by
+    /// their health checks (not disabled, draining or weighted 0 by the
+    /// operator); or, if the installed table is unknown (adopted), every
+    /// such backend. Empty when the service does not fail open.
+    fn kept_last(&self, inst: &Installed, spec: &ServiceSpec) -> HashSet<SocketAddr> {
+        if spec.when_all_down != WhenAllDown::KeepLast
+            || spec.backends.iter().any(BackendSpec::in_table)
+        {
+            return HashSet::new();
+        }
+        let health_only =
+            |b: &&BackendSpec| !b.healthy && b.state == AdminState::Active && b.weight > 0;
+        let last: HashSet<u32> = inst.entries.iter().map(|e| e.id).collect();
+        let kept: HashSet<SocketAddr> = spec
+            .backends
+            .iter()
+            .filter(health_only)
+            .filter(|b| {
+                inst.backend_ids
+                    .get(&b.address)
+                    .is_some_and(|id| last.contains(id))
+            })
+            .map(|b| b.address)
+            .collect();
+        if !kept.is_empty() || !inst.entries.is_empty() {
+            return kept;
+        }
+        spec.backends
+            .iter()
+            .filter(health_only)
+            .map(|b| b.address)
+            .collect()
     }
 
     fn backend_entry(&self, spec: &ServiceSpec, service: u32, addr: SocketAddr) -> BackendEntry {

@@ -289,6 +289,11 @@ fn status(client: &Client) -> Result<()> {
                 .unwrap_or_default(),
             s["forwarding"].as_str().unwrap_or("?"),
         );
+        if s["fail_open"].as_bool() == Some(true) {
+            println!(
+                "  FAIL-OPEN: every backend failed its health checks; the last ones keep taking                  flows (when_all_down = keep_last)"
+            );
+        }
         for b in s["backends"].as_array().into_iter().flatten() {
             println!(
                 "  {:<28} weight {:>5}  {:<9} {}{}",

@@ -18,6 +18,8 @@ pub struct Snapshot {
     pub actions: [u64; 5],
     pub reasons: [u64; lb_common::REASON_COUNT as usize],
     pub flow_entries: u64,
+    /// (service, failing open) per service.
+    pub fail_open: Vec<(String, bool)>,
 }
 
 pub struct Metrics {
@@ -32,6 +34,7 @@ pub struct Metrics {
     health_checks: IntCounterVec,
     flow_entries: IntGauge,
     rebuild: Histogram,
+    fail_open: IntGaugeVec,
     /// Label sets currently exported per backend, to drop removed ones.
     exported: Mutex<HashSet<(String, String)>>,
 }
@@ -115,6 +118,12 @@ impl Metrics {
                 "Health check results",
                 &["service", "backend", "result"],
             ),
+            fail_open: gauge_vec(
+                &r,
+                "lb_service_fail_open",
+                "1 while every backend of the service failed its checks and the last ones still take flows",
+                &["service"],
+            ),
             flow_entries,
             rebuild,
             registry: r,
@@ -169,6 +178,12 @@ impl Metrics {
             set(&self.drops.with_label_values(&[*name]), snap.reasons[i]);
         }
         self.flow_entries.set(snap.flow_entries as i64);
+        self.fail_open.reset();
+        for (s, on) in &snap.fail_open {
+            self.fail_open
+                .with_label_values(&[s.as_str()])
+                .set(*on as i64);
+        }
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .expect("text encoding")

@@ -26,6 +26,7 @@ fn tcp_connections_to_443_reach_both_backend_ports() {
     ];
 
     let spec = ServiceSpec {
+        when_all_down: Default::default(),
         name: "web".into(),
         listen: "0.0.0.0:443".parse().unwrap(),
         protocols: vec![Protocol::Tcp],

@@ -780,3 +780,107 @@ fn validate_warns_about_a_local_backend_port_in_the_ephemeral_range() {
     }
     println!("lb validate: {w}");
 }
+
+/// Waits (at most 5 s) until the API says backend `port` of `web` is
+/// (un)healthy.
+fn wait_healthy(lb: &Lb, port: u16, healthy: bool) {
+    let start = Instant::now();
+    while lb
+        .get(&format!("/api/v1/services/web/backends/127.0.0.1:{port}"))
+        .1["healthy"]
+        != Value::Bool(healthy)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{port} never healthy={healthy}:\n{}",
+            lb.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn fail_open_metric(lb: &Lb) -> Option<f64> {
+    let (_, text) = lb.raw("GET", "/metrics", None, None);
+    metric(&text, "lb_service_fail_open", "service=\"web\"")
+}
+
+#[test]
+fn when_every_backend_fails_the_last_ones_keep_taking_connections() {
+    lb_tests::require_root();
+    let s = setup("failopen");
+    // Down after one failed check, up only after 50 good ones (5 s): the
+    // servers can come back while the checker still says down.
+    let health =
+        r#"health = { kind = "tcp", interval = "100ms", timeout = "100ms", rise = 50, fall = 1 }"#;
+    let first = EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001");
+    let last = EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002");
+    let lb = s.start(&s.config(false, health, &[8001, 8002]));
+    assert_eq!(services(&lb)[0]["when_all_down"], "keep_last");
+    assert_eq!(services(&lb)[0]["fail_open"], false);
+    assert_eq!(fail_open_metric(&lb), Some(0.0));
+
+    drop(first);
+    wait_healthy(&lb, 8001, false);
+    assert_eq!(services(&lb)[0]["fail_open"], false, "8002 is still up");
+    drop(last);
+    wait_healthy(&lb, 8002, false);
+    // Every backend is down: the service fails open on 8002, the last one up.
+    assert_eq!(services(&lb)[0]["fail_open"], true, "{}", lb.log());
+    assert_eq!(fail_open_metric(&lb), Some(1.0));
+    let status = Command::new("ip")
+        .args(["netns", "exec", &s.lb_ns])
+        .arg(lb_binary())
+        .args(["status", "--api", &format!("http://{API}")])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(status.contains("FAIL-OPEN"), "{status}");
+
+    // Both servers come back; the checker has not seen 50 good checks yet.
+    let _first = EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001");
+    let _last = EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002");
+    let answers: Vec<Result<String, String>> = s.connect(20);
+    assert!(
+        answers.iter().all(|r| r.as_deref() == Ok("8002")),
+        "every connection reaches 8002, the last backend up: {answers:?}"
+    );
+    assert_eq!(
+        services(&lb)[0]["fail_open"],
+        true,
+        "still no healthy backend"
+    );
+    println!("fail-open: 20 of 20 connections reached 8002 while every backend was marked down");
+
+    // A healthy backend ends it: the table is built from the healthy ones.
+    let start = Instant::now();
+    while services(&lb)[0]["fail_open"] != false {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", lb.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "fail-open ended {:?} after the servers came back",
+        start.elapsed()
+    );
+    assert_eq!(fail_open_metric(&lb), Some(0.0));
+}
+
+#[test]
+fn with_refuse_a_service_whose_backends_all_failed_refuses_connections() {
+    lb_tests::require_root();
+    let s = setup("refuse");
+    let health = "health = { kind = \"tcp\", interval = \"100ms\", timeout = \"100ms\", rise = 50, fall = 1 }\n\
+                  when_all_down = \"refuse\"";
+    let only = EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001");
+    let lb = s.start(&s.config(false, health, &[8001]));
+    assert_eq!(services(&lb)[0]["when_all_down"], "refuse");
+    drop(only);
+    wait_healthy(&lb, 8001, false);
+    let _back = EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001");
+    let answers = s.connect(10);
+    assert!(
+        answers.iter().all(|r| r.is_err()),
+        "no connection reaches a backend marked down: {answers:?}"
+    );
+    assert_eq!(services(&lb)[0]["fail_open"], false);
+    assert_eq!(fail_open_metric(&lb), Some(0.0));
+}

@@ -47,6 +47,7 @@ fn service(
     backends: &[(&str, AdminState)],
 ) -> ServiceSpec {
     ServiceSpec {
+        when_all_down: Default::default(),
         name: name.into(),
         listen: listen.parse().unwrap(),
         protocols: protocols.to_vec(),

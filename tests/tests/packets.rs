@@ -24,6 +24,7 @@ fn options() -> Options {
 
 fn service(name: &str, listen: &str, backends: &[&str]) -> ServiceSpec {
     ServiceSpec {
+        when_all_down: Default::default(),
         name: name.into(),
         listen: listen.parse().unwrap(),
         protocols: vec![Protocol::Tcp, Protocol::Udp],

@@ -31,6 +31,7 @@ const NEIGHBOUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x04, 0x07];
 
 fn service(name: &str, listen: &str, fwd: Forwarding, backends: &[&str]) -> ServiceSpec {
     ServiceSpec {
+        when_all_down: Default::default(),
         name: name.into(),
         listen: listen.parse().unwrap(),
         protocols: vec![Protocol::Tcp, Protocol::Udp],

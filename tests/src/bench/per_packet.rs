@@ -133,6 +133,7 @@ fn services(n: usize) -> [ServiceSpec; 2] {
 
 fn service(n: usize) -> ServiceSpec {
     ServiceSpec {
+        when_all_down: Default::default(),
         name: "bench".into(),
         listen: "0.0.0.0:443".parse().unwrap(),
         protocols: vec![Protocol::Tcp, Protocol::Udp],
@@ -802,6 +803,7 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
         netns::neighbour(&ns, addr, &netns::mac_string(PEER_MAC), dev, "permanent");
     }
     let spec = |name: &str, listen: &str, fwd: Forwarding, backends: &[&str]| ServiceSpec {
+        when_all_down: Default::default(),
         name: name.into(),
         listen: listen.parse().unwrap(),
         protocols: vec![Protocol::Tcp, Protocol::Udp],
