@@ -775,3 +775,82 @@ fn new_udp_flows_reach_an_added_backend_once_the_change_is_old() {
         assert_eq!(port, backend_port(&w, &svc, slot_of(f).prev));
     }
 }
+
+#[test]
+fn when_every_backend_fails_the_last_ones_keep_their_flows() {
+    let mut svc = service(
+        "web",
+        "0.0.0.0:443",
+        &["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003"],
+    );
+    let mut w = writer(std::slice::from_ref(&svc));
+    let flows = client_flows(1500);
+    send(w.dataplane(), &flows, TCP_SYN);
+    // 8001 fails: 8002 and 8003 are the last ones up.
+    svc.backends[0].healthy = false;
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    let mid = send(w.dataplane(), &flows, TCP_ACK);
+    assert!(!w.fail_open("web"));
+    assert!(mid.contains(&8002) && mid.contains(&8003) && !mid.contains(&8001));
+    let pinned = w.dataplane().flow_count();
+
+    // Both fail too: the service fails open on them, and nothing changes in
+    // the data plane (no table, no purge): every flow stays where it was.
+    svc.backends[1].healthy = false;
+    svc.backends[2].healthy = false;
+    let report = w.apply(std::slice::from_ref(&svc)).unwrap();
+    assert!(w.fail_open("web"));
+    assert_eq!((report.tables_installed, report.flows_purged), (0, 0));
+    assert_eq!(send(w.dataplane(), &flows, TCP_ACK), mid);
+    assert_eq!(w.dataplane().flow_count(), pinned);
+    // New connections too reach the last ones (not 8001, down before).
+    let fresh: Vec<Spec> = (0..200u16)
+        .map(|i| {
+            Spec::tcp(
+                &format!("10.9.0.{}", i % 250 + 1),
+                "10.0.0.1",
+                50000 + i,
+                443,
+                TCP_SYN,
+            )
+        })
+        .collect();
+    let ports = send(w.dataplane(), &fresh, TCP_SYN);
+    assert!(ports.iter().all(|p| *p == 8002 || *p == 8003), "{ports:?}");
+
+    // The operator's choices are not undone: draining 8003 leaves 8002.
+    svc.backends[2].state = AdminState::Draining;
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    assert!(w.fail_open("web"));
+    let ports = send(w.dataplane(), &fresh, TCP_SYN);
+    assert!(ports.iter().all(|p| *p == 8002), "{ports:?}");
+    svc.backends[2].state = AdminState::Active;
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+
+    // 8001 and 8002 recover: the table is built from them; 8002's flows
+    // (pinned or not) stay on it, 8003's move.
+    svc.backends[0].healthy = true;
+    svc.backends[1].healthy = true;
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    assert!(!w.fail_open("web"));
+    let after = send(w.dataplane(), &flows, TCP_ACK);
+    let mut kept = 0;
+    for (i, (a, b)) in mid.iter().zip(&after).enumerate() {
+        if *a == 8002 {
+            assert_eq!(*b, 8002, "flow {i} left 8002, which stayed up");
+            kept += 1;
+        } else {
+            assert_ne!(*b, 8003, "flow {i} still on 8003, which is down");
+        }
+    }
+    println!("fail-open: {kept} flows on 8002 kept through fail-open and recovery");
+
+    // With `refuse` the same failure leaves no backend.
+    svc.when_all_down = lb_userspace::dataplane::WhenAllDown::Refuse;
+    svc.backends.iter_mut().for_each(|b| b.healthy = false);
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    assert!(!w.fail_open("web"));
+    let (action, out) = run(w.dataplane(), &fresh[0].build());
+    assert_eq!((action, out), (XDP_PASS, fresh[0].build()));
+    assert!(reason(w.dataplane(), Reason::NoBackend) > 0);
+}
