@@ -104,6 +104,8 @@ struct Shared {
     writer: Arc<Mutex<MapWriter>>,
     /// Services failing open after the last install.
     fail_open: Mutex<std::collections::HashSet<String>>,
+    /// The interface the data plane is attached to still exists.
+    attached: Arc<std::sync::atomic::AtomicBool>,
     flow_counter: Arc<crate::dataplane::FlowCounter>,
     inner: tokio::sync::Mutex<Inner>,
 }
@@ -252,6 +254,7 @@ impl Daemon {
 
         let opts = config.dataplane.clone();
         let mode = config.xdp_mode;
+        let attached_iface = iface.clone();
         let (writer, logger, flow_counter) = tokio::task::spawn_blocking(move || {
             let mut dp = Dataplane::load(opts)?;
             let logger = dp.logger()?;
@@ -294,6 +297,7 @@ impl Daemon {
                 metrics,
                 writer: Arc::new(Mutex::new(writer)),
                 fail_open: Mutex::new(Default::default()),
+                attached: Arc::new(std::sync::atomic::AtomicBool::new(true)),
                 flow_counter: Arc::new(flow_counter),
                 inner: tokio::sync::Mutex::new(Inner {
                     services: Vec::new(),
@@ -303,6 +307,23 @@ impl Daemon {
             }
         });
         let daemon = Daemon { shared };
+        // Interfaces that appear after attach become redirect targets too.
+        let ifindex = crate::dataplane::interfaces()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|(_, name)| *name == attached_iface)
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        if let Err(e) = crate::links::spawn_watcher(
+            attached_iface,
+            ifindex,
+            Arc::downgrade(&daemon.shared.writer),
+            daemon.shared.attached.clone(),
+        ) {
+            warn!(
+                "cannot watch link events ({e}): interfaces added from now on are no redirect targets until `lb run` restarts"
+            );
+        }
         {
             let mut inner = daemon.shared.inner.lock().await;
             daemon
@@ -541,6 +562,11 @@ impl Daemon {
         })
         .await
         .unwrap_or_default();
+        snap.dataplane_attached = Some(
+            self.shared
+                .attached
+                .load(std::sync::atomic::Ordering::SeqCst),
+        );
         // Walking the flow table happens without the writer's lock.
         let counter = self.shared.flow_counter.clone();
         snap.flow_entries = tokio::task::spawn_blocking(move || counter.count() as u64)

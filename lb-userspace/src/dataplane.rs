@@ -537,42 +537,38 @@ impl Dataplane {
     }
 
     /// Lets `nat`/`dsr` packets be redirected to every interface of this
-    /// network namespace (the FIB decides which one each packet takes).
-    /// Call again when interfaces come and go.
+    /// network namespace (the FIB decides which one each packet takes), and
+    /// to no interface that is gone. Called at attach and on every link
+    /// event (see `links`).
     pub fn sync_tx_ports(&mut self) -> Result<usize> {
-        // if_nameindex asks netlink, which answers for the calling thread's
-        // network namespace (sysfs would show the mounter's).
-        let list = unsafe { libc::if_nameindex() };
-        if list.is_null() {
-            return Err(DataplaneError::Options(format!(
-                "listing interfaces: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        let mut indexes = Vec::new();
-        let mut i = 0;
-        loop {
-            let entry = unsafe { *list.add(i) };
-            if entry.if_index == 0 {
-                break;
+        let mut wanted = HashSet::new();
+        for (ifindex, _) in interfaces()? {
+            if ifindex == 1 || wanted.len() >= lb_common::MAX_TX_PORTS as usize {
+                continue;
             }
-            indexes.push(entry.if_index);
-            i += 1;
+            wanted.insert(ifindex);
         }
-        unsafe { libc::if_freenameindex(list) };
-        let mut n = 0;
-        for ifindex in indexes {
-            if ifindex == 1 || n >= lb_common::MAX_TX_PORTS as usize {
+        let present: HashSet<u32> = self.tx_ports.keys().filter_map(|k| k.ok()).collect();
+        for ifindex in &wanted {
+            if present.contains(ifindex) {
                 continue;
             }
             self.tx_ports
-                .insert(ifindex, ifindex, None, 0)
+                .insert(*ifindex, *ifindex, None, 0)
                 .map_err(|e| {
                     DataplaneError::Options(format!("redirect map, ifindex {ifindex}: {e}"))
                 })?;
-            n += 1;
         }
-        Ok(n)
+        for gone in present.difference(&wanted) {
+            // The kernel drops entries of unregistered devices itself.
+            let _ = self.tx_ports.remove(*gone);
+        }
+        Ok(wanted.len())
+    }
+
+    /// The interfaces `LB_TX_PORTS` holds (ifindexes).
+    pub fn tx_ports(&self) -> Vec<u32> {
+        self.tx_ports.keys().filter_map(|k| k.ok()).collect()
     }
 
     /// Runs the XDP program once on `frame` with `BPF_PROG_TEST_RUN`;
@@ -862,6 +858,38 @@ where
 }
 
 /// Converts an address to the data plane's form (IPv4 as IPv4-mapped).
+/// The interfaces of the calling thread's network namespace: (ifindex,
+/// name). `if_nameindex` asks netlink, which answers for the thread's
+/// namespace (sysfs would show the mounter's).
+pub fn interfaces() -> Result<Vec<(u32, String)>> {
+    // SAFETY: if_nameindex returns a list ending with a zero index, or null.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(DataplaneError::Options(format!(
+            "listing interfaces: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        // SAFETY: within the list, up to and including its terminator.
+        let entry = unsafe { *list.add(i) };
+        if entry.if_index == 0 {
+            break;
+        }
+        // SAFETY: if_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.if_name) }
+            .to_string_lossy()
+            .into_owned();
+        out.push((entry.if_index, name));
+        i += 1;
+    }
+    // SAFETY: the list came from if_nameindex and is freed once.
+    unsafe { libc::if_freenameindex(list) };
+    Ok(out)
+}
+
 pub fn addr_words(ip: IpAddr) -> Addr {
     let v6 = match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),

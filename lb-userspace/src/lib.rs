@@ -5,6 +5,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod links;
 pub mod maglev;
 pub mod metrics;
 pub mod pins;

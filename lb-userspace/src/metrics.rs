@@ -20,6 +20,8 @@ pub struct Snapshot {
     pub flow_entries: u64,
     /// (service, failing open) per service.
     pub fail_open: Vec<(String, bool)>,
+    /// Whether the interface the data plane is attached to still exists.
+    pub dataplane_attached: Option<bool>,
 }
 
 pub struct Metrics {
@@ -35,6 +37,7 @@ pub struct Metrics {
     flow_entries: IntGauge,
     rebuild: Histogram,
     fail_open: IntGaugeVec,
+    attached: IntGauge,
     /// Label sets currently exported per backend, to drop removed ones.
     exported: Mutex<HashSet<(String, String)>>,
 }
@@ -87,6 +90,13 @@ impl Metrics {
             .expect("unique metric");
         let flow_entries = IntGauge::new("lb_flow_table_entries", "Entries in the LRU flow table")
             .expect("metric definition");
+        let attached = IntGauge::new(
+            "lb_dataplane_attached",
+            "1 while the interface the data plane is attached to exists",
+        )
+        .expect("metric definition");
+        r.register(Box::new(attached.clone()))
+            .expect("unique metric");
         r.register(Box::new(flow_entries.clone()))
             .expect("unique metric");
         Self {
@@ -125,6 +135,7 @@ impl Metrics {
                 &["service"],
             ),
             flow_entries,
+            attached,
             rebuild,
             registry: r,
             exported: Mutex::new(HashSet::new()),
@@ -178,6 +189,9 @@ impl Metrics {
             set(&self.drops.with_label_values(&[*name]), snap.reasons[i]);
         }
         self.flow_entries.set(snap.flow_entries as i64);
+        if let Some(up) = snap.dataplane_attached {
+            self.attached.set(up as i64);
+        }
         self.fail_open.reset();
         for (s, on) in &snap.fail_open {
             self.fail_open

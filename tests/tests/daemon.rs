@@ -884,3 +884,70 @@ fn with_refuse_a_service_whose_backends_all_failed_refuses_connections() {
     assert_eq!(services(&lb)[0]["fail_open"], false);
     assert_eq!(fail_open_metric(&lb), Some(0.0));
 }
+
+/// Polls `cond` every 10 ms for at most `within`; how long it took.
+fn within(within: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn interfaces_added_after_attach_become_redirect_targets() {
+    lb_tests::require_root();
+    let s = setup("links");
+    let lb = s.start(&s.config(false, "", &[8001]));
+    let attached = |lb: &Lb| {
+        let (_, text) = lb.raw("GET", "/metrics", None, None);
+        metric(&text, "lb_dataplane_attached", "")
+    };
+    assert_eq!(attached(&lb), Some(1.0));
+
+    // A veth pair appears in the balancer's namespace after attach.
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["-n", &s.lb_ns])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    };
+    ip(&[
+        "link", "add", "late0", "type", "veth", "peer", "name", "late1",
+    ]);
+    let took = within(Duration::from_secs(1), || {
+        let log = lb.log();
+        ["late0", "late1"].iter().all(|n| {
+            log.lines()
+                .any(|l| l.contains("it is a redirect target") && l.contains(n))
+        })
+    });
+    let took = took.unwrap_or_else(|| panic!("late0/late1 not synced within 1 s:\n{}", lb.log()));
+    println!("links: a new veth pair became a redirect target {took:?} after it appeared");
+
+    ip(&["link", "del", "late0"]);
+    within(Duration::from_secs(1), || {
+        lb.log()
+            .lines()
+            .any(|l| l.contains("interface removed") && l.contains("late0"))
+    })
+    .unwrap_or_else(|| panic!("late0's removal not logged:\n{}", lb.log()));
+    assert_eq!(attached(&lb), Some(1.0));
+
+    // The attached interface goes: an error, and the metric says so.
+    ip(&["link", "del", "lb0"]);
+    within(Duration::from_secs(1), || attached(&lb) == Some(0.0))
+        .unwrap_or_else(|| panic!("lb_dataplane_attached still 1:\n{}", lb.log()));
+    assert!(
+        lb.log()
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("attached to is gone") && l.contains("lb0")),
+        "{}",
+        lb.log()
+    );
+}
