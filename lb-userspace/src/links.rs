@@ -169,7 +169,7 @@ mod tests {
     use super::*;
 
     fn msg(kind: u16, len: u32) -> Vec<u8> {
-        let mut m = vec![0u8; len as usize];
+        let mut m = vec![0u8; (len as usize).max(16)];
         m[0..4].copy_from_slice(&len.to_ne_bytes());
         m[4..6].copy_from_slice(&kind.to_ne_bytes());
         m
