@@ -173,15 +173,23 @@ fn prepare_remote_backends(specs: &[ServiceSpec]) {
             );
         }
     }
+    // Not from a service address: a dsr backend holds it too, so its
+    // answer to the neighbour solicitation would never come back.
+    let avoid: std::collections::HashSet<std::net::IpAddr> = specs
+        .iter()
+        .map(|s| s.listen.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .collect();
     for s in remote {
         for b in &s.backends {
-            let bind: SocketAddr = if b.address.is_ipv6() {
+            let any: SocketAddr = if b.address.is_ipv6() {
                 "[::]:0"
             } else {
                 "0.0.0.0:0"
             }
             .parse()
             .expect("address");
+            let bind = crate::source::probe_source(b.address, &avoid).unwrap_or(any);
             // The discard port: nothing needs to answer, the neighbour
             // lookup happens on send.
             let target = SocketAddr::new(b.address.ip(), 9);
@@ -190,6 +198,16 @@ fn prepare_remote_backends(specs: &[ServiceSpec]) {
             }
         }
     }
+}
+
+/// The services' own addresses (not wildcards): health probes must not
+/// leave from them.
+fn service_addresses(services: &[ServiceConfig]) -> std::collections::HashSet<std::net::IpAddr> {
+    services
+        .iter()
+        .map(|s| s.listen.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .collect()
 }
 
 fn targets(services: &[ServiceConfig]) -> Vec<Target> {
@@ -330,6 +348,9 @@ impl Daemon {
                 .install(&services, &inner.health)
                 .await
                 .map_err(|e| StartError::StateConflict(e.to_string()))?;
+            inner
+                .checker
+                .set_service_addresses(service_addresses(&services));
             inner.checker.set_targets(targets(&services));
             inner.services = services;
         }
@@ -476,6 +497,9 @@ impl Daemon {
                 warn!("API change: {}", w.in_body());
             }
         }
+        inner
+            .checker
+            .set_service_addresses(service_addresses(&services));
         inner.checker.set_targets(targets(&services));
         inner.services = services;
         inner.health = health;

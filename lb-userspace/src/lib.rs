@@ -9,6 +9,7 @@ pub mod links;
 pub mod maglev;
 pub mod metrics;
 pub mod pins;
+pub mod source;
 pub mod state;
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.

@@ -951,3 +951,104 @@ fn interfaces_added_after_attach_become_redirect_targets() {
         lb.log()
     );
 }
+
+#[test]
+fn dsr_health_checks_do_not_leave_from_the_service_address() {
+    lb_tests::require_root();
+    let mut topo = Topology::new();
+    let lb_ns = topo.namespace("lb");
+    let be = topo.namespace("be");
+    topo.veth(
+        (&lb_ns, "lb0", &["fd00:205::1/64"]),
+        (&be, "eth0", &["fd00:205::11/64"]),
+    );
+    // dsr: the balancer holds the service address (added last, so the
+    // kernel prefers it as a source), the backend holds it on `lo`.
+    netns::run_in(
+        &lb_ns,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd00:205::100/64",
+            "dev",
+            "lb0",
+            "nodad",
+        ],
+    );
+    netns::run_in(
+        &be,
+        &["ip", "-6", "addr", "add", "fd00:205::100/128", "dev", "lo"],
+    );
+    // Neighbours known up front: a fresh veth loses the first solicitation,
+    // and the retry (1 s) is slower than the checks below.
+    let mac = |ns: &str, dev: &str| {
+        netns::run_in(ns, &["cat", &format!("/sys/class/net/{dev}/address")])
+            .trim()
+            .to_string()
+    };
+    netns::neighbour(
+        &lb_ns,
+        "fd00:205::11",
+        &mac(&be, "eth0"),
+        "lb0",
+        "reachable",
+    );
+    netns::neighbour(&be, "fd00:205::1", &mac(&lb_ns, "lb0"), "eth0", "reachable");
+    let backend: SocketAddr = "[fd00:205::11]:443".parse().unwrap();
+    let preferred = netns::within(&lb_ns, move || {
+        lb_userspace::source::kernel_source(backend).unwrap()
+    });
+    assert_eq!(
+        preferred.to_string(),
+        "fd00:205::100",
+        "the test needs the service address as the preferred source"
+    );
+    let _server = EchoName::start(&be, "[::]:443".parse().unwrap(), "b1");
+
+    let dir = TempDir::new("dsr-health");
+    let config = dir.path("lb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dataplane]\ninterface = \"lb0\"\nxdp_mode = \"native\"\nflow_table_size = 65536\nmax_services = 4\n\
+             [admin]\nlisten = \"{API}\"\nstate_file = {:?}\n\
+             [[services]]\nname = \"web\"\nlisten = \"[fd00:205::100]:443\"\nprotocols = [\"tcp\"]\nforwarding = \"dsr\"\n\
+             health = {{ kind = \"tcp\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 2 }}\n\
+             backends = [{{ address = \"[fd00:205::11]:443\" }}]\n",
+            dir.path("state.json").display().to_string()
+        ),
+    )
+    .unwrap();
+    let lb = Lb::start(&lb_ns, &config, API, &[]);
+    let label = "backend=\"[fd00:205::11]:443\",result=";
+    let count = |result: &str| {
+        let (_, text) = lb.raw("GET", "/metrics", None, None);
+        metric(
+            &text,
+            "lb_health_checks_total",
+            &format!("{label}\"{result}\""),
+        )
+        .unwrap_or(0.0)
+    };
+    let start = Instant::now();
+    while count("success") + count("failure") + count("timeout") < 5.0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "{}", lb.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, failed) = (count("success"), count("failure") + count("timeout"));
+    println!("dsr over IPv6: {ok} checks passed, {failed} failed");
+    assert_eq!(failed, 0.0, "checks failed:\n{}", lb.log());
+    assert_eq!(
+        lb.get("/api/v1/services/web/backends/[fd00:205::11]:443").1["healthy"],
+        Value::Bool(true)
+    );
+    assert!(
+        lb.log()
+            .lines()
+            .any(|l| l.contains("leave from another address") && l.contains("fd00:205::1")),
+        "{}",
+        lb.log()
+    );
+}
