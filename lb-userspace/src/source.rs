@@ -124,7 +124,9 @@ pub fn probe_source(backend: SocketAddr, avoid: &HashSet<IpAddr>) -> Option<Sock
     }
     let host = host_addresses().unwrap_or_default();
     let chosen = alternative(backend, preferred, avoid, &host);
-    static TOLD: OnceLock<Mutex<HashSet<(IpAddr, Option<SocketAddr>)>>> = OnceLock::new();
+    /// (service address, what was done about it) pairs already logged.
+    type Told = Mutex<HashSet<(IpAddr, Option<SocketAddr>)>>;
+    static TOLD: OnceLock<Told> = OnceLock::new();
     let first = TOLD
         .get_or_init(Default::default)
         .lock()
