@@ -118,13 +118,18 @@ pub fn is_v4_mapped(addr: &Addr) -> bool {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortEntry {
-    /// Wildcard service on this port: service id + 1, 0 for none.
-    pub wildcard: u32,
+    /// Wildcard service on this port for IPv4 packets (`0.0.0.0`): service
+    /// id + 1, 0 for none.
+    pub wildcard_v4: u16,
+    /// The same for IPv6 packets (`[::]`): each family has its own.
+    pub wildcard_v6: u16,
     /// `PORT_HAS_ADDR_SERVICES` when `LB_ADDR_SVCS` holds services for this
     /// port; only then does the program pay for a hash lookup.
     pub flags: u32,
 }
 const _: () = assert!(size_of::<PortEntry>() == 8);
+// Service id + 1 must fit the u16 wildcard fields.
+const _: () = assert!(MAX_SERVICES < u16::MAX as u32);
 pub const PORT_HAS_ADDR_SERVICES: u32 = 1;
 
 /// Key of `LB_ADDR_SVCS` (value: service id) and `LB_REV_ADDRS`.

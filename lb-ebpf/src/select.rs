@@ -34,7 +34,12 @@ pub fn service(p: &Packet) -> Result<(u32, &'static ServiceEntry), Reason> {
     let entry = LB_PORTS
         .get(port_slot(port, p.proto))
         .ok_or(Reason::NoService)?;
-    let mut id_plus_one = entry.wildcard;
+    // Wildcards are per family: `0.0.0.0` serves IPv4, `[::]` IPv6.
+    let mut id_plus_one = if p.v6 {
+        entry.wildcard_v6
+    } else {
+        entry.wildcard_v4
+    } as u32;
     if entry.flags & PORT_HAS_ADDR_SERVICES != 0 {
         let key = AddrKey {
             addr: p.dst,

@@ -467,6 +467,7 @@ pub fn openapi_document() -> serde_json::Value {
                     "protocols": {"type": "array", "items": {"type": "string", "enum": ["tcp", "udp"]}},
                     "forwarding": {"type": "string", "enum": ["local", "nat", "dsr"]},
                     "health": {"$ref": "#/components/schemas/Health"},
+                    "when_all_down": {"type": "string", "enum": ["keep_last", "refuse"], "default": "keep_last"},
                     "backends": {"type": "array", "items": {"$ref": "#/components/schemas/Backend"}}}},
                 "BackendView": {"type": "object", "properties": {
                     "address": {"type": "string"}, "weight": {"type": "integer"}, "state": {"type": "string"},
@@ -475,6 +476,7 @@ pub fn openapi_document() -> serde_json::Value {
                     "name": {"type": "string"}, "listen": {"type": "string"},
                     "protocols": {"type": "array", "items": {"type": "string"}}, "forwarding": {"type": "string"},
                     "health": {"$ref": "#/components/schemas/Health"},
+                    "when_all_down": {"type": "string"}, "fail_open": {"type": "boolean"},
                     "backends": {"type": "array", "items": {"$ref": "#/components/schemas/BackendView"}}}}
             }
         }

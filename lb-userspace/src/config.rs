@@ -14,7 +14,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    dataplane::{AdminState, AttachMode, Forwarding, Options, Protocol},
+    dataplane::{AdminState, AttachMode, Forwarding, Options, Protocol, WhenAllDown},
     health::{CheckKind, CheckSpec},
     maglev,
 };
@@ -172,6 +172,9 @@ pub struct RawService {
     pub forwarding: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<RawHealth>,
+    /// "keep_last" (default) or "refuse".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when_all_down: Option<String>,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
 }
@@ -224,6 +227,9 @@ pub struct Config {
     pub admin: AdminConfig,
     pub health_max_concurrent: usize,
     pub services: Vec<ServiceConfig>,
+    /// Things that work but may hurt (e.g. a local backend port inside the
+    /// host's ephemeral port range), placed in the file like errors.
+    pub warnings: Vec<ConfigError>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -246,6 +252,7 @@ pub struct ServiceConfig {
     pub protocols: Vec<Protocol>,
     pub forwarding: Forwarding,
     pub health: Option<CheckSpec>,
+    pub when_all_down: WhenAllDown,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -560,6 +567,16 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
         Some(h) => Some(health(&key(path, "health"), h)?),
         None => None,
     };
+    let when_all_down = match raw.when_all_down.as_deref().unwrap_or("keep_last") {
+        "keep_last" => WhenAllDown::KeepLast,
+        "refuse" => WhenAllDown::Refuse,
+        other => {
+            return Err(FieldError::new(
+                &key(path, "when_all_down"),
+                format!("unknown policy {other:?}; use keep_last or refuse"),
+            ));
+        }
+    };
     let mut backends = Vec::new();
     let mut seen = HashSet::new();
     for (i, b) in raw.backends.iter().enumerate() {
@@ -622,6 +639,7 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
         protocols,
         forwarding,
         health,
+        when_all_down,
         backends,
     })
 }
@@ -633,6 +651,9 @@ pub fn check_services(services: &[ServiceConfig], opts: &Options) -> Result<(), 
     let mut names = HashMap::new();
     let mut listeners = HashMap::new();
     let mut reverse: HashMap<(u16, Protocol), (u16, &str)> = HashMap::new();
+    // Replies of backends whose address is rewritten are found by backend
+    // address, port and protocol (`LB_REV_ADDRS`): one service each.
+    let mut reverse_addr: HashMap<(SocketAddr, Protocol), (SocketAddr, &str)> = HashMap::new();
     let mut backends = 0;
     if services.len() > opts.max_services as usize {
         return Err(FieldError::new(
@@ -665,7 +686,25 @@ pub fn check_services(services: &[ServiceConfig], opts: &Options) -> Result<(), 
             } else {
                 &s.backends[..]
             };
-            for b in translated {
+            for (j, b) in translated.iter().enumerate() {
+                if rewrites_address(s, b.address) {
+                    match reverse_addr.get(&(b.address, *p)) {
+                        Some((listen, other)) if *listen != s.listen => {
+                            return Err(FieldError::new(
+                                &key(&index(&key(&sp, "backends"), j), "address"),
+                                format!(
+                                    "backend {} ({:?}) serves service {other:?} on {listen} and \
+                                     service {:?} on {}; replies could not be told apart: \
+                                     give each service backends of its own",
+                                    b.address, p, s.name, s.listen
+                                ),
+                            ));
+                        }
+                        _ => {
+                            reverse_addr.insert((b.address, *p), (s.listen, s.name.as_str()));
+                        }
+                    }
+                }
                 let k = (b.address.port(), *p);
                 match reverse.get(&k) {
                     Some((port, other)) if *port != s.listen.port() => {
@@ -696,6 +735,13 @@ pub fn check_services(services: &[ServiceConfig], opts: &Options) -> Result<(), 
     Ok(())
 }
 
+/// Whether the data plane rewrites the destination address of packets to
+/// this backend (and so translates its replies back by backend address);
+/// the same rule as the map writer's.
+fn rewrites_address(s: &ServiceConfig, backend: SocketAddr) -> bool {
+    crate::dataplane::rewrites_address(s.forwarding, s.listen, backend)
+}
+
 impl From<&ServiceConfig> for RawService {
     fn from(s: &ServiceConfig) -> Self {
         RawService {
@@ -711,6 +757,7 @@ impl From<&ServiceConfig> for RawService {
                 .collect(),
             forwarding: s.forwarding.name().into(),
             health: s.health.as_ref().map(RawHealth::from),
+            when_all_down: Some(s.when_all_down.name().into()),
             backends: s.backends.iter().map(RawBackend::from).collect(),
         }
     }
@@ -808,12 +855,18 @@ impl Config {
                 message: e.message().trim().to_string(),
             }
         })?;
-        validate(path, &raw).map_err(|fe| ConfigError {
-            source: file,
+        let place = |fe: FieldError| ConfigError {
+            source: file.clone(),
             position: span_of(text, &fe.path).map(|s| line_col(text, s.start)),
             field: path_string(&fe.path),
             message: fe.message,
-        })
+        };
+        let mut config = validate(path, &raw).map_err(place)?;
+        config.warnings = local_port_warnings(&config.services, ephemeral_port_range())
+            .into_iter()
+            .map(place)
+            .collect();
+        Ok(config)
     }
 }
 
@@ -940,7 +993,59 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         },
         health_max_concurrent,
         services,
+        warnings: Vec::new(),
     })
+}
+
+/// The host's `net.ipv4.ip_local_port_range` (it applies to IPv6 too), or
+/// `None` when it cannot be read.
+pub fn ephemeral_port_range() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(|w| w.parse::<u16>().ok());
+    Some((it.next()??, it.next()??))
+}
+
+/// Local backends whose port lies in the ephemeral range `range`: the TC
+/// egress program rewrites every packet leaving from a backend port, so the
+/// host's own outgoing connections that happen to get that source port
+/// would leave with the service port instead.
+pub fn local_port_warnings(
+    services: &[ServiceConfig],
+    range: Option<(u16, u16)>,
+) -> Vec<FieldError> {
+    let Some((lo, hi)) = range else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, s) in services.iter().enumerate() {
+        if s.forwarding != Forwarding::Local {
+            continue;
+        }
+        for (j, b) in s.backends.iter().enumerate() {
+            let port = b.address.port();
+            if (lo..=hi).contains(&port) {
+                let path = key(
+                    &index(
+                        &key(&index(&[Seg::Key("services".into())], i), "backends"),
+                        j,
+                    ),
+                    "address",
+                );
+                out.push(FieldError::new(
+                    &path,
+                    format!(
+                        "local backend port {port} (service {:?}) is inside \
+                         net.ipv4.ip_local_port_range {lo}-{hi}: the host's own outgoing \
+                         connections from that port would have their replies rewritten; \
+                         use a port outside the range or reserve it with \
+                         net.ipv4.ip_local_reserved_ports",
+                        s.name
+                    ),
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// 1-based line and column of a byte offset.
@@ -1267,6 +1372,64 @@ backends = [
         let e = err(&shared_port);
         assert_eq!(e.field, "services[1].backends");
         assert!(e.message.contains("told apart"), "{e}");
+    }
+
+    #[test]
+    fn services_on_different_addresses_cannot_share_a_translated_backend() {
+        let svc = |name: &str, listen: &str, fwd: &str, backend: &str| {
+            format!(
+                "\n[[services]]\nname = \"{name}\"\nlisten = \"{listen}\"\nforwarding = \"{fwd}\"\n\
+                 backends = [\n  {{ address = \"{backend}\" }},\n]\n"
+            )
+        };
+        let head = "[dataplane]\ninterface = \"eth0\"\n";
+        let text = format!(
+            "{head}{}{}",
+            svc("a", "10.0.0.10:443", "nat", "10.0.1.5:8443"),
+            svc("b", "10.0.0.11:443", "nat", "10.0.1.5:8443")
+        );
+        let e = err(&text);
+        assert_eq!(e.field, "services[1].backends[0].address", "{e}");
+        // The line of b's backend.
+        assert_eq!(e.position.map(|p| p.0), Some(17), "{e}");
+        for part in [
+            "10.0.1.5:8443",
+            "\"a\"",
+            "\"b\"",
+            "10.0.0.10:443",
+            "10.0.0.11:443",
+        ] {
+            assert!(e.message.contains(part), "{part}: {e}");
+        }
+        // Local services with their own addresses and backends on other
+        // hosts are translated the same way.
+        let text = format!(
+            "{head}{}{}",
+            svc("a", "10.0.0.10:443", "local", "10.0.1.5:8443"),
+            svc("b", "10.0.0.11:443", "nat", "10.0.1.5:8443")
+        );
+        assert_eq!(err(&text).field, "services[1].backends[0].address");
+        // Allowed: the same address and port (one service per protocol),
+        // another backend port, dsr (replies never come back), wildcards.
+        for text in [
+            format!(
+                "{head}{}{}",
+                svc("a", "10.0.0.10:443", "nat", "10.0.1.5:8443"),
+                svc("b", "10.0.0.11:443", "nat", "10.0.1.5:8444")
+            ),
+            format!(
+                "{head}{}{}",
+                svc("a", "10.0.0.10:443", "dsr", "10.0.1.5:443"),
+                svc("b", "10.0.0.11:443", "dsr", "10.0.1.5:443")
+            ),
+            format!(
+                "{head}{}{}",
+                svc("a", "0.0.0.0:443", "local", "127.0.0.1:8443"),
+                svc("b", "10.0.0.11:443", "local", "127.0.0.1:8443")
+            ),
+        ] {
+            Config::parse(Path::new("lb.toml"), &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        }
     }
 
     #[test]

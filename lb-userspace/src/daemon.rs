@@ -82,6 +82,10 @@ pub struct ServiceView {
     pub forwarding: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<config::RawHealth>,
+    pub when_all_down: String,
+    /// Every backend failed its health checks and the ones that were up
+    /// last still take flows (`when_all_down = "keep_last"`).
+    pub fail_open: bool,
     pub backends: Vec<BackendView>,
 }
 
@@ -101,6 +105,10 @@ struct Shared {
     token: Option<String>,
     metrics: Metrics,
     writer: Arc<Mutex<MapWriter>>,
+    /// Services failing open after the last install.
+    fail_open: Mutex<std::collections::HashSet<String>>,
+    /// The interface the data plane is attached to still exists.
+    attached: Arc<std::sync::atomic::AtomicBool>,
     flow_counter: Arc<crate::dataplane::FlowCounter>,
     inner: tokio::sync::Mutex<Inner>,
 }
@@ -122,6 +130,7 @@ fn specs(
             listen: s.listen,
             protocols: s.protocols.clone(),
             forwarding: s.forwarding,
+            when_all_down: s.when_all_down,
             backends: s
                 .backends
                 .iter()
@@ -167,15 +176,23 @@ fn prepare_remote_backends(specs: &[ServiceSpec]) {
             );
         }
     }
+    // Not from a service address: a dsr backend holds it too, so its
+    // answer to the neighbour solicitation would never come back.
+    let avoid: std::collections::HashSet<std::net::IpAddr> = specs
+        .iter()
+        .map(|s| s.listen.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .collect();
     for s in remote {
         for b in &s.backends {
-            let bind: SocketAddr = if b.address.is_ipv6() {
+            let any: SocketAddr = if b.address.is_ipv6() {
                 "[::]:0"
             } else {
                 "0.0.0.0:0"
             }
             .parse()
             .expect("address");
+            let bind = crate::source::probe_source(b.address, &avoid).unwrap_or(any);
             // The discard port: nothing needs to answer, the neighbour
             // lookup happens on send.
             let target = SocketAddr::new(b.address.ip(), 9);
@@ -226,6 +243,16 @@ fn check_reply_routes(iface: &str, specs: &[ServiceConfig]) {
             }
         }
     }
+}
+
+/// The services' own addresses (not wildcards): health probes must not
+/// leave from them.
+fn service_addresses(services: &[ServiceConfig]) -> std::collections::HashSet<std::net::IpAddr> {
+    services
+        .iter()
+        .map(|s| s.listen.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .collect()
 }
 
 fn targets(services: &[ServiceConfig]) -> Vec<Target> {
@@ -291,6 +318,7 @@ impl Daemon {
         let opts = config.dataplane.clone();
         let mode = config.xdp_mode;
         let services_for_check = services.clone();
+        let attached_iface = iface.clone();
         let (writer, logger, flow_counter) = tokio::task::spawn_blocking(move || {
             let mut dp = Dataplane::load(opts)?;
             // The programs log nothing on the packet path; an object without
@@ -340,6 +368,8 @@ impl Daemon {
                 token,
                 metrics,
                 writer: Arc::new(Mutex::new(writer)),
+                fail_open: Mutex::new(Default::default()),
+                attached: Arc::new(std::sync::atomic::AtomicBool::new(true)),
                 flow_counter: Arc::new(flow_counter),
                 inner: tokio::sync::Mutex::new(Inner {
                     services: Vec::new(),
@@ -349,12 +379,32 @@ impl Daemon {
             }
         });
         let daemon = Daemon { shared };
+        // Interfaces that appear after attach become redirect targets too.
+        let ifindex = crate::dataplane::interfaces()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|(_, name)| *name == attached_iface)
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        if let Err(e) = crate::links::spawn_watcher(
+            attached_iface,
+            ifindex,
+            Arc::downgrade(&daemon.shared.writer),
+            daemon.shared.attached.clone(),
+        ) {
+            warn!(
+                "cannot watch link events ({e}): interfaces added from now on are no redirect targets until `lb run` restarts"
+            );
+        }
         {
             let mut inner = daemon.shared.inner.lock().await;
             daemon
                 .install(&services, &inner.health)
                 .await
                 .map_err(|e| StartError::StateConflict(e.to_string()))?;
+            inner
+                .checker
+                .set_service_addresses(service_addresses(&services));
             inner.checker.set_targets(targets(&services));
             inner.services = services;
         }
@@ -436,16 +486,24 @@ impl Daemon {
         let specs = specs(services, health);
         let writer = self.shared.writer.clone();
         let started = Instant::now();
-        let report = tokio::task::spawn_blocking(move || {
-            let report = writer.lock().expect("writer lock").apply(&specs);
+        let (report, fail_open) = tokio::task::spawn_blocking(move || {
+            let mut w = writer.lock().expect("writer lock");
+            let report = w.apply(&specs);
+            let fail_open: std::collections::HashSet<String> = specs
+                .iter()
+                .filter(|s| w.fail_open(&s.name))
+                .map(|s| s.name.clone())
+                .collect();
+            drop(w);
             if report.is_ok() {
                 prepare_remote_backends(&specs);
             }
-            report
+            (report, fail_open)
         })
         .await
-        .map_err(|e| ChangeError::Failed(format!("map writer task: {e}")))?
-        .map_err(|e| match e {
+        .map_err(|e| ChangeError::Failed(format!("map writer task: {e}")))?;
+        *self.shared.fail_open.lock().expect("fail-open lock") = fail_open;
+        let report = report.map_err(|e| match e {
             DataplaneError::Full(_) | DataplaneError::Conflict(_) => {
                 ChangeError::Conflict(e.to_string())
             }
@@ -526,6 +584,21 @@ impl Daemon {
                 "the change could not be saved: {e}"
             )));
         }
+        // Warn about what the change brought in, not what was there.
+        let range = config::ephemeral_port_range();
+        let before: std::collections::HashSet<String> =
+            config::local_port_warnings(&inner.services, range)
+                .into_iter()
+                .map(|w| w.message)
+                .collect();
+        for w in config::local_port_warnings(&services, range) {
+            if !before.contains(&w.message) {
+                warn!("API change: {}", w.in_body());
+            }
+        }
+        inner
+            .checker
+            .set_service_addresses(service_addresses(&services));
         inner.checker.set_targets(targets(&services));
         inner.services = services;
         inner.health = health;
@@ -536,6 +609,12 @@ impl Daemon {
     pub async fn views(&self) -> Vec<ServiceView> {
         let inner = self.shared.inner.lock().await;
         let status = inner.checker.status();
+        let fail_open = self
+            .shared
+            .fail_open
+            .lock()
+            .expect("fail-open lock")
+            .clone();
         inner
             .services
             .iter()
@@ -547,6 +626,8 @@ impl Daemon {
                     protocols: raw.protocols,
                     forwarding: raw.forwarding,
                     health: raw.health,
+                    when_all_down: s.when_all_down.name().into(),
+                    fail_open: fail_open.contains(&s.name),
                     backends: s
                         .backends
                         .iter()
@@ -594,6 +675,10 @@ impl Daemon {
                         .push((s.name.clone(), name, b.weight, up));
                 }
             }
+            snap.fail_open = services
+                .iter()
+                .map(|s| (s.name.clone(), w.fail_open(&s.name)))
+                .collect();
             snap.actions = dp.action_counts().unwrap_or_default();
             snap.passed = dp.reason_counts().unwrap_or_default();
             snap.dropped = dp.drop_counts().unwrap_or_default();
@@ -602,6 +687,11 @@ impl Daemon {
         })
         .await
         .unwrap_or_default();
+        snap.dataplane_attached = Some(
+            self.shared
+                .attached
+                .load(std::sync::atomic::Ordering::SeqCst),
+        );
         // Walking the flow table happens without the writer's lock.
         let counter = self.shared.flow_counter.clone();
         snap.flow_entries = tokio::task::spawn_blocking(move || counter.count() as u64)

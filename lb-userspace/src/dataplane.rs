@@ -549,42 +549,38 @@ impl Dataplane {
     }
 
     /// Lets `nat`/`dsr` packets be redirected to every interface of this
-    /// network namespace (the FIB decides which one each packet takes).
-    /// Call again when interfaces come and go.
+    /// network namespace (the FIB decides which one each packet takes), and
+    /// to no interface that is gone. Called at attach and on every link
+    /// event (see `links`).
     pub fn sync_tx_ports(&mut self) -> Result<usize> {
-        // if_nameindex asks netlink, which answers for the calling thread's
-        // network namespace (sysfs would show the mounter's).
-        let list = unsafe { libc::if_nameindex() };
-        if list.is_null() {
-            return Err(DataplaneError::Options(format!(
-                "listing interfaces: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        let mut indexes = Vec::new();
-        let mut i = 0;
-        loop {
-            let entry = unsafe { *list.add(i) };
-            if entry.if_index == 0 {
-                break;
+        let mut wanted = HashSet::new();
+        for (ifindex, _) in interfaces()? {
+            if ifindex == 1 || wanted.len() >= lb_common::MAX_TX_PORTS as usize {
+                continue;
             }
-            indexes.push(entry.if_index);
-            i += 1;
+            wanted.insert(ifindex);
         }
-        unsafe { libc::if_freenameindex(list) };
-        let mut n = 0;
-        for ifindex in indexes {
-            if ifindex == 1 || n >= lb_common::MAX_TX_PORTS as usize {
+        let present: HashSet<u32> = self.tx_ports.keys().filter_map(|k| k.ok()).collect();
+        for ifindex in &wanted {
+            if present.contains(ifindex) {
                 continue;
             }
             self.tx_ports
-                .insert(ifindex, ifindex, None, 0)
+                .insert(*ifindex, *ifindex, None, 0)
                 .map_err(|e| {
                     DataplaneError::Options(format!("redirect map, ifindex {ifindex}: {e}"))
                 })?;
-            n += 1;
         }
-        Ok(n)
+        for gone in present.difference(&wanted) {
+            // The kernel drops entries of unregistered devices itself.
+            let _ = self.tx_ports.remove(*gone);
+        }
+        Ok(wanted.len())
+    }
+
+    /// The interfaces `LB_TX_PORTS` holds (ifindexes).
+    pub fn tx_ports(&self) -> Vec<u32> {
+        self.tx_ports.keys().filter_map(|k| k.ok()).collect()
     }
 
     /// Runs the XDP program once on `frame` with `BPF_PROG_TEST_RUN`;
@@ -916,6 +912,38 @@ where
 }
 
 /// Converts an address to the data plane's form (IPv4 as IPv4-mapped).
+/// The interfaces of the calling thread's network namespace: (ifindex,
+/// name). `if_nameindex` asks netlink, which answers for the thread's
+/// namespace (sysfs would show the mounter's).
+pub fn interfaces() -> Result<Vec<(u32, String)>> {
+    // SAFETY: if_nameindex returns a list ending with a zero index, or null.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(DataplaneError::Options(format!(
+            "listing interfaces: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        // SAFETY: within the list, up to and including its terminator.
+        let entry = unsafe { *list.add(i) };
+        if entry.if_index == 0 {
+            break;
+        }
+        // SAFETY: if_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.if_name) }
+            .to_string_lossy()
+            .into_owned();
+        out.push((entry.if_index, name));
+        i += 1;
+    }
+    // SAFETY: the list came from if_nameindex and is freed once.
+    unsafe { libc::if_freenameindex(list) };
+    Ok(out)
+}
+
 pub fn addr_words(ip: IpAddr) -> Addr {
     let v6 = match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
@@ -1033,14 +1061,36 @@ impl BackendSpec {
     }
 }
 
+/// What a service does when health checks take down every backend that
+/// was taking new flows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WhenAllDown {
+    /// Nothing takes new flows: connections are refused.
+    Refuse,
+    /// Fail open (Envoy's "panic mode"): the backends that were up last stay
+    /// in the table and keep their flows until one backend is healthy again.
+    #[default]
+    KeepLast,
+}
+
+impl WhenAllDown {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Refuse => "refuse",
+            Self::KeepLast => "keep_last",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub name: String,
-    /// `0.0.0.0` or `::` for any local address.
+    /// `0.0.0.0` (IPv4 packets) or `::` (IPv6 packets) for any local address.
     pub listen: SocketAddr,
     pub protocols: Vec<Protocol>,
     pub forwarding: Forwarding,
     pub backends: Vec<BackendSpec>,
+    pub when_all_down: WhenAllDown,
 }
 
 struct Installed {
@@ -1052,6 +1102,9 @@ struct Installed {
     /// What the installed table was built from: the same input needs no
     /// rebuild (empty when unknown, after adopting a pinned data plane).
     entries: Vec<maglev::Entry>,
+    /// Failing open: every backend failed its checks and the table holds
+    /// the ones that were up last (`WhenAllDown::KeepLast`).
+    fail_open: bool,
 }
 
 /// Applies desired services to the data plane. Owns the `Dataplane`.
@@ -1105,6 +1158,17 @@ pub struct SweepReport {
 
 fn is_local_host(ip: IpAddr) -> bool {
     ip.is_loopback() || ip.is_unspecified()
+}
+
+/// Whether packets of a service on `listen` to `backend` get their
+/// destination address rewritten too (and replies their source address
+/// back, found by backend address in `LB_REV_ADDRS`).
+pub fn rewrites_address(forwarding: Forwarding, listen: SocketAddr, backend: SocketAddr) -> bool {
+    forwarding != Forwarding::Dsr
+        && !listen.ip().is_unspecified()
+        && !is_local_host(backend.ip())
+        && backend.ip() != listen.ip()
+        && backend.is_ipv4() == listen.is_ipv4()
 }
 
 impl MapWriter {
@@ -1163,10 +1227,12 @@ impl MapWriter {
                         protocols: Vec::new(),
                         forwarding,
                         backends: Vec::new(),
+                        when_all_down: WhenAllDown::default(),
                     },
                     backend_ids: sid.backends.iter().map(|(a, i)| (*a, *i)).collect(),
                     slots,
                     entries: Vec::new(),
+                    fail_open: false,
                 },
             );
         }
@@ -1239,6 +1305,12 @@ impl MapWriter {
         self.services.get(name).map(|s| s.id)
     }
 
+    /// Whether the service fails open: all its backends failed their
+    /// health checks and the ones that were up last still take flows.
+    pub fn fail_open(&self, name: &str) -> bool {
+        self.services.get(name).is_some_and(|s| s.fail_open)
+    }
+
     /// The id the data plane uses for a backend of a service.
     pub fn backend_id(&self, service: &str, address: SocketAddr) -> Option<u32> {
         self.services
@@ -1295,6 +1367,7 @@ impl MapWriter {
                         backend_ids: HashMap::new(),
                         slots: Vec::new(),
                         entries: Vec::new(),
+                        fail_open: false,
                     },
                 );
             }
@@ -1529,6 +1602,22 @@ impl MapWriter {
             self.put_backend(bid, e)?;
             released.push(bid);
         }
+        // Fail open: when health checks (not the operator) leave no backend
+        // for new flows, the ones that were up last stay, as they are.
+        let kept = self.kept_last(inst, spec);
+        let fail_open = !kept.is_empty();
+        if fail_open != inst.fail_open {
+            if fail_open {
+                warn!(
+                    service = %spec.name,
+                    backends = ?kept,
+                    "every backend failed its health checks; failing open: the last ones keep taking flows (when_all_down = \"keep_last\")"
+                );
+            } else {
+                info!(service = %spec.name, "a backend is up again; no longer failing open");
+            }
+            inst.fail_open = fail_open;
+        }
         for b in &spec.backends {
             let bid = match inst.backend_ids.get(&b.address) {
                 Some(bid) => *bid,
@@ -1542,14 +1631,18 @@ impl MapWriter {
                 }
             };
             let mut e = self.backend_entry(spec, id, b.address);
-            e.state = b.dataplane_state();
+            e.state = if kept.contains(&b.address) {
+                BACKEND_ACTIVE
+            } else {
+                b.dataplane_state()
+            };
             self.put_backend(bid, e)?;
         }
 
         let entries: Vec<maglev::Entry> = spec
             .backends
             .iter()
-            .filter(|b| b.in_table())
+            .filter(|b| b.in_table() || kept.contains(&b.address))
             .map(|b| maglev::Entry {
                 name: b.address.to_string(),
                 id: inst.backend_ids[&b.address],
@@ -1581,12 +1674,43 @@ impl MapWriter {
         Ok(())
     }
 
+    /// With `KeepLast`, when no backend is fit for the table, the backends
+    /// to keep there: those of the installed table that are down only by
+    /// their health checks (not disabled, draining or weighted 0 by the
+    /// operator); or, if the installed table is unknown (adopted), every
+    /// such backend. Empty when the service does not fail open.
+    fn kept_last(&self, inst: &Installed, spec: &ServiceSpec) -> HashSet<SocketAddr> {
+        if spec.when_all_down != WhenAllDown::KeepLast
+            || spec.backends.iter().any(BackendSpec::in_table)
+        {
+            return HashSet::new();
+        }
+        let health_only =
+            |b: &&BackendSpec| !b.healthy && b.state == AdminState::Active && b.weight > 0;
+        let last: HashSet<u32> = inst.entries.iter().map(|e| e.id).collect();
+        let kept: HashSet<SocketAddr> = spec
+            .backends
+            .iter()
+            .filter(health_only)
+            .filter(|b| {
+                inst.backend_ids
+                    .get(&b.address)
+                    .is_some_and(|id| last.contains(id))
+            })
+            .map(|b| b.address)
+            .collect();
+        if !kept.is_empty() || !inst.entries.is_empty() {
+            return kept;
+        }
+        spec.backends
+            .iter()
+            .filter(health_only)
+            .map(|b| b.address)
+            .collect()
+    }
+
     fn backend_entry(&self, spec: &ServiceSpec, service: u32, addr: SocketAddr) -> BackendEntry {
-        let rewrite = spec.forwarding != Forwarding::Dsr
-            && !spec.listen.ip().is_unspecified()
-            && !is_local_host(addr.ip())
-            && addr.ip() != spec.listen.ip()
-            && addr.is_ipv4() == spec.listen.is_ipv4();
+        let rewrite = rewrites_address(spec.forwarding, spec.listen, addr);
         BackendEntry {
             addr: addr_words(addr.ip()),
             port: addr.port(),
@@ -1613,7 +1737,13 @@ impl MapWriter {
                 let slot = port_slot(spec.listen.port(), proto);
                 let e = ports.entry(slot).or_default();
                 if spec.listen.ip().is_unspecified() {
-                    e.wildcard = inst.id + 1;
+                    // `0.0.0.0` takes IPv4 packets only, `[::]` IPv6 only.
+                    let id = (inst.id + 1) as u16;
+                    if spec.listen.is_ipv4() {
+                        e.wildcard_v4 = id;
+                    } else {
+                        e.wildcard_v6 = id;
+                    }
                 } else {
                     e.flags |= PORT_HAS_ADDR_SERVICES;
                     addr_services.insert(

@@ -4,10 +4,10 @@
 //! Probes share one semaphore so a large fleet cannot flood the host.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hash::{BuildHasher, Hash, Hasher, RandomState},
     io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -22,7 +22,7 @@ use rustls::{
 use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::{TcpStream, UdpSocket},
+    net::{TcpSocket, TcpStream, UdpSocket},
     sync::{Semaphore, mpsc::UnboundedSender},
     task::JoinHandle,
     time::Instant,
@@ -143,7 +143,9 @@ pub async fn check_once(
     backend: SocketAddr,
     timeout: Duration,
 ) -> Result<(), CheckError> {
-    Probe::prepare(kind, backend)?.run(backend, timeout).await
+    Probe::prepare(kind, backend)?
+        .run(backend, timeout, None)
+        .await
 }
 
 /// A change of a backend's health, sent when rise/fall thresholds are crossed.
@@ -215,7 +217,11 @@ pub struct Checker {
     events: UnboundedSender<HealthEvent>,
     on_result: ResultHook,
     targets: HashMap<(String, SocketAddr), Running>,
+    /// Service addresses probes must not leave from (see `source`).
+    avoid: ServiceAddrs,
 }
+
+type ServiceAddrs = Arc<std::sync::RwLock<Arc<HashSet<IpAddr>>>>;
 
 impl std::fmt::Debug for Checker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -240,6 +246,15 @@ impl Checker {
             events,
             on_result,
             targets: HashMap::new(),
+            avoid: Default::default(),
+        }
+    }
+
+    /// The service addresses of this host: a probe the kernel would send
+    /// from one of them is bound to another address instead.
+    pub fn set_service_addresses(&self, addrs: HashSet<IpAddr>) {
+        if let Ok(mut a) = self.avoid.write() {
+            *a = Arc::new(addrs);
         }
     }
 
@@ -315,6 +330,7 @@ impl Checker {
                 self.semaphore.clone(),
                 self.events.clone(),
                 self.on_result.clone(),
+                self.avoid.clone(),
             )
             .instrument(span),
         );
@@ -338,6 +354,7 @@ async fn run_target(
     semaphore: Arc<Semaphore>,
     events: UnboundedSender<HealthEvent>,
     on_result: ResultHook,
+    avoid: ServiceAddrs,
 ) {
     let spec = &target.spec;
     let interval = spec.interval.max(MIN_INTERVAL);
@@ -355,7 +372,9 @@ async fn run_target(
             .map_or_else(|| Probe::prepare(&spec.kind, target.backend), Ok);
         let result = match prepared {
             Ok(p) => {
-                let result = p.run(target.backend, spec.timeout).await;
+                let avoid = avoid.read().map(|a| a.clone()).unwrap_or_default();
+                let source = crate::source::probe_source(target.backend, &avoid);
+                let result = p.run(target.backend, spec.timeout, source).await;
                 probe = Some(p);
                 result
             }
@@ -495,22 +514,32 @@ impl Probe {
         })
     }
 
-    async fn run(&self, backend: SocketAddr, timeout: Duration) -> Result<(), CheckError> {
-        tokio::time::timeout(timeout, self.exchange(backend))
+    /// One check; `source`, when set, is the address probes leave from.
+    async fn run(
+        &self,
+        backend: SocketAddr,
+        timeout: Duration,
+        source: Option<SocketAddr>,
+    ) -> Result<(), CheckError> {
+        tokio::time::timeout(timeout, self.exchange(backend, source))
             .await
             .unwrap_or(Err(CheckError::Timeout(timeout)))
     }
 
-    async fn exchange(&self, backend: SocketAddr) -> Result<(), CheckError> {
+    async fn exchange(
+        &self,
+        backend: SocketAddr,
+        source: Option<SocketAddr>,
+    ) -> Result<(), CheckError> {
         match self {
             Probe::Tcp => {
-                TcpStream::connect(backend)
+                tcp_connect(backend, source)
                     .await
                     .map_err(CheckError::connect)?;
                 Ok(())
             }
             Probe::Http { request } => {
-                let stream = connect(backend).await?;
+                let stream = connect(backend, source).await?;
                 http_exchange(stream, request).await
             }
             Probe::Https {
@@ -518,7 +547,7 @@ impl Probe {
                 tls,
                 server_name,
             } => {
-                let stream = connect(backend).await?;
+                let stream = connect(backend, source).await?;
                 let stream = tls
                     .connect(server_name.clone(), stream)
                     .await
@@ -526,14 +555,27 @@ impl Probe {
                 http_exchange(stream, request).await
             }
             Probe::Udp { payload, expect } => {
-                udp_exchange(backend, payload, expect.as_deref()).await
+                udp_exchange(backend, source, payload, expect.as_deref()).await
             }
         }
     }
 }
 
-async fn connect(backend: SocketAddr) -> Result<TcpStream, CheckError> {
-    let stream = TcpStream::connect(backend)
+async fn tcp_connect(backend: SocketAddr, source: Option<SocketAddr>) -> io::Result<TcpStream> {
+    let Some(src) = source else {
+        return TcpStream::connect(backend).await;
+    };
+    let socket = if backend.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(src)?;
+    socket.connect(backend).await
+}
+
+async fn connect(backend: SocketAddr, source: Option<SocketAddr>) -> Result<TcpStream, CheckError> {
+    let stream = tcp_connect(backend, source)
         .await
         .map_err(CheckError::connect)?;
     // The request is one small write; send it at once.
@@ -623,13 +665,14 @@ fn parse_status_line(line: &[u8]) -> Result<u16, CheckError> {
 
 async fn udp_exchange(
     backend: SocketAddr,
+    source: Option<SocketAddr>,
     payload: &[u8],
     expect: Option<&[u8]>,
 ) -> Result<(), CheckError> {
-    let local: SocketAddr = match backend {
+    let local: SocketAddr = source.unwrap_or(match backend {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
+    });
     let socket = UdpSocket::bind(local).await.map_err(CheckError::Io)?;
     socket.connect(backend).await.map_err(CheckError::connect)?;
     // A connected socket reports an ICMP port unreachable as ECONNREFUSED.

@@ -5,9 +5,11 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod links;
 pub mod maglev;
 pub mod metrics;
 pub mod pins;
+pub mod source;
 pub mod state;
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.

@@ -119,6 +119,9 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Validate { config } => match Config::load(&config) {
             Ok(c) => {
+                for w in &c.warnings {
+                    eprintln!("warning: {w}");
+                }
                 println!(
                     "{}: valid ({} services, {} backends)",
                     config.display(),
@@ -139,7 +142,12 @@ fn main() -> ExitCode {
             keep_dataplane,
         } => {
             let cfg = match Config::load(&config) {
-                Ok(c) => c,
+                Ok(c) => {
+                    for w in &c.warnings {
+                        warn!("{w}");
+                    }
+                    c
+                }
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(2);
@@ -281,6 +289,11 @@ fn status(client: &Client) -> Result<()> {
                 .unwrap_or_default(),
             s["forwarding"].as_str().unwrap_or("?"),
         );
+        if s["fail_open"].as_bool() == Some(true) {
+            println!(
+                "  FAIL-OPEN: every backend failed its health checks; the last ones keep taking                  flows (when_all_down = keep_last)"
+            );
+        }
         for b in s["backends"].as_array().into_iter().flatten() {
             println!(
                 "  {:<28} weight {:>5}  {:<9} {}{}",

@@ -22,6 +22,10 @@ pub struct Snapshot {
     /// Packets dropped, by reason.
     pub dropped: [u64; lb_common::REASON_COUNT as usize],
     pub flow_entries: u64,
+    /// (service, failing open) per service.
+    pub fail_open: Vec<(String, bool)>,
+    /// Whether the interface the data plane is attached to still exists.
+    pub dataplane_attached: Option<bool>,
 }
 
 pub struct Metrics {
@@ -40,6 +44,8 @@ pub struct Metrics {
     health_checks: IntCounterVec,
     flow_entries: IntGauge,
     rebuild: Histogram,
+    fail_open: IntGaugeVec,
+    attached: IntGauge,
     /// Label sets currently exported per backend, to drop removed ones.
     exported: Mutex<HashSet<(String, String)>>,
 }
@@ -98,6 +104,13 @@ impl Metrics {
             .expect("unique metric");
         let flow_entries = IntGauge::new("lb_flow_table_entries", "Entries in the LRU flow table")
             .expect("metric definition");
+        let attached = IntGauge::new(
+            "lb_dataplane_attached",
+            "1 while the interface the data plane is attached to exists",
+        )
+        .expect("metric definition");
+        r.register(Box::new(attached.clone()))
+            .expect("unique metric");
         r.register(Box::new(flow_entries.clone()))
             .expect("unique metric");
         Self {
@@ -152,7 +165,14 @@ impl Metrics {
                 "Health check results",
                 &["service", "backend", "result"],
             ),
+            fail_open: gauge_vec(
+                &r,
+                "lb_service_fail_open",
+                "1 while every backend of the service failed its checks and the last ones still take flows",
+                &["service"],
+            ),
             flow_entries,
+            attached,
             rebuild,
             registry: r,
             exported: Mutex::new(HashSet::new()),
@@ -218,6 +238,15 @@ impl Metrics {
             );
         }
         self.flow_entries.set(snap.flow_entries as i64);
+        if let Some(up) = snap.dataplane_attached {
+            self.attached.set(up as i64);
+        }
+        self.fail_open.reset();
+        for (s, on) in &snap.fail_open {
+            self.fail_open
+                .with_label_values(&[s.as_str()])
+                .set(*on as i64);
+        }
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .expect("text encoding")

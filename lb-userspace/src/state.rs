@@ -114,6 +114,7 @@ mod tests {
             protocols: vec![Protocol::Tcp],
             forwarding: Forwarding::Local,
             health: None,
+            when_all_down: crate::dataplane::WhenAllDown::Refuse,
             backends: vec![BackendConfig {
                 address: "127.0.0.1:8001".parse().unwrap(),
                 weight: 7,

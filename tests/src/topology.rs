@@ -193,6 +193,16 @@ impl Site {
     /// Writes the daemon's config (native XDP on the veth, the admin API
     /// with a token, a state file of its own) and returns its path.
     pub fn config(&self, svc: &ServiceConf) -> PathBuf {
+        self.config_with(svc, false)
+    }
+
+    /// [`Site::config`] plus `web6`, the same service on `[::]:443`: a
+    /// wildcard serves one family, so IPv6 clients need a service of their own.
+    pub fn config_dual(&self, svc: &ServiceConf) -> PathBuf {
+        self.config_with(svc, true)
+    }
+
+    fn config_with(&self, svc: &ServiceConf, dual: bool) -> PathBuf {
         let token = self.dir.path("token");
         std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
         let backends: Vec<String> = svc
@@ -229,7 +239,17 @@ listen = "0.0.0.0:443"
 protocols = [{protocols}]
 forwarding = "local"
 {health}backends = [{backends}]
-"#,
+{web6}"#,
+            web6 = if dual {
+                format!(
+                    "\n[[services]]\nname = \"web6\"\nlisten = \"[::]:443\"\nprotocols = [{}]\n\
+                     forwarding = \"local\"\n{health}backends = [{}]\n",
+                    protocols.join(", "),
+                    backends.join(", ")
+                )
+            } else {
+                String::new()
+            },
             token = token.display().to_string(),
             state = self.dir.path("state.json").display().to_string(),
             protocols = protocols.join(", "),
@@ -243,6 +263,13 @@ forwarding = "local"
     /// Starts `lb run` with [`Site::config`] and waits for its API.
     pub fn start_lb(&self, svc: &ServiceConf) -> Lb {
         let config = self.config(svc);
+        Lb::start(&self.lb_ns, &config, API, &["--reset-state"])
+    }
+
+    /// Starts `lb run` with [`Site::config_dual`]: `web` for IPv4 clients,
+    /// `web6` (same backends) for IPv6 ones.
+    pub fn start_lb_dual(&self, svc: &ServiceConf) -> Lb {
+        let config = self.config_dual(svc);
         Lb::start(&self.lb_ns, &config, API, &["--reset-state"])
     }
 }
@@ -323,15 +350,21 @@ impl Metrics {
     }
 
     /// A per-backend series of service `web` (0 when absent).
+    /// A backend's metric summed over `web` and `web6` (its IPv6 twin).
     pub fn backend(&self, name: &str, port: u16) -> u64 {
-        let labels = vec![
-            ("backend".to_string(), format!("127.0.0.1:{port}")),
-            ("service".to_string(), "web".to_string()),
-        ];
-        self.0
-            .get(&(name.to_string(), labels))
-            .copied()
-            .unwrap_or(0.0) as u64
+        ["web", "web6"]
+            .iter()
+            .map(|svc| {
+                let labels = vec![
+                    ("backend".to_string(), format!("127.0.0.1:{port}")),
+                    ("service".to_string(), svc.to_string()),
+                ];
+                self.0
+                    .get(&(name.to_string(), labels))
+                    .copied()
+                    .unwrap_or(0.0) as u64
+            })
+            .sum()
     }
 }
 

@@ -26,6 +26,7 @@ fn tcp_connections_to_443_reach_both_backend_ports() {
     ];
 
     let spec = ServiceSpec {
+        when_all_down: Default::default(),
         name: "web".into(),
         listen: "0.0.0.0:443".parse().unwrap(),
         protocols: vec![Protocol::Tcp],
@@ -45,7 +46,13 @@ fn tcp_connections_to_443_reach_both_backend_ports() {
         dp.attach("lb0", AttachMode::Native)
             .expect("native XDP attach on a veth");
         let mut w = MapWriter::new(dp);
-        w.apply(&[spec]).expect("apply");
+        // A wildcard serves one family: `[::]:443` for the IPv6 clients.
+        let spec6 = ServiceSpec {
+            name: "web6".into(),
+            listen: "[::]:443".parse().unwrap(),
+            ..spec.clone()
+        };
+        w.apply(&[spec, spec6]).expect("apply");
         w
     });
 
@@ -80,12 +87,19 @@ fn tcp_connections_to_443_reach_both_backend_ports() {
     );
     assert_eq!(servers[0].served() + servers[1].served(), 60);
 
-    // The kernel counters saw every connection's SYN.
+    // The kernel counters saw every connection's SYN: 40 over IPv4 on
+    // `web`, 20 over IPv6 on `web6`.
     let dp = writer.dataplane();
-    let svc = dp
-        .service_counters(writer.service_id("web").unwrap())
-        .unwrap();
-    assert_eq!(svc.new_flows, 60, "SYNs counted");
+    let new_flows = |name: &str| {
+        dp.service_counters(writer.service_id(name).unwrap())
+            .unwrap()
+            .new_flows
+    };
+    assert_eq!(
+        (new_flows("web"), new_flows("web6")),
+        (40, 20),
+        "SYNs counted"
+    );
     drop(writer);
     drop(servers);
 }

@@ -678,3 +678,377 @@ fn the_cli_changes_backends_through_the_api() {
     );
     assert!(!ok && out.contains("404"), "{out}");
 }
+
+#[test]
+fn two_services_on_different_addresses_cannot_share_a_nat_backend() {
+    lb_tests::require_root();
+    let s = setup("revaddr");
+    // `lb validate` names the file, the line and both services.
+    let conflict = s.dir.path("conflict.toml");
+    std::fs::write(
+        &conflict,
+        "[dataplane]\ninterface = \"eth0\"\n\
+         [[services]]\nname = \"a\"\nlisten = \"10.201.0.10:443\"\nforwarding = \"nat\"\nbackends = [{ address = \"10.201.0.50:8443\" }]\n\
+         [[services]]\nname = \"b\"\nlisten = \"10.201.0.11:443\"\nforwarding = \"nat\"\nbackends = [{ address = \"10.201.0.50:8443\" }]\n",
+    )
+    .unwrap();
+    let out = Command::new(lb_binary())
+        .args(["validate", "--config"])
+        .arg(&conflict)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("{}:12:", conflict.display()))
+            && err.contains("services[1].backends[0].address")
+            && err.contains("\"a\"")
+            && err.contains("\"b\"")
+            && err.contains("10.201.0.50:8443"),
+        "{err}"
+    );
+
+    // The API refuses the same through both of its paths, and changes nothing.
+    let lb = s.start(&s.config(true, "", &[8001]));
+    let t = Some(TOKEN);
+    let a = r#"{"listen": "10.201.0.10:443", "protocols": ["tcp"], "forwarding": "nat", "backends": [{"address": "10.201.0.50:8443"}]}"#;
+    let (status, v) = lb.call("PUT", "/api/v1/services/a", Some(a), t);
+    assert!(status == 200 || status == 201, "{status} {v}");
+    let b = r#"{"listen": "10.201.0.11:443", "protocols": ["tcp"], "forwarding": "nat", "backends": [{"address": "10.201.0.50:8443"}]}"#;
+    let before = services(&lb);
+    let (status, v) = lb.call("PUT", "/api/v1/services/b", Some(b), t);
+    assert_eq!(status, 409, "{v}");
+    let msg = v["error"].as_str().unwrap_or_default().to_string();
+    for part in ["\"a\"", "\"b\"", "10.201.0.50:8443"] {
+        assert!(msg.contains(part), "{part} not in {msg:?}");
+    }
+    assert_eq!(services(&lb), before);
+    // A service of its own is fine; adding the shared backend to it is not.
+    let b_own = b.replace("10.201.0.50:8443", "10.201.0.51:8443");
+    let (status, v) = lb.call("PUT", "/api/v1/services/b", Some(&b_own), t);
+    assert!(status == 200 || status == 201, "{status} {v}");
+    let before = services(&lb);
+    let (status, v) = lb.call(
+        "POST",
+        "/api/v1/services/b/backends",
+        Some(r#"{"address": "10.201.0.50:8443"}"#),
+        t,
+    );
+    assert_eq!(status, 409, "{v}");
+    let msg = v["error"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("\"a\"") && msg.contains("\"b\"") && msg.contains("10.201.0.50:8443"),
+        "{msg}"
+    );
+    assert_eq!(services(&lb), before);
+}
+
+#[test]
+fn validate_warns_about_a_local_backend_port_in_the_ephemeral_range() {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let mut it = range.split_whitespace().map(|w| w.parse::<u16>().unwrap());
+    let (lo, hi) = (it.next().unwrap(), it.next().unwrap());
+    let inside = lo + (hi - lo) / 2;
+    let outside = if lo > 1025 { lo - 1 } else { hi + 1 };
+    let dir = TempDir::new("ephemeral");
+    let file = dir.path("lb.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[dataplane]\ninterface = \"eth0\"\n[[services]]\nname = \"web\"\nbackends = [\n  \
+             {{ address = \"127.0.0.1:{outside}\" }},\n  {{ address = \"127.0.0.1:{inside}\" }},\n]\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(lb_binary())
+        .args(["validate", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "a warning is not an error: {err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    let w = warnings[0];
+    for part in [
+        format!("{}:7:", file.display()),
+        "services[0].backends[1].address".to_string(),
+        format!("port {inside}"),
+        format!("ip_local_port_range {lo}-{hi}"),
+    ] {
+        assert!(w.contains(&part), "{part:?} not in {w:?}");
+    }
+    println!("lb validate: {w}");
+}
+
+/// Waits (at most 5 s) until the API says backend `port` of `web` is
+/// (un)healthy.
+fn wait_healthy(lb: &Lb, port: u16, healthy: bool) {
+    let start = Instant::now();
+    while lb
+        .get(&format!("/api/v1/services/web/backends/127.0.0.1:{port}"))
+        .1["healthy"]
+        != Value::Bool(healthy)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{port} never healthy={healthy}:\n{}",
+            lb.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn fail_open_metric(lb: &Lb) -> Option<f64> {
+    let (_, text) = lb.raw("GET", "/metrics", None, None);
+    metric(&text, "lb_service_fail_open", "service=\"web\"")
+}
+
+#[test]
+fn when_every_backend_fails_the_last_ones_keep_taking_connections() {
+    lb_tests::require_root();
+    let s = setup("failopen");
+    // Down after one failed check, up only after 50 good ones (5 s): the
+    // servers can come back while the checker still says down.
+    let health =
+        r#"health = { kind = "tcp", interval = "100ms", timeout = "100ms", rise = 50, fall = 1 }"#;
+    let first = EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001");
+    let last = EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002");
+    let lb = s.start(&s.config(false, health, &[8001, 8002]));
+    assert_eq!(services(&lb)[0]["when_all_down"], "keep_last");
+    assert_eq!(services(&lb)[0]["fail_open"], false);
+    assert_eq!(fail_open_metric(&lb), Some(0.0));
+
+    drop(first);
+    wait_healthy(&lb, 8001, false);
+    assert_eq!(services(&lb)[0]["fail_open"], false, "8002 is still up");
+    drop(last);
+    wait_healthy(&lb, 8002, false);
+    // Every backend is down: the service fails open on 8002, the last one up.
+    assert_eq!(services(&lb)[0]["fail_open"], true, "{}", lb.log());
+    assert_eq!(fail_open_metric(&lb), Some(1.0));
+    let status = Command::new("ip")
+        .args(["netns", "exec", &s.lb_ns])
+        .arg(lb_binary())
+        .args(["status", "--api", &format!("http://{API}")])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(status.contains("FAIL-OPEN"), "{status}");
+
+    // Both servers come back; the checker has not seen 50 good checks yet.
+    let _first = EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001");
+    let _last = EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002");
+    let answers: Vec<Result<String, String>> = s.connect(20);
+    assert!(
+        answers.iter().all(|r| r.as_deref() == Ok("8002")),
+        "every connection reaches 8002, the last backend up: {answers:?}"
+    );
+    assert_eq!(
+        services(&lb)[0]["fail_open"],
+        true,
+        "still no healthy backend"
+    );
+    println!("fail-open: 20 of 20 connections reached 8002 while every backend was marked down");
+
+    // A healthy backend ends it: the table is built from the healthy ones.
+    let start = Instant::now();
+    while services(&lb)[0]["fail_open"] != false {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", lb.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "fail-open ended {:?} after the servers came back",
+        start.elapsed()
+    );
+    assert_eq!(fail_open_metric(&lb), Some(0.0));
+}
+
+#[test]
+fn with_refuse_a_service_whose_backends_all_failed_refuses_connections() {
+    lb_tests::require_root();
+    let s = setup("refuse");
+    let health = "health = { kind = \"tcp\", interval = \"100ms\", timeout = \"100ms\", rise = 50, fall = 1 }\n\
+                  when_all_down = \"refuse\"";
+    let only = EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001");
+    let lb = s.start(&s.config(false, health, &[8001]));
+    assert_eq!(services(&lb)[0]["when_all_down"], "refuse");
+    drop(only);
+    wait_healthy(&lb, 8001, false);
+    let _back = EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001");
+    let answers = s.connect(10);
+    assert!(
+        answers.iter().all(|r| r.is_err()),
+        "no connection reaches a backend marked down: {answers:?}"
+    );
+    assert_eq!(services(&lb)[0]["fail_open"], false);
+    assert_eq!(fail_open_metric(&lb), Some(0.0));
+}
+
+/// Polls `cond` every 10 ms for at most `within`; how long it took.
+fn within(within: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if cond() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn interfaces_added_after_attach_become_redirect_targets() {
+    lb_tests::require_root();
+    let s = setup("links");
+    let lb = s.start(&s.config(false, "", &[8001]));
+    let attached = |lb: &Lb| {
+        let (_, text) = lb.raw("GET", "/metrics", None, None);
+        metric(&text, "lb_dataplane_attached", "")
+    };
+    assert_eq!(attached(&lb), Some(1.0));
+
+    // A veth pair appears in the balancer's namespace after attach.
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["-n", &s.lb_ns])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    };
+    ip(&[
+        "link", "add", "late0", "type", "veth", "peer", "name", "late1",
+    ]);
+    let took = within(Duration::from_secs(1), || {
+        let log = lb.log();
+        ["late0", "late1"].iter().all(|n| {
+            log.lines()
+                .any(|l| l.contains("it is a redirect target") && l.contains(n))
+        })
+    });
+    let took = took.unwrap_or_else(|| panic!("late0/late1 not synced within 1 s:\n{}", lb.log()));
+    println!("links: a new veth pair became a redirect target {took:?} after it appeared");
+
+    ip(&["link", "del", "late0"]);
+    within(Duration::from_secs(1), || {
+        lb.log()
+            .lines()
+            .any(|l| l.contains("interface removed") && l.contains("late0"))
+    })
+    .unwrap_or_else(|| panic!("late0's removal not logged:\n{}", lb.log()));
+    assert_eq!(attached(&lb), Some(1.0));
+
+    // The attached interface goes: an error, and the metric says so.
+    ip(&["link", "del", "lb0"]);
+    within(Duration::from_secs(1), || attached(&lb) == Some(0.0))
+        .unwrap_or_else(|| panic!("lb_dataplane_attached still 1:\n{}", lb.log()));
+    assert!(
+        lb.log()
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("attached to is gone") && l.contains("lb0")),
+        "{}",
+        lb.log()
+    );
+}
+
+#[test]
+fn dsr_health_checks_do_not_leave_from_the_service_address() {
+    lb_tests::require_root();
+    let mut topo = Topology::new();
+    let lb_ns = topo.namespace("lb");
+    let be = topo.namespace("be");
+    topo.veth(
+        (&lb_ns, "lb0", &["fd00:205::1/64"]),
+        (&be, "eth0", &["fd00:205::11/64"]),
+    );
+    // dsr: the balancer holds the service address (added last, so the
+    // kernel prefers it as a source), the backend holds it on `lo`.
+    netns::run_in(
+        &lb_ns,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd00:205::100/64",
+            "dev",
+            "lb0",
+            "nodad",
+        ],
+    );
+    netns::run_in(
+        &be,
+        &["ip", "-6", "addr", "add", "fd00:205::100/128", "dev", "lo"],
+    );
+    // Neighbours known up front: a fresh veth loses the first solicitation,
+    // and the retry (1 s) is slower than the checks below.
+    let mac = |ns: &str, dev: &str| {
+        netns::run_in(ns, &["cat", &format!("/sys/class/net/{dev}/address")])
+            .trim()
+            .to_string()
+    };
+    netns::neighbour(
+        &lb_ns,
+        "fd00:205::11",
+        &mac(&be, "eth0"),
+        "lb0",
+        "reachable",
+    );
+    netns::neighbour(&be, "fd00:205::1", &mac(&lb_ns, "lb0"), "eth0", "reachable");
+    let backend: SocketAddr = "[fd00:205::11]:443".parse().unwrap();
+    let preferred = netns::within(&lb_ns, move || {
+        lb_userspace::source::kernel_source(backend).unwrap()
+    });
+    assert_eq!(
+        preferred.to_string(),
+        "fd00:205::100",
+        "the test needs the service address as the preferred source"
+    );
+    let _server = EchoName::start(&be, "[::]:443".parse().unwrap(), "b1");
+
+    let dir = TempDir::new("dsr-health");
+    let config = dir.path("lb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dataplane]\ninterface = \"lb0\"\nxdp_mode = \"native\"\nflow_table_size = 65536\nmax_services = 4\n\
+             [admin]\nlisten = \"{API}\"\nstate_file = {:?}\n\
+             [[services]]\nname = \"web\"\nlisten = \"[fd00:205::100]:443\"\nprotocols = [\"tcp\"]\nforwarding = \"dsr\"\n\
+             health = {{ kind = \"tcp\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 2 }}\n\
+             backends = [{{ address = \"[fd00:205::11]:443\" }}]\n",
+            dir.path("state.json").display().to_string()
+        ),
+    )
+    .unwrap();
+    let lb = Lb::start(&lb_ns, &config, API, &[]);
+    let label = "backend=\"[fd00:205::11]:443\",result=";
+    let count = |result: &str| {
+        let (_, text) = lb.raw("GET", "/metrics", None, None);
+        metric(
+            &text,
+            "lb_health_checks_total",
+            &format!("{label}\"{result}\""),
+        )
+        .unwrap_or(0.0)
+    };
+    let start = Instant::now();
+    while count("success") + count("failure") + count("timeout") < 5.0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "{}", lb.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, failed) = (count("success"), count("failure") + count("timeout"));
+    println!("dsr over IPv6: {ok} checks passed, {failed} failed");
+    assert_eq!(failed, 0.0, "checks failed:\n{}", lb.log());
+    assert_eq!(
+        lb.get("/api/v1/services/web/backends/[fd00:205::11]:443").1["healthy"],
+        Value::Bool(true)
+    );
+    assert!(
+        lb.log()
+            .lines()
+            .any(|l| l.contains("leave from another address") && l.contains("fd00:205::1")),
+        "{}",
+        lb.log()
+    );
+}

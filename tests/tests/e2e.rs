@@ -76,7 +76,7 @@ fn a_thousand_https_requests_follow_the_weights_and_see_each_backends_certificat
     let site = Site::new("e2e-weights");
     let weights = [(8001, 100), (8002, 100), (8003, 200)];
     let servers: Vec<_> = weights.iter().map(|&(p, _)| site.backend(p)).collect();
-    let lb = site.start_lb(&ServiceConf::tcp(&weights));
+    let lb = site.start_lb_dual(&ServiceConf::tcp(&weights));
     let _log = lb_tests::topology::LogOnPanic(&lb);
 
     let started = Instant::now();
@@ -478,7 +478,7 @@ fn a_drained_backend_takes_no_new_connections_and_its_streams_finish() {
         .iter()
         .map(|&p| site.backend(p))
         .collect();
-    let lb = site.start_lb(&ServiceConf::tcp(&[(8001, 100), (8002, 100), (8003, 100)]));
+    let lb = site.start_lb_dual(&ServiceConf::tcp(&[(8001, 100), (8002, 100), (8003, 100)]));
     let _log = lb_tests::topology::LogOnPanic(&lb);
     let drained = Site::backend_name(8002);
 
@@ -489,13 +489,15 @@ fn a_drained_backend_takes_no_new_connections_and_its_streams_finish() {
     let streams = finish_streams(&site, streams, stop_rx);
     let accepted_before = servers[1].stats().accepted;
 
-    lb_tests::topology::change(
-        &lb,
-        "PATCH",
-        "/api/v1/services/web/backends/127.0.0.1:8002",
-        Some(r#"{"state": "draining"}"#),
-        200,
-    );
+    for svc in ["web", "web6"] {
+        lb_tests::topology::change(
+            &lb,
+            "PATCH",
+            &format!("/api/v1/services/{svc}/backends/127.0.0.1:8002"),
+            Some(r#"{"state": "draining"}"#),
+            200,
+        );
+    }
     let drained_at = Instant::now();
     let results = requests(&site, 200, 4, 4);
     let replies: Vec<&Reply> = results
@@ -550,7 +552,7 @@ fn udp_datagrams_of_one_flow_always_reach_the_same_backend() {
     let _servers: Vec<_> = (8001..=8004).map(|p| site.backend(p)).collect();
     let mut svc = ServiceConf::tcp(&[(8001, 100), (8002, 100), (8003, 100)]);
     svc.protocols = vec!["tcp", "udp"];
-    let lb = site.start_lb(&svc);
+    let lb = site.start_lb_dual(&svc);
     let _log = lb_tests::topology::LogOnPanic(&lb);
     let (v4, v6) = (site.v4(), site.v6());
 
@@ -739,7 +741,7 @@ fn metrics_equal_the_packets_and_connections_the_client_sent() {
     let servers: Vec<_> = ports.iter().map(|&p| site.backend(p)).collect();
     let mut svc = ServiceConf::tcp(&[(8001, 100), (8002, 100), (8003, 100)]);
     svc.protocols = vec!["tcp", "udp"];
-    let lb = site.start_lb(&svc);
+    let lb = site.start_lb_dual(&svc);
     let _log = lb_tests::topology::LogOnPanic(&lb);
 
     // How the packets are counted: an AF_PACKET socket on the client's

@@ -59,6 +59,7 @@ fn dataplane() -> Dataplane {
 
 fn web(ports: std::ops::RangeInclusive<u16>) -> ServiceSpec {
     ServiceSpec {
+        when_all_down: Default::default(),
         name: "web".into(),
         listen: "0.0.0.0:443".parse().unwrap(),
         protocols: vec![Protocol::Tcp],

@@ -47,6 +47,7 @@ fn service(
     backends: &[(&str, AdminState)],
 ) -> ServiceSpec {
     ServiceSpec {
+        when_all_down: Default::default(),
         name: name.into(),
         listen: listen.parse().unwrap(),
         protocols: protocols.to_vec(),
@@ -277,6 +278,8 @@ struct Be {
 struct Svc {
     id: u32,
     listen_addr: Option<Addr>,
+    /// The family a wildcard serves: `0.0.0.0` IPv4, `[::]` IPv6.
+    listen_v6: bool,
     port: u16,
     protos: Vec<u8>,
     table: Vec<MaglevSlot>,
@@ -400,6 +403,7 @@ impl Oracle {
                     id,
                     listen_addr: (!s.listen.ip().is_unspecified())
                         .then(|| addr_words(s.listen.ip())),
+                    listen_v6: s.listen.is_ipv6(),
                     port: s.listen.port(),
                     protos: s.protocols.iter().map(|p| p.number()).collect(),
                     table: table.to_vec(),
@@ -410,7 +414,8 @@ impl Oracle {
         Oracle { svcs }
     }
 
-    /// The address-specific service when one matches, else the wildcard.
+    /// The address-specific service when one matches, else the wildcard of
+    /// the packet's family.
     /// Addresses compare in the data plane's form, IPv4 as IPv4-mapped: an
     /// IPv6 packet to `::ffff:10.0.0.1` finds the service on `10.0.0.1`,
     /// as it does in the data plane (counted and printed below).
@@ -423,7 +428,8 @@ impl Oracle {
             match &s.listen_addr {
                 Some(a) if *a == h.dst => return Some(i),
                 Some(_) => {}
-                None => wildcard = Some(i),
+                None if s.listen_v6 == h.v6 => wildcard = Some(i),
+                None => {}
             }
         }
         wildcard

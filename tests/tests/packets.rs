@@ -24,6 +24,7 @@ fn options() -> Options {
 
 fn service(name: &str, listen: &str, backends: &[&str]) -> ServiceSpec {
     ServiceSpec {
+        when_all_down: Default::default(),
         name: name.into(),
         listen: listen.parse().unwrap(),
         protocols: vec![Protocol::Tcp, Protocol::Udp],
@@ -102,8 +103,10 @@ fn reason(dp: &Dataplane, r: Reason) -> u64 {
 
 #[test]
 fn service_packets_are_rewritten_to_the_picked_backend() {
+    // Wildcards are per family: IPv4 packets take `web`, IPv6 ones `web6`.
     let svc = service("web", "0.0.0.0:443", &["127.0.0.1:8001", "127.0.0.1:8002"]);
-    let w = writer(std::slice::from_ref(&svc));
+    let svc6 = service("web6", "[::]:443", &["127.0.0.1:8001", "127.0.0.1:8002"]);
+    let w = writer(&[svc.clone(), svc6.clone()]);
     let dp = w.dataplane();
 
     let mut v4_opts = Spec::tcp("10.0.0.2", "10.0.0.1", 40001, 443, TCP_SYN);
@@ -151,8 +154,13 @@ fn service_packets_are_rewritten_to_the_picked_backend() {
     let mut ports = HashMap::new();
     for (name, spec) in &specs {
         let input = spec.build();
-        let port = table_port(&w, &svc, &input);
-        *ports.entry(port).or_insert(0) += 1;
+        let family = if packet::parse(&input).unwrap().dst.is_ipv6() {
+            &svc6
+        } else {
+            &svc
+        };
+        let port = table_port(&w, family, &input);
+        *ports.entry((family.name.clone(), port)).or_insert(0) += 1;
         fixtures.push(Fixture {
             name: name.to_string(),
             output: spec.clone().with_dport(port).build(),
@@ -169,29 +177,130 @@ fn service_packets_are_rewritten_to_the_picked_backend() {
     // Every fixture ran twice; the counters say exactly that.
     let runs = 2 * fixtures.len() as u64;
     let bytes: u64 = 2 * fixtures.iter().map(|f| f.input.len() as u64).sum::<u64>();
-    let id = w.service_id("web").unwrap();
-    let c = dp.service_counters(id).unwrap();
+    let mut c = lb_common::Counters::default();
+    for name in ["web", "web6"] {
+        let sc = dp.service_counters(w.service_id(name).unwrap()).unwrap();
+        assert!(sc.packets > 0, "{name} took no packet");
+        c.add(&sc);
+    }
     assert_eq!(c.packets, runs);
     assert_eq!(c.bytes, bytes);
     // Each SYN counts as a new flow (5 ran twice); each UDP flow counts once
     // (ipv4, ipv6, without checksum and two first fragments: 5).
     assert_eq!(c.new_flows, 2 * 5 + 5);
     let mut per_backend = 0;
-    for b in &svc.backends {
-        let bc = dp
-            .backend_counters(w.backend_id("web", b.address).unwrap())
-            .unwrap();
-        assert_eq!(
-            bc.packets,
-            2 * ports.get(&b.address.port()).copied().unwrap_or(0)
-        );
-        per_backend += bc.packets;
+    for s in [&svc, &svc6] {
+        for b in &s.backends {
+            let bc = dp
+                .backend_counters(w.backend_id(&s.name, b.address).unwrap())
+                .unwrap();
+            let key = (s.name.clone(), b.address.port());
+            assert_eq!(bc.packets, 2 * ports.get(&key).copied().unwrap_or(0));
+            per_backend += bc.packets;
+        }
     }
     assert_eq!(per_backend, runs);
     assert_eq!(dp.action_counts().unwrap()[XDP_PASS as usize], runs);
     assert_eq!(dp.reason_counts().unwrap().iter().sum::<u64>(), 0);
     // Nothing in a table that never changed needs the flow table.
     assert_eq!(dp.flow_count(), 0);
+}
+
+#[test]
+fn each_wildcard_serves_its_own_family() {
+    // `0.0.0.0:443` and `[::]:443` side by side: IPv4 clients reach only the
+    // IPv4 service's backends, IPv6 clients only the IPv6 service's.
+    let v4 = service("web4", "0.0.0.0:443", &["127.0.0.1:8001", "127.0.0.1:8002"]);
+    let v6 = service("web6", "[::]:443", &["[::1]:9001", "[::1]:9002"]);
+    let w = writer(&[v4.clone(), v6.clone()]);
+    let dp = w.dataplane();
+    let mut fixtures = Vec::new();
+    let mut seen: HashMap<u16, u32> = HashMap::new();
+    for i in 0..64u16 {
+        let specs = [
+            (
+                &v4,
+                Spec::tcp(
+                    &format!("10.1.0.{}", i + 1),
+                    "10.0.0.1",
+                    30000 + i,
+                    443,
+                    TCP_SYN,
+                ),
+            ),
+            (
+                &v4,
+                Spec::udp(&format!("10.1.1.{}", i + 1), "10.0.0.1", 30000 + i, 443).payload(b"q"),
+            ),
+            (
+                &v6,
+                Spec::tcp(
+                    &format!("fd00:1::{:x}", i + 1),
+                    "fd00::1",
+                    30000 + i,
+                    443,
+                    TCP_SYN,
+                ),
+            ),
+            (
+                &v6,
+                Spec::udp(&format!("fd00:2::{:x}", i + 1), "fd00::1", 30000 + i, 443).payload(b"q"),
+            ),
+        ];
+        for (svc, spec) in specs {
+            let input = spec.build();
+            let port = table_port(&w, svc, &input);
+            *seen.entry(port).or_default() += 1;
+            fixtures.push(Fixture {
+                name: format!("{} flow {i} to {}", svc.name, port),
+                output: spec.clone().with_dport(port).build(),
+                input,
+                action: XDP_PASS,
+            });
+        }
+    }
+    check(dp, &fixtures);
+    // 128 packets a family, each family spread over its own two backends.
+    assert_eq!(seen.values().sum::<u32>(), 256);
+    assert_eq!(seen.get(&8001).unwrap() + seen.get(&8002).unwrap(), 128);
+    assert_eq!(seen.get(&9001).unwrap() + seen.get(&9002).unwrap(), 128);
+    for name in ["web4", "web6"] {
+        let c = dp.service_counters(w.service_id(name).unwrap()).unwrap();
+        assert_eq!(c.packets, 128, "{name}");
+    }
+    assert_eq!(dp.reason_counts().unwrap().iter().sum::<u64>(), 0);
+}
+
+#[test]
+fn a_wildcard_of_one_family_leaves_the_other_alone() {
+    for (listen, other) in [
+        (
+            "0.0.0.0:443",
+            [("fd00::2", "fd00::1"), ("fd00::3", "fd00::1")],
+        ),
+        (
+            "[::]:443",
+            [("10.0.0.2", "10.0.0.1"), ("10.0.0.3", "10.0.0.1")],
+        ),
+    ] {
+        let w = writer(&[service("web", listen, &["127.0.0.1:8001"])]);
+        let dp = w.dataplane();
+        let fixtures: Vec<Fixture> = [
+            Spec::tcp(other[0].0, other[0].1, 40000, 443, TCP_SYN),
+            Spec::udp(other[1].0, other[1].1, 40001, 443).payload(b"hello"),
+        ]
+        .iter()
+        .map(|spec| Fixture {
+            name: format!("{listen}: {:?} to 443", spec.build().len()),
+            input: spec.build(),
+            action: XDP_PASS,
+            output: spec.build(),
+        })
+        .collect();
+        check(dp, &fixtures);
+        assert_eq!(reason(dp, Reason::NoService), 2, "{listen}");
+        assert_eq!(dp.service_counters(0).unwrap().packets, 0, "{listen}");
+    }
 }
 
 #[test]
@@ -317,10 +426,13 @@ fn truncated_frames_pass_untouched() {
 
 #[test]
 fn replies_from_backends_leave_as_the_service() {
-    let any = service("web", "0.0.0.0:443", &["127.0.0.1:8001", "[::1]:8002"]);
+    // Wildcards are per family; one backend each, so every flow of the
+    // forward direction maps to it and its replies are translated.
+    let any = service("web", "0.0.0.0:443", &["127.0.0.1:8001"]);
+    let any6 = service("web6", "[::]:443", &["[::1]:8002"]);
     let specific = service("api", "10.0.0.1:8443", &["10.0.0.9:9001"]);
     let specific6 = service("api6", "[fd00::1]:8443", &["[fd00::9]:9002"]);
-    let w = writer(&[any, specific, specific6]);
+    let w = writer(&[any, any6, specific, specific6]);
     let dp = w.dataplane();
 
     // Forward: a specific service's backend with its own address gets the
@@ -384,24 +496,26 @@ fn backend_packets(w: &MapWriter, svc: &ServiceSpec, port: u16) -> u64 {
 
 #[test]
 fn later_fragments_follow_their_first_in_local_mode() {
+    // Wildcards are per family: one service for each.
     let web = service("web", "0.0.0.0:443", &["127.0.0.1:8001", "127.0.0.1:8002"]);
+    let web6 = service("web6", "[::]:443", &["[::1]:8001", "[::1]:8002"]);
     let api = service("api", "10.0.0.1:8443", &["10.0.0.9:9001"]);
     let api6 = service("api6", "[fd00::1]:8443", &["[fd00::9]:9002"]);
-    let w = writer(&[web.clone(), api.clone(), api6.clone()]);
+    let w = writer(&[web.clone(), web6.clone(), api.clone(), api6.clone()]);
     let dp = w.dataplane();
 
     // Backends that differ from the service in port only: a later fragment
     // has nothing to rewrite, and goes up counted for its first's backend.
-    let mut sent: HashMap<u16, u64> = HashMap::new();
+    let mut sent: HashMap<(bool, u16), u64> = HashMap::new();
     for i in 0..16u16 {
-        let (src, dst) = if i % 2 == 0 {
-            ("10.0.0.2", "10.0.0.1")
+        let (src, dst, svc) = if i % 2 == 0 {
+            ("10.0.0.2", "10.0.0.1", &web)
         } else {
-            ("fd00::2", "fd00::1")
+            ("fd00::2", "fd00::1", &web6)
         };
         let [first, a, b] = packet::udp_fragments(src, dst, 41000 + i, 443, 0x100 + i as u32);
         let input = first.build();
-        let port = table_port(&w, &web, &input);
+        let port = table_port(&w, svc, &input);
         let (action, out) = run(dp, &input);
         assert_eq!(action, XDP_PASS, "datagram {i}: first fragment");
         assert_eq!(
@@ -415,15 +529,23 @@ fn later_fragments_follow_their_first_in_local_mode() {
             assert_eq!(action, XDP_PASS, "datagram {i}: fragment {}", n + 1);
             assert_eq!(hex(&out), hex(&f), "datagram {i}: fragment {}", n + 1);
         }
-        *sent.entry(port).or_default() += 3;
+        *sent.entry((i % 2 == 1, port)).or_default() += 3;
     }
-    for port in [8001, 8002] {
-        let got = backend_packets(&w, &web, port);
-        assert_eq!(
-            got, sent[&port],
-            "backend {port}: every fragment of its datagrams"
-        );
-        assert!(got > 0, "backend {port} got no datagram");
+    for (v6, svc) in [(false, &web), (true, &web6)] {
+        for port in [8001, 8002] {
+            let got = backend_packets(&w, svc, port);
+            let want = sent.get(&(v6, port)).copied().unwrap_or(0);
+            assert_eq!(
+                got, want,
+                "{} {port}: every fragment of its datagrams",
+                svc.name
+            );
+        }
+        let total: u64 = [8001, 8002]
+            .iter()
+            .map(|p| backend_packets(&w, svc, *p))
+            .sum();
+        assert!(total > 0, "{} got no datagram", svc.name);
     }
     println!("16 datagrams of 3 fragments by backend port: {sent:?}");
 
@@ -1213,4 +1335,83 @@ fn a_reused_backend_id_never_matches_old_pins() {
     assert!(misses > 50);
     let stale = w.dataplane().event_counts().unwrap()[lb_common::EVENT_PIN_STALE as usize];
     assert!(stale > 0, "no old pin was met");
+}
+
+#[test]
+fn when_every_backend_fails_the_last_ones_keep_their_flows() {
+    let mut svc = service(
+        "web",
+        "0.0.0.0:443",
+        &["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003"],
+    );
+    let mut w = writer(std::slice::from_ref(&svc));
+    let flows = client_flows(1500);
+    send(w.dataplane(), &flows, TCP_SYN);
+    // 8001 fails: 8002 and 8003 are the last ones up.
+    svc.backends[0].healthy = false;
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    let mid = send(w.dataplane(), &flows, TCP_ACK);
+    assert!(!w.fail_open("web"));
+    assert!(mid.contains(&8002) && mid.contains(&8003) && !mid.contains(&8001));
+    let pinned = w.dataplane().flow_count();
+
+    // Both fail too: the service fails open on them, and nothing changes in
+    // the data plane (no table, no purge): every flow stays where it was.
+    svc.backends[1].healthy = false;
+    svc.backends[2].healthy = false;
+    let report = w.apply(std::slice::from_ref(&svc)).unwrap();
+    assert!(w.fail_open("web"));
+    assert_eq!(report.tables_installed, 0);
+    assert_eq!(send(w.dataplane(), &flows, TCP_ACK), mid);
+    assert_eq!(w.dataplane().flow_count(), pinned);
+    // New connections too reach the last ones (not 8001, down before).
+    let fresh: Vec<Spec> = (0..200u16)
+        .map(|i| {
+            Spec::tcp(
+                &format!("10.9.0.{}", i % 250 + 1),
+                "10.0.0.1",
+                50000 + i,
+                443,
+                TCP_SYN,
+            )
+        })
+        .collect();
+    let ports = send(w.dataplane(), &fresh, TCP_SYN);
+    assert!(ports.iter().all(|p| *p == 8002 || *p == 8003), "{ports:?}");
+
+    // The operator's choices are not undone: draining 8003 leaves 8002.
+    svc.backends[2].state = AdminState::Draining;
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    assert!(w.fail_open("web"));
+    let ports = send(w.dataplane(), &fresh, TCP_SYN);
+    assert!(ports.iter().all(|p| *p == 8002), "{ports:?}");
+    svc.backends[2].state = AdminState::Active;
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+
+    // 8001 and 8002 recover: the table is built from them; 8002's flows
+    // (pinned or not) stay on it, 8003's move.
+    svc.backends[0].healthy = true;
+    svc.backends[1].healthy = true;
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    assert!(!w.fail_open("web"));
+    let after = send(w.dataplane(), &flows, TCP_ACK);
+    let mut kept = 0;
+    for (i, (a, b)) in mid.iter().zip(&after).enumerate() {
+        if *a == 8002 {
+            assert_eq!(*b, 8002, "flow {i} left 8002, which stayed up");
+            kept += 1;
+        } else {
+            assert_ne!(*b, 8003, "flow {i} still on 8003, which is down");
+        }
+    }
+    println!("fail-open: {kept} flows on 8002 kept through fail-open and recovery");
+
+    // With `refuse` the same failure leaves no backend.
+    svc.when_all_down = lb_userspace::dataplane::WhenAllDown::Refuse;
+    svc.backends.iter_mut().for_each(|b| b.healthy = false);
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    assert!(!w.fail_open("web"));
+    let (action, out) = run(w.dataplane(), &fresh[0].build());
+    assert_eq!((action, out), (XDP_PASS, fresh[0].build()));
+    assert!(reason(w.dataplane(), Reason::NoBackend) > 0);
 }

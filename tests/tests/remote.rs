@@ -33,6 +33,7 @@ const BACKEND2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x03, 0x06];
 
 fn service(name: &str, listen: &str, fwd: Forwarding, backends: &[&str]) -> ServiceSpec {
     ServiceSpec {
+        when_all_down: Default::default(),
         name: name.into(),
         listen: listen.parse().unwrap(),
         protocols: vec![Protocol::Tcp, Protocol::Udp],

@@ -110,6 +110,7 @@ fn maglev_builds(scale: &Scale, report: &mut Report) {
 
 fn service(ports: &[u16]) -> ServiceSpec {
     ServiceSpec {
+        when_all_down: Default::default(),
         name: "bench".into(),
         listen: "0.0.0.0:443".parse().unwrap(),
         protocols: vec![Protocol::Tcp],

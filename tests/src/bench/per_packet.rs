@@ -117,11 +117,23 @@ pub fn frame(fam: Fam, kind: Kind, size: Size, sport: u16) -> Vec<u8> {
     spec.payload(&pad).build()
 }
 
-/// The bench service: `n` backends, all on port 443 of distinct loopback
+/// The bench services: `n` backends, all on port 443 of distinct loopback
 /// addresses (local mode rewrites only the port, so the frame comes out as
-/// it went in).
+/// it went in), on `0.0.0.0:443` for IPv4 and `[::]:443` for IPv6 (a
+/// wildcard serves one family).
+fn services(n: usize) -> [ServiceSpec; 2] {
+    let v4 = service(n);
+    let v6 = ServiceSpec {
+        name: "bench6".into(),
+        listen: "[::]:443".parse().unwrap(),
+        ..v4.clone()
+    };
+    [v4, v6]
+}
+
 fn service(n: usize) -> ServiceSpec {
     ServiceSpec {
+        when_all_down: Default::default(),
         name: "bench".into(),
         listen: "0.0.0.0:443".parse().unwrap(),
         protocols: vec![Protocol::Tcp, Protocol::Udp],
@@ -145,7 +157,7 @@ fn writer(n: usize, flow_table: u32) -> MapWriter {
     })
     .expect("load the data plane");
     let mut w = MapWriter::new(dp);
-    w.apply(&[service(n)]).expect("install the bench service");
+    w.apply(&services(n)).expect("install the bench services");
     w
 }
 
@@ -180,8 +192,14 @@ struct Counts {
 
 fn counts(w: &MapWriter) -> Counts {
     let dp = w.dataplane();
-    let id = w.service_id("bench").unwrap();
-    let c = dp.service_counters(id).unwrap();
+    // IPv4 frames count on `bench`, IPv6 ones on `bench6` (absent in the
+    // nat/dsr run).
+    let mut c = lb_common::Counters::default();
+    for name in ["bench", "bench6"] {
+        if let Some(id) = w.service_id(name) {
+            c.add(&dp.service_counters(id).unwrap());
+        }
+    }
     let mut reasons = [0u64; 16];
     for (i, r) in dp.reason_counts().unwrap().iter().enumerate() {
         reasons[i] = *r;
@@ -604,7 +622,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
     // slots change and become sticky. Clean and sticky slots, with the
     // table nearly empty and nearly full.
     let mut w = writer(3, scale.flow_table);
-    w.apply(&[service(4)]).unwrap();
+    w.apply(&services(4)).unwrap();
     let base_small = baseline_of(Fam::V4, Size::Small);
     // Fixed cost of a repeat=1 call, for the insert case.
     let syn_template = frame(Fam::V4, Kind::Syn, Size::Small, 40000);
@@ -912,6 +930,7 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
         netns::neighbour(&ns, addr, &netns::mac_string(PEER_MAC), dev, "permanent");
     }
     let spec = |name: &str, listen: &str, fwd: Forwarding, backends: &[&str]| ServiceSpec {
+        when_all_down: Default::default(),
         name: name.into(),
         listen: listen.parse().unwrap(),
         protocols: vec![Protocol::Tcp, Protocol::Udp],

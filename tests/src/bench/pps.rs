@@ -86,6 +86,7 @@ enum Dut {
 
 fn service() -> ServiceSpec {
     ServiceSpec {
+        when_all_down: Default::default(),
         name: "bench".into(),
         listen: "0.0.0.0:443".parse().unwrap(),
         protocols: vec![Protocol::Tcp, Protocol::Udp],

@@ -1,0 +1,190 @@
+//! Keeps the redirect map in step with the interfaces: a NETLINK_ROUTE
+//! socket subscribed to link events wakes a thread that re-syncs
+//! `LB_TX_PORTS`, logs interfaces that came and went, and notices when the
+//! attached interface itself is gone.
+use std::{
+    collections::BTreeMap,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use tracing::{error, info, warn};
+
+use crate::dataplane::{MapWriter, interfaces};
+
+/// A socket that receives rtnetlink link messages (`RTMGRP_LINK`).
+pub struct LinkEvents {
+    fd: OwnedFd,
+}
+
+impl LinkEvents {
+    pub fn open() -> io::Result<Self> {
+        // SAFETY: socket(2) with constant arguments; the fd is owned below.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_nl is plain data; all zero is a valid value.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_groups = libc::RTMGRP_LINK as u32;
+        // SAFETY: `addr` is a valid sockaddr_nl of the length given.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { fd })
+    }
+
+    /// Blocks until messages arrive; true if one announced a new or
+    /// removed link (or some were lost, so the caller must look anyway).
+    pub fn wait(&self) -> io::Result<bool> {
+        let mut buf = [0u8; 32 * 1024];
+        // SAFETY: recv writes at most `buf.len()` bytes into `buf`.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOBUFS) => Ok(true),
+                Some(libc::EINTR) => Ok(false),
+                _ => Err(e),
+            };
+        }
+        Ok(has_link_change(&buf[..n as usize]))
+    }
+}
+
+/// Whether a batch of netlink messages holds an RTM_NEWLINK or RTM_DELLINK.
+fn has_link_change(mut buf: &[u8]) -> bool {
+    // struct nlmsghdr { u32 len; u16 type; u16 flags; u32 seq; u32 pid; }
+    while buf.len() >= 16 {
+        let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
+        let kind = u16::from_ne_bytes(buf[4..6].try_into().expect("2 bytes"));
+        if kind == libc::RTM_NEWLINK || kind == libc::RTM_DELLINK {
+            return true;
+        }
+        let step = (len + 3) & !3;
+        if len < 16 || step > buf.len() {
+            break;
+        }
+        buf = &buf[step..];
+    }
+    false
+}
+
+/// Watches links on a thread of its own until the writer is dropped:
+/// every change re-syncs the redirect map; `attached` says whether the
+/// interface the data plane is attached to (`iface`, `ifindex`) still exists.
+pub fn spawn_watcher(
+    iface: String,
+    ifindex: u32,
+    writer: Weak<Mutex<MapWriter>>,
+    attached: Arc<AtomicBool>,
+) -> io::Result<()> {
+    let events = LinkEvents::open()?;
+    std::thread::Builder::new()
+        .name("lb-links".into())
+        .spawn(move || {
+            let mut known: BTreeMap<u32, String> =
+                interfaces().unwrap_or_default().into_iter().collect();
+            // Links that came between the attach and the subscription.
+            let mut first = true;
+            loop {
+                match if first { Ok(true) } else { events.wait() } {
+                    Ok(false) => continue,
+                    Ok(true) => first = false,
+                    Err(e) => {
+                        error!(
+                            "link events: {e}; interfaces added from now on are no redirect targets until `lb run` restarts"
+                        );
+                        return;
+                    }
+                }
+                let Some(writer) = writer.upgrade() else {
+                    return;
+                };
+                let now: BTreeMap<u32, String> = match interfaces() {
+                    Ok(list) => list.into_iter().collect(),
+                    Err(e) => {
+                        warn!("{e}");
+                        continue;
+                    }
+                };
+                let synced = writer
+                    .lock()
+                    .expect("writer lock")
+                    .dataplane_mut()
+                    .sync_tx_ports();
+                if let Err(e) = &synced {
+                    error!("updating the redirect map: {e}");
+                }
+                for (ifindex, name) in &now {
+                    if !known.contains_key(ifindex) {
+                        if synced.is_ok() {
+                            info!(interface = %name, ifindex, "interface added; it is a redirect target");
+                        } else {
+                            info!(interface = %name, ifindex, "interface added");
+                        }
+                    }
+                }
+                for (ifindex, name) in &known {
+                    if !now.contains_key(ifindex) {
+                        info!(interface = %name, ifindex, "interface removed");
+                    }
+                }
+                let up = now.contains_key(&ifindex);
+                if attached.swap(up, Ordering::SeqCst) && !up {
+                    error!(
+                        interface = %iface,
+                        "the interface the data plane is attached to is gone: no traffic is balanced; \
+                         restart `lb run` once it is back"
+                    );
+                }
+                known = now;
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(kind: u16, len: u32) -> Vec<u8> {
+        let mut m = vec![0u8; (len as usize).max(16)];
+        m[0..4].copy_from_slice(&len.to_ne_bytes());
+        m[4..6].copy_from_slice(&kind.to_ne_bytes());
+        m
+    }
+
+    #[test]
+    fn link_messages_are_told_from_others() {
+        assert!(has_link_change(&msg(libc::RTM_NEWLINK, 32)));
+        assert!(has_link_change(&msg(libc::RTM_DELLINK, 16)));
+        let mut two = msg(libc::RTM_NEWADDR, 20);
+        two.extend(msg(libc::RTM_NEWLINK, 16));
+        assert!(has_link_change(&two));
+        assert!(!has_link_change(&msg(libc::RTM_NEWADDR, 16)));
+        assert!(!has_link_change(&[0u8; 8]));
+        // A bogus length stops the walk instead of looping.
+        assert!(!has_link_change(&msg(libc::RTM_NEWADDR, 4)));
+    }
+}
