@@ -69,6 +69,8 @@ pub mod programs {
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Index into the port arrays for a (host-order port, IP protocol) pair.
 #[inline(always)]
@@ -319,8 +321,17 @@ pub enum Reason {
     /// packet (for `nat` already rewritten) goes to the stack, which
     /// forwards it and resolves the neighbour for the next ones.
     FibMiss = 8,
+    /// An ICMP error (destination unreachable, fragmentation needed /
+    /// packet too big, time exceeded) whose quoted packet is well formed
+    /// but is no reply of a service's flow: not TCP/UDP, no service on its
+    /// source address and port, or no backend.
+    IcmpUnmatched = 9,
+    /// An ICMP error whose quoted packet is cut short (less than its IP
+    /// header and 8 bytes of TCP/UDP) or has a bad header (IP version,
+    /// IHL, a non-first fragment).
+    IcmpBadQuote = 10,
 }
-pub const REASON_COUNT: u32 = 9;
+pub const REASON_COUNT: u32 = 11;
 pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
     "not_ip",
     "not_tcp_udp",
@@ -331,6 +342,8 @@ pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
     "no_backend",
     "ext_headers",
     "fib_miss",
+    "icmp_unmatched",
+    "icmp_bad_quote",
 ];
 
 /// Most IPv6 extension headers walked before giving up.

@@ -5,6 +5,7 @@
 #![no_main]
 
 mod csum;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -45,9 +46,15 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext, b: &Bounds) -> Result<u32, Reason> {
-    let p = parse::parse(b, true)?;
+    let l3 = parse::ip(b, true)?;
+    let p = match parse::ports(b, &l3, true) {
+        Ok(p) => p,
+        // Off the TCP/UDP path: an ICMP error may be about a service's flow.
+        Err(Reason::NotTcpUdp) if icmp::is_icmp(&l3) => return icmp::error(ctx, b, &l3),
+        Err(r) => return Err(r),
+    };
     let (id, svc) = select::service(&p)?;
-    let pick = select::backend(ctx, &p, id, svc)?;
+    let pick = select::backend(ctx, &p, id, svc, true)?;
     let action = match svc.forwarding {
         FWD_LOCAL => {
             nat::local(b, &p, pick.entry)?;

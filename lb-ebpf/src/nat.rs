@@ -88,7 +88,7 @@ const AF_INET6: u8 = 10;
 /// through `LB_TX_PORTS` to another. Without a route or neighbour the frame
 /// goes to the stack (counted as `fib_miss`), never dropped.
 #[inline(always)]
-fn route(ctx: &XdpContext, b: &Bounds, p: &Packet, to: &Addr) -> u32 {
+pub fn route(ctx: &XdpContext, b: &Bounds, p: &Packet, to: &Addr) -> u32 {
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.l4_protocol = p.proto;
     fib.sport = p.sport;

@@ -137,6 +137,18 @@ pub struct Packet {
     pub tcp_flags: u8,
 }
 
+/// The IP layer of a frame: where its headers are and what it carries.
+pub struct L3 {
+    pub l3_off: usize,
+    pub l4_off: usize,
+    /// Where the IP datagram ends (the frame may carry padding past it).
+    pub ip_end: usize,
+    pub v6: bool,
+    pub proto: u8,
+    pub src: Addr,
+    pub dst: Addr,
+}
+
 /// Parses Ethernet (one VLAN tag), IPv4 or IPv6, and the TCP or UDP ports.
 /// Non-first fragments, unknown protocols and short frames are errors: the
 /// caller passes them on untouched. `whole` also requires the IP datagram to
@@ -144,6 +156,14 @@ pub struct Packet {
 /// that are not in the linear data, so that check is left out there.
 #[inline(always)]
 pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
+    let l3 = ip(b, whole)?;
+    ports(b, &l3, whole)
+}
+
+/// Parses Ethernet (one VLAN tag) and IPv4 or IPv6 with its extension
+/// headers, up to the upper-layer protocol.
+#[inline(always)]
+pub fn ip(b: &Bounds, whole: bool) -> Result<L3, Reason> {
     let eth: *mut EthHdr = b.ptr_at(0)?;
     let mut proto = u16::from_be(unsafe { (*eth).proto });
     let mut l3_off = size_of::<EthHdr>();
@@ -152,9 +172,7 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
         proto = u16::from_be(unsafe { (*vlan).proto });
         l3_off += size_of::<VlanHdr>();
     }
-    // Where the IP datagram ends (the frame may carry padding past it).
-    let ip_end;
-    let (src, dst, l4_proto, l4_off, v6) = match proto {
+    match proto {
         ETH_P_IP => {
             let ip: *mut Ipv4Hdr = b.ptr_at(l3_off)?;
             let version_ihl = unsafe { (*ip).version_ihl };
@@ -170,18 +188,19 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
             if whole && b.start + l3_off + total > b.end {
                 return Err(Reason::Truncated);
             }
-            ip_end = l3_off + total;
             if u16::from_be(unsafe { (*ip).frag_off }) & 0x1fff != 0 {
                 return Err(Reason::Fragment);
             }
             let (s, d) = unsafe { ((*ip).src, (*ip).dst) };
-            (
-                v4_mapped(s),
-                v4_mapped(d),
-                unsafe { (*ip).proto },
-                l3_off + ihl,
-                false,
-            )
+            Ok(L3 {
+                l3_off,
+                l4_off: l3_off + ihl,
+                ip_end: l3_off + total,
+                v6: false,
+                proto: unsafe { (*ip).proto },
+                src: v4_mapped(s),
+                dst: v4_mapped(d),
+            })
         }
         ETH_P_IPV6 => {
             let ip: *mut Ipv6Hdr = b.ptr_at(l3_off)?;
@@ -197,18 +216,31 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
             if whole && b.start + l3_off + size_of::<Ipv6Hdr>() + payload > b.end {
                 return Err(Reason::Truncated);
             }
-            ip_end = l3_off + size_of::<Ipv6Hdr>() + payload;
             let (next, off) =
                 walk_ipv6_ext(b, unsafe { (*ip).next }, l3_off + size_of::<Ipv6Hdr>())?;
             let (s, d) = unsafe { ((*ip).src, (*ip).dst) };
-            (s, d, next, off, true)
+            Ok(L3 {
+                l3_off,
+                l4_off: off,
+                ip_end: l3_off + size_of::<Ipv6Hdr>() + payload,
+                v6: true,
+                proto: next,
+                src: s,
+                dst: d,
+            })
         }
-        _ => return Err(Reason::NotIp),
-    };
-    let (sport, dport, tcp_flags) = match l4_proto {
+        _ => Err(Reason::NotIp),
+    }
+}
+
+/// Reads the TCP or UDP ports (and TCP flags) above `l3`.
+#[inline(always)]
+pub fn ports(b: &Bounds, l3: &L3, whole: bool) -> Result<Packet, Reason> {
+    let l4_off = l3.l4_off;
+    let (sport, dport, tcp_flags) = match l3.proto {
         PROTO_TCP => {
             let tcp: *mut TcpHdr = b.ptr_at(l4_off)?;
-            if whole && l4_off + size_of::<TcpHdr>() > ip_end {
+            if whole && l4_off + size_of::<TcpHdr>() > l3.ip_end {
                 return Err(Reason::Truncated);
             }
             if unsafe { (*tcp).off_res } >> 4 < 5 {
@@ -218,7 +250,7 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
         }
         PROTO_UDP => {
             let udp: *mut UdpHdr = b.ptr_at(l4_off)?;
-            if whole && l4_off + size_of::<UdpHdr>() > ip_end {
+            if whole && l4_off + size_of::<UdpHdr>() > l3.ip_end {
                 return Err(Reason::Truncated);
             }
             unsafe { ((*udp).src, (*udp).dst, 0) }
@@ -226,12 +258,12 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
         _ => return Err(Reason::NotTcpUdp),
     };
     Ok(Packet {
-        l3_off,
+        l3_off: l3.l3_off,
         l4_off,
-        v6,
-        proto: l4_proto,
-        src,
-        dst,
+        v6: l3.v6,
+        proto: l3.proto,
+        src: l3.src,
+        dst: l3.dst,
         sport,
         dport,
         tcp_flags,
@@ -242,7 +274,7 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
 /// most `MAX_IPV6_EXT_HEADERS` of them. Returns the upper-layer protocol and
 /// its offset.
 #[inline(always)]
-fn walk_ipv6_ext(b: &Bounds, mut next: u8, mut off: usize) -> Result<(u8, usize), Reason> {
+pub fn walk_ipv6_ext(b: &Bounds, mut next: u8, mut off: usize) -> Result<(u8, usize), Reason> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
             0 | 43 | 60 => {

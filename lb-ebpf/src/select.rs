@@ -70,8 +70,17 @@ fn keeps_flows(backend: u32) -> bool {
 }
 
 /// Picks the backend for the packet from the service's active Maglev table.
+/// `pin` is false for a packet that only asks where its flow goes (an ICMP
+/// error about it): the pick is the same, but nothing is written to the
+/// flow table.
 #[inline(always)]
-pub fn backend(ctx: &XdpContext, p: &Packet, id: u32, svc: &ServiceEntry) -> Result<Pick, Reason> {
+pub fn backend(
+    ctx: &XdpContext,
+    p: &Packet,
+    id: u32,
+    svc: &ServiceEntry,
+    pin: bool,
+) -> Result<Pick, Reason> {
     let m = svc.table_size;
     let table = svc.active;
     if m == 0 || table >= TABLES_PER_SERVICE {
@@ -85,7 +94,7 @@ pub fn backend(ctx: &XdpContext, p: &Packet, id: u32, svc: &ServiceEntry) -> Res
     let (backend, new_flow) = if e.backend == e.prev {
         (e.backend, syn)
     } else {
-        sticky(ctx, p, id, slot, e, syn)
+        sticky(ctx, p, id, slot, e, syn, pin)
     };
     if backend == NO_BACKEND {
         return Err(Reason::NoBackend);
@@ -112,7 +121,8 @@ fn recently(changed: u32) -> bool {
 /// (if that still takes flows); a SYN takes the current backend. UDP has no
 /// SYN: a flow without a pin stays on the previous backend while it is
 /// active, for `UDP_AFFINITY_SECS` after the change; later ones are new
-/// flows. Every decision here is pinned so it survives the next change.
+/// flows. Every decision here is pinned (when `pin`) so it survives the
+/// next change.
 #[inline(always)]
 fn sticky(
     ctx: &XdpContext,
@@ -121,6 +131,7 @@ fn sticky(
     slot: u32,
     e: &MaglevSlot,
     syn: bool,
+    pin: bool,
 ) -> (u32, bool) {
     let (cur, prev) = (e.backend, e.prev);
     let key = FlowKey {
@@ -155,7 +166,7 @@ fn sticky(
     } else {
         cur
     };
-    if choice != NO_BACKEND && !rst {
+    if pin && choice != NO_BACKEND && !rst {
         let v = FlowValue {
             backend: choice,
             service: id,
