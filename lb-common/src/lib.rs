@@ -323,8 +323,9 @@ pub enum Reason {
     FibMiss = 8,
     /// An ICMP error (destination unreachable, fragmentation needed /
     /// packet too big, time exceeded) whose quoted packet is well formed
-    /// but is no reply of a service's flow: not TCP/UDP, no service on its
-    /// source address and port, or no backend.
+    /// but is no reply of a service's flow: not TCP/UDP (an IPv6 quote
+    /// with extension headers counts as such), no service on its source
+    /// address and port, or no backend.
     IcmpUnmatched = 9,
     /// An ICMP error whose quoted packet is cut short (less than its IP
     /// header and 8 bytes of TCP/UDP) or has a bad header (IP version,

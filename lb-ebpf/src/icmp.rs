@@ -13,10 +13,7 @@ use lb_common::{
 
 use crate::{
     csum, nat,
-    parse::{
-        Bounds, Ipv4Hdr, Ipv6Hdr, L3, Packet, Ports, TCP_ACK, TCP_CHECK_OFF, UDP_CHECK_OFF,
-        walk_ipv6_ext,
-    },
+    parse::{Bounds, Ipv4Hdr, Ipv6Hdr, L3, Packet, Ports, TCP_ACK, TCP_CHECK_OFF, UDP_CHECK_OFF},
     select, stats,
 };
 
@@ -133,13 +130,14 @@ fn quote(b: &Bounds, l3: &L3) -> Result<Quote, Reason> {
         if unsafe { *(ip as *const u8) } >> 4 != 6 {
             return Err(Reason::IcmpBadQuote);
         }
-        let (next, off) = walk_ipv6_ext(
-            b,
+        // Extension headers in a quote are not walked (replies carry
+        // none): such a quote is not TCP/UDP here.
+        (
             unsafe { (*ip).next },
             in_off + core::mem::size_of::<Ipv6Hdr>(),
+            unsafe { (*ip).src },
+            unsafe { (*ip).dst },
         )
-        .map_err(bad)?;
-        (next, off, unsafe { (*ip).src }, unsafe { (*ip).dst })
     } else {
         let ip: *mut Ipv4Hdr = b.ptr_at(in_off).map_err(bad)?;
         let version_ihl = unsafe { (*ip).version_ihl };
