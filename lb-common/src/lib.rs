@@ -89,6 +89,8 @@ pub mod programs {
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Index into the port arrays for a (host-order port, IP protocol) pair.
 #[inline(always)]
@@ -454,8 +456,18 @@ pub enum Reason {
     /// `nat`/`dsr`: a VLAN-tagged frame (the tag cannot be carried safely to
     /// another interface). Dropped.
     VlanTagged = 11,
+    /// An ICMP error (destination unreachable, fragmentation needed /
+    /// packet too big, time exceeded) whose quoted packet is well formed
+    /// but is no reply of a service's flow: not TCP/UDP (an IPv6 quote
+    /// with extension headers counts as such), no service on its source
+    /// address and port, or no backend.
+    IcmpUnmatched = 12,
+    /// An ICMP error whose quoted packet is cut short (less than its IP
+    /// header and 8 bytes of TCP/UDP) or has a bad header (IP version,
+    /// IHL, a non-first fragment).
+    IcmpBadQuote = 13,
 }
-pub const REASON_COUNT: u32 = 12;
+pub const REASON_COUNT: u32 = 14;
 pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
     "not_ip",
     "not_tcp_udp",
@@ -469,6 +481,8 @@ pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
     "fib_fail",
     "no_tx_port",
     "vlan_tagged",
+    "icmp_unmatched",
+    "icmp_bad_quote",
 ];
 
 /// Most IPv6 extension headers walked before giving up.

@@ -6,6 +6,7 @@
 
 mod csum;
 mod frags;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -44,13 +45,19 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext, b: &Bounds) -> Result<u32, Fail> {
-    let p = parse::parse(b, true)?;
+    let l3 = parse::ip(b, true)?;
+    let p = match parse::ports(b, &l3, true) {
+        Ok(p) => p,
+        // Off the TCP/UDP path: an ICMP error may be about a service's flow.
+        Err(Reason::NotTcpUdp) if icmp::is_icmp(&l3) => return icmp::error(ctx, b, &l3),
+        Err(r) => return Err(r.into()),
+    };
     if p.frag == FRAG_LATER {
         return later_fragment(ctx, b, &p);
     }
     let (id, svc) = select::service(&p)?;
     refuse_vlan(&p, svc)?;
-    let pick = select::backend(&p, id, svc)?;
+    let pick = select::backend(&p, id, svc, true)?;
     if p.frag == FRAG_FIRST {
         frags::remember(&p, id, pick.backend);
     }

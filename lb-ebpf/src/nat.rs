@@ -119,7 +119,7 @@ const AF_INET6: u8 = 10;
 /// Asks the kernel's FIB for the next hop towards `to`: egress interface
 /// and MAC addresses. Reads the packet, changes nothing.
 #[inline(always)]
-fn fib(ctx: &XdpContext, b: &Bounds, p: &Packet, to: &Addr) -> Result<bpf_fib_lookup, Reason> {
+pub fn fib(ctx: &XdpContext, b: &Bounds, p: &Packet, to: &Addr) -> Result<bpf_fib_lookup, Reason> {
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.l4_protocol = p.proto;
     fib.sport = p.sport;
@@ -157,7 +157,7 @@ fn fib(ctx: &XdpContext, b: &Bounds, p: &Packet, to: &Addr) -> Result<bpf_fib_lo
 /// is touched (it is sent only after the program returns), and an egress
 /// missing from the devmap drops it unchanged.
 #[inline(always)]
-fn egress(ctx: &XdpContext, hop: &bpf_fib_lookup) -> Result<u32, Fail> {
+pub fn egress(ctx: &XdpContext, hop: &bpf_fib_lookup) -> Result<u32, Fail> {
     if hop.ifindex == ctx.ingress_ifindex() as u32 {
         return Ok(XDP_TX);
     }
@@ -167,7 +167,7 @@ fn egress(ctx: &XdpContext, hop: &bpf_fib_lookup) -> Result<u32, Fail> {
 }
 
 #[inline(always)]
-fn set_macs(b: &Bounds, hop: &bpf_fib_lookup) -> Result<(), Reason> {
+pub fn set_macs(b: &Bounds, hop: &bpf_fib_lookup) -> Result<(), Reason> {
     let eth: *mut EthHdr = b.ptr_at(0)?;
     unsafe {
         (*eth).dst = hop.dmac;

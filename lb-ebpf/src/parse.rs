@@ -152,14 +152,38 @@ pub const FRAG_FIRST: u8 = 1;
 /// Offset > 0: no ports.
 pub const FRAG_LATER: u8 = 2;
 
+/// The IP layer of a frame: where its headers are and what it carries.
+pub struct L3 {
+    pub l3_off: usize,
+    pub l4_off: usize,
+    /// Where the IP datagram ends (the frame may carry padding past it).
+    pub ip_end: usize,
+    pub v6: bool,
+    pub proto: u8,
+    pub src: Addr,
+    pub dst: Addr,
+    pub vlan: bool,
+    pub frag: u8,
+    pub frag_id: u32,
+}
+
 /// Parses Ethernet (one VLAN tag), IPv4 or IPv6, and the TCP or UDP ports.
 /// Unknown protocols and short frames are errors: the caller passes them on
 /// untouched. A non-first TCP or UDP fragment comes back without ports
-/// (`frag == FRAG_LATER`); one of another protocol is `FragmentUnknown`. `whole` also requires the IP datagram to
-/// be inside the frame; on TC egress a GSO packet's IP length counts bytes
-/// that are not in the linear data, so that check is left out there.
+/// (`frag == FRAG_LATER`); one of another protocol is `FragmentUnknown`.
+/// `whole` also requires the IP datagram to be inside the frame; on TC
+/// egress a GSO packet's IP length counts bytes that are not in the linear
+/// data, so that check is left out there.
 #[inline(always)]
 pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
+    let l3 = ip(b, whole)?;
+    ports(b, &l3, whole)
+}
+
+/// Parses Ethernet (one VLAN tag) and IPv4 or IPv6 with its extension
+/// headers, up to the upper-layer protocol.
+#[inline(always)]
+pub fn ip(b: &Bounds, whole: bool) -> Result<L3, Reason> {
     let eth: *mut EthHdr = b.ptr_at(0)?;
     let mut proto = u16::from_be(unsafe { (*eth).proto });
     let mut l3_off = size_of::<EthHdr>();
@@ -169,9 +193,7 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
         proto = u16::from_be(unsafe { (*tag).proto });
         l3_off += size_of::<VlanHdr>();
     }
-    // Where the IP datagram ends (the frame may carry padding past it).
-    let ip_end;
-    let (src, dst, l4_proto, l4_off, v6, frag, frag_id) = match proto {
+    match proto {
         ETH_P_IP => {
             let ip: *mut Ipv4Hdr = b.ptr_at(l3_off)?;
             let version_ihl = unsafe { (*ip).version_ihl };
@@ -187,7 +209,6 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
             if whole && b.start + l3_off + total > b.end {
                 return Err(Reason::Truncated);
             }
-            ip_end = l3_off + total;
             // Flags and offset: more fragments (0x2000), offset (0x1fff).
             let frag_off = u16::from_be(unsafe { (*ip).frag_off });
             let frag = if frag_off & 0x1fff != 0 {
@@ -197,21 +218,24 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
             } else {
                 FRAG_NONE
             };
-            let id = if frag == FRAG_NONE {
+            let frag_id = if frag == FRAG_NONE {
                 0
             } else {
                 u32::from(unsafe { (*ip).id })
             };
             let (s, d) = unsafe { ((*ip).src, (*ip).dst) };
-            (
-                v4_mapped(s),
-                v4_mapped(d),
-                unsafe { (*ip).proto },
-                l3_off + ihl,
-                false,
+            Ok(L3 {
+                l3_off,
+                l4_off: l3_off + ihl,
+                ip_end: l3_off + total,
+                v6: false,
+                proto: unsafe { (*ip).proto },
+                src: v4_mapped(s),
+                dst: v4_mapped(d),
+                vlan,
                 frag,
-                id,
-            )
+                frag_id,
+            })
         }
         ETH_P_IPV6 => {
             let ip: *mut Ipv6Hdr = b.ptr_at(l3_off)?;
@@ -227,67 +251,73 @@ pub fn parse(b: &Bounds, whole: bool) -> Result<Packet, Reason> {
             if whole && b.start + l3_off + size_of::<Ipv6Hdr>() + payload > b.end {
                 return Err(Reason::Truncated);
             }
-            ip_end = l3_off + size_of::<Ipv6Hdr>() + payload;
-            let (next, off, frag, id) =
+            let (next, off, frag, frag_id) =
                 walk_ipv6_ext(b, unsafe { (*ip).next }, l3_off + size_of::<Ipv6Hdr>())?;
             let (s, d) = unsafe { ((*ip).src, (*ip).dst) };
-            (s, d, next, off, true, frag, id)
+            Ok(L3 {
+                l3_off,
+                l4_off: off,
+                ip_end: l3_off + size_of::<Ipv6Hdr>() + payload,
+                v6: true,
+                proto: next,
+                src: s,
+                dst: d,
+                vlan,
+                frag,
+                frag_id,
+            })
         }
-        _ => return Err(Reason::NotIp),
-    };
-    if frag == FRAG_LATER {
+        _ => Err(Reason::NotIp),
+    }
+}
+
+/// Reads the TCP or UDP ports (and TCP flags) above `l3`; a later fragment
+/// comes back without them.
+#[inline(always)]
+pub fn ports(b: &Bounds, l3: &L3, whole: bool) -> Result<Packet, Reason> {
+    let l4_off = l3.l4_off;
+    let tcp_or_udp = l3.proto == PROTO_TCP || l3.proto == PROTO_UDP;
+    let (sport, dport, tcp_flags) = if l3.frag == FRAG_LATER {
         // No ports here: the first fragment's pick decides (see `frags`).
-        if l4_proto != PROTO_TCP && l4_proto != PROTO_UDP {
+        if !tcp_or_udp {
             return Err(Reason::FragmentUnknown);
         }
-        return Ok(Packet {
-            l3_off,
-            l4_off,
-            v6,
-            proto: l4_proto,
-            src,
-            dst,
-            sport: 0,
-            dport: 0,
-            tcp_flags: 0,
-            vlan,
-            frag,
-            frag_id,
-        });
-    }
-    let (sport, dport, tcp_flags) = match l4_proto {
-        PROTO_TCP => {
-            let tcp: *mut TcpHdr = b.ptr_at(l4_off)?;
-            if whole && l4_off + size_of::<TcpHdr>() > ip_end {
-                return Err(Reason::Truncated);
+        (0, 0, 0)
+    } else {
+        match l3.proto {
+            PROTO_TCP => {
+                let tcp: *mut TcpHdr = b.ptr_at(l4_off)?;
+                if whole && l4_off + size_of::<TcpHdr>() > l3.ip_end {
+                    return Err(Reason::Truncated);
+                }
+                if unsafe { (*tcp).off_res } >> 4 < 5 {
+                    return Err(Reason::BadHeader);
+                }
+                unsafe { ((*tcp).src, (*tcp).dst, (*tcp).flags) }
             }
-            if unsafe { (*tcp).off_res } >> 4 < 5 {
-                return Err(Reason::BadHeader);
+            PROTO_UDP => {
+                let udp: *mut UdpHdr = b.ptr_at(l4_off)?;
+                if whole && l4_off + size_of::<UdpHdr>() > l3.ip_end {
+                    return Err(Reason::Truncated);
+                }
+                unsafe { ((*udp).src, (*udp).dst, 0) }
             }
-            unsafe { ((*tcp).src, (*tcp).dst, (*tcp).flags) }
+            _ => return Err(Reason::NotTcpUdp),
         }
-        PROTO_UDP => {
-            let udp: *mut UdpHdr = b.ptr_at(l4_off)?;
-            if whole && l4_off + size_of::<UdpHdr>() > ip_end {
-                return Err(Reason::Truncated);
-            }
-            unsafe { ((*udp).src, (*udp).dst, 0) }
-        }
-        _ => return Err(Reason::NotTcpUdp),
     };
     Ok(Packet {
-        l3_off,
+        l3_off: l3.l3_off,
         l4_off,
-        v6,
-        proto: l4_proto,
-        src,
-        dst,
+        v6: l3.v6,
+        proto: l3.proto,
+        src: l3.src,
+        dst: l3.dst,
         sport,
         dport,
         tcp_flags,
-        vlan,
-        frag,
-        frag_id,
+        vlan: l3.vlan,
+        frag: l3.frag,
+        frag_id: l3.frag_id,
     })
 }
 

@@ -80,8 +80,12 @@ fn holder(id: u32, service: u32, generation: u32) -> Option<&'static BackendEntr
 }
 
 /// Picks the backend for the packet from the service's active Maglev table.
+/// `pin` is false for a packet that only asks where its flow goes (an ICMP
+/// error about it): the pick is the same as for the flow's next packet that
+/// is not new, but nothing is written (no pin, no UDP flow seen, no new
+/// flow counted).
 #[inline(always)]
-pub fn backend(p: &Packet, id: u32, svc: &ServiceEntry) -> Result<Pick, Reason> {
+pub fn backend(p: &Packet, id: u32, svc: &ServiceEntry, pin: bool) -> Result<Pick, Reason> {
     let m = svc.table_size;
     let table = svc.active;
     if m == 0 || table >= TABLES_PER_SERVICE {
@@ -95,13 +99,15 @@ pub fn backend(p: &Packet, id: u32, svc: &ServiceEntry) -> Result<Pick, Reason> 
     let tcp = p.proto == PROTO_TCP;
     // A flow is new on a SYN (TCP) or when its hash is not in the cache of
     // UDP flows seen (an array read; written only for new flows).
-    let new_flow = if tcp {
+    let new_flow = if !pin {
+        false
+    } else if tcp {
         p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     } else {
         udp_new(h)
     };
     let (backend, entry) = if e.is_sticky() {
-        sticky(p, id, slot, e, new_flow)?
+        sticky(p, id, slot, e, new_flow, pin)?
     } else {
         // The current table's backends are written before the table.
         let entry = LB_BACKENDS.get(e.backend).ok_or(Reason::NoBackend)?;
@@ -193,6 +199,7 @@ fn sticky(
     slot: u32,
     e: &MaglevSlot,
     new_flow: bool,
+    pin: bool,
 ) -> Result<(u32, &'static BackendEntry), Reason> {
     let key = FlowKey {
         src: p.src,
@@ -226,18 +233,20 @@ fn sticky(
         if prev.is_some() {
             choice = e.prev;
         }
-        stats::event(if prev.is_some() {
-            EVENT_MISS_PREV
-        } else {
-            EVENT_MISS_CURRENT
-        });
+        if pin {
+            stats::event(if prev.is_some() {
+                EVENT_MISS_PREV
+            } else {
+                EVENT_MISS_CURRENT
+            });
+        }
     }
     if choice == NO_BACKEND {
         return Err(Reason::NoBackend);
     }
     let entry = LB_BACKENDS.get(choice).ok_or(Reason::NoBackend)?;
     let rst = tcp && p.tcp_flags & TCP_RST != 0;
-    if !rst {
+    if pin && !rst {
         if may_insert(now) {
             let v = FlowValue {
                 backend: choice,

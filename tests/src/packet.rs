@@ -25,7 +25,26 @@ pub enum L4 {
     },
     /// ICMP echo request (ICMPv6 for IPv6 packets).
     Icmp,
+    /// An ICMP error (ICMPv6 for IPv6 packets): type, code and the four
+    /// bytes after the checksum (`info`: the next-hop MTU of "fragmentation
+    /// needed" and "packet too big"). The payload is the quoted packet;
+    /// see [`Spec::icmp_error`].
+    IcmpError {
+        kind: u8,
+        code: u8,
+        info: u32,
+    },
 }
+
+/// ICMP "destination unreachable", code "fragmentation needed".
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMP_PORT_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PORT_UNREACH: u8 = 4;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
 
 /// A packet to build. Defaults: no VLAN, no options, not a fragment.
 #[derive(Clone, Debug)]
@@ -111,7 +130,7 @@ impl Spec {
     pub fn with_dport(mut self, port: u16) -> Self {
         match &mut self.l4 {
             L4::Tcp { dport, .. } | L4::Udp { dport, .. } => *dport = port,
-            L4::Icmp => {}
+            L4::Icmp | L4::IcmpError { .. } => {}
         }
         self
     }
@@ -120,7 +139,7 @@ impl Spec {
     pub fn with_sport(mut self, port: u16) -> Self {
         match &mut self.l4 {
             L4::Tcp { sport, .. } | L4::Udp { sport, .. } => *sport = port,
-            L4::Icmp => {}
+            L4::Icmp | L4::IcmpError { .. } => {}
         }
         self
     }
@@ -134,6 +153,27 @@ impl Spec {
 
     pub fn build(&self) -> Vec<u8> {
         build(self)
+    }
+
+    /// The IP packet alone (the frame without Ethernet and VLAN headers),
+    /// as an ICMP error quotes it.
+    pub fn ip_packet(&self) -> Vec<u8> {
+        let f = build(self);
+        f[if self.vlan.is_some() { 18 } else { 14 }..].to_vec()
+    }
+
+    /// An ICMP error from `src` to `dst` quoting the first `quote_len`
+    /// bytes of `quoted`'s IP packet (all of it if shorter).
+    pub fn icmp_error(
+        src: &str,
+        dst: &str,
+        (kind, code, info): (u8, u8, u32),
+        quoted: &Spec,
+        quote_len: usize,
+    ) -> Self {
+        let mut q = quoted.ip_packet();
+        q.truncate(quote_len);
+        Self::new(src, dst, L4::IcmpError { kind, code, info }).payload(&q)
     }
 }
 
@@ -219,15 +259,20 @@ pub fn build(s: &Spec) -> Vec<u8> {
             if v6 { 58u8 } else { 1u8 },
             vec![if v6 { 128 } else { 8 }, 0, 0, 0, 0, 1, 0, 1],
         ),
+        L4::IcmpError { kind, code, info } => {
+            let mut h = vec![kind, code, 0, 0];
+            h.extend_from_slice(&info.to_be_bytes());
+            (if v6 { 58u8 } else { 1u8 }, h)
+        }
     };
     l4.extend_from_slice(&s.payload);
     let csum_at = match s.l4 {
         L4::Tcp { .. } => 16,
         L4::Udp { .. } => 6,
-        L4::Icmp => 2,
+        L4::Icmp | L4::IcmpError { .. } => 2,
     };
     let csum = match s.l4 {
-        L4::Icmp if !v6 => checksum(&l4),
+        L4::Icmp | L4::IcmpError { .. } if !v6 => checksum(&l4),
         _ => finish(pseudo_sum(s.src, s.dst, proto, l4.len()) + sum16(&l4)),
     };
     let csum = match s.l4 {

@@ -15,6 +15,8 @@ const REQUIRED: &[&str] = &[
     "per_packet/ipv4/udp/1514B/3_backends/clean_slot/empty_table/ns",
     "per_packet/ipv6/tcp_established/74B/3_backends/clean_slot/empty_table/ns",
     "per_packet/ipv6/non_service/1514B/3_backends/clean_slot/empty_table/ns",
+    "per_packet/ipv4/icmp_frag_needed/70B/3_backends/clean_slot/empty_table/ns",
+    "per_packet/ipv6/icmp_frag_needed/1294B/3_backends/clean_slot/empty_table/x_baseline",
     "per_packet/ipv4/tcp_established/64B/1000_backends/clean_slot/empty_table/ns",
     "per_packet/ipv4/tcp_established/64B/4_backends/clean_slot/full_table/ns",
     "per_packet/ipv4/tcp_established/64B/4_backends/sticky_slot_pinned/full_table/ns",

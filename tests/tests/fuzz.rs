@@ -133,13 +133,18 @@ fn words(b: &[u8]) -> Addr {
     std::array::from_fn(|i| u32::from_ne_bytes(b[4 * i..4 * i + 4].try_into().unwrap()))
 }
 
-/// The documented rules: Ethernet with at most one 802.1Q/802.1ad tag; IPv4
-/// with IHL >= 5, total length >= IHL and inside the frame; IPv6 with its
-/// payload inside the frame and at most four extension headers of types
-/// 0/43/60/44; non-first fragments excluded; TCP data offset >= 5; every
-/// header read inside the frame. Checks come in the order the parser
-/// documents, so the reason is exact too.
-fn parse(f: &[u8]) -> Result<Hdr, Reason> {
+/// The IP layer as the rules read it, up to the upper-layer protocol.
+struct Ip {
+    l3: usize,
+    l4: usize,
+    ip_end: usize,
+    v6: bool,
+    proto: u8,
+    src: Addr,
+    dst: Addr,
+}
+
+fn parse_ip(f: &[u8]) -> Result<Ip, Reason> {
     let len = f.len();
     if len < 14 {
         return Err(Reason::Truncated);
@@ -235,6 +240,34 @@ fn parse(f: &[u8]) -> Result<Hdr, Reason> {
         }
         _ => return Err(Reason::NotIp),
     };
+    Ok(Ip {
+        l3,
+        l4,
+        ip_end,
+        v6,
+        proto,
+        src,
+        dst,
+    })
+}
+
+/// The documented rules: Ethernet with at most one 802.1Q/802.1ad tag; IPv4
+/// with IHL >= 5, total length >= IHL and inside the frame; IPv6 with its
+/// payload inside the frame and at most four extension headers of types
+/// 0/43/60/44; non-first fragments excluded; TCP data offset >= 5; every
+/// header read inside the frame. Checks come in the order the parser
+/// documents, so the reason is exact too.
+fn parse(f: &[u8]) -> Result<Hdr, Reason> {
+    let Ip {
+        l3,
+        l4,
+        ip_end,
+        v6,
+        proto,
+        src,
+        dst,
+    } = parse_ip(f)?;
+    let len = f.len();
     match proto {
         PROTO_TCP => {
             if l4 + 20 > len || (L4_HEADER_INSIDE_DATAGRAM && l4 + 20 > ip_end) {
@@ -303,6 +336,16 @@ enum Verdict {
         backend: u32,
         l3: usize,
         v6: bool,
+    },
+    /// An ICMP error whose quote (`quote`, as quoted: service to client)
+    /// names a flow of service `svc`: the quoted source becomes one of
+    /// `candidates`; the outer headers (`l3`, ICMP at `icmp`) stay.
+    IcmpForward {
+        svc: usize,
+        l3: usize,
+        icmp: usize,
+        quote: Hdr,
+        candidates: Vec<u32>,
     },
 }
 
@@ -460,28 +503,127 @@ impl Oracle {
                     v6,
                 };
             }
+            Err(Reason::NotTcpUdp) => return self.judge_icmp(f),
             Err(r) => return Verdict::Pass(r),
         };
         let Some(svc) = self.lookup(&hdr) else {
             return Verdict::Pass(Reason::NoService);
         };
+        match self.candidates(svc, &hdr) {
+            Some(candidates) => Verdict::Forward {
+                svc,
+                hdr,
+                candidates,
+            },
+            None => Verdict::Pass(Reason::NoBackend),
+        }
+    }
+
+    /// The backends the flow `hdr` may go to in service `svc`: the slot's,
+    /// and in a slot that changed, also the one it had before.
+    fn candidates(&self, svc: usize, hdr: &Hdr) -> Option<Vec<u32>> {
         let s = &self.svcs[svc];
         let h = flow_hash(&hdr.src, &hdr.dst, hdr.sport_raw, hdr.dport_raw, hdr.proto);
         let slot = s.table[(h % s.table.len() as u32) as usize];
         if slot.backend == NO_BACKEND {
             // These services never had a backend: nothing is sticky there.
             assert_eq!(slot.prev, NO_BACKEND);
-            return Verdict::Pass(Reason::NoBackend);
+            return None;
         }
         let mut candidates = vec![slot.backend];
         if slot.prev != slot.backend {
             assert_ne!(slot.prev, NO_BACKEND, "the test only adds backends");
             candidates.push(slot.prev);
         }
-        Verdict::Forward {
-            svc,
-            hdr,
-            candidates,
+        Some(candidates)
+    }
+
+    /// ICMP errors (IPv4 types 3 and 11, ICMPv6 types 1-3) quoting a TCP or
+    /// UDP reply of a service's flow: the quoted IP header (same family,
+    /// IHL >= 5, not a later fragment; IPv6 extension headers are not
+    /// walked) and 8 bytes of its L4 header inside the datagram, or
+    /// `icmp_bad_quote`; a quote of no service's flow is `icmp_unmatched`;
+    /// other ICMP and other protocols stay `not_tcp_udp`.
+    fn judge_icmp(&self, f: &[u8]) -> Verdict {
+        let len = f.len();
+        let ip = parse_ip(f).expect("parse saw the IP layer");
+        let icmp = ip.l4;
+        let is_icmp = ip.proto == if ip.v6 { 58 } else { 1 };
+        if !is_icmp || icmp + 8 > len || icmp + 8 > ip.ip_end {
+            return Verdict::Pass(Reason::NotTcpUdp);
+        }
+        let t = f[icmp];
+        let error = if ip.v6 {
+            matches!(t, 1..=3)
+        } else {
+            matches!(t, 3 | 11)
+        };
+        if !error {
+            return Verdict::Pass(Reason::NotTcpUdp);
+        }
+        let bad = Verdict::Pass(Reason::IcmpBadQuote);
+        let q = icmp + 8;
+        let (proto, ql4, src, dst) = if ip.v6 {
+            if q + 40 > len || f[q] >> 4 != 6 {
+                return bad;
+            }
+            // Extension headers in a quote are not walked.
+            let (next, off) = (f[q + 6], q + 40);
+            (
+                next,
+                off,
+                words(&f[q + 8..q + 24]),
+                words(&f[q + 24..q + 40]),
+            )
+        } else {
+            if q + 20 > len {
+                return bad;
+            }
+            let ihl = (f[q] & 0x0f) as usize * 4;
+            if f[q] >> 4 != 4 || ihl < 20 || be16(f, q + 6) & 0x1fff != 0 {
+                return bad;
+            }
+            let s = u32::from_ne_bytes(f[q + 12..q + 16].try_into().unwrap());
+            let d = u32::from_ne_bytes(f[q + 16..q + 20].try_into().unwrap());
+            (f[q + 9], q + ihl, v4_mapped(s), v4_mapped(d))
+        };
+        if proto != PROTO_TCP && proto != PROTO_UDP {
+            return Verdict::Pass(Reason::IcmpUnmatched);
+        }
+        if ql4 + 8 > len || ql4 + 8 > ip.ip_end {
+            return bad;
+        }
+        let quote = Hdr {
+            l3: q,
+            l4: ql4,
+            ip_end: ip.ip_end,
+            v6: ip.v6,
+            proto,
+            src,
+            dst,
+            sport_raw: u16::from_ne_bytes([f[ql4], f[ql4 + 1]]),
+            dport_raw: u16::from_ne_bytes([f[ql4 + 2], f[ql4 + 3]]),
+        };
+        // The flow as the client's packets name it.
+        let flow = Hdr {
+            src: quote.dst,
+            dst: quote.src,
+            sport_raw: quote.dport_raw,
+            dport_raw: quote.sport_raw,
+            ..quote.clone()
+        };
+        let Some(svc) = self.lookup(&flow) else {
+            return Verdict::Pass(Reason::IcmpUnmatched);
+        };
+        match self.candidates(svc, &flow) {
+            Some(candidates) => Verdict::IcmpForward {
+                svc,
+                l3: ip.l3,
+                icmp,
+                quote,
+                candidates,
+            },
+            None => Verdict::Pass(Reason::IcmpUnmatched),
         }
     }
 }
@@ -530,6 +672,19 @@ fn l4_residual(f: &[u8], h: &Hdr) -> u16 {
 
 fn ipv4_header_residual(f: &[u8], h: &Hdr) -> u16 {
     residual(ones_sum(&f[h.l3..h.l4]))
+}
+
+/// The ICMP message's residual; ICMPv6 sums a pseudo-header too.
+fn icmp_residual(f: &[u8], l3: usize, icmp: usize, ip_end: usize, v6: bool) -> u16 {
+    let msg = &f[icmp..ip_end];
+    let mut sum = ones_sum(msg);
+    if v6 {
+        let mut pseudo = f[l3 + 8..l3 + 40].to_vec();
+        pseudo.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 58]);
+        sum += ones_sum(&pseudo);
+    }
+    residual(sum)
 }
 
 // ---------------------------------------------------------------------------
@@ -709,6 +864,9 @@ impl Gen {
         let room = self.max_len.saturating_sub(headers);
         let n = self.rng.skewed_len(room);
         spec.payload = self.rng.bytes(n);
+        if self.rng.one_in(8) && matches!(spec.l4, L4::Tcp { .. } | L4::Udp { .. }) {
+            return self.icmp_error(&spec);
+        }
         let mut f = spec.build();
         if f.len() > self.max_len {
             // IPv6 headers alone can outgrow a page; keep the frame runnable.
@@ -732,6 +890,67 @@ impl Gen {
             }
         }
         f
+    }
+
+    /// An ICMP error about the reply to `spec` (addresses and ports
+    /// swapped, as the service sends it): every error type, now and then
+    /// another ICMP type, quoting the whole reply, RFC 792's minimum or a
+    /// random cut of it.
+    fn icmp_error(&mut self, spec: &Spec) -> Vec<u8> {
+        let v6 = spec.src.is_ipv6();
+        let mut reply = spec.clone();
+        reply.src = spec.dst;
+        reply.dst = spec.src;
+        reply.vlan = None;
+        reply.l4 = match spec.l4 {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+            } => L4::Tcp {
+                sport: dport,
+                dport: sport,
+                flags,
+            },
+            L4::Udp { sport, dport } => L4::Udp {
+                sport: dport,
+                dport: sport,
+            },
+            other => other,
+        };
+        let kinds: &[(u8, u8, u32)] = if v6 {
+            &[
+                (1, 4, 0),
+                (2, 0, 1280),
+                (2, 0, 1280),
+                (3, 0, 0),
+                (128, 0, 0),
+                (4, 1, 8),
+            ]
+        } else {
+            &[
+                (3, 4, 1300),
+                (3, 4, 1300),
+                (3, 3, 0),
+                (11, 0, 0),
+                (8, 0, 0),
+                (5, 1, 0),
+            ]
+        };
+        let kind = *self.rng.pick(kinds);
+        let full = reply.ip_packet().len();
+        let minimum = if v6 { 48 } else { 28 };
+        let len = match self.rng.below(4) {
+            0 => full,
+            1 => minimum,
+            _ => self.rng.below(full + 1),
+        };
+        let room = self.max_len - 4 - 14 - 8 - if v6 { 40 } else { 20 };
+        let router = self.addr(v6);
+        let mut err =
+            Spec::icmp_error(&router, &reply.src.to_string(), kind, &reply, len.min(room));
+        err.vlan = spec.vlan;
+        err.build()
     }
 
     /// Offset of the IP header as the rules would find it, if any.
@@ -950,6 +1169,7 @@ struct Tally {
     l4_past_datagram_forwarded: u64,
     sticky_forwarded: u64,
     fragments_followed: u64,
+    icmp_forwarded: u64,
 }
 
 struct Failure(String);
@@ -1105,6 +1325,66 @@ fn check(
             }
             *tally.forwarded.entry(*svc).or_default() += 1;
         }
+        Verdict::IcmpForward {
+            svc,
+            l3,
+            icmp,
+            quote: q,
+            candidates,
+        } => {
+            if out.len() != input.len() {
+                return fail("an ICMP error changed length".into());
+            }
+            let s = &oracle.svcs[*svc];
+            let port = be16(out, q.l4);
+            let Some(be) = candidates
+                .iter()
+                .map(|id| &s.backends[id])
+                .find(|b| b.port == port)
+            else {
+                return fail(format!(
+                    "quoted source port {port} is none of the backends {:?} its slot names",
+                    candidates
+                        .iter()
+                        .map(|id| s.backends[id].port)
+                        .collect::<Vec<_>>()
+                ));
+            };
+            let mut want = input.to_vec();
+            want[q.l4..q.l4 + 2].copy_from_slice(&port.to_be_bytes());
+            let rewrite =
+                be.rewrite && be.addr != q.src && lb_common::is_v4_mapped(&be.addr) != q.v6;
+            if rewrite {
+                let (at, n) = if q.v6 { (8, 16) } else { (12, 4) };
+                let bytes: Vec<u8> = be.addr.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                want[q.l3 + at..q.l3 + at + n].copy_from_slice(&bytes[16 - n..]);
+            }
+            // Everything but the checksums is now known exactly.
+            let mut masked = out.to_vec();
+            let mut sums = vec![icmp + 2];
+            if !q.v6 {
+                sums.push(q.l3 + 10);
+            }
+            if q.csum_off() + 2 <= q.ip_end {
+                sums.push(q.csum_off());
+            }
+            for at in sums {
+                masked[at..at + 2].copy_from_slice(&input[at..at + 2]);
+            }
+            if masked != want {
+                return fail("an ICMP error changed beyond its quoted source".into());
+            }
+            if icmp_residual(out, *l3, *icmp, q.ip_end, q.v6)
+                != icmp_residual(input, *l3, *icmp, q.ip_end, q.v6)
+            {
+                return fail("the ICMP checksum update is wrong".into());
+            }
+            if !q.v6 && ipv4_header_residual(out, q) != ipv4_header_residual(input, q) {
+                return fail("the quoted IPv4 header checksum update is wrong".into());
+            }
+            tally.icmp_forwarded += 1;
+            *tally.forwarded.entry(*svc).or_default() += 1;
+        }
     }
     Ok(())
 }
@@ -1126,7 +1406,9 @@ fn pin_down(dp: &Dataplane, oracle: &Oracle, chunk: &[Vec<u8>], seed: u64) -> St
             .collect();
         let expected: Vec<&str> = match oracle.judge(dp, f) {
             Verdict::Pass(r) => vec![REASON_NAMES[r as usize]],
-            Verdict::Forward { .. } | Verdict::Fragment { .. } => vec![],
+            Verdict::Forward { .. } | Verdict::Fragment { .. } | Verdict::IcmpForward { .. } => {
+                vec![]
+            }
         };
         if counted != expected {
             return format!(
@@ -1273,11 +1555,13 @@ fn hostile_frames_never_abort_and_change_only_service_packets() {
     }
     println!(
         "  forwarded with a right checksum that stayed right: {}; in changed slots: {}; \
-         IPv6 to an IPv4-mapped address: {}; ports past the datagram's end: {}",
+         IPv6 to an IPv4-mapped address: {}; ports past the datagram's end: {}; \
+         ICMP errors handed to a flow's backend: {}",
         tally.in_checksum_ok,
         tally.sticky_forwarded,
         tally.mapped_v6_forwarded,
-        tally.l4_past_datagram_forwarded
+        tally.l4_past_datagram_forwarded,
+        tally.icmp_forwarded
     );
     // The mix must reach every outcome, or the fuzzer proves little.
     // Reasons only `nat` and `dsr` services can have; these are `local`.
@@ -1302,6 +1586,7 @@ fn hostile_frames_never_abort_and_change_only_service_packets() {
         [0; REASON_COUNT as usize],
         "local services drop nothing"
     );
+    assert!(tally.icmp_forwarded > 0, "no ICMP error reached a backend");
     assert!(tally.frames >= 100_000);
 }
 

@@ -861,7 +861,7 @@ impl SpecPorts for Spec {
     fn sport(&self) -> u16 {
         match self.l4 {
             packet::L4::Tcp { sport, .. } | packet::L4::Udp { sport, .. } => sport,
-            packet::L4::Icmp => 0,
+            packet::L4::Icmp | packet::L4::IcmpError { .. } => 0,
         }
     }
 }

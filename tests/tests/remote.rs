@@ -140,6 +140,13 @@ fn nat_and_dsr_fixtures_with_a_real_fib() {
             Forwarding::Dsr,
             &["[fd00:203::7]:443"],
         ),
+        // A backend on the backend network with no neighbour entry.
+        service(
+            "miss",
+            "10.203.0.30:443",
+            Forwarding::Nat,
+            &["10.203.1.99:443"],
+        ),
     ];
     let w = fib_writer(&lb, services);
     let lb_ns = lb.clone();
@@ -219,6 +226,163 @@ fn nat_and_dsr_fixtures_with_a_real_fib() {
             assert_eq!(out, output.build());
             packet::verify_checksums(&out).unwrap();
         }
+
+        // ICMP errors about the flows above, quoting the replies the
+        // clients could not take: `nat` addresses the error and its quote
+        // to the backend, `dsr` changes only MACs; both route like the
+        // flow's own packets.
+        let before: Vec<lb_common::Counters> = ["nat4", "nat6", "dsr4", "dsr6", "miss"]
+            .iter()
+            .map(|n| dp.service_counters(w.service_id(n).unwrap()).unwrap())
+            .collect();
+        let frag = (packet::ICMP_DEST_UNREACH, packet::ICMP_FRAG_NEEDED, 1300u32);
+        let too_big = (packet::ICMPV6_PACKET_TOO_BIG, 0u8, 1300u32);
+        let big = vec![0x42u8; 1400];
+        let tcp = |src: &str, sport: u16| {
+            Spec::tcp(src, "10.203.0.2", sport, 40000, TCP_ACK).payload(&big)
+        };
+        let udp6 =
+            |src: &str, sport: u16| Spec::udp(src, "fd00:203::2", sport, 40000).payload(&big);
+        let err = |from: &str, to: &str, kind, quoted: &Spec, len| {
+            Spec::icmp_error(from, to, kind, quoted, len)
+        };
+        let icmp: Vec<(&str, Spec, u32, Spec)> = vec![
+            (
+                "nat ipv4 frag needed: error and quote name the backend, redirected",
+                from_client(err(
+                    "10.203.0.2",
+                    "10.203.0.10",
+                    frag,
+                    &tcp("10.203.0.10", 443),
+                    548,
+                )),
+                XDP_REDIRECT,
+                err(
+                    "10.203.0.2",
+                    "10.203.1.5",
+                    frag,
+                    &tcp("10.203.1.5", 8443),
+                    548,
+                )
+                .with_macs(BACKEND_MAC, LBB_MAC),
+            ),
+            (
+                "nat ipv4 frag needed, 8 bytes of tcp quoted",
+                from_client(err(
+                    "10.203.0.2",
+                    "10.203.0.10",
+                    frag,
+                    &tcp("10.203.0.10", 443),
+                    28,
+                )),
+                XDP_REDIRECT,
+                err(
+                    "10.203.0.2",
+                    "10.203.1.5",
+                    frag,
+                    &tcp("10.203.1.5", 8443),
+                    28,
+                )
+                .with_macs(BACKEND_MAC, LBB_MAC),
+            ),
+            (
+                "nat ipv6 packet too big (the pseudo-header's destination changes too)",
+                from_client(err(
+                    "fd00:203::2",
+                    "fd00:203::10",
+                    too_big,
+                    &udp6("fd00:203::10", 443),
+                    1232,
+                )),
+                XDP_REDIRECT,
+                err(
+                    "fd00:203::2",
+                    "fd00:203:1::5",
+                    too_big,
+                    &udp6("fd00:203:1::5", 8443),
+                    1232,
+                )
+                .with_macs(BACKEND_MAC, LBB_MAC),
+            ),
+            (
+                "dsr ipv4 frag needed: only MACs change",
+                from_client(err(
+                    "10.203.0.2",
+                    "10.203.0.20",
+                    frag,
+                    &tcp("10.203.0.20", 443),
+                    548,
+                )),
+                XDP_TX,
+                err(
+                    "10.203.0.2",
+                    "10.203.0.20",
+                    frag,
+                    &tcp("10.203.0.20", 443),
+                    548,
+                )
+                .with_macs(NEIGHBOUR_MAC, LB0_MAC),
+            ),
+            (
+                "dsr ipv6 packet too big",
+                from_client(err(
+                    "fd00:203::2",
+                    "fd00:203::20",
+                    too_big,
+                    &udp6("fd00:203::20", 443),
+                    1232,
+                )),
+                XDP_TX,
+                err(
+                    "fd00:203::2",
+                    "fd00:203::20",
+                    too_big,
+                    &udp6("fd00:203::20", 443),
+                    1232,
+                )
+                .with_macs(NEIGHBOUR_MAC, LB0_MAC),
+            ),
+            (
+                "nat error, backend without a neighbour: rewritten, passed to the stack",
+                from_client(err(
+                    "10.203.0.2",
+                    "10.203.0.30",
+                    frag,
+                    &tcp("10.203.0.30", 443),
+                    548,
+                )),
+                XDP_PASS,
+                from_client(err(
+                    "10.203.0.2",
+                    "10.203.1.99",
+                    frag,
+                    &tcp("10.203.1.99", 443),
+                    548,
+                )),
+            ),
+        ];
+        for (name, input, action, output) in &icmp {
+            let input = input.build();
+            let (got, out) = dp.test_run_xdp_on(&input, lb0).expect("test run");
+            assert_eq!(got, *action, "{name}: action");
+            assert_eq!(out, output.build(), "{name}: bytes");
+        }
+        // Passed for lack of a neighbour: not counted as forwarded.
+        assert_eq!(dp.reason_counts().unwrap()[Reason::FibNoNeigh as usize], 1);
+        let per_service = [2, 1, 1, 1, 0];
+        for (i, n) in ["nat4", "nat6", "dsr4", "dsr6", "miss"].iter().enumerate() {
+            let c = dp.service_counters(w.service_id(n).unwrap()).unwrap();
+            assert_eq!(
+                c.packets - before[i].packets,
+                per_service[i],
+                "{n}: errors counted"
+            );
+            assert_eq!(
+                c.new_flows, before[i].new_flows,
+                "{n}: an error is no new flow"
+            );
+        }
+        assert_eq!(dp.flow_count(), 0, "an error pinned a flow");
     });
 }
 

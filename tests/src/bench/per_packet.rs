@@ -69,6 +69,9 @@ pub enum Kind {
     Udp,
     /// TCP to a port with no service: passed untouched.
     Other,
+    /// ICMP "fragmentation needed" (IPv6: "packet too big") quoting a TCP
+    /// reply of a service's flow: handed to the flow's backend.
+    Icmp,
 }
 
 impl Kind {
@@ -78,6 +81,7 @@ impl Kind {
             Kind::Est => "tcp_established",
             Kind::Udp => "udp",
             Kind::Other => "non_service",
+            Kind::Icmp => "icmp_frag_needed",
         }
     }
     fn label(self) -> &'static str {
@@ -86,6 +90,7 @@ impl Kind {
             Kind::Est => "tcp established",
             Kind::Udp => "udp",
             Kind::Other => "non-service tcp (port 80)",
+            Kind::Icmp => "icmp frag needed / packet too big",
         }
     }
 }
@@ -100,6 +105,9 @@ pub enum Size {
 
 /// Builds a frame of `kind` with the given source port.
 pub fn frame(fam: Fam, kind: Kind, size: Size, sport: u16) -> Vec<u8> {
+    if kind == Kind::Icmp {
+        return icmp_frame(fam, size, sport);
+    }
     let (src, dst) = fam.addrs();
     let l3 = if fam == Fam::V4 { 20 } else { 40 };
     let l4 = if kind == Kind::Udp { 8 } else { 20 };
@@ -113,8 +121,25 @@ pub fn frame(fam: Fam, kind: Kind, size: Size, sport: u16) -> Vec<u8> {
         Kind::Est => Spec::tcp(src, dst, sport, 443, TCP_ACK),
         Kind::Udp => Spec::udp(src, dst, sport, 443),
         Kind::Other => Spec::tcp(src, dst, sport, 80, TCP_ACK),
+        Kind::Icmp => unreachable!("built by icmp_frame"),
     };
     spec.payload(&pad).build()
+}
+
+/// A router's error about a full-size reply of the flow from port `sport`:
+/// "fragmentation needed" (IPv4) or "packet too big" (IPv6). `Small` quotes
+/// the IP header and 8 bytes of TCP (RFC 792's minimum), `Mtu` as much as
+/// Linux routers quote (a 576-byte IPv4 / 1280-byte IPv6 error).
+fn icmp_frame(fam: Fam, size: Size, sport: u16) -> Vec<u8> {
+    let (client, service) = fam.addrs();
+    let reply = Spec::tcp(service, client, 443, sport, TCP_ACK).payload(&[0; 1400]);
+    let (router, kind, quote) = match (fam, size) {
+        (Fam::V4, Size::Small) => ("10.9.5.1", (3, 4, 1300), 20 + 8),
+        (Fam::V4, Size::Mtu) => ("10.9.5.1", (3, 4, 1300), 576 - 20 - 8),
+        (Fam::V6, Size::Small) => ("fd00:5::1", (2, 0, 1300), 40 + 8),
+        (Fam::V6, Size::Mtu) => ("fd00:5::1", (2, 0, 1300), 1280 - 40 - 8),
+    };
+    Spec::icmp_error(router, service, kind, &reply, quote).build()
 }
 
 /// The bench services: `n` backends, all on port 443 of distinct loopback
@@ -503,6 +528,7 @@ fn v4_spec_frame(kind: Kind, src: Ipv4Addr, sport: u16) -> Vec<u8> {
         Kind::Est => Spec::tcp(&s, "10.9.0.1", sport, 443, TCP_ACK),
         Kind::Udp => Spec::udp(&s, "10.9.0.1", sport, 443),
         Kind::Other => Spec::tcp(&s, "10.9.0.1", sport, 80, TCP_ACK),
+        Kind::Icmp => unreachable!("clean and sticky slot cases are TCP/UDP"),
     }
     .payload(&pad)
     .build()
@@ -537,11 +563,18 @@ pub fn run(scale: &Scale, report: &mut Report) {
     }
     for fam in [Fam::V4, Fam::V6] {
         for size in [Size::Small, Size::Mtu] {
-            for kind in [Kind::Syn, Kind::Est, Kind::Udp, Kind::Other] {
+            for kind in [Kind::Syn, Kind::Est, Kind::Udp, Kind::Other, Kind::Icmp] {
                 let f = frame(fam, kind, size, 40000);
                 let e = Expect::of(kind, kind == Kind::Syn);
                 let label = format!("{} {}", fam.name(), kind.label());
                 let ns = b.lb(&w, &f, e, &label);
+                // An ICMP error is not the size of the other frames: the
+                // baseline runs on the same frame.
+                let baseline_ns = if kind == Kind::Icmp {
+                    b.baseline(&f)
+                } else {
+                    baseline_of(fam, size)
+                };
                 rows.push(Row {
                     id: format!(
                         "{}/{}/{}B/3_backends/clean_slot/empty_table",
@@ -554,7 +587,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
                     backends: 3,
                     table: "empty",
                     ns,
-                    baseline_ns: baseline_of(fam, size),
+                    baseline_ns,
                     method: "repeat",
                     runs: scale.repeat as u64 * scale.rounds as u64,
                 });
@@ -846,6 +879,12 @@ pub fn run(scale: &Scale, report: &mut Report) {
          the number of runs, and a run before and after each measurement returns the frame \
          unchanged with the expected action (backends listen on the service port, so the \
          local-mode rewrite writes the bytes that were there)",
+    );
+    t.note(
+        "icmp frag needed / packet too big: a router's error quoting a TCP reply of a service's \
+         flow (IP header + 8 bytes of TCP in the small frame, a 576-byte IPv4 / 1280-byte IPv6 \
+         error in the large one), handed to the flow's backend in local mode; its baseline is the \
+         baseline program run on the same frame",
     );
     t.note(
         "clean slot: a Maglev slot that never changed, where the program does no flow-table \
