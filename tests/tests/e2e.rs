@@ -659,7 +659,7 @@ fn udp_flows_of_a_drained_backend_keep_reaching_it() {
     let _servers: Vec<_> = (8001..=8003).map(|p| site.backend(p)).collect();
     let mut svc = ServiceConf::tcp(&[(8001, 100), (8002, 100), (8003, 100)]);
     svc.protocols = vec!["tcp", "udp"];
-    let lb = site.start_lb(&svc);
+    let lb = site.start_lb_dual(&svc);
     let _log = lb_tests::topology::LogOnPanic(&lb);
     let (v4, v6) = (site.v4(), site.v6());
     let drained = Site::backend_name(8002);
@@ -684,13 +684,15 @@ fn udp_flows_of_a_drained_backend_keep_reaching_it() {
         on_drained > 0,
         "no flow on {drained}; the test proves nothing"
     );
-    lb_tests::topology::change(
-        &lb,
-        "PATCH",
-        "/api/v1/services/web/backends/127.0.0.1:8002",
-        Some(r#"{"state": "draining"}"#),
-        200,
-    );
+    for svc in ["web", "web6"] {
+        lb_tests::topology::change(
+            &lb,
+            "PATCH",
+            &format!("/api/v1/services/{svc}/backends/127.0.0.1:8002"),
+            Some(r#"{"state": "draining"}"#),
+            200,
+        );
+    }
     // 60 s of one datagram per flow every 200 ms: 300 rounds, bounded.
     let started = Instant::now();
     let (rounds, moved) = site.client.run(async move {
