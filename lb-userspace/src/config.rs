@@ -235,7 +235,55 @@ pub struct AdminConfig {
 }
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
-pub const DEFAULT_STATE_FILE: &str = "/var/lib/lb/state.json";
+/// The directory of default state files (systemd's `StateDirectory=lb`
+/// sets `$STATE_DIRECTORY` to it too).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/lb";
+
+/// The state file of a config that names none: one per config file (its
+/// name and a hash of its absolute path), under `$STATE_DIRECTORY` when
+/// systemd sets it, else [`DEFAULT_STATE_DIR`]; two daemons with different
+/// config files never share one.
+pub fn default_state_file(config: &Path) -> PathBuf {
+    let abs = std::fs::canonicalize(config).unwrap_or_else(|_| {
+        std::env::current_dir()
+            .map(|d| d.join(config))
+            .unwrap_or_else(|_| config.to_path_buf())
+    });
+    let dir = std::env::var_os("STATE_DIRECTORY")
+        .map(PathBuf::from)
+        // systemd may pass several, colon-separated: the first is ours.
+        .and_then(|d| {
+            let first = d.to_string_lossy().split(':').next()?.to_string();
+            (!first.is_empty()).then(|| PathBuf::from(first))
+        })
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let stem = abs
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "lb".into());
+    let stem: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let hash = fnv1a(abs.as_os_str().as_encoded_bytes());
+    dir.join(format!("{stem}-{:08x}.state.json", hash as u32))
+}
+
+/// FNV-1a, 64 bits: a stable hash (unlike std's) for names and fingerprints.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
 /// Maps and links are pinned here so the data plane outlives the daemon.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 
@@ -910,7 +958,7 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         .state_file
         .as_ref()
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_FILE));
+        .unwrap_or_else(|| default_state_file(path));
 
     // The record of the pinned maps sits beside the state file (bpffs
     // holds no regular files).

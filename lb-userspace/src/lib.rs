@@ -1,5 +1,6 @@
 //! The balancer's userspace: the daemon that loads and drives the kernel data
 //! plane, checks backends and serves the admin API.
+pub mod admin;
 pub mod api;
 pub mod config;
 pub mod daemon;
@@ -7,6 +8,7 @@ pub mod dataplane;
 pub mod health;
 pub mod maglev;
 pub mod metrics;
+pub mod notify;
 pub mod pins;
 pub mod state;
 
