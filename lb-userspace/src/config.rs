@@ -275,6 +275,21 @@ pub fn default_state_file(config: &Path) -> PathBuf {
     dir.join(format!("{stem}-{:08x}.state.json", hash as u32))
 }
 
+/// The record of the maps pinned at `pin`, in the state file's directory.
+pub fn record_path(state_file: &Path, pin: &Path) -> PathBuf {
+    let dir = state_file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let hash = fnv1a(pin.as_os_str().as_encoded_bytes());
+    dir.join(format!("dataplane-{:08x}.json", hash as u32))
+}
+
+/// Where versions before the per-pin record kept it.
+pub fn legacy_record_path(state_file: &Path) -> PathBuf {
+    state_file.with_extension("dataplane.json")
+}
+
 /// FNV-1a, 64 bits: a stable hash (unlike std's) for names and fingerprints.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -961,8 +976,13 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         .unwrap_or_else(|| default_state_file(path));
 
     // The record of the pinned maps sits beside the state file (bpffs
-    // holds no regular files).
-    opts.record_path = Some(state_file.with_extension("dataplane.json"));
+    // holds no regular files), named after the pins: daemons of different
+    // config files with the same pins (default state files all live in one
+    // directory) read one record.
+    opts.record_path = opts
+        .pin_path
+        .as_deref()
+        .map(|pin| record_path(&state_file, pin));
 
     let health_max_concurrent = int_in(
         &[Seg::Key("health".into()), Seg::Key("max_concurrent".into())],

@@ -380,6 +380,14 @@ impl Daemon {
             warn!("{w}");
         }
         let state_file = &config.admin.state_file;
+        // A record kept by an older lb beside the state file moves to its
+        // per-pin name, so its pins are adopted, not replaced.
+        if let Some(record) = &config.dataplane.record_path {
+            let legacy = config::legacy_record_path(state_file);
+            if !record.exists() && legacy.exists() && std::fs::rename(&legacy, record).is_ok() {
+                info!(from = %legacy.display(), to = %record.display(), "moved the record of the pinned data plane");
+            }
+        }
         let saved = if run.reset_state {
             info!(file = %state_file.display(), "state file reset (--reset-state): API changes and health verdicts discarded");
             None
