@@ -501,9 +501,12 @@ impl Daemon {
                 });
             inner.services = services;
             inner.health = health;
-            // Written at once: a reset or a dropped change stays so, and
-            // the file names the config it now follows.
-            if let Err(e) = daemon.persist(&inner).await {
+            // An existing file is rewritten at once: a reset or a dropped
+            // change stays so, and the file names the config it now follows.
+            // (No file yet: nothing to record until something changes.)
+            if daemon.shared.state_file.exists()
+                && let Err(e) = daemon.persist(&inner).await
+            {
                 warn!(
                     "{e}; API changes and health verdicts will not survive a restart until it can be written"
                 );
