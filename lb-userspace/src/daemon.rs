@@ -429,6 +429,9 @@ impl Daemon {
         .expect("loader task")?;
         // SAFETY: the logger owns its ring buffer's fd and keeps it open
         // for as long as it lives inside the AsyncFd.
+        // `Option::map` would return the large error from a closure
+        // (clippy::result_large_err).
+        #[allow(clippy::manual_map)]
         let registered = match logger {
             // SAFETY: see above.
             Some(logger) => Some(unsafe {

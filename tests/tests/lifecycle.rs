@@ -181,8 +181,11 @@ fn one_connection(to: SocketAddr) -> Result<String, String> {
 /// stopped: (names of answering backends with counts, failures).
 struct NewConnections {
     stop: Arc<AtomicBool>,
-    handle: Option<thread::JoinHandle<(HashMap<String, u64>, Vec<String>)>>,
+    handle: Option<thread::JoinHandle<Tally>>,
 }
+
+/// Answers by backend name, and failures.
+type Tally = (HashMap<String, u64>, Vec<String>);
 
 impl NewConnections {
     fn start(ns: &str, pause: Duration) -> Self {
@@ -209,7 +212,7 @@ impl NewConnections {
         }
     }
 
-    fn finish(mut self) -> (HashMap<String, u64>, Vec<String>) {
+    fn finish(mut self) -> Tally {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.take().unwrap().join().unwrap()
     }
@@ -617,12 +620,7 @@ fn reloads_apply_the_difference_under_traffic() {
         names.get("8004").copied().unwrap_or(0) > 0,
         "8004 got nothing: {names:?}"
     );
-    assert_eq!(
-        lb_pid_alive(&lb),
-        true,
-        "SIGHUP ended the daemon:\n{}",
-        lb.log()
-    );
+    assert!(lb_pid_alive(&lb), "SIGHUP ended the daemon:\n{}", lb.log());
 
     // An invalid file: 400 naming line and field, nothing changes.
     let before = lb.get("/api/v1/services").1;
