@@ -543,6 +543,9 @@ mod tests {
             "/services/{name}/backends/{address}",
             "/healthz",
             "/metrics",
+            "/status",
+            "/reload",
+            "/stop",
         ] {
             assert!(doc["paths"][p].is_object(), "{p}");
         }
