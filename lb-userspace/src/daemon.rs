@@ -964,6 +964,60 @@ impl Daemon {
 
 #[cfg(test)]
 mod tests {
+    use crate::{
+        config::{BackendConfig, ServiceConfig},
+        dataplane::{AdminState, Forwarding, Protocol},
+        state::{self, Saved},
+    };
+
+    fn svc(weights: &[u16]) -> Vec<ServiceConfig> {
+        vec![ServiceConfig {
+            name: "web".into(),
+            listen: "0.0.0.0:443".parse().unwrap(),
+            protocols: vec![Protocol::Tcp],
+            forwarding: Forwarding::Local,
+            health: None,
+            backends: weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| BackendConfig {
+                    address: format!("127.0.0.1:{}", 8001 + i).parse().unwrap(),
+                    weight: *w,
+                    state: AdminState::Active,
+                })
+                .collect(),
+        }]
+    }
+
+    #[test]
+    fn api_changes_apply_only_on_the_config_they_were_made_on() {
+        let (base, changed) = (svc(&[100, 100]), svc(&[7, 100]));
+        let saved = |base: &[ServiceConfig]| Saved {
+            fingerprint: Some(state::fingerprint(base)),
+            base: base.to_vec(),
+            changed: Some(changed.clone()),
+            health: Default::default(),
+        };
+        // Same config: the changes come back.
+        let (services, dropped, _) = super::resolve(&base, Some(saved(&base)));
+        assert_eq!((services, dropped.len()), (changed.clone(), 0));
+        // Edited config: it wins and the dropped change is named.
+        let edited = svc(&[100, 100, 100]);
+        let (services, dropped, _) = super::resolve(&edited, Some(saved(&base)));
+        assert_eq!(services, edited);
+        assert_eq!(
+            dropped,
+            ["service web: backend 127.0.0.1:8001 weight 100 -> 7"]
+        );
+        // A version 1 file (no fingerprint): the config wins, said once.
+        let mut old = saved(&base);
+        old.fingerprint = None;
+        let (services, dropped, _) = super::resolve(&base, Some(old));
+        assert_eq!((services, dropped.len()), (base.clone(), 1));
+        // No file, or no change: the config.
+        assert_eq!(super::resolve(&base, None).0, base);
+    }
+
     #[test]
     fn finds_the_default_routes_devices() {
         let v4 = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\

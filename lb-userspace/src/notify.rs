@@ -94,3 +94,40 @@ pub fn watchdog_interval() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sends_datagrams_to_a_path_and_an_abstract_socket() {
+        let dir = std::env::temp_dir().join(format!("lb-notify-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let name = format!("lb-notify-test-{}", std::process::id());
+        let abs = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        for (listener, value) in [
+            (
+                UnixDatagram::bind(&path).unwrap(),
+                path.display().to_string(),
+            ),
+            (UnixDatagram::bind_addr(&abs).unwrap(), format!("@{name}")),
+        ] {
+            listener
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            // SAFETY: tests in this module are the only readers of it.
+            unsafe { std::env::set_var("NOTIFY_SOCKET", &value) };
+            let n = Notifier::from_env();
+            unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+            assert!(n.enabled());
+            n.ready("serving");
+            let mut buf = [0u8; 256];
+            let len = listener.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..len], b"READY=1\nSTATUS=serving", "{value}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!Notifier::from_env().enabled());
+    }
+}
