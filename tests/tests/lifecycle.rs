@@ -198,9 +198,14 @@ impl NewConnections {
             let mut n = 0u64;
             while !flag.load(Ordering::Relaxed) && Instant::now() < deadline && n < 100_000 {
                 n += 1;
+                let t = Instant::now();
                 match one_connection(to) {
                     Ok(name) => *names.entry(name).or_insert(0) += 1,
                     Err(e) => failures.push(format!("connection {n}: {e}")),
+                }
+                let took = t.elapsed();
+                if took > Duration::from_millis(200) {
+                    println!("slow connection {n}: {took:?}");
                 }
                 thread::sleep(pause);
             }
@@ -616,9 +621,28 @@ fn reloads_apply_the_difference_under_traffic() {
         failures.len()
     );
     assert!(failures.is_empty(), "failures: {failures:?}");
+    // After the reload: new connections by the new weights, none to 8003.
+    let to: SocketAddr = VIP.parse().unwrap();
+    let after: Vec<String> = netns::within(&s.client_ns, move || {
+        (0..100).map(|_| one_connection(to).unwrap()).collect()
+    });
+    let count = |n: &str| after.iter().filter(|x| *x == n).count();
+    println!(
+        "100 connections after the reload: 8001 {}, 8002 {}, 8003 {}, 8004 {}",
+        count("8001"),
+        count("8002"),
+        count("8003"),
+        count("8004")
+    );
+    assert_eq!(
+        count("8003"),
+        0,
+        "the removed backend still gets new connections"
+    );
+    assert!(count("8004") >= 20, "8004 gets too few: {after:?}");
     assert!(
-        names.get("8004").copied().unwrap_or(0) > 0,
-        "8004 got nothing: {names:?}"
+        count("8002") < count("8001"),
+        "8002 not re-weighted: {after:?}"
     );
     assert!(lb_pid_alive(&lb), "SIGHUP ended the daemon:\n{}", lb.log());
 
