@@ -23,7 +23,7 @@ use tower::ServiceExt;
 use tracing::{debug, warn};
 
 /// Bounds on the admin listener.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Open connections at most.
     pub max_connections: usize,

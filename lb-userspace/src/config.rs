@@ -151,6 +151,12 @@ pub struct RawAdmin {
     pub listen: Option<String>,
     pub token_file: Option<String>,
     pub state_file: Option<String>,
+    /// Open admin connections at most (default 256).
+    pub max_connections: Option<i64>,
+    /// A request's headers must arrive within this (default "10s").
+    pub header_timeout: Option<String>,
+    /// A connection idle this long is closed (default "60s").
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -232,6 +238,8 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
     /// Where API changes are kept across restarts.
     pub state_file: PathBuf,
+    /// Bounds on the admin listener.
+    pub limits: crate::admin::Limits,
 }
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
@@ -984,6 +992,28 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         .as_deref()
         .map(|pin| record_path(&state_file, pin));
 
+    let defaults = crate::admin::Limits::default();
+    let admin_dur = |field: &str, v: &Option<String>, default: Duration| match v {
+        Some(v) => parse_duration(v).map_err(|m| FieldError::new(&key(&admin_path, field), m)),
+        None => Ok(default),
+    };
+    let limits = crate::admin::Limits {
+        max_connections: match raw.admin.max_connections {
+            Some(v) => int_in(&key(&admin_path, "max_connections"), v, 4, 65536)? as usize,
+            None => defaults.max_connections,
+        },
+        header_timeout: admin_dur(
+            "header_timeout",
+            &raw.admin.header_timeout,
+            defaults.header_timeout,
+        )?,
+        idle_timeout: admin_dur(
+            "idle_timeout",
+            &raw.admin.idle_timeout,
+            defaults.idle_timeout,
+        )?,
+    };
+
     let health_max_concurrent = int_in(
         &[Seg::Key("health".into()), Seg::Key("max_concurrent".into())],
         raw.health.max_concurrent.unwrap_or(256),
@@ -1005,6 +1035,7 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
             listen,
             token_file,
             state_file,
+            limits,
         },
         health_max_concurrent,
         services,

@@ -241,7 +241,7 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
         admin::serve(
             listener,
             api::router(daemon.clone()),
-            admin::Limits::default(),
+            config.admin.limits,
             signal,
         )
         .await;

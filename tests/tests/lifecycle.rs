@@ -850,6 +850,119 @@ fn idle_admin_connections_do_not_starve_the_daemon() {
     assert!(open <= 260, "{open} idle connections held open");
 }
 
+/// Waits up to `within` for the server to close `c`; how long it took.
+fn closed_within(c: &TcpStream, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    c.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < within {
+        match (&*c).read(&mut buf) {
+            Ok(0) => return Some(start.elapsed()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
+/// When the server closed each of `conns` (polled together), from now.
+fn close_times(conns: &[&TcpStream], within: Duration) -> Vec<Option<Duration>> {
+    let start = Instant::now();
+    let mut out = vec![None; conns.len()];
+    for c in conns {
+        c.set_nonblocking(true).unwrap();
+    }
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < within && out.iter().any(Option::is_none) {
+        for (i, c) in conns.iter().enumerate() {
+            if out[i].is_some() {
+                continue;
+            }
+            match (&**c).read(&mut buf) {
+                Ok(0) => out[i] = Some(start.elapsed()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => out[i] = Some(start.elapsed()),
+            }
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    out
+}
+
+/// `admin.header_timeout` and `admin.idle_timeout` close slow and idle
+/// clients; `admin.max_connections` caps open connections.
+#[test]
+fn admin_timeouts_close_slow_and_idle_clients() {
+    let s = setup("admin-timeouts");
+    let config = s.config(&[(8001, 100)], FAST_TCP);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[admin]\n",
+        "[admin]\nheader_timeout = \"1s\"\nidle_timeout = \"1s\"\nmax_connections = 8\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let lb = Lb::start(&s.lb_ns, &config, API, &["--reset-state"]);
+    let api: SocketAddr = API.parse().unwrap();
+    let (idle, slow, kept) = netns::within(&s.lb_ns, move || {
+        let idle = TcpStream::connect(api).unwrap();
+        // Headers dripped one byte every 200 ms never finish.
+        let slow = TcpStream::connect(api).unwrap();
+        let mut w = slow.try_clone().unwrap();
+        let drip = thread::spawn(move || {
+            w.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").ok();
+            for _ in 0..20 {
+                thread::sleep(Duration::from_millis(200));
+                if w.write_all(b"X").is_err() {
+                    break;
+                }
+            }
+        });
+        // One answered request, then idle on a kept-alive connection.
+        let mut kept = TcpStream::connect(api).unwrap();
+        kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        kept.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        assert!(kept.read(&mut buf).unwrap() > 0);
+        let t = close_times(&[&idle, &slow, &kept], Duration::from_secs(5));
+        drip.join().unwrap();
+        (t[0], t[1], t[2])
+    });
+    println!(
+        "closed after: idle {idle:?}, dripped headers {slow:?}, kept-alive idle {kept:?} (timeouts 1s)"
+    );
+    for (what, t) in [
+        ("idle", idle),
+        ("dripped headers", slow),
+        ("kept-alive", kept),
+    ] {
+        let t = t.unwrap_or_else(|| panic!("{what} connection still open after 5 s"));
+        assert!(
+            t >= Duration::from_millis(700),
+            "{what} closed too early: {t:?}"
+        );
+    }
+    // The cap: 20 idle connections, at most 8 stay open, /healthz answers.
+    let conns = netns::within(&s.lb_ns, move || {
+        (0..20)
+            .map(|_| TcpStream::connect(api).unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(lb.get("/healthz").0, 200);
+    thread::sleep(Duration::from_millis(200));
+    let open = conns
+        .iter()
+        .filter(|c| closed_within(c, Duration::from_millis(60)).is_none())
+        .count();
+    println!("20 idle connections with max_connections = 8: {open} open");
+    assert!(open <= 8, "{open} open");
+}
+
 /// The notification protocol over a real NOTIFY_SOCKET: READY after
 /// attach, WATCHDOG at half of WATCHDOG_USEC, RELOADING then READY around
 /// a SIGHUP, STOPPING on SIGTERM.
