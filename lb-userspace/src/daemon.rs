@@ -388,6 +388,15 @@ impl Daemon {
                 info!(from = %legacy.display(), to = %record.display(), "moved the record of the pinned data plane");
             }
         }
+        let legacy = std::path::Path::new("/var/lib/lb/state.json");
+        if state_file != legacy && legacy.exists() && !state_file.exists() {
+            warn!(
+                old = %legacy.display(),
+                new = %state_file.display(),
+                "the state file is per config file now; the shared one of older versions is not read \
+                 (set admin.state_file to it to keep its changes)"
+            );
+        }
         let saved = if run.reset_state {
             info!(file = %state_file.display(), "state file reset (--reset-state): API changes and health verdicts discarded");
             None

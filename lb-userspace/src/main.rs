@@ -24,6 +24,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Attach to the interface and serve the configured services and the admin API.
+    ///
+    /// SIGTERM and Ctrl-C end the daemon but leave the data plane attached
+    /// and pinned, so traffic keeps flowing and the next `lb run` adopts it;
+    /// `lb stop` removes it. SIGHUP (or `lb reload`) re-reads the config.
     Run {
         #[arg(long, short)]
         config: PathBuf,
