@@ -314,10 +314,21 @@ fn reactivated_backends_get_a_fresh_verdict() {
         "8002 gets no connections: {names:?}"
     );
 
+    // Down again; back up, and a PUT that changes the check: the new check
+    // decides at once, not after `rise` rounds of it.
+    drop(_back);
+    wait_healthy(&lb, 8002, false, Duration::from_secs(6));
+    let _back = EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002");
+    let changed = r#"{"name": "web", "listen": "0.0.0.0:443", "protocols": ["tcp"], "health": {"kind": "tcp", "interval": "3s", "timeout": "200ms", "rise": 3, "fall": 1}, "backends": [{"address": "127.0.0.1:8001"}, {"address": "127.0.0.1:8002"}]}"#;
+    let (st, v) = lb.call("PUT", "/api/v1/services/web", Some(changed), None);
+    assert_eq!(st, 200, "{v}");
+    let took = wait_healthy(&lb, 8002, true, Duration::from_millis(1500));
+    println!("healthy {took:?} after a PUT changed its check (interval 3s, rise 3)");
+
     // Down again, then a PUT that drops the health check: no check, no
     // stale "down".
     drop(_back);
-    wait_healthy(&lb, 8002, false, Duration::from_secs(6));
+    wait_healthy(&lb, 8002, false, Duration::from_secs(8));
     let body = r#"{"name": "web", "listen": "0.0.0.0:443", "protocols": ["tcp"], "backends": [{"address": "127.0.0.1:8001"}, {"address": "127.0.0.1:8002"}]}"#;
     let (st, v) = lb.call("PUT", "/api/v1/services/web", Some(body), None);
     assert_eq!(st, 200, "{v}");
