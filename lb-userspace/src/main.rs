@@ -202,17 +202,15 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
         Err(e) => warn!("cannot raise the open-file limit: {e}"),
     }
     let notifier = Notifier::from_env();
-    // Bound before anything is attached: a port in use fails fast.
     let listen = config.admin.listen;
-    let std_listener = std::net::TcpListener::bind(listen)
-        .with_context(|| format!("admin API cannot listen on {listen}; nothing was attached"))?;
-    std_listener.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::from_std(std_listener)?;
+        // Bound before anything is attached: a port in use fails fast.
+        let listener = admin_listener(listen)
+            .with_context(|| format!("admin API cannot listen on {listen}; nothing was attached"))?;
         let daemon = Daemon::start(&config, &opts).await?;
         if !listen.ip().is_loopback() && daemon.token().is_none() {
             warn!(%listen, "the admin API listens beyond loopback without a token: anyone who reaches it can change the balancer; set admin.token_file");
@@ -257,6 +255,18 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
         daemon.shutdown(!detach).await;
         Ok(())
     })
+}
+
+/// The admin listener, with a backlog deep enough for bursts of clients.
+fn admin_listener(listen: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = if listen.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(listen)?;
+    sock.listen(1024)
 }
 
 /// SIGHUP: re-read the config and apply it, telling systemd around it.
