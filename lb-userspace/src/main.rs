@@ -211,6 +211,9 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
         // Bound before anything is attached: a port in use fails fast.
         let listener = admin_listener(listen)
             .with_context(|| format!("admin API cannot listen on {listen}; nothing was attached"))?;
+        // Handled from here on: a SIGHUP while starting must not end the
+        // daemon (the default action); it reloads once started.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let daemon = Daemon::start(&config, &opts).await?;
         if !listen.ip().is_loopback() && daemon.token().is_none() {
             warn!(%listen, "the admin API listens beyond loopback without a token: anyone who reaches it can change the balancer; set admin.token_file");
@@ -218,7 +221,7 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
         info!(%listen, "admin API and /metrics listening");
         notifier.ready(&format!("serving; admin API on {listen}"));
         let notifier = std::sync::Arc::new(notifier);
-        let mut tasks = vec![tokio::spawn(reloads(daemon.clone(), notifier.clone()))];
+        let mut tasks = vec![tokio::spawn(reloads(daemon.clone(), notifier.clone(), hup))];
         if let Some(every) = notify::watchdog_interval()
             && notifier.enabled()
         {
@@ -270,9 +273,12 @@ fn admin_listener(listen: std::net::SocketAddr) -> std::io::Result<tokio::net::T
 }
 
 /// SIGHUP: re-read the config and apply it, telling systemd around it.
-async fn reloads(daemon: Daemon, notifier: std::sync::Arc<Notifier>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+async fn reloads(
+    daemon: Daemon,
+    notifier: std::sync::Arc<Notifier>,
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+) {
+    let Ok(mut hup) = hup else {
         warn!("cannot handle SIGHUP; reload with `lb reload` instead");
         return;
     };
