@@ -794,12 +794,13 @@ impl Daemon {
                 continue;
             }
             inner.health.insert(key, ev.healthy);
-            let services = inner.services.clone();
-            let installed = self.install(&services, &inner.health).await;
+            // Saved before the install: a crash in between still restarts
+            // with the verdict the checks reached.
             if let Err(e) = self.persist(&inner).await {
                 warn!("{e}; this health verdict will not survive a restart");
             }
-            match installed {
+            let services = inner.services.clone();
+            match self.install(&services, &inner.health).await {
                 Ok(()) => info!(
                     service = %ev.service,
                     backend = %ev.backend,
