@@ -127,6 +127,9 @@ pub fn router(daemon: Daemon) -> Router {
             "/services/{name}/backends/{address}",
             get(get_backend).patch(patch_backend).delete(delete_backend),
         )
+        .route("/status", get(status))
+        .route("/reload", axum::routing::post(reload))
+        .route("/stop", axum::routing::post(stop))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi));
@@ -173,8 +176,42 @@ fn parse_address(s: &str) -> Result<SocketAddr, ApiError> {
     })
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+async fn healthz(State(d): State<Daemon>) -> Response {
+    if d.alive(std::time::Duration::from_secs(2)).await {
+        Json(json!({ "status": "ok" })).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "unhealthy", "error": "a daemon loop died or its state is stuck" })),
+        )
+            .into_response()
+    }
+}
+
+async fn status(State(d): State<Daemon>) -> Response {
+    Json(d.status().await).into_response()
+}
+
+/// Re-reads the config file; 400 with the file, line and field when it is
+/// invalid (nothing changes then).
+async fn reload(State(d): State<Daemon>) -> Result<Response, ApiError> {
+    let report = d.reload().await?;
+    Ok(Json(report).into_response())
+}
+
+/// Detaches the data plane, removes its pins, and ends the daemon.
+async fn stop(State(d): State<Daemon>) -> Response {
+    // A moment for this answer to reach the client before the listener
+    // closes.
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        d.request_stop();
+    });
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({ "status": "stopping: detaching the data plane and removing its pins" })),
+    )
+        .into_response()
 }
 
 async fn metrics(State(d): State<Daemon>) -> Response {
@@ -443,7 +480,10 @@ pub fn openapi_document() -> serde_json::Value {
                           "responses": {"200": ok(backend_ref.clone()), "400": error, "401": error, "404": error}},
                 "delete": {"summary": "Remove a backend", "security": [{"bearer": []}], "responses": {"204": {"description": "Removed"}, "401": error, "404": error}}
             },
-            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": ok(json!({"type": "object"}))}}},
+            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": ok(json!({"type": "object"})), "503": error}}},
+            "/status": {"get": {"summary": "Where the services come from: config, state file, API changes dropped", "responses": {"200": ok(json!({"type": "object"}))}}},
+            "/reload": {"post": {"summary": "Re-read the config file and apply it", "security": [{"bearer": []}], "responses": {"200": ok(json!({"type": "object"})), "400": error, "401": error, "409": error}}},
+            "/stop": {"post": {"summary": "Detach the data plane, remove its pins and exit", "security": [{"bearer": []}], "responses": {"202": ok(json!({"type": "object"})), "401": error}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
         },
         "components": {
@@ -505,6 +545,9 @@ mod tests {
             "/services/{name}/backends/{address}",
             "/healthz",
             "/metrics",
+            "/status",
+            "/reload",
+            "/stop",
         ] {
             assert!(doc["paths"][p].is_object(), "{p}");
         }

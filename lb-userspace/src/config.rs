@@ -151,6 +151,12 @@ pub struct RawAdmin {
     pub listen: Option<String>,
     pub token_file: Option<String>,
     pub state_file: Option<String>,
+    /// Open admin connections at most (default 256).
+    pub max_connections: Option<i64>,
+    /// A request's headers must arrive within this (default "10s").
+    pub header_timeout: Option<String>,
+    /// A connection idle this long is closed (default "60s").
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -238,10 +244,75 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
     /// Where API changes are kept across restarts.
     pub state_file: PathBuf,
+    /// Bounds on the admin listener.
+    pub limits: crate::admin::Limits,
 }
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
-pub const DEFAULT_STATE_FILE: &str = "/var/lib/lb/state.json";
+/// The directory of default state files (systemd's `StateDirectory=lb`
+/// sets `$STATE_DIRECTORY` to it too).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/lb";
+
+/// The state file of a config that names none: one per config file (its
+/// name and a hash of its absolute path), under `$STATE_DIRECTORY` when
+/// systemd sets it, else [`DEFAULT_STATE_DIR`]; two daemons with different
+/// config files never share one.
+pub fn default_state_file(config: &Path) -> PathBuf {
+    let abs = std::fs::canonicalize(config).unwrap_or_else(|_| {
+        std::env::current_dir()
+            .map(|d| d.join(config))
+            .unwrap_or_else(|_| config.to_path_buf())
+    });
+    let dir = std::env::var_os("STATE_DIRECTORY")
+        .map(PathBuf::from)
+        // systemd may pass several, colon-separated: the first is ours.
+        .and_then(|d| {
+            let first = d.to_string_lossy().split(':').next()?.to_string();
+            (!first.is_empty()).then(|| PathBuf::from(first))
+        })
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    let stem = abs
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "lb".into());
+    let stem: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let hash = fnv1a(abs.as_os_str().as_encoded_bytes());
+    dir.join(format!("{stem}-{:08x}.state.json", hash as u32))
+}
+
+/// The record of the maps pinned at `pin`, in the state file's directory.
+pub fn record_path(state_file: &Path, pin: &Path) -> PathBuf {
+    let dir = state_file
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let hash = fnv1a(pin.as_os_str().as_encoded_bytes());
+    dir.join(format!("dataplane-{:08x}.json", hash as u32))
+}
+
+/// Where versions before the per-pin record kept it.
+pub fn legacy_record_path(state_file: &Path) -> PathBuf {
+    state_file.with_extension("dataplane.json")
+}
+
+/// FNV-1a, 64 bits: a stable hash (unlike std's) for names and fingerprints.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
 /// Maps and links are pinned here so the data plane outlives the daemon.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 
@@ -963,11 +1034,38 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         .state_file
         .as_ref()
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_FILE));
+        .unwrap_or_else(|| default_state_file(path));
 
     // The record of the pinned maps sits beside the state file (bpffs
-    // holds no regular files).
-    opts.record_path = Some(state_file.with_extension("dataplane.json"));
+    // holds no regular files), named after the pins: daemons of different
+    // config files with the same pins (default state files all live in one
+    // directory) read one record.
+    opts.record_path = opts
+        .pin_path
+        .as_deref()
+        .map(|pin| record_path(&state_file, pin));
+
+    let defaults = crate::admin::Limits::default();
+    let admin_dur = |field: &str, v: &Option<String>, default: Duration| match v {
+        Some(v) => parse_duration(v).map_err(|m| FieldError::new(&key(&admin_path, field), m)),
+        None => Ok(default),
+    };
+    let limits = crate::admin::Limits {
+        max_connections: match raw.admin.max_connections {
+            Some(v) => int_in(&key(&admin_path, "max_connections"), v, 4, 65536)? as usize,
+            None => defaults.max_connections,
+        },
+        header_timeout: admin_dur(
+            "header_timeout",
+            &raw.admin.header_timeout,
+            defaults.header_timeout,
+        )?,
+        idle_timeout: admin_dur(
+            "idle_timeout",
+            &raw.admin.idle_timeout,
+            defaults.idle_timeout,
+        )?,
+    };
 
     let health_max_concurrent = int_in(
         &[Seg::Key("health".into()), Seg::Key("max_concurrent".into())],
@@ -990,6 +1088,7 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
             listen,
             token_file,
             state_file,
+            limits,
         },
         health_max_concurrent,
         services,

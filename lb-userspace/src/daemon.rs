@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use thiserror::Error;
@@ -16,9 +16,10 @@ use tracing::{debug, error, info, warn};
 use crate::{
     config::{self, Config, ServiceConfig},
     dataplane::{BackendSpec, Dataplane, DataplaneError, MapWriter, Options, ServiceSpec},
-    health::{self, Checker, HealthEvent, Target},
+    health::{self, Checker, HealthEvent, Start, Target},
     metrics::{Metrics, Snapshot},
-    state::{self, StateError},
+    pins,
+    state::{self, Saved, StateError, Verdicts},
 };
 
 /// Why a change was refused; the API turns these into status codes.
@@ -49,6 +50,14 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "another lb daemon already runs on the pins at {0} (it holds their lock); stop it first \
+         (`lb stop`, or SIGTERM to leave the data plane running), or give this one another \
+         dataplane.pin_path"
+    )]
+    Locked(PathBuf),
+    #[error("{0}")]
+    Lock(String),
 }
 
 /// How `lb run` was asked to start.
@@ -58,9 +67,38 @@ pub struct RunOptions {
     pub interface: Option<String>,
     /// Ignore (and overwrite) the state file.
     pub reset_state: bool,
-    /// On shutdown, leave the data plane attached and pinned for the next
-    /// daemon instead of detaching it.
-    pub keep_dataplane: bool,
+}
+
+/// What `GET /api/v1/status` shows: where the daemon's services come from.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StatusView {
+    pub version: &'static str,
+    pub config: String,
+    /// Fingerprint of the config services in force.
+    pub config_fingerprint: String,
+    pub state_file: String,
+    /// Services differ from the config file's by changes made through the API.
+    pub api_changes: bool,
+    /// API changes that were not re-applied because the config file changed
+    /// since they were made (at start or at the last reload that dropped any).
+    pub dropped_changes: Vec<String>,
+    pub pin_path: Option<String>,
+    /// Pins outlive this process (false: restarts reload the data plane).
+    pub pins_outlive_daemon: bool,
+    pub reloads: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_reload_error: Option<String>,
+}
+
+/// What a reload did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ReloadReport {
+    /// The config's services changed and were applied.
+    pub applied: bool,
+    /// API changes dropped because the config changed.
+    pub dropped_changes: Vec<String>,
+    /// Settings that changed but need a restart to take effect.
+    pub needs_restart: Vec<String>,
 }
 
 /// One backend as the API shows it.
@@ -91,9 +129,16 @@ pub struct ServiceView {
 
 struct Inner {
     services: Vec<ServiceConfig>,
+    /// The config file's services (what API changes are made on) and
+    /// their fingerprint.
+    base: Vec<ServiceConfig>,
+    base_fp: String,
     /// Health verdicts; a backend with no verdict yet counts as healthy.
-    health: HashMap<(String, SocketAddr), bool>,
+    health: Verdicts,
     checker: Checker,
+    dropped: Vec<String>,
+    reloads: u64,
+    last_reload_error: Option<String>,
 }
 
 /// How often the flow table is swept for changed slots that can be clean.
@@ -101,7 +146,17 @@ const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct Shared {
     opts: Options,
+    /// The config the daemon started with (what a reload compares to).
+    config: Config,
     state_file: PathBuf,
+    /// The pin directory's lock, held for the daemon's life.
+    _lock: Option<std::fs::File>,
+    /// Set when the pins die with this process.
+    private_pins: Option<String>,
+    /// `true` once `lb stop` asked the daemon to detach and exit.
+    stop: tokio::sync::watch::Sender<bool>,
+    /// Tasks whose death makes the daemon unhealthy.
+    loops: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     token: Option<String>,
     metrics: Metrics,
     writer: Arc<Mutex<MapWriter>>,
@@ -255,6 +310,47 @@ fn service_addresses(services: &[ServiceConfig]) -> std::collections::HashSet<st
         .collect()
 }
 
+/// The services in force at start, the API changes dropped, and the health
+/// verdicts kept: the config wins unless the state file's API changes were
+/// made on exactly these config services.
+fn resolve(
+    config_services: &[ServiceConfig],
+    saved: Option<Saved>,
+) -> (Vec<ServiceConfig>, Vec<String>, Verdicts) {
+    let Some(saved) = saved else {
+        return (config_services.to_vec(), Vec::new(), Verdicts::new());
+    };
+    let fp = state::fingerprint(config_services);
+    match saved.changed {
+        None => (config_services.to_vec(), Vec::new(), saved.health),
+        Some(changed) if saved.fingerprint.as_deref() == Some(fp.as_str()) => {
+            (changed, Vec::new(), saved.health)
+        }
+        Some(changed) => {
+            let dropped = if saved.fingerprint.is_none() {
+                vec![format!(
+                    "every API change kept by an older lb (state file version 1, {} services): \
+                     it recorded no config to check them against",
+                    changed.len()
+                )]
+            } else {
+                state::describe_changes(&saved.base, &changed)
+            };
+            (config_services.to_vec(), dropped, saved.health)
+        }
+    }
+}
+
+/// Keeps the verdicts of backends that are still there and still checked
+/// (a disabled backend keeps its last verdict for when it comes back).
+fn retain_verdicts(health: &mut Verdicts, services: &[ServiceConfig]) {
+    health.retain(|(s, b), _| {
+        services.iter().any(|svc| {
+            &svc.name == s && svc.health.is_some() && svc.backends.iter().any(|x| x.address == *b)
+        })
+    });
+}
+
 fn targets(services: &[ServiceConfig]) -> Vec<Target> {
     let mut out = Vec::new();
     for s in services {
@@ -294,26 +390,63 @@ impl Daemon {
             ),
             None => None,
         };
-        let services = if run.reset_state {
-            info!(file = %config.admin.state_file.display(), "state file ignored (--reset-state)");
-            config.services.clone()
-        } else {
-            match state::load(&config.admin.state_file)? {
-                Some(saved) => {
-                    if saved != config.services {
-                        warn!(
-                            file = %config.admin.state_file.display(),
-                            "services come from the state file (changes made through the API), \
-                             not from the config file; start with --reset-state to use the config"
-                        );
-                    }
-                    config::check_services(&saved, &config.dataplane)
-                        .map_err(|e| StartError::StateConflict(e.in_body().to_string()))?;
-                    saved
-                }
-                None => config.services.clone(),
-            }
+        // One daemon per pin path, decided before anything is touched.
+        let lock = match &config.dataplane.pin_path {
+            Some(pin) => Some(pins::lock(pin).map_err(|e| match e {
+                pins::LockError::Held => StartError::Locked(pin.clone()),
+                pins::LockError::Other(m) => StartError::Lock(m),
+            })?),
+            None => None,
         };
+        let private_pins = config
+            .dataplane
+            .pin_path
+            .as_deref()
+            .and_then(pins::private_pins);
+        if let Some(w) = &private_pins {
+            warn!("{w}");
+        }
+        let state_file = &config.admin.state_file;
+        // A record kept by an older lb beside the state file moves to its
+        // per-pin name, so its pins are adopted, not replaced.
+        if let Some(record) = &config.dataplane.record_path {
+            let legacy = config::legacy_record_path(state_file);
+            if !record.exists() && legacy.exists() && std::fs::rename(&legacy, record).is_ok() {
+                info!(from = %legacy.display(), to = %record.display(), "moved the record of the pinned data plane");
+            }
+        }
+        let legacy = std::path::Path::new("/var/lib/lb/state.json");
+        if state_file != legacy && legacy.exists() && !state_file.exists() {
+            warn!(
+                old = %legacy.display(),
+                new = %state_file.display(),
+                "the state file is per config file now; the shared one of older versions is not read \
+                 (set admin.state_file to it to keep its changes)"
+            );
+        }
+        let saved = if run.reset_state {
+            info!(file = %state_file.display(), "state file reset (--reset-state): API changes and health verdicts discarded");
+            None
+        } else {
+            state::load(state_file)?
+        };
+        let (services, dropped, mut health) = resolve(&config.services, saved);
+        if services != config.services {
+            info!(file = %state_file.display(), "re-applying the changes made through the API on this config");
+            config::check_services(&services, &config.dataplane)
+                .map_err(|e| StartError::StateConflict(e.in_body().to_string()))?;
+        }
+        for d in &dropped {
+            warn!(file = %state_file.display(), "API change dropped: the config file changed since it was made: {d}");
+        }
+        retain_verdicts(&mut health, &services);
+        let down = health.values().filter(|up| !**up).count();
+        if down > 0 {
+            info!(
+                backends = down,
+                "backends known down before this start stay out until their checks pass"
+            );
+        }
 
         let opts = config.dataplane.clone();
         let mode = config.xdp_mode;
@@ -355,6 +488,7 @@ impl Daemon {
 
         let metrics = Metrics::new();
         let (tx, rx) = mpsc::unbounded_channel();
+        let (stop, _) = tokio::sync::watch::channel(false);
         let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
             let weak = weak.clone();
             let hook: health::ResultHook = Arc::new(move |svc, backend, result| {
@@ -364,7 +498,12 @@ impl Daemon {
             });
             Shared {
                 opts: config.dataplane.clone(),
+                config: config.clone(),
                 state_file: config.admin.state_file.clone(),
+                _lock: lock,
+                private_pins,
+                stop,
+                loops: std::sync::Mutex::new(Vec::new()),
                 token,
                 metrics,
                 writer: Arc::new(Mutex::new(writer)),
@@ -373,8 +512,13 @@ impl Daemon {
                 flow_counter: Arc::new(flow_counter),
                 inner: tokio::sync::Mutex::new(Inner {
                     services: Vec::new(),
+                    base: config.services.clone(),
+                    base_fp: state::fingerprint(&config.services),
                     health: HashMap::new(),
                     checker: Checker::new(config.health_max_concurrent, tx, hook),
+                    dropped,
+                    reloads: 0,
+                    last_reload_error: None,
                 }),
             }
         });
@@ -399,18 +543,187 @@ impl Daemon {
         {
             let mut inner = daemon.shared.inner.lock().await;
             daemon
-                .install(&services, &inner.health)
+                .install(&services, &health)
                 .await
                 .map_err(|e| StartError::StateConflict(e.to_string()))?;
             inner
                 .checker
                 .set_service_addresses(service_addresses(&services));
-            inner.checker.set_targets(targets(&services));
+            inner
+                .checker
+                .set_targets_from(targets(&services), |k| match health.get(k) {
+                    Some(up) => Start::Known(*up),
+                    None => Start::New,
+                });
             inner.services = services;
+            inner.health = health;
+            // An existing file is rewritten at once: a reset or a dropped
+            // change stays so, and the file names the config it now follows.
+            // (No file yet: nothing to record until something changes.)
+            if daemon.shared.state_file.exists()
+                && let Err(e) = daemon.persist(&inner).await
+            {
+                warn!(
+                    "{e}; API changes and health verdicts will not survive a restart until it can be written"
+                );
+            }
         }
-        tokio::spawn(daemon.clone().health_events(rx));
-        tokio::spawn(daemon.clone().sweeps());
+        let loops = vec![
+            tokio::spawn(daemon.clone().health_events(rx)),
+            tokio::spawn(daemon.clone().sweeps()),
+        ];
+        *daemon.shared.loops.lock().expect("loops") = loops;
         Ok(daemon)
+    }
+
+    /// The state file's contents for `inner`.
+    fn saved(inner: &Inner, services: &[ServiceConfig], health: &Verdicts) -> Saved {
+        Saved {
+            fingerprint: Some(inner.base_fp.clone()),
+            base: inner.base.clone(),
+            changed: (services != inner.base.as_slice()).then(|| services.to_vec()),
+            health: health.clone(),
+        }
+    }
+
+    /// Writes `inner` to the state file (off the async runtime).
+    async fn persist(&self, inner: &Inner) -> Result<(), StateError> {
+        let saved = Self::saved(inner, &inner.services, &inner.health);
+        let path = self.shared.state_file.clone();
+        tokio::task::spawn_blocking(move || state::save(&path, &saved))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StateError::Io {
+                    path: PathBuf::new(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })
+    }
+
+    /// Resolves once `lb stop` (`POST /api/v1/stop`) asks the daemon to
+    /// detach and exit.
+    pub async fn stop_requested(&self) {
+        let mut rx = self.shared.stop.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Asks the daemon to detach the data plane and exit.
+    pub fn request_stop(&self) {
+        self.shared.stop.send_replace(true);
+    }
+
+    /// True while the daemon's loops run and its state answers within
+    /// `within` (what the systemd watchdog is fed on).
+    pub async fn alive(&self, within: Duration) -> bool {
+        let loops_ok = self
+            .shared
+            .loops
+            .lock()
+            .map(|l| l.iter().all(|h| !h.is_finished()))
+            .unwrap_or(false);
+        loops_ok
+            && tokio::time::timeout(within, self.shared.inner.lock())
+                .await
+                .is_ok()
+    }
+
+    /// Where the services come from, for `GET /api/v1/status`.
+    pub async fn status(&self) -> StatusView {
+        let inner = self.shared.inner.lock().await;
+        let cfg = &self.shared.config;
+        StatusView {
+            version: env!("CARGO_PKG_VERSION"),
+            config: cfg.path.display().to_string(),
+            config_fingerprint: inner.base_fp.clone(),
+            state_file: self.shared.state_file.display().to_string(),
+            api_changes: inner.services != inner.base,
+            dropped_changes: inner.dropped.clone(),
+            pin_path: cfg
+                .dataplane
+                .pin_path
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            pins_outlive_daemon: cfg.dataplane.pin_path.is_some()
+                && self.shared.private_pins.is_none(),
+            reloads: inner.reloads,
+            last_reload_error: inner.last_reload_error.clone(),
+        }
+    }
+
+    /// Re-reads the config file, validates it whole and applies what
+    /// changed in its services; API changes made on the previous config are
+    /// dropped (and named) when its services changed. An invalid file
+    /// changes nothing.
+    pub async fn reload(&self) -> Result<ReloadReport, ChangeError> {
+        let path = self.shared.config.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
+            .await
+            .map_err(|e| ChangeError::Failed(e.to_string()))?;
+        let mut inner = self.shared.inner.lock().await;
+        inner.reloads += 1;
+        let cfg = match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = format!("reload refused, nothing changed: {e}");
+                inner.last_reload_error = Some(msg.clone());
+                return Err(ChangeError::Invalid(msg));
+            }
+        };
+        let old = &self.shared.config;
+        let mut needs_restart = Vec::new();
+        for (changed, what) in [
+            (
+                cfg.interface != old.interface || cfg.xdp_mode != old.xdp_mode,
+                "dataplane.interface / xdp_mode",
+            ),
+            (cfg.dataplane != old.dataplane, "dataplane settings"),
+            (cfg.admin != old.admin, "admin settings"),
+            (
+                cfg.health_max_concurrent != old.health_max_concurrent,
+                "health.max_concurrent",
+            ),
+        ] {
+            if changed {
+                needs_restart.push(format!("{what} changed: restart the daemon to apply"));
+            }
+        }
+        let fp = state::fingerprint(&cfg.services);
+        if fp == inner.base_fp {
+            inner.last_reload_error = None;
+            return Ok(ReloadReport {
+                applied: false,
+                dropped_changes: Vec::new(),
+                needs_restart,
+            });
+        }
+        let dropped = if inner.services != inner.base {
+            state::describe_changes(&inner.base, &inner.services)
+        } else {
+            Vec::new()
+        };
+        let (old_base, old_fp) = (inner.base.clone(), inner.base_fp.clone());
+        inner.base = cfg.services.clone();
+        inner.base_fp = fp;
+        if let Err(e) = self.commit(&mut inner, cfg.services.clone()).await {
+            inner.base = old_base;
+            inner.base_fp = old_fp;
+            let msg = format!("reload failed, nothing changed: {e}");
+            inner.last_reload_error = Some(msg.clone());
+            return Err(match e {
+                ChangeError::Failed(_) => ChangeError::Failed(msg),
+                _ => ChangeError::Invalid(msg),
+            });
+        }
+        for d in &dropped {
+            warn!("API change dropped: the config file changed since it was made: {d}");
+        }
+        inner.dropped = dropped.clone();
+        inner.last_reload_error = None;
+        Ok(ReloadReport {
+            applied: true,
+            dropped_changes: dropped,
+            needs_restart,
+        })
     }
 
     /// Every `SWEEP_INTERVAL`, when some changed slot is past the time in
@@ -457,8 +770,9 @@ impl Daemon {
         }
     }
 
-    /// Stops health checks and detaches the data plane (or leaves it pinned
-    /// and running with `keep`).
+    /// Stops health checks and leaves the data plane pinned and running
+    /// for the next daemon, or (`keep` false: `lb stop`) detaches and
+    /// unpins it.
     pub async fn shutdown(&self, keep: bool) {
         let mut inner = self.shared.inner.lock().await;
         inner.checker.set_targets(Vec::new());
@@ -532,6 +846,11 @@ impl Daemon {
                 continue;
             }
             inner.health.insert(key, ev.healthy);
+            // Saved before the install: a crash in between still restarts
+            // with the verdict the checks reached.
+            if let Err(e) = self.persist(&inner).await {
+                warn!("{e}; this health verdict will not survive a restart");
+            }
             let services = inner.services.clone();
             match self.install(&services, &inner.health).await {
                 Ok(()) => info!(
@@ -559,18 +878,53 @@ impl Daemon {
         let mut inner = self.shared.inner.lock().await;
         let mut services = inner.services.clone();
         let out = change(&mut services)?;
+        self.commit(&mut inner, services).await?;
+        Ok(out)
+    }
+
+    /// Validates `services`, installs them, persists them, and only then
+    /// makes them current; on any failure nothing changes. Backends that
+    /// come back (re-activated, or a health check added or changed) get a
+    /// fresh verdict: checked at once, the first result decides.
+    async fn commit(
+        &self,
+        inner: &mut Inner,
+        services: Vec<ServiceConfig>,
+    ) -> Result<(), ChangeError> {
         config::check_services(&services, &self.shared.opts)
             .map_err(|e| ChangeError::Conflict(e.in_body().to_string()))?;
-        // Health verdicts of backends that are gone are forgotten.
         let mut health = inner.health.clone();
-        health.retain(|(s, b), _| {
-            services
+        retain_verdicts(&mut health, &services);
+        let old_targets: HashMap<(String, SocketAddr), health::CheckSpec> =
+            targets(&inner.services)
+                .into_iter()
+                .map(|t| ((t.service, t.backend), t.spec))
+                .collect();
+        let new_targets = targets(&services);
+        let mut starts: HashMap<(String, SocketAddr), Start> = HashMap::new();
+        for t in &new_targets {
+            let key = (t.service.clone(), t.backend);
+            let existed = inner
+                .services
                 .iter()
-                .any(|svc| &svc.name == s && svc.backends.iter().any(|x| x.address == *b))
-        });
+                .any(|s| s.name == t.service && s.backends.iter().any(|b| b.address == t.backend));
+            let start = match old_targets.get(&key) {
+                Some(spec) if *spec == t.spec => continue,
+                // The check changed: keep the verdict until a fresh one.
+                Some(_) => Start::Fresh(health.get(&key).copied().unwrap_or(true)),
+                // Back in service, or newly checked: its last verdict
+                // (if any) until the first check, at once, decides.
+                None if existed => Start::Fresh(health.get(&key).copied().unwrap_or(true)),
+                None => Start::New,
+            };
+            if let Start::Fresh(assumed) = start {
+                health.insert(key.clone(), assumed);
+            }
+            starts.insert(key, start);
+        }
         self.install(&services, &health).await?;
+        let saved = Self::saved(inner, &services, &health);
         let path = self.shared.state_file.clone();
-        let saved = services.clone();
         let persisted = tokio::task::spawn_blocking(move || state::save(&path, &saved))
             .await
             .map_err(|e| ChangeError::Failed(e.to_string()))?;
@@ -599,10 +953,12 @@ impl Daemon {
         inner
             .checker
             .set_service_addresses(service_addresses(&services));
-        inner.checker.set_targets(targets(&services));
+        inner.checker.set_targets_from(new_targets, |k| {
+            starts.get(k).copied().unwrap_or(Start::New)
+        });
         inner.services = services;
         inner.health = health;
-        Ok(out)
+        Ok(())
     }
 
     /// The services with each backend's health, for the API.
@@ -703,6 +1059,61 @@ impl Daemon {
 
 #[cfg(test)]
 mod tests {
+    use crate::{
+        config::{BackendConfig, ServiceConfig},
+        dataplane::{AdminState, Forwarding, Protocol},
+        state::{self, Saved},
+    };
+
+    fn svc(weights: &[u16]) -> Vec<ServiceConfig> {
+        vec![ServiceConfig {
+            name: "web".into(),
+            listen: "0.0.0.0:443".parse().unwrap(),
+            protocols: vec![Protocol::Tcp],
+            forwarding: Forwarding::Local,
+            health: None,
+            when_all_down: Default::default(),
+            backends: weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| BackendConfig {
+                    address: format!("127.0.0.1:{}", 8001 + i).parse().unwrap(),
+                    weight: *w,
+                    state: AdminState::Active,
+                })
+                .collect(),
+        }]
+    }
+
+    #[test]
+    fn api_changes_apply_only_on_the_config_they_were_made_on() {
+        let (base, changed) = (svc(&[100, 100]), svc(&[7, 100]));
+        let saved = |base: &[ServiceConfig]| Saved {
+            fingerprint: Some(state::fingerprint(base)),
+            base: base.to_vec(),
+            changed: Some(changed.clone()),
+            health: Default::default(),
+        };
+        // Same config: the changes come back.
+        let (services, dropped, _) = super::resolve(&base, Some(saved(&base)));
+        assert_eq!((services, dropped.len()), (changed.clone(), 0));
+        // Edited config: it wins and the dropped change is named.
+        let edited = svc(&[100, 100, 100]);
+        let (services, dropped, _) = super::resolve(&edited, Some(saved(&base)));
+        assert_eq!(services, edited);
+        assert_eq!(
+            dropped,
+            ["service web: backend 127.0.0.1:8001 weight 100 -> 7"]
+        );
+        // A version 1 file (no fingerprint): the config wins, said once.
+        let mut old = saved(&base);
+        old.fingerprint = None;
+        let (services, dropped, _) = super::resolve(&base, Some(old));
+        assert_eq!((services, dropped.len()), (base.clone(), 1));
+        // No file, or no change: the config.
+        assert_eq!(super::resolve(&base, None).0, base);
+    }
+
     #[test]
     fn finds_the_default_routes_devices() {
         let v4 = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\

@@ -189,6 +189,9 @@ impl BackendHealth {
 struct Shared {
     health: BackendHealth,
     retired: bool,
+    /// Check at once, and let the first result decide the verdict (a fresh
+    /// verdict, reported as an event when it differs from the assumed one).
+    decisive: bool,
 }
 
 type SharedRef = Arc<Mutex<Shared>>;
@@ -209,6 +212,21 @@ impl Running {
         lock(&self.shared).retired = true;
         self.task.abort();
     }
+}
+
+/// Where a target that starts (or restarts with another spec) begins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Healthy, first check after a jittered delay: a backend never seen.
+    New,
+    /// A verdict known from before (kept across a restart): counted from
+    /// zero against rise and fall, so a backend known down needs `rise`
+    /// passing checks to come back.
+    Known(bool),
+    /// Assumed `healthy` until the first check, which runs at once and
+    /// decides the verdict on its own (reported as an event when it differs):
+    /// a backend re-activated, or whose check changed.
+    Fresh(bool),
 }
 
 /// Owns one check task per target.
@@ -264,6 +282,18 @@ impl Checker {
     /// undisturbed. If a (service, backend) pair appears twice, the last one
     /// wins. Must be called from within a tokio runtime.
     pub fn set_targets(&mut self, targets: Vec<Target>) {
+        self.set_targets_from(targets, |_| Start::New);
+    }
+
+    /// Like [`Checker::set_targets`], with `start` telling where a target
+    /// that is not running yet begins; a running target whose spec changed
+    /// keeps its healthy flag, and gets a decisive first check at once when
+    /// `start` says [`Start::Fresh`].
+    pub fn set_targets_from(
+        &mut self,
+        targets: Vec<Target>,
+        start: impl Fn(&(String, SocketAddr)) -> Start,
+    ) {
         let mut wanted: HashMap<(String, SocketAddr), Target> = HashMap::new();
         for target in targets {
             let key = (target.service.clone(), target.backend);
@@ -278,7 +308,8 @@ impl Checker {
 
         let mut old = std::mem::take(&mut self.targets);
         for (key, target) in wanted {
-            let (healthy, last_error) = match old.remove(&key) {
+            let begin = start(&key);
+            let (healthy, last_error, decisive) = match old.remove(&key) {
                 Some(running) if running.spec == target.spec => {
                     self.targets.insert(key, running);
                     continue;
@@ -286,17 +317,25 @@ impl Checker {
                 Some(running) => {
                     let carried = {
                         let s = lock(&running.shared);
-                        (s.health.healthy, s.health.last_error.clone())
+                        (
+                            s.health.healthy,
+                            s.health.last_error.clone(),
+                            matches!(begin, Start::Fresh(_)),
+                        )
                     };
                     running.stop();
                     carried
                 }
                 // A new target starts healthy so traffic flows at once.
-                None => (true, None),
+                None => match begin {
+                    Start::New => (true, None, false),
+                    Start::Known(h) => (h, None, false),
+                    Start::Fresh(h) => (h, None, true),
+                },
             };
             let mut health = BackendHealth::new(healthy);
             health.last_error = last_error;
-            let running = self.start(target, health);
+            let running = self.start(target, health, decisive);
             self.targets.insert(key, running);
         }
         for (_, running) in old {
@@ -312,10 +351,11 @@ impl Checker {
             .collect()
     }
 
-    fn start(&self, target: Target, health: BackendHealth) -> Running {
+    fn start(&self, target: Target, health: BackendHealth, decisive: bool) -> Running {
         let shared = Arc::new(Mutex::new(Shared {
             health,
             retired: false,
+            decisive,
         }));
         let span = tracing::info_span!(
             "health",
@@ -358,7 +398,9 @@ async fn run_target(
 ) {
     let spec = &target.spec;
     let interval = spec.interval.max(MIN_INTERVAL);
-    tokio::time::sleep(scale(interval, random_fraction(&target, 0))).await;
+    if !lock(&shared).decisive {
+        tokio::time::sleep(scale(interval, random_fraction(&target, 0))).await;
+    }
 
     // Built once (TLS config, CA file) and kept while it works.
     let mut probe: Option<Probe> = None;
@@ -407,9 +449,19 @@ fn record(
     if s.retired {
         return None;
     }
+    let decisive = std::mem::take(&mut s.decisive);
     let h = &mut s.health;
     h.checks = h.checks.saturating_add(1);
     let (outcome, change) = match result {
+        Ok(()) if decisive => {
+            h.consecutive_ok = h.consecutive_ok.saturating_add(1);
+            h.consecutive_fail = 0;
+            let up = !h.healthy;
+            (
+                "success",
+                up.then(|| "the first check of a fresh verdict passed".to_string()),
+            )
+        }
         Ok(()) => {
             h.consecutive_ok = h.consecutive_ok.saturating_add(1);
             h.consecutive_fail = 0;
@@ -427,8 +479,14 @@ fn record(
                 _ => "failure",
             };
             debug!(error = %e, label = e.label(), "health check failed");
-            let down = h.healthy && h.consecutive_fail >= fall;
-            let reason = down.then(|| format!("{fall} consecutive checks failed; last: {e}"));
+            let down = h.healthy && (decisive || h.consecutive_fail >= fall);
+            let reason = down.then(|| {
+                if decisive {
+                    format!("the first check of a fresh verdict failed: {e}")
+                } else {
+                    format!("{fall} consecutive checks failed; last: {e}")
+                }
+            });
             h.last_error = Some(e.to_string());
             (outcome, reason)
         }

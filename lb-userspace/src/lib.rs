@@ -1,5 +1,6 @@
 //! The balancer's userspace: the daemon that loads and drives the kernel data
 //! plane, checks backends and serves the admin API.
+pub mod admin;
 pub mod api;
 pub mod config;
 pub mod daemon;
@@ -8,6 +9,7 @@ pub mod health;
 pub mod links;
 pub mod maglev;
 pub mod metrics;
+pub mod notify;
 pub mod pins;
 pub mod source;
 pub mod state;

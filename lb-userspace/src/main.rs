@@ -7,11 +7,12 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use lb_userspace::{
-    api,
+    admin, api,
     config::Config,
-    daemon::{Daemon, RunOptions},
+    daemon::{Daemon, RunOptions, StartError},
+    notify::{self, Notifier},
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(name = "lb", version, about = "XDP load balancer for port 443")]
@@ -23,6 +24,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Attach to the interface and serve the configured services and the admin API.
+    ///
+    /// SIGTERM and Ctrl-C end the daemon but leave the data plane attached
+    /// and pinned, so traffic keeps flowing and the next `lb run` adopts it;
+    /// `lb stop` removes it. SIGHUP (or `lb reload`) re-reads the config.
     Run {
         #[arg(long, short)]
         config: PathBuf,
@@ -33,11 +38,17 @@ enum Cmd {
         /// from the config file's services.
         #[arg(long)]
         reset_state: bool,
-        /// On SIGTERM/Ctrl-C, leave the data plane attached and pinned so
-        /// traffic keeps flowing until the next `lb run` adopts it.
-        #[arg(long)]
+        /// Deprecated, does nothing: SIGTERM/Ctrl-C always leave the data
+        /// plane attached and pinned for the next `lb run`; `lb stop`
+        /// removes it.
+        #[arg(long, hide = true)]
         keep_dataplane: bool,
     },
+    /// Detach the data plane, remove its pins and end the daemon (SIGTERM
+    /// instead leaves traffic flowing for the next `lb run`).
+    Stop(Client),
+    /// Re-read the daemon's config file and apply what changed (like SIGHUP).
+    Reload(Client),
     /// Check a config file without touching anything.
     Validate {
         #[arg(long, short)]
@@ -153,16 +164,30 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            run(
+            if keep_dataplane {
+                warn!(
+                    "--keep-dataplane is deprecated and does nothing: SIGTERM and Ctrl-C always \
+                     leave the data plane running for the next `lb run`; `lb stop` removes it"
+                );
+            }
+            let r = run(
                 cfg,
                 RunOptions {
                     interface: iface,
                     reset_state,
-                    keep_dataplane,
                 },
-            )
+            );
+            if let Err(e) = &r
+                && matches!(e.downcast_ref::<StartError>(), Some(StartError::Locked(_)))
+            {
+                eprintln!("lb: {e:#}");
+                return ExitCode::from(2);
+            }
+            r
         }
         Cmd::Status(client) => status(&client),
+        Cmd::Stop(client) => stop(&client),
+        Cmd::Reload(client) => reload(&client),
         Cmd::Backends { cmd } => backends(cmd),
     };
     match result {
@@ -175,35 +200,126 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config, opts: RunOptions) -> Result<()> {
+    // Idle admin connections and many health checks must not exhaust
+    // descriptors.
+    match admin::raise_nofile() {
+        Ok((before, after)) if after > before => {
+            info!(before, after, "raised the open-file limit")
+        }
+        Ok(_) => {}
+        Err(e) => warn!("cannot raise the open-file limit: {e}"),
+    }
+    let notifier = Notifier::from_env();
+    let listen = config.admin.listen;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
+        // Bound before anything is attached: a port in use fails fast.
+        let listener = admin_listener(listen)
+            .with_context(|| format!("admin API cannot listen on {listen}; nothing was attached"))?;
+        // Handled from here on: a SIGHUP while starting must not end the
+        // daemon (the default action); it reloads once started.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let daemon = Daemon::start(&config, &opts).await?;
-        let listen = config.admin.listen;
         if !listen.ip().is_loopback() && daemon.token().is_none() {
             warn!(%listen, "the admin API listens beyond loopback without a token: anyone who reaches it can change the balancer; set admin.token_file");
         }
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("admin API cannot listen on {listen}"))?;
         info!(%listen, "admin API and /metrics listening");
-        axum::serve(listener, api::router(daemon.clone()))
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
-        info!("shutting down");
-        daemon.shutdown(opts.keep_dataplane).await;
+        notifier.ready(&format!("serving; admin API on {listen}"));
+        let notifier = std::sync::Arc::new(notifier);
+        let mut tasks = vec![tokio::spawn(reloads(daemon.clone(), notifier.clone(), hup))];
+        if let Some(every) = notify::watchdog_interval()
+            && notifier.enabled()
+        {
+            tasks.push(tokio::spawn(watchdog(daemon.clone(), notifier.clone(), every)));
+        }
+        let detach = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let signal = {
+            let (daemon, detach) = (daemon.clone(), detach.clone());
+            async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => info!("SIGINT: leaving the data plane running for the next daemon"),
+                    _ = term.recv() => info!("SIGTERM: leaving the data plane running for the next daemon"),
+                    _ = daemon.stop_requested() => {
+                        info!("lb stop: detaching the data plane");
+                        detach.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            }
+        };
+        admin::serve(
+            listener,
+            api::router(daemon.clone()),
+            config.admin.limits,
+            signal,
+        )
+        .await;
+        notifier.stopping();
+        for t in tasks {
+            t.abort();
+        }
+        let detach = detach.load(std::sync::atomic::Ordering::SeqCst);
+        daemon.shutdown(!detach).await;
         Ok(())
     })
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// The admin listener, with a backlog deep enough for bursts of clients.
+fn admin_listener(listen: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = if listen.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(listen)?;
+    sock.listen(1024)
+}
+
+/// SIGHUP: re-read the config and apply it, telling systemd around it.
+async fn reloads(
+    daemon: Daemon,
+    notifier: std::sync::Arc<Notifier>,
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+) {
+    let Ok(mut hup) = hup else {
+        warn!("cannot handle SIGHUP; reload with `lb reload` instead");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        info!("SIGHUP: reloading the config");
+        notifier.reloading();
+        match daemon.reload().await {
+            Ok(r) => {
+                info!(
+                    applied = r.applied,
+                    dropped = r.dropped_changes.len(),
+                    "config reloaded"
+                );
+                for n in &r.needs_restart {
+                    warn!("{n}");
+                }
+            }
+            Err(e) => error!("{e}"),
+        }
+        notifier.ready("serving; config reloaded");
+    }
+}
+
+/// Feeds the systemd watchdog while the daemon's loops are alive.
+async fn watchdog(daemon: Daemon, notifier: std::sync::Arc<Notifier>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        if daemon.alive(every).await {
+            notifier.watchdog();
+        } else {
+            warn!("a daemon loop is dead or stuck; not feeding the systemd watchdog");
+        }
     }
 }
 
@@ -272,7 +388,67 @@ fn read_token(p: &Path) -> Result<String> {
         .to_string())
 }
 
+fn stop(client: &Client) -> Result<()> {
+    let v = client.call("POST", "/stop", Some(serde_json::json!({})))?;
+    println!("{}", v["status"].as_str().unwrap_or("stopping"));
+    // Done when the API is gone (the daemon exits after detaching).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if client.call("GET", "/healthz", None).is_err() {
+            println!("stopped");
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    bail!("the daemon still answers 15 s after `lb stop`")
+}
+
+fn reload(client: &Client) -> Result<()> {
+    let v = client.call("POST", "/reload", Some(serde_json::json!({})))?;
+    if v["applied"].as_bool() == Some(true) {
+        println!("config reloaded: services changed and applied");
+    } else {
+        println!("config reloaded: services unchanged");
+    }
+    for d in v["dropped_changes"].as_array().into_iter().flatten() {
+        println!(
+            "API change dropped (the config changed since it was made): {}",
+            d.as_str().unwrap_or("?")
+        );
+    }
+    for n in v["needs_restart"].as_array().into_iter().flatten() {
+        println!("note: {}", n.as_str().unwrap_or("?"));
+    }
+    Ok(())
+}
+
 fn status(client: &Client) -> Result<()> {
+    if let Ok(st) = client.call("GET", "/status", None) {
+        println!(
+            "config {} (services {}), state file {}",
+            st["config"].as_str().unwrap_or("?"),
+            if st["api_changes"].as_bool() == Some(true) {
+                "with API changes"
+            } else {
+                "as in the file"
+            },
+            st["state_file"].as_str().unwrap_or("?"),
+        );
+        if st["pins_outlive_daemon"].as_bool() == Some(false) {
+            println!(
+                "WARNING: the pins die with the daemon; restarts are not hitless (see the log)"
+            );
+        }
+        if let Some(e) = st["last_reload_error"].as_str() {
+            println!("last reload failed: {e}");
+        }
+        for d in st["dropped_changes"].as_array().into_iter().flatten() {
+            println!(
+                "API change dropped (the config changed since it was made): {}",
+                d.as_str().unwrap_or("?")
+            );
+        }
+    }
     let services = client.call("GET", "/services", None)?;
     for s in services.as_array().into_iter().flatten() {
         println!(

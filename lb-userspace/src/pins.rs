@@ -144,6 +144,76 @@ pub fn ensure_bpffs(pin: &Path) -> Result<(), String> {
     ))
 }
 
+/// Why the pin directory could not be locked.
+#[derive(Debug)]
+pub enum LockError {
+    /// Another daemon holds it.
+    Held,
+    Other(String),
+}
+
+/// Takes an exclusive `flock` on the pin directory (created if needed, on a
+/// bpf filesystem): one daemon per pin path. The lock lasts as long as the
+/// returned file, and dies with the process however it ends.
+pub fn lock(pin: &Path) -> Result<File, LockError> {
+    ensure_bpffs(pin).map_err(LockError::Other)?;
+    let dir =
+        File::open(pin).map_err(|e| LockError::Other(format!("opening {}: {e}", pin.display())))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function owns.
+    let rc = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(dir);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Err(LockError::Held)
+    } else {
+        Err(LockError::Other(format!("locking {}: {e}", pin.display())))
+    }
+}
+
+/// The `major:minor` of the filesystem holding `path`.
+fn device_of(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = fs::metadata(path).ok()?.dev();
+    Some(format!("{}:{}", libc::major(dev), libc::minor(dev)))
+}
+
+/// Whether a mountinfo text (`/proc/PID/mountinfo`) shows a mount of the
+/// filesystem `dev` (`major:minor`, the third field).
+fn mountinfo_has_device(mountinfo: &str, dev: &str) -> bool {
+    mountinfo
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some(dev))
+}
+
+/// When the bpf filesystem holding `pin` is not mounted in PID 1's mount
+/// namespace (e.g. a bpffs mounted by this daemon inside `ip netns exec`,
+/// which gives the process a mount namespace of its own): pins there die
+/// with the process, so restarts cannot adopt the data plane. Returns a
+/// warning naming the fix, or `None` when the pins outlive the process
+/// (or when PID 1's mounts cannot be read, which says nothing either way).
+pub fn private_pins(pin: &Path) -> Option<String> {
+    private_pins_against(pin, &fs::read_to_string("/proc/1/mountinfo").ok()?)
+}
+
+fn private_pins_against(pin: &Path, init_mountinfo: &str) -> Option<String> {
+    let dev = device_of(pin)?;
+    if mountinfo_has_device(init_mountinfo, &dev) {
+        return None;
+    }
+    Some(format!(
+        "pin_path {} is on a bpf filesystem (device {dev}) that only this daemon's mount \
+         namespace sees (as under `ip netns exec`, which remounts /sys): the pins die with \
+         this process, so a restart reloads the data plane instead of adopting it and open \
+         connections can break. Mount a bpf filesystem outside the namespace and point \
+         dataplane.pin_path there, e.g. `mkdir -p /run/lb/bpf && mount -t bpf bpf /run/lb/bpf` \
+         and pin_path = \"/run/lb/bpf/lb\"",
+        pin.display()
+    ))
+}
+
 /// Removes everything pinned under `pin` (maps, links). Links detach once no
 /// process holds them.
 pub fn remove_all(pin: &Path) {
@@ -171,4 +241,20 @@ pub fn remove_dir_files(dir: &Path) -> std::io::Result<()> {
         fs::remove_file(e.path())?;
     }
     fs::remove_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_missing_from_init_mounts_is_private() {
+        let dir = std::env::temp_dir();
+        let dev = device_of(&dir).unwrap();
+        let shared = format!("22 1 {dev} / /tmp rw - tmpfs tmpfs rw\n");
+        assert!(private_pins_against(&dir, &shared).is_none());
+        let other = "22 1 0:999 / /tmp rw - tmpfs tmpfs rw\n";
+        let w = private_pins_against(&dir, other).unwrap();
+        assert!(w.contains("mount -t bpf"), "{w}");
+    }
 }

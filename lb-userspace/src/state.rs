@@ -1,9 +1,16 @@
-//! The state file: the services as the operator last changed them through
-//! the API, so a restart keeps every acknowledged change. Written atomically
+//! The state file: what the daemon learnt while running that the config
+//! file does not say. The config file is the source of truth for services;
+//! changes made through the API are kept here together with a fingerprint
+//! of the config services they were made on (and those services, so a
+//! dropped change can be named), and re-applied only while that config is
+//! unchanged. Each backend's last health verdict is kept too, so a restart
+//! does not put a backend known down back in service. Written atomically
 //! (temporary file, fsync, rename, fsync of the directory).
 use std::{
+    collections::{BTreeMap, HashMap},
     fs::{self, File},
     io::Write,
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
@@ -12,12 +19,41 @@ use thiserror::Error;
 
 use crate::config::{self, RawService, Seg, ServiceConfig};
 
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct StateFile {
     version: u32,
-    services: Vec<RawService>,
+    /// Version 1 files: the services as last changed through the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    services: Option<Vec<RawService>>,
+    /// [`fingerprint`] of the config services the changes were made on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    config_fingerprint: Option<String>,
+    /// The config services the changes were made on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base: Option<Vec<RawService>>,
+    /// The services after the API changes (absent: no change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    changed: Option<Vec<RawService>>,
+    /// Last health verdict by service, then backend.
+    #[serde(default)]
+    health: BTreeMap<String, BTreeMap<SocketAddr, bool>>,
+}
+
+/// Health verdicts by (service, backend); a missing one counts as healthy.
+pub type Verdicts = HashMap<(String, SocketAddr), bool>;
+
+/// The state file's contents, validated.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Saved {
+    /// The fingerprint of `base`; `None` for a state file of an older lb.
+    pub fingerprint: Option<String>,
+    /// The config services the API changes were made on.
+    pub base: Vec<ServiceConfig>,
+    /// The services after the API changes, when there are any.
+    pub changed: Option<Vec<ServiceConfig>>,
+    pub health: Verdicts,
 }
 
 #[derive(Debug, Error)]
@@ -34,8 +70,95 @@ pub enum StateError {
     Invalid { path: PathBuf, message: String },
 }
 
-/// The services kept in `path`, or `None` when there is no state file yet.
-pub fn load(path: &Path) -> Result<Option<Vec<ServiceConfig>>, StateError> {
+/// A stable fingerprint of a config's services (FNV-1a of their canonical
+/// JSON form): equal when the services are, whatever the file's layout,
+/// comments or other sections.
+pub fn fingerprint(services: &[ServiceConfig]) -> String {
+    let raw: Vec<RawService> = services.iter().map(RawService::from).collect();
+    let text = serde_json::to_vec(&raw).expect("services serialize");
+    format!("{:016x}", config::fnv1a(&text))
+}
+
+/// Human descriptions of what `changed` changes in `base`: the API changes
+/// a config edit dropped.
+pub fn describe_changes(base: &[ServiceConfig], changed: &[ServiceConfig]) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in base {
+        if !changed.iter().any(|c| c.name == s.name) {
+            out.push(format!("service {}: removed", s.name));
+        }
+    }
+    for c in changed {
+        let Some(s) = base.iter().find(|s| s.name == c.name) else {
+            out.push(format!(
+                "service {}: added ({} backends)",
+                c.name,
+                c.backends.len()
+            ));
+            continue;
+        };
+        if s.listen != c.listen
+            || s.protocols != c.protocols
+            || s.forwarding != c.forwarding
+            || s.health != c.health
+        {
+            out.push(format!(
+                "service {}: listen, protocols, forwarding or health check replaced",
+                c.name
+            ));
+        }
+        for b in &s.backends {
+            if !c.backends.iter().any(|x| x.address == b.address) {
+                out.push(format!("service {}: backend {} removed", c.name, b.address));
+            }
+        }
+        for b in &c.backends {
+            match s.backends.iter().find(|x| x.address == b.address) {
+                None => out.push(format!(
+                    "service {}: backend {} added (weight {}, {})",
+                    c.name,
+                    b.address,
+                    b.weight,
+                    config::state_name(b.state)
+                )),
+                Some(old) => {
+                    if old.weight != b.weight {
+                        out.push(format!(
+                            "service {}: backend {} weight {} -> {}",
+                            c.name, b.address, old.weight, b.weight
+                        ));
+                    }
+                    if old.state != b.state {
+                        out.push(format!(
+                            "service {}: backend {} {} -> {}",
+                            c.name,
+                            b.address,
+                            config::state_name(old.state),
+                            config::state_name(b.state)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn services(
+    list: &[RawService],
+    field: &str,
+    invalid: &dyn Fn(String) -> StateError,
+) -> Result<Vec<ServiceConfig>, StateError> {
+    let mut out = Vec::new();
+    for (i, raw) in list.iter().enumerate() {
+        let path = [Seg::Key(field.into()), Seg::Index(i)];
+        out.push(config::service(&path, raw).map_err(|e| invalid(e.in_body().to_string()))?);
+    }
+    Ok(out)
+}
+
+/// What `path` holds, or `None` when there is no state file yet.
+pub fn load(path: &Path) -> Result<Option<Saved>, StateError> {
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -51,22 +174,43 @@ pub fn load(path: &Path) -> Result<Option<Vec<ServiceConfig>>, StateError> {
         message,
     };
     let file: StateFile = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-    if file.version != VERSION {
-        return Err(invalid(format!(
-            "version {} is not the version {VERSION} this lb writes",
-            file.version
-        )));
+    match file.version {
+        // Services only, made on a config nobody recorded.
+        1 => Ok(Some(Saved {
+            fingerprint: None,
+            base: Vec::new(),
+            changed: Some(services(
+                file.services.as_deref().unwrap_or_default(),
+                "services",
+                &invalid,
+            )?),
+            health: Verdicts::new(),
+        })),
+        VERSION => {
+            let mut health = Verdicts::new();
+            for (svc, backends) in file.health {
+                for (b, up) in backends {
+                    health.insert((svc.clone(), b), up);
+                }
+            }
+            Ok(Some(Saved {
+                fingerprint: file.config_fingerprint,
+                base: services(file.base.as_deref().unwrap_or_default(), "base", &invalid)?,
+                changed: match &file.changed {
+                    Some(c) => Some(services(c, "changed", &invalid)?),
+                    None => None,
+                },
+                health,
+            }))
+        }
+        v => Err(invalid(format!(
+            "version {v} is not a version this lb reads (1 or {VERSION})"
+        ))),
     }
-    let mut services = Vec::new();
-    for (i, raw) in file.services.iter().enumerate() {
-        let path = [Seg::Key("services".into()), Seg::Index(i)];
-        services.push(config::service(&path, raw).map_err(|e| invalid(e.in_body().to_string()))?);
-    }
-    Ok(Some(services))
 }
 
-/// Replaces the state file with `services`, atomically and durably.
-pub fn save(path: &Path, services: &[ServiceConfig]) -> Result<(), StateError> {
+/// Replaces the state file with `saved`, atomically and durably.
+pub fn save(path: &Path, saved: &Saved) -> Result<(), StateError> {
     let io = |source| StateError::Io {
         path: path.into(),
         source,
@@ -76,9 +220,25 @@ pub fn save(path: &Path, services: &[ServiceConfig]) -> Result<(), StateError> {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io)?;
+    let mut health: BTreeMap<String, BTreeMap<SocketAddr, bool>> = BTreeMap::new();
+    for ((svc, b), up) in &saved.health {
+        health.entry(svc.clone()).or_default().insert(*b, *up);
+    }
     let file = StateFile {
         version: VERSION,
-        services: services.iter().map(RawService::from).collect(),
+        services: None,
+        config_fingerprint: Some(
+            saved
+                .fingerprint
+                .clone()
+                .unwrap_or_else(|| fingerprint(&saved.base)),
+        ),
+        base: Some(saved.base.iter().map(RawService::from).collect()),
+        changed: saved
+            .changed
+            .as_ref()
+            .map(|c| c.iter().map(RawService::from).collect()),
+        health,
     };
     let text = serde_json::to_vec_pretty(&file).expect("state serializes");
     let tmp = dir.join(format!(
@@ -128,8 +288,20 @@ mod tests {
         let d = dir("roundtrip");
         let p = d.join("sub/state.json");
         assert!(load(&p).unwrap().is_none());
-        save(&p, &services()).unwrap();
-        assert_eq!(load(&p).unwrap().unwrap(), services());
+        let mut changed = services();
+        changed[0].backends[0].weight = 9;
+        let saved = Saved {
+            fingerprint: Some(fingerprint(&services())),
+            base: services(),
+            changed: Some(changed),
+            health: [(
+                ("web".to_string(), "127.0.0.1:8001".parse().unwrap()),
+                false,
+            )]
+            .into(),
+        };
+        save(&p, &saved).unwrap();
+        assert_eq!(load(&p).unwrap().unwrap(), saved);
         // No temporary files are left behind.
         let names: Vec<_> = fs::read_dir(p.parent().unwrap()).unwrap().collect();
         assert_eq!(names.len(), 1);
@@ -145,11 +317,34 @@ mod tests {
             "{",
             "{\"version\": 9, \"services\": []}",
             "{\"version\": 1, \"services\": [{\"name\": \"\"}]}",
+            "{\"version\": 2, \"changed\": [{\"name\": \"\"}]}",
         ] {
             fs::write(&p, bad).unwrap();
             let e = load(&p).unwrap_err().to_string();
             assert!(e.contains("--reset-state"), "{e}");
         }
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn fingerprints_follow_the_services_and_changes_are_named() {
+        let base = services();
+        assert_eq!(fingerprint(&base), fingerprint(&services()));
+        let mut changed = services();
+        changed[0].backends[0].weight = 9;
+        changed[0].backends.push(BackendConfig {
+            address: "127.0.0.1:8002".parse().unwrap(),
+            weight: 1,
+            state: AdminState::Active,
+        });
+        assert_ne!(fingerprint(&base), fingerprint(&changed));
+        assert_eq!(
+            describe_changes(&base, &changed),
+            [
+                "service web: backend 127.0.0.1:8001 weight 7 -> 9",
+                "service web: backend 127.0.0.1:8002 added (weight 1, active)",
+            ]
+        );
+        assert_eq!(describe_changes(&changed, &[]), ["service web: removed"]);
     }
 }

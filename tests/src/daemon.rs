@@ -99,28 +99,58 @@ impl Lb {
 
     /// Like [`Lb::start`], logging at `rust_log` (a `RUST_LOG` filter).
     pub fn start_logging(ns: &str, config: &Path, api: &str, extra: &[&str], rust_log: &str) -> Lb {
+        Self::start_with(
+            ns,
+            config,
+            api,
+            extra,
+            &Launch {
+                rust_log: rust_log.into(),
+                ..Launch::default()
+            },
+        )
+    }
+
+    /// `lb run` without waiting for its API: the caller watches it (it may
+    /// be meant to fail).
+    pub fn spawn(ns: &str, config: &Path, api: &str, extra: &[&str], launch: &Launch) -> Lb {
         static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = config.with_extension(format!("{n}.log"));
         let out = fs::File::create(&log).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).args(&launch.prefix);
+        let child = cmd
             .arg(lb_binary())
             .args(["run", "--config"])
             .arg(config)
             .args(extra)
-            .env("RUST_LOG", rust_log)
+            .env(
+                "RUST_LOG",
+                if launch.rust_log.is_empty() {
+                    "info"
+                } else {
+                    &launch.rust_log
+                },
+            )
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn lb");
-        let mut lb = Lb {
+        Lb {
             ns: ns.to_string(),
             api: api.to_string(),
             child: Some(child),
             log,
-        };
+        }
+    }
+
+    /// Like [`Lb::start`], with environment variables and a command prefix
+    /// (e.g. `prlimit --nofile=512:`) for the daemon.
+    pub fn start_with(ns: &str, config: &Path, api: &str, extra: &[&str], launch: &Launch) -> Lb {
+        let mut lb = Self::spawn(ns, config, api, extra, launch);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = lb.child.as_mut().unwrap().try_wait().unwrap() {
@@ -151,6 +181,28 @@ impl Lb {
         let mut child = self.child.take().expect("running");
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// Sends `sig` to the daemon.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.pid() as i32;
+        assert!(pid > 0, "the daemon is not running");
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    /// Waits up to `within` for the daemon to exit on its own.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends SIGTERM and waits for a clean exit.
@@ -219,6 +271,27 @@ impl Drop for Lb {
             let _ = c.wait();
         }
     }
+}
+
+/// How [`Lb::start_with`] runs the daemon.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    pub env: Vec<(String, String)>,
+    /// Words before the `lb` binary, inside the namespace.
+    pub prefix: Vec<String>,
+    /// A `RUST_LOG` filter ("info" when empty).
+    pub rust_log: String,
+}
+
+/// Runs the `lb` CLI (`lb status`, `lb stop`, ...) inside `ns`.
+pub fn lb_cli(ns: &str, args: &[&str]) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(lb_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run lb")
 }
 
 /// One HTTP request; connection errors are status 0.

@@ -431,7 +431,12 @@ fn api_changes_survive_a_restart() {
     assert!(lb.stop().success(), "SIGTERM exit:\n{}", lb.log());
     let lb = s.start(&config);
     assert_eq!(services(&lb), before, "restart lost changes:\n{}", lb.log());
-    assert!(lb.log().contains("services come from the state file"));
+    assert!(
+        lb.log()
+            .contains("re-applying the changes made through the API on this config"),
+        "{}",
+        lb.log()
+    );
 }
 
 fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {

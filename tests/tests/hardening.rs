@@ -355,6 +355,9 @@ fn changes() -> Vec<(&'static str, &'static str, Body)> {
             "/api/v1/services/web/backends/127.0.0.1:8001",
             Body::None,
         ),
+        // Lifecycle: re-reading the config, removing the balancer.
+        ("POST", "/api/v1/reload", Body::None),
+        ("POST", "/api/v1/stop", Body::None),
         // Routes that take no change must not let one through either.
         ("POST", "/api/v1/services", Body::Json(svc.into())),
         ("DELETE", "/api/v1/services", Body::None),

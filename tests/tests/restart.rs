@@ -1,4 +1,5 @@
-//! The daemon restarts (cleanly with --keep-dataplane, or killed with -9)
+//! The daemon restarts (SIGTERM, which leaves the data plane running, or
+//! killed with -9)
 //! while traffic flows: the pinned data plane keeps forwarding, the next
 //! daemon adopts it, and no connection fails or is reset. And a daemon
 //! killed during a burst of API changes keeps every acknowledged change.
@@ -101,7 +102,7 @@ fn restarts_and_crashes_drop_no_connection() {
         EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002"),
     ];
     let config = s.config();
-    let mut lb = Lb::start(&s.lb_ns, &config, API, &["--keep-dataplane"]);
+    let mut lb = Lb::start(&s.lb_ns, &config, API, &[]);
     let before = lb.get("/api/v1/services").1;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -165,17 +166,13 @@ fn restarts_and_crashes_drop_no_connection() {
     let mut restarts = 0;
     for i in 0..10 {
         if i % 2 == 0 {
-            assert!(
-                lb.stop().success(),
-                "SIGTERM with --keep-dataplane:\n{}",
-                lb.log()
-            );
+            assert!(lb.stop().success(), "SIGTERM:\n{}", lb.log());
         } else {
             lb.kill();
         }
         // No daemon at all for a moment: the pinned programs carry on.
         thread::sleep(Duration::from_millis(150));
-        lb = Lb::start(&s.lb_ns, &config, API, &["--keep-dataplane"]);
+        lb = Lb::start(&s.lb_ns, &config, API, &[]);
         restarts += 1;
         assert!(
             lb.log().contains("adopted"),
@@ -191,7 +188,7 @@ fn restarts_and_crashes_drop_no_connection() {
     }
     let failures = failures.lock().unwrap();
     println!(
-        "{restarts} restarts (5 SIGTERM --keep-dataplane, 5 kill -9); {} new connections and {} long-lived exchanges ok; {} failures",
+        "{restarts} restarts (5 SIGTERM, 5 kill -9); {} new connections and {} long-lived exchanges ok; {} failures",
         new_ok.load(Ordering::Relaxed),
         long_ok.load(Ordering::Relaxed),
         failures.len()
@@ -203,16 +200,23 @@ fn restarts_and_crashes_drop_no_connection() {
         before,
         "services changed across restarts"
     );
-    // A daemon run without --keep-dataplane adopts too, and its stop
-    // detaches and unpins everything.
-    assert!(lb.stop().success());
-    let mut lb = Lb::start(&s.lb_ns, &config, API, &[]);
-    assert!(lb.log().contains("adopted"));
-    assert!(lb.stop().success());
+    // `lb stop` detaches and unpins everything.
+    let out = lb_tests::daemon::lb_cli(&s.lb_ns, &["stop", "--api", &format!("http://{API}")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        lb.wait_exit(Duration::from_secs(10))
+            .is_some_and(|s| s.success()),
+        "{}",
+        lb.log()
+    );
     let pin = s.bpf.0.join("lb");
     if pin.exists() {
         let left = lb_tests::netns::run(&["find", pin.to_str().unwrap()]);
-        panic!("pins left after a plain stop:\n{left}");
+        panic!("pins left after lb stop:\n{left}");
     }
 }
 
@@ -220,7 +224,7 @@ fn restarts_and_crashes_drop_no_connection() {
 fn a_crash_during_api_changes_keeps_every_acknowledged_change() {
     let s = setup("crash-api");
     let config = s.config();
-    let mut lb = Lb::start(&s.lb_ns, &config, API, &["--keep-dataplane"]);
+    let mut lb = Lb::start(&s.lb_ns, &config, API, &[]);
     let mut next = 1u64;
     for round in 0..5 {
         let acked = Arc::new(AtomicU64::new(0));
@@ -261,7 +265,7 @@ fn a_crash_during_api_changes_keeps_every_acknowledged_change() {
             acked > 0,
             "round {round}: no change was acknowledged before the kill"
         );
-        lb = Lb::start(&s.lb_ns, &config, API, &["--keep-dataplane"]);
+        lb = Lb::start(&s.lb_ns, &config, API, &[]);
         let weight = lb.get("/api/v1/services/web/backends/127.0.0.1:8001").1["weight"]
             .as_u64()
             .unwrap();
@@ -281,7 +285,7 @@ fn a_pinned_data_plane_of_another_layout_is_replaced() {
     let s = setup("relayout");
     let _server = EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001");
     let _server2 = EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002");
-    let mut lb = Lb::start(&s.lb_ns, &s.config(), API, &["--keep-dataplane"]);
+    let mut lb = Lb::start(&s.lb_ns, &s.config(), API, &[]);
     assert!(lb.stop().success());
     // Another flow table size: the pinned maps cannot be reused.
     let mut lb = Lb::start(&s.lb_ns, &s.config_with_flows(131072), API, &[]);

@@ -1,0 +1,230 @@
+//! The admin listener's accept loop: HTTP/1 connections served by the API
+//! router, with a cap on open connections, a header-read timeout and an
+//! idle timeout, so idle or slow clients cannot take the daemon's file
+//! descriptors (which health checks need) or its attention. At the cap, the
+//! connection idle the longest is closed to make room; when every one is
+//! busy, the new connection is closed instead.
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    future::Future,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::Router;
+use hyper::{body::Incoming, server::conn::http1};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, task::AbortHandle};
+use tower::ServiceExt;
+use tracing::{debug, warn};
+
+/// Bounds on the admin listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this.
+    pub header_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 256,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+struct Conn {
+    abort: AbortHandle,
+    /// Requests in flight.
+    busy: Arc<AtomicUsize>,
+    /// Milliseconds since `epoch` of the last request start or end.
+    last: Arc<AtomicU64>,
+}
+
+type Conns = Arc<Mutex<HashMap<u64, Conn>>>;
+
+/// Serves `router` on `listener` until `shutdown` resolves, then closes
+/// idle connections at once and gives busy ones up to two seconds.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let epoch = Instant::now();
+    let now_ms = move || epoch.elapsed().as_millis() as u64;
+    let conns: Conns = Arc::new(Mutex::new(HashMap::new()));
+    let mut next_id = 0u64;
+    let mut reap = tokio::time::interval(Duration::from_secs(1).min(limits.idle_timeout));
+    reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut accept_errors = 0u64;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = reap.tick() => {
+                let idle_ms = limits.idle_timeout.as_millis() as u64;
+                let now = now_ms();
+                conns.lock().expect("conns").retain(|_, c| {
+                    let idle = c.busy.load(Ordering::SeqCst) == 0
+                        && now.saturating_sub(c.last.load(Ordering::SeqCst)) >= idle_ms;
+                    if idle {
+                        c.abort.abort();
+                    }
+                    !idle && !c.abort.is_finished()
+                });
+            }
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and the like: back off instead of spinning.
+                        accept_errors += 1;
+                        if accept_errors.is_power_of_two() {
+                            warn!(errors = accept_errors, "admin API accept failed: {e}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                {
+                    let mut map = conns.lock().expect("conns");
+                    map.retain(|_, c| !c.abort.is_finished());
+                    if map.len() >= limits.max_connections {
+                        let victim = map
+                            .iter()
+                            .filter(|(_, c)| c.busy.load(Ordering::SeqCst) == 0)
+                            .min_by_key(|(_, c)| c.last.load(Ordering::SeqCst))
+                            .map(|(id, _)| *id);
+                        match victim {
+                            Some(id) => {
+                                if let Some(c) = map.remove(&id) {
+                                    c.abort.abort();
+                                }
+                            }
+                            None => {
+                                debug!(%peer, "admin API at its connection cap, all busy; closing the new connection");
+                                continue;
+                            }
+                        }
+                    }
+                }
+                let id = next_id;
+                next_id += 1;
+                let busy = Arc::new(AtomicUsize::new(0));
+                let last = Arc::new(AtomicU64::new(now_ms()));
+                let (b, l, r) = (busy.clone(), last.clone(), router.clone());
+                let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                    let guard = Busy::new(b.clone(), l.clone(), now_ms);
+                    let r = r.clone();
+                    async move {
+                        let resp = r.oneshot(req.map(axum::body::Body::new)).await;
+                        drop(guard);
+                        resp.map_err(|e: Infallible| match e {})
+                    }
+                });
+                let map = conns.clone();
+                let task = tokio::spawn(async move {
+                    let conn = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(limits.header_timeout)
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service);
+                    if let Err(e) = conn.await {
+                        debug!(%peer, "admin connection: {e}");
+                    }
+                    map.lock().expect("conns").remove(&id);
+                });
+                conns.lock().expect("conns").insert(
+                    id,
+                    Conn {
+                        abort: task.abort_handle(),
+                        busy,
+                        last,
+                    },
+                );
+            }
+        }
+    }
+    // Shutting down: idle connections go now, busy ones get a moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let left = {
+            let mut map = conns.lock().expect("conns");
+            map.retain(|_, c| {
+                if c.busy.load(Ordering::SeqCst) == 0 || Instant::now() >= deadline {
+                    c.abort.abort();
+                    return false;
+                }
+                !c.abort.is_finished()
+            });
+            map.len()
+        };
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Counts a request in flight on its connection for as long as it lives.
+struct Busy {
+    busy: Arc<AtomicUsize>,
+    last: Arc<AtomicU64>,
+    now_ms: Box<dyn Fn() -> u64 + Send>,
+}
+
+impl Busy {
+    fn new(
+        busy: Arc<AtomicUsize>,
+        last: Arc<AtomicU64>,
+        now_ms: impl Fn() -> u64 + Send + 'static,
+    ) -> Self {
+        busy.fetch_add(1, Ordering::SeqCst);
+        last.store(now_ms(), Ordering::SeqCst);
+        Busy {
+            busy,
+            last,
+            now_ms: Box::new(now_ms),
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.last.store((self.now_ms)(), Ordering::SeqCst);
+        self.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Raises this process's open-file soft limit to its hard limit; returns
+/// (before, after).
+pub fn raise_nofile() -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((before, lim.rlim_cur))
+}
