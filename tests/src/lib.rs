@@ -3,6 +3,7 @@
 //! check that privileged tests start with.
 pub mod capture;
 pub mod daemon;
+pub mod fixtures;
 pub mod https;
 pub mod inputs;
 pub mod netns;

@@ -17,6 +17,7 @@ use std::{
 };
 
 use lb_common::{REASON_NAMES, Reason};
+use lb_tests::fixtures::{backend_port, hex, service, slot_of, writer};
 use lb_tests::{
     netns::{self, Topology, run_in},
     packet::{
@@ -26,62 +27,17 @@ use lb_tests::{
     },
 };
 use lb_userspace::dataplane::{
-    AttachMode, BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec,
-    addr_words,
+    AttachMode, BackendSpec, Dataplane, MapWriter, Options, ServiceSpec,
 };
 
 const XDP_PASS: u32 = 2;
-
-fn service(name: &str, listen: &str, backends: &[&str]) -> ServiceSpec {
-    ServiceSpec {
-        when_all_down: Default::default(),
-        name: name.into(),
-        listen: listen.parse().unwrap(),
-        protocols: vec![Protocol::Tcp, Protocol::Udp],
-        forwarding: Forwarding::Local,
-        backends: backends
-            .iter()
-            .map(|b| BackendSpec::new(b.parse().unwrap(), 100))
-            .collect(),
-    }
-}
-
-fn writer(services: &[ServiceSpec]) -> MapWriter {
-    lb_tests::require_root();
-    let dp = Dataplane::load(Options {
-        max_services: 4,
-        flow_table_size: 65_536,
-        ..Options::default()
-    })
-    .expect("the eBPF object loads and verifies");
-    let mut w = MapWriter::new(dp);
-    w.apply(services).expect("services apply");
-    w
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 /// The backend port the active Maglev table names for the flow `reply`
 /// answers (the client's packets: source and destination swapped).
 fn table_port(w: &MapWriter, svc: &ServiceSpec, reply: &Spec) -> u16 {
     let p = packet::parse(&reply.build()).unwrap();
-    let h = lb_common::flow_hash(
-        &addr_words(p.dst),
-        &addr_words(p.src),
-        p.dport.to_be(),
-        p.sport.to_be(),
-        p.proto,
-    );
-    let id = w.service_id(&svc.name).unwrap();
-    let (_, table) = w.dataplane().active_table(id).unwrap();
-    let slot = table[(h % table.len() as u32) as usize];
-    svc.backends
-        .iter()
-        .find(|b| w.backend_id(&svc.name, b.address) == Some(slot.backend))
-        .map(|b| b.address.port())
-        .unwrap()
+    let slot = slot_of(w, svc, (p.dst, p.src), (p.dport, p.sport), p.proto);
+    backend_port(w, svc, slot.backend)
 }
 
 /// The quoted source port of an ICMP error frame (one VLAN tag at most,

@@ -5,44 +5,14 @@
 use std::collections::HashMap;
 
 use lb_common::{REASON_NAMES, Reason};
+use lb_tests::fixtures::{age_table, backend_port, hex, options, service, slot_of, writer};
 use lb_tests::packet::{self, Spec, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN};
 use lb_userspace::dataplane::{
-    AdminState, BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec,
-    addr_words,
+    AdminState, BackendSpec, Dataplane, MapWriter, Options, ServiceSpec,
 };
 
 const XDP_PASS: u32 = 2;
 const TC_ACT_OK: u32 = 0;
-
-fn options() -> Options {
-    Options {
-        max_services: 4,
-        flow_table_size: 65_536,
-        ..Options::default()
-    }
-}
-
-fn service(name: &str, listen: &str, backends: &[&str]) -> ServiceSpec {
-    ServiceSpec {
-        when_all_down: Default::default(),
-        name: name.into(),
-        listen: listen.parse().unwrap(),
-        protocols: vec![Protocol::Tcp, Protocol::Udp],
-        forwarding: Forwarding::Local,
-        backends: backends
-            .iter()
-            .map(|b| BackendSpec::new(b.parse().unwrap(), 100))
-            .collect(),
-    }
-}
-
-fn writer(services: &[ServiceSpec]) -> MapWriter {
-    lb_tests::require_root();
-    let dp = Dataplane::load(options()).expect("the eBPF object loads and verifies");
-    let mut w = MapWriter::new(dp);
-    w.apply(services).expect("services apply");
-    w
-}
 
 fn run(dp: &Dataplane, frame: &[u8]) -> (u32, Vec<u8>) {
     dp.test_run_xdp(frame).expect("BPF_PROG_TEST_RUN")
@@ -51,29 +21,8 @@ fn run(dp: &Dataplane, frame: &[u8]) -> (u32, Vec<u8>) {
 /// The backend port the active Maglev table names for a frame's flow.
 fn table_port(w: &MapWriter, svc: &ServiceSpec, frame: &[u8]) -> u16 {
     let p = packet::parse(frame).unwrap();
-    let h = lb_common::flow_hash(
-        &addr_words(p.src),
-        &addr_words(p.dst),
-        p.sport.to_be(),
-        p.dport.to_be(),
-        p.proto,
-    );
-    let id = w.service_id(&svc.name).unwrap();
-    let (_, table) = w.dataplane().active_table(id).unwrap();
-    let slot = table[(h % table.len() as u32) as usize];
+    let slot = slot_of(w, svc, (p.src, p.dst), (p.sport, p.dport), p.proto);
     backend_port(w, svc, slot.backend)
-}
-
-fn backend_port(w: &MapWriter, svc: &ServiceSpec, id: u32) -> u16 {
-    svc.backends
-        .iter()
-        .find(|b| w.backend_id(&svc.name, b.address) == Some(id))
-        .map(|b| b.address.port())
-        .unwrap_or_else(|| panic!("backend id {id} is not in service {}", svc.name))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// One fixture: bytes in, action and bytes out.
@@ -788,16 +737,7 @@ fn in_changed(w: &MapWriter, svc: &ServiceSpec, flows: &[Spec]) -> Vec<Spec> {
 /// The slot of a flow in the active table, if it is sticky (changed).
 fn sticky_slot(w: &MapWriter, svc: &ServiceSpec, f: &Spec) -> Option<lb_common::MaglevSlot> {
     let p = packet::parse(&f.build()).unwrap();
-    let h = lb_common::flow_hash(
-        &addr_words(p.src),
-        &addr_words(p.dst),
-        p.sport.to_be(),
-        p.dport.to_be(),
-        p.proto,
-    );
-    let id = w.service_id(&svc.name).unwrap();
-    let (_, table) = w.dataplane().active_table(id).unwrap();
-    let slot = table[(h % table.len() as u32) as usize];
+    let slot = slot_of(w, svc, (p.src, p.dst), (p.sport, p.dport), p.proto);
     slot.is_sticky().then_some(slot)
 }
 
@@ -977,21 +917,7 @@ fn a_draining_backend_keeps_its_udp_flows() {
         "UDP flows moved on drain"
     );
     // Long after the drain, the pins hold.
-    let id = w.service_id("web").unwrap();
-    let aged: Vec<lb_common::MaglevSlot> = w
-        .dataplane()
-        .active_table(id)
-        .unwrap()
-        .1
-        .iter()
-        .map(|s| lb_common::MaglevSlot {
-            changed: s.changed.wrapping_sub(lb_common::STICKY_MISS_SECS + 1),
-            ..*s
-        })
-        .collect();
-    w.dataplane_mut()
-        .install_table(id, &aged, lb_common::FWD_LOCAL)
-        .unwrap();
+    age_table(&mut w, "web", lb_common::STICKY_MISS_SECS + 1);
     assert_eq!(
         send(w.dataplane(), &flows, 0),
         first,
@@ -1033,21 +959,7 @@ fn misses_follow_the_age_of_the_change() {
     };
     let young_old = right(&mut w, &old, &old_ports);
     let young_new = right(&mut w, &new, &new_ports);
-    let id = w.service_id("web").unwrap();
-    let aged: Vec<lb_common::MaglevSlot> = w
-        .dataplane()
-        .active_table(id)
-        .unwrap()
-        .1
-        .iter()
-        .map(|s| lb_common::MaglevSlot {
-            changed: s.changed.wrapping_sub(lb_common::TCP_MISS_PREV_SECS + 1),
-            ..*s
-        })
-        .collect();
-    w.dataplane_mut()
-        .install_table(id, &aged, lb_common::FWD_LOCAL)
-        .unwrap();
+    age_table(&mut w, "web", lb_common::TCP_MISS_PREV_SECS + 1);
     let aged_old = right(&mut w, &old, &old_ports);
     let aged_new = right(&mut w, &new, &new_ports);
     println!(

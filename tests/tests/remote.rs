@@ -512,10 +512,10 @@ fn full_checksums(ns: &str, ifname: &str) {
     run_in(ns, &["ethtool", "-K", ifname, "tx", "off"]);
 }
 
-/// Client, balancer and two backend hosts, each a namespace; the backends
-/// route back through the balancer.
-#[test]
-fn nat_spreads_connections_over_backend_hosts_v4_and_v6() {
+/// Client, balancer and two backend hosts, each a namespace: the balancer
+/// holds the service addresses, forwards IP, and the backends route back
+/// through it. (topology, balancer, client, backend 1, backend 2)
+fn nat_lab() -> (Topology, String, String, String, String) {
     let mut topo = Topology::new();
     let lb = topo.namespace("lb");
     let client = topo.namespace("cl");
@@ -553,6 +553,14 @@ fn nat_spreads_connections_over_backend_hosts_v4_and_v6() {
         // A veth receives XDP-redirected frames only with NAPI on.
         run_in(ns, &["ethtool", "-K", "eth0", "gro", "on"]);
     }
+    (topo, lb, client, b1, b2)
+}
+
+/// Client, balancer and two backend hosts, each a namespace; the backends
+/// route back through the balancer.
+#[test]
+fn nat_spreads_connections_over_backend_hosts_v4_and_v6() {
+    let (_topo, lb, client, b1, b2) = nat_lab();
     let https = Https::start(&client, &[("b1", &b1), ("b2", &b2)], 8443);
     let services = vec![
         service(
@@ -1096,42 +1104,7 @@ fn nat_delivers_fragmented_udp_datagrams_whole_v4_and_v6() {
     const FLOWS: usize = 16;
     const PER_FLOW: usize = 3;
     const SIZE: usize = 3000;
-    let mut topo = Topology::new();
-    let lb = topo.namespace("lb");
-    let client = topo.namespace("cl");
-    let b1 = topo.namespace("b1");
-    let b2 = topo.namespace("b2");
-    topo.veth(
-        (
-            &lb,
-            "lb0",
-            &[
-                "10.203.0.1/24",
-                "10.203.0.10/24",
-                "fd00:203::1/64",
-                "fd00:203::10/64",
-            ],
-        ),
-        (&client, "cl0", &["10.203.0.2/24", "fd00:203::2/64"]),
-    );
-    topo.veth(
-        (&lb, "lbb1", &["10.203.1.1/24", "fd00:203:1::1/64"]),
-        (&b1, "eth0", &["10.203.1.2/24", "fd00:203:1::2/64"]),
-    );
-    topo.veth(
-        (&lb, "lbb2", &["10.203.2.1/24", "fd00:203:2::1/64"]),
-        (&b2, "eth0", &["10.203.2.2/24", "fd00:203:2::2/64"]),
-    );
-    forwarding_on(&lb);
-    full_checksums(&client, "cl0");
-    for (ns, gw4, gw6) in [
-        (&b1, "10.203.1.1", "fd00:203:1::1"),
-        (&b2, "10.203.2.1", "fd00:203:2::1"),
-    ] {
-        run_in(ns, &["ip", "route", "add", "default", "via", gw4]);
-        run_in(ns, &["ip", "-6", "route", "add", "default", "via", gw6]);
-        run_in(ns, &["ethtool", "-K", "eth0", "gro", "on"]);
-    }
+    let (_topo, lb, client, b1, b2) = nat_lab();
     let services = vec![
         service(
             "udp4",

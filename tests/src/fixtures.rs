@@ -1,0 +1,95 @@
+//! What the packet-fixture tests share: a local service, a map writer on
+//! a freshly loaded data plane, and where the active table sends a flow.
+use std::net::IpAddr;
+
+use lb_common::MaglevSlot;
+use lb_userspace::dataplane::{
+    BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec, addr_words,
+};
+
+/// The data plane options of the fixture tests: small tables.
+pub fn options() -> Options {
+    Options {
+        max_services: 4,
+        flow_table_size: 65_536,
+        ..Options::default()
+    }
+}
+
+/// A `local` TCP and UDP service with backends of weight 100.
+pub fn service(name: &str, listen: &str, backends: &[&str]) -> ServiceSpec {
+    ServiceSpec {
+        when_all_down: Default::default(),
+        name: name.into(),
+        listen: listen.parse().unwrap(),
+        protocols: vec![Protocol::Tcp, Protocol::Udp],
+        forwarding: Forwarding::Local,
+        backends: backends
+            .iter()
+            .map(|b| BackendSpec::new(b.parse().unwrap(), 100))
+            .collect(),
+    }
+}
+
+/// A map writer serving `services` on a data plane of its own.
+pub fn writer(services: &[ServiceSpec]) -> MapWriter {
+    crate::require_root();
+    let dp = Dataplane::load(options()).expect("the eBPF object loads and verifies");
+    let mut w = MapWriter::new(dp);
+    w.apply(services).expect("services apply");
+    w
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The active table's slot for a flow (addresses and ports as the client
+/// sends them).
+pub fn slot_of(
+    w: &MapWriter,
+    svc: &ServiceSpec,
+    (src, dst): (IpAddr, IpAddr),
+    (sport, dport): (u16, u16),
+    proto: u8,
+) -> MaglevSlot {
+    let h = lb_common::flow_hash(
+        &addr_words(src),
+        &addr_words(dst),
+        sport.to_be(),
+        dport.to_be(),
+        proto,
+    );
+    let id = w.service_id(&svc.name).unwrap();
+    let (_, table) = w.dataplane().active_table(id).unwrap();
+    table[(h % table.len() as u32) as usize]
+}
+
+/// The port of backend `id` of `svc`.
+pub fn backend_port(w: &MapWriter, svc: &ServiceSpec, id: u32) -> u16 {
+    svc.backends
+        .iter()
+        .find(|b| w.backend_id(&svc.name, b.address) == Some(id))
+        .map(|b| b.address.port())
+        .unwrap_or_else(|| panic!("backend id {id} is not in service {}", svc.name))
+}
+
+/// Installs the service's active table again with every change made
+/// `secs` older, as if that much time had passed since.
+pub fn age_table(w: &mut MapWriter, svc: &str, secs: u32) {
+    let id = w.service_id(svc).unwrap();
+    let aged: Vec<MaglevSlot> = w
+        .dataplane()
+        .active_table(id)
+        .unwrap()
+        .1
+        .iter()
+        .map(|s| MaglevSlot {
+            changed: s.changed.wrapping_sub(secs),
+            ..*s
+        })
+        .collect();
+    w.dataplane_mut()
+        .install_table(id, &aged, lb_common::FWD_LOCAL)
+        .unwrap();
+}
