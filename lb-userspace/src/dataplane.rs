@@ -1349,7 +1349,7 @@ impl MapWriter {
             info!(service = %name, "service removed");
         }
         // Unpublish removed services before their ids can be reused below.
-        self.sync_lookup_maps(desired)?;
+        self.sync_lookup_maps(desired, false)?;
 
         // Hand out every new id first and record them before any table can
         // name them, so a daemon killed halfway still reads its maps right.
@@ -1385,6 +1385,9 @@ impl MapWriter {
             }
         }
         self.persist_ids()?;
+        // Replies of backends that join are translated before any table
+        // sends them a flow: the reverse entries go in first.
+        self.sync_lookup_maps(desired, true)?;
 
         for spec in desired {
             let mut inst = self.services.remove(&spec.name).expect("allocated above");
@@ -1392,7 +1395,7 @@ impl MapWriter {
             self.services.insert(spec.name.clone(), inst);
             installed?;
         }
-        self.sync_lookup_maps(desired)?;
+        self.sync_lookup_maps(desired, false)?;
         self.persist_ids()?;
         Ok(report)
     }
@@ -1723,7 +1726,9 @@ impl MapWriter {
 
     /// Rewrites the port, address-service and reverse-translation maps to
     /// match `desired`, restricted to the services installed so far.
-    fn sync_lookup_maps(&mut self, desired: &[ServiceSpec]) -> Result<()> {
+    /// With `replies_only`, writes only the reverse-translation entries that
+    /// are new or changed, and nothing else.
+    fn sync_lookup_maps(&mut self, desired: &[ServiceSpec], replies_only: bool) -> Result<()> {
         let mut ports: HashMap<u32, PortEntry> = HashMap::new();
         let mut addr_services: HashMap<AddrKey, u32> = HashMap::new();
         let mut rev_ports: HashMap<u32, RevPortEntry> = HashMap::new();
@@ -1789,6 +1794,10 @@ impl MapWriter {
             }
         }
         // Additions and changes, then deletions of what is left over.
+        if replies_only {
+            ports.clear();
+            addr_services.clear();
+        }
         for (k, v) in &addr_services {
             if self.addr_services.get(k) != Some(v) {
                 self.dp
@@ -1818,6 +1827,9 @@ impl MapWriter {
                     .map_err(map_err(maps::REV_PORTS))?;
                 self.rev_ports.insert(*k, *v);
             }
+        }
+        if replies_only {
+            return Ok(());
         }
         for k in self.ports.keys().copied().collect::<Vec<_>>() {
             if !ports.contains_key(&k) {
