@@ -177,6 +177,16 @@ fn parse_address(s: &str) -> Result<SocketAddr, ApiError> {
 }
 
 async fn healthz(State(d): State<Daemon>) -> Response {
+    if !d.attached() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "unhealthy",
+                "error": "the interface the data plane is attached to is gone; it is attached again when it comes back"
+            })),
+        )
+            .into_response();
+    }
     if d.alive(std::time::Duration::from_secs(2)).await {
         Json(json!({ "status": "ok" })).into_response()
     } else {

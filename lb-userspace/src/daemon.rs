@@ -523,16 +523,11 @@ impl Daemon {
             }
         });
         let daemon = Daemon { shared };
-        // Interfaces that appear after attach become redirect targets too.
-        let ifindex = crate::dataplane::interfaces()
-            .unwrap_or_default()
-            .into_iter()
-            .find(|(_, name)| *name == attached_iface)
-            .map(|(i, _)| i)
-            .unwrap_or(0);
+        // Interfaces that appear after attach become redirect targets too,
+        // and the attached one is attached again if it goes and comes back.
         if let Err(e) = crate::links::spawn_watcher(
             attached_iface,
-            ifindex,
+            mode,
             Arc::downgrade(&daemon.shared.writer),
             daemon.shared.attached.clone(),
         ) {
@@ -625,6 +620,14 @@ impl Daemon {
             && tokio::time::timeout(within, self.shared.inner.lock())
                 .await
                 .is_ok()
+    }
+
+    /// The data plane is attached to its interface (false while the
+    /// interface is gone).
+    pub fn attached(&self) -> bool {
+        self.shared
+            .attached
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Where the services come from, for `GET /api/v1/status`.

@@ -532,6 +532,18 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Attaches again to an interface that went away and came back (a new
+    /// ifindex): the old links died with the old interface, so they are
+    /// dropped and unpinned, and the programs attached afresh.
+    pub fn reattach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        for (path, _) in &self.links {
+            let _ = std::fs::remove_file(path);
+        }
+        self.links.clear();
+        self.linked_interface = None;
+        self.attach(iface, mode)
+    }
+
     /// Pins `link` at `path` (unless it is pinned there already) and keeps
     /// a descriptor of it.
     fn keep_pinned(&self, path: PathBuf, link: FdLink) -> Result<(PathBuf, FdLink)> {

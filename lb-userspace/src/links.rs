@@ -1,7 +1,7 @@
 //! Keeps the redirect map in step with the interfaces: a NETLINK_ROUTE
 //! socket subscribed to link events wakes a thread that re-syncs
-//! `LB_TX_PORTS`, logs interfaces that came and went, and notices when the
-//! attached interface itself is gone.
+//! `LB_TX_PORTS`, logs interfaces that came and went, notices when the
+//! attached interface itself is gone, and attaches again when it is back.
 use std::{
     collections::BTreeMap,
     io,
@@ -14,7 +14,7 @@ use std::{
 
 use tracing::{error, info, warn};
 
-use crate::dataplane::{MapWriter, interfaces};
+use crate::dataplane::{AttachMode, MapWriter, interfaces};
 
 /// A socket that receives rtnetlink link messages (`RTMGRP_LINK`).
 pub struct LinkEvents {
@@ -92,10 +92,12 @@ fn has_link_change(mut buf: &[u8]) -> bool {
 
 /// Watches links on a thread of its own until the writer is dropped:
 /// every change re-syncs the redirect map; `attached` says whether the
-/// interface the data plane is attached to (`iface`, `ifindex`) still exists.
+/// data plane is attached to `iface`. When that interface goes, the data
+/// plane is reported detached; when an interface of that name comes back,
+/// the programs are attached to it again (`mode`).
 pub fn spawn_watcher(
     iface: String,
-    ifindex: u32,
+    mode: AttachMode,
     writer: Weak<Mutex<MapWriter>>,
     attached: Arc<AtomicBool>,
 ) -> io::Result<()> {
@@ -150,13 +152,27 @@ pub fn spawn_watcher(
                         info!(interface = %name, ifindex, "interface removed");
                     }
                 }
-                let up = now.contains_key(&ifindex);
-                if attached.swap(up, Ordering::SeqCst) && !up {
+                let present = now.values().any(|name| *name == iface);
+                let was = attached.load(Ordering::SeqCst);
+                if was && !present {
+                    attached.store(false, Ordering::SeqCst);
                     error!(
                         interface = %iface,
-                        "the interface the data plane is attached to is gone: no traffic is balanced; \
-                         restart `lb run` once it is back"
+                        "the interface the data plane is attached to is gone: no traffic is \
+                         balanced until it comes back"
                     );
+                } else if !was && present {
+                    let done = match writer.lock() {
+                        Ok(mut w) => w.dataplane_mut().reattach(&iface, mode).map_err(|e| e.to_string()),
+                        Err(_) => Err("the map writer's lock is poisoned".to_string()),
+                    };
+                    match done {
+                        Ok(()) => {
+                            attached.store(true, Ordering::SeqCst);
+                            info!(interface = %iface, "the interface is back; the data plane is attached again");
+                        }
+                        Err(e) => error!(interface = %iface, "attaching again: {e}"),
+                    }
                 }
                 known = now;
             }

@@ -944,7 +944,8 @@ fn interfaces_added_after_attach_become_redirect_targets() {
     .unwrap_or_else(|| panic!("late0's removal not logged:\n{}", lb.log()));
     assert_eq!(attached(&lb), Some(1.0));
 
-    // The attached interface goes: an error, and the metric says so.
+    // The attached interface goes: an error, and the metric and /healthz
+    // say so.
     ip(&["link", "del", "lb0"]);
     within(Duration::from_secs(1), || attached(&lb) == Some(0.0))
         .unwrap_or_else(|| panic!("lb_dataplane_attached still 1:\n{}", lb.log()));
@@ -955,6 +956,27 @@ fn interfaces_added_after_attach_become_redirect_targets() {
         "{}",
         lb.log()
     );
+    let (status, body) = lb.raw("GET", "/healthz", None, None);
+    assert_eq!(status, 503, "/healthz with the interface gone: {body}");
+
+    // It comes back (a new interface of the same name): attached again.
+    ip(&["link", "add", "lb0", "type", "veth", "peer", "name", "lbx"]);
+    ip(&["link", "set", "lb0", "up"]);
+    ip(&["link", "set", "lbx", "up"]);
+    let took = within(Duration::from_secs(2), || attached(&lb) == Some(1.0))
+        .unwrap_or_else(|| panic!("not attached again:\n{}", lb.log()));
+    let link = Command::new("ip")
+        .args(["-n", &s.lb_ns, "link", "show", "lb0"])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(
+        link.contains("xdp"),
+        "no XDP program on the new lb0: {link}"
+    );
+    let (status, body) = lb.raw("GET", "/healthz", None, None);
+    assert_eq!(status, 200, "/healthz once attached again: {body}");
+    println!("links: lb0 came back and was attached again after {took:?}");
 }
 
 #[test]
