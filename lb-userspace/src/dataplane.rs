@@ -33,7 +33,7 @@ use lb_common::{
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::{maglev, pins};
+use crate::{maglev, mapstore::MapStore, pins};
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {
@@ -818,6 +818,132 @@ impl Dataplane {
     }
 }
 
+impl MapStore for Dataplane {
+    fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    fn recorded_ids(&self) -> &pins::Ids {
+        Dataplane::recorded_ids(self)
+    }
+
+    fn record_ids(&mut self, ids: pins::Ids) -> Result<()> {
+        Dataplane::record_ids(self, ids)
+    }
+
+    fn service_entry(&self, id: u32) -> Result<ServiceEntry> {
+        Dataplane::service_entry(self, id)
+    }
+
+    fn write_service(&mut self, id: u32, entry: &ServiceEntry) -> Result<()> {
+        Dataplane::write_service(self, id, entry)
+    }
+
+    fn write_backend(&mut self, id: u32, entry: &BackendEntry) -> Result<()> {
+        Dataplane::write_backend(self, id, entry)
+    }
+
+    fn install_table(&mut self, service: u32, slots: &[MaglevSlot], forwarding: u8) -> Result<u32> {
+        Dataplane::install_table(self, service, slots, forwarding)
+    }
+
+    fn table(&self, service: u32, table: u32) -> &[MaglevSlot] {
+        Dataplane::table(self, service, table)
+    }
+
+    fn table_mut(&mut self, service: u32, table: u32) -> &mut [MaglevSlot] {
+        Dataplane::table_mut(self, service, table)
+    }
+
+    fn set_port(&mut self, slot: u32, entry: PortEntry) -> Result<()> {
+        self.ports.set(slot, entry, 0).map_err(map_err(maps::PORTS))
+    }
+
+    fn set_addr_service(&mut self, key: &AddrKey, id: u32) -> Result<()> {
+        self.addr_services
+            .insert(key, id, 0)
+            .map_err(map_err(maps::ADDR_SERVICES))
+    }
+
+    fn delete_addr_service(&mut self, key: &AddrKey) -> Result<()> {
+        match self.addr_services.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::ADDR_SERVICES)(e)),
+        }
+    }
+
+    fn set_rev_port(&mut self, slot: u32, entry: RevPortEntry) -> Result<()> {
+        self.rev_ports
+            .set(slot, entry, 0)
+            .map_err(map_err(maps::REV_PORTS))
+    }
+
+    fn set_rev_addr(&mut self, key: &AddrKey, value: &RevAddrValue) -> Result<()> {
+        self.rev_addrs
+            .insert(key, value, 0)
+            .map_err(map_err(maps::REV_ADDRS))
+    }
+
+    fn delete_rev_addr(&mut self, key: &AddrKey) {
+        let _ = self.rev_addrs.remove(key);
+    }
+
+    fn remove_flow_if(&mut self, key: &FlowKey, value: &FlowValue) -> bool {
+        self.flows.get(key, 0).ok().as_ref() == Some(value) && self.flows.remove(key).is_ok()
+    }
+
+    fn read_ports(&self) -> Result<Vec<(u32, PortEntry)>> {
+        let mut out = Vec::new();
+        for (i, e) in self.ports.iter().enumerate() {
+            let e = e.map_err(map_err(maps::PORTS))?;
+            if e != PortEntry::default() {
+                out.push((i as u32, e));
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_rev_ports(&self) -> Result<Vec<(u32, RevPortEntry)>> {
+        let mut out = Vec::new();
+        for (i, e) in self.rev_ports.iter().enumerate() {
+            let e = e.map_err(map_err(maps::REV_PORTS))?;
+            if e != RevPortEntry::default() {
+                out.push((i as u32, e));
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_addr_services(&self) -> Result<Vec<(AddrKey, u32)>> {
+        self.addr_services
+            .iter()
+            .map(|kv| kv.map_err(map_err(maps::ADDR_SERVICES)))
+            .collect()
+    }
+
+    fn read_rev_addrs(&self) -> Result<Vec<(AddrKey, RevAddrValue)>> {
+        self.rev_addrs
+            .iter()
+            .map(|kv| kv.map_err(map_err(maps::REV_ADDRS)))
+            .collect()
+    }
+
+    fn read_backends(&self) -> Result<Vec<(u32, BackendEntry)>> {
+        let mut out = Vec::new();
+        for (i, e) in self.backends.iter().enumerate() {
+            let e = e.map_err(map_err(maps::BACKENDS))?;
+            if e != BackendEntry::default() {
+                out.push((i as u32, e));
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Forwards the eBPF programs' log records to `tracing` at debug level.
 pub struct EbpfLog;
 
@@ -840,21 +966,7 @@ impl FlowCounter {
     /// Walks the flow table for a sweep: which candidate slots live pins
     /// still need, and which pins name a backend that no longer holds them.
     pub fn walk(&self, plan: &SweepPlan) -> SweepFound {
-        let mut found = SweepFound::default();
-        for (k, v) in self.0.iter().filter_map(|r| r.ok()) {
-            let live = plan.holders.get(&v.backend) == Some(&(v.service, v.generation));
-            if !live {
-                found.stale.push((k, v));
-                continue;
-            }
-            let key = (v.service, v.slot);
-            if let Some((current, _)) = plan.candidates.get(&key)
-                && *current != v.backend
-            {
-                found.needed.insert(key);
-            }
-        }
-        found
+        walk_pins(plan, self.0.iter().filter_map(|r| r.ok()))
     }
 
     pub fn count(&self) -> usize {
@@ -1119,9 +1231,12 @@ struct Installed {
     fail_open: bool,
 }
 
-/// Applies desired services to the data plane. Owns the `Dataplane`.
-pub struct MapWriter {
-    dp: Dataplane,
+/// Applies desired services to the data plane. Owns the map store: the
+/// kernel's maps (`Dataplane`) or, in tests, `mapstore::MemStore`. What to
+/// write (ids, generations, tables, lookup maps) is decided here; the store
+/// only writes it.
+pub struct MapWriter<S: MapStore = Dataplane> {
+    dp: S,
     services: BTreeMap<String, Installed>,
     free_service_ids: Vec<u32>,
     free_backend_ids: Vec<u32>,
@@ -1150,6 +1265,26 @@ pub struct SweepPlan {
     pub candidates: HashMap<(u32, u32), (u32, u32)>,
     /// Backend id -> (service id, generation) for backends keeping flows.
     pub holders: HashMap<u32, (u32, u32)>,
+}
+
+/// Sorts the pins of a flow table for a sweep: which candidate slots live
+/// pins still need, and which pins name a backend that no longer holds them.
+pub fn walk_pins(plan: &SweepPlan, pins: impl Iterator<Item = (FlowKey, FlowValue)>) -> SweepFound {
+    let mut found = SweepFound::default();
+    for (k, v) in pins {
+        let live = plan.holders.get(&v.backend) == Some(&(v.service, v.generation));
+        if !live {
+            found.stale.push((k, v));
+            continue;
+        }
+        let key = (v.service, v.slot);
+        if let Some((current, _)) = plan.candidates.get(&key)
+            && *current != v.backend
+        {
+            found.needed.insert(key);
+        }
+    }
+    found
 }
 
 /// What a walk of the flow table found for a `SweepPlan`.
@@ -1183,9 +1318,19 @@ pub fn rewrites_address(forwarding: Forwarding, listen: SocketAddr, backend: Soc
         && backend.is_ipv4() == listen.is_ipv4()
 }
 
-impl MapWriter {
-    pub fn new(dp: Dataplane) -> Self {
-        let max_services = dp.opts.max_services;
+impl MapWriter<Dataplane> {
+    pub fn dataplane(&self) -> &Dataplane {
+        &self.dp
+    }
+
+    pub fn dataplane_mut(&mut self) -> &mut Dataplane {
+        &mut self.dp
+    }
+}
+
+impl<S: MapStore> MapWriter<S> {
+    pub fn new(dp: S) -> Self {
+        let max_services = dp.options().max_services;
         let mut w = Self {
             dp,
             services: BTreeMap::new(),
@@ -1198,7 +1343,7 @@ impl MapWriter {
             backend_entries: HashMap::new(),
             next_generation: 1,
         };
-        if w.dp.adopted {
+        if w.dp.adopted() {
             match w.adopt() {
                 Ok(n) => info!(services = n, "adopted the pinned data plane's services"),
                 Err(e) => warn!("cannot read back the pinned data plane ({e}); rewriting it"),
@@ -1213,7 +1358,7 @@ impl MapWriter {
     /// changes nothing in the kernel.
     fn adopt(&mut self) -> Result<usize> {
         let ids = self.dp.recorded_ids().clone();
-        let m = self.dp.opts.maglev_size;
+        let m = self.dp.options().maglev_size;
         for (name, sid) in &ids.services {
             let entry = self.dp.service_entry(sid.id)?;
             let slots = if entry.table_size == m && entry.active < TABLES_PER_SERVICE {
@@ -1248,41 +1393,22 @@ impl MapWriter {
                 },
             );
         }
-        for (i, e) in self.dp.ports.iter().enumerate() {
-            let e = e.map_err(map_err(maps::PORTS))?;
-            if e != PortEntry::default() {
-                self.ports.insert(i as u32, e);
-            }
-        }
-        for (i, e) in self.dp.rev_ports.iter().enumerate() {
-            let e = e.map_err(map_err(maps::REV_PORTS))?;
-            if e != RevPortEntry::default() {
-                self.rev_ports.insert(i as u32, e);
-            }
-        }
-        for kv in self.dp.addr_services.iter() {
-            let (k, v) = kv.map_err(map_err(maps::ADDR_SERVICES))?;
-            self.addr_services.insert(k, v);
-        }
-        for kv in self.dp.rev_addrs.iter() {
-            let (k, v) = kv.map_err(map_err(maps::REV_ADDRS))?;
-            self.rev_addrs.insert(k, v);
-        }
+        self.ports.extend(self.dp.read_ports()?);
+        self.rev_ports.extend(self.dp.read_rev_ports()?);
+        self.addr_services.extend(self.dp.read_addr_services()?);
+        self.rev_addrs.extend(self.dp.read_rev_addrs()?);
         // Generations go on from the highest in the maps, so no id handed
         // out from now on matches a pin or slot of an earlier holder.
-        for (i, e) in self.dp.backends.iter().enumerate() {
-            let e = e.map_err(map_err(maps::BACKENDS))?;
-            if e != BackendEntry::default() {
-                self.next_generation = self.next_generation.max(e.generation.wrapping_add(1));
-                self.backend_entries.insert(i as u32, e);
-            }
+        for (i, e) in self.dp.read_backends()? {
+            self.next_generation = self.next_generation.max(e.generation.wrapping_add(1));
+            self.backend_entries.insert(i, e);
         }
         Ok(ids.services.len())
     }
 
     /// Records the ids in use next to the pins (nothing without pins).
     fn persist_ids(&mut self) -> Result<()> {
-        if self.dp.opts.pin_path.is_none() {
+        if self.dp.options().pin_path.is_none() {
             return Ok(());
         }
         let ids = pins::Ids {
@@ -1304,12 +1430,9 @@ impl MapWriter {
         self.dp.record_ids(ids)
     }
 
-    pub fn dataplane(&self) -> &Dataplane {
+    /// The map store (tests read a `MemStore` through it).
+    pub fn store(&self) -> &S {
         &self.dp
-    }
-
-    pub fn dataplane_mut(&mut self) -> &mut Dataplane {
-        &mut self.dp
     }
 
     /// The id the data plane uses for a service.
@@ -1477,7 +1600,7 @@ impl MapWriter {
     pub fn finish_sweep(&mut self, plan: &SweepPlan, found: &SweepFound) -> Result<SweepReport> {
         let mut report = SweepReport::default();
         for (k, v) in &found.stale {
-            if self.dp.flows.get(k, 0).ok().as_ref() == Some(v) && self.dp.flows.remove(k).is_ok() {
+            if self.dp.remove_flow_if(k, v) {
                 report.stale_pins_removed += 1;
             }
         }
@@ -1494,7 +1617,9 @@ impl MapWriter {
                 continue;
             };
             let entry = self.dp.service_entry(inst.id)?;
-            if entry.table_size != self.dp.opts.maglev_size || entry.active >= TABLES_PER_SERVICE {
+            if entry.table_size != self.dp.options().maglev_size
+                || entry.active >= TABLES_PER_SERVICE
+            {
                 continue;
             }
             let mut cleaned = Vec::new();
@@ -1537,7 +1662,7 @@ impl MapWriter {
             .keys()
             .filter(|n| desired.iter().any(|s| &s.name == *n))
             .count();
-        if kept + new_services > self.dp.opts.max_services as usize {
+        if kept + new_services > self.dp.options().max_services as usize {
             return Err(DataplaneError::Full("services"));
         }
         let mut backends = 0usize;
@@ -1666,7 +1791,7 @@ impl MapWriter {
             .collect();
         let forwarding_changed = inst.spec.forwarding != spec.forwarding;
         if entries != inst.entries || inst.slots.is_empty() || forwarding_changed {
-            let table = maglev::build(&entries, self.dp.opts.maglev_size);
+            let table = maglev::build(&entries, self.dp.options().maglev_size);
             let same = table.len() == inst.slots.len()
                 && table.iter().zip(&inst.slots).all(|(b, s)| *b == s.backend);
             if !same || forwarding_changed {
@@ -1812,10 +1937,7 @@ impl MapWriter {
         }
         for (k, v) in &addr_services {
             if self.addr_services.get(k) != Some(v) {
-                self.dp
-                    .addr_services
-                    .insert(k, v, 0)
-                    .map_err(map_err(maps::ADDR_SERVICES))?;
+                self.dp.set_addr_service(k, *v)?;
                 self.addr_services.insert(*k, *v);
             }
         }
@@ -1824,19 +1946,13 @@ impl MapWriter {
         }
         for (k, v) in &rev_addrs {
             if self.rev_addrs.get(k) != Some(v) {
-                self.dp
-                    .rev_addrs
-                    .insert(k, v, 0)
-                    .map_err(map_err(maps::REV_ADDRS))?;
+                self.dp.set_rev_addr(k, v)?;
                 self.rev_addrs.insert(*k, *v);
             }
         }
         for (k, v) in &rev_ports {
             if self.rev_ports.get(k) != Some(v) {
-                self.dp
-                    .rev_ports
-                    .set(*k, v, 0)
-                    .map_err(map_err(maps::REV_PORTS))?;
+                self.dp.set_rev_port(*k, *v)?;
                 self.rev_ports.insert(*k, *v);
             }
         }
@@ -1855,16 +1971,13 @@ impl MapWriter {
         }
         for k in self.rev_ports.keys().copied().collect::<Vec<_>>() {
             if !rev_ports.contains_key(&k) {
-                self.dp
-                    .rev_ports
-                    .set(k, RevPortEntry::default(), 0)
-                    .map_err(map_err(maps::REV_PORTS))?;
+                self.dp.set_rev_port(k, RevPortEntry::default())?;
                 self.rev_ports.remove(&k);
             }
         }
         for k in self.rev_addrs.keys().copied().collect::<Vec<_>>() {
             if !rev_addrs.contains_key(&k) {
-                let _ = self.dp.rev_addrs.remove(&k);
+                self.dp.delete_rev_addr(&k);
                 self.rev_addrs.remove(&k);
             }
         }
@@ -1875,10 +1988,7 @@ impl MapWriter {
         if self.ports.get(&slot).copied().unwrap_or_default() == entry {
             return Ok(());
         }
-        self.dp
-            .ports
-            .set(slot, entry, 0)
-            .map_err(map_err(maps::PORTS))?;
+        self.dp.set_port(slot, entry)?;
         if entry == PortEntry::default() {
             self.ports.remove(&slot);
         } else {
@@ -1888,10 +1998,7 @@ impl MapWriter {
     }
 
     fn delete_addr_service(&mut self, key: &AddrKey) -> Result<()> {
-        match self.dp.addr_services.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(maps::ADDR_SERVICES)(e)),
-        }
+        self.dp.delete_addr_service(key)?;
         self.addr_services.remove(key);
         Ok(())
     }

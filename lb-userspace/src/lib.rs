@@ -8,6 +8,7 @@ pub mod dataplane;
 pub mod health;
 pub mod links;
 pub mod maglev;
+pub mod mapstore;
 pub mod metrics;
 pub mod notify;
 pub mod pins;
