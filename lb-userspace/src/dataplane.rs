@@ -1127,6 +1127,8 @@ pub struct MapWriter {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ApplyReport {
     pub tables_installed: usize,
+    /// The services whose table was installed, one entry per install.
+    pub installed: Vec<String>,
 }
 
 /// What a sweep of the flow table looks for, taken under the writer's lock
@@ -1662,6 +1664,7 @@ impl MapWriter {
                 debug!(service = %spec.name, table = t, backends = entries.len(), "Maglev table installed");
                 inst.slots = slots;
                 report.tables_installed += 1;
+                report.installed.push(spec.name.clone());
             }
             inst.entries = entries;
         }
