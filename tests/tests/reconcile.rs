@@ -57,15 +57,19 @@ fn fifty_backends_dying_at_once_cost_a_few_installs() {
     let mut ports: Vec<(u16, u16)> = (0..DYING).map(|i| (FIRST_PORT + i, 100)).collect();
     ports.push((SURVIVOR, 100));
     let mut svc = ServiceConf::tcp(&ports);
-    svc.health =
-        Some(r#"{ kind = "tcp", interval = "200ms", timeout = "100ms", rise = 1, fall = 2 }"#.into());
+    svc.health = Some(
+        r#"{ kind = "tcp", interval = "200ms", timeout = "100ms", rise = 1, fall = 2 }"#.into(),
+    );
     let lb = site.start_lb(&svc);
     let _log = LogOnPanic(&lb);
     // Let every backend pass its first checks.
     std::thread::sleep(Duration::from_millis(800));
     let all = backends(&lb);
     assert_eq!(all.len(), usize::from(DYING) + 1);
-    assert!(all.values().all(|b| b["healthy"] == Value::Bool(true)), "{all:?}");
+    assert!(
+        all.values().all(|b| b["healthy"] == Value::Bool(true)),
+        "{all:?}"
+    );
     let before = Metrics::scrape(&lb);
 
     for l in &listeners {
@@ -74,7 +78,10 @@ fn fifty_backends_dying_at_once_cost_a_few_installs() {
     let killed = Instant::now();
     let out_after = loop {
         let b = backends(&lb);
-        let down = b.values().filter(|b| b["healthy"] == Value::Bool(false)).count();
+        let down = b
+            .values()
+            .filter(|b| b["healthy"] == Value::Bool(false))
+            .count();
         if down == usize::from(DYING) {
             break killed.elapsed();
         }
@@ -152,7 +159,10 @@ fn saved_backends(path: &std::path::Path, config: &BTreeSet<String>) -> Option<B
         return Some(config.clone());
     }
     let v: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-    let services = v.get("changed").filter(|c| !c.is_null()).or(v.get("base"))?;
+    let services = v
+        .get("changed")
+        .filter(|c| !c.is_null())
+        .or(v.get("base"))?;
     let web = services.as_array()?.iter().find(|s| s["name"] == "web")?;
     Some(
         web["backends"]
@@ -184,7 +194,11 @@ fn a_client_hanging_up_mid_change_leaves_state_api_and_kernel_equal() {
     for i in 0..ROUNDS {
         let port = 22001 + i;
         // Hang up at different points: before, during and after the work.
-        post_and_hang_up(&site.lb_ns, port, Duration::from_micros(u64::from(i % 8) * 700));
+        post_and_hang_up(
+            &site.lb_ns,
+            port,
+            Duration::from_micros(u64::from(i % 8) * 700),
+        );
         let start = Instant::now();
         loop {
             let api = api_backends(&lb);
