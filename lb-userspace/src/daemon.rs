@@ -219,19 +219,27 @@ struct Shared {
     progress: Mutex<Progress>,
 }
 
+impl Progress {
+    fn queued(&mut self) {
+        self.pending += 1;
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    fn progressed(&mut self) {
+        self.pending = self.pending.saturating_sub(1);
+        self.since = (self.pending > 0).then(Instant::now);
+    }
+}
+
 impl Shared {
     /// Work for the reconcile task is waiting.
     fn queued(&self) {
-        let mut p = lock(&self.progress);
-        p.pending += 1;
-        p.since.get_or_insert_with(Instant::now);
+        lock(&self.progress).queued();
     }
 
     /// The reconcile task finished one piece of work.
     fn progressed(&self) {
-        let mut p = lock(&self.progress);
-        p.pending = p.pending.saturating_sub(1);
-        p.since = (p.pending > 0).then(Instant::now);
+        lock(&self.progress).progressed();
     }
 
     /// How long pending work has waited without progress.
@@ -1340,6 +1348,65 @@ mod tests {
         assert_eq!((services, dropped.len()), (base.clone(), 1));
         // No file, or no change: the config.
         assert_eq!(super::resolve(&base, None).0, base);
+    }
+
+    fn event(port: u16) -> super::HealthEvent {
+        super::HealthEvent {
+            service: "web".into(),
+            backend: format!("127.0.0.1:{port}").parse().unwrap(),
+            healthy: false,
+            reason: "test".into(),
+        }
+    }
+
+    /// Verdicts close together make one batch; a pause ends it; a steady
+    /// stream is cut at `BATCH_MAX`.
+    #[tokio::test]
+    async fn health_verdicts_are_batched_by_time() {
+        use std::time::{Duration, Instant};
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let feed = tokio::spawn(async move {
+            // 10 verdicts 5 ms apart, a 200 ms pause, then one every 20 ms
+            // for 600 ms.
+            for i in 0..10 {
+                tx.send(event(i)).unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for i in 0..30 {
+                tx.send(event(100 + i)).unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let first = rx.recv().await.unwrap();
+        let batch = super::collect_batch(first, &mut rx).await;
+        assert_eq!(batch.len(), 10);
+        let first = rx.recv().await.unwrap();
+        let started = Instant::now();
+        let batch = super::collect_batch(first, &mut rx).await;
+        let took = started.elapsed();
+        assert!(
+            took < super::BATCH_MAX + Duration::from_millis(40),
+            "{took:?}"
+        );
+        assert!((8..=14).contains(&batch.len()), "{}", batch.len());
+        feed.abort();
+    }
+
+    #[test]
+    fn progress_stalls_only_while_work_waits() {
+        let mut p = super::Progress::default();
+        assert!(p.since.is_none());
+        p.queued();
+        p.queued();
+        assert_eq!(p.pending, 2);
+        let first = p.since.unwrap();
+        p.progressed();
+        assert!(p.since.unwrap() >= first, "progress restarts the clock");
+        p.progressed();
+        assert!(p.since.is_none());
+        p.progressed();
+        assert_eq!(p.pending, 0);
     }
 
     #[test]

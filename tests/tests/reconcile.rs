@@ -233,6 +233,10 @@ fn a_client_hanging_up_mid_change_leaves_state_api_and_kernel_equal() {
             })
             .collect();
     assert_eq!(kernel, api);
+    // And no change that did not happen reached the kernel: one table
+    // install at start, one per change applied.
+    let installs = metric(&m, "lb_table_installs_total", &[("service", "web")]);
+    assert_eq!(installs, (applied + 1) as f64, "table installs");
     println!(
         "{ROUNDS} POSTs hung up on: {applied} applied whole, the rest not at all; state file \
          equal to the API within {settle_max:?} each time"
