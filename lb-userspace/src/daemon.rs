@@ -778,6 +778,7 @@ impl Daemon {
         })
     }
 
+    /// The reload itself, run by the reconcile task.
     async fn reload_now(&self) -> Result<ReloadReport, ChangeError> {
         let path = self.shared.config.path.clone();
         let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
