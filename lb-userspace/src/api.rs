@@ -265,9 +265,10 @@ async fn put_service(
     }
     let svc = config::service(&[], &raw)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.in_body().to_string()))?;
+    let key = name.clone();
     let created = d
-        .change(|services| {
-            Ok(match services.iter_mut().find(|s| s.name == name) {
+        .change(move |services| {
+            Ok(match services.iter_mut().find(|s| s.name == key) {
                 Some(s) => {
                     *s = svc;
                     false
@@ -292,7 +293,7 @@ async fn delete_service(
     State(d): State<Daemon>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    d.change(|services| {
+    d.change(move |services| {
         let before = services.len();
         services.retain(|s| s.name != name);
         if services.len() == before {
@@ -334,7 +335,9 @@ async fn add_backend(
     let b = config::backend(&[], &raw)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.in_body().to_string()))?;
     let addr = b.address;
-    d.change(|services| {
+    let key = name.clone();
+    d.change(move |services| {
+        let name = key;
         let s = services
             .iter_mut()
             .find(|s| s.name == name)
@@ -401,7 +404,9 @@ async fn patch_backend(
         ),
         None => None,
     };
-    d.change(|services| {
+    let key = name.clone();
+    d.change(move |services| {
+        let name = key;
         let s = services
             .iter_mut()
             .find(|s| s.name == name)
@@ -430,7 +435,7 @@ async fn delete_backend(
     Path((name, address)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let addr = parse_address(&address)?;
-    d.change(|services| {
+    d.change(move |services| {
         let s = services
             .iter_mut()
             .find(|s| s.name == name)

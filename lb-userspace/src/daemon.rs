@@ -1,6 +1,7 @@
 //! The running daemon: owns the desired services, the map writer and the
-//! health checker, and applies every change (API calls, health events) as
-//! one validated, persisted, atomic step.
+//! health checker. One reconcile task applies every change (API calls,
+//! reloads, batches of health verdicts) as one validated, persisted, atomic
+//! step; callers send it requests and wait for its acknowledgement.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -10,7 +11,7 @@ use std::{
 };
 
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::{
@@ -127,6 +128,53 @@ pub struct ServiceView {
     pub backends: Vec<BackendView>,
 }
 
+type AnyBox = Box<dyn std::any::Any + Send>;
+type ChangeFn = Box<dyn FnOnce(&mut Vec<ServiceConfig>) -> Result<AnyBox, ChangeError> + Send>;
+
+/// What the reconcile task is asked to do. The task runs each request to
+/// its end whether or not anyone still waits for the answer.
+enum Request {
+    Change {
+        change: ChangeFn,
+        ack: oneshot::Sender<Result<AnyBox, ChangeError>>,
+    },
+    Reload {
+        ack: oneshot::Sender<Result<ReloadReport, ChangeError>>,
+    },
+}
+
+/// Work waiting for the reconcile task, and since when it made no progress.
+#[derive(Default)]
+struct Progress {
+    pending: usize,
+    since: Option<Instant>,
+}
+
+/// Health verdicts arriving within this quiet time of each other (and
+/// within `BATCH_MAX` of the first) are installed together.
+const BATCH_QUIET: Duration = Duration::from_millis(50);
+const BATCH_MAX: Duration = Duration::from_millis(250);
+/// Attempts of one install, with backoff from `RETRY_FIRST` doubling.
+const INSTALL_ATTEMPTS: u32 = 4;
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// After a health install failed every attempt, how often it is tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(5);
+/// Work pending this long without progress makes `/healthz` unhealthy.
+const STUCK_AFTER: Duration = Duration::from_secs(10);
+
+/// Locks `m` even when a thread panicked while holding it: readers see the
+/// last state, and the reconcile task's next install rewrites the kernel
+/// from the desired state anyway.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn loop_gone() -> ChangeError {
+    ChangeError::Failed(
+        "the reconcile loop is not running (see the daemon's log); restart the daemon".into(),
+    )
+}
+
 struct Inner {
     services: Vec<ServiceConfig>,
     /// The config file's services (what API changes are made on) and
@@ -166,6 +214,38 @@ struct Shared {
     attached: Arc<std::sync::atomic::AtomicBool>,
     flow_counter: Arc<crate::dataplane::FlowCounter>,
     inner: tokio::sync::Mutex<Inner>,
+    /// Requests to the reconcile task.
+    requests: mpsc::UnboundedSender<Request>,
+    progress: Mutex<Progress>,
+}
+
+impl Progress {
+    fn queued(&mut self) {
+        self.pending += 1;
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    fn progressed(&mut self) {
+        self.pending = self.pending.saturating_sub(1);
+        self.since = (self.pending > 0).then(Instant::now);
+    }
+}
+
+impl Shared {
+    /// Work for the reconcile task is waiting.
+    fn queued(&self) {
+        lock(&self.progress).queued();
+    }
+
+    /// The reconcile task finished one piece of work.
+    fn progressed(&self) {
+        lock(&self.progress).progressed();
+    }
+
+    /// How long pending work has waited without progress.
+    fn stalled_for(&self) -> Option<Duration> {
+        lock(&self.progress).since.map(|s| s.elapsed())
+    }
 }
 
 /// A cheap handle on the daemon, shared by the API and the event loop.
@@ -254,6 +334,24 @@ fn prepare_remote_backends(specs: &[ServiceSpec]) {
             if let Ok(sock) = std::net::UdpSocket::bind(bind) {
                 let _ = sock.send_to(&[], target);
             }
+        }
+    }
+}
+
+/// Collects the verdicts that follow `first` within `BATCH_QUIET` of each
+/// other, for at most `BATCH_MAX`; each with the time it arrived.
+async fn collect_batch(
+    first: HealthEvent,
+    events: &mut mpsc::UnboundedReceiver<HealthEvent>,
+) -> Vec<(HealthEvent, Instant)> {
+    let start = Instant::now();
+    let cap = start + BATCH_MAX;
+    let mut batch = vec![(first, start)];
+    loop {
+        let until = (Instant::now() + BATCH_QUIET).min(cap);
+        match tokio::time::timeout_at(until.into(), events.recv()).await {
+            Ok(Some(ev)) => batch.push((ev, Instant::now())),
+            _ => return batch,
         }
     }
 }
@@ -488,6 +586,7 @@ impl Daemon {
 
         let metrics = Metrics::new();
         let (tx, rx) = mpsc::unbounded_channel();
+        let (requests, request_rx) = mpsc::unbounded_channel();
         let (stop, _) = tokio::sync::watch::channel(false);
         let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
             let weak = weak.clone();
@@ -520,6 +619,8 @@ impl Daemon {
                     reloads: 0,
                     last_reload_error: None,
                 }),
+                requests,
+                progress: Mutex::new(Progress::default()),
             }
         });
         let daemon = Daemon { shared };
@@ -564,7 +665,7 @@ impl Daemon {
             }
         }
         let loops = vec![
-            tokio::spawn(daemon.clone().health_events(rx)),
+            tokio::spawn(daemon.clone().reconcile(request_rx, rx)),
             tokio::spawn(daemon.clone().sweeps()),
         ];
         *daemon.shared.loops.lock().expect("loops") = loops;
@@ -616,7 +717,15 @@ impl Daemon {
             .lock()
             .map(|l| l.iter().all(|h| !h.is_finished()))
             .unwrap_or(false);
+        let stalled = self.shared.stalled_for().filter(|d| *d > STUCK_AFTER);
+        if let Some(d) = stalled {
+            warn!(
+                "the reconcile loop made no progress on pending work for {:.0} s",
+                d.as_secs_f64()
+            );
+        }
         loops_ok
+            && stalled.is_none()
             && tokio::time::timeout(within, self.shared.inner.lock())
                 .await
                 .is_ok()
@@ -658,6 +767,22 @@ impl Daemon {
     /// dropped (and named) when its services changed. An invalid file
     /// changes nothing.
     pub async fn reload(&self) -> Result<ReloadReport, ChangeError> {
+        let (ack, done) = oneshot::channel();
+        self.request(Request::Reload { ack })?;
+        done.await.map_err(|_| loop_gone())?
+    }
+
+    /// Hands `req` to the reconcile task.
+    fn request(&self, req: Request) -> Result<(), ChangeError> {
+        self.shared.queued();
+        self.shared.requests.send(req).map_err(|_| {
+            self.shared.progressed();
+            loop_gone()
+        })
+    }
+
+    /// The reload itself, run by the reconcile task.
+    async fn reload_now(&self) -> Result<ReloadReport, ChangeError> {
         let path = self.shared.config.path.clone();
         let loaded = tokio::task::spawn_blocking(move || Config::load(&path))
             .await
@@ -780,22 +905,46 @@ impl Daemon {
         let mut inner = self.shared.inner.lock().await;
         inner.checker.set_targets(Vec::new());
         let writer = self.shared.writer.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            writer
-                .lock()
-                .expect("writer lock")
-                .dataplane_mut()
-                .shutdown(keep)
-        })
-        .await;
+        let _ =
+            tokio::task::spawn_blocking(move || lock(&writer).dataplane_mut().shutdown(keep)).await;
     }
 
     pub fn token(&self) -> Option<&str> {
         self.shared.token.as_deref()
     }
 
-    /// Writes the services to the data plane off the async runtime.
+    /// Writes the services to the data plane, retrying a failed write
+    /// with backoff; every failed attempt is logged and counted.
     async fn install(
+        &self,
+        services: &[ServiceConfig],
+        health: &HashMap<(String, SocketAddr), bool>,
+    ) -> Result<(), ChangeError> {
+        let mut delay = RETRY_FIRST;
+        let mut attempt = 1;
+        loop {
+            match self.install_once(services, health).await {
+                Ok(()) => return Ok(()),
+                Err(ChangeError::Failed(e)) if attempt < INSTALL_ATTEMPTS => {
+                    self.shared.metrics.reconcile_error();
+                    warn!(
+                        attempt,
+                        "installing the tables failed, retrying in {delay:?}: {e}"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    self.shared.metrics.reconcile_error();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Writes the services to the data plane off the async runtime.
+    async fn install_once(
         &self,
         services: &[ServiceConfig],
         health: &HashMap<(String, SocketAddr), bool>,
@@ -804,7 +953,7 @@ impl Daemon {
         let writer = self.shared.writer.clone();
         let started = Instant::now();
         let (report, fail_open) = tokio::task::spawn_blocking(move || {
-            let mut w = writer.lock().expect("writer lock");
+            let mut w = lock(&writer);
             let report = w.apply(&specs);
             let fail_open: std::collections::HashSet<String> = specs
                 .iter()
@@ -819,13 +968,16 @@ impl Daemon {
         })
         .await
         .map_err(|e| ChangeError::Failed(format!("map writer task: {e}")))?;
-        *self.shared.fail_open.lock().expect("fail-open lock") = fail_open;
+        *lock(&self.shared.fail_open) = fail_open;
         let report = report.map_err(|e| match e {
             DataplaneError::Full(_) | DataplaneError::Conflict(_) => {
                 ChangeError::Conflict(e.to_string())
             }
             e => ChangeError::Failed(e.to_string()),
         })?;
+        for service in &report.installed {
+            self.shared.metrics.table_installed(service);
+        }
         if report.tables_installed > 0 {
             let secs = started.elapsed().as_secs_f64();
             for _ in 0..report.tables_installed {
@@ -837,52 +989,141 @@ impl Daemon {
         Ok(())
     }
 
-    async fn health_events(self, mut rx: mpsc::UnboundedReceiver<HealthEvent>) {
-        while let Some(ev) = rx.recv().await {
-            let started = Instant::now();
-            let mut inner = self.shared.inner.lock().await;
-            let key = (ev.service.clone(), ev.backend);
-            let known = inner.services.iter().any(|s| {
-                s.name == ev.service && s.backends.iter().any(|b| b.address == ev.backend)
-            });
-            if !known {
-                continue;
-            }
-            inner.health.insert(key, ev.healthy);
-            // Saved before the install: a crash in between still restarts
-            // with the verdict the checks reached.
-            if let Err(e) = self.persist(&inner).await {
-                warn!("{e}; this health verdict will not survive a restart");
-            }
-            let services = inner.services.clone();
-            match self.install(&services, &inner.health).await {
-                Ok(()) => info!(
-                    service = %ev.service,
-                    backend = %ev.backend,
-                    healthy = ev.healthy,
-                    reason = %ev.reason,
-                    install_ms = started.elapsed().as_secs_f64() * 1e3,
-                    "backend health changed; table installed"
-                ),
-                Err(e) => {
-                    error!(service = %ev.service, backend = %ev.backend, "installing after a health change failed: {e}")
+    /// The reconcile task: the one writer of the services, the health
+    /// verdicts, the kernel tables and the state file. API changes and
+    /// reloads are served in arrival order, each to its end; health
+    /// verdicts are collected into batches, each installed once.
+    async fn reconcile(
+        self,
+        mut requests: mpsc::UnboundedReceiver<Request>,
+        mut events: mpsc::UnboundedReceiver<HealthEvent>,
+    ) {
+        // A health install failed every attempt: the kernel lags the
+        // verdicts until a retry succeeds.
+        let mut behind = false;
+        loop {
+            tokio::select! {
+                biased;
+                req = requests.recv() => {
+                    let Some(req) = req else { return };
+                    self.serve(req).await;
+                    self.shared.progressed();
+                }
+                ev = events.recv() => {
+                    let Some(first) = ev else { return };
+                    let batch = collect_batch(first, &mut events).await;
+                    if !behind {
+                        self.shared.queued();
+                    }
+                    behind = !self.apply_verdicts(batch).await;
+                    if !behind {
+                        self.shared.progressed();
+                    }
+                }
+                () = tokio::time::sleep(RETRY_EVERY), if behind => {
+                    let inner = self.shared.inner.lock().await;
+                    let services = inner.services.clone();
+                    behind = self.install(&services, &inner.health).await.is_err();
+                    drop(inner);
+                    if !behind {
+                        info!("tables installed after earlier failures");
+                        self.shared.progressed();
+                    }
                 }
             }
         }
     }
 
-    /// Applies `change` to a copy of the services, validates the result,
-    /// installs it, persists it, and only then makes it current. On any
-    /// failure nothing changes.
-    pub async fn change<T>(
-        &self,
-        change: impl FnOnce(&mut Vec<ServiceConfig>) -> Result<T, ChangeError>,
-    ) -> Result<T, ChangeError> {
+    /// Serves one request; its answer goes to whoever still waits for it.
+    async fn serve(&self, req: Request) {
+        match req {
+            Request::Change { change, ack } => {
+                let mut inner = self.shared.inner.lock().await;
+                let mut services = inner.services.clone();
+                let out = match change(&mut services) {
+                    Ok(out) => self.commit(&mut inner, services).await.map(|()| out),
+                    Err(e) => Err(e),
+                };
+                drop(inner);
+                // The client may have gone: the change stands all the same.
+                let _ = ack.send(out);
+            }
+            Request::Reload { ack } => {
+                let _ = ack.send(self.reload_now().await);
+            }
+        }
+    }
+
+    /// Records a batch of verdicts, saves them, and installs the tables
+    /// once for the whole batch. False when the install failed (the
+    /// verdicts stand and are retried).
+    async fn apply_verdicts(&self, batch: Vec<(HealthEvent, Instant)>) -> bool {
         let mut inner = self.shared.inner.lock().await;
-        let mut services = inner.services.clone();
-        let out = change(&mut services)?;
-        self.commit(&mut inner, services).await?;
-        Ok(out)
+        let mut applied = Vec::new();
+        for (ev, at) in batch {
+            let known = inner.services.iter().any(|s| {
+                s.name == ev.service && s.backends.iter().any(|b| b.address == ev.backend)
+            });
+            if known {
+                inner
+                    .health
+                    .insert((ev.service.clone(), ev.backend), ev.healthy);
+                applied.push((ev, at));
+            }
+        }
+        if applied.is_empty() {
+            return true;
+        }
+        self.shared.metrics.health_batch();
+        // Saved before the install: a crash in between still restarts
+        // with the verdicts the checks reached.
+        if let Err(e) = self.persist(&inner).await {
+            self.shared.metrics.reconcile_error();
+            warn!("{e}; these health verdicts will not survive a restart");
+        }
+        let services = inner.services.clone();
+        match self.install(&services, &inner.health).await {
+            Ok(()) => {
+                for (ev, at) in &applied {
+                    let waited = at.elapsed();
+                    self.shared.metrics.verdict_installed(waited.as_secs_f64());
+                    info!(
+                        service = %ev.service,
+                        backend = %ev.backend,
+                        healthy = ev.healthy,
+                        reason = %ev.reason,
+                        batch = applied.len(),
+                        install_ms = waited.as_secs_f64() * 1e3,
+                        "backend health changed; table installed"
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                error!(
+                    verdicts = applied.len(),
+                    "installing after health changes failed: {e}; retrying every {RETRY_EVERY:?}"
+                );
+                false
+            }
+        }
+    }
+
+    /// Has the reconcile task apply `change` to a copy of the services,
+    /// validate the result, install it, persist it, and only then make it
+    /// current; on any failure nothing changes. A caller that stops
+    /// waiting does not stop the change: it happens whole or not at all.
+    pub async fn change<T: Send + 'static>(
+        &self,
+        change: impl FnOnce(&mut Vec<ServiceConfig>) -> Result<T, ChangeError> + Send + 'static,
+    ) -> Result<T, ChangeError> {
+        let (ack, done) = oneshot::channel();
+        let change: ChangeFn = Box::new(move |s| change(s).map(|t| Box::new(t) as AnyBox));
+        self.request(Request::Change { change, ack })?;
+        let out = done.await.map_err(|_| loop_gone())??;
+        out.downcast::<T>()
+            .map(|t| *t)
+            .map_err(|_| ChangeError::Failed("the reconcile loop answered another request".into()))
     }
 
     /// Validates `services`, installs them, persists them, and only then
@@ -932,6 +1173,7 @@ impl Daemon {
             .await
             .map_err(|e| ChangeError::Failed(e.to_string()))?;
         if let Err(e) = persisted {
+            self.shared.metrics.reconcile_error();
             error!("{e}; rolling the change back");
             let old = inner.services.clone();
             if let Err(e2) = self.install(&old, &inner.health).await {
@@ -968,12 +1210,7 @@ impl Daemon {
     pub async fn views(&self) -> Vec<ServiceView> {
         let inner = self.shared.inner.lock().await;
         let status = inner.checker.status();
-        let fail_open = self
-            .shared
-            .fail_open
-            .lock()
-            .expect("fail-open lock")
-            .clone();
+        let fail_open = lock(&self.shared.fail_open).clone();
         inner
             .services
             .iter()
@@ -1014,7 +1251,7 @@ impl Daemon {
         };
         let writer = self.shared.writer.clone();
         let mut snap = tokio::task::spawn_blocking(move || {
-            let w = writer.lock().expect("writer lock");
+            let w = lock(&writer);
             let dp = w.dataplane();
             let mut snap = Snapshot::default();
             for s in &services {
@@ -1115,6 +1352,65 @@ mod tests {
         assert_eq!((services, dropped.len()), (base.clone(), 1));
         // No file, or no change: the config.
         assert_eq!(super::resolve(&base, None).0, base);
+    }
+
+    fn event(port: u16) -> super::HealthEvent {
+        super::HealthEvent {
+            service: "web".into(),
+            backend: format!("127.0.0.1:{port}").parse().unwrap(),
+            healthy: false,
+            reason: "test".into(),
+        }
+    }
+
+    /// Verdicts close together make one batch; a pause ends it; a steady
+    /// stream is cut at `BATCH_MAX`.
+    #[tokio::test]
+    async fn health_verdicts_are_batched_by_time() {
+        use std::time::{Duration, Instant};
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let feed = tokio::spawn(async move {
+            // 10 verdicts 5 ms apart, a 200 ms pause, then one every 20 ms
+            // for 600 ms.
+            for i in 0..10 {
+                tx.send(event(i)).unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for i in 0..30 {
+                tx.send(event(100 + i)).unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let first = rx.recv().await.unwrap();
+        let batch = super::collect_batch(first, &mut rx).await;
+        assert_eq!(batch.len(), 10);
+        let first = rx.recv().await.unwrap();
+        let started = Instant::now();
+        let batch = super::collect_batch(first, &mut rx).await;
+        let took = started.elapsed();
+        assert!(
+            took < super::BATCH_MAX + Duration::from_millis(40),
+            "{took:?}"
+        );
+        assert!((8..=14).contains(&batch.len()), "{}", batch.len());
+        feed.abort();
+    }
+
+    #[test]
+    fn progress_stalls_only_while_work_waits() {
+        let mut p = super::Progress::default();
+        assert!(p.since.is_none());
+        p.queued();
+        p.queued();
+        assert_eq!(p.pending, 2);
+        let first = p.since.unwrap();
+        p.progressed();
+        assert!(p.since.unwrap() >= first, "progress restarts the clock");
+        p.progressed();
+        assert!(p.since.is_none());
+        p.progressed();
+        assert_eq!(p.pending, 0);
     }
 
     #[test]

@@ -1254,6 +1254,8 @@ pub struct MapWriter<S: MapStore = Dataplane> {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ApplyReport {
     pub tables_installed: usize,
+    /// The services whose table was installed, one entry per install.
+    pub installed: Vec<String>,
 }
 
 /// What a sweep of the flow table looks for, taken under the writer's lock
@@ -1802,6 +1804,7 @@ impl<S: MapStore> MapWriter<S> {
                 debug!(service = %spec.name, table = t, backends = entries.len(), "Maglev table installed");
                 inst.slots = slots;
                 report.tables_installed += 1;
+                report.installed.push(spec.name.clone());
             }
             inst.entries = entries;
         }

@@ -132,7 +132,7 @@ pub fn spawn_watcher(
                 };
                 let synced = writer
                     .lock()
-                    .expect("writer lock")
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .dataplane_mut()
                     .sync_tx_ports();
                 if let Err(e) = &synced {

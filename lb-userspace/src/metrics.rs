@@ -46,6 +46,10 @@ pub struct Metrics {
     rebuild: Histogram,
     fail_open: IntGaugeVec,
     attached: IntGauge,
+    reconcile_errors: IntCounter,
+    table_installs: IntCounterVec,
+    verdict_to_install: Histogram,
+    health_batches: IntCounter,
     /// Label sets currently exported per backend, to drop removed ones.
     exported: Mutex<HashSet<(String, String)>>,
 }
@@ -113,6 +117,16 @@ impl Metrics {
             .expect("unique metric");
         r.register(Box::new(flow_entries.clone()))
             .expect("unique metric");
+        let verdict_to_install = Histogram::with_opts(
+            HistogramOpts::new(
+                "lb_health_verdict_to_install_seconds",
+                "Time from a health verdict to the install of the tables it changed",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )
+        .expect("metric definition");
+        r.register(Box::new(verdict_to_install.clone()))
+            .expect("unique metric");
         Self {
             packets: counter_vec(&r, "lb_packets_total", "Packets forwarded to a backend", sb),
             bytes: counter_vec(&r, "lb_bytes_total", "Bytes forwarded to a backend", sb),
@@ -174,6 +188,23 @@ impl Metrics {
             flow_entries,
             attached,
             rebuild,
+            reconcile_errors: counter(
+                &r,
+                "lb_reconcile_errors_total",
+                "Failed attempts of the reconcile loop to install or persist a change",
+            ),
+            table_installs: counter_vec(
+                &r,
+                "lb_table_installs_total",
+                "Maglev tables installed in the kernel",
+                &["service"],
+            ),
+            verdict_to_install,
+            health_batches: counter(
+                &r,
+                "lb_health_batches_total",
+                "Batches of health verdicts applied (each one install per changed service)",
+            ),
             registry: r,
             exported: Mutex::new(HashSet::new()),
         }
@@ -192,6 +223,22 @@ impl Metrics {
 
     pub fn observe_rebuild(&self, seconds: f64) {
         self.rebuild.observe(seconds);
+    }
+
+    pub fn reconcile_error(&self) {
+        self.reconcile_errors.inc();
+    }
+
+    pub fn table_installed(&self, service: &str) {
+        self.table_installs.with_label_values(&[service]).inc();
+    }
+
+    pub fn health_batch(&self) {
+        self.health_batches.inc();
+    }
+
+    pub fn verdict_installed(&self, seconds: f64) {
+        self.verdict_to_install.observe(seconds);
     }
 
     /// Updates everything from `snap` and renders the text exposition.

@@ -38,6 +38,8 @@ const REQUIRED: &[&str] = &[
     "control/flows_moved/100_backends/remove/with_flow_table",
     "control/flows_moved/10_backends/add/without_flow_table",
     "control/death_to_table/median_ms",
+    "control/deaths50/table_installs",
+    "control/deaths50/verdict_to_install_ms",
     "control/daemon_rss/idle_mib",
     "control/daemon_rss/after_api_changes_mib",
 ];

@@ -1,8 +1,8 @@
 //! The control plane: Maglev table builds, the share of flows a backend
 //! change moves (with the flow table, through the real program; without
 //! it, from the tables), the time from a backend's death to the new table
-//! in the real daemon, and the daemon's memory under a stream of API
-//! changes.
+//! in the real daemon, the table installs for 50 simultaneous deaths, and
+//! the daemon's memory under a stream of API changes.
 use std::{
     net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
@@ -337,6 +337,9 @@ fn daemon(scale: &Scale, report: &mut Report) {
     drop(lb);
     drop((keep, doomed));
 
+    // 50 simultaneous deaths: table installs, and verdict to install.
+    let deaths50 = simultaneous_deaths(&lb_ns, &write_config, health);
+
     // Memory, idle and under API changes.
     let ports: Vec<u16> = (8001..8011).collect();
     let mut lb = Lb::start(
@@ -387,6 +390,22 @@ fn daemon(scale: &Scale, report: &mut Report) {
     ]);
     t.row(vec!["  the slowest of them, ms".into(), num(death_max)]);
     t.row(vec![
+        format!(
+            "table installs for {} simultaneous backend deaths (of {} backends)",
+            deaths50.dead,
+            deaths50.dead + 1
+        ),
+        num(deaths50.installs),
+    ]);
+    t.row(vec![
+        "  time until all are out (API), ms".into(),
+        num(deaths50.all_out_ms),
+    ]);
+    t.row(vec![
+        "  verdict to table install, mean ms (batching waits up to 250 ms)".into(),
+        num(deaths50.verdict_to_install_ms),
+    ]);
+    t.row(vec![
         "daemon RSS idle, MiB".into(),
         format!("{:.1}", idle_rss as f64 / 1024.0),
     ]);
@@ -408,6 +427,17 @@ fn daemon(scale: &Scale, report: &mut Report) {
     );
     report.figure("control/death_to_table/median_ms", death_med, "ms");
     report.figure("control/death_to_table/max_ms", death_max, "ms");
+    report.figure(
+        "control/deaths50/table_installs",
+        deaths50.installs,
+        "installs",
+    );
+    report.figure("control/deaths50/all_out_ms", deaths50.all_out_ms, "ms");
+    report.figure(
+        "control/deaths50/verdict_to_install_ms",
+        deaths50.verdict_to_install_ms,
+        "ms",
+    );
     report.figure(
         "control/daemon_rss/idle_mib",
         idle_rss as f64 / 1024.0,
@@ -433,4 +463,92 @@ fn daemon(scale: &Scale, report: &mut Report) {
         })],
     );
     report.table(t);
+}
+
+struct Deaths {
+    dead: usize,
+    installs: f64,
+    all_out_ms: f64,
+    verdict_to_install_ms: f64,
+}
+
+/// 50 backends (bare listeners: a tcp check only connects) and one that
+/// stays; the 50 listeners close at once.
+fn simultaneous_deaths(
+    lb_ns: &str,
+    write_config: &dyn Fn(&str, &str, &[u16]) -> std::path::PathBuf,
+    health: &str,
+) -> Deaths {
+    const DEAD: u16 = 50;
+    let servers = lb_tests::topology::NsRuntime::new(lb_ns, 1);
+    let listeners: Vec<_> = (0..DEAD)
+        .map(|i| {
+            servers.spawn(async move {
+                let l = tokio::net::TcpListener::bind(("127.0.0.1", 8101 + i))
+                    .await
+                    .expect("bind");
+                loop {
+                    let _ = l.accept().await;
+                }
+            })
+        })
+        .collect();
+    let keep = EchoName::start(lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001");
+    let mut ports: Vec<u16> = (0..DEAD).map(|i| 8101 + i).collect();
+    ports.push(8001);
+    let lb = Lb::start(
+        lb_ns,
+        &write_config("deaths50", health, &ports),
+        "127.0.0.1:9180",
+        &["--reset-state"],
+    );
+    let scrape =
+        |lb: &Lb| lb_tests::topology::Metrics::parse(&lb.raw("GET", "/metrics", None, None).1);
+    let value = |m: &lb_tests::topology::Metrics, name: &str, labels: Vec<(String, String)>| {
+        m.0.get(&(name.to_string(), labels)).copied().unwrap_or(0.0)
+    };
+    let web = || vec![("service".to_string(), "web".to_string())];
+    let down = |lb: &Lb| {
+        lb.get("/api/v1/services/web/backends")
+            .1
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|b| b["healthy"] == Value::Bool(false))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    // Every backend passes its first checks (rise 2 at 200 ms).
+    std::thread::sleep(Duration::from_millis(1000));
+    let before = scrape(&lb);
+    for l in &listeners {
+        l.abort();
+    }
+    let t0 = Instant::now();
+    while down(&lb) < usize::from(DEAD) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "not every backend out after 10 s:\n{}",
+            lb.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let all_out_ms = t0.elapsed().as_secs_f64() * 1e3;
+    std::thread::sleep(Duration::from_millis(1000));
+    let after = scrape(&lb);
+    let delta = |name: &str, labels: Vec<(String, String)>| {
+        value(&after, name, labels.clone()) - value(&before, name, labels)
+    };
+    let installs = delta("lb_table_installs_total", web());
+    let count = delta("lb_health_verdict_to_install_seconds_count", vec![]);
+    let sum = delta("lb_health_verdict_to_install_seconds_sum", vec![]);
+    drop(lb);
+    drop(keep);
+    Deaths {
+        dead: usize::from(DEAD),
+        installs,
+        all_out_ms,
+        verdict_to_install_ms: if count > 0.0 { sum / count * 1e3 } else { 0.0 },
+    }
 }
