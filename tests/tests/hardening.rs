@@ -214,6 +214,7 @@ impl Setup {
         let token_line = if token {
             let p = self.dir.path("token");
             fs::write(&p, format!("{TOKEN}\n")).unwrap();
+            fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
             format!("token_file = {:?}\n", p.display().to_string())
         } else {
             String::new()
@@ -590,5 +591,122 @@ fn the_token_never_shows_in_logs_metrics_or_answers() {
             seen.len(),
             state.len()
         );
+    }
+}
+
+/// Files: `lb validate` (and so `lb run`) refuses a token file others can
+/// read, naming `chmod 600`, and a `ca_file` that is `/proc/kmsg` or a FIFO;
+/// the state file and the record the daemon writes are 0600, with no
+/// temporary file left beside them; the CLI still takes the hidden
+/// `--token` but warns that it shows in `ps`.
+#[test]
+fn secret_and_written_files_are_private_and_odd_ca_files_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let s = setup("files");
+    let validate = |config: &Path| {
+        let out = Command::new(lb_binary())
+            .args(["validate", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let config = s.config("", true);
+    let token = s.dir.path("token");
+    assert!(validate(&config).0, "{}", validate(&config).1);
+    for mode in [0o644, 0o640, 0o604] {
+        fs::set_permissions(&token, fs::Permissions::from_mode(mode)).unwrap();
+        let (ok, out) = validate(&config);
+        assert!(
+            !ok && out.contains("token_file") && out.contains("chmod 600"),
+            "mode {mode:o}: {out}"
+        );
+    }
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o600)).unwrap();
+
+    let fifo = s.dir.path("ca.fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let text = fs::read_to_string(&config).unwrap();
+    for (ca, want) in [
+        ("/proc/kmsg".to_string(), "procfs"),
+        (fifo.display().to_string(), "not a regular file"),
+    ] {
+        let bad = s.dir.path("ca.toml");
+        fs::write(
+            &bad,
+            text.replace(
+                "protocols = [\"tcp\"]\n",
+                &format!(
+                    "protocols = [\"tcp\"]\nhealth = {{ kind = \"https\", ca_file = {ca:?} }}\n"
+                ),
+            ),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let (ok, out) = validate(&bad);
+        assert!(
+            !ok && out.contains("ca_file") && out.contains(want),
+            "{ca}: {out}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "{ca}");
+    }
+
+    let _ = fs::remove_file(s.dir.path("state.json"));
+    let mut lb = s.start(&config, "127.0.0.1:9180", "info");
+    let (status, body) = lb.call(
+        "PATCH",
+        "/api/v1/services/web/backends/127.0.0.1:8001",
+        Some(&bearer(TOKEN)),
+        Body::Json(r#"{"weight": 3}"#.into()),
+    );
+    assert!((200..300).contains(&status), "{status} {body}");
+    // The CLI: the deprecated --token still works, with a warning.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &s.lb_ns])
+        .arg(lb_binary())
+        .args([
+            "backends",
+            "weight",
+            "--service",
+            "web",
+            "127.0.0.1:8001",
+            "4",
+        ])
+        .args(["--token", TOKEN])
+        .env_remove("LB_TOKEN")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("--token is deprecated"),
+        "{err}"
+    );
+    lb.stop();
+    let mut written = Vec::new();
+    for e in fs::read_dir(s.dir.path("state.json").parent().unwrap()).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(!name.ends_with(".tmp"), "temporary file left: {name}");
+        if name == "state.json" || name.starts_with("dataplane-") {
+            let mode = e.metadata().unwrap().mode() & 0o777;
+            written.push((name, mode));
+        }
+    }
+    assert!(
+        written.iter().any(|(n, _)| n == "state.json"),
+        "{written:?}"
+    );
+    for (name, mode) in &written {
+        assert_eq!(*mode, 0o600, "{name} is {mode:o}");
     }
 }
