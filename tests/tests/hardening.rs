@@ -710,3 +710,79 @@ fn secret_and_written_files_are_private_and_odd_ca_files_refused() {
         assert_eq!(*mode, 0o600, "{name} is {mode:o}");
     }
 }
+
+/// Health-check replies are not echoed to readers: a backend whose answer
+/// is not HTTP (a made-up secret and terminal escapes) shows in the API and
+/// in `lb status` only as a short, printable reason without its bytes.
+#[test]
+fn health_check_replies_are_not_echoed_to_readers() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    const LEAK: &str = "SECRET-leak-8c1f";
+    let s = setup("echo");
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let backend = netns::spawn_in(&s.lb_ns, move || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:8001").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !flag.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut c, _)) => {
+                    let _ = c.set_nonblocking(false);
+                    let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+                    let mut buf = [0u8; 512];
+                    let _ = c.read(&mut buf);
+                    let _ = c.write_all(format!("{LEAK}\x1b[2J\x07 not http\r\n").as_bytes());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    let config = s.config("", false);
+    let text = fs::read_to_string(&config).unwrap().replace(
+        "protocols = [\"tcp\"]\n",
+        "protocols = [\"tcp\"]\nhealth = { kind = \"http\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1 }\n",
+    );
+    fs::write(&config, text).unwrap();
+    let mut lb = s.start(&config, "127.0.0.1:9180", "info");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let reason = loop {
+        let (status, body) = lb.get("/api/v1/services/web/backends/127.0.0.1:8001");
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if let Some(e) = v["last_error"].as_str() {
+            break e.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failure shown: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(reason.contains("malformed HTTP response"), "{reason}");
+    assert!(!reason.contains(LEAK), "{reason}");
+    assert!(
+        reason.len() <= 160 && reason.bytes().all(|b| b == b' ' || b.is_ascii_graphic()),
+        "{reason:?}"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &s.lb_ns])
+        .arg(lb_binary())
+        .arg("status")
+        .output()
+        .unwrap();
+    let shown =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && shown.contains("malformed"),
+        "{shown}"
+    );
+    assert!(!shown.contains(LEAK), "{shown}");
+    assert!(!lb.log().contains(LEAK), "{}", lb.log());
+    lb.stop();
+    stop.store(true, Ordering::SeqCst);
+    backend.join().unwrap();
+}
