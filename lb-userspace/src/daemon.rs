@@ -507,6 +507,11 @@ impl Daemon {
         if let Some(record) = &config.dataplane.record_path {
             let legacy = config::legacy_record_path(state_file);
             if !record.exists() && legacy.exists() && std::fs::rename(&legacy, record).is_ok() {
+                // Older versions wrote it 0644.
+                let _ = std::fs::set_permissions(
+                    record,
+                    std::os::unix::fs::PermissionsExt::from_mode(crate::files::FILE_MODE),
+                );
                 info!(from = %legacy.display(), to = %record.display(), "moved the record of the pinned data plane");
             }
         }
