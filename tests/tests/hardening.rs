@@ -691,6 +691,17 @@ fn secret_and_written_files_are_private_and_odd_ca_files_refused() {
         out.status.success() && err.contains("--token is deprecated"),
         "{err}"
     );
+    // The pin directory the daemon created (and locks) and its maps
+    // directory are 0700 (seen through the daemon's root: `ip netns exec`
+    // gives it a mount namespace of its own).
+    if let Some(pin) = &s.pin {
+        let root = PathBuf::from(format!("/proc/{}/root", lb.pid()));
+        let pin = root.join(pin.strip_prefix("/").unwrap());
+        for d in [pin.clone(), pin.join("maps")] {
+            let mode = fs::metadata(&d).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{} is {mode:o}", d.display());
+        }
+    }
     lb.stop();
     let mut written = Vec::new();
     for e in fs::read_dir(s.dir.path("state.json").parent().unwrap()).unwrap() {
