@@ -520,11 +520,12 @@ fn health(path: &[Seg], raw: &RawHealth) -> Result<CheckSpec, FieldError> {
         "https" => {
             only(&["path", "host", "sni", "ca_file"])?;
             if let Some(ca) = &raw.ca_file
-                && !Path::new(ca).is_file()
+                && let Err(e) =
+                    crate::files::check_regular(Path::new(ca), crate::health::MAX_CA_FILE)
             {
                 return Err(FieldError::new(
                     &key(path, "ca_file"),
-                    format!("{ca:?} is not a readable file"),
+                    format!("{ca:?} {e}"),
                 ));
             }
             CheckKind::Https {
@@ -1012,22 +1013,13 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.into());
     let listen = socket_addr(&key(&admin_path, "listen"), &listen_s)?;
     let token_file = raw.admin.token_file.as_ref().map(PathBuf::from);
-    if let Some(t) = &token_file {
-        match std::fs::read_to_string(t) {
-            Ok(s) if s.trim().is_empty() => {
-                return Err(FieldError::new(
-                    &key(&admin_path, "token_file"),
-                    format!("{} is empty", t.display()),
-                ));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                return Err(FieldError::new(
-                    &key(&admin_path, "token_file"),
-                    format!("cannot read {}: {e}", t.display()),
-                ));
-            }
-        }
+    if let Some(t) = &token_file
+        && let Err(e) = crate::files::read_secret(t)
+    {
+        return Err(FieldError::new(
+            &key(&admin_path, "token_file"),
+            format!("{}: {e}", t.display()),
+        ));
     }
     let state_file = raw
         .admin
@@ -1617,9 +1609,15 @@ backends = [
                 empty.display().to_string()
             ),
         );
+        // Readable by others: refused, naming the fix.
         let e = err(&text);
         assert_eq!(e.field, "admin.token_file");
-        assert!(e.message.contains("empty"));
+        assert!(e.message.contains("chmod 600"), "{}", e.message);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = err(&text);
+        assert_eq!(e.field, "admin.token_file");
+        assert!(e.message.contains("empty"), "{}", e.message);
         let missing = GOOD.replace(
             "listen = \"127.0.0.1:9180\"",
             "listen = \"127.0.0.1:9180\"\ntoken_file = \"/nonexistent/token\"",

@@ -49,7 +49,7 @@ pub enum StartError {
     #[error("admin API token file {path}: {source}")]
     Token {
         path: PathBuf,
-        source: std::io::Error,
+        source: crate::files::ReadError,
     },
     #[error(
         "another lb daemon already runs on the pins at {0} (it holds their lock); stop it first \
@@ -478,13 +478,10 @@ impl Daemon {
             .ok_or(StartError::NoInterface)?;
         let token = match &config.admin.token_file {
             Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .map_err(|source| StartError::Token {
-                        path: p.clone(),
-                        source,
-                    })?
-                    .trim()
-                    .to_string(),
+                crate::files::read_secret(p).map_err(|source| StartError::Token {
+                    path: p.clone(),
+                    source,
+                })?,
             ),
             None => None,
         };
@@ -510,6 +507,11 @@ impl Daemon {
         if let Some(record) = &config.dataplane.record_path {
             let legacy = config::legacy_record_path(state_file);
             if !record.exists() && legacy.exists() && std::fs::rename(&legacy, record).is_ok() {
+                // Older versions wrote it 0644.
+                let _ = std::fs::set_permissions(
+                    record,
+                    std::os::unix::fs::PermissionsExt::from_mode(crate::files::FILE_MODE),
+                );
                 info!(from = %legacy.display(), to = %record.display(), "moved the record of the pinned data plane");
             }
         }

@@ -294,7 +294,7 @@ impl Dataplane {
                 }
                 _ => {}
             }
-            std::fs::create_dir_all(pins::maps_dir(pin))
+            crate::files::create_private_dir_all(&pins::maps_dir(pin))
                 .map_err(|e| pin_err(format!("creating the maps directory: {e}")))?;
             map_paths = maps::ALL
                 .iter()
@@ -551,7 +551,7 @@ impl Dataplane {
             return Ok((path, link));
         }
         if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
+            let _ = crate::files::create_private_dir_all(dir);
         }
         let pinned = link.pin(&path).map_err(|e| DataplaneError::Pin {
             path: path.clone(),

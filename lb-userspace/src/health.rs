@@ -35,6 +35,10 @@ const MAX_RESPONSE_HEAD: usize = 4096;
 const MAX_DATAGRAM: usize = 65_535;
 /// Floor for the check interval, so a zero in the config cannot spin a core.
 const MIN_INTERVAL: Duration = Duration::from_millis(10);
+/// Largest `ca_file` accepted.
+pub const MAX_CA_FILE: u64 = 1 << 20;
+/// Longest failure reason kept for the API and `lb status`.
+pub const MAX_REASON: usize = 160;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CheckKind {
@@ -143,9 +147,32 @@ pub async fn check_once(
     backend: SocketAddr,
     timeout: Duration,
 ) -> Result<(), CheckError> {
-    Probe::prepare(kind, backend)?
+    Probe::prepare_off_runtime(kind, backend)
+        .await?
         .run(backend, timeout, None)
         .await
+}
+
+/// A failure reason as readers see it: printable ASCII only (anything else
+/// becomes `?`), at most [`MAX_REASON`] characters. The reasons hold no
+/// bytes of a backend's reply, but I/O and TLS errors come from libraries.
+pub fn sanitize_reason(reason: &str) -> String {
+    let mut out: String = reason
+        .chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(MAX_REASON + 1)
+        .collect();
+    if out.len() > MAX_REASON {
+        out.truncate(MAX_REASON - 3);
+        out.push_str("...");
+    }
+    out
 }
 
 /// A change of a backend's health, sent when rise/fall thresholds are crossed.
@@ -409,9 +436,10 @@ async fn run_target(
         let Ok(permit) = semaphore.acquire().await else {
             return;
         };
-        let prepared = probe
-            .take()
-            .map_or_else(|| Probe::prepare(&spec.kind, target.backend), Ok);
+        let prepared = match probe.take() {
+            Some(p) => Ok(p),
+            None => Probe::prepare_off_runtime(&spec.kind, target.backend).await,
+        };
         let result = match prepared {
             Ok(p) => {
                 let avoid = avoid.read().map(|a| a.clone()).unwrap_or_default();
@@ -481,13 +509,13 @@ fn record(
             debug!(error = %e, label = e.label(), "health check failed");
             let down = h.healthy && (decisive || h.consecutive_fail >= fall);
             let reason = down.then(|| {
-                if decisive {
+                sanitize_reason(&if decisive {
                     format!("the first check of a fresh verdict failed: {e}")
                 } else {
                     format!("{fall} consecutive checks failed; last: {e}")
-                }
+                })
             });
-            h.last_error = Some(e.to_string());
+            h.last_error = Some(sanitize_reason(&e.to_string()));
             (outcome, reason)
         }
     };
@@ -549,6 +577,21 @@ enum Probe {
 }
 
 impl Probe {
+    /// [`Probe::prepare`] on a blocking thread: it may read a CA file.
+    async fn prepare_off_runtime(
+        kind: &CheckKind,
+        backend: SocketAddr,
+    ) -> Result<Probe, CheckError> {
+        let kind = kind.clone();
+        tokio::task::spawn_blocking(move || Probe::prepare(&kind, backend))
+            .await
+            .unwrap_or_else(|e| {
+                Err(CheckError::InvalidCheck(format!(
+                    "preparing the check failed: {e}"
+                )))
+            })
+    }
+
     fn prepare(kind: &CheckKind, backend: SocketAddr) -> Result<Probe, CheckError> {
         Ok(match kind {
             CheckKind::Tcp => Probe::Tcp,
@@ -706,9 +749,13 @@ where
 /// Parses `HTTP/1.x NNN [reason]` (with or without the trailing CR).
 fn parse_status_line(line: &[u8]) -> Result<u16, CheckError> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
+    // The reply itself is not echoed: readers of the API see only that it
+    // was not a status line.
     let bad = || {
-        let shown: String = String::from_utf8_lossy(line).chars().take(80).collect();
-        CheckError::BadResponse(format!("bad status line {shown:?}"))
+        CheckError::BadResponse(format!(
+            "the first line ({} bytes) is not an HTTP/1.x status line",
+            line.len()
+        ))
     };
     let mut parts = line.splitn(3, |&b| b == b' ');
     let version = parts.next().ok_or_else(bad)?;
@@ -800,8 +847,9 @@ fn load_roots(path: &Path) -> Result<RootCertStore, CheckError> {
         path: path.to_owned(),
         reason,
     };
+    let pem = crate::files::read_regular(path, MAX_CA_FILE).map_err(|e| fail(e.to_string()))?;
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| fail(e.to_string()))? {
+    for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.map_err(|e| fail(e.to_string()))?;
         roots
             .add(cert)
@@ -1126,6 +1174,8 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.label(), "bad_response", "{err}");
+        // What the backend sent is not echoed to readers of the reason.
+        assert!(!err.to_string().contains("SSH"), "{err}");
 
         let silent_close = serve(|mut stream| async move {
             let _ = read_request_head(&mut stream).await;
@@ -1343,6 +1393,46 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.label(), "config", "{err}");
         assert_eq!(backend.server.accepted(), 3);
+    }
+
+    /// `ca_file` pointing at /proc/kmsg (whose read blocks until the kernel
+    /// logs), a FIFO or a file over 1 MiB is refused without reading it
+    /// (the check would hang or balloon otherwise), and nothing connects.
+    #[tokio::test]
+    async fn ca_files_that_are_not_small_regular_files_are_refused() {
+        let backend = https_server().await;
+        let addr = backend.server.addr;
+        let t = Duration::from_secs(2);
+        let fifo = TempFile::new("");
+        std::fs::remove_file(&fifo.0).unwrap();
+        let c = std::ffi::CString::new(fifo.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo on a path this test owns.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let big = TempFile::new(&"x".repeat(MAX_CA_FILE as usize + 1));
+        let kmsg = PathBuf::from("/proc/kmsg");
+        for (path, want) in [
+            (&kmsg, "procfs"),
+            (&fifo.0, "not a regular file"),
+            (&big.0, "more than the 1048576 allowed"),
+        ] {
+            let started = Instant::now();
+            let err = check_once(&https(None, Some("backend.test"), Some(path)), addr, t)
+                .await
+                .unwrap_err();
+            assert_eq!(err.label(), "config", "{err}");
+            assert!(err.to_string().contains(want), "{err}");
+            assert!(started.elapsed() < Duration::from_secs(1), "{err}");
+        }
+        assert_eq!(backend.server.accepted(), 0);
+    }
+
+    #[test]
+    fn reasons_are_short_printable_ascii() {
+        assert_eq!(sanitize_reason("refused"), "refused");
+        assert_eq!(sanitize_reason("a\r\nb\u{1b}[31mé"), "a??b?[31m?");
+        let long = sanitize_reason(&"y".repeat(1000));
+        assert_eq!(long.len(), MAX_REASON);
+        assert!(long.ends_with("..."));
     }
 
     // ---- UDP -----------------------------------------------------------

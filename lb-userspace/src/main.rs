@@ -68,9 +68,12 @@ struct Client {
     /// Base URL of the admin API.
     #[arg(long, default_value = "http://127.0.0.1:9180", env = "LB_API")]
     api: String,
-    /// Admin token (or set LB_TOKEN, or use --token-file).
-    #[arg(long, env = "LB_TOKEN", hide_env_values = true)]
+    /// Deprecated: a token on the command line shows in `ps`; use
+    /// --token-file or LB_TOKEN.
+    #[arg(long, hide = true)]
     token: Option<String>,
+    /// File holding the admin token (mode 0600, owned by root or you); or
+    /// set LB_TOKEN.
     #[arg(long)]
     token_file: Option<PathBuf>,
 }
@@ -325,13 +328,19 @@ async fn watchdog(daemon: Daemon, notifier: std::sync::Arc<Notifier>, every: std
 
 impl Client {
     fn token(&self) -> Result<Option<String>> {
+        if let Some(p) = &self.token_file {
+            return Ok(Some(read_token(p)?));
+        }
+        if let Some(t) = std::env::var("LB_TOKEN").ok().filter(|t| !t.is_empty()) {
+            return Ok(Some(t));
+        }
         if let Some(t) = &self.token {
+            eprintln!(
+                "warning: --token is deprecated (the token shows in `ps`); use --token-file or LB_TOKEN"
+            );
             return Ok(Some(t.clone()));
         }
-        match &self.token_file {
-            Some(p) => Ok(Some(read_token(p)?)),
-            None => Ok(None),
-        }
+        Ok(None)
     }
 
     fn call(
@@ -382,10 +391,7 @@ impl Client {
 }
 
 fn read_token(p: &Path) -> Result<String> {
-    Ok(std::fs::read_to_string(p)
-        .with_context(|| format!("reading token file {}", p.display()))?
-        .trim()
-        .to_string())
+    lb_userspace::files::read_secret(p).with_context(|| format!("token file {}", p.display()))
 }
 
 fn stop(client: &Client) -> Result<()> {

@@ -6,7 +6,6 @@
 use std::{
     collections::BTreeMap,
     fs::{self, File},
-    io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
@@ -70,21 +69,9 @@ pub fn maps_pinned(pin: &Path) -> bool {
 }
 
 /// Writes `bytes` to `path` so that a crash leaves the old or the new file,
-/// never a mix.
+/// never a mix; the file is 0600 and its new directories 0700.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    crate::files::write_private_atomic(path, bytes)
 }
 
 pub fn read_record(path: &Path) -> Option<Record> {
@@ -116,7 +103,8 @@ pub fn ensure_bpffs(pin: &Path) -> Result<(), String> {
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
     if is_bpffs(existing) {
-        return fs::create_dir_all(pin).map_err(|e| format!("creating {}: {e}", pin.display()));
+        return crate::files::create_private_dir_all(pin)
+            .map_err(|e| format!("creating {}: {e}", pin.display()));
     }
     let root = Path::new("/sys/fs/bpf");
     if pin.starts_with(root) && !is_bpffs(root) {
@@ -136,7 +124,8 @@ pub fn ensure_bpffs(pin: &Path) -> Result<(), String> {
                 std::io::Error::last_os_error()
             ));
         }
-        return fs::create_dir_all(pin).map_err(|e| format!("creating {}: {e}", pin.display()));
+        return crate::files::create_private_dir_all(pin)
+            .map_err(|e| format!("creating {}: {e}", pin.display()));
     }
     Err(format!(
         "{} is not on a bpf filesystem; mount one (mount -t bpf bpf <dir>) or use a pin_path under /sys/fs/bpf",

@@ -5,11 +5,10 @@
 //! dropped change can be named), and re-applied only while that config is
 //! unchanged. Each backend's last health verdict is kept too, so a restart
 //! does not put a backend known down back in service. Written atomically
-//! (temporary file, fsync, rename, fsync of the directory).
+//! (temporary file, fsync, rename, fsync of the directory), mode 0600.
 use std::{
     collections::{BTreeMap, HashMap},
-    fs::{self, File},
-    io::Write,
+    fs,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
@@ -215,11 +214,6 @@ pub fn save(path: &Path, saved: &Saved) -> Result<(), StateError> {
         path: path.into(),
         source,
     };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io)?;
     let mut health: BTreeMap<String, BTreeMap<SocketAddr, bool>> = BTreeMap::new();
     for ((svc, b), up) in &saved.health {
         health.entry(svc.clone()).or_default().insert(*b, *up);
@@ -241,17 +235,7 @@ pub fn save(path: &Path, saved: &Saved) -> Result<(), StateError> {
         health,
     };
     let text = serde_json::to_vec_pretty(&file).expect("state serializes");
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
-        std::process::id()
-    ));
-    let mut f = File::create(&tmp).map_err(io)?;
-    f.write_all(&text).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io)?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    crate::files::write_private_atomic(path, &text).map_err(io)?;
     Ok(())
 }
 

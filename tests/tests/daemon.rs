@@ -48,6 +48,8 @@ impl Setup {
         let token_line = if token {
             let p = self.dir.path("token");
             std::fs::write(&p, format!("{TOKEN}\n")).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
             format!("token_file = {:?}\n", p.display().to_string())
         } else {
             String::new()

@@ -214,6 +214,7 @@ impl Setup {
         let token_line = if token {
             let p = self.dir.path("token");
             fs::write(&p, format!("{TOKEN}\n")).unwrap();
+            fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
             format!("token_file = {:?}\n", p.display().to_string())
         } else {
             String::new()
@@ -591,4 +592,208 @@ fn the_token_never_shows_in_logs_metrics_or_answers() {
             state.len()
         );
     }
+}
+
+/// Files: `lb validate` (and so `lb run`) refuses a token file others can
+/// read, naming `chmod 600`, and a `ca_file` that is `/proc/kmsg` or a FIFO;
+/// the state file and the record the daemon writes are 0600, with no
+/// temporary file left beside them; the CLI still takes the hidden
+/// `--token` but warns that it shows in `ps`.
+#[test]
+fn secret_and_written_files_are_private_and_odd_ca_files_refused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let s = setup("files");
+    let validate = |config: &Path| {
+        let out = Command::new(lb_binary())
+            .args(["validate", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let config = s.config("", true);
+    let token = s.dir.path("token");
+    assert!(validate(&config).0, "{}", validate(&config).1);
+    for mode in [0o644, 0o640, 0o604] {
+        fs::set_permissions(&token, fs::Permissions::from_mode(mode)).unwrap();
+        let (ok, out) = validate(&config);
+        assert!(
+            !ok && out.contains("token_file") && out.contains("chmod 600"),
+            "mode {mode:o}: {out}"
+        );
+    }
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o600)).unwrap();
+
+    let fifo = s.dir.path("ca.fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let text = fs::read_to_string(&config).unwrap();
+    for (ca, want) in [
+        ("/proc/kmsg".to_string(), "procfs"),
+        (fifo.display().to_string(), "not a regular file"),
+    ] {
+        let bad = s.dir.path("ca.toml");
+        fs::write(
+            &bad,
+            text.replace(
+                "protocols = [\"tcp\"]\n",
+                &format!(
+                    "protocols = [\"tcp\"]\nhealth = {{ kind = \"https\", ca_file = {ca:?} }}\n"
+                ),
+            ),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let (ok, out) = validate(&bad);
+        assert!(
+            !ok && out.contains("ca_file") && out.contains(want),
+            "{ca}: {out}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "{ca}");
+    }
+
+    let _ = fs::remove_file(s.dir.path("state.json"));
+    let mut lb = s.start(&config, "127.0.0.1:9180", "info");
+    let (status, body) = lb.call(
+        "PATCH",
+        "/api/v1/services/web/backends/127.0.0.1:8001",
+        Some(&bearer(TOKEN)),
+        Body::Json(r#"{"weight": 3}"#.into()),
+    );
+    assert!((200..300).contains(&status), "{status} {body}");
+    // The CLI: the deprecated --token still works, with a warning.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &s.lb_ns])
+        .arg(lb_binary())
+        .args([
+            "backends",
+            "weight",
+            "--service",
+            "web",
+            "127.0.0.1:8001",
+            "4",
+        ])
+        .args(["--token", TOKEN])
+        .env_remove("LB_TOKEN")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("--token is deprecated"),
+        "{err}"
+    );
+    // The pin directory the daemon created (and locks) and its maps
+    // directory are 0700 (seen through the daemon's root: `ip netns exec`
+    // gives it a mount namespace of its own).
+    if let Some(pin) = &s.pin {
+        let root = PathBuf::from(format!("/proc/{}/root", lb.pid()));
+        let pin = root.join(pin.strip_prefix("/").unwrap());
+        for d in [pin.clone(), pin.join("maps")] {
+            let mode = fs::metadata(&d).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{} is {mode:o}", d.display());
+        }
+    }
+    lb.stop();
+    let mut written = Vec::new();
+    for e in fs::read_dir(s.dir.path("state.json").parent().unwrap()).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(!name.ends_with(".tmp"), "temporary file left: {name}");
+        if name == "state.json" || name.starts_with("dataplane-") {
+            let mode = e.metadata().unwrap().mode() & 0o777;
+            written.push((name, mode));
+        }
+    }
+    assert!(
+        written.iter().any(|(n, _)| n == "state.json"),
+        "{written:?}"
+    );
+    for (name, mode) in &written {
+        assert_eq!(*mode, 0o600, "{name} is {mode:o}");
+    }
+}
+
+/// Health-check replies are not echoed to readers: a backend whose answer
+/// is not HTTP (a made-up secret and terminal escapes) shows in the API and
+/// in `lb status` only as a short, printable reason without its bytes.
+#[test]
+fn health_check_replies_are_not_echoed_to_readers() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    const LEAK: &str = "SECRET-leak-8c1f";
+    let s = setup("echo");
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let backend = netns::spawn_in(&s.lb_ns, move || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:8001").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !flag.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut c, _)) => {
+                    let _ = c.set_nonblocking(false);
+                    let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+                    let mut buf = [0u8; 512];
+                    let _ = c.read(&mut buf);
+                    let _ = c.write_all(format!("{LEAK}\x1b[2J\x07 not http\r\n").as_bytes());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    let config = s.config("", false);
+    let text = fs::read_to_string(&config).unwrap().replace(
+        "protocols = [\"tcp\"]\n",
+        "protocols = [\"tcp\"]\nhealth = { kind = \"http\", interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1 }\n",
+    );
+    fs::write(&config, text).unwrap();
+    let mut lb = s.start(&config, "127.0.0.1:9180", "info");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let reason = loop {
+        let (status, body) = lb.get("/api/v1/services/web/backends/127.0.0.1:8001");
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if let Some(e) = v["last_error"].as_str() {
+            break e.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failure shown: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(reason.contains("malformed HTTP response"), "{reason}");
+    assert!(!reason.contains(LEAK), "{reason}");
+    assert!(
+        reason.len() <= 160 && reason.bytes().all(|b| b == b' ' || b.is_ascii_graphic()),
+        "{reason:?}"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &s.lb_ns])
+        .arg(lb_binary())
+        .arg("status")
+        .output()
+        .unwrap();
+    let shown =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && shown.contains("malformed"),
+        "{shown}"
+    );
+    assert!(!shown.contains(LEAK), "{shown}");
+    assert!(!lb.log().contains(LEAK), "{}", lb.log());
+    lb.stop();
+    stop.store(true, Ordering::SeqCst);
+    backend.join().unwrap();
 }
