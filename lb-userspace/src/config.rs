@@ -434,6 +434,84 @@ pub fn state_name(s: AdminState) -> &'static str {
     }
 }
 
+/// The backend address policy: addresses no service may send traffic to,
+/// whatever its forwarding mode (loopback, allowed only with `local`
+/// forwarding, is checked per service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressRule {
+    Unspecified,
+    Broadcast,
+    Multicast,
+    LinkLocal,
+    Ipv4Mapped,
+    Loopback,
+}
+
+impl AddressRule {
+    /// The name errors and the README use.
+    pub fn name(self) -> &'static str {
+        match self {
+            AddressRule::Unspecified => "unspecified",
+            AddressRule::Broadcast => "broadcast",
+            AddressRule::Multicast => "multicast",
+            AddressRule::LinkLocal => "link-local",
+            AddressRule::Ipv4Mapped => "ipv4-mapped",
+            AddressRule::Loopback => "loopback",
+        }
+    }
+
+    fn why(self) -> &'static str {
+        match self {
+            AddressRule::Unspecified => "0.0.0.0 and :: name no host",
+            AddressRule::Broadcast => "255.255.255.255 reaches every host on the link",
+            AddressRule::Multicast => "224.0.0.0/4 and ff00::/8 reach groups, not one host",
+            AddressRule::LinkLocal => {
+                "169.254.0.0/16 (incl. the cloud metadata service 169.254.169.254) and \
+                 fe80::/10 belong to the link, not to a backend"
+            }
+            AddressRule::Ipv4Mapped => {
+                "::ffff:0:0/96 hides an IPv4 address; write the IPv4 address itself"
+            }
+            AddressRule::Loopback => {
+                "127.0.0.0/8 and ::1 are this host; only forwarding = \"local\" may use them"
+            }
+        }
+    }
+}
+
+/// The rule that forbids `ip` as a backend in every mode, if any.
+pub fn forbidden_backend_ip(ip: std::net::IpAddr) -> Option<AddressRule> {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            if v4.is_unspecified() {
+                Some(AddressRule::Unspecified)
+            } else if v4.is_broadcast() {
+                Some(AddressRule::Broadcast)
+            } else if v4.is_multicast() {
+                Some(AddressRule::Multicast)
+            } else if v4.is_link_local() {
+                Some(AddressRule::LinkLocal)
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            if v6.is_unspecified() {
+                Some(AddressRule::Unspecified)
+            } else if v6.is_multicast() {
+                Some(AddressRule::Multicast)
+            } else if v6.is_unicast_link_local() {
+                Some(AddressRule::LinkLocal)
+            } else if v6.to_ipv4_mapped().is_some() {
+                Some(AddressRule::Ipv4Mapped)
+            } else {
+                None
+            }
+        }
+    }
+}
+
 /// Validates one backend of a service.
 pub fn backend(path: &[Seg], raw: &RawBackend) -> Result<BackendConfig, FieldError> {
     let address = socket_addr(&key(path, "address"), &raw.address)?;
@@ -443,10 +521,15 @@ pub fn backend(path: &[Seg], raw: &RawBackend) -> Result<BackendConfig, FieldErr
             "port 0 is not a port",
         ));
     }
-    if address.ip().is_unspecified() || address.ip().is_multicast() {
+    if let Some(rule) = forbidden_backend_ip(address.ip()) {
         return Err(FieldError::new(
             &key(path, "address"),
-            format!("{} cannot be a backend address", address.ip()),
+            format!(
+                "{} cannot be a backend address (rule: {}): {}",
+                address.ip(),
+                rule.name(),
+                rule.why()
+            ),
         ));
     }
     let weight = int_in(&key(path, "weight"), raw.weight, 0, 65535)? as u16;
@@ -665,8 +748,10 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
                 return Err(FieldError::new(
                     &key(&bp, "address"),
                     format!(
-                        "{mode} backends are other hosts; {} is this host's loopback (use forwarding = \"local\")",
-                        b.address
+                        "{mode} backends are other hosts; {} is this host's loopback \
+                         (rule: {}; use forwarding = \"local\")",
+                        b.address,
+                        AddressRule::Loopback.name()
                     ),
                 ));
             }
@@ -1528,6 +1613,82 @@ backends = [
             ),
         ] {
             Config::parse(Path::new("lb.toml"), &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        }
+    }
+
+    /// Every rule of the backend address policy, in a file (file, line and
+    /// field named) and in an API body (field named), with the rule's name.
+    #[test]
+    fn backend_address_policy_names_the_rule() {
+        let file = |fwd: &str, listen: &str, backend: &str| {
+            let first = if listen.starts_with('[') {
+                "[fd00:1::1]:443"
+            } else {
+                "10.0.1.1:443"
+            };
+            format!(
+                "[dataplane]\ninterface = \"eth0\"\n[[services]]\nname = \"x\"\nforwarding = \"{fwd}\"\nlisten = \"{listen}\"\nbackends = [\n  {{ address = \"{first}\" }},\n  {{ address = \"{backend}\" }},\n]\n"
+            )
+        };
+        let cases = [
+            ("0.0.0.0:443", "0.0.0.0:443", "unspecified"),
+            ("[::]:443", "[::]:443", "unspecified"),
+            ("255.255.255.255:443", "0.0.0.0:443", "broadcast"),
+            ("224.0.0.1:443", "0.0.0.0:443", "multicast"),
+            ("239.255.255.250:443", "0.0.0.0:443", "multicast"),
+            ("[ff02::1]:443", "[::]:443", "multicast"),
+            ("169.254.169.254:80", "0.0.0.0:443", "link-local"),
+            ("169.254.0.1:443", "0.0.0.0:443", "link-local"),
+            ("[fe80::1]:443", "[::]:443", "link-local"),
+            ("[febf::1]:443", "[::]:443", "link-local"),
+            ("[::ffff:127.0.0.1]:443", "[::]:443", "ipv4-mapped"),
+            ("[::ffff:10.0.0.1]:443", "[::]:443", "ipv4-mapped"),
+        ];
+        for (backend, listen, rule) in cases {
+            let e = err(&file("local", listen, backend));
+            assert_eq!(e.source, "lb.toml", "{backend}");
+            assert_eq!(e.field, "services[0].backends[1].address", "{backend}");
+            assert_eq!(e.position.map(|p| p.0), Some(9), "{backend}: {e}");
+            assert!(
+                e.message.contains(&format!("(rule: {rule})")),
+                "{backend}: {e}"
+            );
+            // The API's backend body goes through the same check.
+            let raw = RawBackend {
+                address: backend.into(),
+                weight: 1,
+                state: None,
+            };
+            let api = super::backend(&[], &raw).unwrap_err().in_body().to_string();
+            assert_eq!(
+                api,
+                format!("request body: address: {}", e.message),
+                "{backend}"
+            );
+        }
+        // Loopback: only for local forwarding.
+        for (fwd, listen, b) in [
+            ("nat", "10.0.0.10:443", "127.0.0.1:443"),
+            ("nat", "10.0.0.10:443", "127.0.0.2:443"),
+            ("dsr", "[fd00::10]:443", "[::1]:443"),
+        ] {
+            let e = err(&file(fwd, listen, b));
+            assert_eq!(e.field, "services[0].backends[1].address");
+            assert!(e.message.contains("(rule: loopback"), "{b}: {e}");
+        }
+        // Neighbours of the forbidden ranges stay allowed.
+        for (fwd, listen, b) in [
+            ("local", "0.0.0.0:443", "127.0.0.1:443"),
+            ("local", "[::]:443", "[::1]:443"),
+            ("local", "0.0.0.0:443", "169.253.255.255:443"),
+            ("local", "0.0.0.0:443", "169.255.0.1:443"),
+            ("local", "0.0.0.0:443", "223.255.255.255:443"),
+            ("local", "0.0.0.0:443", "255.255.255.254:443"),
+            ("nat", "[fd00::10]:443", "[fec0::1]:443"),
+            ("nat", "[fd00::10]:443", "[::fffe:a00:1]:443"),
+        ] {
+            Config::parse(Path::new("lb.toml"), &file(fwd, listen, b))
+                .unwrap_or_else(|e| panic!("{b}: {e}"));
         }
     }
 
