@@ -239,10 +239,22 @@ mod tests {
     fn skewed_weights_cost_no_more_than_even_ones() {
         let m = 65537;
         let skewed = backends(5000, |i| if i == 0 { 65535 } else { 1 });
+        let t0 = std::time::Instant::now();
         let (t, steps) = build_counted(&skewed, m);
+        let took = t0.elapsed();
         assert!(t.iter().all(|id| *id < 5000));
+        let t0 = std::time::Instant::now();
         let (_, even_steps) = build_counted(&backends(5000, |_| 100), m);
-        eprintln!("5,000 backends, one at 65535: {steps} steps; all at 100: {even_steps}");
+        let even_took = t0.elapsed();
+        let t0 = std::time::Instant::now();
+        let (_, spread_steps) = build_counted(&backends(5000, |i| (i * 13 % 65535 + 1) as u16), m);
+        let spread_took = t0.elapsed();
+        eprintln!(
+            "all at 100: {even_steps} steps in {even_took:?}; \
+             spread 1..65535: {spread_steps} steps in {spread_took:?}"
+        );
+        assert!(spread_steps < 2_000_000, "spread: {spread_steps} steps");
+        eprintln!("5,000 backends, one at 65535: {steps} steps in {took:?}");
         // Turns (at most m + n) plus probes (about m * ln m = 727,000).
         assert!(steps < 2_000_000, "skewed: {steps} steps");
         assert!(even_steps < 2_000_000, "even: {even_steps} steps");
