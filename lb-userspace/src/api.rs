@@ -270,6 +270,7 @@ async fn put_service(
         .change(move |services| {
             Ok(match services.iter_mut().find(|s| s.name == key) {
                 Some(s) => {
+                    widens_networks(s, &svc)?;
                     *s = svc;
                     false
                 }
@@ -287,6 +288,39 @@ async fn put_service(
         StatusCode::OK
     };
     Ok((status, Json(view)).into_response())
+}
+
+/// The API may narrow a service's `allowed_backend_networks`, never widen
+/// or drop it: that takes the config file.
+fn widens_networks(
+    old: &config::ServiceConfig,
+    new: &config::ServiceConfig,
+) -> Result<(), ChangeError> {
+    if old.allowed_backend_networks.is_empty() {
+        return Ok(());
+    }
+    let wider = if new.allowed_backend_networks.is_empty() {
+        Some("(none)".to_string())
+    } else {
+        new.allowed_backend_networks
+            .iter()
+            .find(|n| !old.allowed_backend_networks.iter().any(|o| o.covers(n)))
+            .map(|n| n.to_string())
+    };
+    match wider {
+        None => Ok(()),
+        Some(n) => Err(ChangeError::Invalid(format!(
+            "request body: allowed_backend_networks: {n} would widen service {:?}'s \
+             allowed_backend_networks {} (rule: allowed_backend_networks); \
+             the API may only narrow them, the config file may change them",
+            old.name,
+            old.allowed_backend_networks
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
 }
 
 async fn delete_service(

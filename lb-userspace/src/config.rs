@@ -132,6 +132,18 @@ pub struct RawFile {
     pub health: RawHealthGlobal,
     #[serde(default)]
     pub services: Vec<RawService>,
+    #[serde(default)]
+    pub policy: RawPolicy,
+}
+
+/// `[policy]`: rules every service's backends must follow, whether they
+/// come from the file or the API.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    /// CIDRs every backend address must lie in (none: any address the
+    /// address policy allows).
+    pub allowed_backend_networks: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -183,6 +195,9 @@ pub struct RawService {
     pub when_all_down: Option<String>,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
+    /// CIDRs this service's backends must lie in (besides `[policy]`'s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_backend_networks: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -233,6 +248,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub health_max_concurrent: usize,
     pub services: Vec<ServiceConfig>,
+    /// `[policy]`.
+    pub policy: Policy,
     /// Things that work but may hurt (e.g. a local backend port inside the
     /// host's ephemeral port range), placed in the file like errors.
     pub warnings: Vec<ConfigError>,
@@ -325,6 +342,135 @@ pub struct ServiceConfig {
     pub health: Option<CheckSpec>,
     pub when_all_down: WhenAllDown,
     pub backends: Vec<BackendConfig>,
+    /// Networks the backends must lie in; empty: no such rule.
+    pub allowed_backend_networks: Vec<Cidr>,
+}
+
+/// Rules for every service, from `[policy]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Networks every backend must lie in; empty: no such rule.
+    pub allowed_backend_networks: Vec<Cidr>,
+}
+
+/// An IP network: `10.0.0.0/8`, `fd00::/8`, or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let bad = || {
+            format!(
+                "{s:?} is not a network; write e.g. \"10.0.0.0/8\", \"fd00::/8\" or one address"
+            )
+        };
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) && p.len() <= 3 => {
+                p.parse::<u8>().map_err(|_| bad())?
+            }
+            Some(_) => return Err(bad()),
+            None => max,
+        };
+        if prefix > max {
+            return Err(format!("{s:?}: the prefix length is at most {max}"));
+        }
+        let c = Cidr { addr, prefix };
+        if c.masked(addr) != addr {
+            return Err(format!(
+                "{s:?} has host bits set; the network is {}/{prefix}",
+                c.masked(addr)
+            ));
+        }
+        Ok(c)
+    }
+
+    fn masked(&self, ip: std::net::IpAddr) -> std::net::IpAddr {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        match ip {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        }
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4() && self.masked(ip) == self.addr
+    }
+
+    /// Whether every address of `other` is in `self`.
+    pub fn covers(&self, other: &Cidr) -> bool {
+        other.prefix >= self.prefix && self.contains(other.addr)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+fn networks(path: &[Seg], list: &[String]) -> Result<Vec<Cidr>, FieldError> {
+    if list.is_empty() {
+        return Err(FieldError::new(
+            path,
+            "list at least one network, or leave the field out to allow any",
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, n)| Cidr::parse(n.trim()).map_err(|m| FieldError::new(&index(path, i), m)))
+        .collect()
+}
+
+fn list_networks(n: &[Cidr]) -> String {
+    n.iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The `[policy]` rules over all services' backends (the per-service list
+/// is checked by [`service`]).
+pub fn check_policy(services: &[ServiceConfig], policy: &Policy) -> Result<(), FieldError> {
+    if policy.allowed_backend_networks.is_empty() {
+        return Ok(());
+    }
+    let root = [Seg::Key("services".into())];
+    for (i, s) in services.iter().enumerate() {
+        for (j, b) in s.backends.iter().enumerate() {
+            if !policy
+                .allowed_backend_networks
+                .iter()
+                .any(|c| c.contains(b.address.ip()))
+            {
+                return Err(FieldError::new(
+                    &key(&index(&key(&index(&root, i), "backends"), j), "address"),
+                    format!(
+                        "{} (service {:?}) is outside policy.allowed_backend_networks \
+                         (rule: allowed_backend_networks): {}",
+                        b.address,
+                        s.name,
+                        list_networks(&policy.allowed_backend_networks)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -434,6 +580,84 @@ pub fn state_name(s: AdminState) -> &'static str {
     }
 }
 
+/// The backend address policy: addresses no service may send traffic to,
+/// whatever its forwarding mode (loopback, allowed only with `local`
+/// forwarding, is checked per service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressRule {
+    Unspecified,
+    Broadcast,
+    Multicast,
+    LinkLocal,
+    Ipv4Mapped,
+    Loopback,
+}
+
+impl AddressRule {
+    /// The name errors and the README use.
+    pub fn name(self) -> &'static str {
+        match self {
+            AddressRule::Unspecified => "unspecified",
+            AddressRule::Broadcast => "broadcast",
+            AddressRule::Multicast => "multicast",
+            AddressRule::LinkLocal => "link-local",
+            AddressRule::Ipv4Mapped => "ipv4-mapped",
+            AddressRule::Loopback => "loopback",
+        }
+    }
+
+    fn why(self) -> &'static str {
+        match self {
+            AddressRule::Unspecified => "0.0.0.0 and :: name no host",
+            AddressRule::Broadcast => "255.255.255.255 reaches every host on the link",
+            AddressRule::Multicast => "224.0.0.0/4 and ff00::/8 reach groups, not one host",
+            AddressRule::LinkLocal => {
+                "169.254.0.0/16 (incl. the cloud metadata service 169.254.169.254) and \
+                 fe80::/10 belong to the link, not to a backend"
+            }
+            AddressRule::Ipv4Mapped => {
+                "::ffff:0:0/96 hides an IPv4 address; write the IPv4 address itself"
+            }
+            AddressRule::Loopback => {
+                "127.0.0.0/8 and ::1 are this host; only forwarding = \"local\" may use them"
+            }
+        }
+    }
+}
+
+/// The rule that forbids `ip` as a backend in every mode, if any.
+pub fn forbidden_backend_ip(ip: std::net::IpAddr) -> Option<AddressRule> {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            if v4.is_unspecified() {
+                Some(AddressRule::Unspecified)
+            } else if v4.is_broadcast() {
+                Some(AddressRule::Broadcast)
+            } else if v4.is_multicast() {
+                Some(AddressRule::Multicast)
+            } else if v4.is_link_local() {
+                Some(AddressRule::LinkLocal)
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            if v6.is_unspecified() {
+                Some(AddressRule::Unspecified)
+            } else if v6.is_multicast() {
+                Some(AddressRule::Multicast)
+            } else if v6.is_unicast_link_local() {
+                Some(AddressRule::LinkLocal)
+            } else if v6.to_ipv4_mapped().is_some() {
+                Some(AddressRule::Ipv4Mapped)
+            } else {
+                None
+            }
+        }
+    }
+}
+
 /// Validates one backend of a service.
 pub fn backend(path: &[Seg], raw: &RawBackend) -> Result<BackendConfig, FieldError> {
     let address = socket_addr(&key(path, "address"), &raw.address)?;
@@ -443,10 +667,15 @@ pub fn backend(path: &[Seg], raw: &RawBackend) -> Result<BackendConfig, FieldErr
             "port 0 is not a port",
         ));
     }
-    if address.ip().is_unspecified() || address.ip().is_multicast() {
+    if let Some(rule) = forbidden_backend_ip(address.ip()) {
         return Err(FieldError::new(
             &key(path, "address"),
-            format!("{} cannot be a backend address", address.ip()),
+            format!(
+                "{} cannot be a backend address (rule: {}): {}",
+                address.ip(),
+                rule.name(),
+                rule.why()
+            ),
         ));
     }
     let weight = int_in(&key(path, "weight"), raw.weight, 0, 65535)? as u16;
@@ -649,11 +878,30 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
             ));
         }
     };
+    let allowed_backend_networks = match &raw.allowed_backend_networks {
+        Some(list) => networks(&key(path, "allowed_backend_networks"), list)?,
+        None => Vec::new(),
+    };
     let mut backends = Vec::new();
     let mut seen = HashSet::new();
     for (i, b) in raw.backends.iter().enumerate() {
         let bp = index(&key(path, "backends"), i);
         let b = backend(&bp, b)?;
+        if !allowed_backend_networks.is_empty()
+            && !allowed_backend_networks
+                .iter()
+                .any(|c| c.contains(b.address.ip()))
+        {
+            return Err(FieldError::new(
+                &key(&bp, "address"),
+                format!(
+                    "{} is outside the service's allowed_backend_networks \
+                     (rule: allowed_backend_networks): {}",
+                    b.address,
+                    list_networks(&allowed_backend_networks)
+                ),
+            ));
+        }
         if !seen.insert(b.address) {
             return Err(FieldError::new(
                 &key(&bp, "address"),
@@ -666,8 +914,10 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
                 return Err(FieldError::new(
                     &key(&bp, "address"),
                     format!(
-                        "{mode} backends are other hosts; {} is this host's loopback (use forwarding = \"local\")",
-                        b.address
+                        "{mode} backends are other hosts; {} is this host's loopback \
+                         (rule: {}; use forwarding = \"local\")",
+                        b.address,
+                        AddressRule::Loopback.name()
                     ),
                 ));
             }
@@ -713,6 +963,7 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
         health,
         when_all_down,
         backends,
+        allowed_backend_networks,
     })
 }
 
@@ -831,6 +1082,12 @@ impl From<&ServiceConfig> for RawService {
             health: s.health.as_ref().map(RawHealth::from),
             when_all_down: Some(s.when_all_down.name().into()),
             backends: s.backends.iter().map(RawBackend::from).collect(),
+            allowed_backend_networks: (!s.allowed_backend_networks.is_empty()).then(|| {
+                s.allowed_backend_networks
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect()
+            }),
         }
     }
 }
@@ -1071,6 +1328,19 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         services.push(service(&index(&[Seg::Key("services".into())], i), s)?);
     }
     check_services(&services, &opts)?;
+    let policy = Policy {
+        allowed_backend_networks: match &raw.policy.allowed_backend_networks {
+            Some(list) => networks(
+                &[
+                    Seg::Key("policy".into()),
+                    Seg::Key("allowed_backend_networks".into()),
+                ],
+                list,
+            )?,
+            None => Vec::new(),
+        },
+    };
+    check_policy(&services, &policy)?;
     Ok(Config {
         path: path.to_path_buf(),
         interface,
@@ -1084,6 +1354,7 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         },
         health_max_concurrent,
         services,
+        policy,
         warnings: Vec::new(),
     })
 }
@@ -1521,6 +1792,180 @@ backends = [
         ] {
             Config::parse(Path::new("lb.toml"), &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         }
+    }
+
+    /// Every rule of the backend address policy, in a file (file, line and
+    /// field named) and in an API body (field named), with the rule's name.
+    #[test]
+    fn backend_address_policy_names_the_rule() {
+        let file = |fwd: &str, listen: &str, backend: &str| {
+            let first = if listen.starts_with('[') {
+                "[fd00:1::1]:443"
+            } else {
+                "10.0.1.1:443"
+            };
+            format!(
+                "[dataplane]\ninterface = \"eth0\"\n[[services]]\nname = \"x\"\nforwarding = \"{fwd}\"\nlisten = \"{listen}\"\nbackends = [\n  {{ address = \"{first}\" }},\n  {{ address = \"{backend}\" }},\n]\n"
+            )
+        };
+        let cases = [
+            ("0.0.0.0:443", "0.0.0.0:443", "unspecified"),
+            ("[::]:443", "[::]:443", "unspecified"),
+            ("255.255.255.255:443", "0.0.0.0:443", "broadcast"),
+            ("224.0.0.1:443", "0.0.0.0:443", "multicast"),
+            ("239.255.255.250:443", "0.0.0.0:443", "multicast"),
+            ("[ff02::1]:443", "[::]:443", "multicast"),
+            ("169.254.169.254:80", "0.0.0.0:443", "link-local"),
+            ("169.254.0.1:443", "0.0.0.0:443", "link-local"),
+            ("[fe80::1]:443", "[::]:443", "link-local"),
+            ("[febf::1]:443", "[::]:443", "link-local"),
+            ("[::ffff:127.0.0.1]:443", "[::]:443", "ipv4-mapped"),
+            ("[::ffff:10.0.0.1]:443", "[::]:443", "ipv4-mapped"),
+        ];
+        for (backend, listen, rule) in cases {
+            let e = err(&file("local", listen, backend));
+            assert_eq!(e.source, "lb.toml", "{backend}");
+            assert_eq!(e.field, "services[0].backends[1].address", "{backend}");
+            assert_eq!(e.position.map(|p| p.0), Some(9), "{backend}: {e}");
+            assert!(
+                e.message.contains(&format!("(rule: {rule})")),
+                "{backend}: {e}"
+            );
+            // The API's backend body goes through the same check.
+            let raw = RawBackend {
+                address: backend.into(),
+                weight: 1,
+                state: None,
+            };
+            let api = super::backend(&[], &raw).unwrap_err().in_body().to_string();
+            assert_eq!(
+                api,
+                format!("request body: address: {}", e.message),
+                "{backend}"
+            );
+        }
+        // Loopback: only for local forwarding.
+        for (fwd, listen, b) in [
+            ("nat", "10.0.0.10:443", "127.0.0.1:443"),
+            ("nat", "10.0.0.10:443", "127.0.0.2:443"),
+            ("dsr", "[fd00::10]:443", "[::1]:443"),
+        ] {
+            let e = err(&file(fwd, listen, b));
+            assert_eq!(e.field, "services[0].backends[1].address");
+            assert!(e.message.contains("(rule: loopback"), "{b}: {e}");
+        }
+        // Neighbours of the forbidden ranges stay allowed.
+        for (fwd, listen, b) in [
+            ("local", "0.0.0.0:443", "127.0.0.1:443"),
+            ("local", "[::]:443", "[::1]:443"),
+            ("local", "0.0.0.0:443", "169.253.255.255:443"),
+            ("local", "0.0.0.0:443", "169.255.0.1:443"),
+            ("local", "0.0.0.0:443", "223.255.255.255:443"),
+            ("local", "0.0.0.0:443", "255.255.255.254:443"),
+            ("nat", "[fd00::10]:443", "[fec0::1]:443"),
+            ("nat", "[fd00::10]:443", "[::fffe:a00:1]:443"),
+        ] {
+            Config::parse(Path::new("lb.toml"), &file(fwd, listen, b))
+                .unwrap_or_else(|e| panic!("{b}: {e}"));
+        }
+    }
+
+    #[test]
+    fn cidrs_parse_and_contain() {
+        let c = |s: &str| Cidr::parse(s).unwrap();
+        assert!(c("10.0.0.0/8").contains("10.255.1.2".parse().unwrap()));
+        assert!(!c("10.0.0.0/8").contains("11.0.0.1".parse().unwrap()));
+        assert!(c("0.0.0.0/0").contains("192.0.2.1".parse().unwrap()));
+        assert!(!c("0.0.0.0/0").contains("fd00::1".parse().unwrap()));
+        assert!(c("fd00::/8").contains("fd12::5".parse().unwrap()));
+        assert!(!c("fd00::/8").contains("fe00::5".parse().unwrap()));
+        assert!(c("10.0.1.5").contains("10.0.1.5".parse().unwrap()));
+        assert!(!c("10.0.1.5").contains("10.0.1.6".parse().unwrap()));
+        assert!(c("10.0.0.0/8").covers(&c("10.1.0.0/16")));
+        assert!(!c("10.1.0.0/16").covers(&c("10.0.0.0/8")));
+        for bad in [
+            "10.0.0.1/8",
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.0.0.0/",
+            "x/8",
+            "10.0.0.0/+8",
+        ] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+        assert!(
+            Cidr::parse("10.0.0.1/8")
+                .unwrap_err()
+                .contains("10.0.0.0/8")
+        );
+    }
+
+    /// `allowed_backend_networks`, per service and in `[policy]`: backends
+    /// outside are rejected with file, line, field and the rule's name.
+    #[test]
+    fn allowed_backend_networks_bind_every_backend() {
+        let file = |policy: &str, service: &str| {
+            format!(
+                "[dataplane]\ninterface = \"eth0\"\n{policy}\n[[services]]\nname = \"x\"\nlisten = \"10.0.0.10:443\"\nforwarding = \"nat\"\n{service}\nbackends = [\n  {{ address = \"10.0.1.1:443\" }},\n  {{ address = \"10.0.2.1:443\" }},\n]\n"
+            )
+        };
+        let ok = |t: String| {
+            Config::parse(Path::new("lb.toml"), &t).unwrap_or_else(|e| panic!("{e}\n{t}"))
+        };
+        let c = ok(file("", ""));
+        assert!(c.policy.allowed_backend_networks.is_empty());
+        let c = ok(file(
+            "[policy]\nallowed_backend_networks = [\"10.0.0.0/16\", \"fd00::/8\"]",
+            "allowed_backend_networks = [\"10.0.1.0/24\", \"10.0.2.1\"]",
+        ));
+        assert_eq!(c.policy.allowed_backend_networks.len(), 2);
+        assert_eq!(c.services[0].allowed_backend_networks.len(), 2);
+        // Round trip through the raw shape the API and the state file use.
+        let raw = RawService::from(&c.services[0]);
+        assert_eq!(
+            raw.allowed_backend_networks,
+            Some(vec!["10.0.1.0/24".into(), "10.0.2.1/32".into()])
+        );
+        assert_eq!(&service(&[], &raw).unwrap(), &c.services[0]);
+
+        let e = err(&file("", "allowed_backend_networks = [\"10.0.1.0/24\"]"));
+        assert_eq!(e.field, "services[0].backends[1].address");
+        assert_eq!(e.position.map(|p| p.0), Some(11), "{e}");
+        assert!(
+            e.message.contains("(rule: allowed_backend_networks)"),
+            "{e}"
+        );
+        assert!(e.message.contains("10.0.1.0/24"), "{e}");
+
+        let e = err(&file(
+            "[policy]\nallowed_backend_networks = [\"10.0.1.0/24\"]",
+            "",
+        ));
+        assert_eq!(e.field, "services[0].backends[1].address");
+        assert_eq!(e.position.map(|p| p.0), Some(12), "{e}");
+        assert!(e.message.contains("policy.allowed_backend_networks"), "{e}");
+        assert!(
+            e.message.contains("(rule: allowed_backend_networks)"),
+            "{e}"
+        );
+
+        let e = err(&file(
+            "[policy]\nallowed_backend_networks = [\"10.0.0.1/8\"]",
+            "",
+        ));
+        assert_eq!(e.field, "policy.allowed_backend_networks[0]");
+        assert_eq!(e.position.map(|p| p.0), Some(4), "{e}");
+        let e = err(&file("", "allowed_backend_networks = []"));
+        assert_eq!(e.field, "services[0].allowed_backend_networks");
+
+        // The global list binds services the API makes too.
+        let policy = Policy {
+            allowed_backend_networks: vec![Cidr::parse("10.0.1.0/24").unwrap()],
+        };
+        let mut services = ok(file("", "")).services;
+        assert!(check_policy(&services, &policy).is_err());
+        services[0].backends.truncate(1);
+        assert_eq!(check_policy(&services, &policy), Ok(()));
     }
 
     #[test]

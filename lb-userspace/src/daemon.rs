@@ -535,6 +535,8 @@ impl Daemon {
             info!(file = %state_file.display(), "re-applying the changes made through the API on this config");
             config::check_services(&services, &config.dataplane)
                 .map_err(|e| StartError::StateConflict(e.in_body().to_string()))?;
+            config::check_policy(&services, &config.policy)
+                .map_err(|e| StartError::StateConflict(e.in_body().to_string()))?;
         }
         for d in &dropped {
             warn!(file = %state_file.display(), "API change dropped: the config file changed since it was made: {d}");
@@ -808,6 +810,7 @@ impl Daemon {
             ),
             (cfg.dataplane != old.dataplane, "dataplane settings"),
             (cfg.admin != old.admin, "admin settings"),
+            (cfg.policy != old.policy, "policy settings"),
             (
                 cfg.health_max_concurrent != old.health_max_concurrent,
                 "health.max_concurrent",
@@ -1139,6 +1142,8 @@ impl Daemon {
     ) -> Result<(), ChangeError> {
         config::check_services(&services, &self.shared.opts)
             .map_err(|e| ChangeError::Conflict(e.in_body().to_string()))?;
+        config::check_policy(&services, &self.shared.config.policy)
+            .map_err(|e| ChangeError::Invalid(e.in_body().to_string()))?;
         let mut health = inner.health.clone();
         retain_verdicts(&mut health, &services);
         let old_targets: HashMap<(String, SocketAddr), health::CheckSpec> =
@@ -1315,6 +1320,7 @@ mod tests {
             forwarding: Forwarding::Local,
             health: None,
             when_all_down: Default::default(),
+            allowed_backend_networks: Vec::new(),
             backends: weights
                 .iter()
                 .enumerate()

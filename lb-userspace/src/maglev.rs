@@ -79,10 +79,19 @@ fn hash(name: &str, seed: u64) -> u64 {
 /// weight 0 get no slot; with no weighted backend every slot is
 /// `lb_common::NO_BACKEND`.
 pub fn build(backends: &[Entry], m: u32) -> Vec<u32> {
+    build_counted(backends, m).0
+}
+
+/// [`build`], and the work it took: turns taken plus permutation positions
+/// probed. Bounded by about `(m + n) * log2(n) + m * ln(m)` whatever the
+/// weights, since only passes in which a backend claims a slot cost it a
+/// turn.
+pub fn build_counted(backends: &[Entry], m: u32) -> (Vec<u32>, u64) {
+    use std::{cmp::Reverse, collections::BinaryHeap};
     let mut table = vec![lb_common::NO_BACKEND; m as usize];
     let live: Vec<&Entry> = backends.iter().filter(|b| b.weight > 0).collect();
     if live.is_empty() {
-        return table;
+        return (table, 0);
     }
     let m64 = m as u64;
     let max_weight = live.iter().map(|b| b.weight as u64).max().unwrap_or(1);
@@ -93,35 +102,48 @@ pub fn build(backends: &[Entry], m: u32) -> Vec<u32> {
         pos.push(hash(&b.name, 0x5eed_0ff5) % m64);
         skip.push(hash(&b.name, 0x5eed_5e1f) % (m64 - 1) + 1);
     }
-    let mut credit = vec![0u64; live.len()];
+    // On pass k (from 1) backend i has earned k * w_i credit and, spending
+    // `max_weight` a slot, claimed floor(k * w_i / max_weight) slots in
+    // all. Rather than visit every backend on every pass (which costs
+    // n * m * max / sum(w): ~5 * 10^8 for one weight 65535 and 8,191 at 1),
+    // each backend waits in a queue keyed by the next pass in which it
+    // claims a slot; ties go in list order, as the passes did.
+    let mut claimed = vec![0u64; live.len()];
+    let next_pass = |claimed: u64, w: u64| ((claimed + 1) * max_weight).div_ceil(w);
+    let mut queue: BinaryHeap<Reverse<(u64, usize)>> = (0..live.len())
+        .map(|i| Reverse((next_pass(0, live[i].weight as u64), i)))
+        .collect();
     let mut filled = 0u32;
-    'passes: loop {
-        for i in 0..live.len() {
-            credit[i] += live[i].weight as u64;
-            while credit[i] >= max_weight {
-                credit[i] -= max_weight;
-                // Walk this backend's permutation to its next free slot.
-                let mut p = pos[i];
-                while table[p as usize] != lb_common::NO_BACKEND {
-                    p += skip[i];
-                    if p >= m64 {
-                        p -= m64;
-                    }
-                }
-                table[p as usize] = live[i].id;
+    let mut steps = 0u64;
+    while let Some(Reverse((pass, i))) = queue.pop() {
+        steps += 1;
+        let w = live[i].weight as u64;
+        let due = pass * w / max_weight;
+        while claimed[i] < due {
+            claimed[i] += 1;
+            // Walk this backend's permutation to its next free slot.
+            let mut p = pos[i];
+            while table[p as usize] != lb_common::NO_BACKEND {
+                steps += 1;
                 p += skip[i];
                 if p >= m64 {
                     p -= m64;
                 }
-                pos[i] = p;
-                filled += 1;
-                if filled == m {
-                    break 'passes;
-                }
+            }
+            table[p as usize] = live[i].id;
+            p += skip[i];
+            if p >= m64 {
+                p -= m64;
+            }
+            pos[i] = p;
+            filled += 1;
+            if filled == m {
+                return (table, steps);
             }
         }
+        queue.push(Reverse((next_pass(claimed[i], w), i)));
     }
-    table
+    (table, steps)
 }
 
 /// How many slots each id holds.
@@ -146,6 +168,102 @@ mod tests {
                 weight: weight(i),
             })
             .collect()
+    }
+
+    /// The build before it was made skew-proof: every backend takes a
+    /// turn on every pass. Kept to show the queue builds the same tables.
+    fn build_by_passes(backends: &[Entry], m: u32) -> (Vec<u32>, u64) {
+        let mut table = vec![lb_common::NO_BACKEND; m as usize];
+        let live: Vec<&Entry> = backends.iter().filter(|b| b.weight > 0).collect();
+        if live.is_empty() {
+            return (table, 0);
+        }
+        let m64 = m as u64;
+        let max_weight = live.iter().map(|b| b.weight as u64).max().unwrap();
+        let mut pos: Vec<u64> = live
+            .iter()
+            .map(|b| hash(&b.name, 0x5eed_0ff5) % m64)
+            .collect();
+        let skip: Vec<u64> = live
+            .iter()
+            .map(|b| hash(&b.name, 0x5eed_5e1f) % (m64 - 1) + 1)
+            .collect();
+        let mut credit = vec![0u64; live.len()];
+        let mut filled = 0u32;
+        let mut turns = 0u64;
+        loop {
+            for i in 0..live.len() {
+                turns += 1;
+                credit[i] += live[i].weight as u64;
+                while credit[i] >= max_weight {
+                    credit[i] -= max_weight;
+                    let mut p = pos[i];
+                    while table[p as usize] != lb_common::NO_BACKEND {
+                        p = (p + skip[i]) % m64;
+                    }
+                    table[p as usize] = live[i].id;
+                    pos[i] = (p + skip[i]) % m64;
+                    filled += 1;
+                    if filled == m {
+                        return (table, turns);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn same_tables_as_the_pass_by_pass_build() {
+        let cases: Vec<(Vec<Entry>, u32)> = vec![
+            (backends(5, |_| 1), 7),
+            (backends(10, |i| (i % 4 + 1) as u16), 251),
+            (backends(100, |i| (i * 7 % 13) as u16), 4099),
+            (backends(300, |i| if i == 0 { 65535 } else { 1 }), 65537),
+            (backends(1000, |i| (i * 37 % 1000 + 1) as u16), 65537),
+            (backends(2, |i| (i * 2 + 1) as u16), 5),
+        ];
+        for (b, m) in cases {
+            assert_eq!(
+                build(&b, m),
+                build_by_passes(&b, m).0,
+                "n={} m={m}",
+                b.len()
+            );
+        }
+    }
+
+    /// The issue's case: one backend at 65535 and the rest at 1. The
+    /// pass-by-pass build took n * m * max / sum(w) turns (4.8 * 10^8 for
+    /// 8,192 backends); the queue's work does not grow with the skew.
+    #[test]
+    fn skewed_weights_cost_no_more_than_even_ones() {
+        let m = 65537;
+        let skewed = backends(5000, |i| if i == 0 { 65535 } else { 1 });
+        let t0 = std::time::Instant::now();
+        let (t, steps) = build_counted(&skewed, m);
+        let took = t0.elapsed();
+        assert!(t.iter().all(|id| *id < 5000));
+        let t0 = std::time::Instant::now();
+        let (_, even_steps) = build_counted(&backends(5000, |_| 100), m);
+        let even_took = t0.elapsed();
+        let t0 = std::time::Instant::now();
+        let (_, spread_steps) = build_counted(&backends(5000, |i| (i * 13 % 65535 + 1) as u16), m);
+        let spread_took = t0.elapsed();
+        eprintln!(
+            "all at 100: {even_steps} steps in {even_took:?}; \
+             spread 1..65535: {spread_steps} steps in {spread_took:?}"
+        );
+        assert!(spread_steps < 2_000_000, "spread: {spread_steps} steps");
+        eprintln!("5,000 backends, one at 65535: {steps} steps in {took:?}");
+        // Turns (at most m + n) plus probes (about m * ln m = 727,000).
+        assert!(steps < 2_000_000, "skewed: {steps} steps");
+        assert!(even_steps < 2_000_000, "even: {even_steps} steps");
+        // And what the old build would have taken for the same weights.
+        let old_turns = 5000u64 * m as u64 * 65535 / (65535 + 4999);
+        assert!(old_turns > 100 * steps, "old {old_turns} vs {steps}");
+        let (_, steps_8k) = build_counted(&backends(8192, |i| if i == 0 { 65535 } else { 1 }), m);
+        eprintln!("8,192 backends, one at 65535: {steps_8k} steps");
+        assert!(steps_8k < 2_000_000, "8,192 backends: {steps_8k} steps");
     }
 
     #[test]

@@ -259,6 +259,7 @@ mod tests {
             forwarding: Forwarding::Local,
             health: None,
             when_all_down: crate::dataplane::WhenAllDown::Refuse,
+            allowed_backend_networks: Vec::new(),
             backends: vec![BackendConfig {
                 address: "127.0.0.1:8001".parse().unwrap(),
                 weight: 7,

@@ -106,6 +106,60 @@ fn maglev_builds(scale: &Scale, report: &mut Report) {
     t.note("one thread; the daemon builds off its async runtime and then flips one word");
     report.section("maglev_build", rows);
     report.table(t);
+    maglev_skew(scale, report);
+}
+
+/// The worst weights a service can have: one backend at 65535 and the rest
+/// at 1 (the old pass-by-pass build took ~n * M turns for these), next to
+/// weights spread over 1..=65535 and all equal.
+fn maglev_skew(scale: &Scale, report: &mut Report) {
+    let mut t = Table::new(
+        format!(
+            "Maglev build for skewed weights, 5,000 backends, M = 65537 (median of {}; must stay under 50 ms)",
+            scale.maglev_reps
+        ),
+        &["weights", "ms", "steps"],
+    );
+    let n = 5000usize;
+    let m = lb_common::DEFAULT_MAGLEV_SIZE;
+    let mut rows = Vec::new();
+    for (name, weight) in [
+        (
+            "one_65535_rest_1",
+            (|i: usize| if i == 0 { 65535 } else { 1 }) as fn(usize) -> u16,
+        ),
+        ("spread_1_to_65535", |i: usize| (i * 13 % 65535 + 1) as u16),
+        ("half_65535_half_1", |i: usize| {
+            if i.is_multiple_of(2) { 65535 } else { 1 }
+        }),
+        ("all_100", |_| 100),
+    ] {
+        let e: Vec<maglev::Entry> = entries(n)
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut e)| {
+                e.weight = weight(i);
+                e
+            })
+            .collect();
+        let v: Vec<f64> = (0..scale.maglev_reps)
+            .map(|_| {
+                let t0 = Instant::now();
+                let table = maglev::build(&e, m);
+                let ms = t0.elapsed().as_secs_f64() * 1e3;
+                std::hint::black_box(table);
+                ms
+            })
+            .collect();
+        let ms = sys::median(&v);
+        let steps = maglev::build_counted(&e, m).1;
+        t.row(vec![name.to_string(), num(ms), steps.to_string()]);
+        report.figure(format!("control/maglev_skew/{name}/ms"), ms, "ms");
+        rows.push(json!({"weights": name, "backends": n, "m": m, "ms": ms, "steps": steps}));
+    }
+    t.note("steps: turns plus permutation probes; they do not grow with the ratio of weights");
+    report.section("maglev_skew", rows);
+    report.table(t);
 }
 
 fn service(ports: &[u16]) -> ServiceSpec {
