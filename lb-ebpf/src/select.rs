@@ -149,6 +149,19 @@ fn udp_new(h: u32) -> bool {
     true
 }
 
+/// The flow table's key for a packet's 5-tuple.
+#[inline(always)]
+fn flow_key(p: &Packet) -> FlowKey {
+    FlowKey {
+        src: p.src,
+        dst: p.dst,
+        sport: p.sport,
+        dport: p.dport,
+        proto: p.proto,
+        _pad: [0; 3],
+    }
+}
+
 #[inline(always)]
 fn now_secs() -> u32 {
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
@@ -201,14 +214,7 @@ fn sticky(
     new_flow: bool,
     pin: bool,
 ) -> Result<(u32, &'static BackendEntry), Reason> {
-    let key = FlowKey {
-        src: p.src,
-        dst: p.dst,
-        sport: p.sport,
-        dport: p.dport,
-        proto: p.proto,
-        _pad: [0; 3],
-    };
+    let key = flow_key(p);
     if let Some(v) = LB_FLOWS.get_ptr(&key) {
         let v = unsafe { *v };
         if let Some(entry) = holder(v.backend, id, v.generation) {
@@ -299,14 +305,7 @@ pub fn answers(fwd: &Packet, port: u16, addr: &Addr) -> bool {
     if is(e.prev) {
         return true;
     }
-    let key = FlowKey {
-        src: fwd.src,
-        dst: fwd.dst,
-        sport: fwd.sport,
-        dport: fwd.dport,
-        proto: fwd.proto,
-        _pad: [0; 3],
-    };
+    let key = flow_key(fwd);
     match LB_FLOWS.get_ptr(&key) {
         Some(v) => is(unsafe { (*v).backend }),
         None => false,

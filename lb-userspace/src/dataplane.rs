@@ -746,39 +746,23 @@ impl Dataplane {
 
     /// Packets per XDP action, indexed by the action's value.
     pub fn action_counts(&self) -> Result<[u64; 5]> {
-        let mut out = [0u64; 5];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = sum_u64(&self.action_stats, i as u32, maps::ACTION_STATS)?;
-        }
-        Ok(out)
+        sums(&self.action_stats, maps::ACTION_STATS)
     }
 
     /// Packets passed to the stack unbalanced, per `lb_common::Reason`,
     /// indexed by the reason's value.
     pub fn reason_counts(&self) -> Result<[u64; REASON_COUNT as usize]> {
-        let mut out = [0u64; REASON_COUNT as usize];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = sum_u64(&self.reason_stats, i as u32, maps::REASON_STATS)?;
-        }
-        Ok(out)
+        sums(&self.reason_stats, maps::REASON_STATS)
     }
 
     /// Flow-table events per `lb_common::EVENT_*`, indexed by value.
     pub fn event_counts(&self) -> Result<[u64; EVENT_COUNT as usize]> {
-        let mut out = [0u64; EVENT_COUNT as usize];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = sum_u64(&self.events, i as u32, maps::EVENTS)?;
-        }
-        Ok(out)
+        sums(&self.events, maps::EVENTS)
     }
 
     /// Packets dropped, per `lb_common::Reason`, indexed by the reason's value.
     pub fn drop_counts(&self) -> Result<[u64; REASON_COUNT as usize]> {
-        let mut out = [0u64; REASON_COUNT as usize];
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = sum_u64(&self.drop_stats, i as u32, maps::DROP_STATS)?;
-        }
-        Ok(out)
+        sums(&self.drop_stats, maps::DROP_STATS)
     }
 
     /// Removes every pin, as an LRU under pressure would evict them; returns
@@ -897,25 +881,11 @@ impl MapStore for Dataplane {
     }
 
     fn read_ports(&self) -> Result<Vec<(u32, PortEntry)>> {
-        let mut out = Vec::new();
-        for (i, e) in self.ports.iter().enumerate() {
-            let e = e.map_err(map_err(maps::PORTS))?;
-            if e != PortEntry::default() {
-                out.push((i as u32, e));
-            }
-        }
-        Ok(out)
+        set_entries(&self.ports, maps::PORTS)
     }
 
     fn read_rev_ports(&self) -> Result<Vec<(u32, RevPortEntry)>> {
-        let mut out = Vec::new();
-        for (i, e) in self.rev_ports.iter().enumerate() {
-            let e = e.map_err(map_err(maps::REV_PORTS))?;
-            if e != RevPortEntry::default() {
-                out.push((i as u32, e));
-            }
-        }
-        Ok(out)
+        set_entries(&self.rev_ports, maps::REV_PORTS)
     }
 
     fn read_addr_services(&self) -> Result<Vec<(AddrKey, u32)>> {
@@ -933,14 +903,7 @@ impl MapStore for Dataplane {
     }
 
     fn read_backends(&self) -> Result<Vec<(u32, BackendEntry)>> {
-        let mut out = Vec::new();
-        for (i, e) in self.backends.iter().enumerate() {
-            let e = e.map_err(map_err(maps::BACKENDS))?;
-            if e != BackendEntry::default() {
-                out.push((i as u32, e));
-            }
-        }
-        Ok(out)
+        set_entries(&self.backends, maps::BACKENDS)
     }
 }
 
@@ -1007,6 +970,30 @@ fn sum_counters(
 
 fn sum_u64(map: &PerCpuArray<MapData, u64>, id: u32, name: &'static str) -> Result<u64> {
     Ok(map.get(&id, 0).map_err(map_err(name))?.iter().sum())
+}
+
+/// The entries of an array map that are not the default, with their index.
+fn set_entries<T: aya::Pod + Default + PartialEq>(
+    map: &Array<MapData, T>,
+    name: &'static str,
+) -> Result<Vec<(u32, T)>> {
+    let mut out = Vec::new();
+    for (i, e) in map.iter().enumerate() {
+        let e = e.map_err(map_err(name))?;
+        if e != T::default() {
+            out.push((i as u32, e));
+        }
+    }
+    Ok(out)
+}
+
+/// Every entry of a per-CPU counter array, summed over CPUs.
+fn sums<const N: usize>(map: &PerCpuArray<MapData, u64>, name: &'static str) -> Result<[u64; N]> {
+    let mut out = [0u64; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = sum_u64(map, i as u32, name)?;
+    }
+    Ok(out)
 }
 
 /// One `BPF_PROG_TEST_RUN` of `prog`: its return value, the frame as the
@@ -1566,13 +1553,9 @@ impl<S: MapStore> MapWriter<S> {
         Ok(())
     }
 
-    fn generation(&self, id: u32) -> u32 {
-        self.backend_entries.get(&id).map_or(0, |e| e.generation)
-    }
-
-    /// The generation the data plane holds for a backend id (tests).
+    /// The generation the data plane holds for backend id `id` (0: none).
     pub fn backend_generation(&self, id: u32) -> u32 {
-        self.generation(id)
+        self.backend_entries.get(&id).map_or(0, |e| e.generation)
     }
 
     /// What the next sweep of the flow table must look at.
@@ -1798,7 +1781,7 @@ impl<S: MapStore> MapWriter<S> {
                 && table.iter().zip(&inst.slots).all(|(b, s)| *b == s.backend);
             if !same || forwarding_changed {
                 let slots = next_slots(&inst.slots, &table, monotonic_secs(), |b| {
-                    self.generation(b)
+                    self.backend_generation(b)
                 });
                 let t = self.dp.install_table(id, &slots, spec.forwarding.code())?;
                 debug!(service = %spec.name, table = t, backends = entries.len(), "Maglev table installed");
