@@ -3,11 +3,17 @@
 //! idle timeout, so idle or slow clients cannot take the daemon's file
 //! descriptors (which health checks need) or its attention. At the cap, the
 //! connection idle the longest is closed to make room; when every one is
-//! busy, the new connection is closed instead.
+//! busy, the new connection is closed instead. The same loop serves the TCP
+//! listener and the Unix socket, each with its own connections and cap, and
+//! tells the router who the peer is ([`Peer`]).
 use std::{
     collections::HashMap,
     convert::Infallible,
+    fmt,
     future::Future,
+    io,
+    os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -18,7 +24,11 @@ use std::{
 use axum::Router;
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, task::AbortHandle};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, UnixListener},
+    task::AbortHandle,
+};
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
@@ -43,6 +53,127 @@ impl Default for Limits {
     }
 }
 
+/// Who sent a request, as the listener saw it (a request extension).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Tcp(std::net::SocketAddr),
+    /// A process on the admin socket, from its credentials (SO_PEERCRED).
+    Unix {
+        uid: u32,
+        pid: Option<i32>,
+    },
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Tcp(a) => write!(f, "{a}"),
+            Peer::Unix {
+                uid,
+                pid: Some(pid),
+            } => write!(f, "unix socket uid {uid} pid {pid}"),
+            Peer::Unix { uid, pid: None } => write!(f, "unix socket uid {uid}"),
+        }
+    }
+}
+
+/// A listener the admin loop accepts connections from.
+pub trait Accept {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept_peer(&self) -> impl Future<Output = io::Result<(Self::Io, Peer)>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept_peer(&self) -> io::Result<(Self::Io, Peer)> {
+        let (s, a) = self.accept().await?;
+        Ok((s, Peer::Tcp(a)))
+    }
+}
+
+impl Accept for UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept_peer(&self) -> io::Result<(Self::Io, Peer)> {
+        let (s, _) = self.accept().await?;
+        let cred = s.peer_cred()?;
+        Ok((
+            s,
+            Peer::Unix {
+                uid: cred.uid(),
+                pid: cred.pid(),
+            },
+        ))
+    }
+}
+
+/// The admin socket, removed when dropped (unless another daemon has
+/// replaced it since).
+pub struct AdminSocket {
+    pub listener: UnixListener,
+    path: PathBuf,
+    ino: u64,
+}
+
+impl AdminSocket {
+    /// Binds `path` with mode 0600, creating its directory with mode 0700.
+    /// A socket left by a daemon that died is replaced; a live one (another
+    /// daemon answers on it) or anything that is not a socket is an error.
+    pub fn bind(path: &Path) -> io::Result<AdminSocket> {
+        if let Some(dir) = path.parent() {
+            crate::files::create_private_dir_all(dir)?;
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!(
+                            "another daemon serves the admin socket {}; stop it or give this one \
+                             another admin.socket",
+                            path.display()
+                        ),
+                    ));
+                }
+                std::fs::remove_file(path)?;
+            }
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{} exists and is not a socket; remove it or set admin.socket",
+                        path.display()
+                    ),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(
+            path,
+            std::fs::Permissions::from_mode(crate::files::FILE_MODE),
+        )?;
+        let ino = std::fs::symlink_metadata(path)?.ino();
+        Ok(AdminSocket {
+            listener,
+            path: path.to_path_buf(),
+            ino,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for AdminSocket {
+    fn drop(&mut self) {
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 struct Conn {
     abort: AbortHandle,
     /// Requests in flight.
@@ -55,8 +186,8 @@ type Conns = Arc<Mutex<HashMap<u64, Conn>>>;
 
 /// Serves `router` on `listener` until `shutdown` resolves, then closes
 /// idle connections at once and gives busy ones up to two seconds.
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve<L: Accept>(
+    listener: &L,
     router: Router,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
@@ -84,7 +215,7 @@ pub async fn serve(
                     !idle && !c.abort.is_finished()
                 });
             }
-            accepted = listener.accept() => {
+            accepted = listener.accept_peer() => {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
@@ -124,11 +255,14 @@ pub async fn serve(
                 let busy = Arc::new(AtomicUsize::new(0));
                 let last = Arc::new(AtomicU64::new(now_ms()));
                 let (b, l, r) = (busy.clone(), last.clone(), router.clone());
+                let who = peer.clone();
                 let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                     let guard = Busy::new(b.clone(), l.clone(), now_ms);
                     let r = r.clone();
+                    let mut req = req.map(axum::body::Body::new);
+                    req.extensions_mut().insert(who.clone());
                     async move {
-                        let resp = r.oneshot(req.map(axum::body::Body::new)).await;
+                        let resp = r.oneshot(req).await;
                         drop(guard);
                         resp.map_err(|e: Infallible| match e {})
                     }

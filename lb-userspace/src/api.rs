@@ -1,13 +1,13 @@
-//! The admin API (JSON over HTTP, base `/api/v1`) and `/metrics`. Every
-//! change needs the bearer token when one is configured; every error is
+//! The admin API (JSON over HTTP, base `/api/v1`) and `/metrics`. Who may
+//! call what is decided in [`crate::access`]; every error is
 //! `{"error": "..."}` with 400, 401, 404, 409 (413 for oversized bodies).
 use std::net::SocketAddr;
 
 use axum::{
     Json, Router,
     extract::{DefaultBodyLimit, FromRequest, Path, Request, State},
-    http::{HeaderValue, Method, StatusCode, header},
-    middleware::{self, Next},
+    http::{HeaderValue, StatusCode, header},
+    middleware,
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -15,6 +15,7 @@ use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::json;
 
 use crate::{
+    access::Access,
     config::{self, RawBackend, RawService, Seg},
     daemon::{ChangeError, Daemon, ServiceView},
 };
@@ -80,38 +81,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     }
 }
 
-/// Compares without an early exit, so timing says nothing about the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8;
-    for i in 0..a.len().max(b.len()) {
-        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
-    }
-    diff == 0
-}
-
-async fn auth(State(d): State<Daemon>, req: Request, next: Next) -> Response {
-    let reads = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    if let (false, Some(token)) = (reads, d.token()) {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            // The scheme is case-insensitive (RFC 9110); the token is not.
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token)
-            .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "this change needs 'Authorization: Bearer <token>' with the admin token",
-            )
-            .into_response();
-        }
-    }
-    next.run(req).await
-}
-
 pub fn router(daemon: Daemon) -> Router {
     let v1 = Router::new()
         .route("/services", get(list_services))
@@ -149,7 +118,17 @@ pub fn router(daemon: Daemon) -> Router {
                 "method not allowed on this route",
             )
         })
-        .layer(middleware::from_fn_with_state(daemon.clone(), auth))
+        .layer(middleware::from_fn_with_state(
+            (
+                std::sync::Arc::new(Access::new(
+                    daemon.admin_config(),
+                    daemon.token(),
+                    daemon.read_token(),
+                )),
+                daemon.clone(),
+            ),
+            crate::access::guard,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(daemon)
 }
@@ -505,7 +484,7 @@ pub fn openapi_document() -> serde_json::Value {
     json!({
         "openapi": "3.0.3",
         "info": {"title": "lb admin API", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "Changes (PUT, POST, PATCH, DELETE) need 'Authorization: Bearer <token>' when a token file is configured."},
+                 "description": "Over TCP: GETs need 'Authorization: Bearer <token>' with the read or admin token when a token is configured (/healthz always open, /metrics when metrics_public); changes need the admin token, and without one the TCP listener is read-only. The Unix socket (0600) has the admin scope."},
         "servers": [{"url": "/api/v1"}],
         "paths": {
             "/services": {"get": {"summary": "List services", "responses": {"200": ok(json!({"type": "array", "items": service_ref}))}}},
@@ -575,14 +554,6 @@ pub fn openapi_document() -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn token_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert!(!constant_time_eq(b"", b"x"));
-    }
 
     #[test]
     fn openapi_lists_every_route() {

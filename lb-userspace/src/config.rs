@@ -161,7 +161,22 @@ pub struct RawDataplane {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<String>,
+    /// The admin Unix socket (default `$RUNTIME_DIRECTORY/lb.sock`, else
+    /// `/run/lb/lb.sock`).
+    pub socket: Option<String>,
+    /// The `admin` scope's token (changes and reads over TCP).
     pub token_file: Option<String>,
+    /// The `read` scope's token (GETs over TCP).
+    pub read_token_file: Option<String>,
+    /// `/metrics` needs no token over TCP (default false).
+    pub metrics_public: Option<bool>,
+    /// Host header values accepted over TCP besides IP literals and
+    /// `localhost` (DNS rebinding guard).
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Changes accepted per second over all clients (bursts of twice that).
+    pub change_rate: Option<i64>,
+    /// Failed authentications a peer may make per minute before it gets 429.
+    pub auth_failures_per_minute: Option<i64>,
     pub state_file: Option<String>,
     /// Open admin connections at most (default 256).
     pub max_connections: Option<i64>,
@@ -258,7 +273,20 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// The Unix socket: admin scope for whoever can open it (root, 0600).
+    pub socket: PathBuf,
+    /// The `admin` scope's token file.
     pub token_file: Option<PathBuf>,
+    /// The `read` scope's token file.
+    pub read_token_file: Option<PathBuf>,
+    pub metrics_public: bool,
+    /// Host names accepted in the Host header over TCP, besides IP
+    /// literals and `localhost`; lower case.
+    pub allowed_hosts: Vec<String>,
+    /// Changes per second over all clients.
+    pub change_rate: u32,
+    /// Failed authentications per peer and minute before 429.
+    pub auth_failures_per_minute: u32,
     /// Where API changes are kept across restarts.
     pub state_file: PathBuf,
     /// Bounds on the admin listener.
@@ -266,6 +294,22 @@ pub struct AdminConfig {
 }
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9180";
+/// Where the admin socket lives when neither the config nor systemd's
+/// `RuntimeDirectory=` (`$RUNTIME_DIRECTORY`) says otherwise; the CLI
+/// looks here by default.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/lb/lb.sock";
+
+/// The admin socket of a config that names none: `lb.sock` in systemd's
+/// runtime directory when it sets one, else [`DEFAULT_ADMIN_SOCKET`].
+pub fn default_admin_socket() -> PathBuf {
+    match std::env::var("RUNTIME_DIRECTORY") {
+        Ok(dirs) if dirs.starts_with('/') => {
+            let first = dirs.split(':').next().unwrap_or(&dirs);
+            Path::new(first).join("lb.sock")
+        }
+        _ => PathBuf::from(DEFAULT_ADMIN_SOCKET),
+    }
+}
 /// The directory of default state files (systemd's `StateDirectory=lb`
 /// sets `$STATE_DIRECTORY` to it too).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/lb";
@@ -1269,15 +1313,70 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         .clone()
         .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.into());
     let listen = socket_addr(&key(&admin_path, "listen"), &listen_s)?;
-    let token_file = raw.admin.token_file.as_ref().map(PathBuf::from);
-    if let Some(t) = &token_file
-        && let Err(e) = crate::files::read_secret(t)
-    {
+    let secret_file = |field: &str, v: &Option<String>| -> Result<Option<PathBuf>, FieldError> {
+        let Some(t) = v.as_ref().map(PathBuf::from) else {
+            return Ok(None);
+        };
+        crate::files::read_secret(&t).map_err(|e| {
+            FieldError::new(&key(&admin_path, field), format!("{}: {e}", t.display()))
+        })?;
+        Ok(Some(t))
+    };
+    let token_file = secret_file("token_file", &raw.admin.token_file)?;
+    let read_token_file = secret_file("read_token_file", &raw.admin.read_token_file)?;
+    if token_file.is_some() && token_file == read_token_file {
         return Err(FieldError::new(
-            &key(&admin_path, "token_file"),
-            format!("{}: {e}", t.display()),
+            &key(&admin_path, "read_token_file"),
+            "the read and admin tokens must be different files",
         ));
     }
+    if !listen.ip().is_loopback() && token_file.is_none() && read_token_file.is_none() {
+        return Err(FieldError::new(
+            &key(&admin_path, "listen"),
+            format!(
+                "the admin API on {listen} would be reachable beyond this host without a token: \
+                 set admin.token_file (admin scope) and/or admin.read_token_file (read scope), \
+                 or listen on 127.0.0.1 and use the Unix socket"
+            ),
+        ));
+    }
+    let socket = match &raw.admin.socket {
+        Some(s) if s.starts_with('/') && !s.ends_with('/') => PathBuf::from(s),
+        Some(s) => {
+            return Err(FieldError::new(
+                &key(&admin_path, "socket"),
+                format!("{s:?} must be an absolute file path, e.g. \"/run/lb/lb.sock\""),
+            ));
+        }
+        None => default_admin_socket(),
+    };
+    let mut allowed_hosts = Vec::new();
+    for (i, h) in raw.admin.allowed_hosts.iter().flatten().enumerate() {
+        let h = h.trim().to_ascii_lowercase();
+        let ok = !h.is_empty()
+            && h.len() <= 253
+            && h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+        if !ok {
+            return Err(FieldError::new(
+                &index(&key(&admin_path, "allowed_hosts"), i),
+                format!("{h:?} is not a host name (letters, digits, '.', '-', optional :port)"),
+            ));
+        }
+        allowed_hosts.push(h);
+    }
+    let change_rate = int_in(
+        &key(&admin_path, "change_rate"),
+        raw.admin.change_rate.unwrap_or(50),
+        1,
+        100_000,
+    )? as u32;
+    let auth_failures_per_minute = int_in(
+        &key(&admin_path, "auth_failures_per_minute"),
+        raw.admin.auth_failures_per_minute.unwrap_or(10),
+        1,
+        100_000,
+    )? as u32;
     let state_file = raw
         .admin
         .state_file
@@ -1348,7 +1447,13 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         dataplane: opts,
         admin: AdminConfig {
             listen,
+            socket,
             token_file,
+            read_token_file,
+            metrics_public: raw.admin.metrics_public.unwrap_or(false),
+            allowed_hosts,
+            change_rate,
+            auth_failures_per_minute,
             state_file,
             limits,
         },

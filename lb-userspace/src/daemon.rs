@@ -205,7 +205,10 @@ struct Shared {
     stop: tokio::sync::watch::Sender<bool>,
     /// Tasks whose death makes the daemon unhealthy.
     loops: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The admin scope's token.
     token: Option<String>,
+    /// The read scope's token.
+    read_token: Option<String>,
     metrics: Metrics,
     writer: Arc<Mutex<MapWriter>>,
     /// Services failing open after the last install.
@@ -476,15 +479,18 @@ impl Daemon {
             .clone()
             .or_else(|| config.interface.clone())
             .ok_or(StartError::NoInterface)?;
-        let token = match &config.admin.token_file {
-            Some(p) => Some(
-                crate::files::read_secret(p).map_err(|source| StartError::Token {
-                    path: p.clone(),
-                    source,
-                })?,
-            ),
-            None => None,
+        let secret = |p: &Option<PathBuf>| -> Result<Option<String>, StartError> {
+            p.as_ref()
+                .map(|p| {
+                    crate::files::read_secret(p).map_err(|source| StartError::Token {
+                        path: p.clone(),
+                        source,
+                    })
+                })
+                .transpose()
         };
+        let token = secret(&config.admin.token_file)?;
+        let read_token = secret(&config.admin.read_token_file)?;
         // One daemon per pin path, decided before anything is touched.
         let lock = match &config.dataplane.pin_path {
             Some(pin) => Some(pins::lock(pin).map_err(|e| match e {
@@ -608,6 +614,7 @@ impl Daemon {
                 stop,
                 loops: std::sync::Mutex::new(Vec::new()),
                 token,
+                read_token,
                 metrics,
                 writer: Arc::new(Mutex::new(writer)),
                 fail_open: Mutex::new(Default::default()),
@@ -914,8 +921,23 @@ impl Daemon {
             tokio::task::spawn_blocking(move || lock(&writer).dataplane_mut().shutdown(keep)).await;
     }
 
+    /// The admin scope's token, if one is configured.
     pub fn token(&self) -> Option<&str> {
         self.shared.token.as_deref()
+    }
+
+    /// The read scope's token, if one is configured.
+    pub fn read_token(&self) -> Option<&str> {
+        self.shared.read_token.as_deref()
+    }
+
+    /// The admin settings the daemon started with.
+    pub fn admin_config(&self) -> &crate::config::AdminConfig {
+        &self.shared.config.admin
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
     }
 
     /// Writes the services to the data plane, retrying a failed write

@@ -1,7 +1,9 @@
 //! The balancer's userspace: the daemon that loads and drives the kernel data
 //! plane, checks backends and serves the admin API.
+pub mod access;
 pub mod admin;
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;

@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use lb_userspace::{
     admin, api,
+    client::Endpoint,
     config::Config,
     daemon::{Daemon, RunOptions, StartError},
     notify::{self, Notifier},
@@ -65,15 +66,21 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct Client {
-    /// Base URL of the admin API.
-    #[arg(long, default_value = "http://127.0.0.1:9180", env = "LB_API")]
-    api: String,
+    /// The admin API over TCP, e.g. http://127.0.0.1:9180 (then changes
+    /// need the admin token). Default: the admin socket when it exists,
+    /// else http://127.0.0.1:9180.
+    #[arg(long, env = "LB_API", conflicts_with = "socket")]
+    api: Option<String>,
+    /// The daemon's admin socket (admin scope, no token needed; default
+    /// /run/lb/lb.sock).
+    #[arg(long, env = "LB_SOCKET")]
+    socket: Option<PathBuf>,
     /// Deprecated: a token on the command line shows in `ps`; use
     /// --token-file or LB_TOKEN.
     #[arg(long, hide = true)]
     token: Option<String>,
-    /// File holding the admin token (mode 0600, owned by root or you); or
-    /// set LB_TOKEN.
+    /// File holding a token for the TCP listener (mode 0600, owned by root
+    /// or you); or set LB_TOKEN.
     #[arg(long)]
     token_file: Option<PathBuf>,
 }
@@ -222,15 +229,32 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
         // Bound before anything is attached: a port in use fails fast.
         let listener = admin_listener(listen)
             .with_context(|| format!("admin API cannot listen on {listen}; nothing was attached"))?;
+        let socket = admin::AdminSocket::bind(&config.admin.socket).with_context(|| {
+            format!(
+                "admin socket {}: cannot serve it; nothing was attached",
+                config.admin.socket.display()
+            )
+        })?;
         // Handled from here on: a SIGHUP while starting must not end the
         // daemon (the default action); it reloads once started.
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let daemon = Daemon::start(&config, &opts).await?;
-        if !listen.ip().is_loopback() && daemon.token().is_none() {
-            warn!(%listen, "the admin API listens beyond loopback without a token: anyone who reaches it can change the balancer; set admin.token_file");
-        }
-        info!(%listen, "admin API and /metrics listening");
-        notifier.ready(&format!("serving; admin API on {listen}"));
+        info!(
+            %listen,
+            socket = %socket.path().display(),
+            tcp = if daemon.token().is_some() {
+                "admin and read with tokens"
+            } else if daemon.read_token().is_some() {
+                "read with a token, no changes"
+            } else {
+                "read only, no token"
+            },
+            "admin API and /metrics listening"
+        );
+        notifier.ready(&format!(
+            "serving; admin API on {listen} and {}",
+            socket.path().display()
+        ));
         let notifier = std::sync::Arc::new(notifier);
         let mut tasks = vec![tokio::spawn(reloads(daemon.clone(), notifier.clone(), hup))];
         if let Some(every) = notify::watchdog_interval()
@@ -239,6 +263,7 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
             tasks.push(tokio::spawn(watchdog(daemon.clone(), notifier.clone(), every)));
         }
         let detach = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (done_tx, done) = tokio::sync::watch::channel(false);
         let signal = {
             let (daemon, detach) = (daemon.clone(), detach.clone());
             async move {
@@ -252,15 +277,19 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
                         detach.store(true, std::sync::atomic::Ordering::SeqCst);
                     }
                 }
+                let _ = done_tx.send(true);
             }
         };
-        admin::serve(
-            listener,
-            api::router(daemon.clone()),
-            config.admin.limits,
+        let ended = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|d| *d).await;
+        };
+        let router = api::router(daemon.clone());
+        tokio::join!(
             signal,
-        )
-        .await;
+            admin::serve(&listener, router.clone(), config.admin.limits, ended(done.clone())),
+            admin::serve(&socket.listener, router, config.admin.limits, ended(done)),
+        );
+        drop(socket);
         notifier.stopping();
         for t in tasks {
             t.abort();
@@ -343,48 +372,52 @@ impl Client {
         Ok(None)
     }
 
+    /// Where to send requests: --api, else --socket, else the default
+    /// socket when it exists, else the default TCP address.
+    fn endpoint(&self) -> Result<Endpoint> {
+        if let Some(api) = &self.api {
+            return Endpoint::parse(api).map_err(|e| anyhow::anyhow!("--api {e}"));
+        }
+        if let Some(s) = &self.socket {
+            return Ok(Endpoint::Unix(s.clone()));
+        }
+        let default = lb_userspace::config::default_admin_socket();
+        if default.exists() {
+            return Ok(Endpoint::Unix(default));
+        }
+        Ok(Endpoint::Tcp(
+            lb_userspace::config::DEFAULT_ADMIN_LISTEN.to_string(),
+        ))
+    }
+
     fn call(
         &self,
         method: &str,
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<serde_json::Value> {
-        let url = format!("{}/api/v1{path}", self.api.trim_end_matches('/'));
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(std::time::Duration::from_secs(10)))
-            .build()
-            .into();
-        let auth = self.token()?.map(|t| format!("Bearer {t}"));
-        let mut resp = match (method, body) {
-            ("GET", _) => agent.get(&url).call(),
-            (m, Some(b)) => {
-                let mut req = match m {
-                    "POST" => agent.post(&url),
-                    "PUT" => agent.put(&url),
-                    _ => agent.patch(&url),
-                };
-                if let Some(a) = &auth {
-                    req = req.header("Authorization", a);
-                }
-                req.send_json(b)
-            }
-            (_, None) => {
-                let mut req = agent.delete(&url);
-                if let Some(a) = &auth {
-                    req = req.header("Authorization", a);
-                }
-                req.call()
-            }
-        }
-        .with_context(|| format!("cannot reach the admin API at {}", self.api))?;
-        let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        let to = self.endpoint()?;
+        // Tokens are for the TCP listener; the socket needs none.
+        let token = match to {
+            Endpoint::Tcp(_) => self.token()?,
+            Endpoint::Unix(_) => None,
+        };
+        let body = body.map(|b| b.to_string());
+        let answer = lb_userspace::client::request(
+            &to,
+            method,
+            &format!("/api/v1{path}"),
+            body.as_deref().map(str::as_bytes),
+            token.as_deref(),
+            std::time::Duration::from_secs(10),
+        )
+        .with_context(|| format!("cannot reach the admin API at {to}"))?;
+        let text = String::from_utf8_lossy(&answer.body);
         let value: serde_json::Value =
             serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
-        if status >= 400 {
+        if answer.status >= 400 {
             let msg = value["error"].as_str().unwrap_or(text.trim());
-            bail!("{method} {path}: {status}: {msg}");
+            bail!("{method} {path}: {}: {msg}", answer.status);
         }
         Ok(value)
     }

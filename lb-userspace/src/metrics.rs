@@ -50,6 +50,8 @@ pub struct Metrics {
     table_installs: IntCounterVec,
     verdict_to_install: Histogram,
     health_batches: IntCounter,
+    api_changes: IntCounterVec,
+    api_refused: IntCounterVec,
     /// Label sets currently exported per backend, to drop removed ones.
     exported: Mutex<HashSet<(String, String)>>,
 }
@@ -205,6 +207,20 @@ impl Metrics {
                 "lb_health_batches_total",
                 "Batches of health verdicts applied (each one install per changed service)",
             ),
+            api_changes: counter_vec(
+                &r,
+                "lb_api_changes_total",
+                "Change requests to the admin API, by result (ok, invalid, not_found, conflict, \
+                 unauthorized, forbidden, rate_limited, failed)",
+                &["result"],
+            ),
+            api_refused: counter_vec(
+                &r,
+                "lb_api_refused_total",
+                "Admin API requests refused before reaching the API, by reason (no_token, \
+                 bad_token, read_scope, tcp_read_only, rate_limited, host, peer)",
+                &["reason"],
+            ),
             registry: r,
             exported: Mutex::new(HashSet::new()),
         }
@@ -231,6 +247,16 @@ impl Metrics {
 
     pub fn table_installed(&self, service: &str) {
         self.table_installs.with_label_values(&[service]).inc();
+    }
+
+    /// One change request answered with `result`.
+    pub fn api_change(&self, result: &str) {
+        self.api_changes.with_label_values(&[result]).inc();
+    }
+
+    /// One request refused by the access checks for `reason`.
+    pub fn api_refused(&self, reason: &str) {
+        self.api_refused.with_label_values(&[reason]).inc();
     }
 
     pub fn health_batch(&self) {

@@ -87,6 +87,9 @@ impl Drop for BpfFs {
 pub struct Lb {
     pub ns: String,
     pub api: String,
+    /// The daemon's admin socket: `admin.socket` from the config, else
+    /// `lb.sock` in the runtime directory the harness gives each config.
+    pub socket: PathBuf,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -118,6 +121,7 @@ impl Lb {
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = config.with_extension(format!("{n}.log"));
         let out = fs::File::create(&log).unwrap();
+        let (runtime_dir, socket) = admin_socket(config);
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns]).args(&launch.prefix);
         let child = cmd
@@ -133,6 +137,9 @@ impl Lb {
                     &launch.rust_log
                 },
             )
+            // As systemd's RuntimeDirectory= would: one per config, so
+            // daemons of different tests never share a socket.
+            .env("RUNTIME_DIRECTORY", &runtime_dir)
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -142,6 +149,7 @@ impl Lb {
         Lb {
             ns: ns.to_string(),
             api: api.to_string(),
+            socket,
             child: Some(child),
             log,
         }
@@ -238,8 +246,25 @@ impl Lb {
         self.call("GET", path, None, None)
     }
 
-    /// Like `call`, returning the body as text.
+    /// Like `call`, returning the body as text. Without a token the
+    /// request goes through the admin socket (admin scope, as the CLI
+    /// does); with one, over TCP to `api`.
     pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (u16, String) {
+        match token {
+            None => unix_http(&self.socket, method, path, body),
+            Some(_) => self.tcp(method, path, body, token),
+        }
+    }
+
+    /// One request over TCP to `api` from inside the namespace, with or
+    /// without a token: (status, body text).
+    pub fn tcp(
         &self,
         method: &str,
         path: &str,
@@ -253,6 +278,55 @@ impl Lb {
         netns::within(&self.ns, move || {
             http(&method, &url, body.as_deref(), token.as_deref())
         })
+    }
+
+    /// Runs the `lb` CLI against this daemon's admin socket.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut all: Vec<&str> = args.to_vec();
+        let socket = self.socket.display().to_string();
+        all.extend(["--socket", socket.as_str()]);
+        lb_cli(&self.ns, &all)
+    }
+}
+
+/// The runtime directory the harness gives a daemon of `config`, and the
+/// admin socket that daemon serves: `admin.socket` when the config sets
+/// it, else `lb.sock` in that directory.
+pub fn admin_socket(config: &Path) -> (PathBuf, PathBuf) {
+    let runtime = config.with_extension("run");
+    let text = fs::read_to_string(config).unwrap_or_default();
+    let mut in_admin = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_admin = line == "[admin]";
+        } else if in_admin
+            && let Some(v) = line.strip_prefix("socket").map(str::trim_start)
+            && let Some(v) = v.strip_prefix('=')
+        {
+            return (runtime, PathBuf::from(v.trim().trim_matches('"')));
+        }
+    }
+    let socket = runtime.join("lb.sock");
+    (runtime, socket)
+}
+
+/// One request over a Unix socket: (status, body text); 0 when the socket
+/// cannot be reached.
+pub fn unix_http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let body = match (method, body) {
+        ("GET" | "DELETE", None) => None,
+        (_, b) => Some(b.unwrap_or("")),
+    };
+    match lb_userspace::client::request(
+        &lb_userspace::client::Endpoint::Unix(socket.to_path_buf()),
+        method,
+        path,
+        body.map(str::as_bytes),
+        None,
+        Duration::from_secs(10),
+    ) {
+        Ok(a) => (a.status, String::from_utf8_lossy(&a.body).into_owned()),
+        Err(_) => (0, String::new()),
     }
 }
 

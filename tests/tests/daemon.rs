@@ -324,7 +324,9 @@ fn every_api_route_with_good_and_bad_input_and_a_token() {
         ("DELETE", "/api/v1/services/nope", None, t, 404),
     ];
     for (method, path, body, token, want) in &bad {
-        let (status, v) = lb.call(method, path, *body, *token);
+        // Over TCP, where tokens count (the socket needs none).
+        let (status, text) = lb.tcp(method, path, *body, *token);
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         assert_eq!(status, *want, "{method} {path} {body:?}: {v}");
         assert!(v["error"].is_string(), "{method} {path}: error body {v}");
         assert_eq!(services(&lb), before, "{method} {path} changed something");
@@ -371,16 +373,23 @@ fn every_api_route_with_good_and_bad_input_and_a_token() {
 }
 
 #[test]
-fn without_a_token_changes_need_no_header() {
+fn without_a_token_tcp_is_read_only_and_the_socket_changes() {
     lb_tests::require_root();
     let s = setup("notoken");
     let lb = s.start(&s.config(false, "", &[8001]));
-    let (status, v) = lb.call(
-        "PATCH",
-        "/api/v1/services/web/backends/127.0.0.1:8001",
-        Some(r#"{"weight": 3}"#),
-        None,
+    let patch = Some(r#"{"weight": 3}"#);
+    let path = "/api/v1/services/web/backends/127.0.0.1:8001";
+    // Over TCP: reads are open, changes refused with a pointer to the socket.
+    assert_eq!(lb.tcp("GET", path, None, None).0, 200);
+    let (status, text) = lb.tcp("PATCH", path, patch, None);
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.contains("read-only") && text.contains(&lb.socket.display().to_string()),
+        "{text}"
     );
+    assert_eq!(lb.get(path).1["weight"], 100, "nothing changed");
+    // Through the socket, the change needs no header.
+    let (status, v) = lb.call("PATCH", path, patch, None);
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["weight"], 3);
 }
@@ -654,7 +663,17 @@ fn the_cli_changes_backends_through_the_api() {
         (b["weight"].as_u64(), b["state"].as_str()),
         (Some(200), Some("draining"))
     );
+    // Reads over TCP need the token too.
+    let (ok, out) = cli(&["status"], Some(TOKEN));
+    assert!(
+        ok && out.contains("127.0.0.1:8003") && out.contains("draining"),
+        "{out}"
+    );
     let (ok, out) = cli(&["status"], None);
+    assert!(!ok && out.contains("401"), "{out}");
+    // Through the admin socket no token is needed.
+    let socket = lb.socket.display().to_string();
+    let (ok, out) = cli(&["status", "--socket", &socket], None);
     assert!(
         ok && out.contains("127.0.0.1:8003") && out.contains("draining"),
         "{out}"
@@ -834,12 +853,7 @@ fn when_every_backend_fails_the_last_ones_keep_taking_connections() {
     // Every backend is down: the service fails open on 8002, the last one up.
     assert_eq!(services(&lb)[0]["fail_open"], true, "{}", lb.log());
     assert_eq!(fail_open_metric(&lb), Some(1.0));
-    let status = Command::new("ip")
-        .args(["netns", "exec", &s.lb_ns])
-        .arg(lb_binary())
-        .args(["status", "--api", &format!("http://{API}")])
-        .output()
-        .unwrap();
+    let status = lb.cli(&["status"]);
     let status = String::from_utf8_lossy(&status.stdout).to_string();
     assert!(status.contains("FAIL-OPEN"), "{status}");
 

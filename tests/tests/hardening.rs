@@ -1,8 +1,10 @@
 //! The admin API locked down, against the real `lb` daemon in a namespace:
-//! it listens on loopback unless told otherwise, warns when told to listen
-//! beyond it without a token, refuses every change without the token,
-//! limits request bodies, and never shows the token in its logs, metrics or
-//! answers. Requests are written by hand (raw HTTP/1.1), so every header,
+//! it listens on loopback and a 0600 socket unless told otherwise, refuses
+//! to listen beyond loopback without a token, refuses every change without
+//! the admin token, gives the read token reads only, checks the Host
+//! header, limits failed authentications per peer and changes overall,
+//! logs every change for audit, limits request bodies, and never shows the
+//! token in its logs, metrics or answers. Requests are written by hand (raw HTTP/1.1), so every header,
 //! body and framing is the test's choice.
 use std::{
     fs,
@@ -43,7 +45,10 @@ fn request(
         };
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n");
+        let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            head.push_str(&format!("Host: {to}\r\n"));
+        }
         for (k, v) in &headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -129,8 +134,9 @@ impl Daemon {
         request(&self.lb.ns, self.api, method, path, &headers, body)
     }
 
+    /// A GET with the admin token (which no-token configs ignore).
     fn get(&self, path: &str) -> (u16, String) {
-        self.call("GET", path, None, Body::None)
+        self.call("GET", path, Some(&bearer(TOKEN)), Body::None)
     }
 
     fn services(&self) -> serde_json::Value {
@@ -241,8 +247,6 @@ impl Setup {
     }
 }
 
-const WARNING: &str = "listens beyond loopback without a token";
-
 #[test]
 fn the_api_listens_on_loopback_unless_told_otherwise() {
     let s = setup("default-listen");
@@ -264,65 +268,82 @@ fn the_api_listens_on_loopback_unless_told_otherwise() {
         0,
         "the API answered on the veth address"
     );
-    assert!(!lb.log().contains(WARNING), "{}", lb.log());
+    // And on the admin socket, which only root may open.
+    let meta = fs::symlink_metadata(&lb.lb.socket).expect("the admin socket");
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    assert!(meta.file_type().is_socket());
+    assert_eq!(
+        (meta.mode() & 0o777, meta.uid()),
+        (0o600, 0),
+        "socket mode and owner"
+    );
+    let dir = fs::metadata(lb.lb.socket.parent().unwrap()).unwrap();
+    assert_eq!(dir.mode() & 0o777, 0o700, "socket directory mode");
+    assert_eq!(
+        lb_tests::daemon::unix_http(&lb.lb.socket, "GET", "/api/v1/services", None).0,
+        200
+    );
 }
 
 #[test]
-fn listening_beyond_loopback_without_a_token_is_warned_about() {
-    let s = setup("warn");
+fn listening_beyond_loopback_needs_a_token() {
+    let s = setup("beyond");
     let outside = format!("{LB_ADDR}:9180");
     let api: SocketAddr = outside.parse().unwrap();
-    for (listen, token, warned) in [
-        (outside.as_str(), false, true),
-        ("0.0.0.0:9180", false, true),
-        (outside.as_str(), true, false),
-        ("[::1]:9180", false, false),
-    ] {
-        let at = if listen.starts_with('[') {
-            listen
-        } else {
-            outside.as_str()
-        };
-        let mut lb = s.start(
-            &s.config(&format!("listen = {listen:?}"), token),
-            at,
-            "info",
-        );
-        let log = lb.log();
-        assert_eq!(
-            log.contains(WARNING),
-            warned,
-            "listen {listen}, token {token}: warning expected {warned}:\n{log}"
-        );
-        if warned {
-            let line = log.lines().find(|l| l.contains(WARNING)).unwrap();
-            assert!(line.contains("WARN"), "{line}");
-        }
-        if !listen.starts_with('[') {
-            // Reachable from the client, where only a token protects it.
-            let (status, _) = request(
-                &s.client_ns,
-                api,
-                "GET",
-                "/api/v1/services",
-                &[],
-                Body::None,
+    // Without a token, `lb validate` and `lb run` refuse, naming the key,
+    // and nothing listens.
+    for listen in [outside.as_str(), "0.0.0.0:9180", "[::]:9180"] {
+        let config = s.config(&format!("listen = {listen:?}"), false);
+        for cmd in ["validate", "run"] {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &s.lb_ns])
+                .arg(lb_binary())
+                .args([cmd, "--config"])
+                .arg(&config)
+                .env("RUNTIME_DIRECTORY", s.dir.path("run"))
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(2),
+                "{cmd} with listen {listen}: {err}"
             );
-            assert_eq!(status, 200, "listen {listen}");
-            let (status, _) = request(
-                &s.client_ns,
-                api,
-                "DELETE",
-                "/api/v1/services/web",
-                &[],
-                Body::None,
+            assert!(
+                err.contains("admin.listen") && err.contains("without a token"),
+                "{cmd} with listen {listen}: {err}"
             );
-            assert_eq!(status, if token { 401 } else { 204 }, "listen {listen}");
-            // Put it back for the next round.
-            let _ = fs::remove_file(s.dir.path("state.json"));
         }
-        lb.stop();
+        let (status, _) = request(&s.client_ns, api, "GET", "/healthz", &[], Body::None);
+        assert_eq!(status, 0, "something answered for listen {listen}");
     }
+    // With a token it starts, and from the client only the token opens it.
+    let mut lb = s.start(
+        &s.config(&format!("listen = {outside:?}"), true),
+        &outside,
+        "info",
+    );
+    let t = bearer(TOKEN);
+    let ask = |method: &str, path: &str, auth: Option<&str>| {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        request(&s.client_ns, api, method, path, &headers, Body::None).0
+    };
+    assert_eq!(ask("GET", "/healthz", None), 200, "liveness stays open");
+    assert_eq!(ask("GET", "/api/v1/services", None), 401);
+    assert_eq!(ask("GET", "/metrics", None), 401);
+    assert_eq!(ask("GET", "/api/v1/services", Some(&t)), 200);
+    assert_eq!(ask("DELETE", "/api/v1/services/web", None), 401);
+    assert_eq!(ask("DELETE", "/api/v1/services/web", Some(&t)), 204);
+    lb.stop();
+    // Loopback needs none.
+    let _ = fs::remove_file(s.dir.path("state.json"));
+    let mut lb = s.start(
+        &s.config("listen = \"[::1]:9180\"", false),
+        "[::1]:9180",
+        "info",
+    );
+    assert_eq!(lb.get("/api/v1/services").0, 200);
+    lb.stop();
 }
 
 /// Every route and method that changes something.
@@ -398,7 +419,12 @@ fn wrong_credentials() -> Vec<Option<String>> {
 #[test]
 fn every_change_without_the_token_is_refused() {
     let s = setup("auth");
-    let lb = s.start(&s.config("", true), "127.0.0.1:9180", "info");
+    // Hundreds of failures from one peer: the per-peer limit is another test's.
+    let lb = s.start(
+        &s.config("auth_failures_per_minute = 100000", true),
+        "127.0.0.1:9180",
+        "info",
+    );
     let before = lb.services();
     let mut refused = 0;
     for (method, path, body) in changes() {
@@ -514,7 +540,7 @@ fn request_bodies_over_64_kib_are_refused() {
 #[test]
 fn the_token_never_shows_in_logs_metrics_or_answers() {
     let s = setup("secret");
-    let config = s.config("", true);
+    let config = s.config("auth_failures_per_minute = 100000", true);
     let t = bearer(TOKEN);
     let wrong = wrong_credentials();
     for level in ["debug", "trace"] {
@@ -796,4 +822,343 @@ fn health_check_replies_are_not_echoed_to_readers() {
     lb.stop();
     stop.store(true, Ordering::SeqCst);
     backend.join().unwrap();
+}
+
+/// A second private token file beside the first: the `[admin]` lines that
+/// configure it as the read token.
+const READ_TOKEN: &str = "read-2b8e6d0f4a1c3e5b7d9f";
+
+fn read_token_line(s: &Setup) -> String {
+    let p = s.dir.path("read-token");
+    fs::write(&p, format!("{READ_TOKEN}\n")).unwrap();
+    fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    format!("read_token_file = {:?}", p.display().to_string())
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn the_read_token_reads_the_admin_token_changes_and_metrics_may_be_public() {
+    let s = setup("scopes");
+    let read = bearer(READ_TOKEN);
+    let admin = bearer(TOKEN);
+    let patch = || Body::Json(r#"{"weight": 7}"#.into());
+    let backend = "/api/v1/services/web/backends/127.0.0.1:8001";
+    for public in [false, true] {
+        let _ = fs::remove_file(s.dir.path("state.json"));
+        let admin_lines = format!("{}\nmetrics_public = {public}", read_token_line(&s));
+        let mut lb = s.start(&s.config(&admin_lines, true), "127.0.0.1:9180", "info");
+        // No token: liveness only, and metrics when public.
+        for (path, want) in [
+            ("/healthz", 200),
+            ("/api/v1/healthz", 200),
+            ("/api/v1/services", 401),
+            (backend, 401),
+            ("/api/v1/status", 401),
+            ("/api/v1/openapi.json", 401),
+            ("/metrics", if public { 200 } else { 401 }),
+            ("/api/v1/metrics", if public { 200 } else { 401 }),
+        ] {
+            assert_eq!(
+                lb.call("GET", path, None, Body::None).0,
+                want,
+                "GET {path}, public {public}"
+            );
+        }
+        // The read token reads everything and changes nothing.
+        for path in ["/api/v1/services", backend, "/api/v1/status", "/metrics"] {
+            assert_eq!(
+                lb.call("GET", path, Some(&read), Body::None).0,
+                200,
+                "{path}"
+            );
+        }
+        for (method, path, body) in changes() {
+            let (status, text) = lb.call(method, path, Some(&read), body);
+            assert_eq!(status, 403, "{method} {path} with the read token: {text}");
+            assert!(text.contains("read token"), "{text}");
+        }
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&lb.get(backend).1).unwrap()["weight"],
+            100
+        );
+        // The admin token does both.
+        assert_eq!(lb.call("PATCH", backend, Some(&admin), patch()).0, 200);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&lb.get(backend).1).unwrap()["weight"],
+            7
+        );
+        let (_, m) = lb.call("GET", "/metrics", Some(&admin), Body::None);
+        assert_eq!(
+            metric(&m, "lb_api_refused_total{reason=\"read_scope\"}"),
+            changes().len() as f64
+        );
+        assert_eq!(metric(&m, "lb_api_changes_total{result=\"ok\"}"), 1.0);
+        lb.stop();
+    }
+}
+
+#[test]
+fn host_headers_must_name_this_api() {
+    let s = setup("host");
+    let mut lb = s.start(
+        &s.config(
+            &format!("allowed_hosts = [\"lb.internal\"]\n{}", read_token_line(&s)),
+            true,
+        ),
+        "127.0.0.1:9180",
+        "info",
+    );
+    let api: SocketAddr = "127.0.0.1:9180".parse().unwrap();
+    let admin = bearer(TOKEN);
+    let ask = |method: &str, host: &str, body: Body| {
+        request(
+            &s.lb_ns,
+            api,
+            method,
+            "/api/v1/services/web/backends/127.0.0.1:8001",
+            &[("Host", host), ("Authorization", admin.as_str())],
+            body,
+        )
+    };
+    // Names that only DNS could point here: refused even with the token.
+    for host in [
+        "evil.example",
+        "evil.example:9180",
+        "127.0.0.1.evil.example",
+        "localhost.evil.example:9180",
+        "lb.internal.evil.example",
+    ] {
+        for (method, body) in [
+            ("GET", Body::None),
+            ("PATCH", Body::Json(r#"{"weight": 9}"#.into())),
+        ] {
+            let (status, text) = ask(method, host, body);
+            assert_eq!(status, 400, "{method} with Host {host}: {text}");
+            assert!(text.contains("allowed_hosts"), "{text}");
+        }
+    }
+    // A request with no Host header at all (HTTP/1.0 style) is refused too.
+    let (status, _) = request(
+        &s.lb_ns,
+        api,
+        "GET",
+        "/api/v1/services",
+        &[("Host", ""), ("Authorization", admin.as_str())],
+        Body::None,
+    );
+    assert_eq!(status, 400);
+    let v: serde_json::Value =
+        serde_json::from_str(&lb.get("/api/v1/services/web/backends/127.0.0.1:8001").1).unwrap();
+    assert_eq!(v["weight"], 100, "a refused Host changed something");
+    // IP literals, localhost and listed names pass.
+    for host in [
+        "127.0.0.1:9180",
+        "127.0.0.1",
+        "localhost:9180",
+        "LOCALHOST",
+        "lb.internal",
+        "lb.internal:9180",
+        "[::1]:9180",
+    ] {
+        assert_eq!(ask("GET", host, Body::None).0, 200, "Host {host}");
+    }
+    assert_eq!(
+        ask(
+            "PATCH",
+            "lb.internal:9180",
+            Body::Json(r#"{"weight": 9}"#.into())
+        )
+        .0,
+        200
+    );
+    let (_, m) = lb.call("GET", "/metrics", Some(&admin), Body::None);
+    assert_eq!(metric(&m, "lb_api_refused_total{reason=\"host\"}"), 11.0);
+    lb.stop();
+}
+
+#[test]
+fn failed_authentications_are_limited_per_peer() {
+    let s = setup("authlimit");
+    let outside = format!("{LB_ADDR}:9180");
+    let api: SocketAddr = outside.parse().unwrap();
+    let mut lb = s.start(
+        &s.config(
+            &format!("listen = {outside:?}\nauth_failures_per_minute = 5"),
+            true,
+        ),
+        &outside,
+        "info",
+    );
+    let admin = bearer(TOKEN);
+    let ask = |ns: &str, auth: &str| {
+        request(
+            ns,
+            api,
+            "GET",
+            "/api/v1/services",
+            &[("Authorization", auth)],
+            Body::None,
+        )
+        .0
+    };
+    // The client guesses: five failures, then 429 whatever it sends, the
+    // right token included, with a Retry-After.
+    let guesses: Vec<u16> = (0..5)
+        .map(|i| ask(&s.client_ns, &bearer(&format!("guess{i}"))))
+        .collect();
+    assert_eq!(guesses, [401; 5]);
+    assert_eq!(ask(&s.client_ns, &bearer("guess5")), 429);
+    assert_eq!(ask(&s.client_ns, &admin), 429, "a blocked peer is blocked");
+    let (status, text) = netns::within(&s.client_ns, move || {
+        let mut st = TcpStream::connect(api).unwrap();
+        st.write_all(format!("GET /api/v1/services HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+        let mut raw = String::new();
+        let _ = st.read_to_string(&mut raw);
+        (raw.get(9..12).unwrap_or("").to_string(), raw)
+    });
+    assert_eq!(status, "429");
+    let retry: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("retry-after:")
+                .map(|v| v.trim().to_string())
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After in {text}"));
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    // Another peer (the balancer's own address) is not affected, nor is
+    // the socket.
+    assert_eq!(ask(&s.lb_ns, &admin), 200, "another peer");
+    assert_eq!(
+        lb_tests::daemon::unix_http(&lb.lb.socket, "GET", "/api/v1/services", None).0,
+        200
+    );
+    // From the balancer's namespace, another peer.
+    let (_, m) = lb.call("GET", "/metrics", Some(&admin), Body::None);
+    assert_eq!(
+        metric(&m, "lb_api_refused_total{reason=\"bad_token\"}"),
+        5.0
+    );
+    assert_eq!(
+        metric(&m, "lb_api_refused_total{reason=\"rate_limited\"}"),
+        3.0
+    );
+    lb.stop();
+}
+
+#[test]
+fn changes_are_rate_limited_and_every_one_is_audited() {
+    let s = setup("audit");
+    let mut lb = s.start(&s.config("change_rate = 5", true), "127.0.0.1:9180", "info");
+    let socket = lb.lb.socket.clone();
+    let path = "/api/v1/services/web/backends/127.0.0.1:8001";
+    // 30 changes at once through the socket: the burst (twice the rate)
+    // passes, the rest get 429 with Retry-After, and nothing else.
+    let statuses: Vec<u16> = (0..30)
+        .map(|i| {
+            lb_tests::daemon::unix_http(
+                &socket,
+                "PATCH",
+                path,
+                Some(&format!("{{\"weight\": {}}}", 10 + i)),
+            )
+            .0
+        })
+        .collect();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(ok + limited, 30, "{statuses:?}");
+    assert!(
+        (10..=14).contains(&ok) && limited >= 16,
+        "{ok} passed of a burst of 10: {statuses:?}"
+    );
+    // A second later, changes pass again; reads were never limited.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        lb_tests::daemon::unix_http(&socket, "PATCH", path, Some(r#"{"weight": 77}"#)).0,
+        200
+    );
+    for _ in 0..50 {
+        assert_eq!(
+            lb_tests::daemon::unix_http(&socket, "GET", path, None).0,
+            200
+        );
+    }
+    // One over TCP with the admin token, one refused for its token.
+    assert_eq!(
+        lb.call(
+            "PATCH",
+            path,
+            Some(&bearer(TOKEN)),
+            Body::Json(r#"{"weight": 78}"#.into())
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        lb.call(
+            "PATCH",
+            path,
+            Some(&bearer("nope")),
+            Body::Json(r#"{"weight": 79}"#.into())
+        )
+        .0,
+        401
+    );
+    let (_, m) = lb.call("GET", "/metrics", Some(&bearer(TOKEN)), Body::None);
+    assert_eq!(
+        metric(&m, "lb_api_changes_total{result=\"ok\"}"),
+        (ok + 2) as f64
+    );
+    assert_eq!(
+        metric(&m, "lb_api_changes_total{result=\"rate_limited\"}"),
+        limited as f64
+    );
+    assert_eq!(
+        metric(&m, "lb_api_changes_total{result=\"unauthorized\"}"),
+        1.0
+    );
+    lb.stop();
+    // The audit trail: each applied change with its caller, route and
+    // body; the refused ones with their reason; never a token.
+    let log = lb.log();
+    let applied: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("API change applied"))
+        .collect();
+    assert_eq!(applied.len(), ok + 2, "{log}");
+    let socket_lines = applied
+        .iter()
+        .filter(|l| l.contains("socket (unix socket uid 0 pid"))
+        .count();
+    assert_eq!(socket_lines, ok + 1, "{log}");
+    assert!(
+        applied
+            .iter()
+            .any(|l| l.contains("weight\": 77") && l.contains(path) && l.contains("PATCH")),
+        "{log}"
+    );
+    assert!(
+        applied
+            .iter()
+            .any(|l| l.contains("admin token from 127.0.0.1:") && l.contains("weight\": 78")),
+        "{log}"
+    );
+    let refused = log
+        .lines()
+        .filter(|l| l.contains("API change refused"))
+        .count();
+    assert_eq!(refused, limited + 1, "{log}");
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("lb::audit"))
+            .all(|l| l.contains("INFO") || l.contains("WARN"))
+    );
+    assert!(!log.contains(TOKEN));
 }

@@ -18,7 +18,7 @@ use std::{
 };
 
 use lb_tests::{
-    daemon::{BpfFs, Launch, Lb, TempDir, lb_cli},
+    daemon::{BpfFs, Launch, Lb, TempDir},
     netns::{self, Topology},
     servers::EchoName,
 };
@@ -394,7 +394,7 @@ fn sigterm_restarts_keep_a_long_download_and_lb_stop_removes_everything() {
     let mut lb = Lb::start(&s.lb_ns, &config, API, &["--keep-dataplane"]);
     assert!(lb.log().contains("deprecated"), "{}", lb.log());
 
-    let out = lb_cli(&s.lb_ns, &["stop", "--api", &format!("http://{API}")]);
+    let out = lb.cli(&["stop"]);
     assert!(
         out.status.success(),
         "lb stop: {}{}",
@@ -528,7 +528,7 @@ fn the_config_wins_over_api_changes_made_on_another_config() {
     let dropped = st["dropped_changes"].to_string();
     assert!(dropped.contains("127.0.0.1:8001 weight 100 -> 7"), "{st}");
     assert!(lb.log().contains("API change dropped"), "{}", lb.log());
-    let out = lb_cli(&s.lb_ns, &["status", "--api", &format!("http://{API}")]);
+    let out = lb.cli(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("API change dropped") && text.contains("weight 100 -> 7"),
@@ -675,13 +675,13 @@ fn reloads_apply_the_difference_under_traffic() {
     thread::sleep(Duration::from_millis(500));
     assert!(lb.log().contains("reload refused"), "{}", lb.log());
     assert_eq!(lb.get("/api/v1/services").1, before);
-    let out = lb_cli(&s.lb_ns, &["reload", "--api", &format!("http://{API}")]);
+    let out = lb.cli(&["reload"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("weight"));
 
     // `lb reload` applies a valid one.
     std::fs::write(&config, text.replace("weight = 50", "weight = 60")).unwrap();
-    let out = lb_cli(&s.lb_ns, &["reload", "--api", &format!("http://{API}")]);
+    let out = lb.cli(&["reload"]);
     assert!(
         out.status.success(),
         "{}",

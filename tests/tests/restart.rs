@@ -65,6 +65,8 @@ max_services = 4
 pin_path = "{pin}"
 
 [admin]
+# The crash test bursts changes as fast as the daemon takes them.
+change_rate = 100000
 listen = "{API}"
 state_file = {state:?}
 
@@ -201,7 +203,7 @@ fn restarts_and_crashes_drop_no_connection() {
         "services changed across restarts"
     );
     // `lb stop` detaches and unpins everything.
-    let out = lb_tests::daemon::lb_cli(&s.lb_ns, &["stop", "--api", &format!("http://{API}")]);
+    let out = lb.cli(&["stop"]);
     assert!(
         out.status.success(),
         "{}",
@@ -230,21 +232,20 @@ fn a_crash_during_api_changes_keeps_every_acknowledged_change() {
         let acked = Arc::new(AtomicU64::new(0));
         let attempted = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let ns = s.lb_ns.clone();
+        let socket = lb.socket.clone();
         let (a, t, st) = (acked.clone(), attempted.clone(), stop.clone());
         let start = next;
         // Weights only go up, so the last acknowledged one tells whether
         // any acknowledged change was lost.
         let burst = thread::spawn(move || {
-            netns::enter(&ns);
             let mut w = start;
             while !st.load(Ordering::Relaxed) && w < start + 5000 {
                 t.store(w, Ordering::SeqCst);
-                let (status, _) = lb_tests::daemon::http(
+                let (status, _) = lb_tests::daemon::unix_http(
+                    &socket,
                     "PATCH",
-                    &format!("http://{API}/api/v1/services/web/backends/127.0.0.1:8001"),
+                    "/api/v1/services/web/backends/127.0.0.1:8001",
                     Some(&format!("{{\"weight\": {w}}}")),
-                    None,
                 );
                 if (200..300).contains(&status) {
                     a.store(w, Ordering::SeqCst);

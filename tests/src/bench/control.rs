@@ -9,8 +9,8 @@ use std::{
 };
 
 use lb_tests::{
-    daemon::{Lb, TempDir, http},
-    netns::{self, Topology},
+    daemon::{Lb, TempDir},
+    netns::Topology,
     packet::{Spec, TCP_ACK},
     servers::EchoName,
 };
@@ -333,7 +333,7 @@ fn daemon(scale: &Scale, report: &mut Report) {
             .collect();
         let text = format!(
             "[dataplane]\ninterface = \"lb0\"\nxdp_mode = \"native\"\nflow_table_size = 65536\nmax_services = 4\n\n\
-             [admin]\nlisten = \"{api}\"\nstate_file = {state:?}\n\n\
+             [admin]\nlisten = \"{api}\"\nstate_file = {state:?}\nchange_rate = 100000\n\n\
              [[services]]\nname = \"web\"\nlisten = \"0.0.0.0:443\"\nprotocols = [\"tcp\"]\n{health}\nbackends = [{}]\n",
             backends.join(", "),
             state = dir
@@ -406,14 +406,21 @@ fn daemon(scale: &Scale, report: &mut Report) {
     let pid = lb.pid();
     let (idle_rss, _) = sys::rss_kib(pid).expect("daemon status");
     let n = scale.api_changes;
-    let base = format!("http://{api}/api/v1/services/web/backends/");
+    // Through the admin socket, as the CLI goes; the config lifts
+    // admin.change_rate so the write path, not the limiter, is measured.
+    let socket = lb.socket.clone();
     let t0 = Instant::now();
-    let (ok, failed) = netns::within(&lb_ns, move || {
+    let (ok, failed) = {
         let (mut ok, mut failed) = (0u64, 0u64);
         for i in 0..n {
             let addr: SocketAddr = format!("127.0.0.1:{}", 8001 + (i % 10)).parse().unwrap();
             let body = format!("{{\"weight\": {}}}", 50 + (i / 10) % 100);
-            let (status, _) = http("PATCH", &format!("{base}{addr}"), Some(&body), None);
+            let (status, _) = lb_tests::daemon::unix_http(
+                &socket,
+                "PATCH",
+                &format!("/api/v1/services/web/backends/{addr}"),
+                Some(&body),
+            );
             if status == 200 {
                 ok += 1;
             } else {
@@ -421,7 +428,7 @@ fn daemon(scale: &Scale, report: &mut Report) {
             }
         }
         (ok, failed)
-    });
+    };
     let secs = t0.elapsed().as_secs_f64();
     let (after_rss, peak_rss) = sys::rss_kib(pid).expect("daemon status");
     assert!(
