@@ -809,13 +809,92 @@ fn checks_total(lb: &Lb) -> f64 {
         .sum()
 }
 
-/// 1000 idle connections to the admin port (the daemon started with a soft
-/// open-file limit of 512) neither stop `/healthz` answering nor health
-/// checks running; the listener keeps at most its cap open.
+/// A Unix stream connection to `path` that never blocks: `None` when the
+/// listener's backlog is full or the socket is gone.
+fn unix_connect_nonblocking(path: &Path) -> Option<std::os::unix::net::UnixStream> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: a zeroed sockaddr_un is valid; the path fits (checked).
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return None;
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket/connect/close calls on a descriptor we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        if fd < 0 {
+            return None;
+        }
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        if libc::connect(fd, &addr as *const _ as *const libc::sockaddr, len) != 0 {
+            libc::close(fd);
+            return None;
+        }
+        Some(std::os::unix::net::UnixStream::from_raw_fd(fd))
+    }
+}
+
+/// How many of `conns` the daemon still holds open.
+fn still_open<C>(conns: &[C], read: impl Fn(&C) -> std::io::Result<usize>) -> usize {
+    conns
+        .iter()
+        .filter(|c| matches!(read(c), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock))
+        .count()
+}
+
+/// While `lb` holds a flood of idle connections: /healthz over TCP and the
+/// socket, `lb status` on the socket, and health checks all still work.
+fn still_serving(lb: &Lb, what: &str) {
+    let before = checks_total(lb);
+    let t = Instant::now();
+    let (st_tcp, _) = lb.tcp("GET", "/healthz", None, None);
+    let healthz_tcp = t.elapsed();
+    let t = Instant::now();
+    let (st_unix, _) = lb.get("/healthz");
+    let healthz_unix = t.elapsed();
+    let t = Instant::now();
+    let cli = lb.cli(&["status"]);
+    let cli_time = t.elapsed();
+    thread::sleep(Duration::from_millis(1500));
+    let after = checks_total(lb);
+    let healthy = backends(lb)[&8001]["healthy"].as_bool();
+    println!(
+        "{what}: /healthz {st_tcp} over TCP in {healthz_tcp:?}, {st_unix} over the socket in \
+         {healthz_unix:?}; lb status in {cli_time:?}; {} successful checks in 1.5 s; 8001 \
+         healthy={healthy:?}",
+        after - before
+    );
+    assert_eq!((st_tcp, st_unix), (200, 200), "{what}: {}", lb.log());
+    assert!(
+        healthz_tcp < Duration::from_secs(2) && healthz_unix < Duration::from_secs(2),
+        "{what}"
+    );
+    assert!(
+        cli.status.success() && String::from_utf8_lossy(&cli.stdout).contains("127.0.0.1:8001"),
+        "{what}: lb status on the socket: {cli:?}"
+    );
+    assert!(
+        after - before >= 3.0,
+        "{what}: health checks stalled:\n{}",
+        lb.log()
+    );
+    assert_eq!(healthy, Some(true), "{what}: {}", lb.log());
+}
+
+/// 10,000 idle connections to the admin port, and then 10,000 to the admin
+/// socket (the daemon started with a soft open-file limit of 512; the test
+/// holds one flood at a time, its own hard limit being 20,000), stop
+/// neither `/healthz` answering on either, nor health checks running, nor
+/// the CLI on the socket; each listener keeps at most its cap open.
 #[test]
 fn idle_admin_connections_do_not_starve_the_daemon() {
+    const FLOOD: usize = 10_000;
     let s = setup("idle");
-    raise_own_nofile(4096);
+    raise_own_nofile(FLOOD as u64 + 2048);
     let _a = EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001");
     let config = s.config(&[(8001, 100)], FAST_TCP);
     let launch = Launch {
@@ -824,49 +903,58 @@ fn idle_admin_connections_do_not_starve_the_daemon() {
     };
     let lb = Lb::start_with(&s.lb_ns, &config, API, &["--reset-state"], &launch);
     let api: SocketAddr = API.parse().unwrap();
-    let conns = netns::within(&s.lb_ns, move || {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        (0..1000)
+    let t0 = Instant::now();
+    let tcp = netns::within(&s.lb_ns, move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        (0..FLOOD)
             .take_while(|_| Instant::now() < deadline)
             .filter_map(|_| TcpStream::connect_timeout(&api, Duration::from_secs(3)).ok())
             .collect::<Vec<_>>()
     });
+    let took = t0.elapsed();
     assert_eq!(
-        conns.len(),
-        1000,
-        "only {} idle connections made in 20 s:\n{}",
-        conns.len(),
+        tcp.len(),
+        FLOOD,
+        "only {} idle TCP connections made in 60 s:\n{}",
+        tcp.len(),
         lb.log()
     );
-    let before = checks_total(&lb);
-    let t = Instant::now();
-    let (st, _) = lb.get("/healthz");
-    let healthz = t.elapsed();
-    thread::sleep(Duration::from_millis(1500));
-    let after = checks_total(&lb);
-    let healthy = backends(&lb)[&8001]["healthy"].as_bool();
-    // How many of the idle connections the daemon still holds.
-    let open = conns
-        .iter()
-        .filter(|c| {
-            c.set_nonblocking(true).unwrap();
-            let mut b = [0u8; 1];
-            matches!((&**c).read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-        })
-        .count();
-    println!(
-        "1000 idle admin connections: /healthz {st} in {healthz:?}; {} successful checks in 1.5 s; 8001 healthy={healthy:?}; {open} idle connections still open",
-        after - before
+    still_serving(
+        &lb,
+        &format!("{FLOOD} idle TCP connections (made in {took:?})"),
     );
-    assert_eq!(st, 200, "{}", lb.log());
-    assert!(healthz < Duration::from_secs(2));
-    assert!(
-        after - before >= 3.0,
-        "health checks stalled:\n{}",
-        lb.log()
+    let open = still_open(&tcp, |c| {
+        c.set_nonblocking(true)?;
+        (&*c).read(&mut [0u8; 1])
+    });
+    println!("{open} of them still open");
+    assert!(open <= 260, "{open} idle TCP connections held open");
+    drop(tcp);
+
+    let t0 = Instant::now();
+    let mut unix = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while unix.len() < FLOOD && Instant::now() < deadline {
+        match unix_connect_nonblocking(&lb.socket) {
+            Some(c) => unix.push(c),
+            // The backlog is full: let the daemon accept.
+            None => thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    let took = t0.elapsed();
+    assert_eq!(
+        unix.len(),
+        FLOOD,
+        "only {} idle socket connections made in 60 s",
+        unix.len()
     );
-    assert_eq!(healthy, Some(true), "{}", lb.log());
-    assert!(open <= 260, "{open} idle connections held open");
+    still_serving(
+        &lb,
+        &format!("{FLOOD} idle socket connections (made in {took:?})"),
+    );
+    let open = still_open(&unix, |c| (&*c).read(&mut [0u8; 1]));
+    println!("{open} of them still open");
+    assert!(open <= 260, "{open} idle socket connections held open");
 }
 
 /// Waits up to `within` for the server to close `c`; how long it took.
