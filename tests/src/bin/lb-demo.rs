@@ -169,15 +169,16 @@ and the certificate name the backend, TLS passes through untouched):
   sudo ip netns exec {cl} curl -k https://{LB_V4}/
   sudo ip netns exec {cl} curl -sv --cacert {ca} --resolve lb.test:443:{LB_V4} https://lb.test/ 2>&1 | grep -E 'subject|backend'
 
-The admin API and the metrics listen on {API} inside the balancer's namespace:
-  sudo ip netns exec {lbns} curl {api}/api/v1/services
-  sudo ip netns exec {lbns} curl {api}/metrics
-  sudo ip netns exec {lbns} curl -X PATCH -H 'Authorization: Bearer {TOKEN}' \
-      -H 'Content-Type: application/json' -d '{{"state": "draining"}}' \
-      {api}/api/v1/services/web/backends/127.0.0.1:8003
+The admin API listens on its Unix socket {sock} (root only, no token
+needed; the lb CLI's way in) and on {API} inside the balancer's namespace,
+where every request but /healthz needs the demo's token:
+  sudo curl --unix-socket {sock} http://localhost/api/v1/services
+  sudo ip netns exec {lbns} curl -H 'Authorization: Bearer {TOKEN}' {api}/metrics
+  sudo curl --unix-socket {sock} -X PATCH -H 'Content-Type: application/json' \
+      -d '{{"state": "draining"}}' http://localhost/api/v1/services/web/backends/127.0.0.1:8003
 or with the lb CLI:
-  sudo ip netns exec {lbns} {lb} status
-  sudo ip netns exec {lbns} {lb} backends activate -s web 127.0.0.1:8003 --token {TOKEN}
+  sudo {lb} status --socket {sock}
+  sudo {lb} backends activate -s web 127.0.0.1:8003 --socket {sock}
 
 Background load: one HTTPS request every {every} ms. Ctrl-C stops the demo and removes everything.
 "#,
@@ -187,6 +188,7 @@ Background load: one HTTPS request every {every} ms. Ctrl-C stops the demo and r
         log = daemon_log(site).display(),
         ca = ca.display(),
         lb = lb_binary().display(),
+        sock = daemon.socket.display(),
         every = LOAD_EVERY.as_millis(),
     );
 }
