@@ -450,6 +450,9 @@ pub async fn guard(
         return next.run(req).await;
     }
     if let Err(r) = access.take_change() {
+        // Read the (bounded) body of this authorized caller first, so the
+        // answer is not lost to a reset of a connection closed unread.
+        let _ = axum::body::to_bytes(req.into_body(), crate::api::BODY_LIMIT).await;
         daemon.metrics().api_refused(r.reason);
         daemon.metrics().api_change("rate_limited");
         warn!(target: "lb::audit", caller = %caller(&peer, scope), %method, path, "API change refused: over admin.change_rate");

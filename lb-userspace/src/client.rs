@@ -58,6 +58,8 @@ impl std::fmt::Display for Endpoint {
 pub struct Answer {
     pub status: u16,
     pub body: Vec<u8>,
+    /// `Retry-After` in seconds, when the answer has one.
+    pub retry_after: Option<u64>,
 }
 
 /// Largest answer read.
@@ -122,13 +124,18 @@ fn exchange<S: Read + Write>(
     body: Option<&[u8]>,
     raw: &mut Vec<u8>,
 ) -> io::Result<()> {
-    s.write_all(head.as_bytes())?;
-    if let Some(b) = body {
-        s.write_all(b)?;
+    // The server may answer and close before it reads a body it refuses:
+    // a failed write still leaves its answer to read.
+    let sent = s
+        .write_all(head.as_bytes())
+        .and_then(|()| body.map_or(Ok(()), |b| s.write_all(b)))
+        .and_then(|()| s.flush());
+    let read = s.take(MAX_ANSWER).read_to_end(raw);
+    match (sent, read) {
+        _ if !raw.is_empty() => Ok(()),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+        (Ok(()), Ok(_)) => Ok(()),
     }
-    s.flush()?;
-    s.take(MAX_ANSWER).read_to_end(raw)?;
-    Ok(())
 }
 
 fn bad(m: impl Into<String>) -> io::Error {
@@ -151,6 +158,7 @@ pub fn parse_answer(raw: &[u8]) -> io::Result<Answer> {
         .ok_or_else(|| bad("no status line"))?;
     let mut chunked = false;
     let mut length = None;
+    let mut retry_after = None;
     for l in lines {
         if let Some((k, v)) = l.split_once(':') {
             let v = v.trim();
@@ -158,6 +166,8 @@ pub fn parse_answer(raw: &[u8]) -> io::Result<Answer> {
                 chunked = true;
             } else if k.eq_ignore_ascii_case("content-length") {
                 length = v.parse::<usize>().ok();
+            } else if k.eq_ignore_ascii_case("retry-after") {
+                retry_after = v.parse::<u64>().ok();
             }
         }
     }
@@ -170,7 +180,11 @@ pub fn parse_answer(raw: &[u8]) -> io::Result<Answer> {
     } else {
         rest.to_vec()
     };
-    Ok(Answer { status, body })
+    Ok(Answer {
+        status,
+        body,
+        retry_after,
+    })
 }
 
 fn dechunk(mut rest: &[u8]) -> io::Result<Vec<u8>> {
@@ -226,7 +240,10 @@ mod tests {
         .unwrap();
         assert_eq!((a.status, a.body.as_slice()), (404, &b"abcde"[..]));
         let a = parse_answer(b"HTTP/1.1 500 x\r\n\r\nrest").unwrap();
-        assert_eq!(a.body, b"rest");
+        assert_eq!((a.body.as_slice(), a.retry_after), (&b"rest"[..], None));
+        let a =
+            parse_answer(b"HTTP/1.1 429 x\r\nRetry-After: 3\r\ncontent-length: 0\r\n\r\n").unwrap();
+        assert_eq!((a.status, a.retry_after), (429, Some(3)));
         assert!(parse_answer(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{}").is_err());
         assert!(parse_answer(b"HTTP/1.1 200 OK\r\n").is_err());
         assert!(

@@ -403,15 +403,24 @@ impl Client {
             Endpoint::Unix(_) => None,
         };
         let body = body.map(|b| b.to_string());
-        let answer = lb_userspace::client::request(
-            &to,
-            method,
-            &format!("/api/v1{path}"),
-            body.as_deref().map(str::as_bytes),
-            token.as_deref(),
-            std::time::Duration::from_secs(10),
-        )
-        .with_context(|| format!("cannot reach the admin API at {to}"))?;
+        // Over the change rate (429), wait as told, for 10 s at most.
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let answer = loop {
+            let answer = lb_userspace::client::request(
+                &to,
+                method,
+                &format!("/api/v1{path}"),
+                body.as_deref().map(str::as_bytes),
+                token.as_deref(),
+                std::time::Duration::from_secs(10),
+            )
+            .with_context(|| format!("cannot reach the admin API at {to}"))?;
+            let wait = std::time::Duration::from_secs(answer.retry_after.unwrap_or(1).max(1));
+            if answer.status != 429 || std::time::Instant::now() + wait > give_up {
+                break answer;
+            }
+            std::thread::sleep(wait);
+        };
         let text = String::from_utf8_lossy(&answer.body);
         let value: serde_json::Value =
             serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);

@@ -1162,3 +1162,43 @@ fn changes_are_rate_limited_and_every_one_is_audited() {
     );
     assert!(!log.contains(TOKEN));
 }
+
+#[test]
+fn the_cli_waits_out_the_change_rate() {
+    let s = setup("cli-rate");
+    let mut lb = s.start(
+        &s.config("change_rate = 1", false),
+        "127.0.0.1:9180",
+        "info",
+    );
+    let path = "/api/v1/services/web/backends/127.0.0.1:8001";
+    let statuses: Vec<u16> = (0..3)
+        .map(|w| {
+            lb_tests::daemon::unix_http(
+                &lb.lb.socket,
+                "PATCH",
+                path,
+                Some(&format!("{{\"weight\": {}}}", w + 1)),
+            )
+            .0
+        })
+        .collect();
+    assert_eq!(statuses, [200, 200, 429]);
+    // The bucket is empty: the CLI is told to retry and does.
+    let t = std::time::Instant::now();
+    let out = lb.lb.cli(&[
+        "backends",
+        "weight",
+        "--service",
+        "web",
+        "127.0.0.1:8001",
+        "55",
+    ]);
+    let took = t.elapsed();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_str(&lb.get(path).1).unwrap();
+    assert_eq!(v["weight"], 55);
+    println!("lb backends weight over an empty change bucket: done in {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    lb.stop();
+}
