@@ -1,14 +1,10 @@
 //! `lb`: the load balancer daemon and the commands that talk to it.
-use std::{
-    path::{Path, PathBuf},
-    process::ExitCode,
-};
+use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use anyhow::{Context, Result};
+use clap::{CommandFactory, Parser, Subcommand};
 use lb_userspace::{
     admin, api,
-    client::Endpoint,
     config::Config,
     daemon::{Daemon, RunOptions, StartError},
     notify::{self, Notifier},
@@ -47,85 +43,57 @@ enum Cmd {
     },
     /// Detach the data plane, remove its pins and end the daemon (SIGTERM
     /// instead leaves traffic flowing for the next `lb run`).
-    Stop(Client),
+    Stop(ctl::Client),
     /// Re-read the daemon's config file and apply what changed (like SIGHUP).
-    Reload(Client),
+    Reload(ctl::Client),
     /// Check a config file without touching anything.
     Validate {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Show the services, their backends and their health.
-    Status(Client),
-    /// Add, remove, drain or re-weight a backend.
+    /// Show the daemon, the services, their backends and their health.
+    Status {
+        #[command(flatten)]
+        client: ctl::Client,
+        #[command(flatten)]
+        out: ctl::Output,
+    },
+    /// List, show, add or remove services.
+    Services {
+        #[command(subcommand)]
+        cmd: ctl::ServiceCmd,
+    },
+    /// List, add, remove, drain, disable, activate or re-weight backends.
     Backends {
         #[command(subcommand)]
-        cmd: BackendCmd,
+        cmd: ctl::BackendCmd,
     },
+    /// Print a shell completion script (e.g. `lb completions bash >
+    /// /etc/bash_completion.d/lb`).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) of lb and its commands.
+    Man,
 }
 
-#[derive(Args, Clone)]
-struct Client {
-    /// The admin API over TCP, e.g. http://127.0.0.1:9180 (then changes
-    /// need the admin token). Default: the admin socket when it exists,
-    /// else http://127.0.0.1:9180.
-    #[arg(long, env = "LB_API", conflicts_with = "socket")]
-    api: Option<String>,
-    /// The daemon's admin socket (admin scope, no token needed; default
-    /// /run/lb/lb.sock).
-    #[arg(long, env = "LB_SOCKET")]
-    socket: Option<PathBuf>,
-    /// Deprecated: a token on the command line shows in `ps`; use
-    /// --token-file or LB_TOKEN.
-    #[arg(long, hide = true)]
-    token: Option<String>,
-    /// File holding a token for the TCP listener (mode 0600, owned by root
-    /// or you); or set LB_TOKEN.
-    #[arg(long)]
-    token_file: Option<PathBuf>,
-}
+mod ctl;
 
-#[derive(Subcommand)]
-enum BackendCmd {
-    /// Add a backend to a service.
-    Add {
-        #[command(flatten)]
-        target: Target,
-        #[arg(long, default_value_t = 100)]
-        weight: u16,
-    },
-    /// Remove a backend from a service.
-    Remove {
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Stop sending new flows to a backend; its open flows finish.
-    Drain {
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Put a drained or disabled backend back in service.
-    Activate {
-        #[command(flatten)]
-        target: Target,
-    },
-    /// Change a backend's weight (0..=65535).
-    Weight {
-        #[command(flatten)]
-        target: Target,
-        weight: u16,
-    },
-}
-
-#[derive(Args)]
-struct Target {
-    /// Service name.
-    #[arg(long, short)]
-    service: String,
-    /// Backend address, e.g. 127.0.0.1:8001.
-    address: String,
-    #[command(flatten)]
-    client: Client,
+/// `lb man`: the page of `lb`, then one section per command.
+fn man() -> Result<()> {
+    let cmd = Cli::command();
+    let mut out = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+    out.extend_from_slice(
+        b".SH \"EXIT STATUS\"\n0 done; 1 error (the daemon refused or failed the request); 2 bad \
+          input (arguments, an invalid config, or the API answered 400, 404, 409 or 413); 3 the \
+          daemon cannot be reached.\n",
+    );
+    for sub in cmd.get_subcommands() {
+        let name = format!("lb-{}", sub.get_name());
+        clap_mangen::Man::new(sub.clone().name(name)).render(&mut out)?;
+    }
+    use std::io::Write;
+    std::io::stdout().write_all(&out)?;
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -195,16 +163,23 @@ fn main() -> ExitCode {
             }
             r
         }
-        Cmd::Status(client) => status(&client),
-        Cmd::Stop(client) => stop(&client),
-        Cmd::Reload(client) => reload(&client),
-        Cmd::Backends { cmd } => backends(cmd),
+        Cmd::Status { client, out } => ctl::status(&client, &out),
+        Cmd::Stop(client) => ctl::stop(&client),
+        Cmd::Reload(client) => ctl::reload(&client),
+        Cmd::Services { cmd } => ctl::services(cmd),
+        Cmd::Backends { cmd } => ctl::backends(cmd),
+        Cmd::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script).map_err(Into::into)
+        }
+        Cmd::Man => man(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lb: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(ctl::exit_code(&e))
         }
     }
 }
@@ -353,232 +328,4 @@ async fn watchdog(daemon: Daemon, notifier: std::sync::Arc<Notifier>, every: std
             warn!("a daemon loop is dead or stuck; not feeding the systemd watchdog");
         }
     }
-}
-
-impl Client {
-    fn token(&self) -> Result<Option<String>> {
-        if let Some(p) = &self.token_file {
-            return Ok(Some(read_token(p)?));
-        }
-        if let Some(t) = std::env::var("LB_TOKEN").ok().filter(|t| !t.is_empty()) {
-            return Ok(Some(t));
-        }
-        if let Some(t) = &self.token {
-            eprintln!(
-                "warning: --token is deprecated (the token shows in `ps`); use --token-file or LB_TOKEN"
-            );
-            return Ok(Some(t.clone()));
-        }
-        Ok(None)
-    }
-
-    /// Where to send requests: --api, else --socket, else the default
-    /// socket when it exists, else the default TCP address.
-    fn endpoint(&self) -> Result<Endpoint> {
-        if let Some(api) = &self.api {
-            return Endpoint::parse(api).map_err(|e| anyhow::anyhow!("--api {e}"));
-        }
-        if let Some(s) = &self.socket {
-            return Ok(Endpoint::Unix(s.clone()));
-        }
-        let default = lb_userspace::config::default_admin_socket();
-        if default.exists() {
-            return Ok(Endpoint::Unix(default));
-        }
-        Ok(Endpoint::Tcp(
-            lb_userspace::config::DEFAULT_ADMIN_LISTEN.to_string(),
-        ))
-    }
-
-    fn call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<serde_json::Value>,
-    ) -> Result<serde_json::Value> {
-        let to = self.endpoint()?;
-        // Tokens are for the TCP listener; the socket needs none.
-        let token = match to {
-            Endpoint::Tcp(_) => self.token()?,
-            Endpoint::Unix(_) => None,
-        };
-        let body = body.map(|b| b.to_string());
-        // Over the change rate (429), wait as told, for 10 s at most.
-        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let answer = loop {
-            let answer = lb_userspace::client::request(
-                &to,
-                method,
-                &format!("/api/v1{path}"),
-                body.as_deref().map(str::as_bytes),
-                token.as_deref(),
-                std::time::Duration::from_secs(10),
-            )
-            .with_context(|| format!("cannot reach the admin API at {to}"))?;
-            let wait = std::time::Duration::from_secs(answer.retry_after.unwrap_or(1).max(1));
-            if answer.status != 429 || std::time::Instant::now() + wait > give_up {
-                break answer;
-            }
-            std::thread::sleep(wait);
-        };
-        let text = String::from_utf8_lossy(&answer.body);
-        let value: serde_json::Value =
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
-        if answer.status >= 400 {
-            let msg = value["error"].as_str().unwrap_or(text.trim());
-            bail!("{method} {path}: {}: {msg}", answer.status);
-        }
-        Ok(value)
-    }
-}
-
-fn read_token(p: &Path) -> Result<String> {
-    lb_userspace::files::read_secret(p).with_context(|| format!("token file {}", p.display()))
-}
-
-fn stop(client: &Client) -> Result<()> {
-    let v = client.call("POST", "/stop", Some(serde_json::json!({})))?;
-    println!("{}", v["status"].as_str().unwrap_or("stopping"));
-    // Done when the API is gone (the daemon exits after detaching).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while std::time::Instant::now() < deadline {
-        if client.call("GET", "/healthz", None).is_err() {
-            println!("stopped");
-            return Ok(());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    bail!("the daemon still answers 15 s after `lb stop`")
-}
-
-fn reload(client: &Client) -> Result<()> {
-    let v = client.call("POST", "/reload", Some(serde_json::json!({})))?;
-    if v["applied"].as_bool() == Some(true) {
-        println!("config reloaded: services changed and applied");
-    } else {
-        println!("config reloaded: services unchanged");
-    }
-    for d in v["dropped_changes"].as_array().into_iter().flatten() {
-        println!(
-            "API change dropped (the config changed since it was made): {}",
-            d.as_str().unwrap_or("?")
-        );
-    }
-    for n in v["needs_restart"].as_array().into_iter().flatten() {
-        println!("note: {}", n.as_str().unwrap_or("?"));
-    }
-    Ok(())
-}
-
-fn status(client: &Client) -> Result<()> {
-    if let Ok(st) = client.call("GET", "/status", None) {
-        println!(
-            "config {} (services {}), state file {}",
-            st["config"].as_str().unwrap_or("?"),
-            if st["api_changes"].as_bool() == Some(true) {
-                "with API changes"
-            } else {
-                "as in the file"
-            },
-            st["state_file"].as_str().unwrap_or("?"),
-        );
-        if st["pins_outlive_daemon"].as_bool() == Some(false) {
-            println!(
-                "WARNING: the pins die with the daemon; restarts are not hitless (see the log)"
-            );
-        }
-        if let Some(e) = st["last_reload_error"].as_str() {
-            println!("last reload failed: {e}");
-        }
-        for d in st["dropped_changes"].as_array().into_iter().flatten() {
-            println!(
-                "API change dropped (the config changed since it was made): {}",
-                d.as_str().unwrap_or("?")
-            );
-        }
-    }
-    let services = client.call("GET", "/services", None)?;
-    for s in services.as_array().into_iter().flatten() {
-        println!(
-            "{} {} {} ({})",
-            s["name"].as_str().unwrap_or("?"),
-            s["listen"].as_str().unwrap_or("?"),
-            s["protocols"]
-                .as_array()
-                .map(|p| p
-                    .iter()
-                    .filter_map(|x| x.as_str())
-                    .collect::<Vec<_>>()
-                    .join("+"))
-                .unwrap_or_default(),
-            s["forwarding"].as_str().unwrap_or("?"),
-        );
-        if s["fail_open"].as_bool() == Some(true) {
-            println!(
-                "  FAIL-OPEN: every backend failed its health checks; the last ones keep taking                  flows (when_all_down = keep_last)"
-            );
-        }
-        for b in s["backends"].as_array().into_iter().flatten() {
-            println!(
-                "  {:<28} weight {:>5}  {:<9} {}{}",
-                b["address"].as_str().unwrap_or("?"),
-                b["weight"],
-                b["state"].as_str().unwrap_or("?"),
-                if b["healthy"].as_bool() == Some(true) {
-                    "healthy"
-                } else {
-                    "UNHEALTHY"
-                },
-                b["last_error"]
-                    .as_str()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default(),
-            );
-        }
-    }
-    Ok(())
-}
-
-fn backends(cmd: BackendCmd) -> Result<()> {
-    let path = |t: &Target| format!("/services/{}/backends/{}", t.service, t.address);
-    let (t, result) = match &cmd {
-        BackendCmd::Add { target, weight } => (
-            target,
-            target.client.call(
-                "POST",
-                &format!("/services/{}/backends", target.service),
-                Some(serde_json::json!({"address": target.address, "weight": weight})),
-            ),
-        ),
-        BackendCmd::Remove { target } => {
-            (target, target.client.call("DELETE", &path(target), None))
-        }
-        BackendCmd::Drain { target } => (
-            target,
-            target.client.call(
-                "PATCH",
-                &path(target),
-                Some(serde_json::json!({"state": "draining"})),
-            ),
-        ),
-        BackendCmd::Activate { target } => (
-            target,
-            target.client.call(
-                "PATCH",
-                &path(target),
-                Some(serde_json::json!({"state": "active"})),
-            ),
-        ),
-        BackendCmd::Weight { target, weight } => (
-            target,
-            target.client.call(
-                "PATCH",
-                &path(target),
-                Some(serde_json::json!({"weight": weight})),
-            ),
-        ),
-    };
-    result?;
-    println!("{} {}: done", t.service, t.address);
-    Ok(())
 }

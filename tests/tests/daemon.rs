@@ -1095,3 +1095,175 @@ fn dsr_health_checks_do_not_leave_from_the_service_address() {
         lb.log()
     );
 }
+
+/// The CLI for scripts: `-o json` prints the API's own JSON, `lb services`
+/// lists, shows, adds and removes, `lb backends disable` takes a backend
+/// out, and the exit code says what went wrong: 2 bad input, 3 unreachable,
+/// 1 refused. Completions and the man page come from the same definitions.
+#[test]
+fn the_cli_scripts_with_json_and_exit_codes() {
+    lb_tests::require_root();
+    let s = setup("cli-json");
+    let lb = s.start(&s.config(false, "", &[8001, 8002]));
+    let run = |args: &[&str]| {
+        let out = lb.cli(args);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let json = |args: &[&str]| -> Value {
+        let (code, out, err) = run(args);
+        assert_eq!(code, 0, "lb {args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("lb {args:?}: {e}: {out}"))
+    };
+    // Read commands print exactly what the API answers.
+    assert_eq!(
+        json(&["services", "list", "-o", "json"]),
+        lb.get("/api/v1/services").1
+    );
+    assert_eq!(
+        json(&["services", "show", "web", "-o", "json"]),
+        lb.get("/api/v1/services/web").1
+    );
+    assert_eq!(
+        json(&["backends", "list", "-s", "web", "--output", "json"]),
+        lb.get("/api/v1/services/web/backends").1
+    );
+    let st = json(&["status", "-o", "json"]);
+    assert_eq!(st["services"], lb.get("/api/v1/services").1);
+    assert_eq!(st["daemon"], lb.get("/api/v1/status").1);
+
+    // Services: add with flags, add again (exists: 2), disable a backend,
+    // remove, remove again (404: 2).
+    let (code, out, err) = run(&[
+        "services",
+        "add",
+        "api",
+        "--listen",
+        "0.0.0.0:8443",
+        "--protocol",
+        "tcp",
+        "--backend",
+        "127.0.0.1:9001=10",
+        "--backend",
+        "127.0.0.1:9002",
+        "--when-all-down",
+        "refuse",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let api = lb.get("/api/v1/services/api").1;
+    let weights: Vec<u64> = api["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["weight"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        (weights, api["when_all_down"].as_str()),
+        (vec![10, 100], Some("refuse"))
+    );
+    let (code, _, err) = run(&["services", "add", "api", "--listen", "0.0.0.0:8444"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("exists"), "{err}");
+    assert_eq!(
+        lb.get("/api/v1/services/api").1,
+        api,
+        "a refused add changed the service"
+    );
+    let (code, _, err) = run(&["backends", "disable", "-s", "api", "127.0.0.1:9001"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        lb.get("/api/v1/services/api/backends/127.0.0.1:9001").1["state"],
+        "disabled"
+    );
+    // The whole service from a JSON file.
+    let body = s.dir.path("dns.json");
+    std::fs::write(&body, r#"{"listen": "0.0.0.0:53", "protocols": ["udp"], "backends": [{"address": "127.0.0.1:5353"}]}"#).unwrap();
+    let (code, _, err) = run(&["services", "add", "dns", "--json", body.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        lb.get("/api/v1/services/dns").1["protocols"],
+        serde_json::json!(["udp"])
+    );
+    for name in ["api", "dns"] {
+        assert_eq!(run(&["services", "remove", name]).0, 0);
+        assert_eq!(lb.get(&format!("/api/v1/services/{name}")).0, 404);
+    }
+
+    // Exit codes.
+    for (args, want) in [
+        (vec!["services", "remove", "api"], 2),
+        (vec!["services", "show", "nope"], 2),
+        (vec!["backends", "add", "-s", "web", "not-an-address"], 2),
+        (vec!["backends", "add", "-s", "web", "127.0.0.1:8001"], 2),
+        (
+            vec![
+                "services",
+                "add",
+                "x",
+                "--listen",
+                "0.0.0.0:9443",
+                "--backend",
+                "127.0.0.1:1=99999",
+            ],
+            2,
+        ),
+        (vec!["services", "add"], 2),
+        (vec!["backends", "frobnicate"], 2),
+    ] {
+        let (code, _, err) = run(&args);
+        assert_eq!(code, want, "lb {args:?}: {err}");
+        assert!(!err.is_empty(), "lb {args:?} said nothing");
+    }
+    // Unreachable: a socket or address with nobody behind it.
+    for args in [
+        vec!["status", "--socket", "/nonexistent/lb.sock"],
+        vec!["services", "list", "--api", "http://127.0.0.1:1"],
+    ] {
+        let out = lb_tests::daemon::lb_cli(&s.lb_ns, &args);
+        assert_eq!(out.status.code(), Some(3), "lb {args:?}: {out:?}");
+    }
+    // Refused: a change over the read-only TCP listener.
+    let out = lb_tests::daemon::lb_cli(
+        &s.lb_ns,
+        &[
+            "backends",
+            "drain",
+            "-s",
+            "web",
+            "127.0.0.1:8001",
+            "--api",
+            &format!("http://{API}"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{out:?}"
+    );
+    assert_eq!(
+        lb.get("/api/v1/services").1,
+        st["services"],
+        "nothing changed on web"
+    );
+
+    // Completions and the man page.
+    let bash = lb_tests::daemon::lb_cli(&s.lb_ns, &["completions", "bash"]);
+    let bash = String::from_utf8_lossy(&bash.stdout);
+    assert!(
+        bash.contains("complete -F _lb") && bash.contains("disable"),
+        "{bash}"
+    );
+    for shell in ["zsh", "fish"] {
+        let out = lb_tests::daemon::lb_cli(&s.lb_ns, &["completions", shell]);
+        assert!(out.status.success() && out.stdout.len() > 1000, "{shell}");
+    }
+    let man = lb_tests::daemon::lb_cli(&s.lb_ns, &["man"]);
+    let man = String::from_utf8_lossy(&man.stdout);
+    assert!(
+        man.contains(".TH lb 1") && man.contains(".TH lb-services") && man.contains("EXIT STATUS"),
+        "{man}"
+    );
+}
