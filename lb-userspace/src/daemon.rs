@@ -16,7 +16,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{self, Config, ServiceConfig},
-    dataplane::{BackendSpec, Dataplane, DataplaneError, MapWriter, Options, ServiceSpec},
+    dataplane::{BackendSpec, Dataplane, DataplaneError, MapWriter, ServiceSpec},
     health::{self, Checker, HealthEvent, Start, Target},
     metrics::{Metrics, Snapshot},
     pins,
@@ -193,7 +193,6 @@ struct Inner {
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct Shared {
-    opts: Options,
     /// The config the daemon started with (what a reload compares to).
     config: Config,
     state_file: PathBuf,
@@ -533,7 +532,9 @@ impl Daemon {
         let (services, dropped, mut health) = resolve(&config.services, saved);
         if services != config.services {
             info!(file = %state_file.display(), "re-applying the changes made through the API on this config");
-            config::check_services(&services, &config.dataplane)
+            config::check_limits(&services, &config.limits)
+                .map_err(|e| StartError::StateConflict(e.to_string()))?;
+            config::check_services(&services, &config.limits)
                 .map_err(|e| StartError::StateConflict(e.in_body().to_string()))?;
             config::check_policy(&services, &config.policy)
                 .map_err(|e| StartError::StateConflict(e.in_body().to_string()))?;
@@ -600,7 +601,6 @@ impl Daemon {
                 }
             });
             Shared {
-                opts: config.dataplane.clone(),
                 config: config.clone(),
                 state_file: config.admin.state_file.clone(),
                 _lock: lock,
@@ -811,6 +811,7 @@ impl Daemon {
             (cfg.dataplane != old.dataplane, "dataplane settings"),
             (cfg.admin != old.admin, "admin settings"),
             (cfg.policy != old.policy, "policy settings"),
+            (cfg.limits != old.limits, "limits"),
             (
                 cfg.health_max_concurrent != old.health_max_concurrent,
                 "health.max_concurrent",
@@ -1140,7 +1141,10 @@ impl Daemon {
         inner: &mut Inner,
         services: Vec<ServiceConfig>,
     ) -> Result<(), ChangeError> {
-        config::check_services(&services, &self.shared.opts)
+        // Over `[limits]`: 409 naming the key, before anything is touched.
+        config::check_limits(&services, &self.shared.config.limits)
+            .map_err(|e| ChangeError::Conflict(e.to_string()))?;
+        config::check_services(&services, &self.shared.config.limits)
             .map_err(|e| ChangeError::Conflict(e.in_body().to_string()))?;
         config::check_policy(&services, &self.shared.config.policy)
             .map_err(|e| ChangeError::Invalid(e.in_body().to_string()))?;
