@@ -398,7 +398,7 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "{what}: more than {key} = {limit}; remove some, or raise {key} in the config file's \
-     [limits]"
+     [limits]{note}"
 )]
 pub struct LimitError {
     /// The config key: `limits.max_services` and the like.
@@ -408,6 +408,8 @@ pub struct LimitError {
     pub what: String,
     /// The first item past the limit.
     pub path: Vec<Seg>,
+    /// What else bounds the key, if anything.
+    pub note: &'static str,
 }
 
 /// The one check of `[limits]`, for every source of services.
@@ -419,6 +421,7 @@ pub fn check_limits(services: &[ServiceConfig], limits: &Limits) -> Result<(), L
             limit: limits.max_services,
             what: format!("{} services", services.len()),
             path: index(&root, limits.max_services),
+            note: " (at most dataplane.max_services, which sizes the kernel maps)",
         });
     }
     let mut total = 0;
@@ -430,6 +433,7 @@ pub fn check_limits(services: &[ServiceConfig], limits: &Limits) -> Result<(), L
                 limit: limits.max_backends_per_service,
                 what: format!("service {:?} has {} backends", s.name, s.backends.len()),
                 path: index(&bp, limits.max_backends_per_service),
+                note: "",
             });
         }
         if total + s.backends.len() > limits.max_backends {
@@ -441,6 +445,7 @@ pub fn check_limits(services: &[ServiceConfig], limits: &Limits) -> Result<(), L
                     services.iter().map(|s| s.backends.len()).sum::<usize>()
                 ),
                 path: index(&bp, limits.max_backends - total),
+                note: "",
             });
         }
         total += s.backends.len();
