@@ -366,7 +366,7 @@ pub struct ServiceConfig {
 
 /// How many services and backends the daemon takes on, from `[limits]`.
 /// Never more than the kernel maps hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Limits {
     pub max_services: usize,
     pub max_backends_per_service: usize,
@@ -398,7 +398,7 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "{what}: more than {key} = {limit}; remove some, or raise {key} in the config file's \
-     [limits]{note}"
+     [limits] and reload{note}"
 )]
 pub struct LimitError {
     /// The config key: `limits.max_services` and the like.

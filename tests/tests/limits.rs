@@ -3,8 +3,9 @@
 //! service past `max_services`, a backend past `max_backends`) is answered
 //! 409 naming the key and its value, and changes nothing: not the API's
 //! view, not the state file, not the kernel maps. Removing one makes room
-//! again. A reload of a file over a limit is refused, a state file over a
-//! lowered limit stops the start, and `lb validate` names the key, file and
+//! again. A reload of a file over a limit is refused, new limits apply with
+//! a reload when what is in force fits them, a state file over a lowered
+//! limit stops the start, and `lb validate` names the key, file and
 //! line. (And `POST /stop` and `/reload` refuse fields they do not have.)
 use std::{
     path::{Path, PathBuf},
@@ -263,6 +264,46 @@ fn api_changes_past_a_limit_get_409_naming_it_and_change_nothing() {
     );
     println!("reload past max_services: 400 {msg}");
     std::fs::write(&path, &good).unwrap();
+
+    // New limits apply with a reload when the services in force (the
+    // file's and the API's) fit them: lowered below those, refused whole;
+    // raised, they make room at once.
+    let status_limits = |lb: &Lb| lb.get("/api/v1/status").1["limits"].clone();
+    let was = status_limits(&lb);
+    assert_eq!(was["max_services"], 2, "{was}");
+    let with = |limits: &str| std::fs::write(&path, config(&pin, &state, limits, "")).unwrap();
+    with("max_services = 1\nmax_backends_per_service = 2\nmax_backends = 3\n");
+    let (status, v) = lb.call("POST", "/api/v1/reload", None, None);
+    let msg = v["error"].as_str().unwrap_or_default();
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        msg.contains("do not fit the new limits")
+            && msg.contains("2 services: more than limits.max_services = 1"),
+        "{msg}"
+    );
+    assert_eq!(status_limits(&lb), was);
+    assert_eq!(
+        seen(&lb, &state, &pin),
+        before,
+        "a refused reload changed something"
+    );
+    println!("reload lowering max_services below the services in force: 400 {msg}");
+    with("max_services = 3\nmax_backends_per_service = 2\nmax_backends = 4\n");
+    let (status, v) = lb.call("POST", "/api/v1/reload", None, None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(status_limits(&lb)["max_services"], 3);
+    added(
+        &lb,
+        "PUT",
+        "/api/v1/services/fourth",
+        r#"{"listen": "0.0.0.0:9444", "protocols": ["tcp"], "backends": [{"address": "127.0.0.1:9201"}]}"#,
+    );
+    let (status, v) = lb.call("DELETE", "/api/v1/services/fourth", None, None);
+    assert_eq!(status, 204, "{v}");
+    std::fs::write(&path, &good).unwrap();
+    let (status, v) = lb.call("POST", "/api/v1/reload", None, None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(status_limits(&lb), was);
 
     // Routes without a body refuse fields rather than ignore them: a stop
     // that names an option it does not have must not stop.
