@@ -633,6 +633,43 @@ mod tests {
     }
 
     #[test]
+    fn routes_without_a_body_take_none_or_an_empty_object() {
+        for ok in ["", " \r\n", "{}", " { } "] {
+            assert!(NoFields::parse(ok.as_bytes()).is_ok(), "{ok:?}");
+        }
+        for bad in [r#"{"keep_dataplane": true}"#, "null", "x", "{", "\"\"", "1"] {
+            let e = NoFields::parse(bad.as_bytes()).unwrap_err();
+            assert!(
+                e.starts_with("this route takes no body, or {}: "),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_patch_names_what_it_changes() {
+        let p = |json: &str| {
+            serde_json::from_str::<BackendPatch>(json)
+                .unwrap()
+                .validate()
+        };
+        assert_eq!(
+            p(r#"{"weight": 7, "state": "draining"}"#),
+            Ok(PatchChange {
+                weight: Some(7),
+                state: Some(AdminState::Draining)
+            })
+        );
+        assert_eq!(p("{}"), Err("give weight, state or both".into()));
+        assert_eq!(
+            p(r#"{"weight": 65536}"#),
+            Err("weight: 65536 is out of range 0..=65535".into())
+        );
+        assert!(p(r#"{"state": "up"}"#).unwrap_err().contains("state"));
+        assert!(serde_json::from_str::<BackendPatch>(r#"{"colour": 1}"#).is_err());
+    }
+
+    #[test]
     fn openapi_lists_every_route() {
         let doc = openapi_document();
         for p in [
