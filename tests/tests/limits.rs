@@ -16,7 +16,7 @@ use std::{
 use aya::maps::{Array, Map, MapData};
 use lb_common::{BackendEntry, ServiceEntry};
 use lb_tests::{
-    daemon::{BpfFs, Launch, Lb, TempDir, lb_binary},
+    daemon::{BpfFs, Launch, Lb, TempDir, lb_binary, lb_cli},
     netns::Topology,
 };
 use serde_json::Value;
@@ -271,6 +271,12 @@ fn api_changes_past_a_limit_get_409_naming_it_and_change_nothing() {
     let status_limits = |lb: &Lb| lb.get("/api/v1/status").1["limits"].clone();
     let was = status_limits(&lb);
     assert_eq!(was["max_services"], 2, "{was}");
+    let out = lb_cli(&lb_ns, &["status", "--api", &format!("http://{API}")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("limits: 2 services, 2 backends a service, 3 backends in all"),
+        "{text}"
+    );
     let with = |limits: &str| std::fs::write(&path, config(&pin, &state, limits, "")).unwrap();
     with("max_services = 1\nmax_backends_per_service = 2\nmax_backends = 3\n");
     let (status, v) = lb.call("POST", "/api/v1/reload", None, None);
