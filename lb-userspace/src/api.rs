@@ -18,6 +18,7 @@ use crate::{
     access::Access,
     config::{self, RawBackend, RawService, Seg},
     daemon::{ChangeError, Daemon, ServiceView},
+    dataplane::AdminState,
 };
 
 /// Largest request body accepted.
@@ -78,6 +79,79 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
                 Err(ApiError::new(status, rejection.body_text()))
             }
         }
+    }
+}
+
+/// The body of `POST /reload` and `POST /stop`: none, or `{}` (what `lb`
+/// sends). Fields are refused, not ignored: a client that believes it asked
+/// for something (`{"keep_dataplane": true}`) must not get something else.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoFields {}
+
+impl NoFields {
+    /// Reads a body of a route that takes no fields.
+    pub fn parse(body: &[u8]) -> Result<NoFields, String> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(NoFields {});
+        }
+        serde_json::from_slice(body).map_err(|e| format!("this route takes no body, or {{}}: {e}"))
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for NoFields {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|r| {
+                let status = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                ApiError::new(status, r.body_text())
+            })?;
+        NoFields::parse(&bytes).map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, m))
+    }
+}
+
+/// The body of `PATCH /services/{name}/backends/{address}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendPatch {
+    pub weight: Option<i64>,
+    pub state: Option<String>,
+}
+
+/// What a valid [`BackendPatch`] changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PatchChange {
+    pub weight: Option<u16>,
+    pub state: Option<AdminState>,
+}
+
+impl BackendPatch {
+    /// Checks the fields; the error is the API's 400 message.
+    pub fn validate(&self) -> Result<PatchChange, String> {
+        if self.weight.is_none() && self.state.is_none() {
+            return Err("give weight, state or both".into());
+        }
+        let weight = match self.weight {
+            Some(w) if !(0..=65535).contains(&w) => {
+                return Err(format!("weight: {w} is out of range 0..=65535"));
+            }
+            w => w.map(|w| w as u16),
+        };
+        let state = match &self.state {
+            Some(s) => Some(
+                config::parse_state(&[Seg::Key("state".into())], Some(s))
+                    .map_err(|e| e.in_body().to_string())?,
+            ),
+            None => None,
+        };
+        Ok(PatchChange { weight, state })
     }
 }
 
@@ -183,13 +257,13 @@ async fn status(State(d): State<Daemon>) -> Response {
 
 /// Re-reads the config file; 400 with the file, line and field when it is
 /// invalid (nothing changes then).
-async fn reload(State(d): State<Daemon>) -> Result<Response, ApiError> {
+async fn reload(State(d): State<Daemon>, _: NoFields) -> Result<Response, ApiError> {
     let report = d.reload().await?;
     Ok(Json(report).into_response())
 }
 
 /// Detaches the data plane, removes its pins, and ends the daemon.
-async fn stop(State(d): State<Daemon>) -> Response {
+async fn stop(State(d): State<Daemon>, _: NoFields) -> Response {
     // A moment for this answer to reach the client before the listener
     // closes.
     tokio::spawn(async move {
@@ -382,41 +456,15 @@ async fn add_backend(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BackendPatch {
-    weight: Option<i64>,
-    state: Option<String>,
-}
-
 async fn patch_backend(
     State(d): State<Daemon>,
     Path((name, address)): Path<(String, String)>,
     Body(patch): Body<BackendPatch>,
 ) -> Result<Response, ApiError> {
     let addr = parse_address(&address)?;
-    if patch.weight.is_none() && patch.state.is_none() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "give weight, state or both",
-        ));
-    }
-    let weight = match patch.weight {
-        Some(w) if !(0..=65535).contains(&w) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("weight: {w} is out of range 0..=65535"),
-            ));
-        }
-        w => w.map(|w| w as u16),
-    };
-    let state = match &patch.state {
-        Some(s) => Some(
-            config::parse_state(&[Seg::Key("state".into())], Some(s))
-                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.in_body().to_string()))?,
-        ),
-        None => None,
-    };
+    let PatchChange { weight, state } = patch
+        .validate()
+        .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, m))?;
     let key = name.clone();
     d.change(move |services| {
         let name = key;
@@ -511,7 +559,7 @@ pub fn openapi_document() -> serde_json::Value {
             "/healthz": {"get": {"summary": "Liveness", "responses": {"200": ok(json!({"type": "object"})), "503": error}}},
             "/status": {"get": {"summary": "Where the services come from: config, state file, API changes dropped", "responses": {"200": ok(json!({"type": "object"}))}}},
             "/reload": {"post": {"summary": "Re-read the config file and apply it", "security": [{"bearer": []}], "responses": {"200": ok(json!({"type": "object"})), "400": error, "401": error, "409": error}}},
-            "/stop": {"post": {"summary": "Detach the data plane, remove its pins and exit", "security": [{"bearer": []}], "responses": {"202": ok(json!({"type": "object"})), "401": error}}},
+            "/stop": {"post": {"summary": "Detach the data plane, remove its pins and exit", "security": [{"bearer": []}], "responses": {"202": ok(json!({"type": "object"})), "400": error, "401": error}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
         },
         "components": {
@@ -554,6 +602,43 @@ pub fn openapi_document() -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_without_a_body_take_none_or_an_empty_object() {
+        for ok in ["", " \r\n", "{}", " { } "] {
+            assert!(NoFields::parse(ok.as_bytes()).is_ok(), "{ok:?}");
+        }
+        for bad in [r#"{"keep_dataplane": true}"#, "null", "x", "{", "\"\"", "1"] {
+            let e = NoFields::parse(bad.as_bytes()).unwrap_err();
+            assert!(
+                e.starts_with("this route takes no body, or {}: "),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_patch_names_what_it_changes() {
+        let p = |json: &str| {
+            serde_json::from_str::<BackendPatch>(json)
+                .unwrap()
+                .validate()
+        };
+        assert_eq!(
+            p(r#"{"weight": 7, "state": "draining"}"#),
+            Ok(PatchChange {
+                weight: Some(7),
+                state: Some(AdminState::Draining)
+            })
+        );
+        assert_eq!(p("{}"), Err("give weight, state or both".into()));
+        assert_eq!(
+            p(r#"{"weight": 65536}"#),
+            Err("weight: 65536 is out of range 0..=65535".into())
+        );
+        assert!(p(r#"{"state": "up"}"#).unwrap_err().contains("state"));
+        assert!(serde_json::from_str::<BackendPatch>(r#"{"colour": 1}"#).is_err());
+    }
 
     #[test]
     fn openapi_lists_every_route() {

@@ -134,6 +134,22 @@ pub struct RawFile {
     pub services: Vec<RawService>,
     #[serde(default)]
     pub policy: RawPolicy,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+/// `[limits]`: how much the daemon takes on, from any source (config file,
+/// reload, state file, API).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Services at most (default and upper bound: `dataplane.max_services`;
+    /// when that is not set, it follows this).
+    pub max_services: Option<i64>,
+    /// Backends in one service at most (default 1024).
+    pub max_backends_per_service: Option<i64>,
+    /// Backends of all services together at most (default 8192).
+    pub max_backends: Option<i64>,
 }
 
 /// `[policy]`: rules every service's backends must follow, whether they
@@ -265,6 +281,8 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// `[policy]`.
     pub policy: Policy,
+    /// `[limits]`.
+    pub limits: Limits,
     /// Things that work but may hurt (e.g. a local backend port inside the
     /// host's ephemeral port range), placed in the file like errors.
     pub warnings: Vec<ConfigError>,
@@ -388,6 +406,95 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendConfig>,
     /// Networks the backends must lie in; empty: no such rule.
     pub allowed_backend_networks: Vec<Cidr>,
+}
+
+/// How many services and backends the daemon takes on, from `[limits]`.
+/// Never more than the kernel maps hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    pub max_services: usize,
+    pub max_backends_per_service: usize,
+    pub max_backends: usize,
+}
+
+/// `limits.max_backends_per_service` when the file does not set it.
+pub const DEFAULT_MAX_BACKENDS_PER_SERVICE: usize = 1024;
+
+impl Limits {
+    /// The defaults for data plane options `opts`: as many services as its
+    /// maps hold, as many backends as the backend map holds, 1024 a service.
+    pub fn for_dataplane(opts: &Options) -> Limits {
+        Limits {
+            max_services: opts.max_services as usize,
+            max_backends_per_service: DEFAULT_MAX_BACKENDS_PER_SERVICE,
+            max_backends: lb_common::MAX_BACKENDS as usize,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::for_dataplane(&Options::default())
+    }
+}
+
+/// A change that would take on more than `[limits]` allows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{what}: more than {key} = {limit}; remove some, or raise {key} in the config file's \
+     [limits] and reload{note}"
+)]
+pub struct LimitError {
+    /// The config key: `limits.max_services` and the like.
+    pub key: &'static str,
+    pub limit: usize,
+    /// What is over the limit, counted: `3 services`.
+    pub what: String,
+    /// The first item past the limit.
+    pub path: Vec<Seg>,
+    /// What else bounds the key, if anything.
+    pub note: &'static str,
+}
+
+/// The one check of `[limits]`, for every source of services.
+pub fn check_limits(services: &[ServiceConfig], limits: &Limits) -> Result<(), LimitError> {
+    let root = [Seg::Key("services".into())];
+    if services.len() > limits.max_services {
+        return Err(LimitError {
+            key: "limits.max_services",
+            limit: limits.max_services,
+            what: format!("{} services", services.len()),
+            path: index(&root, limits.max_services),
+            note: " (at most dataplane.max_services, which sizes the kernel maps)",
+        });
+    }
+    let mut total = 0;
+    for (i, s) in services.iter().enumerate() {
+        let bp = key(&index(&root, i), "backends");
+        if s.backends.len() > limits.max_backends_per_service {
+            return Err(LimitError {
+                key: "limits.max_backends_per_service",
+                limit: limits.max_backends_per_service,
+                what: format!("service {:?} has {} backends", s.name, s.backends.len()),
+                path: index(&bp, limits.max_backends_per_service),
+                note: "",
+            });
+        }
+        if total + s.backends.len() > limits.max_backends {
+            return Err(LimitError {
+                key: "limits.max_backends",
+                limit: limits.max_backends,
+                what: format!(
+                    "{} backends in all services",
+                    services.iter().map(|s| s.backends.len()).sum::<usize>()
+                ),
+                path: index(&bp, limits.max_backends - total),
+                note: "",
+            });
+        }
+        total += s.backends.len();
+    }
+    Ok(())
 }
 
 /// Rules for every service, from `[policy]`.
@@ -1012,8 +1119,9 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
 }
 
 /// Rules that span services: unique names and listeners, reverse
-/// translation that can tell replies apart, and the data plane's limits.
-pub fn check_services(services: &[ServiceConfig], opts: &Options) -> Result<(), FieldError> {
+/// translation that can tell replies apart, and `[limits]`.
+pub fn check_services(services: &[ServiceConfig], limits: &Limits) -> Result<(), FieldError> {
+    check_limits(services, limits).map_err(|e| FieldError::new(&e.path, e.to_string()))?;
     let root = [Seg::Key("services".into())];
     let mut names = HashMap::new();
     let mut listeners = HashMap::new();
@@ -1021,17 +1129,6 @@ pub fn check_services(services: &[ServiceConfig], opts: &Options) -> Result<(), 
     // Replies of backends whose address is rewritten are found by backend
     // address, port and protocol (`LB_REV_ADDRS`): one service each.
     let mut reverse_addr: HashMap<(SocketAddr, Protocol), (SocketAddr, &str)> = HashMap::new();
-    let mut backends = 0;
-    if services.len() > opts.max_services as usize {
-        return Err(FieldError::new(
-            &root,
-            format!(
-                "{} services, but dataplane.max_services is {}",
-                services.len(),
-                opts.max_services
-            ),
-        ));
-    }
     for (i, s) in services.iter().enumerate() {
         let sp = index(&root, i);
         if let Some(j) = names.insert(s.name.as_str(), i) {
@@ -1091,13 +1188,6 @@ pub fn check_services(services: &[ServiceConfig], opts: &Options) -> Result<(), 
                 }
             }
         }
-        backends += s.backends.len();
-    }
-    if backends > lb_common::MAX_BACKENDS as usize {
-        return Err(FieldError::new(
-            &root,
-            format!("{backends} backends; at most {}", lb_common::MAX_BACKENDS),
-        ));
     }
     Ok(())
 }
@@ -1295,6 +1385,7 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
             lb_common::MAX_SERVICES as i64,
         )? as u32;
     }
+    let work_limits = parse_limits(&raw.limits, dp.max_services.is_some(), &mut opts)?;
     let pin = dp.pin_path.unwrap_or_else(|| DEFAULT_PIN_PATH.into());
     if !pin.starts_with('/') || pin.len() < 2 {
         return Err(FieldError::new(
@@ -1426,7 +1517,7 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
     for (i, s) in raw.services.iter().enumerate() {
         services.push(service(&index(&[Seg::Key("services".into())], i), s)?);
     }
-    check_services(&services, &opts)?;
+    check_services(&services, &work_limits)?;
     let policy = Policy {
         allowed_backend_networks: match &raw.policy.allowed_backend_networks {
             Some(list) => networks(
@@ -1460,8 +1551,67 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         health_max_concurrent,
         services,
         policy,
+        limits: work_limits,
         warnings: Vec::new(),
     })
+}
+
+/// `[limits]`, bounded by what the kernel maps hold. `dataplane.max_services`
+/// sizes the maps; without it, the maps are sized to `limits.max_services`.
+fn parse_limits(
+    raw: &RawLimits,
+    capacity_set: bool,
+    opts: &mut Options,
+) -> Result<Limits, FieldError> {
+    let lp = [Seg::Key("limits".into())];
+    let mut limits = Limits::for_dataplane(opts);
+    if let Some(v) = raw.max_services {
+        let k = key(&lp, "max_services");
+        if capacity_set && v > i64::from(opts.max_services) {
+            return Err(FieldError::new(
+                &k,
+                format!(
+                    "{v} is more than dataplane.max_services = {}, the services the kernel maps \
+                     are sized for; raise dataplane.max_services (or leave it out: it then \
+                     follows limits.max_services)",
+                    opts.max_services
+                ),
+            ));
+        }
+        limits.max_services = int_in(&k, v, 1, i64::from(lb_common::MAX_SERVICES))? as usize;
+        if !capacity_set {
+            opts.max_services = limits.max_services as u32;
+        }
+    }
+    if let Some(v) = raw.max_backends {
+        limits.max_backends = int_in(
+            &key(&lp, "max_backends"),
+            v,
+            1,
+            i64::from(lb_common::MAX_BACKENDS),
+        )? as usize;
+    }
+    match raw.max_backends_per_service {
+        Some(v) => {
+            let k = key(&lp, "max_backends_per_service");
+            if v > limits.max_backends as i64 {
+                return Err(FieldError::new(
+                    &k,
+                    format!(
+                        "{v} is more than limits.max_backends = {}",
+                        limits.max_backends
+                    ),
+                ));
+            }
+            limits.max_backends_per_service =
+                int_in(&k, v, 1, limits.max_backends as i64)? as usize;
+        }
+        None => {
+            limits.max_backends_per_service =
+                limits.max_backends_per_service.min(limits.max_backends);
+        }
+    }
+    Ok(limits)
 }
 
 /// The host's `net.ipv4.ip_local_port_range` (it applies to IPv6 too), or
@@ -1637,6 +1787,248 @@ backends = [
 
     fn err(text: &str) -> ConfigError {
         Config::parse(Path::new("lb.toml"), text).expect_err("config must be rejected")
+    }
+
+    /// A config of `services` services with `backends` backends each,
+    /// `[limits]` lines `limits` and `[dataplane]` lines `dataplane`.
+    fn sized(dataplane: &str, limits: &str, services: usize, backends: usize) -> String {
+        let mut t = format!("[dataplane]\ninterface = \"eth0\"\n{dataplane}\n[limits]\n{limits}\n");
+        for i in 0..services {
+            t.push_str(&format!(
+                "\n[[services]]\nname = \"s{i}\"\nlisten = \"0.0.0.0:{}\"\nbackends = [\n",
+                1000 + i
+            ));
+            for j in 0..backends {
+                t.push_str(&format!(
+                    "  {{ address = \"127.0.{i}.{}:{}\" }},\n",
+                    j + 1,
+                    2000 + i
+                ));
+            }
+            t.push_str("]\n");
+        }
+        t
+    }
+
+    fn line_of(text: &str, needle: &str) -> usize {
+        text.lines().position(|l| l.contains(needle)).unwrap() + 1
+    }
+
+    #[test]
+    fn limits_default_to_what_the_maps_hold() {
+        let c = Config::parse(Path::new("lb.toml"), GOOD).unwrap();
+        assert_eq!(
+            c.limits,
+            Limits {
+                max_services: 8,
+                max_backends_per_service: 1024,
+                max_backends: 8192
+            }
+        );
+        assert_eq!(c.limits, Limits::default());
+        // `dataplane.max_services` alone: the limit is the capacity.
+        let c = Config::parse(Path::new("lb.toml"), &sized("max_services = 4", "", 4, 1)).unwrap();
+        assert_eq!((c.limits.max_services, c.dataplane.max_services), (4, 4));
+        // `limits.max_services` alone: the maps are sized to it.
+        let c =
+            Config::parse(Path::new("lb.toml"), &sized("", "max_services = 20", 20, 1)).unwrap();
+        assert_eq!((c.limits.max_services, c.dataplane.max_services), (20, 20));
+        // Both: the limit may be lower than the capacity.
+        let c = Config::parse(
+            Path::new("lb.toml"),
+            &sized("max_services = 16", "max_services = 2", 2, 1),
+        )
+        .unwrap();
+        assert_eq!((c.limits.max_services, c.dataplane.max_services), (2, 16));
+        // A low total lowers the default per service with it.
+        let c =
+            Config::parse(Path::new("lb.toml"), &sized("", "max_backends = 10", 1, 10)).unwrap();
+        assert_eq!(
+            (c.limits.max_backends, c.limits.max_backends_per_service),
+            (10, 10)
+        );
+    }
+
+    #[test]
+    fn limits_never_exceed_the_maps() {
+        for (dataplane, limits, field, says) in [
+            (
+                "max_services = 4",
+                "max_services = 5",
+                "limits.max_services",
+                "more than dataplane.max_services = 4",
+            ),
+            (
+                "",
+                "max_services = 65",
+                "limits.max_services",
+                "out of range 1..=64",
+            ),
+            (
+                "",
+                "max_services = 0",
+                "limits.max_services",
+                "out of range",
+            ),
+            (
+                "",
+                "max_backends = 8193",
+                "limits.max_backends",
+                "out of range 1..=8192",
+            ),
+            (
+                "",
+                "max_backends = 0",
+                "limits.max_backends",
+                "out of range",
+            ),
+            (
+                "",
+                "max_backends = 100\nmax_backends_per_service = 101",
+                "limits.max_backends_per_service",
+                "more than limits.max_backends = 100",
+            ),
+            (
+                "",
+                "max_backends_per_service = 0",
+                "limits.max_backends_per_service",
+                "out of range",
+            ),
+            (
+                "",
+                "max_backends_per_service = 9000",
+                "limits.max_backends_per_service",
+                "more than limits.max_backends = 8192",
+            ),
+            ("", "colour = 1", "limits.colour", "unknown field"),
+        ] {
+            let text = sized(dataplane, limits, 1, 1);
+            let e = err(&text);
+            assert_eq!(e.field, field, "{limits}: {e}");
+            assert!(e.message.contains(says), "{limits}: {e}");
+            let key = field.rsplit('.').next().unwrap();
+            let limits_at = line_of(&text, "[limits]");
+            assert_eq!(
+                e.position.map(|p| p.0),
+                Some(
+                    limits_at
+                        + line_of(
+                            &text.lines().skip(limits_at).collect::<Vec<_>>().join("\n"),
+                            &format!("{key} =")
+                        )
+                ),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_over_a_limit_names_the_limit_and_the_first_item_past_it() {
+        // Three services, two allowed: the third's header.
+        let text = sized("", "max_services = 2", 3, 1);
+        let e = err(&text);
+        assert_eq!(e.field, "services[2]", "{e}");
+        assert_eq!(
+            e.position.map(|p| p.0),
+            Some(line_of(&text, "name = \"s2\"") - 1),
+            "{e}"
+        );
+        assert!(
+            e.message
+                .contains("3 services: more than limits.max_services = 2")
+                && e.message.contains("[limits]"),
+            "{e}"
+        );
+        // Three backends, two a service: the third backend's line.
+        let text = sized("", "max_backends_per_service = 2", 2, 3);
+        let e = err(&text);
+        assert_eq!(e.field, "services[0].backends[2]", "{e}");
+        assert_eq!(
+            e.position.map(|p| p.0),
+            Some(line_of(&text, "127.0.0.3:2000")),
+            "{e}"
+        );
+        assert!(
+            e.message.contains(
+                "service \"s0\" has 3 backends: more than limits.max_backends_per_service = 2"
+            ),
+            "{e}"
+        );
+        // 3 x 3 backends, 7 in all: the one that makes 8.
+        let text = sized("", "max_backends = 7", 3, 3);
+        let e = err(&text);
+        assert_eq!(e.field, "services[2].backends[1]", "{e}");
+        assert_eq!(
+            e.position.map(|p| p.0),
+            Some(line_of(&text, "127.0.2.2:2002")),
+            "{e}"
+        );
+        assert!(
+            e.message
+                .contains("9 backends in all services: more than limits.max_backends = 7"),
+            "{e}"
+        );
+        // At each limit: valid.
+        for (limits, services, backends) in [
+            ("max_services = 2", 2, 1),
+            ("max_backends_per_service = 3", 2, 3),
+            ("max_backends = 9", 3, 3),
+        ] {
+            Config::parse(Path::new("lb.toml"), &sized("", limits, services, backends))
+                .unwrap_or_else(|e| panic!("{limits}: {e}"));
+        }
+    }
+
+    #[test]
+    fn check_limits_is_the_one_check_for_every_source() {
+        let c = Config::parse(Path::new("lb.toml"), &sized("", "", 2, 2)).unwrap();
+        let limits = Limits {
+            max_services: 2,
+            max_backends_per_service: 2,
+            max_backends: 3,
+        };
+        // What the API, a reload and the state file hand it: more of
+        // each, found by the same function check_services calls.
+        let mut more = c.services.clone();
+        more[1].backends.pop();
+        assert_eq!(check_limits(&more, &limits), Ok(()));
+        let mut third = more.clone();
+        third.push(ServiceConfig {
+            name: "s9".into(),
+            backends: Vec::new(),
+            ..more[0].clone()
+        });
+        let e = check_limits(&third, &limits).unwrap_err();
+        assert_eq!((e.key, e.limit), ("limits.max_services", 2));
+        assert_eq!(
+            check_services(&third, &limits).unwrap_err().message,
+            e.to_string()
+        );
+        let mut wide = more.clone();
+        wide[1].backends.push(c.services[0].backends[0].clone());
+        wide[1].backends[1].address = "127.0.1.9:2001".parse().unwrap();
+        let e = check_limits(&wide, &limits).unwrap_err();
+        assert_eq!((e.key, e.limit), ("limits.max_backends", 3), "{e}");
+        wide[0].backends.pop();
+        wide[1]
+            .backends
+            .push(ServiceConfig::clone(&c.services[1]).backends[0].clone());
+        wide[1].backends[2].address = "127.0.1.8:2001".parse().unwrap();
+        let e = check_limits(&wide, &limits).unwrap_err();
+        assert_eq!(
+            (e.key, e.limit),
+            ("limits.max_backends_per_service", 2),
+            "{e}"
+        );
+        assert_eq!(
+            e.path,
+            vec![
+                Seg::Key("services".into()),
+                Seg::Index(1),
+                Seg::Key("backends".into()),
+                Seg::Index(2)
+            ]
+        );
     }
 
     #[test]

@@ -337,6 +337,13 @@ pub fn status(client: &Client, out: &Output) -> Result<()> {
             },
             st["state_file"].as_str().unwrap_or("?"),
         );
+        let l = &st["limits"];
+        if l.is_object() {
+            println!(
+                "limits: {} services, {} backends a service, {} backends in all",
+                l["max_services"], l["max_backends_per_service"], l["max_backends"]
+            );
+        }
         if st["pins_outlive_daemon"].as_bool() == Some(false) {
             println!(
                 "WARNING: the pins die with the daemon; restarts are not hitless (see the log)"

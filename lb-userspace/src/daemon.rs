@@ -16,7 +16,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{self, Config, ServiceConfig},
-    dataplane::{BackendSpec, Dataplane, DataplaneError, MapWriter, Options, ServiceSpec},
+    dataplane::{BackendSpec, Dataplane, DataplaneError, MapWriter, ServiceSpec},
     health::{self, Checker, HealthEvent, Start, Target},
     metrics::{Metrics, Snapshot},
     pins,
@@ -89,6 +89,8 @@ pub struct StatusView {
     pub reloads: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_reload_error: Option<String>,
+    /// `[limits]` in force.
+    pub limits: config::Limits,
 }
 
 /// What a reload did.
@@ -187,13 +189,15 @@ struct Inner {
     dropped: Vec<String>,
     reloads: u64,
     last_reload_error: Option<String>,
+    /// `[limits]` in force: the config's at start, a reloaded file's once
+    /// the services in force fit them.
+    limits: config::Limits,
 }
 
 /// How often the flow table is swept for changed slots that can be clean.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct Shared {
-    opts: Options,
     /// The config the daemon started with (what a reload compares to).
     config: Config,
     state_file: PathBuf,
@@ -539,7 +543,9 @@ impl Daemon {
         let (services, dropped, mut health) = resolve(&config.services, saved);
         if services != config.services {
             info!(file = %state_file.display(), "re-applying the changes made through the API on this config");
-            config::check_services(&services, &config.dataplane)
+            config::check_limits(&services, &config.limits)
+                .map_err(|e| StartError::StateConflict(e.to_string()))?;
+            config::check_services(&services, &config.limits)
                 .map_err(|e| StartError::StateConflict(e.in_body().to_string()))?;
             config::check_policy(&services, &config.policy)
                 .map_err(|e| StartError::StateConflict(e.in_body().to_string()))?;
@@ -606,7 +612,6 @@ impl Daemon {
                 }
             });
             Shared {
-                opts: config.dataplane.clone(),
                 config: config.clone(),
                 state_file: config.admin.state_file.clone(),
                 _lock: lock,
@@ -629,6 +634,7 @@ impl Daemon {
                     dropped,
                     reloads: 0,
                     last_reload_error: None,
+                    limits: config.limits,
                 }),
                 requests,
                 progress: Mutex::new(Progress::default()),
@@ -770,13 +776,15 @@ impl Daemon {
                 && self.shared.private_pins.is_none(),
             reloads: inner.reloads,
             last_reload_error: inner.last_reload_error.clone(),
+            limits: inner.limits,
         }
     }
 
     /// Re-reads the config file, validates it whole and applies what
     /// changed in its services; API changes made on the previous config are
-    /// dropped (and named) when its services changed. An invalid file
-    /// changes nothing.
+    /// dropped (and named) when its services changed. New `[limits]` apply
+    /// when the services then in force fit them. An invalid file changes
+    /// nothing.
     pub async fn reload(&self) -> Result<ReloadReport, ChangeError> {
         let (ack, done) = oneshot::channel();
         self.request(Request::Reload { ack })?;
@@ -827,8 +835,30 @@ impl Daemon {
                 needs_restart.push(format!("{what} changed: restart the daemon to apply"));
             }
         }
+        // New `[limits]` apply with the reload, within the maps loaded at
+        // start (a larger `dataplane.max_services` needs a restart).
+        let mut limits = cfg.limits;
+        let capacity = old.dataplane.max_services as usize;
+        if limits.max_services > capacity {
+            needs_restart.push(format!(
+                "limits.max_services = {} is more than the {capacity} services the loaded maps \
+                 hold: {capacity} until a restart",
+                limits.max_services
+            ));
+            limits.max_services = capacity;
+        }
         let fp = state::fingerprint(&cfg.services);
         if fp == inner.base_fp {
+            // The services in force (with API changes) must fit them.
+            if let Err(e) = config::check_limits(&inner.services, &limits) {
+                let msg = format!(
+                    "reload refused, nothing changed: the services in force (the config file's \
+                     and API changes) do not fit the new limits: {e}"
+                );
+                inner.last_reload_error = Some(msg.clone());
+                return Err(ChangeError::Invalid(msg));
+            }
+            inner.limits = limits;
             inner.last_reload_error = None;
             return Ok(ReloadReport {
                 applied: false,
@@ -844,7 +874,7 @@ impl Daemon {
         let (old_base, old_fp) = (inner.base.clone(), inner.base_fp.clone());
         inner.base = cfg.services.clone();
         inner.base_fp = fp;
-        if let Err(e) = self.commit(&mut inner, cfg.services.clone()).await {
+        if let Err(e) = self.commit(&mut inner, cfg.services.clone(), &limits).await {
             inner.base = old_base;
             inner.base_fp = old_fp;
             let msg = format!("reload failed, nothing changed: {e}");
@@ -858,6 +888,7 @@ impl Daemon {
             warn!("API change dropped: the config file changed since it was made: {d}");
         }
         inner.dropped = dropped.clone();
+        inner.limits = limits;
         inner.last_reload_error = None;
         Ok(ReloadReport {
             applied: true,
@@ -1068,7 +1099,12 @@ impl Daemon {
                 let mut inner = self.shared.inner.lock().await;
                 let mut services = inner.services.clone();
                 let out = match change(&mut services) {
-                    Ok(out) => self.commit(&mut inner, services).await.map(|()| out),
+                    Ok(out) => {
+                        let limits = inner.limits;
+                        self.commit(&mut inner, services, &limits)
+                            .await
+                            .map(|()| out)
+                    }
                     Err(e) => Err(e),
                 };
                 drop(inner);
@@ -1161,8 +1197,12 @@ impl Daemon {
         &self,
         inner: &mut Inner,
         services: Vec<ServiceConfig>,
+        limits: &config::Limits,
     ) -> Result<(), ChangeError> {
-        config::check_services(&services, &self.shared.opts)
+        // Over `[limits]`: 409 naming the key, before anything is touched.
+        config::check_limits(&services, limits)
+            .map_err(|e| ChangeError::Conflict(e.to_string()))?;
+        config::check_services(&services, limits)
             .map_err(|e| ChangeError::Conflict(e.in_body().to_string()))?;
         config::check_policy(&services, &self.shared.config.policy)
             .map_err(|e| ChangeError::Invalid(e.in_body().to_string()))?;

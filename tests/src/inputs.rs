@@ -8,10 +8,9 @@
 use std::path::Path;
 
 use lb_userspace::{
-    config::{self, Config, RawBackend, RawService},
-    dataplane::Options,
+    api::{BackendPatch, NoFields},
+    config::{self, Config, Limits, RawBackend, RawService},
 };
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::rng::Rng;
@@ -81,7 +80,7 @@ pub fn check_config(text: &str) -> Result<(), String> {
     }
 }
 
-/// Which API body a JSON input is for.
+/// Which API body a JSON input is for: every route that reads a body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Body {
     /// `PUT /services/{name}`
@@ -90,14 +89,32 @@ pub enum Body {
     Backend,
     /// `PATCH /services/{name}/backends/{address}`
     Patch,
+    /// `POST /reload`
+    Reload,
+    /// `POST /stop`
+    Stop,
 }
 
-/// The PATCH body, as the API declares it.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Patch {
-    weight: Option<i64>,
-    state: Option<String>,
+impl Body {
+    pub const ALL: [Body; 5] = [
+        Body::Service,
+        Body::Backend,
+        Body::Patch,
+        Body::Reload,
+        Body::Stop,
+    ];
+
+    /// The route a fuzz input's first byte picks: `'0'` PUT service, `'1'`
+    /// POST backend, `'2'` PATCH backend, `'3'` POST reload, `'4'` POST
+    /// stop (any byte: its distance from `'0'`, modulo 5).
+    pub fn from_byte(b: u8) -> Body {
+        Body::ALL[usize::from(b.wrapping_sub(b'0')) % Body::ALL.len()]
+    }
+
+    /// The seed-file prefix of this route.
+    pub fn byte(self) -> u8 {
+        b'0' + Body::ALL.iter().position(|k| *k == self).unwrap() as u8
+    }
 }
 
 fn body_error(e: config::FieldError) -> Result<(), String> {
@@ -133,7 +150,7 @@ pub fn check_body(kind: Body, text: &str) -> Result<(), String> {
                 Ok(s) => {
                     // Cross-service rules on their own must not trip either.
                     if let Err(e) =
-                        config::check_services(std::slice::from_ref(&s), &Options::default())
+                        config::check_services(std::slice::from_ref(&s), &Limits::default())
                     {
                         body_error(e)?;
                     }
@@ -164,20 +181,65 @@ pub fn check_body(kind: Body, text: &str) -> Result<(), String> {
             }
         }
         Body::Patch => {
-            let p: Patch = match serde_json::from_str(text) {
+            let p: BackendPatch = match serde_json::from_str(text) {
                 Ok(p) => p,
                 Err(_) => return Ok(()),
             };
-            if let Some(w) = p.weight
-                && !(0..=65535).contains(&w)
-            {
-                return Ok(());
-            }
-            match config::parse_state(&[config::Seg::Key("state".into())], p.state.as_deref()) {
-                Err(e) => body_error(e),
-                Ok(_) => Ok(()),
+            match p.validate() {
+                Err(m) if m.trim().is_empty() => Err(format!("a PATCH error says nothing: {p:?}")),
+                Err(_) => Ok(()),
+                Ok(c) => {
+                    // What validates changes exactly what the body named.
+                    if c.weight.map(i64::from) != p.weight
+                        || c.state.is_some() != p.state.is_some()
+                        || (c.weight, c.state) == (None, None)
+                    {
+                        return Err(format!("{p:?} validated as {c:?}"));
+                    }
+                    Ok(())
+                }
             }
         }
+        Body::Reload | Body::Stop => match NoFields::parse(text.as_bytes()) {
+            Err(m) if m.trim().is_empty() => Err("a body error says nothing".into()),
+            Err(_) => Ok(()),
+            // Nothing but no body or an empty object gets through.
+            Ok(NoFields {}) => match serde_json::from_str::<Value>(text) {
+                _ if text.trim().is_empty() => Ok(()),
+                Ok(Value::Object(m)) if m.is_empty() => Ok(()),
+                // serde reads a struct from a JSON array too.
+                Ok(Value::Array(a)) if a.is_empty() => Ok(()),
+                other => Err(format!("{text:?} was taken as no fields ({other:?})")),
+            },
+        },
+    }
+}
+
+/// Whether the API takes `text` as a `kind` body: the API's own types and
+/// checks, all the way (for seeds, which must start inside them).
+pub fn accept(kind: Body, text: &str) -> Result<(), String> {
+    let json = |e: serde_json::Error| format!("not a {kind:?} body: {e}");
+    match kind {
+        Body::Service => {
+            let mut raw: RawService = serde_json::from_str(text).map_err(json)?;
+            if raw.name.is_empty() {
+                raw.name = "api".into();
+            }
+            let s = config::service(&[], &raw).map_err(|e| e.in_body().to_string())?;
+            config::check_services(std::slice::from_ref(&s), &Limits::default())
+                .map_err(|e| e.in_body().to_string())
+        }
+        Body::Backend => {
+            let raw: RawBackend = serde_json::from_str(text).map_err(json)?;
+            config::backend(&[], &raw)
+                .map(|_| ())
+                .map_err(|e| e.in_body().to_string())
+        }
+        Body::Patch => {
+            let p: BackendPatch = serde_json::from_str(text).map_err(json)?;
+            p.validate().map(|_| ())
+        }
+        Body::Reload | Body::Stop => NoFields::parse(text.as_bytes()).map(|_| ()),
     }
 }
 
@@ -220,6 +282,11 @@ state_file = "/tmp/lb-fuzz-state-never-written.json"
 
 [health]
 max_concurrent = 64
+
+[limits]
+max_services = 3
+max_backends_per_service = 2
+max_backends = 3
 
 [[services]]
 name = "dns"
@@ -288,6 +355,22 @@ pub fn patch_bodies() -> Vec<Value> {
     ]
 }
 
+/// Bodies of `POST /reload` and `POST /stop`: the one `lb` sends, and
+/// one that must be refused, not ignored.
+pub fn no_field_bodies() -> Vec<Value> {
+    vec![json!({}), json!({"keep_dataplane": true})]
+}
+
+/// The bodies mutations of `kind` start from.
+pub fn bodies(kind: Body) -> Vec<Value> {
+    match kind {
+        Body::Service => service_bodies(),
+        Body::Backend => backend_bodies(),
+        Body::Patch => patch_bodies(),
+        Body::Reload | Body::Stop => no_field_bodies(),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Mutation.
 
@@ -354,12 +437,14 @@ const TOML_VALUES: [&str; 58] = [
     "'''\nmulti\nline'''",
 ];
 
-const TOML_KEYS: [&str; 24] = [
+const TOML_KEYS: [&str; 26] = [
     "interface",
     "xdp_mode",
     "flow_table_size",
     "maglev_table_size",
     "max_services",
+    "max_backends_per_service",
+    "max_backends",
     "listen",
     "token_file",
     "state_file",
@@ -381,13 +466,14 @@ const TOML_KEYS: [&str; 24] = [
     "colour",
 ];
 
-const TOML_SNIPPETS: [&str; 12] = [
+const TOML_SNIPPETS: [&str; 13] = [
     "\n[[services]]\nname = \"x\"\nbackends = [{ address = \"127.0.0.1:9\" }]\n",
     "\n[[services]]\nname = \"web\"\n",
     "\n[dataplane]\n",
     "\n[admin]\nlisten = \"0.0.0.0:9180\"\n",
     "\n[health]\nmax_concurrent = 0\n",
     "\n[unknown]\n",
+    "\n[limits]\nmax_services = 1\nmax_backends_per_service = 1\nmax_backends = 1\n",
     "[[services.backends]]\naddress = \"127.0.0.1:1\"\n",
     "\"",
     "[",
@@ -637,12 +723,8 @@ fn mutate_json(r: &mut Rng, v: &mut Value, depth: usize) {
 /// A request body to try: a valid one, mutated as a tree and sometimes
 /// as text.
 pub fn body_case(r: &mut Rng) -> (Body, String) {
-    let (kind, bodies) = match r.below(3) {
-        0 => (Body::Service, service_bodies()),
-        1 => (Body::Backend, backend_bodies()),
-        _ => (Body::Patch, patch_bodies()),
-    };
-    let mut v = r.pick(&bodies).clone();
+    let kind = Body::ALL[r.below(Body::ALL.len())];
+    let mut v = r.pick(&bodies(kind)).clone();
     for _ in 0..r.range(1, 4) {
         mutate_json(r, &mut v, 0);
     }

@@ -1,7 +1,9 @@
 //! Any bytes as an admin API request body: the first byte picks the route
-//! (0: PUT service, 1: POST backend, 2: PATCH backend, modulo 3), the rest
-//! is the body. Deserializing and validating must not panic, errors must
-//! say something, and what validates must survive the API's own shape.
+//! (`'0'` PUT service, `'1'` POST backend, `'2'` PATCH backend, `'3'` POST
+//! reload, `'4'` POST stop; `Body::from_byte`), the rest is the body.
+//! Deserializing and validating with the API's own types must not panic,
+//! errors must say something, and what validates must survive the API's
+//! own shape.
 #![no_main]
 
 #[allow(dead_code)]
@@ -19,11 +21,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((route, body)) = data.split_first() else {
         return;
     };
-    let kind = match route % 3 {
-        0 => Body::Service,
-        1 => Body::Backend,
-        _ => Body::Patch,
-    };
+    let kind = Body::from_byte(*route);
     if let Ok(text) = std::str::from_utf8(body)
         && let Err(what) = inputs::check_body(kind, text)
     {
