@@ -11,6 +11,7 @@ use lb_userspace::{
     config::Config,
     daemon::{Daemon, RunOptions, StartError},
     notify::{self, Notifier},
+    privs,
 };
 use tracing::{error, info, warn};
 
@@ -214,18 +215,40 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
     }
     let notifier = Notifier::from_env();
     let listen = config.admin.listen;
+    let cannot_listen = || format!("admin API cannot listen on {listen}; nothing was attached");
+    // Bound before anything is attached: a port in use fails fast. And
+    // before the capabilities go: a port below 1024 needs one.
+    let socket = admin_socket(listen).with_context(cannot_listen)?;
+    // Loading and attaching need more than the running daemon keeps; the
+    // loader thread keeps it all and ends after. Every other thread is
+    // started after the drop below and inherits the small set.
+    let loader = privs::Loader::spawn().context("starting the loader thread")?;
+    let held = rustix::thread::capabilities(None)
+        .context("reading the capabilities")?
+        .permitted;
+    let keep = privs::to_keep(held, privs::kernel_has_cap_bpf());
+    privs::drop_to(keep).context("dropping capabilities; nothing was attached")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
-        // Bound before anything is attached: a port in use fails fast.
-        let listener = admin_listener(listen)
-            .with_context(|| format!("admin API cannot listen on {listen}; nothing was attached"))?;
+        let listener = socket.listen(1024).with_context(cannot_listen)?;
         // Handled from here on: a SIGHUP while starting must not end the
         // daemon (the default action); it reloads once started.
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-        let daemon = Daemon::start(&config, &opts).await?;
+        let prepared = {
+            let (config, opts) = (config.clone(), opts.clone());
+            loader
+                .run(move || Daemon::prepare(&config, &opts))
+                .await?
+        };
+        let daemon = Daemon::finish(&config, prepared).await?;
+        privs::check_all_threads(keep).context(
+            "a thread holds capabilities it should have dropped; the data plane stays attached \
+             and pinned for the next `lb run`",
+        )?;
+        info!(kept = %privs::names(keep), "capabilities dropped: every other one is gone from all sets of every thread, and no_new_privs is set");
         if !listen.ip().is_loopback() && daemon.token().is_none() {
             warn!(%listen, "the admin API listens beyond loopback without a token: anyone who reaches it can change the balancer; set admin.token_file");
         }
@@ -271,8 +294,9 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
     })
 }
 
-/// The admin listener, with a backlog deep enough for bursts of clients.
-fn admin_listener(listen: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+/// The admin socket, bound; `listen` (inside the runtime) with a backlog
+/// deep enough for bursts of clients.
+fn admin_socket(listen: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     let sock = if listen.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -280,7 +304,7 @@ fn admin_listener(listen: std::net::SocketAddr) -> std::io::Result<tokio::net::T
     };
     sock.set_reuseaddr(true)?;
     sock.bind(listen)?;
-    sock.listen(1024)
+    Ok(sock)
 }
 
 /// SIGHUP: re-read the config and apply it, telling systemd around it.
