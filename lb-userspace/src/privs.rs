@@ -27,16 +27,16 @@ pub enum PrivsError {
     #[error("clearing the ambient capabilities: {0}")]
     Ambient(io::Error),
     #[error(
-        "dropping {cap} from the bounding set: {source}; the daemon needs CAP_SETPCAP at start \
+        "dropping {cap} from the bounding set: {err}; the daemon needs CAP_SETPCAP at start \
          to drop what it does not need (it keeps none of it)"
     )]
-    Bounding { cap: String, source: io::Error },
-    #[error("keeping only {kept} (effective, permitted; inheritable empty): {source}")]
-    Set { kept: String, source: io::Error },
+    Bounding { cap: String, err: io::Error },
+    #[error("keeping only {kept} (effective, permitted; inheritable empty): {err}")]
+    Set { kept: String, err: io::Error },
     #[error("setting no_new_privs: {0}")]
     NoNewPrivs(io::Error),
-    #[error("{path}: {source}")]
-    Proc { path: PathBuf, source: io::Error },
+    #[error("{path}: {err}")]
+    Proc { path: PathBuf, err: io::Error },
     #[error("thread {tid} holds {set} {found}, not {expected}")]
     Leftover {
         tid: String,
@@ -137,14 +137,14 @@ pub fn drop_to(keep: CapabilitySet) -> Result<(), PrivsError> {
             Err(e) => {
                 return Err(PrivsError::Bounding {
                     cap: names(cap),
-                    source: e.into(),
+                    err: e.into(),
                 });
             }
             Ok(true) => {}
         }
         rthread::remove_capability_from_bounding_set(cap).map_err(|e| PrivsError::Bounding {
             cap: names(cap),
-            source: e.into(),
+            err: e.into(),
         })?;
     }
     rthread::set_capabilities(
@@ -157,7 +157,7 @@ pub fn drop_to(keep: CapabilitySet) -> Result<(), PrivsError> {
     )
     .map_err(|e| PrivsError::Set {
         kept: names(keep),
-        source: e.into(),
+        err: e.into(),
     })?;
     rthread::set_no_new_privs(true).map_err(|e| PrivsError::NoNewPrivs(e.into()))?;
     check(
@@ -172,22 +172,22 @@ pub fn drop_to(keep: CapabilitySet) -> Result<(), PrivsError> {
 /// and `no_new_privs`.
 pub fn check_all_threads(keep: CapabilitySet) -> Result<(), PrivsError> {
     let dir = Path::new("/proc/self/task");
-    let entries = std::fs::read_dir(dir).map_err(|source| PrivsError::Proc {
+    let entries = std::fs::read_dir(dir).map_err(|err| PrivsError::Proc {
         path: dir.into(),
-        source,
+        err,
     })?;
     for entry in entries {
-        let entry = entry.map_err(|source| PrivsError::Proc {
+        let entry = entry.map_err(|err| PrivsError::Proc {
             path: dir.into(),
-            source,
+            err,
         })?;
         let tid = entry.file_name().to_string_lossy().into_owned();
         match Status::read(&entry.path().join("status")) {
             Ok(status) => check(&status, &tid, keep)?,
             // A thread that ended since the listing.
-            Err(PrivsError::Proc { source, .. })
-                if source.kind() == io::ErrorKind::NotFound
-                    || source.raw_os_error() == Some(libc::ESRCH) => {}
+            Err(PrivsError::Proc { err, .. })
+                if err.kind() == io::ErrorKind::NotFound
+                    || err.raw_os_error() == Some(libc::ESRCH) => {}
             Err(e) => return Err(e),
         }
     }
@@ -236,13 +236,13 @@ pub struct Status {
 
 impl Status {
     fn read(path: &Path) -> Result<Status, PrivsError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PrivsError::Proc {
+        let text = std::fs::read_to_string(path).map_err(|err| PrivsError::Proc {
             path: path.into(),
-            source,
+            err,
         })?;
         Status::parse(&text).ok_or_else(|| PrivsError::Proc {
             path: path.into(),
-            source: io::Error::new(io::ErrorKind::InvalidData, "no capability lines"),
+            err: io::Error::new(io::ErrorKind::InvalidData, "no capability lines"),
         })
     }
 

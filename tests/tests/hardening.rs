@@ -971,3 +971,82 @@ fn the_daemon_keeps_only_cap_bpf_and_cap_net_admin() {
         "XDP still attached after lb stop: {link}"
     );
 }
+
+/// The capabilities packaging/lb.service gives (`CapabilityBoundingSet`),
+/// as `setpriv` names them, without `except`.
+fn unit_capabilities(except: &str) -> Vec<String> {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/lb.service");
+    let text = fs::read_to_string(&unit).unwrap();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet in packaging/lb.service");
+    line.split_whitespace()
+        .filter(|c| *c != except)
+        .map(|c| c.trim_start_matches("CAP_").to_ascii_lowercase())
+        .collect()
+}
+
+/// `lb run` limited to the capabilities packaging/lb.service gives (the
+/// bounding set of a root process, as systemd sets it) loads, attaches and
+/// then keeps CAP_BPF and CAP_NET_ADMIN; without the unit's CAP_SETPCAP it
+/// cannot empty the bounding set, so it refuses to start, attaching nothing.
+#[test]
+fn the_units_capabilities_are_enough_and_cap_setpcap_is_needed() {
+    lb_tests::require_root();
+    use lb_userspace::privs::mask_names;
+    let s = setup("unit-caps");
+    let config = s.config("", false);
+    let launch = |except: &str| lb_tests::daemon::Launch {
+        prefix: vec![
+            "setpriv".into(),
+            "--bounding-set".into(),
+            format!("-all,+{}", unit_capabilities(except).join(",+")),
+        ],
+        rust_log: "info".into(),
+        ..Default::default()
+    };
+    println!("unit capabilities: {:?}", unit_capabilities(""));
+
+    let mut lb = Lb::start_with(&s.lb_ns, &config, "127.0.0.1:9180", &[], &launch(""));
+    let status = fs::read_to_string(format!("/proc/{}/status", lb.pid())).unwrap();
+    let (masks, _) = cap_lines(&status);
+    let kept = (1u64 << 39) | (1 << 12);
+    for (name, mask) in masks {
+        let want = match name {
+            "CapInh" | "CapAmb" => 0,
+            _ => kept,
+        };
+        assert_eq!(
+            mask,
+            want,
+            "{name} [{}], expected [{}]\n{}",
+            mask_names(mask),
+            mask_names(want),
+            lb.log()
+        );
+    }
+    let link = netns::run_in(&s.lb_ns, &["ip", "link", "show", "lb0"]);
+    assert!(link.contains("xdp"), "not attached: {link}\n{}", lb.log());
+    // SIGTERM: the next start adopts the pins.
+    assert!(lb.stop().success(), "{}", lb.log());
+    drop(lb);
+
+    let mut lb = Lb::spawn(
+        &s.lb_ns,
+        &config,
+        "127.0.0.1:9180",
+        &[],
+        &launch("CAP_SETPCAP"),
+    );
+    let exit = lb
+        .wait_exit(Duration::from_secs(20))
+        .expect("lb without CAP_SETPCAP did not exit");
+    let log = lb.log();
+    println!("without CAP_SETPCAP: {exit}: {}", log.trim());
+    assert!(!exit.success(), "{log}");
+    assert!(
+        log.contains("CAP_SETPCAP") && log.contains("nothing was attached"),
+        "{log}"
+    );
+}
