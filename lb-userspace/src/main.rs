@@ -223,11 +223,7 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
     // loader thread keeps it all and ends after. Every other thread is
     // started after the drop below and inherits the small set.
     let loader = privs::Loader::spawn().context("starting the loader thread")?;
-    let held = rustix::thread::capabilities(None)
-        .context("reading the capabilities")?
-        .permitted;
-    let keep = privs::to_keep(held, privs::kernel_has_cap_bpf());
-    privs::drop_to(keep).context("dropping capabilities; nothing was attached")?;
+    let keep = privs::drop_to_needed().context("dropping capabilities; nothing was attached")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

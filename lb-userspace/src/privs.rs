@@ -61,11 +61,15 @@ fn last_cap() -> Option<u32> {
         .ok()
 }
 
-/// What the attached daemon still needs: `CAP_BPF` for the bpf(2) calls on
-/// its maps, programs and links, `CAP_NET_ADMIN` to attach the programs
-/// again when the interface comes back and to detach them on `lb stop`
-/// (XDP through netlink or links, the clsact qdisc and TC program); on a
-/// kernel without `CAP_BPF`, `CAP_SYS_ADMIN` in its place.
+/// What the attached daemon still needs: `CAP_BPF` for bpf(2) on its maps,
+/// programs and links (kernels before 6.5 check it on every bpf(2) call
+/// when unprivileged BPF is disabled, the usual setting), `CAP_NET_ADMIN`
+/// to attach the programs again when the interface comes back and to
+/// detach them on `lb stop` where that goes through netlink (XDP without
+/// bpf links, before 5.9; TC without tcx, before 6.6); on a kernel without
+/// `CAP_BPF` (before 5.8), `CAP_SYS_ADMIN` in its place. Newer kernels
+/// need neither for what the running daemon does, but an older kernel or
+/// a netlink fallback would then fail only later, at a re-attach or stop.
 pub fn needed(has_cap_bpf: bool) -> CapabilitySet {
     let bpf = if has_cap_bpf {
         CapabilitySet::BPF
@@ -114,6 +118,17 @@ pub fn names(set: CapabilitySet) -> String {
 /// [`names`] of a mask as `/proc/<pid>/status` shows it (`CapEff` etc.).
 pub fn mask_names(mask: u64) -> String {
     names(CapabilitySet::from_bits_retain(mask))
+}
+
+/// [`drop_to`] what the running daemon needs of what it holds
+/// ([`to_keep`]); returns that set.
+pub fn drop_to_needed() -> Result<CapabilitySet, PrivsError> {
+    let held = rthread::capabilities(None)
+        .map_err(|e| PrivsError::Read(e.into()))?
+        .permitted;
+    let keep = to_keep(held, kernel_has_cap_bpf());
+    drop_to(keep)?;
+    Ok(keep)
 }
 
 /// Drops, on the calling thread, every capability but `keep` from the
