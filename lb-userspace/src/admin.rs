@@ -107,9 +107,10 @@ impl Accept for UnixListener {
 }
 
 /// The admin socket, removed when dropped (unless another daemon has
-/// replaced it since).
+/// replaced it since). Bound before the runtime exists (and before the
+/// daemon drops its capabilities); served through [`AdminSocket::tokio`].
 pub struct AdminSocket {
-    pub listener: UnixListener,
+    listener: std::os::unix::net::UnixListener,
     path: PathBuf,
     ino: u64,
 }
@@ -148,7 +149,7 @@ impl AdminSocket {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let listener = UnixListener::bind(path)?;
+        let listener = std::os::unix::net::UnixListener::bind(path)?;
         std::fs::set_permissions(
             path,
             std::fs::Permissions::from_mode(crate::files::FILE_MODE),
@@ -159,6 +160,13 @@ impl AdminSocket {
             path: path.to_path_buf(),
             ino,
         })
+    }
+
+    /// The listener for the runtime (call inside it).
+    pub fn tokio(&self) -> io::Result<UnixListener> {
+        let l = self.listener.try_clone()?;
+        l.set_nonblocking(true)?;
+        UnixListener::from_std(l)
     }
 
     pub fn path(&self) -> &Path {

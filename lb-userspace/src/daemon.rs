@@ -70,6 +70,22 @@ pub struct RunOptions {
     pub reset_state: bool,
 }
 
+/// What [`Daemon::prepare`] loaded and read, for [`Daemon::finish`].
+pub struct Prepared {
+    token: Option<String>,
+    read_token: Option<String>,
+    lock: Option<std::fs::File>,
+    private_pins: Option<String>,
+    services: Vec<ServiceConfig>,
+    dropped: Vec<String>,
+    health: Verdicts,
+    mode: crate::dataplane::AttachMode,
+    attached_iface: String,
+    writer: MapWriter,
+    logger: Option<aya_log::EbpfLogger<crate::dataplane::EbpfLog>>,
+    flow_counter: crate::dataplane::FlowCounter,
+}
+
 /// What `GET /api/v1/status` shows: where the daemon's services come from.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct StatusView {
@@ -478,6 +494,18 @@ impl Daemon {
     /// state file when there is one) and starts health checks. Must run
     /// inside a tokio runtime.
     pub async fn start(config: &Config, run: &RunOptions) -> Result<Daemon, StartError> {
+        let (c, r) = (config.clone(), run.clone());
+        let prepared = tokio::task::spawn_blocking(move || Self::prepare(&c, &r))
+            .await
+            .expect("loader task")?;
+        Self::finish(config, prepared).await
+    }
+
+    /// The part of [`Daemon::start`] that may need more privileges than the
+    /// running daemon keeps (see `privs`): reads the token and state files,
+    /// takes the pin lock (mounting a bpf filesystem if needed), loads the
+    /// data plane and attaches it. Blocks; runs on any thread.
+    pub fn prepare(config: &Config, run: &RunOptions) -> Result<Prepared, StartError> {
         let iface = run
             .interface
             .clone()
@@ -566,7 +594,7 @@ impl Daemon {
         let mode = config.xdp_mode;
         let services_for_check = services.clone();
         let attached_iface = iface.clone();
-        let (writer, logger, flow_counter) = tokio::task::spawn_blocking(move || {
+        let (writer, logger, flow_counter) = {
             let mut dp = Dataplane::load(opts)?;
             // The programs log nothing on the packet path; an object without
             // log records has no log map, and that is fine.
@@ -574,10 +602,42 @@ impl Daemon {
             let flow_counter = dp.flow_counter()?;
             dp.attach(&iface, mode)?;
             check_reply_routes(&iface, &services_for_check);
-            Ok::<_, DataplaneError>((MapWriter::new(dp), logger, flow_counter))
+            (MapWriter::new(dp), logger, flow_counter)
+        };
+        Ok(Prepared {
+            token,
+            read_token,
+            lock,
+            private_pins,
+            services,
+            dropped,
+            health,
+            mode,
+            attached_iface,
+            writer,
+            logger,
+            flow_counter,
         })
-        .await
-        .expect("loader task")?;
+    }
+
+    /// The rest of [`Daemon::start`], with what [`Daemon::prepare`] made:
+    /// installs the services and starts the loops. Needs only what the
+    /// running daemon keeps.
+    pub async fn finish(config: &Config, prepared: Prepared) -> Result<Daemon, StartError> {
+        let Prepared {
+            token,
+            read_token,
+            lock,
+            private_pins,
+            services,
+            dropped,
+            health,
+            mode,
+            attached_iface,
+            writer,
+            logger,
+            flow_counter,
+        } = prepared;
         if let Some(logger) = logger {
             // SAFETY: the logger owns its ring buffer's fd and keeps it open
             // for as long as it lives inside the AsyncFd.

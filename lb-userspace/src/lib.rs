@@ -15,6 +15,7 @@ pub mod mapstore;
 pub mod metrics;
 pub mod notify;
 pub mod pins;
+pub mod privs;
 pub mod source;
 pub mod state;
 

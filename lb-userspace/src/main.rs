@@ -8,6 +8,7 @@ use lb_userspace::{
     config::Config,
     daemon::{Daemon, RunOptions, StartError},
     notify::{self, Notifier},
+    privs,
 };
 use tracing::{error, info, warn};
 
@@ -196,27 +197,57 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
     }
     let notifier = Notifier::from_env();
     let listen = config.admin.listen;
+    let cannot_listen = || format!("admin API cannot listen on {listen}; nothing was attached");
+    // Bound before anything is attached: a port in use fails fast. And
+    // before the capabilities go: a port below 1024 needs one.
+    let socket = admin_socket(listen).with_context(cannot_listen)?;
+    let admin_sock = admin::AdminSocket::bind(&config.admin.socket).with_context(|| {
+        format!(
+            "admin socket {}: cannot serve it; nothing was attached",
+            config.admin.socket.display()
+        )
+    })?;
+    // Loading and attaching need more than the running daemon keeps; the
+    // loader thread keeps it all and ends after. Every other thread is
+    // started after the drop below and inherits the small set.
+    let loader = privs::Loader::spawn().context("starting the loader thread")?;
+    let keep = privs::drop_to_needed().context("dropping capabilities; nothing was attached")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
-        // Bound before anything is attached: a port in use fails fast.
-        let listener = admin_listener(listen)
-            .with_context(|| format!("admin API cannot listen on {listen}; nothing was attached"))?;
-        let socket = admin::AdminSocket::bind(&config.admin.socket).with_context(|| {
+        let listener = socket.listen(1024).with_context(cannot_listen)?;
+        let unix = admin_sock.tokio().with_context(|| {
             format!(
                 "admin socket {}: cannot serve it; nothing was attached",
-                config.admin.socket.display()
+                admin_sock.path().display()
             )
         })?;
         // Handled from here on: a SIGHUP while starting must not end the
-        // daemon (the default action); it reloads once started.
+        // daemon (the default action); it reloads once started. SIGTERM and
+        // SIGINT too: while starting they end the daemon through the
+        // shutdown path, never by the default action.
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-        let daemon = Daemon::start(&config, &opts).await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .context("installing the SIGINT handler")?;
+        let prepared = {
+            let (config, opts) = (config.clone(), opts.clone());
+            loader
+                .run(move || Daemon::prepare(&config, &opts))
+                .await?
+        };
+        let daemon = Daemon::finish(&config, prepared).await?;
+        privs::check_all_threads(keep).context(
+            "a thread holds capabilities it should have dropped; the data plane stays attached \
+             and pinned for the next `lb run`",
+        )?;
+        info!(kept = %privs::names(keep), "capabilities dropped: every other one is gone from all sets of every thread, and no_new_privs is set");
         info!(
             %listen,
-            socket = %socket.path().display(),
+            socket = %admin_sock.path().display(),
             tcp = if daemon.token().is_some() {
                 "admin and read with tokens"
             } else if daemon.read_token().is_some() {
@@ -228,7 +259,7 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
         );
         notifier.ready(&format!(
             "serving; admin API on {listen} and {}",
-            socket.path().display()
+            admin_sock.path().display()
         ));
         let notifier = std::sync::Arc::new(notifier);
         let mut tasks = vec![tokio::spawn(reloads(daemon.clone(), notifier.clone(), hup))];
@@ -242,10 +273,8 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
         let signal = {
             let (daemon, detach) = (daemon.clone(), detach.clone());
             async move {
-                use tokio::signal::unix::{SignalKind, signal};
-                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => info!("SIGINT: leaving the data plane running for the next daemon"),
+                    _ = int.recv() => info!("SIGINT: leaving the data plane running for the next daemon"),
                     _ = term.recv() => info!("SIGTERM: leaving the data plane running for the next daemon"),
                     _ = daemon.stop_requested() => {
                         info!("lb stop: detaching the data plane");
@@ -262,9 +291,9 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
         tokio::join!(
             signal,
             admin::serve(&listener, router.clone(), config.admin.limits, ended(done.clone())),
-            admin::serve(&socket.listener, router, config.admin.limits, ended(done)),
+            admin::serve(&unix, router, config.admin.limits, ended(done)),
         );
-        drop(socket);
+        drop(admin_sock);
         notifier.stopping();
         for t in tasks {
             t.abort();
@@ -275,8 +304,9 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
     })
 }
 
-/// The admin listener, with a backlog deep enough for bursts of clients.
-fn admin_listener(listen: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+/// The admin socket, bound; `listen` (inside the runtime) with a backlog
+/// deep enough for bursts of clients.
+fn admin_socket(listen: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     let sock = if listen.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -284,7 +314,7 @@ fn admin_listener(listen: std::net::SocketAddr) -> std::io::Result<tokio::net::T
     };
     sock.set_reuseaddr(true)?;
     sock.bind(listen)?;
-    sock.listen(1024)
+    Ok(sock)
 }
 
 /// SIGHUP: re-read the config and apply it, telling systemd around it.

@@ -1202,3 +1202,256 @@ fn the_cli_waits_out_the_change_rate() {
     assert!(took < Duration::from_secs(5), "{took:?}");
     lb.stop();
 }
+
+/// The capability lines of a `/proc/.../status`: (name, mask) for
+/// `CapInh`..`CapAmb`, and `NoNewPrivs`.
+fn cap_lines(status: &str) -> (Vec<(&str, u64)>, Option<&str>) {
+    let masks = ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"]
+        .iter()
+        .map(|name| {
+            let hex = status
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .unwrap_or_else(|| panic!("no {name} in:\n{status}"));
+            (*name, u64::from_str_radix(hex.trim(), 16).unwrap())
+        })
+        .collect();
+    let nnp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NoNewPrivs:"))
+        .map(str::trim);
+    (masks, nnp)
+}
+
+/// The daemon's map named `name`, found through its own descriptors
+/// (`/proc/<pid>/fdinfo` shows each map's id), so other tests' maps of the
+/// same name are never read.
+fn daemon_map(pid: u32, name: &str) -> aya::maps::MapData {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let text = fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
+        if let Some(id) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+        {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    for id in &ids {
+        let Ok(map) = aya::maps::MapData::from_id(*id) else {
+            continue;
+        };
+        if map
+            .info()
+            .ok()
+            .and_then(|i| i.name_as_str().map(str::to_owned))
+            == Some(name.into())
+        {
+            return map;
+        }
+    }
+    panic!("the daemon (pid {pid}) holds no map {name} among map ids {ids:?}");
+}
+
+/// After loading and attaching, `lb run` keeps CAP_BPF and CAP_NET_ADMIN
+/// only (of what it was given), in the effective, permitted and bounding
+/// sets of every thread, nothing inheritable or ambient, no_new_privs set;
+/// and with only those it still applies an API change to the kernel map
+/// and detaches and unpins on `lb stop`.
+#[test]
+fn the_daemon_keeps_only_cap_bpf_and_cap_net_admin() {
+    lb_tests::require_root();
+    use lb_userspace::privs::mask_names;
+    let s = setup("caps");
+    let config = s.config("", false);
+    let mut lb = s.start(&config, "127.0.0.1:9180", "info");
+    let pid = lb.pid();
+
+    // What it should keep: CAP_BPF (CAP_SYS_ADMIN before 5.8) and
+    // CAP_NET_ADMIN, of what this test (its parent) holds.
+    let last_cap: u32 = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let bpf = if last_cap >= 39 { 1u64 << 39 } else { 1 << 21 };
+    let my_status = fs::read_to_string("/proc/self/status").unwrap();
+    let (mine, _) = cap_lines(&my_status);
+    let my_prm = mine.iter().find(|(n, _)| *n == "CapPrm").unwrap().1;
+    let kept = (bpf | 1 << 12) & my_prm;
+    assert_ne!(kept, 0, "this test holds neither CAP_BPF nor CAP_NET_ADMIN");
+
+    let mut threads = 0;
+    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap();
+        let Ok(status) = fs::read_to_string(task.path().join("status")) else {
+            continue; // a thread that ended since the listing
+        };
+        threads += 1;
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let (masks, nnp) = cap_lines(&status);
+        for (name, mask) in masks {
+            let want = match name {
+                "CapInh" | "CapAmb" => 0,
+                _ => kept,
+            };
+            assert_eq!(
+                mask,
+                want,
+                "thread {tid}: {name} {mask:016x} = [{}], expected {want:016x} = [{}]\n{}",
+                mask_names(mask),
+                mask_names(want),
+                lb.log()
+            );
+        }
+        assert_eq!(nnp, Some("1"), "thread {tid}: NoNewPrivs\n{}", lb.log());
+    }
+    println!(
+        "{threads} threads of lb (pid {pid}) hold CapEff = CapPrm = CapBnd = {kept:016x} [{}], \
+         CapInh = CapAmb = 0, NoNewPrivs 1",
+        mask_names(kept)
+    );
+    assert!(
+        lb.log().contains("capabilities dropped") && lb.log().contains("CAP_BPF"),
+        "{}",
+        lb.log()
+    );
+
+    // An API change (through the admin socket) reaches the kernel map.
+    let (status, body) = lb_tests::daemon::unix_http(
+        &lb.lb.socket,
+        "POST",
+        "/api/v1/services/web/backends",
+        Some(r#"{"address": "127.0.0.1:8003", "weight": 100}"#),
+    );
+    assert!(status == 200 || status == 201, "{status}: {body}");
+    let backends: aya::maps::Array<_, lb_common::BackendEntry> = aya::maps::Array::try_from(
+        aya::maps::Map::Array(daemon_map(pid, lb_common::maps::BACKENDS)),
+    )
+    .unwrap();
+    let found: Vec<_> = backends
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.port == 8003
+                && lb_userspace::dataplane::words_addr(&e.addr)
+                    == "127.0.0.1".parse::<std::net::IpAddr>().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "LB_BACKENDS entries for 127.0.0.1:8003: {found:?}"
+    );
+    println!(
+        "added 127.0.0.1:8003 through the API: in LB_BACKENDS as {:?}",
+        found[0]
+    );
+
+    // `lb stop` detaches and unpins with only those capabilities.
+    let out = lb.lb.cli(&["stop"]);
+    assert!(
+        out.status.success(),
+        "lb stop: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exit = lb
+        .lb
+        .wait_exit(Duration::from_secs(10))
+        .expect("the daemon did not exit after lb stop");
+    let log = lb.log();
+    assert!(exit.success(), "{exit}:\n{log}");
+    assert!(log.contains("detached and unpinned"), "{log}");
+    assert!(
+        !log.contains("ERROR") && !log.contains("Operation not permitted"),
+        "{log}"
+    );
+    let link = netns::run_in(&s.lb_ns, &["ip", "link", "show", "lb0"]);
+    assert!(
+        !link.contains("xdp"),
+        "XDP still attached after lb stop: {link}"
+    );
+}
+
+/// The capabilities packaging/lb.service gives (`CapabilityBoundingSet`),
+/// as `setpriv` names them, without `except`.
+fn unit_capabilities(except: &str) -> Vec<String> {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/lb.service");
+    let text = fs::read_to_string(&unit).unwrap();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet in packaging/lb.service");
+    line.split_whitespace()
+        .filter(|c| *c != except)
+        .map(|c| c.trim_start_matches("CAP_").to_ascii_lowercase())
+        .collect()
+}
+
+/// `lb run` limited to the capabilities packaging/lb.service gives (the
+/// bounding set of a root process, as systemd sets it) loads, attaches and
+/// then keeps CAP_BPF and CAP_NET_ADMIN; without the unit's CAP_SETPCAP it
+/// cannot empty the bounding set, so it refuses to start, attaching nothing.
+#[test]
+fn the_units_capabilities_are_enough_and_cap_setpcap_is_needed() {
+    lb_tests::require_root();
+    use lb_userspace::privs::mask_names;
+    let s = setup("unit-caps");
+    let config = s.config("", false);
+    let launch = |except: &str| lb_tests::daemon::Launch {
+        prefix: vec![
+            "setpriv".into(),
+            "--bounding-set".into(),
+            format!("-all,+{}", unit_capabilities(except).join(",+")),
+        ],
+        rust_log: "info".into(),
+        ..Default::default()
+    };
+    println!("unit capabilities: {:?}", unit_capabilities(""));
+
+    let mut lb = Lb::start_with(&s.lb_ns, &config, "127.0.0.1:9180", &[], &launch(""));
+    let status = fs::read_to_string(format!("/proc/{}/status", lb.pid())).unwrap();
+    let (masks, _) = cap_lines(&status);
+    let kept = (1u64 << 39) | (1 << 12);
+    for (name, mask) in masks {
+        let want = match name {
+            "CapInh" | "CapAmb" => 0,
+            _ => kept,
+        };
+        assert_eq!(
+            mask,
+            want,
+            "{name} [{}], expected [{}]\n{}",
+            mask_names(mask),
+            mask_names(want),
+            lb.log()
+        );
+    }
+    let link = netns::run_in(&s.lb_ns, &["ip", "link", "show", "lb0"]);
+    assert!(link.contains("xdp"), "not attached: {link}\n{}", lb.log());
+    // SIGTERM: the next start adopts the pins.
+    assert!(lb.stop().success(), "{}", lb.log());
+    drop(lb);
+
+    let mut lb = Lb::spawn(
+        &s.lb_ns,
+        &config,
+        "127.0.0.1:9180",
+        &[],
+        &launch("CAP_SETPCAP"),
+    );
+    let exit = lb
+        .wait_exit(Duration::from_secs(20))
+        .expect("lb without CAP_SETPCAP did not exit");
+    let log = lb.log();
+    println!("without CAP_SETPCAP: {exit}: {}", log.trim());
+    assert!(!exit.success(), "{log}");
+    assert!(
+        log.contains("CAP_SETPCAP") && log.contains("nothing was attached"),
+        "{log}"
+    );
+}
