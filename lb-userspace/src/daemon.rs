@@ -252,6 +252,15 @@ impl Progress {
         self.pending = self.pending.saturating_sub(1);
         self.since = (self.pending > 0).then(Instant::now);
     }
+
+    /// Work waiting, and seconds it has waited without progress (0 when
+    /// idle): `lb_reconcile_pending`, `lb_reconcile_stalled_seconds`.
+    fn gauges(&self, now: Instant) -> (u64, f64) {
+        let stalled = self
+            .since
+            .map_or(0.0, |s| now.saturating_duration_since(s).as_secs_f64());
+        (self.pending as u64, stalled)
+    }
 }
 
 impl Shared {
@@ -1417,6 +1426,9 @@ impl Daemon {
                 .attached
                 .load(std::sync::atomic::Ordering::SeqCst),
         );
+        snap.flow_capacity = u64::from(self.shared.config.dataplane.flow_table_size);
+        (snap.reconcile_pending, snap.reconcile_stalled_seconds) =
+            lock(&self.shared.progress).gauges(Instant::now());
         // Walking the flow table happens without the writer's lock.
         let counter = self.shared.flow_counter.clone();
         snap.flow_entries = tokio::task::spawn_blocking(move || counter.count() as u64)
@@ -1541,6 +1553,22 @@ mod tests {
         assert!(p.since.is_none());
         p.progressed();
         assert_eq!(p.pending, 0);
+    }
+
+    #[test]
+    fn progress_gauges_are_zero_when_idle_and_age_while_work_waits() {
+        let mut p = super::Progress::default();
+        let now = std::time::Instant::now();
+        assert_eq!(p.gauges(now), (0, 0.0));
+        p.queued();
+        let queued = p.since.unwrap();
+        let later = queued + std::time::Duration::from_millis(2500);
+        assert_eq!(p.gauges(later), (1, 2.5));
+        p.queued();
+        assert_eq!(p.gauges(later), (2, 2.5), "the oldest wait counts");
+        p.progressed();
+        p.progressed();
+        assert_eq!(p.gauges(later), (0, 0.0));
     }
 
     #[test]

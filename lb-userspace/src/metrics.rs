@@ -4,8 +4,8 @@
 use std::{collections::HashSet, sync::Mutex};
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Kernel counters read under the map writer's lock.
@@ -26,6 +26,13 @@ pub struct Snapshot {
     pub fail_open: Vec<(String, bool)>,
     /// Whether the interface the data plane is attached to still exists.
     pub dataplane_attached: Option<bool>,
+    /// Entries the flow table holds at most (`flow_table_size`).
+    pub flow_capacity: u64,
+    /// Pieces of work waiting for the reconcile loop.
+    pub reconcile_pending: u64,
+    /// Seconds the reconcile loop has had work waiting without finishing
+    /// any of it (0 when idle).
+    pub reconcile_stalled_seconds: f64,
 }
 
 pub struct Metrics {
@@ -52,6 +59,9 @@ pub struct Metrics {
     health_batches: IntCounter,
     api_changes: IntCounterVec,
     api_refused: IntCounterVec,
+    flow_capacity: IntGauge,
+    reconcile_pending: IntGauge,
+    reconcile_stalled: Gauge,
     /// Label sets currently exported per backend, to drop removed ones.
     exported: Mutex<HashSet<(String, String)>>,
 }
@@ -66,6 +76,12 @@ fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("metric definition");
     r.register(Box::new(c.clone())).expect("unique metric");
     c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("metric definition");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -221,6 +237,26 @@ impl Metrics {
                  bad_token, read_scope, tcp_read_only, rate_limited, host, peer)",
                 &["reason"],
             ),
+            flow_capacity: gauge(
+                &r,
+                "lb_flow_table_capacity",
+                "Entries the LRU flow table holds at most (flow_table_size)",
+            ),
+            reconcile_pending: gauge(
+                &r,
+                "lb_reconcile_pending",
+                "Pieces of work (changes, health batches, reloads) waiting for the reconcile loop",
+            ),
+            reconcile_stalled: {
+                let g = Gauge::new(
+                    "lb_reconcile_stalled_seconds",
+                    "Seconds the reconcile loop has had work waiting without finishing any of it \
+                     (0 when idle)",
+                )
+                .expect("metric definition");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             registry: r,
             exported: Mutex::new(HashSet::new()),
         }
@@ -311,6 +347,9 @@ impl Metrics {
             );
         }
         self.flow_entries.set(snap.flow_entries as i64);
+        self.flow_capacity.set(snap.flow_capacity as i64);
+        self.reconcile_pending.set(snap.reconcile_pending as i64);
+        self.reconcile_stalled.set(snap.reconcile_stalled_seconds);
         if let Some(up) = snap.dataplane_attached {
             self.attached.set(up as i64);
         }
@@ -381,5 +420,39 @@ mod tests {
         snap.backends.clear();
         snap.backend_state.clear();
         assert!(!m.render(&snap).contains("lb_packets_total{"));
+    }
+
+    #[test]
+    fn renders_flow_table_capacity_and_reconcile_progress() {
+        let m = Metrics::new();
+        let idle = m.render(&Snapshot {
+            flow_capacity: 65536,
+            ..Default::default()
+        });
+        for line in [
+            "lb_flow_table_capacity 65536",
+            "lb_reconcile_pending 0",
+            "lb_reconcile_stalled_seconds 0",
+        ] {
+            assert!(
+                idle.lines().any(|l| l == line),
+                "missing {line:?} in\n{idle}"
+            );
+        }
+        let stuck = m.render(&Snapshot {
+            flow_capacity: 65536,
+            reconcile_pending: 3,
+            reconcile_stalled_seconds: 12.5,
+            ..Default::default()
+        });
+        for line in [
+            "lb_reconcile_pending 3",
+            "lb_reconcile_stalled_seconds 12.5",
+        ] {
+            assert!(
+                stuck.lines().any(|l| l == line),
+                "missing {line:?} in\n{stuck}"
+            );
+        }
     }
 }
