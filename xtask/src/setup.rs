@@ -15,16 +15,18 @@ use anyhow::{Context, Result, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the tests and benchmarks need, with the command that
-/// shows each is there.
-const PACKAGES: &[(&str, &str)] = &[
-    ("iproute2", "ip"),
+/// Debian packages the tests and benchmarks need, with the commands that
+/// show each is there.
+const PACKAGES: &[(&str, &[&str])] = &[
+    ("iproute2", &["ip"]),
     // The demo's printed commands and the README's API examples.
-    ("curl", "curl"),
+    ("curl", &["curl"]),
     // Checksum offload and GRO settings of test veths (nat/dsr tests).
-    ("ethtool", "ethtool"),
-    // promtool, which checks the /metrics exposition.
-    ("prometheus", "promtool"),
+    ("ethtool", &["ethtool"]),
+    // promtool checks the /metrics exposition and the alert rules; the
+    // server evaluates the dashboard's and the rules' queries (the tests
+    // run their own, in a test namespace).
+    ("prometheus", &["promtool", "prometheus"]),
 ];
 
 /// The environment every child cargo and program runs with.
@@ -176,10 +178,12 @@ fn bpf_linker(env: &Env, sysroot: &Path, bin: &Path) -> Result<()> {
 fn packages() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(_, cmd)| {
-            !["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-                .iter()
-                .any(|d| Path::new(d).join(cmd).exists())
+        .filter(|(_, cmds)| {
+            !cmds.iter().all(|cmd| {
+                ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+                    .iter()
+                    .any(|d| Path::new(d).join(cmd).exists())
+            })
         })
         .map(|(pkg, _)| *pkg)
         .collect();
@@ -209,5 +213,40 @@ fn packages() -> Result<()> {
     if !status.success() {
         bail!("apt-get install {} failed", missing.join(" "));
     }
+    if missing.contains(&"prometheus") {
+        stop_prometheus_service();
+    }
     Ok(())
+}
+
+/// Debian starts and enables the `prometheus` service it installs (unless
+/// a policy-rc.d forbids it, as in most containers). The tests need none:
+/// they start their own Prometheus in a test namespace. So the service we
+/// just installed does not stay running on port 9090 or come back at boot:
+/// through systemd where it runs, else through the package's init script.
+fn stop_prometheus_service() {
+    let quiet = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let stopped = if Path::new("/run/systemd/system").exists() {
+        quiet("systemctl", &["disable", "--now", "prometheus.service"])
+    } else if Path::new("/etc/init.d/prometheus").exists() {
+        let stopped = quiet("/etc/init.d/prometheus", &["stop"]);
+        quiet("update-rc.d", &["prometheus", "disable"]) && stopped
+    } else {
+        return;
+    };
+    if stopped {
+        println!("xtask: stopped and disabled the prometheus service the package started");
+    } else {
+        println!(
+            "xtask: could not disable the prometheus service; `systemctl disable --now \
+             prometheus` if it holds port 9090"
+        );
+    }
 }
