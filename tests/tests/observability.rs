@@ -3,9 +3,12 @@
 //! `prometheus`) scraping a running `lb` with its read token: every
 //! dashboard query, with its template variables set to values Prometheus
 //! found, returns series; every alert rule loads with `for`, a severity and
-//! its annotations, each side of its comparison returns series, and a dead
-//! backend makes `LbBackendDown` (and nothing else) pending. `promtool check
-//! rules` and `promtool test rules` pass.
+//! its annotations, and each side of its comparison returns series. Then
+//! the real conditions: a dead backend makes `LbBackendDown` (and nothing
+//! else) pending; all backends dead, `LbServiceAllBackendsDown` and
+//! `LbServiceFailOpen` instead; the interface deleted, `LbDataplaneDetached`
+//! too. `promtool check rules` and `promtool test rules` pass and test
+//! every alert firing and not firing.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -553,6 +556,44 @@ fn promtool_checks_and_unit_tests_the_alert_rules() {
     check_unit_tests_cover_every_alert(&tests);
 }
 
+/// Waits until the alerts Prometheus has pending or firing are exactly
+/// `want`: (alert name, the label that tells them apart, its value).
+/// Returns how long that took; panics after 10 s with what it saw.
+fn wait_alerts(prom: &Prometheus, want: &[(&str, &str, &str)]) -> Duration {
+    let start = Instant::now();
+    let want: BTreeSet<(String, String)> = want
+        .iter()
+        .map(|(name, label, value)| (name.to_string(), format!("{label}={value}")))
+        .collect();
+    loop {
+        let v = prom.api("alerts", &[]);
+        let alerts = v["data"]["alerts"].as_array().cloned().unwrap_or_default();
+        let got: BTreeSet<(String, String)> = alerts
+            .iter()
+            .map(|a| {
+                let name = a["labels"]["alertname"].as_str().unwrap_or("").to_string();
+                let which = ["backend", "service"]
+                    .into_iter()
+                    .find_map(|l| Some(format!("{l}={}", a["labels"][l].as_str()?)))
+                    .unwrap_or_else(|| "=".to_string());
+                (name, which)
+            })
+            .collect();
+        if got == want {
+            // Within 10 s none of them waited out its `for`.
+            for a in &alerts {
+                assert_eq!(a["state"], "pending", "{a}");
+            }
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "alerts {got:?}, want {want:?}:\n{v}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 #[test]
 fn prometheus_evaluates_every_dashboard_and_alert_query_against_a_running_lb() {
     lb_tests::require_root();
@@ -564,7 +605,7 @@ fn prometheus_evaluates_every_dashboard_and_alert_query_against_a_running_lb() {
     check_dashboard_shape(&dash);
 
     let site = Site::new("obs");
-    let _backends: Vec<_> = LIVE.iter().map(|&p| site.backend(p)).collect();
+    let backends: Vec<_> = LIVE.iter().map(|&p| site.backend(p)).collect();
     let lb = Lb::start(&site.lb_ns, &config(&site), API, &["--reset-state"]);
     let _log = LogOnPanic(&lb);
     wait_health(&lb, DEAD, false, Duration::from_secs(5));
@@ -734,31 +775,43 @@ fn prometheus_evaluates_every_dashboard_and_alert_query_against_a_running_lb() {
     // The dead backend, and only it, makes an alert pending (LbBackendDown
     // waits 2m before it fires).
     let dead = format!("127.0.0.1:{DEAD}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let active = loop {
-        let v = prom.api("alerts", &[]);
-        let active: Vec<(String, String, String)> = v["data"]["alerts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|a| {
-                (
-                    a["labels"]["alertname"].as_str().unwrap_or("").to_string(),
-                    a["labels"]["backend"].as_str().unwrap_or("").to_string(),
-                    a["state"].as_str().unwrap_or("").to_string(),
-                )
-            })
-            .collect();
-        if !active.is_empty() || Instant::now() > deadline {
-            break active;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    };
-    assert_eq!(
-        active,
-        [("LbBackendDown".to_string(), dead, "pending".to_string())],
-        "{}",
-        prom.log()
+    let t = wait_alerts(&prom, &[("LbBackendDown", "backend", &dead)]);
+    eprintln!(
+        "LbBackendDown pending {:.1}s after the rules were read",
+        t.as_secs_f64()
+    );
+
+    // Every backend down: the service fails open, and the two service
+    // alerts replace the one of the backend.
+    for b in &backends {
+        b.kill();
+    }
+    let t = wait_alerts(
+        &prom,
+        &[
+            ("LbServiceAllBackendsDown", "service", "web"),
+            ("LbServiceFailOpen", "service", "web"),
+        ],
+    );
+    eprintln!(
+        "service alerts pending {:.1}s after the backends died",
+        t.as_secs_f64()
+    );
+    assert_eq!(lb.get("/api/v1/services/web").1["fail_open"], true);
+
+    // The interface goes away: the data plane is detached.
+    netns::run_in(&site.lb_ns, &["ip", "link", "del", LB_IF]);
+    let t = wait_alerts(
+        &prom,
+        &[
+            ("LbServiceAllBackendsDown", "service", "web"),
+            ("LbServiceFailOpen", "service", "web"),
+            ("LbDataplaneDetached", "", ""),
+        ],
+    );
+    eprintln!(
+        "LbDataplaneDetached pending {:.1}s after the interface went",
+        t.as_secs_f64()
     );
 
     eprintln!(
