@@ -7,7 +7,7 @@
 //! the real conditions: a dead backend makes `LbBackendDown` (and nothing
 //! else) pending; all backends dead, `LbServiceAllBackendsDown` and
 //! `LbServiceFailOpen` instead; the interface deleted, `LbDataplaneDetached`
-//! too. `promtool check rules` and `promtool test rules` pass and test
+//! too; the daemon stopped, `LbDown` alone. `promtool check rules` and `promtool test rules` pass and test
 //! every alert firing and not firing.
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -813,6 +813,11 @@ fn prometheus_evaluates_every_dashboard_and_alert_query_against_a_running_lb() {
         "LbDataplaneDetached pending {:.1}s after the interface went",
         t.as_secs_f64()
     );
+
+    // The daemon stops: its series go stale, and only LbDown is left.
+    lb.signal(libc::SIGTERM);
+    let t = wait_alerts(&prom, &[("LbDown", "", "")]);
+    eprintln!("LbDown pending {:.1}s after SIGTERM", t.as_secs_f64());
 
     eprintln!(
         "{queries} dashboard queries and {operand_queries} alert operands of {} rules returned \
