@@ -8,6 +8,9 @@
 //!   `/metrics` when `metrics_public` is set. With no token configured at
 //!   all (allowed only on loopback), GETs are open and changes are refused:
 //!   the TCP listener is then read-only, and changes go through the socket.
+//!   The status page's static assets (`/`, `/ui/app.js`, `/ui/app.css`)
+//!   carry no data and are open to GET; the page reads the API with a
+//!   token typed into it.
 //! - The Host header must be an IP literal, `localhost` or a configured
 //!   name, so a web page whose name resolves to 127.0.0.1 cannot drive the
 //!   API from a browser (DNS rebinding).
@@ -321,8 +324,13 @@ impl Access {
                 ),
             ));
         }
+        // The status page's assets carry no data: a browser cannot add a
+        // token to a page load. Its script then reads the API with one.
+        let asset = matches!(*req.method(), Method::GET | Method::HEAD)
+            && crate::ui::ASSET_PATHS.contains(&path);
         let open = !change
             && (path == "/healthz"
+                || asset
                 || path == "/api/v1/healthz"
                 || !self.any_token()
                 || (self.metrics_public && (path == "/metrics" || path == "/api/v1/metrics")));
@@ -556,6 +564,71 @@ mod tests {
         );
         let long = vec![b'a'; 5000];
         assert_eq!(summary(&long).chars().count(), AUDIT_BODY_CHARS + 1);
+    }
+
+    #[test]
+    fn the_status_page_assets_are_open_to_get_and_nothing_else_is() {
+        let config = AdminConfig {
+            listen: "127.0.0.1:9180".parse().unwrap(),
+            socket: "/run/lb/lb.sock".into(),
+            token_file: None,
+            read_token_file: None,
+            metrics_public: false,
+            allowed_hosts: Vec::new(),
+            change_rate: 10,
+            auth_failures_per_minute: 1000,
+            state_file: "/nonexistent".into(),
+            limits: Default::default(),
+        };
+        let access = Access::new(&config, Some("admin-secret"), Some("read-secret"));
+        let peer = Peer::Tcp("127.0.0.1:40000".parse().unwrap());
+        let req = |method: &str, path: &str, host: &str| {
+            Request::builder()
+                .method(method)
+                .uri(path)
+                .header(header::HOST, host)
+                .body(Body::empty())
+                .unwrap()
+        };
+        let host = "127.0.0.1:9180";
+        for path in ["/", "/ui/app.js", "/ui/app.css"] {
+            for method in ["GET", "HEAD"] {
+                assert_eq!(
+                    access.check(&peer, &req(method, path, host), false).ok(),
+                    Some(None),
+                    "{method} {path}"
+                );
+            }
+            // A change to an asset path still needs the admin token.
+            let r = access
+                .check(&peer, &req("POST", path, host), true)
+                .err()
+                .unwrap();
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "POST {path}");
+            // The Host check still applies (DNS rebinding).
+            let r = access
+                .check(&peer, &req("GET", path, "evil.example"), false)
+                .err()
+                .unwrap();
+            assert_eq!(
+                r.status,
+                StatusCode::BAD_REQUEST,
+                "{path} with a foreign Host"
+            );
+        }
+        for path in [
+            "/api/v1/services",
+            "/api/v1/stats",
+            "/ui/",
+            "/ui/other.js",
+            "/index.html",
+        ] {
+            let r = access
+                .check(&peer, &req("GET", path, host), false)
+                .err()
+                .unwrap();
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}");
+        }
     }
 
     #[test]

@@ -171,6 +171,7 @@ pub fn router(daemon: Daemon) -> Router {
             get(get_backend).patch(patch_backend).delete(delete_backend),
         )
         .route("/status", get(status))
+        .route("/stats", get(stats))
         .route("/reload", axum::routing::post(reload))
         .route("/stop", axum::routing::post(stop))
         .route("/healthz", get(healthz))
@@ -178,6 +179,9 @@ pub fn router(daemon: Daemon) -> Router {
         .route("/openapi.json", get(openapi));
     Router::new()
         .nest("/api/v1", v1)
+        .route("/", get(crate::ui::index))
+        .route("/ui/app.js", get(crate::ui::app_js))
+        .route("/ui/app.css", get(crate::ui::app_css))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -253,6 +257,11 @@ async fn healthz(State(d): State<Daemon>) -> Response {
 
 async fn status(State(d): State<Daemon>) -> Response {
     Json(d.status().await).into_response()
+}
+
+/// Slot shares and rates per backend, for the status page.
+async fn stats(State(d): State<Daemon>) -> Response {
+    Json(d.stats().await).into_response()
 }
 
 /// Re-reads the config file; 400 with the file, line and field when it is
@@ -557,6 +566,7 @@ pub fn openapi_document() -> serde_json::Value {
                 "delete": {"summary": "Remove a backend", "security": [{"bearer": []}], "responses": {"204": {"description": "Removed"}, "401": error, "404": error}}
             },
             "/healthz": {"get": {"summary": "Liveness", "responses": {"200": ok(json!({"type": "object"})), "503": error}}},
+            "/stats": {"get": {"summary": "Per backend: slots of the installed Maglev table, new flows, packets and bytes per second, and five minutes of them (one value per interval_seconds, oldest first)", "responses": {"200": ok(json!({"type": "object"}))}}},
             "/status": {"get": {"summary": "Where the services come from: config, state file, API changes dropped", "responses": {"200": ok(json!({"type": "object"}))}}},
             "/reload": {"post": {"summary": "Re-read the config file and apply it", "security": [{"bearer": []}], "responses": {"200": ok(json!({"type": "object"})), "400": error, "401": error, "409": error}}},
             "/stop": {"post": {"summary": "Detach the data plane, remove its pins and exit", "security": [{"bearer": []}], "responses": {"202": ok(json!({"type": "object"})), "400": error, "401": error}}},
@@ -651,6 +661,7 @@ mod tests {
             "/healthz",
             "/metrics",
             "/status",
+            "/stats",
             "/reload",
             "/stop",
         ] {

@@ -131,6 +131,32 @@ pub struct BackendView {
     pub last_error: Option<String>,
 }
 
+/// What `GET /api/v1/stats` shows: per backend its share of the Maglev
+/// table and its rates, with five minutes of history.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StatsView {
+    pub interval_seconds: u64,
+    pub samples: usize,
+    pub services: Vec<ServiceStats>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ServiceStats {
+    pub name: String,
+    /// Slots of the installed Maglev table (0 before one is installed).
+    pub table_size: u32,
+    pub backends: Vec<BackendStats>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BackendStats {
+    pub address: String,
+    /// Slots of the installed table that send new flows to this backend.
+    pub slots: u32,
+    #[serde(flatten)]
+    pub rates: crate::rates::RateView,
+}
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ServiceView {
     pub name: String,
@@ -240,6 +266,9 @@ struct Shared {
     /// Requests to the reconcile task.
     requests: mpsc::UnboundedSender<Request>,
     progress: Mutex<Progress>,
+    /// Per-backend rates for the status page, sampled every
+    /// `rates::SAMPLE_EVERY`.
+    rates: Mutex<crate::rates::Rates>,
 }
 
 impl Progress {
@@ -707,6 +736,7 @@ impl Daemon {
                 }),
                 requests,
                 progress: Mutex::new(Progress::default()),
+                rates: Mutex::new(Default::default()),
             }
         });
         let daemon = Daemon { shared };
@@ -753,6 +783,7 @@ impl Daemon {
         let loops = vec![
             tokio::spawn(daemon.clone().reconcile(request_rx, rx)),
             tokio::spawn(daemon.clone().sweeps()),
+            tokio::spawn(daemon.clone().sample_rates()),
         ];
         *daemon.shared.loops.lock().expect("loops") = loops;
         Ok(daemon)
@@ -1379,6 +1410,112 @@ impl Daemon {
                 }
             })
             .collect()
+    }
+
+    /// Every backend's kernel counters, by service and address.
+    async fn backend_counters(&self) -> Vec<(String, SocketAddr, lb_common::Counters)> {
+        let services: Vec<(String, Vec<SocketAddr>)> = {
+            let inner = self.shared.inner.lock().await;
+            inner
+                .services
+                .iter()
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        s.backends.iter().map(|b| b.address).collect(),
+                    )
+                })
+                .collect()
+        };
+        let writer = self.shared.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let w = lock(&writer);
+            let dp = w.dataplane();
+            let mut out = Vec::new();
+            for (name, backends) in services {
+                for address in backends {
+                    if let Some(id) = w.backend_id(&name, address)
+                        && let Ok(c) = dp.backend_counters(id)
+                    {
+                        out.push((name.clone(), address, c));
+                    }
+                }
+            }
+            out
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    /// Samples the backends' counters for the status page's rates, for the
+    /// daemon's life.
+    async fn sample_rates(self) {
+        let mut tick = tokio::time::interval(crate::rates::SAMPLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let counters = self.backend_counters().await;
+            lock(&self.shared.rates).record(Instant::now(), &counters);
+        }
+    }
+
+    /// Slot shares and rates of every backend, for the status page.
+    pub async fn stats(&self) -> StatsView {
+        let services: Vec<(String, Vec<SocketAddr>)> = {
+            let inner = self.shared.inner.lock().await;
+            inner
+                .services
+                .iter()
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        s.backends.iter().map(|b| b.address).collect(),
+                    )
+                })
+                .collect()
+        };
+        let writer = self.shared.writer.clone();
+        let mut view = tokio::task::spawn_blocking(move || {
+            let w = lock(&writer);
+            services
+                .into_iter()
+                .map(|(name, backends)| {
+                    let mut table_size = 0;
+                    let backends = backends
+                        .into_iter()
+                        .map(|address| {
+                            let (slots, total) = w.slot_share(&name, address).unwrap_or((0, 0));
+                            table_size = table_size.max(total);
+                            BackendStats {
+                                address: address.to_string(),
+                                slots,
+                                rates: Default::default(),
+                            }
+                        })
+                        .collect();
+                    ServiceStats {
+                        name,
+                        table_size,
+                        backends,
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let rates = lock(&self.shared.rates);
+        for s in &mut view {
+            for b in &mut s.backends {
+                if let Ok(addr) = b.address.parse() {
+                    b.rates = rates.view(&s.name, addr);
+                }
+            }
+        }
+        StatsView {
+            interval_seconds: crate::rates::SAMPLE_EVERY.as_secs(),
+            samples: crate::rates::SAMPLES,
+            services: view,
+        }
     }
 
     /// Reads the kernel counters and renders `/metrics`.

@@ -1210,12 +1210,26 @@ struct Installed {
     backend_ids: HashMap<SocketAddr, u32>,
     /// The slots last installed, with the previous backend of each slot.
     slots: Vec<MaglevSlot>,
+    /// Slots of `slots` per backend id, counted when a table is installed
+    /// (the status page's share of the table).
+    slot_counts: HashMap<u32, u32>,
     /// What the installed table was built from: the same input needs no
     /// rebuild (empty when unknown, after adopting a pinned data plane).
     entries: Vec<maglev::Entry>,
     /// Failing open: every backend failed its checks and the table holds
     /// the ones that were up last (`WhenAllDown::KeepLast`).
     fail_open: bool,
+}
+
+/// Slots per backend id in a table (empty slots are not counted).
+fn count_slots(slots: &[MaglevSlot]) -> HashMap<u32, u32> {
+    let mut counts = HashMap::new();
+    for s in slots {
+        if s.backend != NO_BACKEND {
+            *counts.entry(s.backend).or_insert(0) += 1;
+        }
+    }
+    counts
 }
 
 /// Applies desired services to the data plane. Owns the map store: the
@@ -1376,6 +1390,7 @@ impl<S: MapStore> MapWriter<S> {
                         when_all_down: WhenAllDown::default(),
                     },
                     backend_ids: sid.backends.iter().map(|(a, i)| (*a, *i)).collect(),
+                    slot_counts: count_slots(&slots),
                     slots,
                     entries: Vec::new(),
                     fail_open: false,
@@ -1435,6 +1450,15 @@ impl<S: MapStore> MapWriter<S> {
         self.services.get(name).is_some_and(|s| s.fail_open)
     }
 
+    /// The backend's slots in the service's installed Maglev table, and
+    /// the table's size (0 before a table is installed).
+    pub fn slot_share(&self, service: &str, address: SocketAddr) -> Option<(u32, u32)> {
+        let inst = self.services.get(service)?;
+        let id = inst.backend_ids.get(&address)?;
+        let total = u32::try_from(inst.slots.len()).unwrap_or(u32::MAX);
+        Some((inst.slot_counts.get(id).copied().unwrap_or(0), total))
+    }
+
     /// The id the data plane uses for a backend of a service.
     pub fn backend_id(&self, service: &str, address: SocketAddr) -> Option<u32> {
         self.services
@@ -1490,6 +1514,7 @@ impl<S: MapStore> MapWriter<S> {
                         spec: spec.clone(),
                         backend_ids: HashMap::new(),
                         slots: Vec::new(),
+                        slot_counts: HashMap::new(),
                         entries: Vec::new(),
                         fail_open: false,
                     },
@@ -1785,6 +1810,7 @@ impl<S: MapStore> MapWriter<S> {
                 });
                 let t = self.dp.install_table(id, &slots, spec.forwarding.code())?;
                 debug!(service = %spec.name, table = t, backends = entries.len(), "Maglev table installed");
+                inst.slot_counts = count_slots(&slots);
                 inst.slots = slots;
                 report.tables_installed += 1;
                 report.installed.push(spec.name.clone());

@@ -16,8 +16,10 @@ pub mod metrics;
 pub mod notify;
 pub mod pins;
 pub mod privs;
+pub mod rates;
 pub mod source;
 pub mod state;
+pub mod ui;
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));

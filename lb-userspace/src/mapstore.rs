@@ -328,6 +328,35 @@ mod tests {
     }
 
     #[test]
+    fn slot_shares_count_the_installed_table() {
+        let mut web = svc("web", "0.0.0.0:443", &[8001, 8002, 8003]);
+        web.backends[2].weight = 200;
+        let mut w = writer(std::slice::from_ref(&web));
+        let sid = w.service_id("web").unwrap();
+        let table = w.store().active_table(sid).to_vec();
+        let mut sum = 0;
+        for b in &web.backends {
+            let id = w.backend_id("web", b.address).unwrap();
+            let (n, total) = w.slot_share("web", b.address).unwrap();
+            assert_eq!(total, M);
+            assert_eq!(n as usize, table.iter().filter(|s| s.backend == id).count());
+            sum += n;
+        }
+        assert_eq!(sum, M, "every slot belongs to one backend");
+        let (heavy, _) = w.slot_share("web", web.backends[2].address).unwrap();
+        assert!(
+            (120..=131).contains(&heavy),
+            "weight 200 of 400: {heavy} of {M}"
+        );
+        // Drained: out of the next table, 0 slots.
+        web.backends[0].state = crate::dataplane::AdminState::Draining;
+        w.apply(std::slice::from_ref(&web)).unwrap();
+        assert_eq!(w.slot_share("web", web.backends[0].address), Some((0, M)));
+        assert_eq!(w.slot_share("web", "127.0.0.1:9".parse().unwrap()), None);
+        assert_eq!(w.slot_share("nope", web.backends[1].address), None);
+    }
+
+    #[test]
     fn an_unchanged_apply_writes_no_table() {
         let web = svc("web", "0.0.0.0:443", &[8001, 8002]);
         let mut w = writer(std::slice::from_ref(&web));
