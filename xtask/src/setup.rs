@@ -27,6 +27,9 @@ const PACKAGES: &[(&str, &[&str])] = &[
     // server evaluates the dashboard's and the rules' queries (the tests
     // run their own, in a test namespace).
     ("prometheus", &["promtool", "prometheus"]),
+    // The status page's test drives a real headless browser over WebDriver.
+    ("chromium", &["chromium"]),
+    ("chromium-driver", &["chromedriver"]),
 ];
 
 /// The environment every child cargo and program runs with.

@@ -103,15 +103,20 @@
     title.textContent = label + ': max ' + num(max) + '/s over the last ' + values.length + ' samples';
     svg.appendChild(title);
     if (values.length > 0) {
+      // Newest at the right edge; one step per sample of the window.
       const step = w / Math.max(1, slots - 1);
-      const x0 = w - (values.length - 1) * step;
       const pts = values.map((v, i) => {
+        const x = w - (values.length - 1 - i) * step;
         const y = max > 0 ? h - 2 - (v / max) * (h - 4) : h - 2;
-        return (x0 + i * step).toFixed(1) + ',' + y.toFixed(1);
+        return [x, y];
       });
-      if (pts.length === 1) pts.push((w).toFixed(1) + ',' + pts[0].split(',')[1]);
+      if (pts.length === 1) pts.unshift([w - step, pts[0][1]]);
+      const fmt = (p) => p[0].toFixed(1) + ',' + p[1].toFixed(1);
+      const area = document.createElementNS(SVG, 'polygon');
+      area.setAttribute('points', [[pts[0][0], h]].concat(pts, [[w, h]]).map(fmt).join(' '));
+      svg.appendChild(area);
       const line = document.createElementNS(SVG, 'polyline');
-      line.setAttribute('points', pts.join(' '));
+      line.setAttribute('points', pts.map(fmt).join(' '));
       svg.appendChild(line);
     }
     return svg;
@@ -160,15 +165,15 @@
         weight.title = 'weight 0..65535';
         const setWeight = actions.appendChild(el('button', 'set-weight', 'Set weight'));
         drain.type = activate.type = setWeight.type = 'button';
-        drain.addEventListener('click', () => change(s.name, b.address, { state: 'draining' }, 'drain'));
-        activate.addEventListener('click', () => change(s.name, b.address, { state: 'active' }, 'activate'));
+        drain.addEventListener('click', () => change(s.name, b.address, { state: 'draining' }, 'drain', 'draining'));
+        activate.addEventListener('click', () => change(s.name, b.address, { state: 'active' }, 'activate', 'active'));
         setWeight.addEventListener('click', () => {
           const w = Number(weight.value);
           if (weight.value === '' || !Number.isInteger(w) || w < 0 || w > 65535) {
             showError('Weight must be a whole number from 0 to 65535.', 'action');
             return;
           }
-          change(s.name, b.address, { weight: w }, 'set weight ' + w + ' of');
+          change(s.name, b.address, { weight: w }, 'set the weight of', 'weight ' + w);
         });
         cells.drain = drain;
         cells.activate = activate;
@@ -272,11 +277,13 @@
         showError('Cannot read the API: ' + e.message, 'refresh');
       }
     } finally {
+      clearTimeout(timer);
       timer = setTimeout(refresh, REFRESH_MS);
     }
   }
 
-  async function change(service, address, body, what) {
+  // PATCHes a backend: `what` names the action, `done` the new state.
+  async function change(service, address, body, what, done) {
     if (!token) {
       showError('Enter the admin token above to ' + what + ' ' + address + '.', 'action');
       return;
@@ -285,7 +292,7 @@
       await api('PATCH', '/services/' + encodeURIComponent(service) + '/backends/' +
         encodeURIComponent(address), body);
       clearError('action');
-      notice(service + ' ' + address + ': ' + what + ' done.');
+      notice(service + ' ' + address + ': ' + done + '.');
     } catch (e) {
       notice('');
       showError('Could not ' + what + ' ' + address + ': ' + e.message, 'action');
