@@ -115,7 +115,7 @@ impl Browser {
                     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                     "--no-first-run", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync",
-                    "--window-size=1440,760", "--hide-scrollbars",
+                    "--window-size=1440,400", "--hide-scrollbars",
                     format!("--user-data-dir={}", data.display()),
                 ],
             },
