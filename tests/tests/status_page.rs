@@ -115,7 +115,7 @@ impl Browser {
                     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                     "--no-first-run", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync",
-                    "--window-size=1440,400", "--hide-scrollbars",
+                    "--window-size=1440,540", "--hide-scrollbars",
                     format!("--user-data-dir={}", data.display()),
                 ],
             },
@@ -238,7 +238,8 @@ fn base64_decode(s: &str) -> Vec<u8> {
 }
 
 /// The page's backend rows: service, address, state, health, weight,
-/// last failure, slots, packets/s cell texts and the row's class.
+/// last failure, slots, new flows/s and packets/s cell texts, the drawn
+/// sparklines and the row's class.
 const ROWS_JS: &str = r#"return Array.from(document.querySelectorAll('tr.backend')).map(tr => ({
   service: tr.dataset.service, address: tr.dataset.address,
   state: tr.querySelector('.c-state').textContent,
@@ -246,9 +247,9 @@ const ROWS_JS: &str = r#"return Array.from(document.querySelectorAll('tr.backend
   weight: tr.querySelector('.c-weight').textContent,
   error: tr.querySelector('.c-error').textContent,
   slots: tr.querySelector('.c-slots').textContent,
-  packets: tr.querySelector('.c-packets').textContent,
-  flows: tr.querySelector('.c-flows').textContent,
-  spark: tr.querySelectorAll('.c-spark svg polyline').length,
+  packets: tr.querySelector('.c-packets .v').textContent,
+  flows: tr.querySelector('.c-flows .v').textContent,
+  spark: tr.querySelectorAll('svg.spark polyline').length,
   class: tr.className }));"#;
 
 /// The rows as the API says they must look: (service, address) ->
@@ -450,7 +451,7 @@ fn the_status_page_in_chromium_shows_the_apis_table_and_drains_a_backend() {
                     return Err(format!("{addr}: page {} api {shown}", row["slots"]));
                 }
                 let busy = addr != "127.0.0.1:8004";
-                if busy && (row["packets"] == "0" || row["flows"] == "0" || row["spark"] != 1) {
+                if busy && (row["packets"] == "0" || row["flows"] == "0" || row["spark"] != 3) {
                     return Err(format!("{addr} shows no traffic: {row}"));
                 }
             }

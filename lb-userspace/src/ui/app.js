@@ -88,7 +88,7 @@
 
   // An inline SVG sparkline of `values` (oldest first), `slots` wide.
   function sparkline(values, slots, label) {
-    const w = 120, h = 22;
+    const w = 64, h = 18;
     const svg = document.createElementNS(SVG, 'svg');
     svg.setAttribute('class', 'spark');
     svg.setAttribute('width', w);
@@ -124,8 +124,8 @@
 
   const COLUMNS = [
     ['Backend', ''], ['State', ''], ['Health', ''], ['Last failure', ''], ['Weight', 'num'],
-    ['Maglev slots', 'num'], ['New flows/s', 'num'], ['Packets/s', 'num'], ['Bytes/s', 'num'],
-    ['Packets/s, 5 min', ''], ['Actions', ''],
+    ['Maglev slots', 'num'], ['New flows/s (5 min)', 'num'], ['Packets/s (5 min)', 'num'],
+    ['Bytes/s (5 min)', 'num'], ['Actions', ''],
   ];
 
   function rowKey(service, address) { return service + '\u0000' + address; }
@@ -151,8 +151,8 @@
         tr.dataset.address = b.address;
         const cells = {};
         for (const [c, cls] of [['address', ''], ['state', ''], ['health', ''], ['error', ''],
-          ['weight', 'num'], ['slots', 'num'], ['flows', 'num'], ['packets', 'num'],
-          ['bytes', 'num'], ['spark', '']]) {
+          ['weight', 'num'], ['slots', 'num'], ['flows', 'num rate'], ['packets', 'num rate'],
+          ['bytes', 'num rate']]) {
           cells[c] = tr.appendChild(el('td', ('c-' + c + ' ' + cls).trim()));
         }
         const actions = tr.appendChild(el('td', 'actions'));
@@ -204,6 +204,13 @@
       : el('span', 'badge ok', 'serving'));
   }
 
+  // A rate cell: the last interval's value and its five minutes.
+  function rate(cell, text, history, samples, label) {
+    cell.textContent = '';
+    cell.appendChild(el('span', 'v', text));
+    cell.appendChild(sparkline(history || [], samples, label));
+  }
+
   function render(services, stats, status) {
     const sig = JSON.stringify(services.map((s) => [s.name, s.backends.map((b) => b.address)]));
     if (sig !== layout) {
@@ -240,11 +247,10 @@
         c.slots.appendChild(document.createTextNode(slots + ' (' + (share * 100).toFixed(1) + '%)'));
         const bar = c.slots.appendChild(el('span', 'share'));
         bar.appendChild(el('i')).style.width = (share * 100).toFixed(1) + '%';
-        c.flows.textContent = num(st.new_flows_per_second || 0);
-        c.packets.textContent = num(st.packets_per_second || 0);
-        c.bytes.textContent = bytes(st.bytes_per_second || 0);
-        c.spark.textContent = '';
-        c.spark.appendChild(sparkline((st.history && st.history.packets) || [], samples, 'packets/s'));
+        const h = st.history || {};
+        rate(c.flows, num(st.new_flows_per_second || 0), h.new_flows, samples, 'new flows/s');
+        rate(c.packets, num(st.packets_per_second || 0), h.packets, samples, 'packets/s');
+        rate(c.bytes, bytes(st.bytes_per_second || 0), h.bytes, samples, 'bytes/s');
         c.drain.disabled = b.state === 'draining';
         c.activate.disabled = b.state === 'active';
         if (document.activeElement !== c.weightInput) c.weightInput.value = String(b.weight);
