@@ -17,7 +17,7 @@ use std::{
 use lb_tests::{
     daemon::{Lb, TempDir},
     netns,
-    topology::{API, LogOnPanic, ServiceConf, Site, TOKEN, backends},
+    topology::{API, LogOnPanic, Metrics, ServiceConf, Site, TOKEN, backends},
 };
 use serde_json::{Value, json};
 
@@ -404,6 +404,23 @@ fn the_status_page_in_chromium_shows_the_apis_table_and_drains_a_backend() {
         let e = text_of(&browser, "error");
         e.contains("needs a token").then_some(()).ok_or(e)
     });
+    // ... and stops asking: each refusal counts against 127.0.0.1's failed
+    // authentications (10 a minute by default), so refreshing on would
+    // lock out every client of this address.
+    let no_token = |lb: &Lb| {
+        let key = (
+            "lb_api_refused_total".to_string(),
+            vec![("reason".to_string(), "no_token".to_string())],
+        );
+        Metrics::scrape(lb).0.get(&key).copied().unwrap_or(0.0)
+    };
+    let refused = no_token(&lb);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        no_token(&lb),
+        refused,
+        "the page kept calling the API without a token"
+    );
 
     // The read token: the table appears and equals the API's.
     browser.type_into("#token", READ_TOKEN);

@@ -62,6 +62,7 @@
       const msg = data && typeof data.error === 'string' ? data.error : (text || r.statusText);
       const err = new Error(r.status + ' ' + msg);
       err.status = r.status;
+      err.retryAfter = Number(r.headers.get('Retry-After')) || 0;
       throw err;
     }
     return data;
@@ -88,7 +89,7 @@
 
   // An inline SVG sparkline of `values` (oldest first), `slots` wide.
   function sparkline(values, slots, label) {
-    const w = 64, h = 18;
+    const w = 60, h = 18;
     const svg = document.createElementNS(SVG, 'svg');
     svg.setAttribute('class', 'spark');
     svg.setAttribute('width', w);
@@ -163,7 +164,8 @@
         weight.min = '0';
         weight.max = '65535';
         weight.title = 'weight 0..65535';
-        const setWeight = actions.appendChild(el('button', 'set-weight', 'Set weight'));
+        const setWeight = actions.appendChild(el('button', 'set-weight', 'Set'));
+        setWeight.title = 'set the weight';
         drain.type = activate.type = setWeight.type = 'button';
         drain.addEventListener('click', () => change(s.name, b.address, { state: 'draining' }, 'drain', 'draining'));
         activate.addEventListener('click', () => change(s.name, b.address, { state: 'active' }, 'activate', 'active'));
@@ -267,24 +269,35 @@
     }
   }
 
+  // Reads the API and schedules the next read. A refused or missing token
+  // stops the refreshing until a token is entered: every refusal counts
+  // against this address's failed authentications (admin.auth_failures_per_minute).
   async function refresh() {
     clearTimeout(timer);
+    let next = REFRESH_MS;
     try {
-      const [services, stats, status] = await Promise.all([
-        api('GET', '/services'), api('GET', '/stats'), api('GET', '/status').catch(() => null),
+      const services = await api('GET', '/services');
+      const [stats, status] = await Promise.all([
+        api('GET', '/stats'), api('GET', '/status').catch(() => null),
       ]);
       render(services, stats, status);
       clearError('refresh');
       $('updated').textContent = 'updated ' + new Date().toLocaleTimeString();
     } catch (e) {
       if (e.status === 401) {
-        showError('The API needs a token: enter the read or admin token above (' + e.message + ').', 'refresh');
+        next = null;
+        showError((token ? 'The token was refused' : 'The API needs a token') +
+          ': enter the read or admin token above; the page stops refreshing until then (' +
+          e.message + ').', 'refresh');
+      } else if (e.status === 429) {
+        next = Math.max(REFRESH_MS, (e.retryAfter || 60) * 1000);
+        showError('The API asks to wait ' + Math.round(next / 1000) + ' s (' + e.message + ').', 'refresh');
       } else {
         showError('Cannot read the API: ' + e.message, 'refresh');
       }
     } finally {
       clearTimeout(timer);
-      timer = setTimeout(refresh, REFRESH_MS);
+      timer = next === null ? null : setTimeout(refresh, next);
     }
   }
 
