@@ -208,21 +208,25 @@ pub struct RawHealthGlobal {
     pub max_concurrent: Option<i64>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Service)]
 pub struct RawService {
     #[serde(default)]
     pub name: String,
     #[serde(default = "default_listen")]
     pub listen: String,
     #[serde(default = "default_protocols")]
+    #[schema(value_type = Vec<WireProtocol>, default = json!(["tcp"]))]
     pub protocols: Vec<String>,
     #[serde(default = "default_forwarding")]
+    #[schema(value_type = WireForwarding, default = "local")]
     pub forwarding: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<RawHealth>,
     /// "keep_last" (default) or "refuse".
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<WireWhenAllDown>)]
     pub when_all_down: Option<String>,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
@@ -231,9 +235,11 @@ pub struct RawService {
     pub allowed_backend_networks: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Health)]
 pub struct RawHealth {
+    #[schema(value_type = WireHealthKind)]
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
@@ -248,8 +254,10 @@ pub struct RawHealth {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "2s")]
     pub interval: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "1s")]
     pub timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rise: Option<i64>,
@@ -257,14 +265,62 @@ pub struct RawHealth {
     pub fall: Option<i64>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Backend)]
 pub struct RawBackend {
     pub address: String,
     #[serde(default = "default_weight")]
+    #[schema(minimum = 0, maximum = 65535, default = 100)]
     pub weight: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<WireState>)]
     pub state: Option<String>,
+}
+
+/// The values the wire model's string fields take, for the API's OpenAPI
+/// document (the fields stay strings, checked with errors that name them).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum WireProtocol {
+    Tcp,
+    Udp,
+}
+
+/// See [`WireProtocol`].
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum WireForwarding {
+    Local,
+    Nat,
+    Dsr,
+}
+
+/// See [`WireProtocol`].
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+pub enum WireWhenAllDown {
+    KeepLast,
+    Refuse,
+}
+
+/// See [`WireProtocol`].
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum WireHealthKind {
+    Tcp,
+    Http,
+    Https,
+    Udp,
+}
+
+/// See [`WireProtocol`].
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum WireState {
+    Active,
+    Draining,
+    Disabled,
 }
 
 // ---------------------------------------------------------------------------
@@ -410,7 +466,7 @@ pub struct ServiceConfig {
 
 /// How many services and backends the daemon takes on, from `[limits]`.
 /// Never more than the kernel maps hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Limits {
     pub max_services: usize,
     pub max_backends_per_service: usize,
