@@ -168,6 +168,8 @@ pub struct RawDataplane {
     pub interface: Option<String>,
     pub xdp_mode: Option<String>,
     pub flow_table_size: Option<i64>,
+    /// Flow-table inserts per CPU per second (0: no cap).
+    pub flow_insert_rate: Option<i64>,
     pub maglev_table_size: Option<i64>,
     pub max_services: Option<i64>,
     pub pin_path: Option<String>,
@@ -1422,6 +1424,10 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         opts.flow_table_size =
             int_in(&key(&dp_path, "flow_table_size"), v, 1024, 64 * 1024 * 1024)? as u32;
     }
+    if let Some(v) = dp.flow_insert_rate {
+        opts.flow_insert_rate =
+            int_in(&key(&dp_path, "flow_insert_rate"), v, 0, 100_000_000)? as u32;
+    }
     if let Some(v) = dp.maglev_table_size {
         let m = int_in(
             &key(&dp_path, "maglev_table_size"),
@@ -2085,6 +2091,30 @@ backends = [
                 Seg::Index(2)
             ]
         );
+    }
+
+    /// The README's example config, as an operator would paste it, is
+    /// valid and every knob it shows reaches the options.
+    #[test]
+    fn the_readme_example_is_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("cat > lb.toml <<'TOML'\n")
+            .expect("the README's example config")
+            + "cat > lb.toml <<'TOML'\n".len();
+        let text = &readme[start..start + readme[start..].find("\nTOML\n").unwrap()];
+        let c = Config::parse(Path::new("lb.toml"), text)
+            .unwrap_or_else(|e| panic!("the README's example: {e}"));
+        assert_eq!(c.dataplane.flow_insert_rate, 100_000);
+        assert_eq!(c.dataplane.flow_table_size, 1_048_576);
+        let c = Config::parse(
+            Path::new("lb.toml"),
+            &GOOD.replace("flow_table_size = 1048576", "flow_insert_rate = 0"),
+        )
+        .unwrap();
+        assert_eq!(c.dataplane.flow_insert_rate, 0);
+        let e = err(&GOOD.replace("flow_table_size = 1048576", "flow_insert_rate = -1"));
+        assert!(e.to_string().contains("dataplane.flow_insert_rate"), "{e}");
     }
 
     #[test]
