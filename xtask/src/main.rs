@@ -314,3 +314,39 @@ fn remove_stale_namespaces() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::selects_package_test;
+
+    fn selects(args: &str) -> bool {
+        let args: Vec<String> = args.split_whitespace().map(String::from).collect();
+        selects_package_test(&args)
+    }
+
+    #[test]
+    fn the_package_is_built_only_when_its_test_may_run() {
+        for yes in [
+            "",
+            "some_filter",
+            "--test package",
+            "--test=package",
+            "--test packets --test package",
+            "-p lb-tests",
+            "--test '*'",
+            "-- --nocapture --test x",
+        ] {
+            assert!(selects(yes), "{yes:?}");
+        }
+        for no in [
+            "--test packets",
+            "--test=packets some_filter",
+            "-p lb-userspace",
+            "--package=xtask",
+            "--lib",
+            "--doc",
+        ] {
+            assert!(!selects(no), "{no:?}");
+        }
+    }
+}

@@ -54,6 +54,17 @@ fi
 exit 0
 ";
 
+/// On removal a running daemon is stopped like `systemctl stop`: the data
+/// plane stays attached with its last tables (`lb stop` first removes it).
+const PRERM: &str = "\
+#!/bin/sh
+set -e
+if [ \"$1\" = remove ] && [ -d /run/systemd/system ] && command -v deb-systemd-invoke >/dev/null; then
+\tdeb-systemd-invoke stop lb.service >/dev/null || true
+fi
+exit 0
+";
+
 const POSTRM: &str = "\
 #!/bin/sh
 set -e
@@ -154,7 +165,7 @@ pub fn package(env: &Env) -> Result<PathBuf> {
     write(&debian.join("control"), control.as_bytes())?;
     write(&debian.join("md5sums"), md5sums.as_bytes())?;
     write(&debian.join("conffiles"), b"/etc/lb/lb.toml.example\n")?;
-    for (name, script) in [("postinst", POSTINST), ("postrm", POSTRM)] {
+    for (name, script) in [("postinst", POSTINST), ("prerm", PRERM), ("postrm", POSTRM)] {
         let path = debian.join(name);
         write(&path, script.as_bytes())?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
