@@ -27,6 +27,10 @@ const PACKAGES: &[(&str, &[&str])] = &[
     // server evaluates the dashboard's and the rules' queries (the tests
     // run their own, in a test namespace).
     ("prometheus", &["promtool", "prometheus"]),
+    // `cargo xtask package`: the Depends line (dpkg-shlibdeps); the package
+    // test checks the .deb with lintian.
+    ("dpkg-dev", &["dpkg-shlibdeps"]),
+    ("lintian", &["lintian"]),
 ];
 
 /// The environment every child cargo and program runs with.
