@@ -207,6 +207,19 @@ fn build(env: &setup::Env) -> Result<()> {
 
 fn test(env: &setup::Env, args: &[String]) -> Result<()> {
     require_root("cargo xtask test")?;
+    // Formatting and lints are part of the test: either failing fails it.
+    println!("xtask: cargo fmt --check");
+    let status = env
+        .cargo()
+        .args(["fmt", "--all", "--", "--check"])
+        .status()?;
+    check(status, "cargo fmt --check (run `cargo fmt`)")?;
+    println!("xtask: cargo clippy --all-targets -- -D warnings");
+    let status = env
+        .cargo()
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+        .status()?;
+    check(status, "cargo clippy --all-targets -- -D warnings")?;
     remove_stale_namespaces();
     // The daemon tests run the real `lb` binary.
     let status = env
