@@ -17,7 +17,7 @@ use serde_json::json;
 use crate::{
     access::Access,
     config::{self, RawBackend, RawService, Seg},
-    daemon::{ChangeError, Daemon, ServiceView},
+    daemon::{BackendView, ChangeError, Daemon, ReloadReport, ServiceView, StatsView, StatusView},
     dataplane::AdminState,
 };
 
@@ -85,7 +85,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
 /// The body of `POST /reload` and `POST /stop`: none, or `{}` (what `lb`
 /// sends). Fields are refused, not ignored: a client that believes it asked
 /// for something (`{"keep_dataplane": true}`) must not get something else.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NoFields {}
 
@@ -118,10 +118,12 @@ impl<S: Send + Sync> FromRequest<S> for NoFields {
 }
 
 /// The body of `PATCH /services/{name}/backends/{address}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackendPatch {
+    #[schema(minimum = 0, maximum = 65535)]
     pub weight: Option<i64>,
+    #[schema(value_type = Option<crate::config::WireState>)]
     pub state: Option<String>,
 }
 
@@ -233,6 +235,7 @@ fn parse_address(s: &str) -> Result<SocketAddr, ApiError> {
     })
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "daemon", responses((status = 200, description = "The daemon's loops are alive and the data plane is attached", body = HealthzBody), (status = 503, description = "A loop died or is stuck, or the interface is gone", body = HealthzBody)))]
 async fn healthz(State(d): State<Daemon>) -> Response {
     if !d.attached() {
         return (
@@ -255,23 +258,27 @@ async fn healthz(State(d): State<Daemon>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/status", tag = "daemon", responses((status = 200, description = "Where the services come from, limits, reloads", body = StatusView), (status = 400, description = "Host header not accepted (TCP)", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP, when tokens are configured)", body = ErrorBody), (status = 429, description = "Too many failed authentications from this peer", body = ErrorBody)))]
 async fn status(State(d): State<Daemon>) -> Response {
     Json(d.status().await).into_response()
 }
 
 /// Slot shares and rates per backend, for the status page.
+#[utoipa::path(get, path = "/stats", tag = "daemon", responses((status = 200, description = "Per backend: slots of the installed Maglev table, and new flows, packets and bytes per second over the last interval with five minutes of them (one value per interval_seconds, oldest first)", body = StatsView), (status = 400, description = "Host header not accepted (TCP)", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP, when tokens are configured)", body = ErrorBody), (status = 429, description = "Too many failed authentications from this peer", body = ErrorBody)))]
 async fn stats(State(d): State<Daemon>) -> Response {
     Json(d.stats().await).into_response()
 }
 
 /// Re-reads the config file; 400 with the file, line and field when it is
 /// invalid (nothing changes then).
+#[utoipa::path(post, path = "/reload", tag = "daemon", request_body(content = Option<NoFields>, description = "None, or {}"), responses((status = 200, description = "Reloaded (or refused with 400, nothing changed)", body = ReloadReport), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody)))]
 async fn reload(State(d): State<Daemon>, _: NoFields) -> Result<Response, ApiError> {
     let report = d.reload().await?;
     Ok(Json(report).into_response())
 }
 
 /// Detaches the data plane, removes its pins, and ends the daemon.
+#[utoipa::path(post, path = "/stop", tag = "daemon", request_body(content = Option<NoFields>, description = "None, or {}"), responses((status = 202, description = "Detaching, unpinning and exiting", body = StopBody), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody)))]
 async fn stop(State(d): State<Daemon>, _: NoFields) -> Response {
     // A moment for this answer to reach the client before the listener
     // closes.
@@ -286,6 +293,7 @@ async fn stop(State(d): State<Daemon>, _: NoFields) -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "daemon", responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String), (status = 400, description = "Host header not accepted (TCP)", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP, when tokens are configured)", body = ErrorBody), (status = 429, description = "Too many failed authentications from this peer", body = ErrorBody)))]
 async fn metrics(State(d): State<Daemon>) -> Response {
     (
         [(
@@ -297,10 +305,12 @@ async fn metrics(State(d): State<Daemon>) -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/services", tag = "services", responses((status = 200, description = "Every service", body = [ServiceView]), (status = 400, description = "Host header not accepted (TCP)", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP, when tokens are configured)", body = ErrorBody), (status = 429, description = "Too many failed authentications from this peer", body = ErrorBody)))]
 async fn list_services(State(d): State<Daemon>) -> Response {
     Json(d.views().await).into_response()
 }
 
+#[utoipa::path(get, path = "/services/{name}", tag = "services", params(("name" = String, Path, description = "Service name")), responses((status = 200, description = "The service", body = ServiceView), (status = 404, description = "No such service", body = ErrorBody), (status = 400, description = "Host header not accepted (TCP)", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP, when tokens are configured)", body = ErrorBody), (status = 429, description = "Too many failed authentications from this peer", body = ErrorBody)))]
 async fn get_service(
     State(d): State<Daemon>,
     Path(name): Path<String>,
@@ -309,6 +319,7 @@ async fn get_service(
     Ok(Json(v).into_response())
 }
 
+#[utoipa::path(put, path = "/services/{name}", tag = "services", params(("name" = String, Path, description = "Service name")), request_body = RawService, responses((status = 200, description = "Replaced", body = ServiceView), (status = 201, description = "Created", body = ServiceView), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody)))]
 async fn put_service(
     State(d): State<Daemon>,
     Path(name): Path<String>,
@@ -385,6 +396,7 @@ fn widens_networks(
     }
 }
 
+#[utoipa::path(delete, path = "/services/{name}", tag = "services", params(("name" = String, Path, description = "Service name")), responses((status = 204, description = "Removed"), (status = 404, description = "No such service", body = ErrorBody), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody)))]
 async fn delete_service(
     State(d): State<Daemon>,
     Path(name): Path<String>,
@@ -401,6 +413,7 @@ async fn delete_service(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/services/{name}/backends", tag = "backends", params(("name" = String, Path, description = "Service name")), responses((status = 200, description = "The service's backends", body = [BackendView]), (status = 404, description = "No such service", body = ErrorBody), (status = 400, description = "Host header not accepted (TCP)", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP, when tokens are configured)", body = ErrorBody), (status = 429, description = "Too many failed authentications from this peer", body = ErrorBody)))]
 async fn list_backends(
     State(d): State<Daemon>,
     Path(name): Path<String>,
@@ -409,6 +422,7 @@ async fn list_backends(
     Ok(Json(v.backends).into_response())
 }
 
+#[utoipa::path(get, path = "/services/{name}/backends/{address}", tag = "backends", params(("name" = String, Path, description = "Service name"), ("address" = String, Path, description = "Backend address, e.g. 127.0.0.1:8001 or [::1]:8001")), responses((status = 200, description = "The backend", body = BackendView), (status = 404, description = "No such service or backend", body = ErrorBody), (status = 400, description = "Host header not accepted (TCP)", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP, when tokens are configured)", body = ErrorBody), (status = 429, description = "Too many failed authentications from this peer", body = ErrorBody)))]
 async fn get_backend(
     State(d): State<Daemon>,
     Path((name, address)): Path<(String, String)>,
@@ -423,6 +437,7 @@ async fn get_backend(
     Ok(Json(b).into_response())
 }
 
+#[utoipa::path(post, path = "/services/{name}/backends", tag = "backends", params(("name" = String, Path, description = "Service name")), request_body = RawBackend, responses((status = 201, description = "Added", body = BackendView), (status = 404, description = "No such service", body = ErrorBody), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody)))]
 async fn add_backend(
     State(d): State<Daemon>,
     Path(name): Path<String>,
@@ -465,6 +480,7 @@ async fn add_backend(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
+#[utoipa::path(patch, path = "/services/{name}/backends/{address}", tag = "backends", params(("name" = String, Path, description = "Service name"), ("address" = String, Path, description = "Backend address, e.g. 127.0.0.1:8001 or [::1]:8001")), request_body = BackendPatch, responses((status = 200, description = "Changed", body = BackendView), (status = 404, description = "No such service or backend", body = ErrorBody), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody)))]
 async fn patch_backend(
     State(d): State<Daemon>,
     Path((name, address)): Path<(String, String)>,
@@ -500,6 +516,7 @@ async fn patch_backend(
     get_backend(State(d), Path((name, address))).await
 }
 
+#[utoipa::path(delete, path = "/services/{name}/backends/{address}", tag = "backends", params(("name" = String, Path, description = "Service name"), ("address" = String, Path, description = "Backend address, e.g. 127.0.0.1:8001 or [::1]:8001")), responses((status = 204, description = "Removed"), (status = 404, description = "No such service or backend", body = ErrorBody), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody)))]
 async fn delete_backend(
     State(d): State<Daemon>,
     Path((name, address)): Path<(String, String)>,
@@ -523,90 +540,67 @@ async fn delete_backend(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/openapi.json", tag = "daemon", responses((status = 200, description = "This document", body = Object), (status = 400, description = "Host header not accepted (TCP)", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP, when tokens are configured)", body = ErrorBody), (status = 429, description = "Too many failed authentications from this peer", body = ErrorBody)))]
 async fn openapi() -> Json<serde_json::Value> {
     Json(openapi_document())
 }
 
-/// The OpenAPI 3 description of this API.
+/// The error body of every failed request.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// What `/healthz` answers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct HealthzBody {
+    #[schema(example = "ok")]
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What `POST /stop` answers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct StopBody {
+    pub status: String,
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "lb admin API",
+        description = "Over TCP: GETs need 'Authorization: Bearer <token>' with the read or admin token when a token is configured (/healthz always open, /metrics when metrics_public); changes need the admin token, and without one the TCP listener is read-only. The Unix socket (0600) has the admin scope. /healthz and /metrics are also served at the root. A method a route does not take gets 405, an unknown route 404, both with an ErrorBody."
+    ),
+    servers((url = "/api/v1")),
+    paths(
+        list_services, get_service, put_service, delete_service,
+        list_backends, add_backend, get_backend, patch_backend, delete_backend,
+        status, reload, stop, healthz, metrics, openapi, stats
+    ),
+    components(schemas(ErrorBody, HealthzBody, StopBody)),
+    modifiers(&Bearer),
+    security(("bearer" = []))
+)]
+struct ApiDoc;
+
+struct Bearer;
+
+impl utoipa::Modify for Bearer {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+            );
+    }
+}
+
+/// The OpenAPI document, derived from the handlers and the wire types.
 pub fn openapi_document() -> serde_json::Value {
-    let error = json!({"$ref": "#/components/responses/Error"});
-    let name =
-        json!({"name": "name", "in": "path", "required": true, "schema": {"type": "string"}});
-    let address = json!({"name": "address", "in": "path", "required": true,
-        "description": "backend address, e.g. 127.0.0.1:8001 or [::1]:8001", "schema": {"type": "string"}});
-    let json_body = |schema: &str| json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}});
-    let ok = |schema: serde_json::Value| json!({"description": "OK", "content": {"application/json": {"schema": schema}}});
-    let service_ref = json!({"$ref": "#/components/schemas/ServiceView"});
-    let backend_ref = json!({"$ref": "#/components/schemas/BackendView"});
-    json!({
-        "openapi": "3.0.3",
-        "info": {"title": "lb admin API", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "Over TCP: GETs need 'Authorization: Bearer <token>' with the read or admin token when a token is configured (/healthz always open, /metrics when metrics_public); changes need the admin token, and without one the TCP listener is read-only. The Unix socket (0600) has the admin scope."},
-        "servers": [{"url": "/api/v1"}],
-        "paths": {
-            "/services": {"get": {"summary": "List services", "responses": {"200": ok(json!({"type": "array", "items": service_ref}))}}},
-            "/services/{name}": {
-                "parameters": [name],
-                "get": {"summary": "One service", "responses": {"200": ok(service_ref.clone()), "404": error}},
-                "put": {"summary": "Create or replace a service", "security": [{"bearer": []}], "requestBody": json_body("Service"),
-                        "responses": {"200": ok(service_ref.clone()), "201": ok(service_ref.clone()), "400": error, "401": error, "409": error}},
-                "delete": {"summary": "Remove a service", "security": [{"bearer": []}], "responses": {"204": {"description": "Removed"}, "401": error, "404": error}}
-            },
-            "/services/{name}/backends": {
-                "parameters": [name],
-                "get": {"summary": "A service's backends", "responses": {"200": ok(json!({"type": "array", "items": backend_ref})), "404": error}},
-                "post": {"summary": "Add a backend", "security": [{"bearer": []}], "requestBody": json_body("Backend"),
-                         "responses": {"201": ok(backend_ref.clone()), "400": error, "401": error, "404": error, "409": error}}
-            },
-            "/services/{name}/backends/{address}": {
-                "parameters": [name, address],
-                "get": {"summary": "One backend", "responses": {"200": ok(backend_ref.clone()), "404": error}},
-                "patch": {"summary": "Change a backend's weight or state", "security": [{"bearer": []}], "requestBody": json_body("BackendPatch"),
-                          "responses": {"200": ok(backend_ref.clone()), "400": error, "401": error, "404": error}},
-                "delete": {"summary": "Remove a backend", "security": [{"bearer": []}], "responses": {"204": {"description": "Removed"}, "401": error, "404": error}}
-            },
-            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": ok(json!({"type": "object"})), "503": error}}},
-            "/stats": {"get": {"summary": "Per backend: slots of the installed Maglev table, new flows, packets and bytes per second, and five minutes of them (one value per interval_seconds, oldest first)", "responses": {"200": ok(json!({"type": "object"}))}}},
-            "/status": {"get": {"summary": "Where the services come from: config, state file, API changes dropped", "responses": {"200": ok(json!({"type": "object"}))}}},
-            "/reload": {"post": {"summary": "Re-read the config file and apply it", "security": [{"bearer": []}], "responses": {"200": ok(json!({"type": "object"})), "400": error, "401": error, "409": error}}},
-            "/stop": {"post": {"summary": "Detach the data plane, remove its pins and exit", "security": [{"bearer": []}], "responses": {"202": ok(json!({"type": "object"})), "400": error, "401": error}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
-        },
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "responses": {"Error": {"description": "Error", "content": {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}}},
-            "schemas": {
-                "Health": {"type": "object", "required": ["kind"], "additionalProperties": false, "properties": {
-                    "kind": {"type": "string", "enum": ["tcp", "http", "https", "udp"]},
-                    "path": {"type": "string"}, "host": {"type": "string"}, "sni": {"type": "string"}, "ca_file": {"type": "string"},
-                    "payload": {"type": "string"}, "expect": {"type": "string"},
-                    "interval": {"type": "string", "example": "2s"}, "timeout": {"type": "string", "example": "1s"},
-                    "rise": {"type": "integer", "minimum": 1, "maximum": 100}, "fall": {"type": "integer", "minimum": 1, "maximum": 100}}},
-                "Backend": {"type": "object", "required": ["address"], "additionalProperties": false, "properties": {
-                    "address": {"type": "string"}, "weight": {"type": "integer", "minimum": 0, "maximum": 65535, "default": 100},
-                    "state": {"type": "string", "enum": ["active", "draining", "disabled"]}}},
-                "BackendPatch": {"type": "object", "additionalProperties": false, "properties": {
-                    "weight": {"type": "integer", "minimum": 0, "maximum": 65535},
-                    "state": {"type": "string", "enum": ["active", "draining", "disabled"]}}},
-                "Service": {"type": "object", "additionalProperties": false, "properties": {
-                    "name": {"type": "string"}, "listen": {"type": "string", "default": "0.0.0.0:443"},
-                    "protocols": {"type": "array", "items": {"type": "string", "enum": ["tcp", "udp"]}},
-                    "forwarding": {"type": "string", "enum": ["local", "nat", "dsr"]},
-                    "health": {"$ref": "#/components/schemas/Health"},
-                    "when_all_down": {"type": "string", "enum": ["keep_last", "refuse"], "default": "keep_last"},
-                    "backends": {"type": "array", "items": {"$ref": "#/components/schemas/Backend"}}}},
-                "BackendView": {"type": "object", "properties": {
-                    "address": {"type": "string"}, "weight": {"type": "integer"}, "state": {"type": "string"},
-                    "healthy": {"type": "boolean"}, "last_error": {"type": "string"}}},
-                "ServiceView": {"type": "object", "properties": {
-                    "name": {"type": "string"}, "listen": {"type": "string"},
-                    "protocols": {"type": "array", "items": {"type": "string"}}, "forwarding": {"type": "string"},
-                    "health": {"$ref": "#/components/schemas/Health"},
-                    "when_all_down": {"type": "string"}, "fail_open": {"type": "boolean"},
-                    "backends": {"type": "array", "items": {"$ref": "#/components/schemas/BackendView"}}}}
-            }
-        }
-    })
+    serde_json::to_value(<ApiDoc as utoipa::OpenApi>::openapi()).unwrap_or_default()
 }
 
 #[cfg(test)]

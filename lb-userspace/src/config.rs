@@ -168,6 +168,8 @@ pub struct RawDataplane {
     pub interface: Option<String>,
     pub xdp_mode: Option<String>,
     pub flow_table_size: Option<i64>,
+    /// Flow-table inserts per CPU per second (0: no cap).
+    pub flow_insert_rate: Option<i64>,
     pub maglev_table_size: Option<i64>,
     pub max_services: Option<i64>,
     pub pin_path: Option<String>,
@@ -208,21 +210,25 @@ pub struct RawHealthGlobal {
     pub max_concurrent: Option<i64>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Service)]
 pub struct RawService {
     #[serde(default)]
     pub name: String,
     #[serde(default = "default_listen")]
     pub listen: String,
     #[serde(default = "default_protocols")]
+    #[schema(value_type = Vec<WireProtocol>, default = json!(["tcp"]))]
     pub protocols: Vec<String>,
     #[serde(default = "default_forwarding")]
+    #[schema(value_type = WireForwarding, default = "local")]
     pub forwarding: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<RawHealth>,
     /// "keep_last" (default) or "refuse".
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<WireWhenAllDown>)]
     pub when_all_down: Option<String>,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
@@ -231,9 +237,11 @@ pub struct RawService {
     pub allowed_backend_networks: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Health)]
 pub struct RawHealth {
+    #[schema(value_type = WireHealthKind)]
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
@@ -248,8 +256,10 @@ pub struct RawHealth {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "2s")]
     pub interval: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "1s")]
     pub timeout: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rise: Option<i64>,
@@ -257,14 +267,62 @@ pub struct RawHealth {
     pub fall: Option<i64>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Backend)]
 pub struct RawBackend {
     pub address: String,
     #[serde(default = "default_weight")]
+    #[schema(minimum = 0, maximum = 65535, default = 100)]
     pub weight: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<WireState>)]
     pub state: Option<String>,
+}
+
+/// The values the wire model's string fields take, for the API's OpenAPI
+/// document (the fields stay strings, checked with errors that name them).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum WireProtocol {
+    Tcp,
+    Udp,
+}
+
+/// See [`WireProtocol`].
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum WireForwarding {
+    Local,
+    Nat,
+    Dsr,
+}
+
+/// See [`WireProtocol`].
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+pub enum WireWhenAllDown {
+    KeepLast,
+    Refuse,
+}
+
+/// See [`WireProtocol`].
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum WireHealthKind {
+    Tcp,
+    Http,
+    Https,
+    Udp,
+}
+
+/// See [`WireProtocol`].
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum WireState {
+    Active,
+    Draining,
+    Disabled,
 }
 
 // ---------------------------------------------------------------------------
@@ -410,7 +468,7 @@ pub struct ServiceConfig {
 
 /// How many services and backends the daemon takes on, from `[limits]`.
 /// Never more than the kernel maps hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Limits {
     pub max_services: usize,
     pub max_backends_per_service: usize,
@@ -1366,6 +1424,10 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         opts.flow_table_size =
             int_in(&key(&dp_path, "flow_table_size"), v, 1024, 64 * 1024 * 1024)? as u32;
     }
+    if let Some(v) = dp.flow_insert_rate {
+        opts.flow_insert_rate =
+            int_in(&key(&dp_path, "flow_insert_rate"), v, 0, 100_000_000)? as u32;
+    }
     if let Some(v) = dp.maglev_table_size {
         let m = int_in(
             &key(&dp_path, "maglev_table_size"),
@@ -2029,6 +2091,30 @@ backends = [
                 Seg::Index(2)
             ]
         );
+    }
+
+    /// The README's example config, as an operator would paste it, is
+    /// valid and every knob it shows reaches the options.
+    #[test]
+    fn the_readme_example_is_valid() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("cat > lb.toml <<'TOML'\n")
+            .expect("the README's example config")
+            + "cat > lb.toml <<'TOML'\n".len();
+        let text = &readme[start..start + readme[start..].find("\nTOML\n").unwrap()];
+        let c = Config::parse(Path::new("lb.toml"), text)
+            .unwrap_or_else(|e| panic!("the README's example: {e}"));
+        assert_eq!(c.dataplane.flow_insert_rate, 100_000);
+        assert_eq!(c.dataplane.flow_table_size, 1_048_576);
+        let c = Config::parse(
+            Path::new("lb.toml"),
+            &GOOD.replace("flow_table_size = 1048576", "flow_insert_rate = 0"),
+        )
+        .unwrap();
+        assert_eq!(c.dataplane.flow_insert_rate, 0);
+        let e = err(&GOOD.replace("flow_table_size = 1048576", "flow_insert_rate = -1"));
+        assert!(e.to_string().contains("dataplane.flow_insert_rate"), "{e}");
     }
 
     #[test]

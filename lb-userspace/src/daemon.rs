@@ -87,8 +87,9 @@ pub struct Prepared {
 }
 
 /// What `GET /api/v1/status` shows: where the daemon's services come from.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct StatusView {
+    #[schema(value_type = String)]
     pub version: &'static str,
     pub config: String,
     /// Fingerprint of the config services in force.
@@ -110,7 +111,7 @@ pub struct StatusView {
 }
 
 /// What a reload did.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct ReloadReport {
     /// The config's services changed and were applied.
     pub applied: bool,
@@ -121,10 +122,11 @@ pub struct ReloadReport {
 }
 
 /// One backend as the API shows it.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct BackendView {
     pub address: String,
     pub weight: u16,
+    #[schema(value_type = crate::config::WireState)]
     pub state: &'static str,
     pub healthy: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -133,14 +135,14 @@ pub struct BackendView {
 
 /// What `GET /api/v1/stats` shows: per backend its share of the Maglev
 /// table and its rates, with five minutes of history.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct StatsView {
     pub interval_seconds: u64,
     pub samples: usize,
     pub services: Vec<ServiceStats>,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct ServiceStats {
     pub name: String,
     /// Slots of the installed Maglev table (0 before one is installed).
@@ -148,7 +150,7 @@ pub struct ServiceStats {
     pub backends: Vec<BackendStats>,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct BackendStats {
     pub address: String,
     /// Slots of the installed table that send new flows to this backend.
@@ -157,14 +159,17 @@ pub struct BackendStats {
     pub rates: crate::rates::RateView,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct ServiceView {
     pub name: String,
     pub listen: String,
+    #[schema(value_type = Vec<crate::config::WireProtocol>)]
     pub protocols: Vec<String>,
+    #[schema(value_type = crate::config::WireForwarding)]
     pub forwarding: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<config::RawHealth>,
+    #[schema(value_type = crate::config::WireWhenAllDown)]
     pub when_all_down: String,
     /// Every backend failed its health checks and the ones that were up
     /// last still take flows (`when_all_down = "keep_last"`).

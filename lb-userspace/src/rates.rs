@@ -58,7 +58,7 @@ pub struct Rates {
 
 /// One backend's rates as the API shows them: the last interval's and the
 /// history, oldest first, one value per [`SAMPLE_EVERY`].
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct RateView {
     pub new_flows_per_second: f64,
     pub packets_per_second: f64,
@@ -66,7 +66,7 @@ pub struct RateView {
     pub history: History,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct History {
     pub new_flows: Vec<f64>,
     pub packets: Vec<f64>,

@@ -377,7 +377,13 @@ pub fn http(method: &str, url: &str, body: Option<&str>, token: Option<&str>) ->
         .into();
     let auth = token.map(|t| format!("Bearer {t}"));
     let result = match method {
-        "GET" => agent.get(url).call(),
+        "GET" => {
+            let mut r = agent.get(url);
+            if let Some(a) = &auth {
+                r = r.header("Authorization", a);
+            }
+            r.call()
+        }
         "DELETE" => {
             let mut r = agent.delete(url);
             if let Some(a) = &auth {

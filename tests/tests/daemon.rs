@@ -192,7 +192,7 @@ fn every_api_route_with_good_and_bad_input_and_a_token() {
     let (status, text) = lb.raw("GET", "/metrics", None, None);
     assert_eq!(status, 200);
     assert!(text.contains("lb_backend_up"));
-    assert_eq!(lb.get("/api/v1/openapi.json").1["openapi"], "3.0.3");
+    assert_eq!(lb.get("/api/v1/openapi.json").1["openapi"], "3.1.0");
     assert_eq!(lb.get("/api/v1/services/nope").0, 404);
     assert_eq!(
         lb.get("/api/v1/services/web/backends/127.0.0.1:9999").0,

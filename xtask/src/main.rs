@@ -1,5 +1,6 @@
 //! Developer and user commands. Every command first makes sure the toolchain
 //! is in place (`setup`), so a new machine needs nothing done by hand.
+mod package;
 mod setup;
 
 use std::{
@@ -27,6 +28,10 @@ enum Cmd {
     Setup,
     /// Build the eBPF object and the `lb` binary (release).
     Build,
+    /// Build, then the Debian package target/package/lb_<version>_<arch>.deb:
+    /// the binary, the systemd unit, an example config in /etc/lb, the man
+    /// page, completions, the dashboard and the alert rules.
+    Package,
     /// Build, then run the demo (no arguments, or `-- demo [--for SECONDS]`),
     /// or the daemon on an interface (`-- --config FILE [--iface IF]`), or
     /// `lb` with any other arguments (`-- status`), as root.
@@ -69,6 +74,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Setup => Ok(()),
         Cmd::Build => build(&env),
+        Cmd::Package => package::package(&env).map(|_| ()),
         Cmd::Run { args } => run_cmd(&env, &args),
         Cmd::Test { args } => test(&env, &args),
         Cmd::Bench { quick, args } => {
@@ -201,6 +207,19 @@ fn build(env: &setup::Env) -> Result<()> {
 
 fn test(env: &setup::Env, args: &[String]) -> Result<()> {
     require_root("cargo xtask test")?;
+    // Formatting and lints are part of the test: either failing fails it.
+    println!("xtask: cargo fmt --check");
+    let status = env
+        .cargo()
+        .args(["fmt", "--all", "--", "--check"])
+        .status()?;
+    check(status, "cargo fmt --check (run `cargo fmt`)")?;
+    println!("xtask: cargo clippy --all-targets -- -D warnings");
+    let status = env
+        .cargo()
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+        .status()?;
+    check(status, "cargo clippy --all-targets -- -D warnings")?;
     remove_stale_namespaces();
     // The daemon tests run the real `lb` binary.
     let status = env
@@ -208,8 +227,16 @@ fn test(env: &setup::Env, args: &[String]) -> Result<()> {
         .args(["build", "-p", "lb-userspace", "--bin", "lb"])
         .status()?;
     check(status, "cargo build of lb")?;
-    let mut child = env
-        .cargo()
+    // tests/tests/package.rs installs the package (release build); skipped
+    // when `--test` selects other test files only.
+    let mut cargo_test = env.cargo();
+    if selects_package_test(args) {
+        let deb = package::package(env)?;
+        cargo_test.env("LB_DEB", deb);
+    } else {
+        println!("xtask: not building the Debian package (tests/tests/package.rs is not selected)");
+    }
+    let mut child = cargo_test
         .arg("test")
         .args(args)
         .stdout(std::process::Stdio::piped())
@@ -243,6 +270,46 @@ fn test(env: &setup::Env, args: &[String]) -> Result<()> {
     check(status, "cargo test")
 }
 
+/// Whether `cargo test <args>` may run tests/tests/package.rs: not when
+/// `--test` names other test files only, `-p` other packages only, or
+/// `--lib`/`--bins`/`--doc` leave the test files out.
+fn selects_package_test(args: &[String]) -> bool {
+    let (mut tests, mut packages, mut other_targets) = (Vec::new(), Vec::new(), false);
+    let mut it = args.iter().take_while(|a| *a != "--");
+    while let Some(a) = it.next() {
+        let mut value = |flag: &str, short: Option<&str>| -> Option<String> {
+            if a == flag || Some(a.as_str()) == short {
+                it.next().cloned()
+            } else {
+                a.strip_prefix(&format!("{flag}=")).map(str::to_string)
+            }
+        };
+        if let Some(t) = value("--test", None) {
+            tests.push(t);
+        } else if let Some(p) = value("--package", Some("-p")) {
+            packages.push(p);
+        } else if [
+            "--lib",
+            "--bins",
+            "--doc",
+            "--bin",
+            "--examples",
+            "--benches",
+        ]
+        .contains(&a.as_str())
+        {
+            other_targets = true;
+        }
+    }
+    let package_ok = packages.is_empty() || packages.iter().any(|p| p == "lb-tests");
+    let test_ok = if tests.is_empty() {
+        !other_targets
+    } else {
+        tests.iter().any(|t| t == "package" || t.contains('*'))
+    };
+    package_ok && test_ok
+}
+
 /// Namespaces left by test runs that were killed (their pid is gone).
 fn remove_stale_namespaces() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
@@ -257,6 +324,42 @@ fn remove_stale_namespaces() {
         if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
             eprintln!("xtask: removing namespace {name} left by a killed test run");
             let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::selects_package_test;
+
+    fn selects(args: &str) -> bool {
+        let args: Vec<String> = args.split_whitespace().map(String::from).collect();
+        selects_package_test(&args)
+    }
+
+    #[test]
+    fn the_package_is_built_only_when_its_test_may_run() {
+        for yes in [
+            "",
+            "some_filter",
+            "--test package",
+            "--test=package",
+            "--test packets --test package",
+            "-p lb-tests",
+            "--test '*'",
+            "-- --nocapture --test x",
+        ] {
+            assert!(selects(yes), "{yes:?}");
+        }
+        for no in [
+            "--test packets",
+            "--test=packets some_filter",
+            "-p lb-userspace",
+            "--package=xtask",
+            "--lib",
+            "--doc",
+        ] {
+            assert!(!selects(no), "{no:?}");
         }
     }
 }

@@ -30,6 +30,10 @@ const PACKAGES: &[(&str, &[&str])] = &[
     // The status page's test drives a real headless browser over WebDriver.
     ("chromium", &["chromium"]),
     ("chromium-driver", &["chromedriver"]),
+    // `cargo xtask package`: the Depends line (dpkg-shlibdeps); the package
+    // test checks the .deb with lintian.
+    ("dpkg-dev", &["dpkg-shlibdeps"]),
+    ("lintian", &["lintian"]),
 ];
 
 /// The environment every child cargo and program runs with.
@@ -84,6 +88,7 @@ pub fn ensure() -> Result<Env> {
     };
     let sysroot = PathBuf::from(output(Command::new("rustc").args(["--print", "sysroot"]))?.trim());
     rust_src(&sysroot)?;
+    lint_tools()?;
     bpf_linker(&env, &sysroot, &bin)?;
     packages()?;
     let spent = started.elapsed();
@@ -91,6 +96,37 @@ pub fn ensure() -> Result<Env> {
         println!("xtask: setup done in {:.1}s", spent.as_secs_f64());
     }
     Ok(env)
+}
+
+/// rustfmt and clippy, which `cargo xtask test` runs before the tests.
+fn lint_tools() -> Result<()> {
+    let have = |sub: &str| {
+        Command::new("cargo")
+            .args([sub, "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let missing: Vec<&str> = [("fmt", "rustfmt"), ("clippy", "clippy")]
+        .into_iter()
+        .filter(|(sub, _)| !have(sub))
+        .map(|(_, component)| component)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "xtask: adding the {} component(s)...",
+        missing.join(" and ")
+    );
+    let status = Command::new("rustup")
+        .args(["component", "add"])
+        .args(&missing)
+        .status()
+        .context("running rustup; is Rust installed with rustup?")?;
+    if !status.success() {
+        bail!("rustup component add {} failed", missing.join(" "));
+    }
+    Ok(())
 }
 
 fn rust_src(sysroot: &Path) -> Result<()> {
