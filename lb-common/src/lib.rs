@@ -524,17 +524,30 @@ pub fn flow_hash(src: &Addr, dst: &Addr, sport: u16, dport: u16, proto: u8) -> u
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for PortEntry {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for AddrKey {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for ServiceEntry {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for MaglevSlot {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for BackendEntry {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for FlowValue {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for FragKey {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for FragValue {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for RevPortEntry {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for RevAddrValue {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for Counters {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for FloodState {}
 }

@@ -158,7 +158,10 @@ struct MaglevMmap {
 
 // The mapping is plain memory shared with the kernel; access goes through
 // `&mut Dataplane`, so there is one writer.
+// SAFETY: the pointer is to a MAP_SHARED mapping owned by this value and
+// valid until drop; moving it to another thread changes nothing.
 unsafe impl Send for MaglevMmap {}
+// SAFETY: shared access only reads (`slots`); writes need `&mut self`.
 unsafe impl Sync for MaglevMmap {}
 
 impl MaglevMmap {
@@ -170,6 +173,8 @@ impl MaglevMmap {
         } else {
             libc::PROT_READ
         };
+        // SAFETY: a fresh mapping of an fd we hold; the kernel checks the
+        // length against the map and the result is checked below.
         let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, prot, libc::MAP_SHARED, fd, 0) };
         if ptr == libc::MAP_FAILED {
             return Err(DataplaneError::Mmap(std::io::Error::last_os_error()));
@@ -183,17 +188,20 @@ impl MaglevMmap {
     }
 
     fn slots(&self) -> &[MaglevSlot] {
+        // SAFETY: `len` slots are mapped at `ptr` for as long as `self` lives.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
     /// Only for mappings made writable.
     fn slots_mut(&mut self) -> &mut [MaglevSlot] {
+        // SAFETY: as `slots`, and `&mut self` makes this the only access.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
 impl Drop for MaglevMmap {
     fn drop(&mut self) {
+        // SAFETY: unmaps the mapping `new` made, once, at the end of its life.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * size_of::<MaglevSlot>()) };
     }
 }
@@ -2022,6 +2030,7 @@ pub fn monotonic_secs() -> u32 {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // SAFETY: clock_gettime writes into a timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u32
 }

@@ -84,6 +84,7 @@ fn pseudo_fs(file: &File) -> Option<&'static str> {
     use std::os::fd::AsRawFd;
     // SAFETY: statfs fills a zeroed struct for a descriptor this function borrows.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the descriptor is open for the call.
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
         return None;
     }
@@ -261,7 +262,9 @@ mod tests {
         assert_eq!(read_secret(&t).unwrap(), "s3cret");
         // SAFETY: chown of a file this test owns (the tests run as root).
         let c = std::ffi::CString::new(t.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
+            // SAFETY: `c` is a valid C string naming the test's own file.
             assert_eq!(unsafe { libc::chown(c.as_ptr(), 4242, 4242) }, 0);
             let e = read_secret(&t).unwrap_err();
             assert!(matches!(e, ReadError::Owner { owner: 4242, .. }), "{e}");

@@ -120,6 +120,7 @@ mod tests {
             // SAFETY: tests in this module are the only readers of it.
             unsafe { std::env::set_var("NOTIFY_SOCKET", &value) };
             let n = Notifier::from_env();
+            // SAFETY: as above.
             unsafe { std::env::remove_var("NOTIFY_SOCKET") };
             assert!(n.enabled());
             n.ready("serving");

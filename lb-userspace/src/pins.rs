@@ -91,7 +91,9 @@ fn is_bpffs(path: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
     };
+    // SAFETY: an all-zero statfs is a valid value for statfs to fill.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a struct we own.
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
 
@@ -109,6 +111,7 @@ pub fn ensure_bpffs(pin: &Path) -> Result<(), String> {
     let root = Path::new("/sys/fs/bpf");
     if pin.starts_with(root) && !is_bpffs(root) {
         let (src, dst, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+        // SAFETY: static C strings, no data argument.
         let rc = unsafe {
             libc::mount(
                 src.as_ptr(),

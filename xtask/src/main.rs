@@ -133,30 +133,29 @@ fn run_cmd(env: &setup::Env, args: &[String]) -> Result<()> {
 /// namespaces) before it exits; SIGINT or SIGTERM sent to xtask alone is
 /// passed on to it.
 fn run_until_done(mut cmd: Command, what: &str) -> Result<()> {
-    use std::sync::atomic::{AtomicI32, Ordering};
-    static SIGNALLED: AtomicI32 = AtomicI32::new(0);
-    extern "C" fn note(sig: i32) {
-        SIGNALLED.store(sig, Ordering::SeqCst);
-    }
-    const SIGINT: i32 = 2;
-    const SIGTERM: i32 = 15;
-    unsafe extern "C" {
-        fn signal(sig: i32, handler: extern "C" fn(i32)) -> usize;
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
     // A handler (unlike SIG_IGN) is reset to the default in the child.
-    unsafe {
-        signal(SIGINT, note);
-        signal(SIGTERM, note);
+    let signalled = Arc::new(AtomicUsize::new(0));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_usize(sig, Arc::clone(&signalled), sig as usize)
+            .with_context(|| format!("installing a handler for signal {sig}"))?;
     }
     let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    let pid = rustix::process::Pid::from_raw(child.id() as i32);
     loop {
         if let Some(status) = child.try_wait()? {
             return check(status, what);
         }
-        let sig = SIGNALLED.swap(0, Ordering::SeqCst);
-        if sig != 0 {
-            unsafe { kill(child.id() as i32, sig) };
+        let sig = match signalled.swap(0, Ordering::SeqCst) as i32 {
+            0 => None,
+            signal_hook::consts::SIGINT => Some(rustix::process::Signal::INT),
+            _ => Some(rustix::process::Signal::TERM),
+        };
+        if let (Some(pid), Some(sig)) = (pid, sig) {
+            let _ = rustix::process::kill_process(pid, sig);
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -177,15 +176,10 @@ fn check(status: std::process::ExitStatus, what: &str) -> Result<()> {
 }
 
 fn require_root(what: &str) -> Result<()> {
-    if unsafe { libc_geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         bail!("{what} loads eBPF programs and creates network namespaces: run it as root");
     }
     Ok(())
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 /// `cargo run --release` of one of the tests crate's programs (the bench,

@@ -229,7 +229,7 @@ fn packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    if unsafe { super::libc_geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         bail!(
             "missing Debian packages {}: install them (apt-get install {}) or run as root",
             missing.join(", "),
