@@ -192,7 +192,8 @@ fn may_insert(now: u32) -> bool {
 }
 
 /// A slot whose backend changed: the flow table decides.
-/// - A flow pinned to a backend that still holds it stays there.
+/// - A flow pinned to a backend that still holds it stays there, except a
+///   SYN (a new connection on a reused port) to a draining backend.
 /// - A new flow (a SYN, a UDP flow not seen before) takes the current
 ///   backend.
 /// - A miss (no pin, not new) within `TCP_MISS_PREV_SECS` (TCP) or
@@ -215,14 +216,21 @@ fn sticky(
     pin: bool,
 ) -> Result<(u32, &'static BackendEntry), Reason> {
     let key = flow_key(p);
+    let tcp = p.proto == PROTO_TCP;
     if let Some(v) = LB_FLOWS.get_ptr(&key) {
         let v = unsafe { *v };
-        if let Some(entry) = holder(v.backend, id, v.generation) {
-            return Ok((v.backend, entry));
+        match holder(v.backend, id, v.generation) {
+            // A SYN on the 4-tuple of a pinned flow is a new connection
+            // from a reused client port (or a retransmitted SYN, which
+            // may go anywhere): it follows the pin only to a backend that
+            // takes new flows, never to a draining one.
+            Some(entry) if !(tcp && new_flow) || entry.state == BACKEND_ACTIVE => {
+                return Ok((v.backend, entry));
+            }
+            Some(_) => {}
+            None => stats::event(EVENT_PIN_STALE),
         }
-        stats::event(EVENT_PIN_STALE);
     }
-    let tcp = p.proto == PROTO_TCP;
     let now = now_secs();
     let mut choice = e.backend;
     if !new_flow {

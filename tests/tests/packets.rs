@@ -930,6 +930,54 @@ fn a_draining_backend_keeps_its_udp_flows() {
     );
 }
 
+/// A client that reuses a port after its connection to a drained backend
+/// closed opens a new connection on the same 4-tuple, with the old pin
+/// still in the flow table: its SYN goes by the table, never to the
+/// draining backend, while the old connections there keep their pins.
+#[test]
+fn a_new_connection_on_the_port_of_a_drained_backends_flow_goes_by_the_table() {
+    let mut svc = five_backends();
+    let mut w = writer(std::slice::from_ref(&svc));
+    let flows = client_flows(3000);
+    let first = send(w.dataplane(), &flows, TCP_SYN);
+    assert_eq!(send(w.dataplane(), &flows, TCP_ACK), first);
+    svc.backends[1].state = AdminState::Draining;
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    // The drained backend's connections go on, and are pinned there.
+    assert_eq!(
+        send(w.dataplane(), &flows, TCP_ACK),
+        first,
+        "flows moved on drain"
+    );
+    let on_drained: Vec<Spec> = flows
+        .iter()
+        .zip(&first)
+        .filter(|(_, p)| **p == 8002)
+        .map(|(f, _)| f.clone())
+        .collect();
+    assert!(on_drained.len() > 100, "{} flows on 8002", on_drained.len());
+    let (reused, kept) = on_drained.split_at(on_drained.len() / 2);
+    // Half of those clients open a new connection from the same port.
+    let again = send(w.dataplane(), reused, TCP_SYN);
+    for (f, port) in reused.iter().zip(&again) {
+        assert_ne!(*port, 8002, "a new connection went to the draining backend");
+        assert_eq!(*port, table_port(&w, &svc, &f.build()), "not by the table");
+    }
+    // Its next packets follow it; the other half stays on 8002.
+    assert_eq!(send(w.dataplane(), reused, TCP_ACK), again);
+    assert!(
+        send(w.dataplane(), kept, TCP_ACK)
+            .iter()
+            .all(|p| *p == 8002)
+    );
+    println!(
+        "{} connections on the drained backend; {} new ones on reused ports went by the table, {} old ones stayed",
+        on_drained.len(),
+        reused.len(),
+        kept.len()
+    );
+}
+
 /// What a miss means. Connections opened before a change have no pin; ones
 /// opened after it are pinned by their SYN. When the LRU has evicted every
 /// pin, a miss in a changed slot goes to the slot's previous backend while
