@@ -546,7 +546,7 @@ async fn openapi() -> Json<serde_json::Value> {
 }
 
 /// The error body of every failed request.
-#[derive(serde::Serialize, utoipa::ToSchema)]
+#[derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: String,
 }
@@ -561,7 +561,7 @@ pub struct HealthzBody {
 }
 
 /// What `POST /stop` answers.
-#[derive(serde::Serialize, utoipa::ToSchema)]
+#[derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct StopBody {
     pub status: String,
 }

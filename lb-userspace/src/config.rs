@@ -468,7 +468,7 @@ pub struct ServiceConfig {
 
 /// How many services and backends the daemon takes on, from `[limits]`.
 /// Never more than the kernel maps hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Limits {
     pub max_services: usize,
     pub max_backends_per_service: usize,

@@ -12,7 +12,10 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use lb_userspace::client::Endpoint;
+use lb_userspace::{
+    client::Endpoint,
+    daemon::{BackendView, ReloadReport, ServiceView, StatusView},
+};
 use serde_json::{Value, json};
 
 /// How a command failed, for its exit code.
@@ -264,7 +267,9 @@ impl Client {
         let text = String::from_utf8_lossy(&answer.body);
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if answer.status >= 400 {
-            let message = value["error"].as_str().unwrap_or(text.trim()).to_string();
+            let message = serde_json::from_value::<lb_userspace::api::ErrorBody>(value)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| text.trim().to_string());
             return Err(Failure::Api {
                 status: answer.status,
                 message: format!("{method} {path}: {message}"),
@@ -286,7 +291,10 @@ fn print_json(v: &Value) -> Result<()> {
 
 pub fn stop(client: &Client) -> Result<()> {
     let v = client.call("POST", "/stop", Some(json!({})))?;
-    println!("{}", v["status"].as_str().unwrap_or("stopping"));
+    println!(
+        "{}",
+        typed::<lb_userspace::api::StopBody>("POST /stop", v)?.status
+    );
     // Done when the API is gone (the daemon exits after detaching).
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
@@ -301,21 +309,29 @@ pub fn stop(client: &Client) -> Result<()> {
 
 pub fn reload(client: &Client) -> Result<()> {
     let v = client.call("POST", "/reload", Some(json!({})))?;
-    if v["applied"].as_bool() == Some(true) {
+    let r: ReloadReport = typed("POST /reload", v)?;
+    if r.applied {
         println!("config reloaded: services changed and applied");
     } else {
         println!("config reloaded: services unchanged");
     }
-    for d in v["dropped_changes"].as_array().into_iter().flatten() {
-        println!(
-            "API change dropped (the config changed since it was made): {}",
-            d.as_str().unwrap_or("?")
-        );
+    for d in &r.dropped_changes {
+        println!("API change dropped (the config changed since it was made): {d}");
     }
-    for n in v["needs_restart"].as_array().into_iter().flatten() {
-        println!("note: {}", n.as_str().unwrap_or("?"));
+    for n in &r.needs_restart {
+        println!("note: {n}");
     }
     Ok(())
+}
+
+/// The API's JSON read as this lb's own types (the daemon's answer for
+/// the same version), or a clear error.
+fn typed<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> Result<T> {
+    serde_json::from_value(v).with_context(|| {
+        format!(
+            "the daemon's answer to {what} does not match this lb's API types (another version?)"
+        )
+    })
 }
 
 /// `lb status`: the daemon (`GET /status`) and its services (`GET
@@ -327,83 +343,69 @@ pub fn status(client: &Client, out: &Output) -> Result<()> {
         return print_json(&json!({ "daemon": st.unwrap_or(Value::Null), "services": services }));
     }
     if let Ok(st) = st {
+        let st: StatusView = typed("GET /status", st)?;
         println!(
             "config {} (services {}), state file {}",
-            st["config"].as_str().unwrap_or("?"),
-            if st["api_changes"].as_bool() == Some(true) {
+            st.config,
+            if st.api_changes {
                 "with API changes"
             } else {
                 "as in the file"
             },
-            st["state_file"].as_str().unwrap_or("?"),
+            st.state_file,
         );
-        let l = &st["limits"];
-        if l.is_object() {
-            println!(
-                "limits: {} services, {} backends a service, {} backends in all",
-                l["max_services"], l["max_backends_per_service"], l["max_backends"]
-            );
-        }
-        if st["pins_outlive_daemon"].as_bool() == Some(false) {
+        let l = st.limits;
+        println!(
+            "limits: {} services, {} backends a service, {} backends in all",
+            l.max_services, l.max_backends_per_service, l.max_backends
+        );
+        if !st.pins_outlive_daemon {
             println!(
                 "WARNING: the pins die with the daemon; restarts are not hitless (see the log)"
             );
         }
-        if let Some(e) = st["last_reload_error"].as_str() {
+        if let Some(e) = &st.last_reload_error {
             println!("last reload failed: {e}");
         }
-        for d in st["dropped_changes"].as_array().into_iter().flatten() {
-            println!(
-                "API change dropped (the config changed since it was made): {}",
-                d.as_str().unwrap_or("?")
-            );
+        for d in &st.dropped_changes {
+            println!("API change dropped (the config changed since it was made): {d}");
         }
     }
-    for s in services.as_array().into_iter().flatten() {
+    let services: Vec<ServiceView> = typed("GET /services", services)?;
+    for s in &services {
         print_service(s);
     }
     Ok(())
 }
 
-fn print_service(s: &Value) {
+fn print_service(s: &ServiceView) {
     println!(
         "{} {} {} ({})",
-        s["name"].as_str().unwrap_or("?"),
-        s["listen"].as_str().unwrap_or("?"),
-        s["protocols"]
-            .as_array()
-            .map(|p| p
-                .iter()
-                .filter_map(|x| x.as_str())
-                .collect::<Vec<_>>()
-                .join("+"))
-            .unwrap_or_default(),
-        s["forwarding"].as_str().unwrap_or("?"),
+        s.name,
+        s.listen,
+        s.protocols.join("+"),
+        s.forwarding
     );
-    if s["fail_open"].as_bool() == Some(true) {
+    if s.fail_open {
         println!(
             "  FAIL-OPEN: every backend failed its health checks; the last ones keep taking flows \
              (when_all_down = keep_last)"
         );
     }
-    for b in s["backends"].as_array().into_iter().flatten() {
+    for b in &s.backends {
         print_backend(b);
     }
 }
 
-fn print_backend(b: &Value) {
+fn print_backend(b: &BackendView) {
     println!(
         "  {:<28} weight {:>5}  {:<9} {}{}",
-        b["address"].as_str().unwrap_or("?"),
-        b["weight"],
-        b["state"].as_str().unwrap_or("?"),
-        if b["healthy"].as_bool() == Some(true) {
-            "healthy"
-        } else {
-            "UNHEALTHY"
-        },
-        b["last_error"]
-            .as_str()
+        b.address,
+        b.weight,
+        b.state,
+        if b.healthy { "healthy" } else { "UNHEALTHY" },
+        b.last_error
+            .as_deref()
             .map(|e| format!(" ({e})"))
             .unwrap_or_default(),
     );
@@ -433,7 +435,7 @@ pub fn services(cmd: ServiceCmd) -> Result<()> {
             if out.output == Format::Json {
                 return print_json(&v);
             }
-            for s in v.as_array().into_iter().flatten() {
+            for s in &typed::<Vec<ServiceView>>("GET /services", v)? {
                 print_service(s);
             }
             Ok(())
@@ -443,7 +445,7 @@ pub fn services(cmd: ServiceCmd) -> Result<()> {
             if out.output == Format::Json {
                 return print_json(&v);
             }
-            print_service(&v);
+            print_service(&typed("GET /services/{name}", v)?);
             Ok(())
         }
         ServiceCmd::Add {
@@ -525,7 +527,7 @@ pub fn backends(cmd: BackendCmd) -> Result<()> {
             if out.output == Format::Json {
                 return print_json(&v);
             }
-            for b in v.as_array().into_iter().flatten() {
+            for b in &typed::<Vec<BackendView>>("GET /services/{name}/backends", v)? {
                 print_backend(b);
             }
             return Ok(());

@@ -87,10 +87,9 @@ pub struct Prepared {
 }
 
 /// What `GET /api/v1/status` shows: where the daemon's services come from.
-#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct StatusView {
-    #[schema(value_type = String)]
-    pub version: &'static str,
+    pub version: String,
     pub config: String,
     /// Fingerprint of the config services in force.
     pub config_fingerprint: String,
@@ -111,7 +110,7 @@ pub struct StatusView {
 }
 
 /// What a reload did.
-#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ReloadReport {
     /// The config's services changed and were applied.
     pub applied: bool,
@@ -122,12 +121,12 @@ pub struct ReloadReport {
 }
 
 /// One backend as the API shows it.
-#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct BackendView {
     pub address: String,
     pub weight: u16,
     #[schema(value_type = crate::config::WireState)]
-    pub state: &'static str,
+    pub state: String,
     pub healthy: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -159,7 +158,7 @@ pub struct BackendStats {
     pub rates: crate::rates::RateView,
 }
 
-#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ServiceView {
     pub name: String,
     pub listen: String,
@@ -866,7 +865,7 @@ impl Daemon {
         let inner = self.shared.inner.lock().await;
         let cfg = &self.shared.config;
         StatusView {
-            version: env!("CARGO_PKG_VERSION"),
+            version: env!("CARGO_PKG_VERSION").to_string(),
             config: cfg.path.display().to_string(),
             config_fingerprint: inner.base_fp.clone(),
             state_file: self.shared.state_file.display().to_string(),
@@ -1406,7 +1405,7 @@ impl Daemon {
                             BackendView {
                                 address: b.address.to_string(),
                                 weight: b.weight,
-                                state: config::state_name(b.state),
+                                state: config::state_name(b.state).to_string(),
                                 healthy: inner.health.get(&key).copied().unwrap_or(true),
                                 last_error: status.get(&key).and_then(|h| h.last_error.clone()),
                             }
