@@ -30,7 +30,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),
@@ -70,15 +70,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
-            Err(rejection) => {
-                let status = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    StatusCode::PAYLOAD_TOO_LARGE
-                } else {
-                    StatusCode::BAD_REQUEST
-                };
-                Err(ApiError::new(status, rejection.body_text()))
-            }
+            Err(r) => Err(body_rejected(r.status(), r.body_text())),
         }
+    }
+}
+
+/// A body the extractor refused: 413 when too large, else 400.
+fn body_rejected(status: StatusCode, text: String) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(status, text)
+    } else {
+        ApiError::new(StatusCode::BAD_REQUEST, text)
     }
 }
 
@@ -105,14 +107,7 @@ impl<S: Send + Sync> FromRequest<S> for NoFields {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
-            .map_err(|r| {
-                let status = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    StatusCode::PAYLOAD_TOO_LARGE
-                } else {
-                    StatusCode::BAD_REQUEST
-                };
-                ApiError::new(status, r.body_text())
-            })?;
+            .map_err(|r| body_rejected(r.status(), r.body_text()))?;
         NoFields::parse(&bytes).map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, m))
     }
 }

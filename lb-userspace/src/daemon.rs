@@ -1416,21 +1416,24 @@ impl Daemon {
             .collect()
     }
 
+    /// Every service's name and backend addresses.
+    async fn backend_addresses(&self) -> Vec<(String, Vec<SocketAddr>)> {
+        let inner = self.shared.inner.lock().await;
+        inner
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    s.backends.iter().map(|b| b.address).collect(),
+                )
+            })
+            .collect()
+    }
+
     /// Every backend's kernel counters, by service and address.
     async fn backend_counters(&self) -> Vec<(String, SocketAddr, lb_common::Counters)> {
-        let services: Vec<(String, Vec<SocketAddr>)> = {
-            let inner = self.shared.inner.lock().await;
-            inner
-                .services
-                .iter()
-                .map(|s| {
-                    (
-                        s.name.clone(),
-                        s.backends.iter().map(|b| b.address).collect(),
-                    )
-                })
-                .collect()
-        };
+        let services = self.backend_addresses().await;
         let writer = self.shared.writer.clone();
         tokio::task::spawn_blocking(move || {
             let w = lock(&writer);
@@ -1465,56 +1468,45 @@ impl Daemon {
 
     /// Slot shares and rates of every backend, for the status page.
     pub async fn stats(&self) -> StatsView {
-        let services: Vec<(String, Vec<SocketAddr>)> = {
-            let inner = self.shared.inner.lock().await;
-            inner
-                .services
-                .iter()
-                .map(|s| {
-                    (
-                        s.name.clone(),
-                        s.backends.iter().map(|b| b.address).collect(),
-                    )
-                })
-                .collect()
-        };
+        let services = self.backend_addresses().await;
         let writer = self.shared.writer.clone();
-        let mut view = tokio::task::spawn_blocking(move || {
+        // (service, [(backend, slots)], table size), read under the writer's lock.
+        let shares = tokio::task::spawn_blocking(move || {
             let w = lock(&writer);
             services
                 .into_iter()
                 .map(|(name, backends)| {
                     let mut table_size = 0;
-                    let backends = backends
+                    let slots: Vec<(SocketAddr, u32)> = backends
                         .into_iter()
                         .map(|address| {
                             let (slots, total) = w.slot_share(&name, address).unwrap_or((0, 0));
                             table_size = table_size.max(total);
-                            BackendStats {
-                                address: address.to_string(),
-                                slots,
-                                rates: Default::default(),
-                            }
+                            (address, slots)
                         })
                         .collect();
-                    ServiceStats {
-                        name,
-                        table_size,
-                        backends,
-                    }
+                    (name, slots, table_size)
                 })
                 .collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
         let rates = lock(&self.shared.rates);
-        for s in &mut view {
-            for b in &mut s.backends {
-                if let Ok(addr) = b.address.parse() {
-                    b.rates = rates.view(&s.name, addr);
-                }
-            }
-        }
+        let view = shares
+            .into_iter()
+            .map(|(name, slots, table_size)| ServiceStats {
+                backends: slots
+                    .into_iter()
+                    .map(|(address, slots)| BackendStats {
+                        address: address.to_string(),
+                        slots,
+                        rates: rates.view(&name, address),
+                    })
+                    .collect(),
+                name,
+                table_size,
+            })
+            .collect();
         StatsView {
             interval_seconds: crate::rates::SAMPLE_EVERY.as_secs(),
             samples: crate::rates::SAMPLES,

@@ -198,15 +198,16 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
     let notifier = Notifier::from_env();
     let listen = config.admin.listen;
     let cannot_listen = || format!("admin API cannot listen on {listen}; nothing was attached");
-    // Bound before anything is attached: a port in use fails fast. And
-    // before the capabilities go: a port below 1024 needs one.
-    let socket = admin_socket(listen).with_context(cannot_listen)?;
-    let admin_sock = admin::AdminSocket::bind(&config.admin.socket).with_context(|| {
+    let cannot_serve = || {
         format!(
             "admin socket {}: cannot serve it; nothing was attached",
             config.admin.socket.display()
         )
-    })?;
+    };
+    // Bound before anything is attached: a port in use fails fast. And
+    // before the capabilities go: a port below 1024 needs one.
+    let tcp = admin_tcp_socket(listen).with_context(cannot_listen)?;
+    let unix_socket = admin::AdminSocket::bind(&config.admin.socket).with_context(cannot_serve)?;
     // Loading and attaching need more than the running daemon keeps; the
     // loader thread keeps it all and ends after. Every other thread is
     // started after the drop below and inherits the small set.
@@ -217,13 +218,8 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let listener = socket.listen(1024).with_context(cannot_listen)?;
-        let unix = admin_sock.tokio().with_context(|| {
-            format!(
-                "admin socket {}: cannot serve it; nothing was attached",
-                admin_sock.path().display()
-            )
-        })?;
+        let listener = tcp.listen(1024).with_context(cannot_listen)?;
+        let unix = unix_socket.tokio().with_context(cannot_serve)?;
         // Handled from here on: a SIGHUP while starting must not end the
         // daemon (the default action); it reloads once started. SIGTERM and
         // SIGINT too: while starting they end the daemon through the
@@ -247,7 +243,7 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
         info!(kept = %privs::names(keep), "capabilities dropped: every other one is gone from all sets of every thread, and no_new_privs is set");
         info!(
             %listen,
-            socket = %admin_sock.path().display(),
+            socket = %unix_socket.path().display(),
             tcp = if daemon.token().is_some() {
                 "admin and read with tokens"
             } else if daemon.read_token().is_some() {
@@ -259,7 +255,7 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
         );
         notifier.ready(&format!(
             "serving; admin API on {listen} and {}",
-            admin_sock.path().display()
+            unix_socket.path().display()
         ));
         let notifier = std::sync::Arc::new(notifier);
         let mut tasks = vec![tokio::spawn(reloads(daemon.clone(), notifier.clone(), hup))];
@@ -293,7 +289,7 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
             admin::serve(&listener, router.clone(), config.admin.limits, ended(done.clone())),
             admin::serve(&unix, router, config.admin.limits, ended(done)),
         );
-        drop(admin_sock);
+        drop(unix_socket);
         notifier.stopping();
         for t in tasks {
             t.abort();
@@ -304,9 +300,9 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
     })
 }
 
-/// The admin socket, bound; `listen` (inside the runtime) with a backlog
+/// The admin API's TCP socket, bound; `listen` (inside the runtime) with a backlog
 /// deep enough for bursts of clients.
-fn admin_socket(listen: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+fn admin_tcp_socket(listen: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     let sock = if listen.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
