@@ -357,6 +357,20 @@ pub struct Launch {
     pub rust_log: String,
 }
 
+/// `lb validate --config <path>`: its exit code and what it wrote to
+/// stderr.
+pub fn lb_validate(path: &Path) -> (Option<i32>, String) {
+    let out = Command::new(lb_binary())
+        .args(["validate", "--config"])
+        .arg(path)
+        .output()
+        .expect("run lb validate");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs the `lb` CLI (`lb status`, `lb stop`, ...) inside `ns`.
 pub fn lb_cli(ns: &str, args: &[&str]) -> std::process::Output {
     Command::new("ip")

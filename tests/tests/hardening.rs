@@ -1204,6 +1204,24 @@ fn the_cli_waits_out_the_change_rate() {
 }
 
 /// The capability lines of a `/proc/.../status`: (name, mask) for
+/// Effective, permitted and bounding sets hold exactly `kept`; inheritable
+/// and ambient nothing.
+fn assert_only_kept(masks: &[(&str, u64)], kept: u64, who: &str, log: &str) {
+    for &(name, mask) in masks {
+        let want = match name {
+            "CapInh" | "CapAmb" => 0,
+            _ => kept,
+        };
+        assert_eq!(
+            mask,
+            want,
+            "{who}: {name} {mask:016x} = [{}], expected {want:016x} = [{}]\n{log}",
+            lb_userspace::privs::mask_names(mask),
+            lb_userspace::privs::mask_names(want),
+        );
+    }
+}
+
 /// `CapInh`..`CapAmb`, and `NoNewPrivs`.
 fn cap_lines(status: &str) -> (Vec<(&str, u64)>, Option<&str>) {
     let masks = ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"]
@@ -1293,20 +1311,7 @@ fn the_daemon_keeps_only_cap_bpf_and_cap_net_admin() {
         threads += 1;
         let tid = task.file_name().to_string_lossy().into_owned();
         let (masks, nnp) = cap_lines(&status);
-        for (name, mask) in masks {
-            let want = match name {
-                "CapInh" | "CapAmb" => 0,
-                _ => kept,
-            };
-            assert_eq!(
-                mask,
-                want,
-                "thread {tid}: {name} {mask:016x} = [{}], expected {want:016x} = [{}]\n{}",
-                mask_names(mask),
-                mask_names(want),
-                lb.log()
-            );
-        }
+        assert_only_kept(&masks, kept, &format!("thread {tid}"), &lb.log());
         assert_eq!(nnp, Some("1"), "thread {tid}: NoNewPrivs\n{}", lb.log());
     }
     println!(
@@ -1399,7 +1404,6 @@ fn unit_capabilities(except: &str) -> Vec<String> {
 #[test]
 fn the_units_capabilities_are_enough_and_cap_setpcap_is_needed() {
     lb_tests::require_root();
-    use lb_userspace::privs::mask_names;
     let s = setup("unit-caps");
     let config = s.config("", false);
     let launch = |except: &str| lb_tests::daemon::Launch {
@@ -1417,20 +1421,7 @@ fn the_units_capabilities_are_enough_and_cap_setpcap_is_needed() {
     let status = fs::read_to_string(format!("/proc/{}/status", lb.pid())).unwrap();
     let (masks, _) = cap_lines(&status);
     let kept = (1u64 << 39) | (1 << 12);
-    for (name, mask) in masks {
-        let want = match name {
-            "CapInh" | "CapAmb" => 0,
-            _ => kept,
-        };
-        assert_eq!(
-            mask,
-            want,
-            "{name} [{}], expected [{}]\n{}",
-            mask_names(mask),
-            mask_names(want),
-            lb.log()
-        );
-    }
+    assert_only_kept(&masks, kept, "the daemon", &lb.log());
     let link = netns::run_in(&s.lb_ns, &["ip", "link", "show", "lb0"]);
     assert!(link.contains("xdp"), "not attached: {link}\n{}", lb.log());
     // SIGTERM: the next start adopts the pins.

@@ -7,16 +7,12 @@
 //! a reload when what is in force fits them, a state file over a lowered
 //! limit stops the start, and `lb validate` names the key, file and
 //! line. (And `POST /stop` and `/reload` refuse fields they do not have.)
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use aya::maps::{Array, Map, MapData};
 use lb_common::{BackendEntry, ServiceEntry};
 use lb_tests::{
-    daemon::{BpfFs, Launch, Lb, TempDir, lb_binary, lb_cli},
+    daemon::{BpfFs, Launch, Lb, TempDir, lb_cli, lb_validate},
     netns::Topology,
 };
 use serde_json::Value;
@@ -363,18 +359,6 @@ fn api_changes_past_a_limit_get_409_naming_it_and_change_nothing() {
     lb.stop();
 }
 
-fn validate(path: &PathBuf) -> (Option<i32>, String) {
-    let out = Command::new(lb_binary())
-        .args(["validate", "--config"])
-        .arg(path)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn validate_names_the_limit_a_file_goes_past() {
     let dir = TempDir::new("limits-validate");
@@ -427,7 +411,7 @@ fn validate_names_the_limit_a_file_goes_past() {
             ),
         )
         .unwrap();
-        let (code, err) = validate(&path);
+        let (code, err) = lb_validate(&path);
         assert_eq!(code, Some(2), "{limits}: {err}");
         assert!(
             err.contains(&format!("{}:{line}:", path.display()))
@@ -447,6 +431,6 @@ fn validate_names_the_limit_a_file_goes_past() {
         ),
     )
     .unwrap();
-    let (code, err) = validate(&path);
+    let (code, err) = lb_validate(&path);
     assert_eq!(code, Some(0), "{err}");
 }

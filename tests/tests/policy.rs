@@ -4,27 +4,14 @@
 //! broadcast, IPv4-mapped, outside `[policy] allowed_backend_networks`,
 //! outside a service's own list, widening that list) while backends inside
 //! are added.
-use std::{path::PathBuf, process::Command};
 
 use lb_tests::{
-    daemon::{Lb, TempDir, lb_binary},
+    daemon::{Lb, TempDir, lb_validate},
     netns::Topology,
 };
 use serde_json::Value;
 
 const API: &str = "127.0.0.1:9180";
-
-fn validate(path: &PathBuf) -> (Option<i32>, String) {
-    let out = Command::new(lb_binary())
-        .args(["validate", "--config"])
-        .arg(path)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn validate_names_the_rule_of_a_forbidden_backend() {
@@ -48,7 +35,7 @@ fn validate_names_the_rule_of_a_forbidden_backend() {
         )
         .unwrap();
         let line = 7 + policy.lines().count();
-        let (code, err) = validate(&path);
+        let (code, err) = lb_validate(&path);
         assert_eq!(code, Some(2), "{backend}: {err}");
         assert!(
             err.contains(&format!("{}:{line}:", path.display()))
