@@ -203,10 +203,7 @@ impl Site {
     }
 
     fn config_with(&self, svc: &ServiceConf, dual: bool) -> PathBuf {
-        let token = self.dir.path("token");
-        std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
-        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
+        let token = self.dir.secret("token", &format!("{TOKEN}\n"));
         let backends: Vec<String> = svc
             .backends
             .iter()

@@ -46,10 +46,7 @@ fn setup(tag: &str) -> Setup {
 impl Setup {
     fn config(&self, token: bool, health: &str, backends: &[u16]) -> PathBuf {
         let token_line = if token {
-            let p = self.dir.path("token");
-            std::fs::write(&p, format!("{TOKEN}\n")).unwrap();
-            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-                .unwrap();
+            let p = self.dir.secret("token", &format!("{TOKEN}\n"));
             format!("token_file = {:?}\n", p.display().to_string())
         } else {
             String::new()

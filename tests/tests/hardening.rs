@@ -218,9 +218,7 @@ impl Setup {
     /// (the state file is added).
     fn config(&self, admin: &str, token: bool) -> PathBuf {
         let token_line = if token {
-            let p = self.dir.path("token");
-            fs::write(&p, format!("{TOKEN}\n")).unwrap();
-            fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            let p = self.dir.secret("token", &format!("{TOKEN}\n"));
             format!("token_file = {:?}\n", p.display().to_string())
         } else {
             String::new()
@@ -829,9 +827,7 @@ fn health_check_replies_are_not_echoed_to_readers() {
 const READ_TOKEN: &str = "read-2b8e6d0f4a1c3e5b7d9f";
 
 fn read_token_line(s: &Setup) -> String {
-    let p = s.dir.path("read-token");
-    fs::write(&p, format!("{READ_TOKEN}\n")).unwrap();
-    fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let p = s.dir.secret("read-token", &format!("{READ_TOKEN}\n"));
     format!("read_token_file = {:?}", p.display().to_string())
 }
 

@@ -181,17 +181,8 @@ impl Prometheus {
 
 impl Drop for Prometheus {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if c.try_wait().ok().flatten().is_some() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            lb_tests::daemon::terminate(c);
         }
     }
 }
@@ -199,12 +190,7 @@ impl Drop for Prometheus {
 /// The daemon's config: one service on the site's two live backends and a
 /// dead one, TCP health checks, an admin and a read token.
 fn config(site: &Site) -> PathBuf {
-    let private = |name: &str, text: &str| -> String {
-        let p = site.dir.path(name);
-        fs::write(&p, text).unwrap();
-        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        p.display().to_string()
-    };
+    let private = |name: &str, text: &str| site.dir.secret(name, text).display().to_string();
     let token = private("token", TOKEN);
     let read_token = private("read-token", READ_TOKEN);
     let backends: Vec<String> = LIVE

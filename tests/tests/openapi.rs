@@ -137,12 +137,7 @@ fn every_route_answers_as_the_openapi_document_says() {
         (&cl_ns, "cl0", &["10.219.0.2/24"]),
     );
     let dir = TempDir::new("openapi");
-    let secret = |name: &str, value: &str| {
-        let p = dir.path(name);
-        std::fs::write(&p, value).unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        p.display().to_string()
-    };
+    let secret = |name: &str, value: &str| dir.secret(name, value).display().to_string();
     let config = dir.path("lb.toml");
     std::fs::write(
         &config,

@@ -341,9 +341,7 @@ fn the_status_page_in_chromium_shows_the_apis_table_and_drains_a_backend() {
         r#"{ kind = "tcp", interval = "200ms", timeout = "100ms", rise = 2, fall = 2 }"#.into(),
     );
     let config = site.config(&svc);
-    let read = site.dir.path("read_token");
-    std::fs::write(&read, format!("{READ_TOKEN}\n")).unwrap();
-    std::fs::set_permissions(&read, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let read = site.dir.secret("read_token", &format!("{READ_TOKEN}\n"));
     let text = std::fs::read_to_string(&config).unwrap().replacen(
         "token_file = ",
         &format!(
