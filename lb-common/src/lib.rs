@@ -373,25 +373,60 @@ impl Counters {
     }
 }
 
-/// Flow-table events, indexed by their value in `LB_EVENTS` (per CPU).
-pub const EVENT_PIN_INSERTED: u32 = 0;
-/// An insert refused because this CPU reached `FLOW_INSERT_RATE` this second.
-pub const EVENT_PIN_REFUSED: u32 = 1;
-/// A miss in a changed slot sent to the slot's previous backend.
-pub const EVENT_MISS_PREV: u32 = 2;
-/// A miss in a changed slot sent to the slot's current backend.
-pub const EVENT_MISS_CURRENT: u32 = 3;
-/// A pin that named a backend no longer holding it (down, removed, id
-/// reused): the flow was picked again.
-pub const EVENT_PIN_STALE: u32 = 4;
-pub const EVENT_COUNT: u32 = 5;
-pub const EVENT_NAMES: [&str; EVENT_COUNT as usize] = [
-    "pin_inserted",
-    "pin_refused",
-    "miss_prev",
-    "miss_current",
-    "pin_stale",
-];
+/// Declares a `#[repr(u32)]` enum whose values index a per-CPU counter map,
+/// with its variant count and metric label names, so the kernel's map sizes
+/// and userspace's label lists come from one list.
+macro_rules! counted {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident [$count:ident, $names:ident] {
+            $( $(#[$vmeta:meta])* $variant:ident = $value:literal => $label:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant = $value, )+
+        }
+        /// How many variants: the size of the counter map.
+        pub const $count: u32 = [$($value),+].len() as u32;
+        /// Metric label of each variant, indexed by value.
+        pub const $names: [&str; $count as usize] = [$($label),+];
+        const _: () = {
+            // Values are 0..COUNT in order, so a value indexes the names.
+            let values = [$($value),+];
+            let mut i = 0;
+            while i < values.len() {
+                assert!(values[i] == i as u32);
+                i += 1;
+            }
+        };
+        impl $name {
+            pub const fn name(self) -> &'static str {
+                $names[self as usize]
+            }
+        }
+    };
+}
+
+counted! {
+    /// Flow-table events, indexed by their value in `LB_EVENTS` (per CPU).
+    pub enum Event [EVENT_COUNT, EVENT_NAMES] {
+        /// A pin written for a new flow in a changed slot.
+        PinInserted = 0 => "pin_inserted",
+        /// An insert refused because this CPU reached `FLOW_INSERT_RATE` this
+        /// second.
+        PinRefused = 1 => "pin_refused",
+        /// A miss in a changed slot sent to the slot's previous backend.
+        MissPrev = 2 => "miss_prev",
+        /// A miss in a changed slot sent to the slot's current backend.
+        MissCurrent = 3 => "miss_current",
+        /// A pin that named a backend no longer holding it (down, removed, id
+        /// reused): the flow was picked again.
+        PinStale = 4 => "pin_stale",
+    }
+}
 
 /// Per-CPU state of the flow-insert rate cap (`LB_FLOOD[0]`).
 #[repr(C)]
@@ -413,78 +448,68 @@ pub const UDP_SEEN_BITS: u32 = 18;
 pub const UDP_SEEN_BUCKETS: u32 = 1 << UDP_SEEN_BITS;
 pub const UDP_SEEN_WAYS: usize = 4;
 
-/// XDP actions, indexed by their kernel value in `LB_ACT_STATS`.
-pub const XDP_ACTIONS: [&str; 5] = ["aborted", "drop", "pass", "tx", "redirect"];
-
-/// Why a packet was not forwarded to a backend. A packet passed to the stack
-/// bumps `LB_RSN_STATS[reason]`, a dropped one `LB_DROP_STATS[reason]`.
-/// Passed packets leave untouched, except `nat` packets passed for
-/// `FibNoNeigh` (already rewritten for the backend, so the stack forwards
-/// them and resolves the neighbour).
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
-    /// Not IPv4 or IPv6 (ARP, LLDP, ...).
-    NotIp = 0,
-    /// IP, but neither TCP nor UDP (ICMP, ...).
-    NotTcpUdp = 1,
-    /// No service on this address, port and protocol.
-    NoService = 2,
-    /// A non-first IP fragment whose first fragment was not balanced here:
-    /// not a service's, not seen yet (arrived out of order), or forgotten
-    /// (evicted from `LB_FRAGS`). Passed.
-    FragmentUnknown = 3,
-    /// The frame ends inside a header.
-    Truncated = 4,
-    /// A header that cannot be right (IP version, IHL < 5, ...).
-    BadHeader = 5,
-    /// The service has no backend to take this flow.
-    NoBackend = 6,
-    /// More IPv6 extension headers than the program walks.
-    ExtHeaders = 7,
-    /// `nat`/`dsr`: the FIB has a route to the backend but no neighbour
-    /// (MAC) yet. `nat`: passed, rewritten, so the stack forwards it and
-    /// resolves the neighbour. `dsr`: dropped (the packet is addressed to a
-    /// local service address; the stack would answer it itself).
-    FibNoNeigh = 8,
-    /// `nat`/`dsr`: any other FIB failure (no route, blackhole, unreachable,
-    /// prohibit, fragmentation needed, forwarding off, ...). Dropped.
-    FibFail = 9,
-    /// `nat`/`dsr`: the backend is reached through an interface that is not
-    /// in `LB_TX_PORTS`. Dropped, nothing rewritten.
-    NoTxPort = 10,
-    /// `nat`/`dsr`: a VLAN-tagged frame (the tag cannot be carried safely to
-    /// another interface). Dropped.
-    VlanTagged = 11,
-    /// An ICMP error (destination unreachable, fragmentation needed /
-    /// packet too big, time exceeded) whose quoted packet is well formed
-    /// but is no reply of a service's flow: not TCP/UDP (an IPv6 quote
-    /// with extension headers counts as such), no service on its source
-    /// address and port, or no backend.
-    IcmpUnmatched = 12,
-    /// An ICMP error whose quoted packet is cut short (less than its IP
-    /// header and 8 bytes of TCP/UDP) or has a bad header (IP version,
-    /// IHL, a non-first fragment).
-    IcmpBadQuote = 13,
+counted! {
+    /// XDP actions, with their kernel values, which index `LB_ACT_STATS`.
+    pub enum Action [ACTION_COUNT, XDP_ACTIONS] {
+        Aborted = 0 => "aborted",
+        Drop = 1 => "drop",
+        Pass = 2 => "pass",
+        Tx = 3 => "tx",
+        Redirect = 4 => "redirect",
+    }
 }
-pub const REASON_COUNT: u32 = 14;
-pub const REASON_NAMES: [&str; REASON_COUNT as usize] = [
-    "not_ip",
-    "not_tcp_udp",
-    "no_service",
-    "fragment_unknown",
-    "truncated",
-    "bad_header",
-    "no_backend",
-    "ext_headers",
-    "fib_no_neigh",
-    "fib_fail",
-    "no_tx_port",
-    "vlan_tagged",
-    "icmp_unmatched",
-    "icmp_bad_quote",
-];
 
+counted! {
+    /// Why a packet was not forwarded to a backend. A packet passed to the stack
+    /// bumps `LB_RSN_STATS[reason]`, a dropped one `LB_DROP_STATS[reason]`.
+    /// Passed packets leave untouched, except `nat` packets passed for
+    /// `FibNoNeigh` (already rewritten for the backend, so the stack forwards
+    /// them and resolves the neighbour).
+    pub enum Reason [REASON_COUNT, REASON_NAMES] {
+        /// Not IPv4 or IPv6 (ARP, LLDP, ...).
+        NotIp = 0 => "not_ip",
+        /// IP, but neither TCP nor UDP (ICMP, ...).
+        NotTcpUdp = 1 => "not_tcp_udp",
+        /// No service on this address, port and protocol.
+        NoService = 2 => "no_service",
+        /// A non-first IP fragment whose first fragment was not balanced here:
+        /// not a service's, not seen yet (arrived out of order), or forgotten
+        /// (evicted from `LB_FRAGS`). Passed.
+        FragmentUnknown = 3 => "fragment_unknown",
+        /// The frame ends inside a header.
+        Truncated = 4 => "truncated",
+        /// A header that cannot be right (IP version, IHL < 5, ...).
+        BadHeader = 5 => "bad_header",
+        /// The service has no backend to take this flow.
+        NoBackend = 6 => "no_backend",
+        /// More IPv6 extension headers than the program walks.
+        ExtHeaders = 7 => "ext_headers",
+        /// `nat`/`dsr`: the FIB has a route to the backend but no neighbour
+        /// (MAC) yet. `nat`: passed, rewritten, so the stack forwards it and
+        /// resolves the neighbour. `dsr`: dropped (the packet is addressed to a
+        /// local service address; the stack would answer it itself).
+        FibNoNeigh = 8 => "fib_no_neigh",
+        /// `nat`/`dsr`: any other FIB failure (no route, blackhole, unreachable,
+        /// prohibit, fragmentation needed, forwarding off, ...). Dropped.
+        FibFail = 9 => "fib_fail",
+        /// `nat`/`dsr`: the backend is reached through an interface that is not
+        /// in `LB_TX_PORTS`. Dropped, nothing rewritten.
+        NoTxPort = 10 => "no_tx_port",
+        /// `nat`/`dsr`: a VLAN-tagged frame (the tag cannot be carried safely to
+        /// another interface). Dropped.
+        VlanTagged = 11 => "vlan_tagged",
+        /// An ICMP error (destination unreachable, fragmentation needed /
+        /// packet too big, time exceeded) whose quoted packet is well formed
+        /// but is no reply of a service's flow: not TCP/UDP (an IPv6 quote
+        /// with extension headers counts as such), no service on its source
+        /// address and port, or no backend.
+        IcmpUnmatched = 12 => "icmp_unmatched",
+        /// An ICMP error whose quoted packet is cut short (less than its IP
+        /// header and 8 bytes of TCP/UDP) or has a bad header (IP version,
+        /// IHL, a non-first fragment).
+        IcmpBadQuote = 13 => "icmp_bad_quote",
+    }
+}
 /// Most IPv6 extension headers walked before giving up.
 pub const MAX_IPV6_EXT_HEADERS: usize = 4;
 

@@ -6,11 +6,11 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AddrKey, BackendEntry, Counters, DEFAULT_FLOW_INSERT_RATE, DEFAULT_FLOW_TABLE_SIZE,
-    DEFAULT_MAGLEV_SIZE, EVENT_COUNT, FloodState, FlowKey, FlowValue, FragKey, FragValue,
-    MAX_ADDR_SERVICES, MAX_BACKENDS, MAX_FRAGS, MAX_SERVICES, MAX_TX_PORTS, MaglevSlot, PORT_SLOTS,
-    PortEntry, REASON_COUNT, RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE,
-    UDP_SEEN_BUCKETS, UDP_SEEN_WAYS,
+    ACTION_COUNT, AddrKey, BackendEntry, Counters, DEFAULT_FLOW_INSERT_RATE,
+    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, EVENT_COUNT, FloodState, FlowKey, FlowValue,
+    FragKey, FragValue, MAX_ADDR_SERVICES, MAX_BACKENDS, MAX_FRAGS, MAX_SERVICES, MAX_TX_PORTS,
+    MaglevSlot, PORT_SLOTS, PortEntry, REASON_COUNT, RevAddrValue, RevPortEntry, ServiceEntry,
+    TABLES_PER_SERVICE, UDP_SEEN_BUCKETS, UDP_SEEN_WAYS,
 };
 
 #[map]
@@ -51,7 +51,7 @@ pub static LB_SVC_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(M
 pub static LB_BE_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 #[map]
-pub static LB_ACT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(5, 0);
+pub static LB_ACT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ACTION_COUNT, 0);
 
 /// Packets passed to the stack unbalanced, by `Reason`.
 #[map]

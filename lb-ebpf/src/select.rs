@@ -10,8 +10,7 @@
 //!   established packet in a clean slot costs no helper call at all.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    Addr, AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_REWRITE_ADDR, BackendEntry,
-    EVENT_MISS_CURRENT, EVENT_MISS_PREV, EVENT_PIN_INSERTED, EVENT_PIN_REFUSED, EVENT_PIN_STALE,
+    Addr, AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_REWRITE_ADDR, BackendEntry, Event,
     FlowKey, FlowValue, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, Reason,
     ServiceEntry, TABLES_PER_SERVICE, TCP_MISS_PREV_SECS, UDP_AFFINITY_SECS, UDP_SEEN_BITS,
     flow_hash, maglev_index, port_slot,
@@ -228,7 +227,7 @@ fn sticky(
                 return Ok((v.backend, entry));
             }
             Some(_) => {}
-            None => stats::event(EVENT_PIN_STALE),
+            None => stats::event(Event::PinStale),
         }
     }
     let now = now_secs();
@@ -249,9 +248,9 @@ fn sticky(
         }
         if pin {
             stats::event(if prev.is_some() {
-                EVENT_MISS_PREV
+                Event::MissPrev
             } else {
-                EVENT_MISS_CURRENT
+                Event::MissCurrent
             });
         }
     }
@@ -269,9 +268,9 @@ fn sticky(
                 generation: entry.generation,
             };
             let _ = LB_FLOWS.insert(&key, &v, 0);
-            stats::event(EVENT_PIN_INSERTED);
+            stats::event(Event::PinInserted);
         } else {
-            stats::event(EVENT_PIN_REFUSED);
+            stats::event(Event::PinRefused);
         }
     }
     Ok((choice, entry))

@@ -2,7 +2,7 @@
 //! Array lookups are inlined by the verifier, so counting costs no helper
 //! call.
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
-use lb_common::{Counters, Reason};
+use lb_common::{Counters, Event, Reason};
 
 use crate::maps::{
     LB_ACT_STATS, LB_BE_STATS, LB_DROP_STATS, LB_EVENTS, LB_RSN_STATS, LB_SVC_STATS,
@@ -53,10 +53,10 @@ pub fn action(action: u32) {
     bump(LB_ACT_STATS.get_ptr_mut(action));
 }
 
-/// One of the flow-table events (`lb_common::EVENT_*`).
+/// One of the flow-table events.
 #[inline(always)]
-pub fn event(event: u32) {
-    bump(LB_EVENTS.get_ptr_mut(event));
+pub fn event(event: Event) {
+    bump(LB_EVENTS.get_ptr_mut(event as u32));
 }
 
 #[inline(always)]

@@ -15,7 +15,7 @@ pub struct Snapshot {
     pub backends: Vec<(String, String, lb_common::Counters)>,
     /// (service, weight, up) per backend, for the gauges.
     pub backend_state: Vec<(String, String, u16, bool)>,
-    pub actions: [u64; 5],
+    pub actions: [u64; lb_common::ACTION_COUNT as usize],
     pub events: [u64; lb_common::EVENT_COUNT as usize],
     /// Packets passed to the stack unbalanced, by reason.
     pub passed: [u64; lb_common::REASON_COUNT as usize],
@@ -389,7 +389,7 @@ mod tests {
             ..Default::default()
         };
         snap.actions[2] = 12;
-        snap.events[lb_common::EVENT_PIN_REFUSED as usize] = 4;
+        snap.events[lb_common::Event::PinRefused as usize] = 4;
         snap.passed[2] = 2;
         snap.dropped[lb_common::Reason::NoTxPort as usize] = 4;
         let text = m.render(&snap);
