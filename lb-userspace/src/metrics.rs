@@ -5,7 +5,7 @@ use std::{collections::HashSet, sync::Mutex};
 
 use prometheus::{
     Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Registry, TextEncoder, core::Collector,
 };
 
 /// Kernel counters read under the map writer's lock.
@@ -66,28 +66,38 @@ pub struct Metrics {
     exported: Mutex<HashSet<(String, String)>>,
 }
 
+/// Registers a metric built from static names and help texts: an error
+/// here is a typo in this file, found by every test that builds `Metrics`.
+fn register<M: Collector + Clone + 'static>(r: &Registry, metric: prometheus::Result<M>) -> M {
+    #[allow(clippy::expect_used, reason = "static metric definitions")]
+    let metric = metric.expect("metric definition");
+    #[allow(clippy::expect_used, reason = "static metric names")]
+    r.register(Box::new(metric.clone()))
+        .expect("unique metric name");
+    metric
+}
+
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition");
-    r.register(Box::new(c.clone())).expect("unique metric");
-    c
+    register(r, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).expect("metric definition");
-    r.register(Box::new(c.clone())).expect("unique metric");
-    c
+    register(r, IntCounter::new(name, help))
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).expect("metric definition");
-    r.register(Box::new(g.clone())).expect("unique metric");
-    g
+    register(r, IntGauge::new(name, help))
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition");
-    r.register(Box::new(g.clone())).expect("unique metric");
-    g
+    register(r, IntGaugeVec::new(Opts::new(name, help), labels))
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    register(
+        r,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())),
+    )
 }
 
 /// Sets a counter to an absolute value read from the kernel.
@@ -112,39 +122,26 @@ impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
         let sb = &["service", "backend"];
-        let rebuild = Histogram::with_opts(
-            HistogramOpts::new(
-                "lb_maglev_rebuild_seconds",
-                "Time to build and install a service's Maglev tables",
-            )
-            .buckets(vec![
+        let rebuild = histogram(
+            &r,
+            "lb_maglev_rebuild_seconds",
+            "Time to build and install a service's Maglev tables",
+            &[
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ]),
-        )
-        .expect("metric definition");
-        r.register(Box::new(rebuild.clone()))
-            .expect("unique metric");
-        let flow_entries = IntGauge::new("lb_flow_table_entries", "Entries in the LRU flow table")
-            .expect("metric definition");
-        let attached = IntGauge::new(
+            ],
+        );
+        let attached = gauge(
+            &r,
             "lb_dataplane_attached",
             "1 while the interface the data plane is attached to exists",
-        )
-        .expect("metric definition");
-        r.register(Box::new(attached.clone()))
-            .expect("unique metric");
-        r.register(Box::new(flow_entries.clone()))
-            .expect("unique metric");
-        let verdict_to_install = Histogram::with_opts(
-            HistogramOpts::new(
-                "lb_health_verdict_to_install_seconds",
-                "Time from a health verdict to the install of the tables it changed",
-            )
-            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
-        )
-        .expect("metric definition");
-        r.register(Box::new(verdict_to_install.clone()))
-            .expect("unique metric");
+        );
+        let flow_entries = gauge(&r, "lb_flow_table_entries", "Entries in the LRU flow table");
+        let verdict_to_install = histogram(
+            &r,
+            "lb_health_verdict_to_install_seconds",
+            "Time from a health verdict to the install of the tables it changed",
+            &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+        );
         Self {
             packets: counter_vec(&r, "lb_packets_total", "Packets forwarded to a backend", sb),
             bytes: counter_vec(&r, "lb_bytes_total", "Bytes forwarded to a backend", sb),
@@ -247,16 +244,14 @@ impl Metrics {
                 "lb_reconcile_pending",
                 "Pieces of work (changes, health batches, reloads) waiting for the reconcile loop",
             ),
-            reconcile_stalled: {
-                let g = Gauge::new(
+            reconcile_stalled: register(
+                &r,
+                Gauge::new(
                     "lb_reconcile_stalled_seconds",
                     "Seconds the reconcile loop has had work waiting without finishing any of it \
                      (0 when idle)",
-                )
-                .expect("metric definition");
-                r.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
+                ),
+            ),
             registry: r,
             exported: Mutex::new(HashSet::new()),
         }
