@@ -681,14 +681,7 @@ impl Daemon {
             flow_counter,
         } = prepared;
         if let Some(logger) = logger {
-            // SAFETY: the logger owns its ring buffer's fd and keeps it open
-            // for as long as it lives inside the AsyncFd.
-            let registered = unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(
-                    logger,
-                    tokio::io::Interest::READABLE,
-                )
-            };
+            let registered = crate::sys::async_ebpf_logger(logger);
             match registered {
                 Ok(mut logger) => {
                     tokio::spawn(async move {

@@ -19,6 +19,7 @@ pub mod privs;
 pub mod rates;
 pub mod source;
 pub mod state;
+mod sys;
 pub mod ui;
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.

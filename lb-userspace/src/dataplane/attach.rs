@@ -193,30 +193,11 @@ impl Dataplane {
 /// name). `if_nameindex` asks netlink, which answers for the thread's
 /// namespace (sysfs would show the mounter's).
 pub fn interfaces() -> Result<Vec<(u32, String)>> {
-    // SAFETY: if_nameindex returns a list ending with a zero index, or null.
-    let list = unsafe { libc::if_nameindex() };
-    if list.is_null() {
-        return Err(DataplaneError::Options(format!(
-            "listing interfaces: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    let mut out = Vec::new();
-    let mut i = 0;
-    loop {
-        // SAFETY: within the list, up to and including its terminator.
-        let entry = unsafe { *list.add(i) };
-        if entry.if_index == 0 {
-            break;
-        }
-        // SAFETY: if_name is a NUL-terminated string owned by the list.
-        let name = unsafe { std::ffi::CStr::from_ptr(entry.if_name) }
-            .to_string_lossy()
-            .into_owned();
-        out.push((entry.if_index, name));
-        i += 1;
-    }
-    // SAFETY: the list came from if_nameindex and is freed once.
-    unsafe { libc::if_freenameindex(list) };
-    Ok(out)
+    let list = nix::net::if_::if_nameindex().map_err(|e| {
+        DataplaneError::Options(format!("listing interfaces: {}", std::io::Error::from(e)))
+    })?;
+    Ok(list
+        .iter()
+        .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
+        .collect())
 }

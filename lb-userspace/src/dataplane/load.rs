@@ -7,7 +7,7 @@ use aya::{Ebpf, EbpfLoader, maps::Map};
 use lb_common::{TABLES_PER_SERVICE, maps, programs};
 use tracing::{info, warn};
 
-use super::{Dataplane, DataplaneError, Options, Result, map_err, tables::MaglevMmap};
+use super::{Dataplane, DataplaneError, Options, Result, map_err, tables::map_tables};
 use crate::pins;
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -101,7 +101,7 @@ impl Dataplane {
         let Map::Array(maglev_data) = take(&mut ebpf, maps::MAGLEV)? else {
             return Err(DataplaneError::Missing(maps::MAGLEV));
         };
-        let maglev = MaglevMmap::new(&maglev_data, maglev_len as usize, true)?;
+        let maglev = map_tables(&maglev_data, maglev_len as usize, true)?;
         let dp = Self {
             maglev,
             maglev_map: maglev_data,

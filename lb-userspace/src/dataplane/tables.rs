@@ -2,8 +2,7 @@
 //! table beside the active one before flipping the service's `active` word.
 
 use std::{
-    os::fd::{AsFd, AsRawFd},
-    ptr::NonNull,
+    os::fd::AsFd,
     sync::atomic::{Ordering, fence},
 };
 
@@ -11,61 +10,14 @@ use aya::maps::{Array, Map, MapData};
 use lb_common::{MaglevSlot, ServiceEntry, TABLES_PER_SERVICE, maglev_index, maps};
 
 use super::{Dataplane, DataplaneError, Result, map_err};
+use crate::sys::SharedMapping;
 
 /// The data plane's memory-mapped Maglev tables.
-pub(super) struct MaglevMmap {
-    ptr: NonNull<MaglevSlot>,
-    len: usize,
-}
+pub(super) type MaglevMmap = SharedMapping<MaglevSlot>;
 
-// The mapping is plain memory shared with the kernel; access goes through
-// `&mut Dataplane`, so there is one writer.
-// SAFETY: the pointer is to a MAP_SHARED mapping owned by this value and
-// valid until drop; moving it to another thread changes nothing.
-unsafe impl Send for MaglevMmap {}
-// SAFETY: shared access only reads (`slots`); writes need `&mut self`.
-unsafe impl Sync for MaglevMmap {}
-
-impl MaglevMmap {
-    pub(super) fn new(map: &MapData, len: usize, writable: bool) -> Result<Self> {
-        let bytes = len * size_of::<MaglevSlot>();
-        let fd = map.fd().as_fd().as_raw_fd();
-        let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
-        // SAFETY: a fresh mapping of an fd we hold; the kernel checks the
-        // length against the map and the result is checked below.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, prot, libc::MAP_SHARED, fd, 0) };
-        if ptr == libc::MAP_FAILED {
-            return Err(DataplaneError::Mmap(std::io::Error::last_os_error()));
-        }
-        Ok(Self {
-            ptr: NonNull::new(ptr.cast()).ok_or(DataplaneError::Mmap(std::io::Error::other(
-                "mmap returned null",
-            )))?,
-            len,
-        })
-    }
-
-    fn slots(&self) -> &[MaglevSlot] {
-        // SAFETY: `len` slots are mapped at `ptr` for as long as `self` lives.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    /// Only for mappings made writable.
-    fn slots_mut(&mut self) -> &mut [MaglevSlot] {
-        // SAFETY: as `slots`, and `&mut self` makes this the only access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for MaglevMmap {
-    fn drop(&mut self) {
-        // SAFETY: unmaps the mapping `new` made, once, at the end of its life.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * size_of::<MaglevSlot>()) };
-    }
+/// Maps the first `len` slots of the Maglev map.
+pub(super) fn map_tables(map: &MapData, len: usize, writable: bool) -> Result<MaglevMmap> {
+    SharedMapping::new(map.fd().as_fd(), len, writable).map_err(DataplaneError::Mmap)
 }
 
 impl Dataplane {
@@ -73,13 +25,13 @@ impl Dataplane {
     pub fn table(&self, service: u32, table: u32) -> &[MaglevSlot] {
         let m = self.opts.maglev_size;
         let start = maglev_index(service, table, m, 0) as usize;
-        &self.maglev.slots()[start..start + m as usize]
+        &self.maglev.as_slice()[start..start + m as usize]
     }
 
     pub(super) fn table_mut(&mut self, service: u32, table: u32) -> &mut [MaglevSlot] {
         let m = self.opts.maglev_size;
         let start = maglev_index(service, table, m, 0) as usize;
-        &mut self.maglev.slots_mut()[start..start + m as usize]
+        &mut self.maglev.as_mut_slice()[start..start + m as usize]
     }
 
     /// The table packets read now, and its index.
@@ -112,7 +64,7 @@ impl Dataplane {
             (entry.active + 1) % TABLES_PER_SERVICE
         };
         let start = maglev_index(service, next, m, 0) as usize;
-        self.maglev.slots_mut()[start..start + m as usize].copy_from_slice(slots);
+        self.maglev.as_mut_slice()[start..start + m as usize].copy_from_slice(slots);
         // The table must be visible before the word that points at it.
         fence(Ordering::SeqCst);
         entry.active = next;
@@ -132,7 +84,7 @@ impl Dataplane {
         ))
         .map_err(map_err(maps::SERVICES))?;
         Ok(TableReader {
-            maglev: MaglevMmap::new(&self.maglev_map, self.maglev.len, false)?,
+            maglev: map_tables(&self.maglev_map, self.maglev.len(), false)?,
             services,
             m: self.opts.maglev_size,
         })
@@ -161,6 +113,6 @@ impl TableReader {
 
     pub fn table(&self, service: u32, table: u32) -> &[MaglevSlot] {
         let start = maglev_index(service, table, self.m, 0) as usize;
-        &self.maglev.slots()[start..start + self.m as usize]
+        &self.maglev.as_slice()[start..start + self.m as usize]
     }
 }

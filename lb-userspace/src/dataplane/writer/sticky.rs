@@ -141,13 +141,7 @@ impl<S: MapStore> MapWriter<S> {
 
 /// Seconds of CLOCK_MONOTONIC, the clock the data plane reads.
 pub fn monotonic_secs() -> u32 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into a timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u32
+    rustix::time::clock_gettime(rustix::time::ClockId::Monotonic).tv_sec as u32
 }
 
 /// The slots to install for a freshly built table: a slot whose backend
