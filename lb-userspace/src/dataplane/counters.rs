@@ -41,16 +41,6 @@ impl Dataplane {
         sums(&self.drop_stats, maps::DROP_STATS)
     }
 
-    /// Removes every pin, as an LRU under pressure would evict them; returns
-    /// how many there were. For tests of what misses do.
-    pub fn clear_flows(&mut self) -> usize {
-        let keys: Vec<FlowKey> = self.flows.keys().filter_map(|k| k.ok()).collect();
-        for k in &keys {
-            let _ = self.flows.remove(k);
-        }
-        keys.len()
-    }
-
     /// Where the first fragment of datagram `key` went, if it is still
     /// remembered for the later fragments.
     pub fn fragment(&self, key: &FragKey) -> Option<FragValue> {

@@ -11,6 +11,7 @@ mod load;
 mod spec;
 mod store;
 mod tables;
+#[cfg(feature = "test-helpers")]
 mod test_run;
 mod writer;
 

@@ -1,15 +1,26 @@
-//! Running the loaded programs on a frame with `BPF_PROG_TEST_RUN`, for
-//! packet tests and benchmarks, and their sizes after verification.
+//! Test and bench hooks, built only with the `test-helpers` feature:
+//! running the loaded programs on a frame with `BPF_PROG_TEST_RUN`, their
+//! sizes after verification, and emptying the flow table.
 
 use aya::{
     TestRun, TestRunOptions, TestRunResult,
     programs::{SchedClassifier, Xdp},
 };
-use lb_common::programs;
+use lb_common::{FlowKey, programs};
 
 use super::{Dataplane, DataplaneError, Result};
 
 impl Dataplane {
+    /// Removes every pin, as an LRU under pressure would evict them; returns
+    /// how many there were. For tests of what misses do.
+    pub fn clear_flows(&mut self) -> usize {
+        let keys: Vec<FlowKey> = self.flows.keys().filter_map(|k| k.ok()).collect();
+        for k in &keys {
+            let _ = self.flows.remove(k);
+        }
+        keys.len()
+    }
+
     fn xdp(&self) -> Result<&Xdp> {
         let p = self
             .ebpf
