@@ -30,11 +30,14 @@ impl Dataplane {
     pub fn load_object(object: &[u8], opts: Options) -> Result<Self> {
         opts.validate()?;
         let maglev_len = opts.max_services * TABLES_PER_SERVICE * opts.maglev_size;
+        let log_level = ebpf_log_level();
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(maps::MAGLEV, maglev_len)
             .map_max_entries(maps::FLOWS, opts.flow_table_size)
-            .override_global("FLOW_INSERT_RATE", &opts.flow_insert_rate, true);
+            .override_global("FLOW_INSERT_RATE", &opts.flow_insert_rate, true)
+            // Absent while the programs have no log calls.
+            .override_global(aya_log::LEVEL, &log_level, false);
         let mut adopted = false;
         let mut record = None;
         let mut linked_interface = None;
@@ -191,11 +194,15 @@ impl Dataplane {
         info!(pin = %pin.display(), "data plane detached and unpinned");
     }
     /// Starts reading the programs' aya-log records; each is forwarded to
-    /// `tracing` at debug level (target `lb::ebpf`). Poll the returned
-    /// logger's fd and call `flush` when it is readable.
-    pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<EbpfLog>> {
-        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, EbpfLog)
-            .map_err(|e| DataplaneError::Options(format!("eBPF logger: {e}")))
+    /// `tracing` at its level (target `lb::ebpf`). Poll the returned
+    /// logger's fd and call `flush` when it is readable. `None`: the
+    /// programs log nothing (an object without log calls has no log map).
+    pub fn logger(&mut self) -> Result<Option<aya_log::EbpfLogger<EbpfLog>>> {
+        match aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, EbpfLog) {
+            Ok(logger) => Ok(Some(logger)),
+            Err(aya_log::Error::MapNotFound) => Ok(None),
+            Err(e) => Err(DataplaneError::Options(format!("eBPF logger: {e}"))),
+        }
     }
 
     pub fn options(&self) -> &Options {
@@ -203,7 +210,29 @@ impl Dataplane {
     }
 }
 
-/// Forwards the eBPF programs' log records to `tracing` at debug level.
+/// The most verbose level the tracing subscriber shows for the programs'
+/// records (target `lb::ebpf`), as `aya_log::Level` (0: none). Set in the
+/// object at load, so a disabled log call in the kernel costs one compare.
+fn ebpf_log_level() -> u8 {
+    use aya_log::Level as A;
+    use tracing::{Level as T, enabled};
+    let level = if enabled!(target: "lb::ebpf", T::TRACE) {
+        A::Trace
+    } else if enabled!(target: "lb::ebpf", T::DEBUG) {
+        A::Debug
+    } else if enabled!(target: "lb::ebpf", T::INFO) {
+        A::Info
+    } else if enabled!(target: "lb::ebpf", T::WARN) {
+        A::Warn
+    } else if enabled!(target: "lb::ebpf", T::ERROR) {
+        A::Error
+    } else {
+        return 0;
+    };
+    level as u8
+}
+
+/// Forwards the eBPF programs' log records to `tracing` at their level.
 pub struct EbpfLog;
 
 impl log::Log for EbpfLog {
@@ -212,8 +241,38 @@ impl log::Log for EbpfLog {
     }
 
     fn log(&self, record: &log::Record<'_>) {
-        tracing::debug!(target: "lb::ebpf", level = %record.level(), "{}", record.args());
+        let args = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "lb::ebpf", "{args}"),
+            log::Level::Warn => tracing::warn!(target: "lb::ebpf", "{args}"),
+            log::Level::Info => tracing::info!(target: "lb::ebpf", "{args}"),
+            log::Level::Debug => tracing::debug!(target: "lb::ebpf", "{args}"),
+            log::Level::Trace => tracing::trace!(target: "lb::ebpf", "{args}"),
+        }
     }
 
     fn flush(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ebpf_log_level_follows_the_subscriber() {
+        let level_with = |filter: &str| {
+            let sub = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::sink)
+                .finish();
+            tracing::subscriber::with_default(sub, ebpf_log_level)
+        };
+        assert_eq!(level_with("off"), 0);
+        assert_eq!(level_with("info"), aya_log::Level::Info as u8);
+        assert_eq!(
+            level_with("info,lb::ebpf=trace"),
+            aya_log::Level::Trace as u8
+        );
+        assert_eq!(level_with("debug,lb::ebpf=off"), 0);
+    }
 }
