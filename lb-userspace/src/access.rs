@@ -228,8 +228,7 @@ impl Access {
             failures_per_minute: config.auth_failures_per_minute.max(1),
             failures: Mutex::new(HashMap::new()),
             changes: Mutex::new(Bucket::new(config.change_rate)),
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            euid: unsafe { libc::geteuid() },
+            euid: rustix::process::geteuid().as_raw(),
         }
     }
 

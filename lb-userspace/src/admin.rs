@@ -352,21 +352,14 @@ impl Drop for Busy {
 /// Raises this process's open-file soft limit to its hard limit; returns
 /// (before, after).
 pub fn raise_nofile() -> std::io::Result<(u64, u64)> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(std::io::Error::last_os_error());
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    // `None` is RLIM_INFINITY.
+    let limit = |v: Option<u64>| v.unwrap_or(u64::MAX);
+    let mut lim = getrlimit(Resource::Nofile);
+    let before = limit(lim.current);
+    if limit(lim.current) < limit(lim.maximum) {
+        lim.current = lim.maximum;
+        setrlimit(Resource::Nofile, lim)?;
     }
-    let before = lim.rlim_cur;
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: as above.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok((before, lim.rlim_cur))
+    Ok((before, limit(lim.current)))
 }

@@ -638,9 +638,10 @@ impl Daemon {
         let attached_iface = iface.clone();
         let (writer, logger, flow_counter) = {
             let mut dp = Dataplane::load(opts)?;
-            // The programs log nothing on the packet path; an object without
-            // log records has no log map, and that is fine.
-            let logger = dp.logger().ok();
+            let logger = dp.logger().unwrap_or_else(|e| {
+                warn!("eBPF log records will not be shown: {e}");
+                None
+            });
             let flow_counter = dp.flow_counter()?;
             dp.attach(&iface, mode)?;
             check_reply_routes(&iface, &services_for_check);
@@ -681,14 +682,7 @@ impl Daemon {
             flow_counter,
         } = prepared;
         if let Some(logger) = logger {
-            // SAFETY: the logger owns its ring buffer's fd and keeps it open
-            // for as long as it lives inside the AsyncFd.
-            let registered = unsafe {
-                tokio::io::unix::AsyncFd::register_with_interest(
-                    logger,
-                    tokio::io::Interest::READABLE,
-                )
-            };
+            let registered = crate::sys::async_ebpf_logger(logger);
             match registered {
                 Ok(mut logger) => {
                     tokio::spawn(async move {

@@ -12,6 +12,8 @@ use std::{
     path::Path,
 };
 
+use rustix::{fs::OFlags, io::Errno};
+
 /// Mode of the files the daemon writes.
 pub const FILE_MODE: u32 = 0o600;
 /// Mode of the directories the daemon creates.
@@ -50,7 +52,7 @@ pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 fn open_nofollow(path: &Path) -> io::Result<File> {
     fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32)
         .open(path)
 }
 
@@ -81,13 +83,7 @@ pub enum ReadError {
 /// sysfs, debugfs...), whose "regular" files can block or have side effects
 /// on read (`/proc/kmsg`).
 fn pseudo_fs(file: &File) -> Option<&'static str> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: statfs fills a zeroed struct for a descriptor this function borrows.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; the descriptor is open for the call.
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
-        return None;
-    }
+    let st = rustix::fs::fstatfs(file).ok()?;
     match st.f_type as i64 {
         0x9fa0 => Some("procfs"),
         0x6265_6572 => Some("sysfs"),
@@ -118,7 +114,7 @@ pub fn read_regular(path: &Path, cap: u64) -> Result<Vec<u8>, ReadError> {
 
 fn open_regular(path: &Path, cap: u64) -> Result<(File, fs::Metadata), ReadError> {
     let f = open_nofollow(path).map_err(|e| match e.raw_os_error() {
-        Some(libc::ELOOP) => ReadError::NotRegular,
+        Some(e) if e == Errno::LOOP.raw_os_error() => ReadError::NotRegular,
         _ => ReadError::Io(e),
     })?;
     let meta = f.metadata()?;
@@ -154,8 +150,7 @@ pub const MAX_TOKEN_FILE: u64 = 4096;
 /// contents trimmed, refusing an empty one.
 pub fn read_secret(path: &Path) -> Result<String, ReadError> {
     let (mut f, meta) = open_regular(path, MAX_TOKEN_FILE)?;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+    let me = rustix::process::geteuid().as_raw();
     if meta.uid() != 0 && meta.uid() != me {
         return Err(ReadError::Owner {
             owner: meta.uid(),
@@ -222,9 +217,14 @@ mod tests {
         let e = read_regular(&ok, 2).unwrap_err();
         assert!(matches!(e, ReadError::TooLarge { size: 3, cap: 2 }), "{e}");
         let fifo = d.join("fifo");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: mkfifo on a path this test owns.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
         assert!(matches!(
             read_regular(&fifo, 1024),
             Err(ReadError::NotRegular)
@@ -260,12 +260,8 @@ mod tests {
         ));
         fs::set_permissions(&t, fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_secret(&t).unwrap(), "s3cret");
-        // SAFETY: chown of a file this test owns (the tests run as root).
-        let c = std::ffi::CString::new(t.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            // SAFETY: `c` is a valid C string naming the test's own file.
-            assert_eq!(unsafe { libc::chown(c.as_ptr(), 4242, 4242) }, 0);
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&t, Some(4242), Some(4242)).unwrap();
             let e = read_secret(&t).unwrap_err();
             assert!(matches!(e, ReadError::Owner { owner: 4242, .. }), "{e}");
         }

@@ -19,6 +19,7 @@ pub mod privs;
 pub mod rates;
 pub mod source;
 pub mod state;
+mod sys;
 pub mod ui;
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.
@@ -26,5 +27,6 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// The bench floor: a program that parses Ethernet/IP/TCP, swaps MACs and
 /// returns `XDP_TX`, built from `lb-ebpf/src/baseline.rs`.
+#[cfg(feature = "test-helpers")]
 pub static BASELINE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));

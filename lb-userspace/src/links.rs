@@ -5,13 +5,14 @@
 use std::{
     collections::BTreeMap,
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::OwnedFd,
     sync::{
         Arc, Mutex, Weak,
         atomic::{AtomicBool, Ordering},
     },
 };
 
+use rustix::{io::Errno, net};
 use tracing::{error, info, warn};
 
 use crate::dataplane::{AttachMode, MapWriter, interfaces};
@@ -23,34 +24,13 @@ pub struct LinkEvents {
 
 impl LinkEvents {
     pub fn open() -> io::Result<Self> {
-        // SAFETY: socket(2) with constant arguments; the fd is owned below.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sockaddr_nl is plain data; all zero is a valid value.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        addr.nl_groups = libc::RTMGRP_LINK as u32;
-        // SAFETY: `addr` is a valid sockaddr_nl of the length given.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_nl).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let fd = net::socket_with(
+            net::AddressFamily::NETLINK,
+            net::SocketType::RAW,
+            net::SocketFlags::CLOEXEC,
+            None, // NETLINK_ROUTE
+        )?;
+        net::bind(&fd, &net::netlink::SocketAddrNetlink::new(0, RTMGRP_LINK))?;
         Ok(Self { fd })
     }
 
@@ -58,19 +38,21 @@ impl LinkEvents {
     /// removed link (or some were lost, so the caller must look anyway).
     pub fn wait(&self) -> io::Result<bool> {
         let mut buf = [0u8; 32 * 1024];
-        // SAFETY: recv writes at most `buf.len()` bytes into `buf`.
-        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENOBUFS) => Ok(true),
-                Some(libc::EINTR) => Ok(false),
-                _ => Err(e),
-            };
+        match net::recv(&self.fd, &mut buf[..], net::RecvFlags::empty()) {
+            Ok((_, n)) => Ok(has_link_change(&buf[..n.min(buf.len())])),
+            Err(Errno::NOBUFS) => Ok(true),
+            Err(Errno::INTR) => Ok(false),
+            Err(e) => Err(e.into()),
         }
-        Ok(has_link_change(&buf[..n as usize]))
     }
 }
+
+// From <linux/rtnetlink.h>.
+const RTMGRP_LINK: u32 = 1;
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+#[cfg(test)]
+const RTM_NEWADDR: u16 = 20;
 
 /// Whether a batch of netlink messages holds an RTM_NEWLINK or RTM_DELLINK.
 fn has_link_change(mut buf: &[u8]) -> bool {
@@ -78,7 +60,7 @@ fn has_link_change(mut buf: &[u8]) -> bool {
     while buf.len() >= 16 {
         let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
         let kind = u16::from_ne_bytes(buf[4..6].try_into().expect("2 bytes"));
-        if kind == libc::RTM_NEWLINK || kind == libc::RTM_DELLINK {
+        if kind == RTM_NEWLINK || kind == RTM_DELLINK {
             return true;
         }
         let step = (len + 3) & !3;
@@ -193,14 +175,14 @@ mod tests {
 
     #[test]
     fn link_messages_are_told_from_others() {
-        assert!(has_link_change(&msg(libc::RTM_NEWLINK, 32)));
-        assert!(has_link_change(&msg(libc::RTM_DELLINK, 16)));
-        let mut two = msg(libc::RTM_NEWADDR, 20);
-        two.extend(msg(libc::RTM_NEWLINK, 16));
+        assert!(has_link_change(&msg(RTM_NEWLINK, 32)));
+        assert!(has_link_change(&msg(RTM_DELLINK, 16)));
+        let mut two = msg(RTM_NEWADDR, 20);
+        two.extend(msg(RTM_NEWLINK, 16));
         assert!(has_link_change(&two));
-        assert!(!has_link_change(&msg(libc::RTM_NEWADDR, 16)));
+        assert!(!has_link_change(&msg(RTM_NEWADDR, 16)));
         assert!(!has_link_change(&[0u8; 8]));
         // A bogus length stops the walk instead of looping.
-        assert!(!has_link_change(&msg(libc::RTM_NEWADDR, 4)));
+        assert!(!has_link_change(&msg(RTM_NEWADDR, 4)));
     }
 }

@@ -19,7 +19,13 @@ impl Notifier {
     /// From `$NOTIFY_SOCKET`; an unusable value is reported once in the log
     /// and ignored.
     pub fn from_env() -> Notifier {
-        let target = std::env::var_os("NOTIFY_SOCKET").and_then(|v| {
+        Self::from_value(std::env::var_os("NOTIFY_SOCKET"))
+    }
+
+    /// From a `$NOTIFY_SOCKET` value (tests give one without touching the
+    /// environment).
+    fn from_value(value: Option<std::ffi::OsString>) -> Notifier {
+        let target = value.and_then(|v| {
             let v = v.to_string_lossy().to_string();
             let addr = match v.strip_prefix('@') {
                 Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()),
@@ -74,12 +80,7 @@ impl Notifier {
 
 /// `CLOCK_MONOTONIC` in microseconds.
 pub fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
@@ -117,11 +118,7 @@ mod tests {
             listener
                 .set_read_timeout(Some(Duration::from_secs(2)))
                 .unwrap();
-            // SAFETY: tests in this module are the only readers of it.
-            unsafe { std::env::set_var("NOTIFY_SOCKET", &value) };
-            let n = Notifier::from_env();
-            // SAFETY: as above.
-            unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+            let n = Notifier::from_value(Some(value.clone().into()));
             assert!(n.enabled());
             n.ready("serving");
             let mut buf = [0u8; 256];

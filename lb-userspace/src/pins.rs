@@ -88,13 +88,7 @@ pub fn write_record(path: &Path, record: &Record) -> std::io::Result<()> {
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: an all-zero statfs is a valid value for statfs to fill.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid C string and `st` a struct we own.
-    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+    rustix::fs::statfs(path).is_ok_and(|st| st.f_type == BPF_FS_MAGIC)
 }
 
 /// Makes sure `pin` lies on a bpf filesystem, mounting one at /sys/fs/bpf
@@ -110,21 +104,17 @@ pub fn ensure_bpffs(pin: &Path) -> Result<(), String> {
     }
     let root = Path::new("/sys/fs/bpf");
     if pin.starts_with(root) && !is_bpffs(root) {
-        let (src, dst, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
-        // SAFETY: static C strings, no data argument.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                dst.as_ptr(),
-                fstype.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
+        let mounted = rustix::mount::mount(
+            c"bpf",
+            c"/sys/fs/bpf",
+            c"bpf",
+            rustix::mount::MountFlags::empty(),
+            None,
+        );
+        if let Err(e) = mounted {
             return Err(format!(
                 "mounting a bpf filesystem at /sys/fs/bpf: {}",
-                std::io::Error::last_os_error()
+                std::io::Error::from(e)
             ));
         }
         return crate::files::create_private_dir_all(pin)
@@ -151,17 +141,14 @@ pub fn lock(pin: &Path) -> Result<File, LockError> {
     ensure_bpffs(pin).map_err(LockError::Other)?;
     let dir =
         File::open(pin).map_err(|e| LockError::Other(format!("opening {}: {e}", pin.display())))?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a descriptor this function owns.
-    let rc = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(dir);
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Err(LockError::Held)
-    } else {
-        Err(LockError::Other(format!("locking {}: {e}", pin.display())))
+    match rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(dir),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(LockError::Held),
+        Err(e) => Err(LockError::Other(format!(
+            "locking {}: {}",
+            pin.display(),
+            std::io::Error::from(e)
+        ))),
     }
 }
 
@@ -169,7 +156,11 @@ pub fn lock(pin: &Path) -> Result<File, LockError> {
 fn device_of(path: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let dev = fs::metadata(path).ok()?.dev();
-    Some(format!("{}:{}", libc::major(dev), libc::minor(dev)))
+    Some(format!(
+        "{}:{}",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev)
+    ))
 }
 
 /// Whether a mountinfo text (`/proc/PID/mountinfo`) shows a mount of the

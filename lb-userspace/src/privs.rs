@@ -202,7 +202,7 @@ pub fn check_all_threads(keep: CapabilitySet) -> Result<(), PrivsError> {
             // A thread that ended since the listing.
             Err(PrivsError::Proc { err, .. })
                 if err.kind() == io::ErrorKind::NotFound
-                    || err.raw_os_error() == Some(libc::ESRCH) => {}
+                    || err.raw_os_error() == Some(rustix::io::Errno::SRCH.raw_os_error()) => {}
             Err(e) => return Err(e),
         }
     }

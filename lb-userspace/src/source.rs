@@ -5,7 +5,6 @@
 //! service address are bound to another address of the host instead.
 use std::{
     collections::HashSet,
-    ffi::CStr,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket},
     sync::{Mutex, OnceLock},
@@ -23,44 +22,21 @@ pub struct HostAddr {
 
 /// Every address of the calling thread's network namespace (getifaddrs).
 pub fn host_addresses() -> io::Result<Vec<HostAddr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
     let mut out = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+    for ifa in nix::ifaddrs::getifaddrs()? {
+        let Some(a) = ifa.address else { continue };
+        let addr = if let Some(sin) = a.as_sockaddr_in() {
+            SocketAddr::new(IpAddr::V4(sin.ip()), 0)
+        } else if let Some(sin6) = a.as_sockaddr_in6() {
+            SocketAddr::V6(SocketAddrV6::new(sin6.ip(), 0, 0, sin6.scope_id()))
+        } else {
             continue;
-        }
-        // SAFETY: ifa_addr points to a sockaddr whose family says its type.
-        let addr = unsafe {
-            match i32::from((*ifa.ifa_addr).sa_family) {
-                libc::AF_INET => {
-                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                    let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                    SocketAddr::new(IpAddr::V4(ip), 0)
-                }
-                libc::AF_INET6 => {
-                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                    let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-                    SocketAddr::V6(SocketAddrV6::new(ip, 0, 0, sin6.sin6_scope_id))
-                }
-                _ => continue,
-            }
         };
-        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let interface = unsafe { CStr::from_ptr(ifa.ifa_name) }
-            .to_string_lossy()
-            .into_owned();
-        out.push(HostAddr { interface, addr });
+        out.push(HostAddr {
+            interface: ifa.interface_name,
+            addr,
+        });
     }
-    // SAFETY: `head` came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
     Ok(out)
 }
 
