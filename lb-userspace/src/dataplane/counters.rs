@@ -21,7 +21,7 @@ impl Dataplane {
     }
 
     /// Packets per XDP action, indexed by the action's value.
-    pub fn action_counts(&self) -> Result<[u64; 5]> {
+    pub fn action_counts(&self) -> Result<[u64; lb_common::ACTION_COUNT as usize]> {
         sums(&self.action_stats, maps::ACTION_STATS)
     }
 
