@@ -2097,7 +2097,7 @@ backends = [
     /// valid and every knob it shows reaches the options.
     #[test]
     fn the_readme_example_is_valid() {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../../README.md");
         let start = readme
             .find("cat > lb.toml <<'TOML'\n")
             .expect("the README's example config")
