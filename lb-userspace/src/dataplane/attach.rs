@@ -1,0 +1,222 @@
+//! Attaching the loaded programs to an interface (XDP ingress, TC egress),
+//! moving pinned links to a new program, and the redirect map of the
+//! namespace's interfaces.
+
+use std::{collections::HashSet, path::PathBuf};
+
+use aya::programs::{
+    SchedClassifier, TcAttachType, Xdp, XdpMode,
+    links::{FdLink, LinkError, PinnedLink},
+    tc::SchedClassifierLink,
+    xdp::XdpLink,
+};
+use lb_common::programs;
+use tracing::info;
+
+use super::{Dataplane, DataplaneError, Result};
+use crate::pins;
+
+/// Where the XDP program runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native if the driver supports it, generic otherwise.
+    #[default]
+    Auto,
+    Native,
+    Skb,
+}
+
+impl AttachMode {
+    fn xdp(self) -> XdpMode {
+        match self {
+            Self::Auto => XdpMode::Default,
+            Self::Native => XdpMode::Driver,
+            Self::Skb => XdpMode::Skb,
+        }
+    }
+}
+
+impl Dataplane {
+    /// Attaches XDP on ingress and the reply rewriter on TC egress of
+    /// `iface`. Both detach when the `Dataplane` is dropped.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        let prog_err = |name: &'static str| move |source| DataplaneError::Program { name, source };
+        let link_err = |name: &'static str| {
+            move |e: LinkError| DataplaneError::Pin {
+                path: PathBuf::from(name),
+                message: format!("link: {e}"),
+            }
+        };
+        let pin = self.opts.pin_path.clone();
+        let same_iface = self.linked_interface.as_deref() == Some(iface);
+        // A pinned link on this interface is moved to the new program in
+        // one step (bpf_link_update): packets never see no program.
+        let adopt = |path: &std::path::Path| -> Option<FdLink> {
+            if !same_iface {
+                let _ = std::fs::remove_file(path);
+                return None;
+            }
+            PinnedLink::from_pin(path).ok().map(FdLink::from)
+        };
+
+        let xdp_pin = pin.as_ref().map(|p| pins::link_path(p, "xdp"));
+        let xdp: &mut Xdp = self
+            .ebpf
+            .program_mut(programs::XDP)
+            .ok_or(DataplaneError::Missing(programs::XDP))?
+            .try_into()
+            .map_err(prog_err(programs::XDP))?;
+        let existing = xdp_pin.as_deref().and_then(adopt);
+        let id = match existing {
+            Some(link) => {
+                let link = XdpLink::try_from(link).map_err(link_err(programs::XDP))?;
+                xdp.attach_to_link(link).map_err(prog_err(programs::XDP))?
+            }
+            None => xdp
+                .attach(iface, mode.xdp())
+                .map_err(prog_err(programs::XDP))?,
+        };
+        if let Some(path) = xdp_pin {
+            let link = FdLink::try_from(xdp.take_link(id).map_err(prog_err(programs::XDP))?)
+                .map_err(link_err(programs::XDP))?;
+            self.links.push(self.keep_pinned(path, link)?);
+        }
+
+        let tc_pin = pin.as_ref().map(|p| pins::link_path(p, "tc_egress"));
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(programs::TC_EGRESS)
+            .ok_or(DataplaneError::Missing(programs::TC_EGRESS))?
+            .try_into()
+            .map_err(prog_err(programs::TC_EGRESS))?;
+        let existing = tc_pin.as_deref().and_then(adopt);
+        let id = match existing {
+            Some(link) => {
+                let link =
+                    SchedClassifierLink::try_from(link).map_err(link_err(programs::TC_EGRESS))?;
+                tc.attach_to_link(link)
+                    .map_err(prog_err(programs::TC_EGRESS))?
+            }
+            None => tc
+                .attach(iface, TcAttachType::Egress)
+                .map_err(prog_err(programs::TC_EGRESS))?,
+        };
+        if let Some(path) = tc_pin {
+            let link = FdLink::try_from(tc.take_link(id).map_err(prog_err(programs::TC_EGRESS))?)
+                .map_err(link_err(programs::TC_EGRESS))?;
+            self.links.push(self.keep_pinned(path, link)?);
+        }
+
+        if let Some(pin) = &pin {
+            self.record.layout = Self::layout_for(&self.opts, Some(iface.to_string()));
+            self.write_record()?;
+            // Maps retired by a layout change are no longer used by any
+            // attached program.
+            if let Ok(entries) = std::fs::read_dir(pin) {
+                for e in entries.flatten() {
+                    if e.file_name().to_string_lossy().starts_with("maps.retired") {
+                        let _ = pins::remove_dir_files(&e.path());
+                    }
+                }
+            }
+        }
+        self.sync_tx_ports()?;
+        info!(iface, ?mode, adopted = self.adopted, "data plane attached");
+        Ok(())
+    }
+
+    /// Attaches again to an interface that went away and came back (a new
+    /// ifindex): the old links died with the old interface, so they are
+    /// dropped and unpinned, and the programs attached afresh.
+    pub fn reattach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        for (path, _) in &self.links {
+            let _ = std::fs::remove_file(path);
+        }
+        self.links.clear();
+        self.linked_interface = None;
+        self.attach(iface, mode)
+    }
+
+    /// Pins `link` at `path` (unless it is pinned there already) and keeps
+    /// a descriptor of it.
+    fn keep_pinned(&self, path: PathBuf, link: FdLink) -> Result<(PathBuf, FdLink)> {
+        if path.exists() {
+            return Ok((path, link));
+        }
+        if let Some(dir) = path.parent() {
+            let _ = crate::files::create_private_dir_all(dir);
+        }
+        let pinned = link.pin(&path).map_err(|e| DataplaneError::Pin {
+            path: path.clone(),
+            message: format!("pinning the link: {e}"),
+        })?;
+        Ok((path, FdLink::from(pinned)))
+    }
+
+    /// Lets `nat`/`dsr` packets be redirected to every interface of this
+    /// network namespace (the FIB decides which one each packet takes), and
+    /// to no interface that is gone. Called at attach and on every link
+    /// event (see `links`).
+    pub fn sync_tx_ports(&mut self) -> Result<usize> {
+        let mut wanted = HashSet::new();
+        for (ifindex, _) in interfaces()? {
+            if ifindex == 1 || wanted.len() >= lb_common::MAX_TX_PORTS as usize {
+                continue;
+            }
+            wanted.insert(ifindex);
+        }
+        let present: HashSet<u32> = self.tx_ports.keys().filter_map(|k| k.ok()).collect();
+        for ifindex in &wanted {
+            if present.contains(ifindex) {
+                continue;
+            }
+            self.tx_ports
+                .insert(*ifindex, *ifindex, None, 0)
+                .map_err(|e| {
+                    DataplaneError::Options(format!("redirect map, ifindex {ifindex}: {e}"))
+                })?;
+        }
+        for gone in present.difference(&wanted) {
+            // The kernel drops entries of unregistered devices itself.
+            let _ = self.tx_ports.remove(*gone);
+        }
+        Ok(wanted.len())
+    }
+
+    /// The interfaces `LB_TX_PORTS` holds (ifindexes).
+    pub fn tx_ports(&self) -> Vec<u32> {
+        self.tx_ports.keys().filter_map(|k| k.ok()).collect()
+    }
+}
+
+/// The interfaces of the calling thread's network namespace: (ifindex,
+/// name). `if_nameindex` asks netlink, which answers for the thread's
+/// namespace (sysfs would show the mounter's).
+pub fn interfaces() -> Result<Vec<(u32, String)>> {
+    // SAFETY: if_nameindex returns a list ending with a zero index, or null.
+    let list = unsafe { libc::if_nameindex() };
+    if list.is_null() {
+        return Err(DataplaneError::Options(format!(
+            "listing interfaces: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        // SAFETY: within the list, up to and including its terminator.
+        let entry = unsafe { *list.add(i) };
+        if entry.if_index == 0 {
+            break;
+        }
+        // SAFETY: if_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.if_name) }
+            .to_string_lossy()
+            .into_owned();
+        out.push((entry.if_index, name));
+        i += 1;
+    }
+    // SAFETY: the list came from if_nameindex and is freed once.
+    unsafe { libc::if_freenameindex(list) };
+    Ok(out)
+}

@@ -1,0 +1,219 @@
+//! Loading the eBPF object with the sizes of `Options`, adopting or
+//! replacing pinned maps, and the layout record kept beside the pins.
+
+use std::path::PathBuf;
+
+use aya::{Ebpf, EbpfLoader, maps::Map};
+use lb_common::{TABLES_PER_SERVICE, maps, programs};
+use tracing::{info, warn};
+
+use super::{Dataplane, DataplaneError, Options, Result, map_err, tables::MaglevMmap};
+use crate::pins;
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
+    ebpf.take_map(name).ok_or(DataplaneError::Missing(name))
+}
+
+macro_rules! typed {
+    ($ebpf:expr, $name:expr) => {
+        take($ebpf, $name)?.try_into().map_err(map_err($name))?
+    };
+}
+
+impl Dataplane {
+    /// Loads the object built into this binary and its two programs; nothing
+    /// is attached yet.
+    pub fn load(opts: Options) -> Result<Self> {
+        Self::load_object(crate::EBPF_OBJECT, opts)
+    }
+
+    pub fn load_object(object: &[u8], opts: Options) -> Result<Self> {
+        opts.validate()?;
+        let maglev_len = opts.max_services * TABLES_PER_SERVICE * opts.maglev_size;
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(maps::MAGLEV, maglev_len)
+            .map_max_entries(maps::FLOWS, opts.flow_table_size)
+            .override_global("FLOW_INSERT_RATE", &opts.flow_insert_rate, true);
+        let mut adopted = false;
+        let mut record = None;
+        let mut linked_interface = None;
+        let map_paths: Vec<(&str, PathBuf)>;
+        if let Some(pin) = &opts.pin_path {
+            let pin_err = |message: String| DataplaneError::Pin {
+                path: pin.clone(),
+                message,
+            };
+            if opts.record_path.is_none() {
+                return Err(pin_err("pinning needs a record_path".into()));
+            }
+            pins::ensure_bpffs(pin).map_err(pin_err)?;
+            let wanted = Self::layout_for(&opts, None);
+            let found = opts.record_path.as_deref().and_then(pins::read_record);
+            let pinned = pins::maps_pinned(pin);
+            // Links do not depend on the maps' layout, only on the interface.
+            linked_interface = found.as_ref().and_then(|r| r.layout.interface.clone());
+            match found {
+                Some(r) if pinned && r.layout.same_maps(&wanted) => {
+                    adopted = true;
+                    record = Some(r);
+                }
+                Some(r) if pinned => {
+                    let old = r.layout;
+                    // Maps of another shape: new ones are made; the old
+                    // ones stay with the running program until its links
+                    // move to the new program in `attach`.
+                    info!(?old, "pinned maps have another layout; replacing them");
+                    let retired = pin.join(format!("maps.retired.{}", std::process::id()));
+                    let _ = std::fs::rename(pins::maps_dir(pin), retired);
+                }
+                // No record of these pins: they cannot be read back safely.
+                _ if pinned => {
+                    warn!(pin = %pin.display(), "pinned maps without a record; replacing them");
+                    let retired = pin.join(format!("maps.retired.{}", std::process::id()));
+                    let _ = std::fs::rename(pins::maps_dir(pin), retired);
+                }
+                _ => {}
+            }
+            crate::files::create_private_dir_all(&pins::maps_dir(pin))
+                .map_err(|e| pin_err(format!("creating the maps directory: {e}")))?;
+            map_paths = maps::ALL
+                .iter()
+                .map(|name| (*name, pins::maps_dir(pin).join(name)))
+                .collect();
+            for (name, path) in &map_paths {
+                loader.map_pin_path(name, path.as_path());
+            }
+        }
+        let mut ebpf = loader.load(object)?;
+        for name in [programs::XDP, programs::TC_EGRESS] {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::Missing(name))?;
+            let res = match prog {
+                aya::programs::Program::Xdp(p) => p.load(),
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                _ => return Err(DataplaneError::Missing(name)),
+            };
+            res.map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        let opts_copy = opts.clone();
+        let Map::Array(maglev_data) = take(&mut ebpf, maps::MAGLEV)? else {
+            return Err(DataplaneError::Missing(maps::MAGLEV));
+        };
+        let maglev = MaglevMmap::new(&maglev_data, maglev_len as usize, true)?;
+        let dp = Self {
+            maglev,
+            maglev_map: maglev_data,
+            ports: typed!(&mut ebpf, maps::PORTS),
+            addr_services: typed!(&mut ebpf, maps::ADDR_SERVICES),
+            services: typed!(&mut ebpf, maps::SERVICES),
+            backends: typed!(&mut ebpf, maps::BACKENDS),
+            flows: typed!(&mut ebpf, maps::FLOWS),
+            rev_ports: typed!(&mut ebpf, maps::REV_PORTS),
+            rev_addrs: typed!(&mut ebpf, maps::REV_ADDRS),
+            service_stats: typed!(&mut ebpf, maps::SERVICE_STATS),
+            backend_stats: typed!(&mut ebpf, maps::BACKEND_STATS),
+            action_stats: typed!(&mut ebpf, maps::ACTION_STATS),
+            reason_stats: typed!(&mut ebpf, maps::REASON_STATS),
+            events: typed!(&mut ebpf, maps::EVENTS),
+            drop_stats: typed!(&mut ebpf, maps::DROP_STATS),
+            frags: typed!(&mut ebpf, maps::FRAGS),
+            tx_ports: typed!(&mut ebpf, maps::TX_PORTS),
+            opts,
+            ebpf,
+            links: Vec::new(),
+            adopted,
+            linked_interface,
+            record: record.unwrap_or_else(|| pins::Record {
+                layout: Self::layout_for(&opts_copy, None),
+                ids: pins::Ids::default(),
+            }),
+        };
+        dp.write_record()?;
+        Ok(dp)
+    }
+
+    /// Saves the layout and ids record (with pinning only).
+    pub(super) fn write_record(&self) -> Result<()> {
+        if let (Some(_), Some(path)) = (&self.opts.pin_path, &self.opts.record_path) {
+            pins::write_record(path, &self.record).map_err(|e| DataplaneError::Pin {
+                path: path.clone(),
+                message: format!("writing the record: {e}"),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The ids recorded with the pinned maps when they were adopted.
+    pub fn recorded_ids(&self) -> &pins::Ids {
+        &self.record.ids
+    }
+
+    /// Records the ids the map writer uses, beside the pins.
+    pub fn record_ids(&mut self, ids: pins::Ids) -> Result<()> {
+        if self.record.ids == ids {
+            return Ok(());
+        }
+        self.record.ids = ids;
+        self.write_record()
+    }
+
+    pub(super) fn layout_for(opts: &Options, interface: Option<String>) -> pins::Layout {
+        pins::Layout {
+            version: lb_common::LAYOUT_VERSION,
+            maglev_size: opts.maglev_size,
+            max_services: opts.max_services,
+            flow_table_size: opts.flow_table_size,
+            interface,
+        }
+    }
+
+    /// Leaves the data plane running for the next daemon (with pins), or
+    /// detaches it and removes every pin.
+    pub fn shutdown(&mut self, keep: bool) {
+        let Some(pin) = self.opts.pin_path.clone() else {
+            return;
+        };
+        if keep {
+            info!(pin = %pin.display(), "leaving the data plane attached for the next daemon");
+            return;
+        }
+        for (path, _) in &self.links {
+            let _ = std::fs::remove_file(path);
+        }
+        // Closing the last descriptor of an unpinned link detaches it.
+        self.links.clear();
+        pins::remove_all(&pin);
+        if let Some(r) = &self.opts.record_path {
+            let _ = std::fs::remove_file(r);
+        }
+        info!(pin = %pin.display(), "data plane detached and unpinned");
+    }
+    /// Starts reading the programs' aya-log records; each is forwarded to
+    /// `tracing` at debug level (target `lb::ebpf`). Poll the returned
+    /// logger's fd and call `flush` when it is readable.
+    pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<EbpfLog>> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, EbpfLog)
+            .map_err(|e| DataplaneError::Options(format!("eBPF logger: {e}")))
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+}
+
+/// Forwards the eBPF programs' log records to `tracing` at debug level.
+pub struct EbpfLog;
+
+impl log::Log for EbpfLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        tracing::debug!(target: "lb::ebpf", level = %record.level(), "{}", record.args());
+    }
+
+    fn flush(&self) {}
+}
