@@ -1,4 +1,5 @@
-//! Durations as configs write them ("2s", "500ms", "1.5s") and back.
+//! Durations as configs write them ("2s", "500ms", "1.5s") and back, and
+//! `WireDuration`, the serde type of every duration field.
 
 use std::time::Duration;
 
@@ -47,5 +48,26 @@ pub fn format_duration(d: Duration) -> String {
         format!("{}ms", us / 1000)
     } else {
         format!("{us}us")
+    }
+}
+
+/// A duration on the wire: written and read as [`parse_duration`] and
+/// [`format_duration`] say (humantime reads no "1.5s", which configs use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
+#[schema(value_type = String, example = "2s")]
+pub struct WireDuration(pub Duration);
+
+impl serde::Serialize for WireDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(self.0))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for WireDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(WireDuration)
+            .map_err(serde::de::Error::custom)
     }
 }

@@ -2,30 +2,23 @@
 //! `[admin]`, `[health]` and `[limits]` sections, errors placed at their
 //! file position.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::path::{Path, PathBuf};
 
 use super::{
-    duration::parse_duration,
     errors::{ConfigError, FieldError, Seg, index, key, path_string},
     model::{AdminConfig, Config, Limits, Policy},
     paths::{
         DEFAULT_ADMIN_LISTEN, DEFAULT_PIN_PATH, default_admin_socket, default_state_file,
         record_path,
     },
-    spans::{field_by_line, line_col, path_at, span_of},
+    spans::{Spans, serde_path},
     validate::{
         check_policy, check_services, ephemeral_port_range, int_in, local_port_warnings, networks,
         service, socket_addr,
     },
     wire::{RawFile, RawLimits},
 };
-use crate::{
-    dataplane::{AttachMode, Options},
-    maglev,
-};
+use crate::{dataplane::Options, maglev};
 
 impl Config {
     /// Reads and validates a configuration file.
@@ -42,27 +35,25 @@ impl Config {
     /// Validates configuration text; `path` names it in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let raw: RawFile = toml::from_str(text).map_err(|e| {
+        let spans = Spans::new(text);
+        let parsed = toml::Deserializer::parse(text)
+            .map_err(|e| (Vec::new(), e))
+            .and_then(|de| {
+                serde_path_to_error::deserialize::<_, RawFile>(de)
+                    .map_err(|e| (serde_path(e.path()), e.into_inner()))
+            });
+        let raw = parsed.map_err(|(at, e)| {
             let span = e.span();
             ConfigError {
                 source: file.clone(),
-                position: span.as_ref().map(|s| line_col(text, s.start)),
-                field: span
-                    .map(|s| {
-                        let p = path_at(text, s.start);
-                        if p.is_empty() {
-                            field_by_line(text, s.start)
-                        } else {
-                            path_string(&p)
-                        }
-                    })
-                    .unwrap_or_default(),
+                position: span.as_ref().map(|s| spans.line_col(s.start)),
+                field: spans.field_of(at, span),
                 message: e.message().trim().to_string(),
             }
         })?;
         let place = |fe: FieldError| ConfigError {
             source: file.clone(),
-            position: span_of(text, &fe.path).map(|s| line_col(text, s.start)),
+            position: Some(spans.line_col(spans.of(&fe.path).start)),
             field: path_string(&fe.path),
             message: fe.message,
         };
@@ -92,17 +83,7 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         }
         i => i,
     };
-    let xdp_mode = match dp.xdp_mode.as_deref().unwrap_or("auto") {
-        "auto" => AttachMode::Auto,
-        "native" => AttachMode::Native,
-        "skb" => AttachMode::Skb,
-        other => {
-            return Err(FieldError::new(
-                &key(&dp_path, "xdp_mode"),
-                format!("unknown mode {other:?}; use auto, native or skb"),
-            ));
-        }
-    };
+    let xdp_mode = dp.xdp_mode.unwrap_or_default();
     let mut opts = Options::default();
     if let Some(v) = dp.flow_table_size {
         opts.flow_table_size =
@@ -231,25 +212,19 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         .map(|pin| record_path(&state_file, pin));
 
     let defaults = crate::admin::Limits::default();
-    let admin_dur = |field: &str, v: &Option<String>, default: Duration| match v {
-        Some(v) => parse_duration(v).map_err(|m| FieldError::new(&key(&admin_path, field), m)),
-        None => Ok(default),
-    };
     let limits = crate::admin::Limits {
         max_connections: match raw.admin.max_connections {
             Some(v) => int_in(&key(&admin_path, "max_connections"), v, 4, 65536)? as usize,
             None => defaults.max_connections,
         },
-        header_timeout: admin_dur(
-            "header_timeout",
-            &raw.admin.header_timeout,
-            defaults.header_timeout,
-        )?,
-        idle_timeout: admin_dur(
-            "idle_timeout",
-            &raw.admin.idle_timeout,
-            defaults.idle_timeout,
-        )?,
+        header_timeout: raw
+            .admin
+            .header_timeout
+            .map_or(defaults.header_timeout, |d| d.0),
+        idle_timeout: raw
+            .admin
+            .idle_timeout
+            .map_or(defaults.idle_timeout, |d| d.0),
     };
 
     let health_max_concurrent = int_in(

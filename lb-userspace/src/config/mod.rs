@@ -11,7 +11,7 @@ mod spans;
 mod validate;
 mod wire;
 
-pub use duration::{MAX_DURATION, format_duration, parse_duration};
+pub use duration::{MAX_DURATION, WireDuration, format_duration, parse_duration};
 pub use errors::{ConfigError, FieldError, LimitError, Seg};
 pub use model::{
     AddressRule, AdminConfig, BackendConfig, Cidr, Config, DEFAULT_MAX_BACKENDS_PER_SERVICE,
@@ -23,11 +23,11 @@ pub use paths::{
 };
 pub use validate::{
     backend, check_limits, check_policy, check_services, ephemeral_port_range, local_port_warnings,
-    parse_state, service, state_name,
+    service,
 };
 pub use wire::{
-    RawAdmin, RawBackend, RawDataplane, RawFile, RawHealth, RawHealthGlobal, RawLimits, RawPolicy,
-    RawService, WireForwarding, WireHealthKind, WireProtocol, WireState, WireWhenAllDown,
+    AdminState, AttachMode, Forwarding, HealthKind, Protocol, RawAdmin, RawBackend, RawDataplane,
+    RawFile, RawHealth, RawHealthGlobal, RawLimits, RawPolicy, RawService, WhenAllDown,
 };
 
 #[cfg(test)]

@@ -859,3 +859,84 @@ mod prop {
         }
     }
 }
+
+/// The wire enums' errors: serde names the bad value and the ones it
+/// takes, in the file (with field and line) and in JSON bodies.
+#[test]
+fn wire_enums_name_the_value_and_the_choices() {
+    let with = |from: &str, to: &str| GOOD.replacen(from, to, 1);
+    for (text, field, line, words) in [
+        (
+            with("[\"tcp\", \"udp\"]", "[\"tcp\", \"sctp\"]"),
+            "services[0].protocols[1]",
+            13,
+            "unknown variant `sctp`, expected `tcp` or `udp`",
+        ),
+        (
+            with("\"native\"", "\"turbo\""),
+            "dataplane.xdp_mode",
+            4,
+            "unknown variant `turbo`, expected one of `auto`, `native`, `skb`",
+        ),
+        (
+            with("forwarding = \"local\"", "forwarding = \"tunnel\""),
+            "services[0].forwarding",
+            14,
+            "expected one of `local`, `nat`, `dsr`",
+        ),
+        (
+            with("kind = \"http\"", "kind = \"icmp\""),
+            "services[0].health.kind",
+            15,
+            "expected one of `tcp`, `http`, `https`, `udp`",
+        ),
+        (
+            with("\"draining\"", "\"sleeping\""),
+            "services[0].backends[1].state",
+            18,
+            "expected one of `active`, `draining`, `disabled`",
+        ),
+        (
+            with("forwarding = \"local\"", "when_all_down = \"panic\""),
+            "services[0].when_all_down",
+            14,
+            "expected `refuse` or `keep_last`",
+        ),
+        (
+            with("interval = \"2s\"", "interval = \"2\""),
+            "services[0].health.interval",
+            15,
+            "\"2\" has no unit",
+        ),
+    ] {
+        let e = err(&text);
+        assert_eq!(
+            (e.field.as_str(), e.position.map(|p| p.0)),
+            (field, Some(line)),
+            "{e}"
+        );
+        assert!(e.message.contains(words), "{e}");
+    }
+    let e = serde_json::from_str::<RawBackend>(r#"{"address": "127.0.0.1:1", "state": "asleep"}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown variant `asleep`"), "{e}");
+    let e = serde_json::from_str::<RawHealth>(r#"{"kind": "tcp", "interval": "1.5"}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("\"1.5\" has no unit"), "{e}");
+}
+
+/// The state file and the API write what they wrote before the wire
+/// enums (the state file's fingerprint hashes this text).
+#[test]
+fn the_wire_form_of_a_service_is_unchanged() {
+    let c = Config::parse(Path::new("lb.toml"), GOOD).unwrap();
+    let json = serde_json::to_string(&RawService::from(&c.services[0])).unwrap();
+    assert_eq!(
+        json,
+        r#"{"name":"web","listen":"0.0.0.0:443","protocols":["tcp","udp"],"forwarding":"local","health":{"kind":"http","path":"/healthz","interval":"2s","timeout":"1s","rise":2,"fall":3},"when_all_down":"keep_last","backends":[{"address":"127.0.0.1:8001","weight":100,"state":"active"},{"address":"127.0.0.1:8002","weight":50,"state":"draining"}]}"#
+    );
+    let back: RawService = serde_json::from_str(&json).unwrap();
+    assert_eq!(&service(&[], &back).unwrap(), &c.services[0]);
+}

@@ -6,20 +6,25 @@ use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use super::{
-    duration::{format_duration, parse_duration},
+    duration::format_duration,
     errors::{FieldError, LimitError, Seg, index, key},
     model::{
         AddressRule, BackendConfig, Cidr, Limits, Policy, ServiceConfig, forbidden_backend_ip,
     },
-    wire::{RawBackend, RawHealth, RawService},
+    wire::{HealthKind, RawBackend, RawHealth, RawService},
 };
 use crate::{
-    dataplane::{AdminState, Forwarding, Protocol, WhenAllDown},
+    dataplane::{Forwarding, Protocol},
     health::{CheckKind, CheckSpec},
 };
+
+/// Health check timing when the service does not say.
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The one check of `[limits]`, for every source of services.
 pub fn check_limits(services: &[ServiceConfig], limits: &Limits) -> Result<(), LimitError> {
@@ -141,26 +146,6 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
-pub fn parse_state(path: &[Seg], s: Option<&str>) -> Result<AdminState, FieldError> {
-    match s.unwrap_or("active") {
-        "active" => Ok(AdminState::Active),
-        "draining" => Ok(AdminState::Draining),
-        "disabled" => Ok(AdminState::Disabled),
-        other => Err(FieldError::new(
-            path,
-            format!("unknown state {other:?}; use active, draining or disabled"),
-        )),
-    }
-}
-
-pub fn state_name(s: AdminState) -> &'static str {
-    match s {
-        AdminState::Active => "active",
-        AdminState::Draining => "draining",
-        AdminState::Disabled => "disabled",
-    }
-}
-
 /// Validates one backend of a service.
 pub fn backend(path: &[Seg], raw: &RawBackend) -> Result<BackendConfig, FieldError> {
     let address = socket_addr(&key(path, "address"), &raw.address)?;
@@ -182,7 +167,7 @@ pub fn backend(path: &[Seg], raw: &RawBackend) -> Result<BackendConfig, FieldErr
         ));
     }
     let weight = int_in(&key(path, "weight"), raw.weight, 0, 65535)? as u16;
-    let state = parse_state(&key(path, "state"), raw.state.as_deref())?;
+    let state = raw.state.unwrap_or_default();
     Ok(BackendConfig {
         address,
         weight,
@@ -191,12 +176,8 @@ pub fn backend(path: &[Seg], raw: &RawBackend) -> Result<BackendConfig, FieldErr
 }
 
 fn health(path: &[Seg], raw: &RawHealth) -> Result<CheckSpec, FieldError> {
-    let dur = |field: &str, v: &Option<String>, default: &str| {
-        parse_duration(v.as_deref().unwrap_or(default))
-            .map_err(|m| FieldError::new(&key(path, field), m))
-    };
-    let interval = dur("interval", &raw.interval, "2s")?;
-    let timeout = dur("timeout", &raw.timeout, "1s")?;
+    let interval = raw.interval.map_or(DEFAULT_INTERVAL, |d| d.0);
+    let timeout = raw.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0);
     if timeout > interval {
         return Err(FieldError::new(
             &key(path, "timeout"),
@@ -231,25 +212,25 @@ fn health(path: &[Seg], raw: &RawHealth) -> Result<CheckSpec, FieldError> {
             if set && !allowed.contains(&name) {
                 return Err(FieldError::new(
                     &key(path, name),
-                    format!("does not apply to {} checks", raw.kind),
+                    format!("does not apply to {} checks", raw.kind.name()),
                 ));
             }
         }
         Ok(())
     };
-    let kind = match raw.kind.as_str() {
-        "tcp" => {
+    let kind = match raw.kind {
+        HealthKind::Tcp => {
             only(&[])?;
             CheckKind::Tcp
         }
-        "http" => {
+        HealthKind::Http => {
             only(&["path", "host"])?;
             CheckKind::Http {
                 path: http_path(&raw.path)?,
                 host: raw.host.clone(),
             }
         }
-        "https" => {
+        HealthKind::Https => {
             only(&["path", "host", "sni", "ca_file"])?;
             if let Some(ca) = &raw.ca_file
                 && let Err(e) =
@@ -267,7 +248,7 @@ fn health(path: &[Seg], raw: &RawHealth) -> Result<CheckSpec, FieldError> {
                 ca_file: raw.ca_file.as_ref().map(PathBuf::from),
             }
         }
-        "udp" => {
+        HealthKind::Udp => {
             only(&["payload", "expect"])?;
             let payload = raw.payload.clone().ok_or_else(|| {
                 FieldError::new(&key(path, "payload"), "udp checks need a payload to send")
@@ -279,12 +260,6 @@ fn health(path: &[Seg], raw: &RawHealth) -> Result<CheckSpec, FieldError> {
                 payload: payload.into_bytes(),
                 expect: raw.expect.clone().map(String::into_bytes),
             }
-        }
-        other => {
-            return Err(FieldError::new(
-                &key(path, "kind"),
-                format!("unknown check kind {other:?}; use tcp, http, https or udp"),
-            ));
         }
     };
     Ok(CheckSpec {
@@ -322,36 +297,16 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
         ));
     }
     let mut protocols = Vec::new();
-    for (i, p) in raw.protocols.iter().enumerate() {
-        let proto = match p.as_str() {
-            "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            other => {
-                return Err(FieldError::new(
-                    &index(&key(path, "protocols"), i),
-                    format!("unknown protocol {other:?}; use tcp or udp"),
-                ));
-            }
-        };
+    for (i, &proto) in raw.protocols.iter().enumerate() {
         if protocols.contains(&proto) {
             return Err(FieldError::new(
                 &index(&key(path, "protocols"), i),
-                format!("{p:?} is listed twice"),
+                format!("{:?} is listed twice", proto.name()),
             ));
         }
         protocols.push(proto);
     }
-    let forwarding = match raw.forwarding.as_str() {
-        "local" => Forwarding::Local,
-        "nat" => Forwarding::Nat,
-        "dsr" => Forwarding::Dsr,
-        other => {
-            return Err(FieldError::new(
-                &key(path, "forwarding"),
-                format!("unknown forwarding {other:?}; use local, nat or dsr"),
-            ));
-        }
-    };
+    let forwarding = raw.forwarding;
     if forwarding != Forwarding::Local && listen.ip().is_unspecified() {
         return Err(FieldError::new(
             &key(path, "listen"),
@@ -371,16 +326,7 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
         Some(h) => Some(health(&key(path, "health"), h)?),
         None => None,
     };
-    let when_all_down = match raw.when_all_down.as_deref().unwrap_or("keep_last") {
-        "keep_last" => WhenAllDown::KeepLast,
-        "refuse" => WhenAllDown::Refuse,
-        other => {
-            return Err(FieldError::new(
-                &key(path, "when_all_down"),
-                format!("unknown policy {other:?}; use keep_last or refuse"),
-            ));
-        }
-    };
+    let when_all_down = raw.when_all_down.unwrap_or_default();
     let allowed_backend_networks = match &raw.allowed_backend_networks {
         Some(list) => networks(&key(path, "allowed_backend_networks"), list)?,
         None => Vec::new(),

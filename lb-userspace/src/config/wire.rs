@@ -1,27 +1,22 @@
 //! The wire model: the serde shapes of the config file (TOML), the API's
 //! request bodies and the state file (JSON), and the model written back
-//! into them.
+//! into them. Closed sets of values are enums, so the parser and the
+//! OpenAPI document (utoipa) read the same types.
 
 use serde::{Deserialize, Serialize};
 
 use super::{
-    duration::format_duration,
+    duration::WireDuration,
     model::{BackendConfig, ServiceConfig},
-    validate::state_name,
 };
-use crate::{
-    dataplane::Protocol,
-    health::{CheckKind, CheckSpec},
-};
+pub use crate::dataplane::{AdminState, AttachMode, Forwarding, Protocol, WhenAllDown};
+use crate::health::{CheckKind, CheckSpec};
 
 fn default_listen() -> String {
     "0.0.0.0:443".into()
 }
-fn default_protocols() -> Vec<String> {
-    vec!["tcp".into(), "udp".into()]
-}
-fn default_forwarding() -> String {
-    "local".into()
+fn default_protocols() -> Vec<Protocol> {
+    vec![Protocol::Tcp, Protocol::Udp]
 }
 fn default_weight() -> i64 {
     100
@@ -71,7 +66,7 @@ pub struct RawPolicy {
 #[serde(deny_unknown_fields)]
 pub struct RawDataplane {
     pub interface: Option<String>,
-    pub xdp_mode: Option<String>,
+    pub xdp_mode: Option<AttachMode>,
     pub flow_table_size: Option<i64>,
     /// Flow-table inserts per CPU per second (0: no cap).
     pub flow_insert_rate: Option<i64>,
@@ -104,9 +99,9 @@ pub struct RawAdmin {
     /// Open admin connections at most (default 256).
     pub max_connections: Option<i64>,
     /// A request's headers must arrive within this (default "10s").
-    pub header_timeout: Option<String>,
+    pub header_timeout: Option<WireDuration>,
     /// A connection idle this long is closed (default "60s").
-    pub idle_timeout: Option<String>,
+    pub idle_timeout: Option<WireDuration>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -124,17 +119,16 @@ pub struct RawService {
     #[serde(default = "default_listen")]
     pub listen: String,
     #[serde(default = "default_protocols")]
-    #[schema(value_type = Vec<WireProtocol>, default = json!(["tcp"]))]
-    pub protocols: Vec<String>,
-    #[serde(default = "default_forwarding")]
-    #[schema(value_type = WireForwarding, default = "local")]
-    pub forwarding: String,
+    #[schema(default = json!(["tcp", "udp"]))]
+    pub protocols: Vec<Protocol>,
+    #[serde(default)]
+    #[schema(default = "local")]
+    pub forwarding: Forwarding,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<RawHealth>,
     /// "keep_last" (default) or "refuse".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<WireWhenAllDown>)]
-    pub when_all_down: Option<String>,
+    pub when_all_down: Option<WhenAllDown>,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
     /// CIDRs this service's backends must lie in (besides `[policy]`'s).
@@ -146,8 +140,7 @@ pub struct RawService {
 #[serde(deny_unknown_fields)]
 #[schema(as = Health)]
 pub struct RawHealth {
-    #[schema(value_type = WireHealthKind)]
-    pub kind: String,
+    pub kind: HealthKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -162,10 +155,10 @@ pub struct RawHealth {
     pub expect: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = "2s")]
-    pub interval: Option<String>,
+    pub interval: Option<WireDuration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(example = "1s")]
-    pub timeout: Option<String>,
+    pub timeout: Option<WireDuration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rise: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,53 +174,29 @@ pub struct RawBackend {
     #[schema(minimum = 0, maximum = 65535, default = 100)]
     pub weight: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<WireState>)]
-    pub state: Option<String>,
+    pub state: Option<AdminState>,
 }
 
-/// The values the wire model's string fields take, for the API's OpenAPI
-/// document (the fields stay strings, checked with errors that name them).
-#[derive(utoipa::ToSchema)]
-#[schema(rename_all = "lowercase")]
-pub enum WireProtocol {
-    Tcp,
-    Udp,
-}
-
-/// See [`WireProtocol`].
-#[derive(utoipa::ToSchema)]
-#[schema(rename_all = "lowercase")]
-pub enum WireForwarding {
-    Local,
-    Nat,
-    Dsr,
-}
-
-/// See [`WireProtocol`].
-#[derive(utoipa::ToSchema)]
-#[schema(rename_all = "snake_case")]
-pub enum WireWhenAllDown {
-    KeepLast,
-    Refuse,
-}
-
-/// See [`WireProtocol`].
-#[derive(utoipa::ToSchema)]
-#[schema(rename_all = "lowercase")]
-pub enum WireHealthKind {
+/// What a health check sends: the kind's own fields (`path`, `payload`,
+/// ...) are checked against it in `validate`, which names the field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
     Tcp,
     Http,
     Https,
     Udp,
 }
 
-/// See [`WireProtocol`].
-#[derive(utoipa::ToSchema)]
-#[schema(rename_all = "lowercase")]
-pub enum WireState {
-    Active,
-    Draining,
-    Disabled,
+impl HealthKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Http => "http",
+            Self::Https => "https",
+            Self::Udp => "udp",
+        }
+    }
 }
 
 impl From<&ServiceConfig> for RawService {
@@ -235,17 +204,10 @@ impl From<&ServiceConfig> for RawService {
         RawService {
             name: s.name.clone(),
             listen: s.listen.to_string(),
-            protocols: s
-                .protocols
-                .iter()
-                .map(|p| match p {
-                    Protocol::Tcp => "tcp".into(),
-                    Protocol::Udp => "udp".into(),
-                })
-                .collect(),
-            forwarding: s.forwarding.name().into(),
+            protocols: s.protocols.clone(),
+            forwarding: s.forwarding,
             health: s.health.as_ref().map(RawHealth::from),
-            when_all_down: Some(s.when_all_down.name().into()),
+            when_all_down: Some(s.when_all_down),
             backends: s.backends.iter().map(RawBackend::from).collect(),
             allowed_backend_networks: (!s.allowed_backend_networks.is_empty()).then(|| {
                 s.allowed_backend_networks
@@ -262,7 +224,7 @@ impl From<&BackendConfig> for RawBackend {
         RawBackend {
             address: b.address.to_string(),
             weight: b.weight as i64,
-            state: Some(state_name(b.state).into()),
+            state: Some(b.state),
         }
     }
 }
@@ -270,22 +232,22 @@ impl From<&BackendConfig> for RawBackend {
 impl From<&CheckSpec> for RawHealth {
     fn from(c: &CheckSpec) -> Self {
         let mut h = RawHealth {
-            kind: String::new(),
+            kind: HealthKind::Tcp,
             path: None,
             host: None,
             sni: None,
             ca_file: None,
             payload: None,
             expect: None,
-            interval: Some(format_duration(c.interval)),
-            timeout: Some(format_duration(c.timeout)),
+            interval: Some(WireDuration(c.interval)),
+            timeout: Some(WireDuration(c.timeout)),
             rise: Some(c.rise as i64),
             fall: Some(c.fall as i64),
         };
         match &c.kind {
-            CheckKind::Tcp => h.kind = "tcp".into(),
+            CheckKind::Tcp => h.kind = HealthKind::Tcp,
             CheckKind::Http { path, host } => {
-                h.kind = "http".into();
+                h.kind = HealthKind::Http;
                 h.path = Some(path.clone());
                 h.host = host.clone();
             }
@@ -295,14 +257,14 @@ impl From<&CheckSpec> for RawHealth {
                 sni,
                 ca_file,
             } => {
-                h.kind = "https".into();
+                h.kind = HealthKind::Https;
                 h.path = Some(path.clone());
                 h.host = host.clone();
                 h.sni = sni.clone();
                 h.ca_file = ca_file.as_ref().map(|p| p.display().to_string());
             }
             CheckKind::Udp { payload, expect } => {
-                h.kind = "udp".into();
+                h.kind = HealthKind::Udp;
                 h.payload = Some(String::from_utf8_lossy(payload).into_owned());
                 h.expect = expect
                     .as_ref()
