@@ -60,6 +60,17 @@ pub(super) fn path_string(path: &[Seg]) -> String {
     s
 }
 
+/// `field: message`, for errors with no file or body to place them in.
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", path_string(&self.path), self.message)
+        }
+    }
+}
+
 impl FieldError {
     pub(super) fn new(path: &[Seg], message: impl Into<String>) -> Self {
         Self {

@@ -22,8 +22,8 @@ pub use paths::{
     default_admin_socket, default_state_file, fnv1a, legacy_record_path, record_path,
 };
 pub use validate::{
-    backend, check_limits, check_policy, check_services, ephemeral_port_range, local_port_warnings,
-    service,
+    ServiceShape, backend, check_conflicts, check_limits, check_policy, check_services,
+    ephemeral_port_range, local_port_warnings, service,
 };
 pub use wire::{
     AdminState, AttachMode, Forwarding, HealthKind, Protocol, RawAdmin, RawBackend, RawDataplane,

@@ -351,12 +351,7 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
                 ),
             ));
         }
-        if !seen.insert(b.address) {
-            return Err(FieldError::new(
-                &key(&bp, "address"),
-                format!("backend {} is listed twice", b.address),
-            ));
-        }
+        once(&mut seen, &bp, b.address)?;
         if forwarding != Forwarding::Local {
             let mode = forwarding.name();
             if b.address.ip().is_loopback() {
@@ -416,10 +411,56 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
     })
 }
 
-/// Rules that span services: unique names and listeners, reverse
-/// translation that can tell replies apart, and `[limits]`.
+/// A backend address listed once per service.
+fn once(seen: &mut HashSet<SocketAddr>, at: &[Seg], address: SocketAddr) -> Result<(), FieldError> {
+    if seen.insert(address) {
+        return Ok(());
+    }
+    Err(FieldError::new(
+        &key(at, "address"),
+        format!("backend {address} is listed twice"),
+    ))
+}
+
+/// What the rules across services read of a service: the model's
+/// [`ServiceConfig`] and the map writer's `ServiceSpec` (which is built
+/// from it) both answer, so both are checked by [`check_conflicts`].
+pub trait ServiceShape {
+    fn name(&self) -> &str;
+    fn listen(&self) -> SocketAddr;
+    fn protocols(&self) -> &[Protocol];
+    fn forwarding(&self) -> Forwarding;
+    fn backend_addresses(&self) -> impl Iterator<Item = SocketAddr> + '_;
+}
+
+impl ServiceShape for ServiceConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+    fn protocols(&self) -> &[Protocol] {
+        &self.protocols
+    }
+    fn forwarding(&self) -> Forwarding {
+        self.forwarding
+    }
+    fn backend_addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.backends.iter().map(|b| b.address)
+    }
+}
+
+/// Rules that span services: `[limits]`, then [`check_conflicts`].
 pub fn check_services(services: &[ServiceConfig], limits: &Limits) -> Result<(), FieldError> {
     check_limits(services, limits).map_err(|e| FieldError::new(&e.path, e.to_string()))?;
+    check_conflicts(services)
+}
+
+/// Unique names and listeners, backends listed once per service, and
+/// reverse translation that can tell replies apart: the one check for
+/// every source of services and for the map writer.
+pub fn check_conflicts<S: ServiceShape>(services: &[S]) -> Result<(), FieldError> {
     let root = [Seg::Key("services".into())];
     let mut names = HashMap::new();
     let mut listeners = HashMap::new();
@@ -429,72 +470,67 @@ pub fn check_services(services: &[ServiceConfig], limits: &Limits) -> Result<(),
     let mut reverse_addr: HashMap<(SocketAddr, Protocol), (SocketAddr, &str)> = HashMap::new();
     for (i, s) in services.iter().enumerate() {
         let sp = index(&root, i);
-        if let Some(j) = names.insert(s.name.as_str(), i) {
+        let (name, listen, forwarding) = (s.name(), s.listen(), s.forwarding());
+        if let Some(j) = names.insert(name, i) {
             return Err(FieldError::new(
                 &key(&sp, "name"),
-                format!("{:?} is also the name of services[{j}]", s.name),
+                format!("{name:?} is also the name of services[{j}]"),
             ));
         }
-        for p in &s.protocols {
-            if let Some(j) = listeners.insert((s.listen, *p), i) {
+        let mut seen = HashSet::new();
+        for (j, b) in s.backend_addresses().enumerate() {
+            once(&mut seen, &index(&key(&sp, "backends"), j), b)?;
+        }
+        for p in s.protocols() {
+            if let Some(j) = listeners.insert((listen, *p), i) {
                 return Err(FieldError::new(
                     &key(&sp, "listen"),
-                    format!("services[{j}] already listens on {} {:?}", s.listen, p),
+                    format!("services[{j}] already listens on {listen} {p:?}"),
                 ));
             }
             // Replies of dsr backends never come back through the balancer.
-            let translated = if s.forwarding == Forwarding::Dsr {
-                &[][..]
-            } else {
-                &s.backends[..]
-            };
-            for (j, b) in translated.iter().enumerate() {
-                if rewrites_address(s, b.address) {
-                    match reverse_addr.get(&(b.address, *p)) {
-                        Some((listen, other)) if *listen != s.listen => {
+            if forwarding == Forwarding::Dsr {
+                continue;
+            }
+            for (j, b) in s.backend_addresses().enumerate() {
+                if crate::dataplane::rewrites_address(forwarding, listen, b) {
+                    match reverse_addr.get(&(b, *p)) {
+                        Some((other_listen, other)) if *other_listen != listen => {
                             return Err(FieldError::new(
                                 &key(&index(&key(&sp, "backends"), j), "address"),
                                 format!(
-                                    "backend {} ({:?}) serves service {other:?} on {listen} and \
-                                     service {:?} on {}; replies could not be told apart: \
-                                     give each service backends of its own",
-                                    b.address, p, s.name, s.listen
+                                    "backend {b} ({p:?}) serves service {other:?} on \
+                                     {other_listen} and service {name:?} on {listen}; replies \
+                                     could not be told apart: give each service backends of its \
+                                     own"
                                 ),
                             ));
                         }
                         _ => {
-                            reverse_addr.insert((b.address, *p), (s.listen, s.name.as_str()));
+                            reverse_addr.insert((b, *p), (listen, name));
                         }
                     }
                 }
-                let k = (b.address.port(), *p);
+                let k = (b.port(), *p);
                 match reverse.get(&k) {
-                    Some((port, other)) if *port != s.listen.port() => {
+                    Some((port, other)) if *port != listen.port() => {
                         return Err(FieldError::new(
                             &key(&sp, "backends"),
                             format!(
-                                "backend port {} ({:?}) also serves service {other:?} on port \
+                                "backend port {} ({p:?}) also serves service {other:?} on port \
                                  {port}; replies could not be told apart: use another backend port",
-                                b.address.port(),
-                                p
+                                b.port(),
                             ),
                         ));
                     }
                     _ => {
-                        reverse.insert(k, (s.listen.port(), s.name.as_str()));
+                        reverse.insert(k, (listen.port(), name));
                     }
                 }
             }
         }
     }
     Ok(())
-}
-
-/// Whether the data plane rewrites the destination address of packets to
-/// this backend (and so translates its replies back by backend address);
-/// the same rule as the map writer's.
-fn rewrites_address(s: &ServiceConfig, backend: SocketAddr) -> bool {
-    crate::dataplane::rewrites_address(s.forwarding, s.listen, backend)
 }
 
 /// The host's `net.ipv4.ip_local_port_range` (it applies to IPv6 too), or
