@@ -17,8 +17,8 @@ use tracing::{debug, error, info, warn};
 use crate::{
     config::{self, Config, ServiceConfig},
     dataplane::{
-        AdminState, BackendSpec, Dataplane, DataplaneError, Forwarding, MapWriter, Protocol,
-        ServiceSpec, WhenAllDown,
+        AdminState, Dataplane, DataplaneError, Forwarding, MapWriter, Protocol, ServiceSpec,
+        WhenAllDown,
     },
     health::{self, Checker, HealthEvent, Start, Target},
     metrics::{Metrics, Snapshot},
@@ -326,25 +326,10 @@ fn specs(
 ) -> Vec<ServiceSpec> {
     services
         .iter()
-        .map(|s| ServiceSpec {
-            name: s.name.clone(),
-            listen: s.listen,
-            protocols: s.protocols.clone(),
-            forwarding: s.forwarding,
-            when_all_down: s.when_all_down,
-            backends: s
-                .backends
-                .iter()
-                .map(|b| BackendSpec {
-                    address: b.address,
-                    weight: b.weight,
-                    state: b.state,
-                    healthy: health
-                        .get(&(s.name.clone(), b.address))
-                        .copied()
-                        .unwrap_or(true),
-                })
-                .collect(),
+        .map(|s| {
+            ServiceSpec::of(s, |b| {
+                health.get(&(s.name.clone(), b)).copied().unwrap_or(true)
+            })
         })
         .collect()
 }

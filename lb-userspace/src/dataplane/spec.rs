@@ -147,6 +147,9 @@ impl WhenAllDown {
     }
 }
 
+/// A service as the map writer installs it: the model's
+/// [`ServiceConfig`](crate::config::ServiceConfig) with each backend's
+/// health, built by [`ServiceSpec::of`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub name: String,
@@ -156,6 +159,30 @@ pub struct ServiceSpec {
     pub forwarding: Forwarding,
     pub backends: Vec<BackendSpec>,
     pub when_all_down: WhenAllDown,
+}
+
+impl ServiceSpec {
+    /// The projection of the model: `healthy` says what the checker last
+    /// decided of a backend.
+    pub fn of(s: &crate::config::ServiceConfig, healthy: impl Fn(SocketAddr) -> bool) -> Self {
+        Self {
+            name: s.name.clone(),
+            listen: s.listen,
+            protocols: s.protocols.clone(),
+            forwarding: s.forwarding,
+            when_all_down: s.when_all_down,
+            backends: s
+                .backends
+                .iter()
+                .map(|b| BackendSpec {
+                    address: b.address,
+                    weight: b.weight,
+                    state: b.state,
+                    healthy: healthy(b.address),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// The cross-service rules read a spec as they read the config it was
