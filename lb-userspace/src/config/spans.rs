@@ -2,25 +2,30 @@
 //! its field path from `serde_path_to_error`), and where the value of a
 //! field a validation rule names is.
 
-use std::{collections::HashMap, ops::Range};
+use std::{cell::OnceCell, collections::HashMap, ops::Range};
 
 use toml::de::{DeTable, DeValue};
 
 use super::errors::{Seg, path_string};
 
 /// A config text and toml's spanned tree of it (recovered from syntax
-/// errors as far as toml can).
+/// errors as far as toml can), parsed only when an error needs it.
 pub(super) struct Spans<'a> {
     text: &'a str,
-    root: toml::Spanned<DeTable<'a>>,
+    tree: OnceCell<toml::Spanned<DeTable<'a>>>,
 }
 
 impl<'a> Spans<'a> {
     pub(super) fn new(text: &'a str) -> Self {
         Self {
             text,
-            root: DeTable::parse_recoverable(text).0,
+            tree: OnceCell::new(),
         }
+    }
+
+    fn root(&self) -> &toml::Spanned<DeTable<'a>> {
+        self.tree
+            .get_or_init(|| DeTable::parse_recoverable(self.text).0)
     }
 
     /// 1-based line and column of a byte offset.
@@ -34,8 +39,8 @@ impl<'a> Spans<'a> {
     /// Where the field at `path` is: its key for tables (a `[[services]]`
     /// header), its value otherwise; the deepest part of `path` present.
     pub(super) fn of(&self, path: &[Seg]) -> Range<usize> {
-        let mut span = self.root.span();
-        let mut value = DeValue::Table(self.root.get_ref().clone());
+        let mut span = self.root().span();
+        let mut value = DeValue::Table(self.root().get_ref().clone());
         for seg in path {
             let next = match (&value, seg) {
                 (DeValue::Table(t), Seg::Key(k)) => t
@@ -61,7 +66,7 @@ impl<'a> Spans<'a> {
     pub(super) fn path_at(&self, offset: usize) -> Vec<Seg> {
         let holds = |s: Range<usize>| s.start <= offset && offset < s.end;
         let mut path = Vec::new();
-        let mut value = DeValue::Table(self.root.get_ref().clone());
+        let mut value = DeValue::Table(self.root().get_ref().clone());
         loop {
             let next = match &value {
                 DeValue::Table(t) => t.iter().find_map(|(k, v)| {
