@@ -118,8 +118,7 @@ impl<S: Send + Sync> FromRequest<S> for NoFields {
 pub struct BackendPatch {
     #[schema(minimum = 0, maximum = 65535)]
     pub weight: Option<i64>,
-    #[schema(value_type = Option<crate::config::WireState>)]
-    pub state: Option<String>,
+    pub state: Option<AdminState>,
 }
 
 /// What a valid [`BackendPatch`] changes.
@@ -141,14 +140,10 @@ impl BackendPatch {
             }
             w => w.map(|w| w as u16),
         };
-        let state = match &self.state {
-            Some(s) => Some(
-                config::parse_state(&[Seg::Key("state".into())], Some(s))
-                    .map_err(|e| e.in_body().to_string())?,
-            ),
-            None => None,
-        };
-        Ok(PatchChange { weight, state })
+        Ok(PatchChange {
+            weight,
+            state: self.state,
+        })
     }
 }
 
@@ -635,7 +630,14 @@ mod tests {
             p(r#"{"weight": 65536}"#),
             Err("weight: 65536 is out of range 0..=65535".into())
         );
-        assert!(p(r#"{"state": "up"}"#).unwrap_err().contains("state"));
+        // An unknown state is the JSON's error: serde names it and the choices.
+        let e = serde_json::from_str::<BackendPatch>(r#"{"state": "up"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown variant `up`, expected one of `active`, `draining`, `disabled`"),
+            "{e}"
+        );
         assert!(serde_json::from_str::<BackendPatch>(r#"{"colour": 1}"#).is_err());
     }
 

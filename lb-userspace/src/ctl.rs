@@ -383,8 +383,12 @@ fn print_service(s: &ServiceView) {
         "{} {} {} ({})",
         s.name,
         s.listen,
-        s.protocols.join("+"),
-        s.forwarding
+        s.protocols
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join("+"),
+        s.forwarding.name()
     );
     if s.fail_open {
         println!(
@@ -402,7 +406,7 @@ fn print_backend(b: &BackendView) {
         "  {:<28} weight {:>5}  {:<9} {}{}",
         b.address,
         b.weight,
-        b.state,
+        b.state.name(),
         if b.healthy { "healthy" } else { "UNHEALTHY" },
         b.last_error
             .as_deref()

@@ -16,7 +16,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{self, Config, ServiceConfig},
-    dataplane::{BackendSpec, Dataplane, DataplaneError, MapWriter, ServiceSpec},
+    dataplane::{
+        AdminState, Dataplane, DataplaneError, Forwarding, MapWriter, Protocol, ServiceSpec,
+        WhenAllDown,
+    },
     health::{self, Checker, HealthEvent, Start, Target},
     metrics::{Metrics, Snapshot},
     pins,
@@ -125,8 +128,7 @@ pub struct ReloadReport {
 pub struct BackendView {
     pub address: String,
     pub weight: u16,
-    #[schema(value_type = crate::config::WireState)]
-    pub state: String,
+    pub state: AdminState,
     pub healthy: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -158,18 +160,17 @@ pub struct BackendStats {
     pub rates: crate::rates::RateView,
 }
 
+/// One service as the API shows it: the model's fields in their wire
+/// types, with health and fail-open state (built in `Daemon::views`).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ServiceView {
     pub name: String,
     pub listen: String,
-    #[schema(value_type = Vec<crate::config::WireProtocol>)]
-    pub protocols: Vec<String>,
-    #[schema(value_type = crate::config::WireForwarding)]
-    pub forwarding: String,
+    pub protocols: Vec<Protocol>,
+    pub forwarding: Forwarding,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<config::RawHealth>,
-    #[schema(value_type = crate::config::WireWhenAllDown)]
-    pub when_all_down: String,
+    pub when_all_down: WhenAllDown,
     /// Every backend failed its health checks and the ones that were up
     /// last still take flows (`when_all_down = "keep_last"`).
     pub fail_open: bool,
@@ -325,25 +326,10 @@ fn specs(
 ) -> Vec<ServiceSpec> {
     services
         .iter()
-        .map(|s| ServiceSpec {
-            name: s.name.clone(),
-            listen: s.listen,
-            protocols: s.protocols.clone(),
-            forwarding: s.forwarding,
-            when_all_down: s.when_all_down,
-            backends: s
-                .backends
-                .iter()
-                .map(|b| BackendSpec {
-                    address: b.address,
-                    weight: b.weight,
-                    state: b.state,
-                    healthy: health
-                        .get(&(s.name.clone(), b.address))
-                        .copied()
-                        .unwrap_or(true),
-                })
-                .collect(),
+        .map(|s| {
+            ServiceSpec::of(s, |b| {
+                health.get(&(s.name.clone(), b)).copied().unwrap_or(true)
+            })
         })
         .collect()
 }
@@ -1389,7 +1375,7 @@ impl Daemon {
                     protocols: raw.protocols,
                     forwarding: raw.forwarding,
                     health: raw.health,
-                    when_all_down: s.when_all_down.name().into(),
+                    when_all_down: s.when_all_down,
                     fail_open: fail_open.contains(&s.name),
                     backends: s
                         .backends
@@ -1399,7 +1385,7 @@ impl Daemon {
                             BackendView {
                                 address: b.address.to_string(),
                                 weight: b.weight,
-                                state: config::state_name(b.state).to_string(),
+                                state: b.state,
                                 healthy: inner.health.get(&key).copied().unwrap_or(true),
                                 last_error: status.get(&key).and_then(|h| h.last_error.clone()),
                             }

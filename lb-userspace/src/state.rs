@@ -118,7 +118,7 @@ pub fn describe_changes(base: &[ServiceConfig], changed: &[ServiceConfig]) -> Ve
                     c.name,
                     b.address,
                     b.weight,
-                    config::state_name(b.state)
+                    b.state.name()
                 )),
                 Some(old) => {
                     if old.weight != b.weight {
@@ -132,8 +132,8 @@ pub fn describe_changes(base: &[ServiceConfig], changed: &[ServiceConfig]) -> Ve
                             "service {}: backend {} {} -> {}",
                             c.name,
                             b.address,
-                            config::state_name(old.state),
-                            config::state_name(b.state)
+                            old.state.name(),
+                            b.state.name()
                         ));
                     }
                 }

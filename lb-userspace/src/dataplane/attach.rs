@@ -17,7 +17,8 @@ use super::{Dataplane, DataplaneError, Result};
 use crate::pins;
 
 /// Where the XDP program runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// Native if the driver supports it, generic otherwise.
     #[default]

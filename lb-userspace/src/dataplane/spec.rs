@@ -1,14 +1,21 @@
 //! The desired state the map writer installs: services, their backends and
-//! how packets reach them.
+//! how packets reach them. The enums are also the wire values of configs,
+//! API bodies and the state file (their serde names are the config's).
 
 use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, FWD_DSR, FWD_LOCAL, FWD_NAT, PROTO_TCP,
     PROTO_UDP,
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize, ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -21,9 +28,17 @@ impl Protocol {
             Self::Udp => PROTO_UDP,
         }
     }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum Forwarding {
     /// Backends are ports on this host.
     #[default]
@@ -55,7 +70,8 @@ impl Forwarding {
 }
 
 /// What the operator asked of a backend.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum AdminState {
     #[default]
     Active,
@@ -63,6 +79,17 @@ pub enum AdminState {
     Draining,
     /// Out of service; existing flows are re-picked.
     Disabled,
+}
+
+impl AdminState {
+    /// The name configs, the API and the state file use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Draining => "draining",
+            Self::Disabled => "disabled",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,7 +127,8 @@ impl BackendSpec {
 
 /// What a service does when health checks take down every backend that
 /// was taking new flows.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum WhenAllDown {
     /// Nothing takes new flows: connections are refused.
     Refuse,
@@ -119,6 +147,9 @@ impl WhenAllDown {
     }
 }
 
+/// A service as the map writer installs it: the model's
+/// [`ServiceConfig`](crate::config::ServiceConfig) with each backend's
+/// health, built by [`ServiceSpec::of`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub name: String,
@@ -128,4 +159,48 @@ pub struct ServiceSpec {
     pub forwarding: Forwarding,
     pub backends: Vec<BackendSpec>,
     pub when_all_down: WhenAllDown,
+}
+
+impl ServiceSpec {
+    /// The projection of the model: `healthy` says what the checker last
+    /// decided of a backend.
+    pub fn of(s: &crate::config::ServiceConfig, healthy: impl Fn(SocketAddr) -> bool) -> Self {
+        Self {
+            name: s.name.clone(),
+            listen: s.listen,
+            protocols: s.protocols.clone(),
+            forwarding: s.forwarding,
+            when_all_down: s.when_all_down,
+            backends: s
+                .backends
+                .iter()
+                .map(|b| BackendSpec {
+                    address: b.address,
+                    weight: b.weight,
+                    state: b.state,
+                    healthy: healthy(b.address),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The cross-service rules read a spec as they read the config it was
+/// built from.
+impl crate::config::ServiceShape for ServiceSpec {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+    fn protocols(&self) -> &[Protocol] {
+        &self.protocols
+    }
+    fn forwarding(&self) -> Forwarding {
+        self.forwarding
+    }
+    fn backend_addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.backends.iter().map(|b| b.address)
+    }
 }

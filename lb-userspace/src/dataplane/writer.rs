@@ -355,9 +355,10 @@ impl<S: MapStore> MapWriter<S> {
     pub fn backend_generation(&self, id: u32) -> u32 {
         self.backend_entries.get(&id).map_or(0, |e| e.generation)
     }
+    /// What only the maps know: their capacity. The rules between services
+    /// are the config's own ([`crate::config::check_conflicts`]), so a spec
+    /// the config would refuse is refused here with the same words.
     fn check(&self, desired: &[ServiceSpec]) -> Result<()> {
-        let mut names = HashSet::new();
-        let mut listens = HashSet::new();
         let new_services = desired
             .iter()
             .filter(|s| !self.services.contains_key(&s.name))
@@ -370,58 +371,11 @@ impl<S: MapStore> MapWriter<S> {
         if kept + new_services > self.dp.options().max_services as usize {
             return Err(DataplaneError::Full("services"));
         }
-        let mut backends = 0usize;
-        for s in desired {
-            if !names.insert(&s.name) {
-                return Err(DataplaneError::Conflict(format!(
-                    "service name {:?} is used twice",
-                    s.name
-                )));
-            }
-            for p in &s.protocols {
-                if !listens.insert((s.listen, *p)) {
-                    return Err(DataplaneError::Conflict(format!(
-                        "two services listen on {} {:?}",
-                        s.listen, p
-                    )));
-                }
-            }
-            let mut seen = HashSet::new();
-            for b in &s.backends {
-                if !seen.insert(b.address) {
-                    return Err(DataplaneError::Conflict(format!(
-                        "service {:?} lists backend {} twice",
-                        s.name, b.address
-                    )));
-                }
-            }
-            backends += s.backends.len();
-        }
+        let backends: usize = desired.iter().map(|s| s.backends.len()).sum();
         if backends > MAX_BACKENDS as usize {
             return Err(DataplaneError::Full("backends"));
         }
-        // Reverse translation keys on the backend port: two services whose
-        // backends share a port must agree on the service port.
-        let mut rev: HashMap<(u16, u8), u16> = HashMap::new();
-        for s in desired.iter().filter(|s| s.forwarding != Forwarding::Dsr) {
-            for b in &s.backends {
-                for p in &s.protocols {
-                    if let Some(port) = rev.insert((b.address.port(), p.number()), s.listen.port())
-                        && port != s.listen.port()
-                    {
-                        return Err(DataplaneError::Conflict(format!(
-                            "backend port {} {:?} serves service ports {} and {}; \
-                             replies could not be told apart",
-                            b.address.port(),
-                            p,
-                            port,
-                            s.listen.port()
-                        )));
-                    }
-                }
-            }
-        }
-        Ok(())
+        crate::config::check_conflicts(desired).map_err(|e| DataplaneError::Conflict(e.to_string()))
     }
 
     fn apply_service(

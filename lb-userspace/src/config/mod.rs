@@ -1,0 +1,34 @@
+//! The configuration: TOML on disk, the same service shape as JSON in the
+//! admin API and the state file. Everything is validated as a whole before
+//! anything is applied; every error names the file, line and field.
+
+mod duration;
+mod errors;
+mod file;
+mod model;
+mod paths;
+mod spans;
+mod validate;
+mod wire;
+
+pub use duration::{MAX_DURATION, WireDuration, format_duration, parse_duration};
+pub use errors::{ConfigError, FieldError, LimitError, Seg};
+pub use model::{
+    AddressRule, AdminConfig, BackendConfig, Cidr, Config, DEFAULT_MAX_BACKENDS_PER_SERVICE,
+    Limits, Policy, ServiceConfig, forbidden_backend_ip,
+};
+pub use paths::{
+    DEFAULT_ADMIN_LISTEN, DEFAULT_ADMIN_SOCKET, DEFAULT_PIN_PATH, DEFAULT_STATE_DIR,
+    default_admin_socket, default_state_file, fnv1a, legacy_record_path, record_path,
+};
+pub use validate::{
+    ServiceShape, backend, check_conflicts, check_limits, check_policy, check_services,
+    ephemeral_port_range, local_port_warnings, service,
+};
+pub use wire::{
+    AdminState, AttachMode, Forwarding, HealthKind, Protocol, RawAdmin, RawBackend, RawDataplane,
+    RawFile, RawHealth, RawHealthGlobal, RawLimits, RawPolicy, RawService, WhenAllDown,
+};
+
+#[cfg(test)]
+mod tests;
