@@ -95,7 +95,7 @@ pub const PROTO_ICMPV6: u8 = 58;
 /// Index into the port arrays for a (host-order port, IP protocol) pair.
 #[inline(always)]
 pub fn port_slot(port: u16, proto: u8) -> u32 {
-    (port as u32) * 2 + if proto == PROTO_UDP { 1 } else { 0 }
+    u32::from(port) * 2 + if proto == PROTO_UDP { 1 } else { 0 }
 }
 
 /// Address words as they sit in the packet (network byte order, read natively).
@@ -529,7 +529,7 @@ fn mix(h: u32, k: u32) -> u32 {
 /// Addresses and ports are in packet byte order.
 #[inline(always)]
 pub fn flow_hash(src: &Addr, dst: &Addr, sport: u16, dport: u16, proto: u8) -> u32 {
-    let mut h = 0x9747_b28c ^ proto as u32;
+    let mut h = 0x9747_b28c ^ u32::from(proto);
     h = mix(h, src[0]);
     h = mix(h, src[1]);
     h = mix(h, src[2]);
@@ -538,7 +538,7 @@ pub fn flow_hash(src: &Addr, dst: &Addr, sport: u16, dport: u16, proto: u8) -> u
     h = mix(h, dst[1]);
     h = mix(h, dst[2]);
     h = mix(h, dst[3]);
-    h = mix(h, ((sport as u32) << 16) | dport as u32);
+    h = mix(h, (u32::from(sport) << 16) | u32::from(dport));
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;

@@ -138,14 +138,15 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// (one host usually holds a whole /64).
 fn peer_key(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                IpAddr::V4(v4)
+            } else {
                 let s = v6.segments();
                 IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
             }
-        },
-        v4 => v4,
+        }
+        v4 @ IpAddr::V4(_) => v4,
     }
 }
 
@@ -259,14 +260,20 @@ impl Access {
     /// Whether `ip` used up its failed authentications: how long until it
     /// may try again.
     fn blocked(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
-        let map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (start, count) = map.get(&peer_key(ip))?;
         let left = FAILURE_WINDOW.checked_sub(now.saturating_duration_since(*start))?;
         (*count >= self.failures_per_minute).then_some(left)
     }
 
     fn failed(&self, ip: IpAddr, now: Instant) {
-        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if map.len() >= MAX_TRACKED_PEERS {
             map.retain(|_, (start, _)| now.saturating_duration_since(*start) < FAILURE_WINDOW);
             while map.len() >= MAX_TRACKED_PEERS {
@@ -370,9 +377,10 @@ impl Access {
                     },
                 ));
             }
-            Some(t) => match self.scope_of(t) {
-                Some(s) => s,
-                None => {
+            Some(t) => {
+                if let Some(s) = self.scope_of(t) {
+                    s
+                } else {
                     self.failed(ip, now);
                     return Err(Refusal::new(
                         StatusCode::UNAUTHORIZED,
@@ -380,7 +388,7 @@ impl Access {
                         "the bearer token is not valid",
                     ));
                 }
-            },
+            }
         };
         if change && scope == Scope::Read {
             return Err(Refusal::new(
@@ -393,7 +401,10 @@ impl Access {
     }
 
     fn take_change(&self) -> Result<(), Refusal> {
-        let mut b = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = self
+            .changes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         b.take(Instant::now()).map_err(|wait| {
             let mut r = Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -459,20 +470,17 @@ pub async fn guard(
     }
     // The body, kept for the audit line (the API's own limit applies).
     let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, crate::api::BODY_LIMIT).await {
-        Ok(b) => b,
-        Err(_) => {
-            daemon.metrics().api_change("invalid");
-            return Refusal::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body",
-                format!(
-                    "the request body is larger than {} bytes or broken",
-                    crate::api::BODY_LIMIT
-                ),
-            )
-            .into_response();
-        }
+    let Ok(bytes) = axum::body::to_bytes(body, crate::api::BODY_LIMIT).await else {
+        daemon.metrics().api_change("invalid");
+        return Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body",
+            format!(
+                "the request body is larger than {} bytes or broken",
+                crate::api::BODY_LIMIT
+            ),
+        )
+        .into_response();
     };
     let what = summary(&bytes);
     let resp = next

@@ -214,7 +214,7 @@ pub async fn serve<L: Accept>(
             _ = reap.tick() => {
                 let idle_ms = limits.idle_timeout.as_millis() as u64;
                 let now = now_ms();
-                conns.lock().expect("conns").retain(|_, c| {
+                conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|_, c| {
                     let idle = c.busy.load(Ordering::SeqCst) == 0
                         && now.saturating_sub(c.last.load(Ordering::SeqCst)) >= idle_ms;
                     if idle {
@@ -237,7 +237,7 @@ pub async fn serve<L: Accept>(
                     }
                 };
                 {
-                    let mut map = conns.lock().expect("conns");
+                    let mut map = conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     map.retain(|_, c| !c.abort.is_finished());
                     if map.len() >= limits.max_connections {
                         let victim = map
@@ -245,16 +245,13 @@ pub async fn serve<L: Accept>(
                             .filter(|(_, c)| c.busy.load(Ordering::SeqCst) == 0)
                             .min_by_key(|(_, c)| c.last.load(Ordering::SeqCst))
                             .map(|(id, _)| *id);
-                        match victim {
-                            Some(id) => {
-                                if let Some(c) = map.remove(&id) {
-                                    c.abort.abort();
-                                }
+                        if let Some(id) = victim {
+                            if let Some(c) = map.remove(&id) {
+                                c.abort.abort();
                             }
-                            None => {
-                                debug!(%peer, "admin API at its connection cap, all busy; closing the new connection");
-                                continue;
-                            }
+                        } else {
+                            debug!(%peer, "admin API at its connection cap, all busy; closing the new connection");
+                            continue;
                         }
                     }
                 }
@@ -285,9 +282,9 @@ pub async fn serve<L: Accept>(
                     if let Err(e) = conn.await {
                         debug!(%peer, "admin connection: {e}");
                     }
-                    map.lock().expect("conns").remove(&id);
+                    map.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
                 });
-                conns.lock().expect("conns").insert(
+                conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(
                     id,
                     Conn {
                         abort: task.abort_handle(),
@@ -302,7 +299,9 @@ pub async fn serve<L: Accept>(
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let left = {
-            let mut map = conns.lock().expect("conns");
+            let mut map = conns
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             map.retain(|_, c| {
                 if c.busy.load(Ordering::SeqCst) == 0 || Instant::now() >= deadline {
                     c.abort.abort();
@@ -351,7 +350,7 @@ impl Drop for Busy {
 
 /// Raises this process's open-file soft limit to its hard limit; returns
 /// (before, after).
-pub fn raise_nofile() -> std::io::Result<(u64, u64)> {
+pub fn raise_nofile() -> io::Result<(u64, u64)> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     // `None` is RLIM_INFINITY.
     let limit = |v: Option<u64>| v.unwrap_or(u64::MAX);

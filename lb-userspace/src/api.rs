@@ -331,17 +331,16 @@ async fn put_service(
     let key = name.clone();
     let created = d
         .change(move |services| {
-            Ok(match services.iter_mut().find(|s| s.name == key) {
-                Some(s) => {
+            Ok(
+                if let Some(s) = services.iter_mut().find(|s| s.name == key) {
                     widens_networks(s, &svc)?;
                     *s = svc;
                     false
-                }
-                None => {
+                } else {
                     services.push(svc);
                     true
-                }
-            })
+                },
+            )
         })
         .await?;
     let view = d.views().await.into_iter().find(|s| s.name == name);
@@ -368,7 +367,7 @@ fn widens_networks(
         new.allowed_backend_networks
             .iter()
             .find(|n| !old.allowed_backend_networks.iter().any(|o| o.covers(n)))
-            .map(|n| n.to_string())
+            .map(ToString::to_string)
     };
     match wider {
         None => Ok(()),
@@ -379,7 +378,7 @@ fn widens_networks(
             old.name,
             old.allowed_backend_networks
                 .iter()
-                .map(|c| c.to_string())
+                .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join(", ")
         ))),

@@ -105,7 +105,7 @@ pub fn request(
             let s = TcpStream::connect_timeout(&addr, timeout)?;
             s.set_read_timeout(Some(timeout))?;
             s.set_write_timeout(Some(timeout))?;
-            exchange(s, &head, body, &mut raw)?
+            exchange(s, &head, body, &mut raw)?;
         }
     }
     parse_answer(&raw)

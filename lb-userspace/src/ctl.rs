@@ -43,11 +43,13 @@ impl std::error::Error for Failure {}
 /// The exit code of a failed command.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<Failure>() {
-        Some(Failure::Api {
-            status: 400 | 404 | 409 | 413 | 422,
-            ..
-        })
-        | Some(Failure::BadInput(_)) => 2,
+        Some(
+            Failure::Api {
+                status: 400 | 404 | 409 | 413 | 422,
+                ..
+            }
+            | Failure::BadInput(_),
+        ) => 2,
         Some(Failure::Unreachable(_)) => 3,
         _ => 1,
     }
@@ -268,8 +270,7 @@ impl Client {
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if answer.status >= 400 {
             let message = serde_json::from_value::<lb_userspace::api::ErrorBody>(value)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| text.trim().to_string());
+                .map_or_else(|_| text.trim().to_string(), |e| e.error);
             return Err(Failure::Api {
                 status: answer.status,
                 message: format!("{method} {path}: {message}"),
@@ -462,31 +463,28 @@ pub fn services(cmd: ServiceCmd) -> Result<()> {
             json,
             client,
         } => {
-            let body = match json {
-                Some(p) => {
-                    let text = if p.as_os_str() == "-" {
-                        std::io::read_to_string(std::io::stdin())?
-                    } else {
-                        std::fs::read_to_string(&p)
-                            .map_err(|e| Failure::BadInput(format!("{}: {e}", p.display())))?
-                    };
-                    serde_json::from_str::<Value>(&text)
+            let body = if let Some(p) = json {
+                let text = if p.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin())?
+                } else {
+                    std::fs::read_to_string(&p)
                         .map_err(|e| Failure::BadInput(format!("{}: {e}", p.display())))?
+                };
+                serde_json::from_str::<Value>(&text)
+                    .map_err(|e| Failure::BadInput(format!("{}: {e}", p.display())))?
+            } else {
+                let mut body = json!({
+                    "listen": listen.ok_or_else(|| anyhow!("--listen is required"))?,
+                    "protocols": if protocols.is_empty() { vec!["tcp".to_string()] } else { protocols },
+                    "backends": backends.iter().map(|b| backend_arg(b)).collect::<Result<Vec<_>>>()?,
+                });
+                if let Some(f) = forwarding {
+                    body["forwarding"] = json!(f);
                 }
-                None => {
-                    let mut body = json!({
-                        "listen": listen.ok_or_else(|| anyhow!("--listen is required"))?,
-                        "protocols": if protocols.is_empty() { vec!["tcp".to_string()] } else { protocols },
-                        "backends": backends.iter().map(|b| backend_arg(b)).collect::<Result<Vec<_>>>()?,
-                    });
-                    if let Some(f) = forwarding {
-                        body["forwarding"] = json!(f);
-                    }
-                    if let Some(w) = when_all_down {
-                        body["when_all_down"] = json!(w);
-                    }
-                    body
+                if let Some(w) = when_all_down {
+                    body["when_all_down"] = json!(w);
                 }
+                body
             };
             match client.call("GET", &service_path(&name), None) {
                 Ok(_) => {

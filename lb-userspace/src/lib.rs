@@ -22,6 +22,13 @@ pub mod state;
 mod sys;
 pub mod ui;
 
+/// Locks `m` even when a thread panicked while holding it: the data behind
+/// this crate's mutexes stays consistent between statements, and readers
+/// prefer the last state to a second panic.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The eBPF object built from `lb-ebpf` by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 

@@ -58,8 +58,8 @@ const RTM_NEWADDR: u16 = 20;
 fn has_link_change(mut buf: &[u8]) -> bool {
     // struct nlmsghdr { u32 len; u16 type; u16 flags; u32 seq; u32 pid; }
     while buf.len() >= 16 {
-        let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
-        let kind = u16::from_ne_bytes(buf[4..6].try_into().expect("2 bytes"));
+        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
         if kind == RTM_NEWLINK || kind == RTM_DELLINK {
             return true;
         }

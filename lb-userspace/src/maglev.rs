@@ -41,7 +41,7 @@ pub fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
     }
-    let n = n as u64;
+    let n = u64::from(n);
     let mut d = 2u64;
     while d * d <= n {
         if n.is_multiple_of(d) {
@@ -65,7 +65,7 @@ pub fn next_prime(mut n: u32) -> u32 {
 fn hash(name: &str, seed: u64) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
     for b in name.as_bytes() {
-        h ^= *b as u64;
+        h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h ^= h >> 30;
@@ -93,8 +93,8 @@ pub fn build_counted(backends: &[Entry], m: u32) -> (Vec<u32>, u64) {
     if live.is_empty() {
         return (table, 0);
     }
-    let m64 = m as u64;
-    let max_weight = live.iter().map(|b| b.weight as u64).max().unwrap_or(1);
+    let m64 = u64::from(m);
+    let max_weight = live.iter().map(|b| u64::from(b.weight)).max().unwrap_or(1);
     // Position in its permutation and the step of every backend.
     let mut pos: Vec<u64> = Vec::with_capacity(live.len());
     let mut skip: Vec<u64> = Vec::with_capacity(live.len());
@@ -111,13 +111,13 @@ pub fn build_counted(backends: &[Entry], m: u32) -> (Vec<u32>, u64) {
     let mut claimed = vec![0u64; live.len()];
     let next_pass = |claimed: u64, w: u64| ((claimed + 1) * max_weight).div_ceil(w);
     let mut queue: BinaryHeap<Reverse<(u64, usize)>> = (0..live.len())
-        .map(|i| Reverse((next_pass(0, live[i].weight as u64), i)))
+        .map(|i| Reverse((next_pass(0, u64::from(live[i].weight)), i)))
         .collect();
     let mut filled = 0u32;
     let mut steps = 0u64;
     while let Some(Reverse((pass, i))) = queue.pop() {
         steps += 1;
-        let w = live[i].weight as u64;
+        let w = u64::from(live[i].weight);
         let due = pass * w / max_weight;
         while claimed[i] < due {
             claimed[i] += 1;
@@ -178,8 +178,8 @@ mod tests {
         if live.is_empty() {
             return (table, 0);
         }
-        let m64 = m as u64;
-        let max_weight = live.iter().map(|b| b.weight as u64).max().unwrap();
+        let m64 = u64::from(m);
+        let max_weight = live.iter().map(|b| u64::from(b.weight)).max().unwrap();
         let mut pos: Vec<u64> = live
             .iter()
             .map(|b| hash(&b.name, 0x5eed_0ff5) % m64)
@@ -194,7 +194,7 @@ mod tests {
         loop {
             for i in 0..live.len() {
                 turns += 1;
-                credit[i] += live[i].weight as u64;
+                credit[i] += u64::from(live[i].weight);
                 while credit[i] >= max_weight {
                     credit[i] -= max_weight;
                     let mut p = pos[i];
@@ -259,7 +259,7 @@ mod tests {
         assert!(steps < 2_000_000, "skewed: {steps} steps");
         assert!(even_steps < 2_000_000, "even: {even_steps} steps");
         // And what the old build would have taken for the same weights.
-        let old_turns = 5000u64 * m as u64 * 65535 / (65535 + 4999);
+        let old_turns = 5000u64 * u64::from(m) * 65535 / (65535 + 4999);
         assert!(old_turns > 100 * steps, "old {old_turns} vs {steps}");
         let (_, steps_8k) = build_counted(&backends(8192, |i| if i == 0 { 65535 } else { 1 }), m);
         eprintln!("8,192 backends, one at 65535: {steps_8k} steps");
@@ -312,8 +312,8 @@ mod tests {
 
     /// Table size large enough that the lightest backend expects 100 slots.
     fn size_for(b: &[Entry]) -> u32 {
-        let total: u64 = b.iter().map(|e| e.weight as u64).sum();
-        let min = b.iter().map(|e| e.weight as u64).min().unwrap();
+        let total: u64 = b.iter().map(|e| u64::from(e.weight)).sum();
+        let min = b.iter().map(|e| u64::from(e.weight)).min().unwrap();
         next_prime(((100 * total).div_ceil(min)).max(65537) as u32)
     }
 
@@ -324,9 +324,9 @@ mod tests {
             let m = size_for(&b);
             let t = build(&b, m);
             let counts = slot_counts(&t);
-            let total: f64 = b.iter().map(|e| e.weight as f64).sum();
+            let total: f64 = b.iter().map(|e| f64::from(e.weight)).sum();
             for e in &b {
-                let expected = m as f64 * e.weight as f64 / total;
+                let expected = f64::from(m) * f64::from(e.weight) / total;
                 let got = counts[&e.id] as f64;
                 assert!(
                     (got - expected).abs() <= expected * 0.01,
@@ -360,7 +360,7 @@ mod tests {
             let counts = slot_counts(&build(&b, m));
             let heavy = counts[&1] as f64;
             let light = counts.get(&0).copied().unwrap_or(0) as f64;
-            let expected_light = m as f64 / 4.0;
+            let expected_light = f64::from(m) / 4.0;
             assert!(
                 (light - expected_light).abs() <= 1.0,
                 "m={m}: light {light} heavy {heavy}"
@@ -440,13 +440,13 @@ mod tests {
                 .collect();
             let m = 65537u32;
             let counts = slot_counts(&build(&b, m));
-            let total: f64 = weights.iter().map(|w| *w as f64).sum();
+            let total: f64 = weights.iter().map(|w| f64::from(*w)).sum();
             for e in &b {
-                let expected = m as f64 * e.weight as f64 / total;
+                let expected = f64::from(m) * f64::from(e.weight) / total;
                 let got = counts.get(&e.id).copied().unwrap_or(0) as f64;
                 // One slot for the cut-off last pass, one for unspent credit,
                 // and this backend's part of everyone's unspent credit.
-                let slack = 2.0 + b.len() as f64 * e.weight as f64 / total;
+                let slack = 2.0 + b.len() as f64 * f64::from(e.weight) / total;
                 prop_assert!((got - expected).abs() <= slack,
                     "weight {}: {} vs {:.1}", e.weight, got, expected);
             }

@@ -190,7 +190,7 @@ fn run(config: Config, opts: RunOptions) -> Result<()> {
     // descriptors.
     match admin::raise_nofile() {
         Ok((before, after)) if after > before => {
-            info!(before, after, "raised the open-file limit")
+            info!(before, after, "raised the open-file limit");
         }
         Ok(_) => {}
         Err(e) => warn!("cannot raise the open-file limit: {e}"),

@@ -495,8 +495,8 @@ mod tests {
         ];
         let w = writer(&services);
         let p = w.store().ports[&port_slot(443, PROTO_TCP)];
-        assert_eq!(p.wildcard_v4 as u32, w.service_id("v4").unwrap() + 1);
-        assert_eq!(p.wildcard_v6 as u32, w.service_id("v6").unwrap() + 1);
+        assert_eq!(u32::from(p.wildcard_v4), w.service_id("v4").unwrap() + 1);
+        assert_eq!(u32::from(p.wildcard_v6), w.service_id("v6").unwrap() + 1);
         assert_eq!(p.flags & PORT_HAS_ADDR_SERVICES, PORT_HAS_ADDR_SERVICES);
         let named: HashSet<u32> = w.store().addr_services.values().copied().collect();
         let want: HashSet<u32> = ["a4", "a6"]

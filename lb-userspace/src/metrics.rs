@@ -69,9 +69,9 @@ pub struct Metrics {
 /// Registers a metric built from static names and help texts: an error
 /// here is a typo in this file, found by every test that builds `Metrics`.
 fn register<M: Collector + Clone + 'static>(r: &Registry, metric: prometheus::Result<M>) -> M {
-    #[allow(clippy::expect_used, reason = "static metric definitions")]
+    #[expect(clippy::expect_used, reason = "static metric definitions")]
     let metric = metric.expect("metric definition");
-    #[allow(clippy::expect_used, reason = "static metric names")]
+    #[expect(clippy::expect_used, reason = "static metric names")]
     r.register(Box::new(metric.clone()))
         .expect("unique metric name");
     metric
@@ -300,7 +300,7 @@ impl Metrics {
 
     /// Updates everything from `snap` and renders the text exposition.
     pub fn render(&self, snap: &Snapshot) -> String {
-        let mut exported = self.exported.lock().expect("metrics lock");
+        let mut exported = crate::lock(&self.exported);
         let now: HashSet<(String, String)> = snap
             .backend_state
             .iter()
@@ -323,10 +323,10 @@ impl Metrics {
         }
         for (s, b, weight, up) in &snap.backend_state {
             let l = [s.as_str(), b.as_str()];
-            self.backend_up.with_label_values(&l).set(*up as i64);
+            self.backend_up.with_label_values(&l).set(i64::from(*up));
             self.backend_weight
                 .with_label_values(&l)
-                .set(*weight as i64);
+                .set(i64::from(*weight));
         }
         for (i, name) in lb_common::XDP_ACTIONS.iter().enumerate() {
             set(&self.actions.with_label_values(&[*name]), snap.actions[i]);
@@ -346,17 +346,17 @@ impl Metrics {
         self.reconcile_pending.set(snap.reconcile_pending as i64);
         self.reconcile_stalled.set(snap.reconcile_stalled_seconds);
         if let Some(up) = snap.dataplane_attached {
-            self.attached.set(up as i64);
+            self.attached.set(i64::from(up));
         }
         self.fail_open.reset();
         for (s, on) in &snap.fail_open {
             self.fail_open
                 .with_label_values(&[s.as_str()])
-                .set(*on as i64);
+                .set(i64::from(*on));
         }
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
-            .expect("text encoding")
+            .unwrap_or_else(|e| format!("# lb: encoding the metrics failed: {e}\n"))
     }
 }
 

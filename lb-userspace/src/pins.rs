@@ -81,7 +81,7 @@ pub fn read_record(path: &Path) -> Option<Record> {
 pub fn write_record(path: &Path, record: &Record) -> std::io::Result<()> {
     write_atomic(
         path,
-        &serde_json::to_vec_pretty(record).expect("record serializes"),
+        &serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?,
     )
 }
 

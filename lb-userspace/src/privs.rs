@@ -318,12 +318,17 @@ impl Loader {
         }));
         drop(job);
         let out = rx.await;
-        let joined = tokio::task::spawn_blocking(move || thread.join())
-            .await
-            .expect("joining the loader thread");
-        if let Err(panic) = joined {
-            std::panic::resume_unwind(panic);
+        match tokio::task::spawn_blocking(move || thread.join()).await {
+            Ok(Ok(())) => {}
+            // The loader thread panicked in `f`.
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            // A blocking task is never cancelled: the error is its panic.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
+        #[expect(
+            clippy::expect_used,
+            reason = "the thread ran `f` to its end (it did not panic), so it sent an answer"
+        )]
         out.expect("the loader thread ended without an answer")
     }
 }

@@ -106,23 +106,23 @@ pub fn probe_source(backend: SocketAddr, avoid: &HashSet<IpAddr>) -> Option<Sock
     let first = TOLD
         .get_or_init(Default::default)
         .lock()
-        .map(|mut told| told.insert((preferred, chosen)))
-        .unwrap_or(false);
+        .is_ok_and(|mut told| told.insert((preferred, chosen)));
     if first {
-        match chosen {
-            Some(src) => info!(
+        if let Some(src) = chosen {
+            info!(
                 %backend,
                 service_address = %preferred,
                 source = %src.ip(),
                 "health checks leave from another address: the kernel would use a service address, which backends answer themselves"
-            ),
-            None => warn!(
+            );
+        } else {
+            warn!(
                 %backend,
                 service_address = %preferred,
                 "health checks leave from the service address {preferred} (the kernel's choice) and the host has no other {} address to use: \
                  dsr backends hold that address and answer themselves, so they look down; add a non-service address to the interface towards the backends",
                 if backend.is_ipv4() { "IPv4" } else { "IPv6" }
-            ),
+            );
         }
     }
     chosen

@@ -74,6 +74,10 @@ pub enum StateError {
 /// comments or other sections.
 pub fn fingerprint(services: &[ServiceConfig]) -> String {
     let raw: Vec<RawService> = services.iter().map(RawService::from).collect();
+    #[expect(
+        clippy::expect_used,
+        reason = "plain structs with string keys: serde_json cannot fail on them"
+    )]
     let text = serde_json::to_vec(&raw).expect("services serialize");
     format!("{:016x}", config::fnv1a(&text))
 }
@@ -234,7 +238,9 @@ pub fn save(path: &Path, saved: &Saved) -> Result<(), StateError> {
             .map(|c| c.iter().map(RawService::from).collect()),
         health,
     };
-    let text = serde_json::to_vec_pretty(&file).expect("state serializes");
+    let text = serde_json::to_vec_pretty(&file)
+        .map_err(std::io::Error::other)
+        .map_err(io)?;
     crate::files::write_private_atomic(path, &text).map_err(io)?;
     Ok(())
 }

@@ -161,11 +161,9 @@ fn run_until_done(mut cmd: Command, what: &str) -> Result<()> {
     }
 }
 
+/// The workspace root: xtask's parent folder.
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).to_path_buf()
 }
 
 fn check(status: std::process::ExitStatus, what: &str) -> Result<()> {
@@ -238,7 +236,7 @@ fn test(env: &setup::Env, args: &[String]) -> Result<()> {
     // Pass the output through and add up every test binary's result line,
     // so the run ends with one line that counts all of them.
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
-    let stdout = child.stdout.take().expect("piped stdout");
+    let stdout = child.stdout.take().context("cargo test's stdout")?;
     for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
         let line = line?;
         println!("{line}");

@@ -318,7 +318,9 @@ fn normalize(root: &Path, epoch: u64) -> Result<()> {
 
 /// Writes a 0644 file, creating its directories.
 fn write(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path.parent().expect("has a parent");
+    let dir = path
+        .parent()
+        .with_context(|| format!("{} has no directory", path.display()))?;
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     fs::write(path, data).with_context(|| format!("writing {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o644))?;
@@ -333,11 +335,13 @@ fn gzip(data: &[u8]) -> Result<Vec<u8>> {
         .stdout(Stdio::piped())
         .spawn()
         .context("running gzip")?;
-    let mut stdin = child.stdin.take().expect("piped stdin");
+    let mut stdin = child.stdin.take().context("gzip's stdin")?;
     let data = data.to_vec();
     let writer = std::thread::spawn(move || stdin.write_all(&data));
     let out = child.wait_with_output()?;
-    writer.join().expect("gzip writer")?;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread writing to gzip panicked"))??;
     if !out.status.success() {
         bail!("gzip failed ({})", out.status);
     }

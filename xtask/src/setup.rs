@@ -56,15 +56,11 @@ impl Env {
 }
 
 fn home() -> PathBuf {
-    env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"))
+    env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from)
 }
 
 fn cargo_home() -> PathBuf {
-    env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home().join(".cargo"))
+    env::var_os("CARGO_HOME").map_or_else(|| home().join(".cargo"), PathBuf::from)
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
@@ -153,10 +149,9 @@ fn bpf_linker(env: &Env, sysroot: &Path, bin: &Path) -> Result<()> {
         .command(&linker)
         .arg("--version")
         .output()
-        .map(|o| {
+        .is_ok_and(|o| {
             o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-        })
-        .unwrap_or(false);
+        });
     if works {
         return Ok(());
     }
@@ -171,7 +166,7 @@ fn bpf_linker(env: &Env, sysroot: &Path, bin: &Path) -> Result<()> {
         .to_string();
     let libdir = sysroot.join("lib");
     let lib = fs::read_dir(&libdir)?
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .map(|e| e.path())
         .find(|p| {
             p.file_name()
@@ -184,7 +179,7 @@ fn bpf_linker(env: &Env, sysroot: &Path, bin: &Path) -> Result<()> {
     fs::create_dir_all(&prefix_lib)?;
     for name in [
         OsStr::new("libLLVM.so"),
-        lib.file_name().expect("library has a name"),
+        lib.file_name().context("libLLVM has no file name")?,
     ] {
         let link = prefix_lib.join(name);
         let _ = fs::remove_file(&link);

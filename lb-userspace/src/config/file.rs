@@ -98,7 +98,7 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
             &key(&dp_path, "maglev_table_size"),
             v,
             3,
-            lb_common::MAX_MAGLEV_SIZE as i64,
+            i64::from(lb_common::MAX_MAGLEV_SIZE),
         )? as u32;
         maglev::check_size(m)
             .map_err(|e| FieldError::new(&key(&dp_path, "maglev_table_size"), e.to_string()))?;
@@ -109,7 +109,7 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
             &key(&dp_path, "max_services"),
             v,
             1,
-            lb_common::MAX_SERVICES as i64,
+            i64::from(lb_common::MAX_SERVICES),
         )? as u32;
     }
     let work_limits = parse_limits(&raw.limits, dp.max_services.is_some(), &mut opts)?;
@@ -199,8 +199,7 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         .admin
         .state_file
         .as_ref()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| default_state_file(path));
+        .map_or_else(|| default_state_file(path), PathBuf::from);
 
     // The record of the pinned maps sits beside the state file (bpffs
     // holds no regular files), named after the pins: daemons of different

@@ -30,9 +30,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/lb";
 /// config files never share one.
 pub fn default_state_file(config: &Path) -> PathBuf {
     let abs = std::fs::canonicalize(config).unwrap_or_else(|_| {
-        std::env::current_dir()
-            .map(|d| d.join(config))
-            .unwrap_or_else(|_| config.to_path_buf())
+        std::env::current_dir().map_or_else(|_| config.to_path_buf(), |d| d.join(config))
     });
     let dir = std::env::var_os("STATE_DIRECTORY")
         .map(PathBuf::from)
@@ -44,8 +42,7 @@ pub fn default_state_file(config: &Path) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let stem = abs
         .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "lb".into());
+        .map_or_else(|| "lb".into(), |s| s.to_string_lossy().to_string());
     let stem: String = stem
         .chars()
         .map(|c| {

@@ -118,7 +118,7 @@ pub(super) fn serde_path(p: &serde_path_to_error::Path) -> Vec<Seg> {
 /// the nearest `[table]` or `[[array]]` header above it.
 fn field_by_line(text: &str, offset: usize) -> String {
     let offset = offset.min(text.len());
-    let line_start = text[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next().unwrap_or("");
     let key = line.split_once('=').map(|(k, _)| k.trim()).filter(|k| {
         !k.is_empty()

@@ -82,7 +82,7 @@ pub(super) fn networks(path: &[Seg], list: &[String]) -> Result<Vec<Cidr>, Field
 
 fn list_networks(n: &[Cidr]) -> String {
     n.iter()
-        .map(|c| c.to_string())
+        .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
 }

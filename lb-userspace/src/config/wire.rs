@@ -212,7 +212,7 @@ impl From<&ServiceConfig> for RawService {
             allowed_backend_networks: (!s.allowed_backend_networks.is_empty()).then(|| {
                 s.allowed_backend_networks
                     .iter()
-                    .map(|c| c.to_string())
+                    .map(ToString::to_string)
                     .collect()
             }),
         }
@@ -223,7 +223,7 @@ impl From<&BackendConfig> for RawBackend {
     fn from(b: &BackendConfig) -> Self {
         RawBackend {
             address: b.address.to_string(),
-            weight: b.weight as i64,
+            weight: i64::from(b.weight),
             state: Some(b.state),
         }
     }
@@ -241,8 +241,8 @@ impl From<&CheckSpec> for RawHealth {
             expect: None,
             interval: Some(WireDuration(c.interval)),
             timeout: Some(WireDuration(c.timeout)),
-            rise: Some(c.rise as i64),
-            fall: Some(c.fall as i64),
+            rise: Some(i64::from(c.rise)),
+            fall: Some(i64::from(c.fall)),
         };
         match &c.kind {
             CheckKind::Tcp => h.kind = HealthKind::Tcp,

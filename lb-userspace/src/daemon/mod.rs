@@ -21,6 +21,7 @@ use crate::{
         WhenAllDown,
     },
     health::{self, Checker, HealthEvent, Start, Target},
+    lock,
     metrics::{Metrics, Snapshot},
     pins,
     state::{self, Saved, StateError, Verdicts},
@@ -132,13 +133,6 @@ const RETRY_EVERY: Duration = Duration::from_secs(5);
 /// Work pending this long without progress makes `/healthz` unhealthy.
 const STUCK_AFTER: Duration = Duration::from_secs(10);
 
-/// Locks `m` even when a thread panicked while holding it: readers see the
-/// last state, and the reconcile task's next install rewrites the kernel
-/// from the desired state anyway.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 fn loop_gone() -> ChangeError {
     ChangeError::Failed(
         "the reconcile loop is not running (see the daemon's log); restart the daemon".into(),
@@ -163,7 +157,7 @@ struct Inner {
 }
 
 /// How often the flow table is swept for changed slots that can be clean.
-const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 struct Shared {
     /// The config the daemon started with (what a reload compares to).
@@ -176,7 +170,7 @@ struct Shared {
     /// `true` once `lb stop` asked the daemon to detach and exit.
     stop: tokio::sync::watch::Sender<bool>,
     /// Tasks whose death makes the daemon unhealthy.
-    loops: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The admin scope's token.
     token: Option<String>,
     /// The read scope's token.
@@ -275,8 +269,7 @@ impl Daemon {
             .shared
             .loops
             .lock()
-            .map(|l| l.iter().all(|h| !h.is_finished()))
-            .unwrap_or(false);
+            .is_ok_and(|l| l.iter().all(|h| !h.is_finished()));
         let stalled = self.shared.stalled_for().filter(|d| *d > STUCK_AFTER);
         if let Some(d) = stalled {
             warn!(
@@ -332,7 +325,7 @@ impl Daemon {
     }
 
     /// The admin settings the daemon started with.
-    pub fn admin_config(&self) -> &crate::config::AdminConfig {
+    pub fn admin_config(&self) -> &config::AdminConfig {
         &self.shared.config.admin
     }
 

@@ -21,9 +21,7 @@ pub(super) fn prepare_remote_backends(specs: &[ServiceSpec]) {
         (true, "/proc/sys/net/ipv6/conf/all/forwarding"),
     ] {
         let used = remote.iter().any(|s| s.listen.is_ipv6() == v6);
-        let on = std::fs::read_to_string(file)
-            .map(|t| t.trim() == "1")
-            .unwrap_or(false);
+        let on = std::fs::read_to_string(file).is_ok_and(|t| t.trim() == "1");
         if used && !on {
             warn!(
                 "{file} is 0: nat and dsr services need IP forwarding on this host (sysctl -w {}=1)",
@@ -40,13 +38,11 @@ pub(super) fn prepare_remote_backends(specs: &[ServiceSpec]) {
         .collect();
     for s in remote {
         for b in &s.backends {
-            let any: SocketAddr = if b.address.is_ipv6() {
-                "[::]:0"
+            let any = if b.address.is_ipv6() {
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
             } else {
-                "0.0.0.0:0"
-            }
-            .parse()
-            .expect("address");
+                SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+            };
             let bind = crate::source::probe_source(b.address, &avoid).unwrap_or(any);
             // The discard port: nothing needs to answer, the neighbour
             // lookup happens on send.
@@ -70,7 +66,7 @@ pub(super) fn default_route_devices(text: &str, v6: bool) -> Vec<String> {
                 f.len() >= 8 && f[1] == "00000000" && f[7] == "00000000"
             };
             let dev = if v6 { f.last() } else { f.first() };
-            (default && dev != Some(&"lo")).then(|| dev.map(|d| d.to_string()))?
+            (default && dev != Some(&"lo")).then(|| dev.map(ToString::to_string))?
         })
         .collect()
 }
@@ -83,7 +79,7 @@ pub(super) fn check_reply_routes(iface: &str, specs: &[ServiceConfig]) {
     for (v6, file) in [(false, "/proc/net/route"), (true, "/proc/net/ipv6_route")] {
         let used = specs
             .iter()
-            .any(|s| s.forwarding != crate::dataplane::Forwarding::Dsr && s.listen.is_ipv6() == v6);
+            .any(|s| s.forwarding != Forwarding::Dsr && s.listen.is_ipv6() == v6);
         let Ok(text) = std::fs::read_to_string(file) else {
             continue;
         };
@@ -158,7 +154,7 @@ pub(super) fn targets(services: &[ServiceConfig]) -> Vec<Target> {
     for s in services {
         let Some(spec) = &s.health else { continue };
         for b in &s.backends {
-            if b.state != crate::dataplane::AdminState::Disabled {
+            if b.state != AdminState::Disabled {
                 out.push(Target {
                     service: s.name.clone(),
                     backend: b.address,
@@ -176,9 +172,11 @@ impl Daemon {
     /// inside a tokio runtime.
     pub async fn start(config: &Config, run: &RunOptions) -> Result<Daemon, StartError> {
         let (c, r) = (config.clone(), run.clone());
-        let prepared = tokio::task::spawn_blocking(move || Self::prepare(&c, &r))
-            .await
-            .expect("loader task")?;
+        let prepared = match tokio::task::spawn_blocking(move || Self::prepare(&c, &r)).await {
+            Ok(prepared) => prepared?,
+            // A blocking task is never cancelled: the error is its panic.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
         Self::finish(config, prepared).await
     }
 
@@ -352,7 +350,7 @@ impl Daemon {
                 _lock: lock,
                 private_pins,
                 stop,
-                loops: std::sync::Mutex::new(Vec::new()),
+                loops: Mutex::new(Vec::new()),
                 token,
                 read_token,
                 metrics,
@@ -422,7 +420,7 @@ impl Daemon {
             tokio::spawn(daemon.clone().sweeps()),
             tokio::spawn(daemon.clone().sample_rates()),
         ];
-        *daemon.shared.loops.lock().expect("loops") = loops;
+        *crate::lock(&daemon.shared.loops) = loops;
         Ok(daemon)
     }
 }

@@ -273,7 +273,7 @@ impl Daemon {
                         .get(&(s.name.clone(), b.address))
                         .copied()
                         .unwrap_or(true);
-                    let up = healthy && b.state != crate::dataplane::AdminState::Disabled;
+                    let up = healthy && b.state != AdminState::Disabled;
                     snap.backend_state
                         .push((s.name.clone(), name, b.weight, up));
                 }

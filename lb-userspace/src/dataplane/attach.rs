@@ -166,7 +166,11 @@ impl Dataplane {
             }
             wanted.insert(ifindex);
         }
-        let present: HashSet<u32> = self.tx_ports.keys().filter_map(|k| k.ok()).collect();
+        let present: HashSet<u32> = self
+            .tx_ports
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .collect();
         for ifindex in &wanted {
             if present.contains(ifindex) {
                 continue;
@@ -186,7 +190,10 @@ impl Dataplane {
 
     /// The interfaces `LB_TX_PORTS` holds (ifindexes).
     pub fn tx_ports(&self) -> Vec<u32> {
-        self.tx_ports.keys().filter_map(|k| k.ok()).collect()
+        self.tx_ports
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .collect()
     }
 }
 

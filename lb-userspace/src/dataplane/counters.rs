@@ -49,7 +49,7 @@ impl Dataplane {
 
     /// Entries in the flow table (walks it).
     pub fn flow_count(&self) -> usize {
-        self.flows.keys().filter(|k| k.is_ok()).count()
+        self.flows.keys().filter(std::result::Result::is_ok).count()
     }
 
     /// A second handle on the flow table, to count it from another thread
@@ -75,11 +75,11 @@ impl FlowCounter {
     /// Walks the flow table for a sweep: which candidate slots live pins
     /// still need, and which pins name a backend that no longer holds them.
     pub fn walk(&self, plan: &SweepPlan) -> SweepFound {
-        walk_pins(plan, self.0.iter().filter_map(|r| r.ok()))
+        walk_pins(plan, self.0.iter().filter_map(std::result::Result::ok))
     }
 
     pub fn count(&self) -> usize {
-        self.0.keys().filter(|k| k.is_ok()).count()
+        self.0.keys().filter(std::result::Result::is_ok).count()
     }
 }
 

@@ -120,8 +120,10 @@ impl Options {
                 self.max_services
             )));
         }
-        let slots = self.max_services as u64 * TABLES_PER_SERVICE as u64 * self.maglev_size as u64;
-        if slots > u32::MAX as u64 {
+        let slots = u64::from(self.max_services)
+            * u64::from(TABLES_PER_SERVICE)
+            * u64::from(self.maglev_size);
+        if slots > u64::from(u32::MAX) {
             return Err(DataplaneError::Options(format!(
                 "max_services x 3 x maglev_size = {slots} slots is more than one map holds; \
                  lower max_services or maglev_size"

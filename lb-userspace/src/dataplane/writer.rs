@@ -256,7 +256,9 @@ impl<S: MapStore> MapWriter<S> {
             .cloned()
             .collect();
         for name in &gone {
-            let inst = self.services.remove(name).expect("listed above");
+            let Some(inst) = self.services.remove(name) else {
+                continue;
+            };
             self.dp.write_service(inst.id, &ServiceEntry::default())?;
             for id in inst.backend_ids.values() {
                 let down = BackendEntry {
@@ -293,7 +295,9 @@ impl<S: MapStore> MapWriter<S> {
                     },
                 );
             }
-            let inst = self.services.get_mut(&spec.name).expect("inserted above");
+            let Some(inst) = self.services.get_mut(&spec.name) else {
+                continue;
+            };
             for b in &spec.backends {
                 if let std::collections::hash_map::Entry::Vacant(slot) =
                     inst.backend_ids.entry(b.address)
@@ -312,7 +316,9 @@ impl<S: MapStore> MapWriter<S> {
         self.sync_lookup_maps(desired, true)?;
 
         for spec in desired {
-            let mut inst = self.services.remove(&spec.name).expect("allocated above");
+            let Some(mut inst) = self.services.remove(&spec.name) else {
+                continue;
+            };
             let installed = self.apply_service(&mut inst, spec, &mut report);
             self.services.insert(spec.name.clone(), inst);
             installed?;
@@ -395,7 +401,9 @@ impl<S: MapStore> MapWriter<S> {
             .collect();
         let mut released = Vec::new();
         for addr in leaving {
-            let bid = inst.backend_ids.remove(&addr).expect("listed above");
+            let Some(bid) = inst.backend_ids.remove(&addr) else {
+                continue;
+            };
             let mut e = self.backend_entry(spec, id, addr);
             e.state = BACKEND_DOWN;
             self.put_backend(bid, e)?;
@@ -418,16 +426,15 @@ impl<S: MapStore> MapWriter<S> {
             inst.fail_open = fail_open;
         }
         for b in &spec.backends {
-            let bid = match inst.backend_ids.get(&b.address) {
-                Some(bid) => *bid,
-                None => {
-                    let bid = self
-                        .free_backend_ids
-                        .pop()
-                        .ok_or(DataplaneError::Full("backends"))?;
-                    inst.backend_ids.insert(b.address, bid);
-                    bid
-                }
+            let bid = if let Some(bid) = inst.backend_ids.get(&b.address) {
+                *bid
+            } else {
+                let bid = self
+                    .free_backend_ids
+                    .pop()
+                    .ok_or(DataplaneError::Full("backends"))?;
+                inst.backend_ids.insert(b.address, bid);
+                bid
             };
             let mut e = self.backend_entry(spec, id, b.address);
             e.state = if kept.contains(&b.address) {

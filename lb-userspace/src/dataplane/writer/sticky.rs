@@ -100,7 +100,9 @@ impl<S: MapStore> MapWriter<S> {
         }
         let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {
-            let inst = self.services.get_mut(&name).expect("listed above");
+            let Some(inst) = self.services.get_mut(&name) else {
+                continue;
+            };
             let Some(slots) = by_service.get(&inst.id) else {
                 continue;
             };
