@@ -82,7 +82,8 @@ fn run(cli: Cli) -> Result<()> {
             remove_stale_namespaces();
             // The end-to-end part runs the real daemon.
             build(&env)?;
-            let mut cmd = tests_bin(&env, "lb-bench");
+            let mut cmd = env.cargo();
+            cmd.args(["run", "--release", "-p", "lb-bench", "--"]);
             if quick {
                 cmd.arg("--quick");
             }

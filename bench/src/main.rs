@@ -18,25 +18,15 @@
 //! `--quick` is a shorter run of everything, `--smoke` a CI-sized one that
 //! needs no package from outside (no peers); `--only SECTION,...` runs some
 //! of `per-packet`, `pps`, `e2e`, `control`.
-#[path = "../bench/chart.rs"]
 mod chart;
-#[path = "../bench/control.rs"]
 mod control;
-#[path = "../bench/e2e.rs"]
 mod e2e;
-#[path = "../bench/load.rs"]
 mod load;
-#[path = "../bench/markdown.rs"]
 mod markdown;
-#[path = "../bench/peers.rs"]
 mod peers;
-#[path = "../bench/per_packet.rs"]
 mod per_packet;
-#[path = "../bench/pps.rs"]
 mod pps;
-#[path = "../bench/report.rs"]
 mod report;
-#[path = "../bench/sys.rs"]
 mod sys;
 
 use std::{
