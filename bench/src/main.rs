@@ -23,6 +23,7 @@ mod control;
 mod e2e;
 mod load;
 mod markdown;
+mod objects;
 mod peers;
 mod per_packet;
 mod pps;

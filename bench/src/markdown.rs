@@ -68,7 +68,7 @@ const METHOD: &str = "## Method\n\n\
   before and after it whose output is checked. A SYN that must insert into \
   the flow table runs once per distinct frame; the fixed cost of such a \
   call is measured on the baseline and subtracted. Baseline: \
-  `lb-ebpf/src/baseline.rs` (parse Ethernet/IP/TCP, swap MACs, `XDP_TX`).\n\
+  `test-ebpf/src/baseline.rs` (parse Ethernet/IP/TCP, swap MACs, `XDP_TX`).\n\
 - **Packets per second**: live frames (`BPF_F_TEST_XDP_LIVE_FRAMES`) sent \
   from a generator namespace out of a veth into the program attached \
   (native XDP) to its peer; one pinned core does all the work; the \

@@ -305,7 +305,7 @@ pub struct Row {
 
 impl Bench {
     fn new(repeat: u32, rounds: usize) -> Self {
-        let mut baseline = Ebpf::load(lb_userspace::BASELINE_OBJECT).expect("baseline object");
+        let mut baseline = Ebpf::load(crate::objects::BASELINE_OBJECT).expect("baseline object");
         let prog: &mut Xdp = baseline
             .program_mut("baseline")
             .unwrap()

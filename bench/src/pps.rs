@@ -173,7 +173,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
         },
     ];
 
-    let mut gen_ebpf = Ebpf::load(lb_userspace::BASELINE_OBJECT).expect("baseline object");
+    let mut gen_ebpf = Ebpf::load(crate::objects::BASELINE_OBJECT).expect("baseline object");
     let gen_prog: &mut Xdp = gen_ebpf
         .program_mut("baseline")
         .unwrap()
@@ -326,7 +326,7 @@ fn attach(lb: bool) -> Dut {
             .expect("attach lb to d0 (native)");
         Dut::Lb(Box::new(w))
     } else {
-        let mut ebpf = Ebpf::load(lb_userspace::BASELINE_OBJECT).expect("baseline object");
+        let mut ebpf = Ebpf::load(crate::objects::BASELINE_OBJECT).expect("baseline object");
         let prog: &mut Xdp = ebpf.program_mut("baseline").unwrap().try_into().unwrap();
         prog.load().unwrap();
         prog.attach("d0", XdpMode::Driver)
