@@ -658,3 +658,123 @@ pub struct Results<'a> {
     pub sections: &'a Sections,
     pub figures: &'a [Figure],
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ids are results.json's contract with earlier runs: they stay
+    /// the strings they were.
+    #[test]
+    fn figure_ids_are_the_stable_strings() {
+        let est = Traffic::Kind(Kind::Est);
+        let syn = Traffic::Kind(Kind::Syn);
+        let cases = [
+            (
+                FigureId::PerPacketBaseline {
+                    fam: Fam::V6,
+                    frame_bytes: 1514,
+                },
+                "per_packet/baseline/ipv6/1514B/ns",
+            ),
+            (
+                FigureId::PerPacketXBaseline(Case::new(Fam::V4, est, 64, 3, Slot::Clean)),
+                "per_packet/ipv4/tcp_established/64B/3_backends/clean_slot/empty_table/x_baseline",
+            ),
+            (
+                FigureId::PerPacketNs(
+                    Case::new(Fam::V4, syn, 64, 4, Slot::StickyInsert).table(FlowTable::NearlyFull),
+                ),
+                "per_packet/ipv4/tcp_syn/64B/4_backends/sticky_slot_insert/full_table/ns",
+            ),
+            (
+                FigureId::PerPacketNs(Case {
+                    cross_check: true,
+                    ..Case::new(Fam::V4, syn, 64, 4, Slot::Clean).table(FlowTable::NearlyFull)
+                }),
+                "per_packet/ipv4/tcp_syn/64B/4_backends/clean_slot/full_table/repeat1/ns",
+            ),
+            (
+                FigureId::PerPacketNs(Case::new(
+                    Fam::V4,
+                    Traffic::UdpLaterFragment,
+                    60,
+                    3,
+                    Slot::Nat,
+                )),
+                "per_packet/ipv4/udp_later_fragment/60B/3_backends/nat/empty_table/ns",
+            ),
+            (
+                FigureId::PerPacketNs(Case::new(Fam::V4, est, 64, 10, Slot::AfterChangesPinned)),
+                "per_packet/ipv4/tcp_established/64B/10_backends/after_100_changes_pinned/empty_table/ns",
+            ),
+            (FigureId::Repeat1Overhead, "per_packet/repeat1_overhead/ns"),
+            (
+                FigureId::Pps(PpsCase::BaselineUdp),
+                "pps/baseline/udp_64B/pps",
+            ),
+            (
+                FigureId::PpsNs(PpsCase::LbNonService),
+                "pps/lb/non_service_64B/ns",
+            ),
+            (
+                FigureId::E2e(Setup::Lb, E2eMetric::LatencyP999Us),
+                "e2e/lb/latency_p999_us",
+            ),
+            (
+                FigureId::E2e(Setup::Nft, E2eMetric::HttpsConnPerSXDirect),
+                "e2e/nftables/https_conn_per_s_x_direct",
+            ),
+            (
+                FigureId::LbVs(Setup::Direct, LbVs::HttpsConnPerS),
+                "e2e/lb_vs_direct/https_conn_per_s",
+            ),
+            (
+                FigureId::MaglevBuild {
+                    backends: 5000,
+                    m: None,
+                },
+                "control/maglev_build/5000_backends/ms",
+            ),
+            (
+                FigureId::MaglevBuild {
+                    backends: 5000,
+                    m: Some(500_009),
+                },
+                "control/maglev_build/5000_backends_m500009/ms",
+            ),
+            (
+                FigureId::MaglevSkew(Weights::All100),
+                "control/maglev_skew/all_100/ms",
+            ),
+            (
+                FigureId::FlowsMoved {
+                    backends: 100,
+                    change: Change::Remove,
+                    flow_table: true,
+                },
+                "control/flows_moved/100_backends/remove/with_flow_table",
+            ),
+            (
+                FigureId::Daemon(DaemonMetric::RssAfterApiChangesMib),
+                "control/daemon_rss/after_api_changes_mib",
+            ),
+        ];
+        for (id, want) in cases {
+            assert_eq!(id.to_string(), want);
+        }
+    }
+
+    #[test]
+    fn a_figure_is_written_with_its_unit_and_a_string_id() {
+        let f = Figure {
+            id: FigureId::Pps(PpsCase::LbUdp),
+            value: 1.5e6,
+            unit: FigureId::Pps(PpsCase::LbUdp).unit(),
+        };
+        assert_eq!(
+            serde_json::to_value(&f).unwrap(),
+            serde_json::json!({"id": "pps/lb/udp_64B/pps", "value": 1.5e6, "unit": "packets/s"})
+        );
+    }
+}
