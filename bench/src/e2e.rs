@@ -318,7 +318,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
         // relative to it.
         if let Some(only) = &scale.setups
             && setup != Setup::Direct
-            && !only.iter().any(|s| s == setup.id())
+            && !only.contains(&setup)
         {
             continue;
         }

@@ -113,7 +113,7 @@ pub struct Scale {
     /// Passes over all setups; each figure is the best of them.
     pub e2e_passes: usize,
     /// Only these setups (`--setups direct,lb,...`), for a partial run.
-    pub setups: Option<Vec<String>>,
+    pub setups: Option<Vec<peers::Setup>>,
     /// Control plane.
     pub maglev_reps: usize,
     pub share_flows: usize,
@@ -210,7 +210,7 @@ fn main() {
         Mode::Full
     };
     let mut scale = Scale::of(mode);
-    scale.setups = value("--setups").map(|v| v.split(',').map(str::to_string).collect());
+    scale.setups = value("--setups").map(|v| v.split(',').map(peers::Setup::parse).collect());
     let sections: Vec<Section> = value("--only")
         .map(|v| v.split(',').map(Section::parse).collect())
         .unwrap_or_else(|| Section::ALL.to_vec());
