@@ -694,7 +694,7 @@ fn flows_on_a_dead_backend_are_repicked() {
         }
     }
     assert!(before.contains(&8002));
-    let stale = w.dataplane().event_counts().unwrap()[lb_common::EVENT_PIN_STALE as usize];
+    let stale = w.dataplane().event_counts().unwrap()[lb_common::Event::PinStale as usize];
     assert!(stale > 0, "pins of the dead backend were not seen as stale");
 }
 
@@ -1075,8 +1075,8 @@ fn flow_inserts_are_capped_per_cpu() {
     }
     let events = w.dataplane().event_counts().unwrap();
     let (inserted, refused) = (
-        events[lb_common::EVENT_PIN_INSERTED as usize],
-        events[lb_common::EVENT_PIN_REFUSED as usize],
+        events[lb_common::Event::PinInserted as usize],
+        events[lb_common::Event::PinRefused as usize],
     );
     // The 600 SYNs may straddle a second boundary: at most two seconds' worth.
     assert!(inserted <= 200, "{inserted} inserts over a cap of 100/s");
@@ -1293,7 +1293,7 @@ fn a_reused_backend_id_never_matches_old_pins() {
         assert_eq!(*port, want, "a flow followed a stale pin");
     }
     assert!(misses > 50);
-    let stale = w.dataplane().event_counts().unwrap()[lb_common::EVENT_PIN_STALE as usize];
+    let stale = w.dataplane().event_counts().unwrap()[lb_common::Event::PinStale as usize];
     assert!(stale > 0, "no old pin was met");
 }
 

@@ -51,6 +51,17 @@ impl Setup {
         }
     }
 
+    /// A setup named on the command line (`--setups lb,nftables`).
+    pub fn parse(id: &str) -> Setup {
+        Setup::ALL
+            .into_iter()
+            .find(|s| s.id() == id)
+            .unwrap_or_else(|| {
+                let all: Vec<&str> = Setup::ALL.iter().map(|s| s.id()).collect();
+                panic!("unknown setup {id:?}: {}", all.join(", "))
+            })
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Setup::Direct => "direct to one backend",
