@@ -212,6 +212,17 @@ async fn view(d: &Daemon, name: &str) -> Result<ServiceView, ChangeError> {
         .ok_or_else(|| no_service(name))
 }
 
+/// The service `name` of `services`, to change, or 404.
+fn service_mut<'a>(
+    services: &'a mut [config::ServiceConfig],
+    name: &str,
+) -> Result<&'a mut config::ServiceConfig, ChangeError> {
+    services
+        .iter_mut()
+        .find(|s| s.name == name)
+        .ok_or_else(|| no_service(name))
+}
+
 fn no_service(name: &str) -> ChangeError {
     ChangeError::NotFound(format!("no service {name:?}"))
 }
@@ -438,10 +449,7 @@ async fn add_backend(
     let key = name.clone();
     d.change(move |services| {
         let name = key;
-        let s = services
-            .iter_mut()
-            .find(|s| s.name == name)
-            .ok_or_else(|| no_service(&name))?;
+        let s = service_mut(services, &name)?;
         if s.backends.iter().any(|x| x.address == b.address) {
             return Err(ChangeError::Conflict(format!(
                 "service {name:?} already has backend {}; PATCH it instead",
@@ -482,10 +490,7 @@ async fn patch_backend(
     let key = name.clone();
     d.change(move |services| {
         let name = key;
-        let s = services
-            .iter_mut()
-            .find(|s| s.name == name)
-            .ok_or_else(|| no_service(&name))?;
+        let s = service_mut(services, &name)?;
         let b = s
             .backends
             .iter_mut()
@@ -512,10 +517,7 @@ async fn delete_backend(
 ) -> Result<StatusCode, ApiError> {
     let addr = parse_address(&address)?;
     d.change(move |services| {
-        let s = services
-            .iter_mut()
-            .find(|s| s.name == name)
-            .ok_or_else(|| no_service(&name))?;
+        let s = service_mut(services, &name)?;
         let before = s.backends.len();
         s.backends.retain(|b| b.address != addr);
         if s.backends.len() == before {

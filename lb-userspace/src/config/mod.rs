@@ -21,6 +21,7 @@ pub use paths::{
     DEFAULT_ADMIN_LISTEN, DEFAULT_ADMIN_SOCKET, DEFAULT_PIN_PATH, DEFAULT_STATE_DIR,
     default_admin_socket, default_state_file, fnv1a, legacy_record_path, record_path,
 };
+pub(crate) use validate::service_shape;
 pub use validate::{
     ServiceShape, backend, check_conflicts, check_limits, check_policy, check_services,
     ephemeral_port_range, local_port_warnings, service,

@@ -433,23 +433,32 @@ pub trait ServiceShape {
     fn backend_addresses(&self) -> impl Iterator<Item = SocketAddr> + '_;
 }
 
-impl ServiceShape for ServiceConfig {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn listen(&self) -> SocketAddr {
-        self.listen
-    }
-    fn protocols(&self) -> &[Protocol] {
-        &self.protocols
-    }
-    fn forwarding(&self) -> Forwarding {
-        self.forwarding
-    }
-    fn backend_addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.backends.iter().map(|b| b.address)
-    }
+/// Implements [`ServiceShape`] for a type with the fields of a service
+/// (`name`, `listen`, `protocols`, `forwarding`, `backends[].address`).
+macro_rules! service_shape {
+    ($ty:ty) => {
+        impl $crate::config::ServiceShape for $ty {
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn listen(&self) -> std::net::SocketAddr {
+                self.listen
+            }
+            fn protocols(&self) -> &[$crate::dataplane::Protocol] {
+                &self.protocols
+            }
+            fn forwarding(&self) -> $crate::dataplane::Forwarding {
+                self.forwarding
+            }
+            fn backend_addresses(&self) -> impl Iterator<Item = std::net::SocketAddr> + '_ {
+                self.backends.iter().map(|b| b.address)
+            }
+        }
+    };
 }
+pub(crate) use service_shape;
+
+service_shape!(ServiceConfig);
 
 /// Rules that span services: `[limits]`, then [`check_conflicts`].
 pub fn check_services(services: &[ServiceConfig], limits: &Limits) -> Result<(), FieldError> {

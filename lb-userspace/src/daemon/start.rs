@@ -304,21 +304,8 @@ impl Daemon {
     /// installs the services and starts the loops. Needs only what the
     /// running daemon keeps.
     pub async fn finish(config: &Config, prepared: Prepared) -> Result<Daemon, StartError> {
-        let Prepared {
-            token,
-            read_token,
-            lock,
-            private_pins,
-            services,
-            dropped,
-            health,
-            mode,
-            attached_iface,
-            writer,
-            logger,
-            flow_counter,
-        } = prepared;
-        if let Some(logger) = logger {
+        let p = prepared;
+        if let Some(logger) = p.logger {
             let registered = crate::sys::async_ebpf_logger(logger);
             match registered {
                 Ok(mut logger) => {
@@ -347,24 +334,24 @@ impl Daemon {
             Shared {
                 config: config.clone(),
                 state_file: config.admin.state_file.clone(),
-                _lock: lock,
-                private_pins,
+                _lock: p.lock,
+                private_pins: p.private_pins,
                 stop,
                 loops: Mutex::new(Vec::new()),
-                token,
-                read_token,
+                token: p.token,
+                read_token: p.read_token,
                 metrics,
-                writer: Arc::new(Mutex::new(writer)),
+                writer: Arc::new(Mutex::new(p.writer)),
                 fail_open: Mutex::new(Default::default()),
                 attached: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-                flow_counter: Arc::new(flow_counter),
+                flow_counter: Arc::new(p.flow_counter),
                 inner: tokio::sync::Mutex::new(Inner {
                     services: Vec::new(),
                     base: config.services.clone(),
                     base_fp: state::fingerprint(&config.services),
                     health: HashMap::new(),
                     checker: Checker::new(config.health_max_concurrent, tx, hook),
-                    dropped,
+                    dropped: p.dropped,
                     reloads: 0,
                     last_reload_error: None,
                     limits: config.limits,
@@ -378,8 +365,8 @@ impl Daemon {
         // Interfaces that appear after attach become redirect targets too,
         // and the attached one is attached again if it goes and comes back.
         if let Err(e) = crate::links::spawn_watcher(
-            attached_iface,
-            mode,
+            p.attached_iface,
+            p.mode,
             Arc::downgrade(&daemon.shared.writer),
             daemon.shared.attached.clone(),
         ) {
@@ -390,20 +377,20 @@ impl Daemon {
         {
             let mut inner = daemon.shared.inner.lock().await;
             daemon
-                .install(&services, &health)
+                .install(&p.services, &p.health)
                 .await
                 .map_err(|e| StartError::StateConflict(e.to_string()))?;
             inner
                 .checker
-                .set_service_addresses(service_addresses(&services));
+                .set_service_addresses(service_addresses(&p.services));
             inner
                 .checker
-                .set_targets_from(targets(&services), |k| match health.get(k) {
+                .set_targets_from(targets(&p.services), |k| match p.health.get(k) {
                     Some(up) => Start::Known(*up),
                     None => Start::New,
                 });
-            inner.services = services;
-            inner.health = health;
+            inner.services = p.services;
+            inner.health = p.health;
             // An existing file is rewritten at once: a reset or a dropped
             // change stays so, and the file names the config it now follows.
             // (No file yet: nothing to record until something changes.)
@@ -420,7 +407,7 @@ impl Daemon {
             tokio::spawn(daemon.clone().sweeps()),
             tokio::spawn(daemon.clone().sample_rates()),
         ];
-        *crate::lock(&daemon.shared.loops) = loops;
+        *lock(&daemon.shared.loops) = loops;
         Ok(daemon)
     }
 }

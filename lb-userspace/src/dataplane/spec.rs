@@ -185,22 +185,6 @@ impl ServiceSpec {
     }
 }
 
-/// The cross-service rules read a spec as they read the config it was
-/// built from.
-impl crate::config::ServiceShape for ServiceSpec {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn listen(&self) -> SocketAddr {
-        self.listen
-    }
-    fn protocols(&self) -> &[Protocol] {
-        &self.protocols
-    }
-    fn forwarding(&self) -> Forwarding {
-        self.forwarding
-    }
-    fn backend_addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.backends.iter().map(|b| b.address)
-    }
-}
+// The cross-service rules read a spec as they read the config it was built
+// from.
+crate::config::service_shape!(ServiceSpec);

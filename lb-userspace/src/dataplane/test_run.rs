@@ -14,7 +14,11 @@ impl Dataplane {
     /// Removes every pin, as an LRU under pressure would evict them; returns
     /// how many there were. For tests of what misses do.
     pub fn clear_flows(&mut self) -> usize {
-        let keys: Vec<FlowKey> = self.flows.keys().filter_map(std::result::Result::ok).collect();
+        let keys: Vec<FlowKey> = self
+            .flows
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .collect();
         for k in &keys {
             let _ = self.flows.remove(k);
         }
