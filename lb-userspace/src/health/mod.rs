@@ -16,7 +16,7 @@ use thiserror::Error;
 
 use probe::Probe;
 #[cfg(test)]
-use {http::*, scheduler::*, tls::*};
+use {scheduler::*, tls::*};
 
 /// Largest `ca_file` accepted.
 pub const MAX_CA_FILE: u64 = 1 << 20;

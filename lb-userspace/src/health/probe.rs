@@ -12,7 +12,7 @@ use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
 use super::{
     CheckError, CheckKind,
-    http::{http_exchange, http_request},
+    http::{HttpRequest, http_exchange, http_request},
     tls::{server_name, tls_config},
 };
 
@@ -23,10 +23,10 @@ const MAX_DATAGRAM: usize = 65_535;
 pub(super) enum Probe {
     Tcp,
     Http {
-        request: Vec<u8>,
+        request: HttpRequest,
     },
     Https {
-        request: Vec<u8>,
+        request: HttpRequest,
         tls: tokio_rustls::TlsConnector,
         server_name: ServerName<'static>,
     },

@@ -307,26 +307,57 @@ async fn http_rejects_bad_input_without_connecting() {
     assert_eq!(server.accepted(), 0);
 }
 
-#[test]
-fn status_lines() {
-    assert_eq!(
-        parse_status_line(b"HTTP/1.1 204 No Content\r").unwrap(),
-        204
-    );
-    assert_eq!(parse_status_line(b"HTTP/1.0 200").unwrap(), 200);
-    assert_eq!(parse_status_line(b"HTTP/2 500 oops").unwrap(), 500);
+/// Status lines as hyper reads them: only an HTTP/1.x line with a
+/// three-digit code counts, and a long head is cut off.
+#[tokio::test]
+async fn status_lines() {
+    let t = Duration::from_secs(1);
+    let answering = |reply: Vec<u8>| {
+        serve(move |mut stream| {
+            let reply = reply.clone();
+            async move {
+                let _ = read_request_head(&mut stream).await;
+                let _ = stream.write_all(&reply).await;
+            }
+        })
+    };
+    for good in [
+        &b"HTTP/1.1 204 No Content\r\n\r\n"[..],
+        b"HTTP/1.0 200\r\n\r\n",
+        b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
+    ] {
+        let server = answering(good.to_vec()).await;
+        let seen = check_once(&http("/", None), server.addr, t).await;
+        assert!(
+            seen.is_ok(),
+            "{:?}: {seen:?}",
+            String::from_utf8_lossy(good)
+        );
+    }
+    let huge = [
+        &b"HTTP/1.1 200 OK\r\nX-Pad: "[..],
+        &[b'a'; 9000],
+        b"\r\n\r\n",
+    ]
+    .concat();
     for bad in [
         &b""[..],
         b"HTTP/1.1",
-        b"HTTP/1.1 20",
-        b"HTTP/1.1 2000 x",
-        b"ICY 200 OK",
-        b"HTTP/1.1 2x0 x",
+        b"HTTP/1.1 20\r\n\r\n",
+        b"HTTP/1.1 2000 x\r\n\r\n",
+        b"ICY 200 OK\r\n\r\n",
+        b"HTTP/1.1 2x0 x\r\n\r\n",
+        &huge,
     ] {
-        assert!(
-            parse_status_line(bad).is_err(),
-            "{:?}",
-            String::from_utf8_lossy(bad)
+        let server = answering(bad.to_vec()).await;
+        let err = check_once(&http("/", None), server.addr, t)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.label(),
+            "bad_response",
+            "{:?}: {err}",
+            String::from_utf8_lossy(&bad[..bad.len().min(40)])
         );
     }
 }
