@@ -34,21 +34,17 @@ pub fn lb_binary() -> PathBuf {
     lb
 }
 
-/// A scratch directory removed on drop.
-pub struct TempDir(pub PathBuf);
+/// A scratch directory: `.0` is its path, `.1` the `tempfile` guard that
+/// removes it on drop.
+pub struct TempDir(pub PathBuf, pub tempfile::TempDir);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "lbt-{}-{tag}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        fs::create_dir_all(&p).unwrap();
-        Self(p)
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("lbt-{tag}-"))
+            .tempdir()
+            .expect("a scratch directory");
+        Self(dir.path().to_owned(), dir)
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -62,12 +58,6 @@ impl TempDir {
         fs::write(&p, text).unwrap();
         fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
