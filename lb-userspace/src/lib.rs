@@ -23,8 +23,3 @@ pub mod ui;
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
-
-/// The bench floor: a program that parses Ethernet/IP/TCP, swaps MACs and
-/// returns `XDP_TX`, built from `lb-ebpf/src/baseline.rs`.
-pub static BASELINE_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline"));

@@ -18,7 +18,8 @@ pub fn lb_binary() -> PathBuf {
     let dir = exe
         .parent()
         .and_then(|d| {
-            if d.ends_with("deps") {
+            // Test binaries live in deps/, the demo in examples/.
+            if d.ends_with("deps") || d.ends_with("examples") {
                 d.parent()
             } else {
                 Some(d)

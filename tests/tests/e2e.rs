@@ -881,7 +881,16 @@ fn the_demo_prints_how_to_try_it_and_removes_everything() {
     let _serial = serial();
     let dir = lb_tests::daemon::TempDir::new("demo-smoke");
     let out_path = dir.path("demo.out");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lb-demo"))
+    // tests/examples/demo.rs, built beside lb (`cargo xtask test` does).
+    let demo = lb_tests::daemon::lb_binary()
+        .with_file_name("examples")
+        .join("demo");
+    assert!(
+        demo.exists(),
+        "{} is missing: build it first (`cargo build -p lb-tests --example demo`)",
+        demo.display()
+    );
+    let mut child = std::process::Command::new(&demo)
         .args(["--for", "3"])
         .stdout(std::fs::File::create(&out_path).unwrap())
         .stderr(std::process::Stdio::inherit())

@@ -82,7 +82,8 @@ fn run(cli: Cli) -> Result<()> {
             remove_stale_namespaces();
             // The end-to-end part runs the real daemon.
             build(&env)?;
-            let mut cmd = tests_bin(&env, "lb-bench");
+            let mut cmd = env.cargo();
+            cmd.args(["run", "--release", "-p", "lb-bench", "--"]);
             if quick {
                 cmd.arg("--quick");
             }
@@ -110,7 +111,16 @@ fn run_cmd(env: &setup::Env, args: &[String]) -> Result<()> {
         println!(
             "xtask: building the demo (release; the first time takes a minute) and starting it..."
         );
-        let mut cmd = tests_bin(env, "lb-demo");
+        let mut cmd = env.cargo();
+        cmd.args([
+            "run",
+            "--release",
+            "-p",
+            "lb-tests",
+            "--example",
+            "demo",
+            "--",
+        ]);
         cmd.args(demo_args);
         return run_until_done(cmd, "lb-demo");
     }
@@ -182,14 +192,6 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-/// `cargo run --release` of one of the tests crate's programs (the bench,
-/// the demo); arguments for it follow.
-fn tests_bin(env: &setup::Env, bin: &str) -> Command {
-    let mut cmd = env.cargo();
-    cmd.args(["run", "--release", "-p", "lb-tests", "--bin", bin, "--"]);
-    cmd
-}
-
 fn build(env: &setup::Env) -> Result<()> {
     println!("xtask: building the eBPF object and lb (release)...");
     let status = env
@@ -221,6 +223,12 @@ fn test(env: &setup::Env, args: &[String]) -> Result<()> {
         .args(["build", "-p", "lb-userspace", "--bin", "lb"])
         .status()?;
     check(status, "cargo build of lb")?;
+    // tests/tests/e2e.rs runs the demo (tests/examples/demo.rs).
+    let status = env
+        .cargo()
+        .args(["build", "-p", "lb-tests", "--example", "demo"])
+        .status()?;
+    check(status, "cargo build of the demo")?;
     // tests/tests/package.rs installs the package (release build); skipped
     // when `--test` selects other test files only.
     let mut cargo_test = env.cargo();

@@ -18,25 +18,17 @@
 //! `--quick` is a shorter run of everything, `--smoke` a CI-sized one that
 //! needs no package from outside (no peers); `--only SECTION,...` runs some
 //! of `per-packet`, `pps`, `e2e`, `control`.
-#[path = "../bench/chart.rs"]
 mod chart;
-#[path = "../bench/control.rs"]
 mod control;
-#[path = "../bench/e2e.rs"]
 mod e2e;
-#[path = "../bench/load.rs"]
 mod load;
-#[path = "../bench/markdown.rs"]
 mod markdown;
-#[path = "../bench/peers.rs"]
+mod objects;
 mod peers;
-#[path = "../bench/per_packet.rs"]
 mod per_packet;
-#[path = "../bench/pps.rs"]
 mod pps;
-#[path = "../bench/report.rs"]
 mod report;
-#[path = "../bench/sys.rs"]
+mod results;
 mod sys;
 
 use std::{
@@ -44,9 +36,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::json;
+use serde::Serialize;
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Mode {
     Smoke,
     Quick,
@@ -60,6 +53,41 @@ impl Mode {
             Mode::Quick => "quick",
             Mode::Full => "full",
         }
+    }
+}
+
+/// A part of the bench (`--only per-packet,e2e`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Section {
+    PerPacket,
+    Pps,
+    E2e,
+    Control,
+}
+
+impl Section {
+    const ALL: [Section; 4] = [
+        Section::PerPacket,
+        Section::Pps,
+        Section::E2e,
+        Section::Control,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Section::PerPacket => "per-packet",
+            Section::Pps => "pps",
+            Section::E2e => "e2e",
+            Section::Control => "control",
+        }
+    }
+
+    fn parse(s: &str) -> Section {
+        Section::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .unwrap_or_else(|| panic!("unknown section {s:?}: per-packet, pps, e2e, control"))
     }
 }
 
@@ -183,13 +211,9 @@ fn main() {
     };
     let mut scale = Scale::of(mode);
     scale.setups = value("--setups").map(|v| v.split(',').map(str::to_string).collect());
-    let sections: Vec<String> = value("--only")
-        .map(|v| v.split(',').map(str::to_string).collect())
-        .unwrap_or_else(|| {
-            ["per-packet", "pps", "e2e", "control"]
-                .map(String::from)
-                .to_vec()
-        });
+    let sections: Vec<Section> = value("--only")
+        .map(|v| v.split(',').map(Section::parse).collect())
+        .unwrap_or_else(|| Section::ALL.to_vec());
     let out = value("--out")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target/bench"));
@@ -207,16 +231,19 @@ fn main() {
         machine.kernel,
         load_before
     );
-    for s in &sections {
+    for &s in &sections {
         let t = Instant::now();
-        match s.as_str() {
-            "per-packet" => per_packet::run(&scale, &mut report),
-            "pps" => pps::run(&scale, &mut report),
-            "e2e" => e2e::run(&scale, &mut report),
-            "control" => control::run(&scale, &mut report),
-            other => panic!("unknown section {other:?}: per-packet, pps, e2e, control"),
+        match s {
+            Section::PerPacket => per_packet::run(&scale, &mut report),
+            Section::Pps => pps::run(&scale, &mut report),
+            Section::E2e => e2e::run(&scale, &mut report),
+            Section::Control => control::run(&scale, &mut report),
         }
-        println!("bench: {s} took {:.0} s", t.elapsed().as_secs_f64());
+        println!(
+            "bench: {} took {:.0} s",
+            s.name(),
+            t.elapsed().as_secs_f64()
+        );
     }
     let elapsed = started.elapsed().as_secs_f64();
     let command = match mode {
@@ -224,26 +251,21 @@ fn main() {
         Mode::Quick => "cargo xtask bench --quick".to_string(),
         Mode::Smoke => format!("lb-bench {}", args[1..].join(" ")),
     };
-    let meta = json!({
-        "mode": mode.name(),
-        "command": command,
-        "sections": sections,
-        "machine": {
-            "cpus": machine.cpus,
-            "cpu_model": machine.cpu_model,
-            "kernel": machine.kernel,
-            "memory_gib": machine.memory_gib,
-        },
-        "load_average_before": load_before,
-        "load_average_after": sys::loadavg(),
-        "unix_time": std::time::SystemTime::now()
+    let meta = results::Meta {
+        mode,
+        command,
+        sections: sections.clone(),
+        machine,
+        load_average_before: load_before,
+        load_average_after: sys::loadavg(),
+        unix_time: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs(),
-        "duration_s": elapsed,
-    });
+        duration_s: elapsed,
+    };
     let json_path = out.join("results.json");
-    report.write_json(&json_path, meta.clone()).unwrap();
+    report.write_json(&json_path, &meta).unwrap();
     let png = out.join("benchmarks.png");
     if let Err(e) = chart::draw(&report, &png) {
         report.skip(format!("chart: {e}"));

@@ -3,18 +3,19 @@
 //! were.
 use std::{fmt::Write as _, fs, path::Path};
 
-use serde_json::Value;
+use crate::{
+    report::{NOTES_BEGIN, NOTES_END, Report, preserved_notes},
+    results::Meta,
+};
 
-use crate::report::{NOTES_BEGIN, NOTES_END, Report, preserved_notes};
-
-pub fn write(report: &Report, meta: &Value, path: &Path, png: &str) {
+pub fn write(report: &Report, meta: &Meta, path: &Path, png: &str) {
     let existing = fs::read_to_string(path).unwrap_or_default();
     let notes = preserved_notes(&existing).unwrap_or_else(|| {
         format!(
             "{NOTES_BEGIN}\n## Reading the numbers\n\n(Notes on this run: where lb wins, where it loses and why.)\n{NOTES_END}"
         )
     });
-    let m = &meta["machine"];
+    let m = &meta.machine;
     let mut s = String::new();
     s.push_str("# Benchmarks\n\n");
     s.push_str(
@@ -22,27 +23,18 @@ pub fn write(report: &Report, meta: &Value, path: &Path, png: &str) {
          measured in the same run, because the machines are shared and noisy. \
          `target/bench/results.json` holds every figure of the run with an id and a unit.\n\n",
     );
-    let _ = writeln!(
-        s,
-        "- Command: `{}` (as root)",
-        meta["command"].as_str().unwrap_or("")
-    );
+    let _ = writeln!(s, "- Command: `{}` (as root)", meta.command);
     let _ = writeln!(
         s,
         "- Machine: {} x {}, {:.0} GiB, Linux {}",
-        m["cpus"],
-        m["cpu_model"].as_str().unwrap_or(""),
-        m["memory_gib"].as_f64().unwrap_or(0.0),
-        m["kernel"].as_str().unwrap_or("")
+        m.cpus, m.cpu_model, m.memory_gib, m.kernel
     );
     let _ = writeln!(
         s,
         "- Load average (1 min) before and after: {:.2}, {:.2}; the run took {:.0} s",
-        meta["load_average_before"].as_f64().unwrap_or(0.0),
-        meta["load_average_after"].as_f64().unwrap_or(0.0),
-        meta["duration_s"].as_f64().unwrap_or(0.0)
+        meta.load_average_before, meta.load_average_after, meta.duration_s
     );
-    let _ = writeln!(s, "- Mode: {}", meta["mode"].as_str().unwrap_or(""));
+    let _ = writeln!(s, "- Mode: {}", meta.mode.name());
     if !report.skipped.is_empty() {
         let _ = writeln!(s, "- Not measured: {}", report.skipped.join("; "));
     }
@@ -68,7 +60,7 @@ const METHOD: &str = "## Method\n\n\
   before and after it whose output is checked. A SYN that must insert into \
   the flow table runs once per distinct frame; the fixed cost of such a \
   call is measured on the baseline and subtracted. Baseline: \
-  `lb-ebpf/src/baseline.rs` (parse Ethernet/IP/TCP, swap MACs, `XDP_TX`).\n\
+  `test-ebpf/src/baseline.rs` (parse Ethernet/IP/TCP, swap MACs, `XDP_TX`).\n\
 - **Packets per second**: live frames (`BPF_F_TEST_XDP_LIVE_FRAMES`) sent \
   from a generator namespace out of a veth into the program attached \
   (native XDP) to its peer; one pinned core does all the work; the \

@@ -52,6 +52,7 @@ fn main() -> ExitCode {
             }
         }
     }
+    // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("lb-demo creates network namespaces and loads eBPF programs: run it as root");
         return ExitCode::FAILURE;

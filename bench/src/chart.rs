@@ -3,10 +3,14 @@
 //! every setup relative to a direct connection.
 use std::path::Path;
 
+use crate::{
+    peers::Setup,
+    per_packet::{Fam, Kind},
+    report::Report,
+    results::{Case, FlowTable, PerPacketId, Slot, Traffic},
+    sys,
+};
 use plotters::{prelude::*, style::register_font};
-use serde_json::Value;
-
-use crate::{report::Report, sys};
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
@@ -35,55 +39,64 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), String> {
     register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| "bad font")?;
 
     let mut panels: Vec<(String, String, Vec<Bar>, Vec<&str>)> = Vec::new();
-    if let Some(Value::Array(rows)) = report.sections.get("per_packet") {
+    let sections = &report.sections;
+    if !sections.per_packet.is_empty() {
+        let case = |traffic, frame_bytes, backends, slot, table| {
+            PerPacketId::Case(
+                Case::new(Fam::V4, Traffic::Kind(traffic), frame_bytes, backends, slot)
+                    .table(table),
+            )
+        };
+        let (e, full) = (FlowTable::Empty, FlowTable::NearlyFull);
         let wanted = [
             (
-                "per_packet/baseline/ipv4/64B",
+                PerPacketId::Baseline {
+                    fam: Fam::V4,
+                    frame_bytes: 64,
+                },
                 "baseline: parse, swap MACs, XDP_TX",
                 1,
             ),
+            (case(Kind::Syn, 64, 3, Slot::Clean, e), "ipv4 tcp syn", 0),
             (
-                "per_packet/ipv4/tcp_syn/64B/3_backends/clean_slot/empty_table",
-                "ipv4 tcp syn",
-                0,
-            ),
-            (
-                "per_packet/ipv4/tcp_established/64B/3_backends/clean_slot/empty_table",
+                case(Kind::Est, 64, 3, Slot::Clean, e),
                 "ipv4 tcp established",
                 0,
             ),
+            (case(Kind::Udp, 64, 3, Slot::Clean, e), "ipv4 udp", 0),
             (
-                "per_packet/ipv4/udp/64B/3_backends/clean_slot/empty_table",
-                "ipv4 udp",
-                0,
-            ),
-            (
-                "per_packet/ipv6/tcp_established/74B/3_backends/clean_slot/empty_table",
+                PerPacketId::Case(Case::new(
+                    Fam::V6,
+                    Traffic::Kind(Kind::Est),
+                    74,
+                    3,
+                    Slot::Clean,
+                )),
                 "ipv6 tcp established",
                 0,
             ),
             (
-                "per_packet/ipv4/non_service/64B/3_backends/clean_slot/empty_table",
+                case(Kind::Other, 64, 3, Slot::Clean, e),
                 "non-service packet",
                 0,
             ),
             (
-                "per_packet/ipv4/tcp_established/64B/1000_backends/clean_slot/empty_table",
+                case(Kind::Est, 64, 1000, Slot::Clean, e),
                 "established, 1000 backends",
                 0,
             ),
             (
-                "per_packet/ipv4/tcp_established/64B/4_backends/clean_slot/full_table",
+                case(Kind::Est, 64, 4, Slot::Clean, full),
                 "established, clean slot, full flow table",
                 0,
             ),
             (
-                "per_packet/ipv4/tcp_established/64B/4_backends/sticky_slot_pinned/full_table",
+                case(Kind::Est, 64, 4, Slot::StickyPinned, full),
                 "established, sticky slot (LRU hit), full table",
                 2,
             ),
             (
-                "per_packet/ipv4/tcp_syn/64B/4_backends/sticky_slot_insert/full_table",
+                case(Kind::Syn, 64, 4, Slot::StickyInsert, full),
                 "syn, sticky slot (LRU insert), full table",
                 2,
             ),
@@ -91,10 +104,10 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), String> {
         let bars = wanted
             .iter()
             .filter_map(|(id, label, series)| {
-                let r = rows.iter().find(|r| r["id"] == *id)?;
+                let r = sections.per_packet.iter().find(|r| r.id == *id)?;
                 Some(Bar {
                     label: label.to_string(),
-                    value: r["ns"].as_f64()?,
+                    value: r.ns,
                     series: *series,
                 })
             })
@@ -106,17 +119,14 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), String> {
             vec![],
         ));
     }
-    if let Some(Value::Array(rows)) = report.sections.get("pps") {
-        let bars = rows
+    if !sections.pps.is_empty() {
+        let bars = sections
+            .pps
             .iter()
             .map(|r| Bar {
-                label: r["label"].as_str().unwrap_or("").to_string(),
-                value: r["pps"].as_f64().unwrap_or(0.0) / 1e6,
-                series: if r["id"].as_str().unwrap_or("").contains("baseline") {
-                    1
-                } else {
-                    0
-                },
+                label: r.label.to_string(),
+                value: r.pps / 1e6,
+                series: if r.id.is_baseline() { 1 } else { 0 },
             })
             .collect();
         panels.push((
@@ -126,40 +136,34 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), String> {
             vec![],
         ));
     }
-    if let Some(Value::Array(rows)) = report.sections.get("e2e") {
-        let direct = rows.iter().find(|r| r["setup"] == "direct");
-        if let Some(d) = direct {
-            let mut bars = Vec::new();
-            for r in rows {
-                let name = r["setup"].as_str().unwrap_or("").to_string();
-                let rel =
-                    |a: &Value, b: &Value| a.as_f64().unwrap_or(0.0) / b.as_f64().unwrap_or(1.0);
-                for (series, v) in [
-                    rel(&r["https"]["conn_per_s"], &d["https"]["conn_per_s"]),
-                    rel(&r["http"]["conn_per_s"], &d["http"]["conn_per_s"]),
-                    rel(&r["bulk"]["gbit_per_s"], &d["bulk"]["gbit_per_s"]),
-                ]
-                .into_iter()
-                .enumerate()
-                {
-                    bars.push(Bar {
-                        label: if series == 0 {
-                            name.clone()
-                        } else {
-                            String::new()
-                        },
-                        value: v,
-                        series,
-                    });
-                }
+    if let Some(d) = sections.e2e.iter().find(|r| r.setup == Setup::Direct) {
+        let mut bars = Vec::new();
+        for r in &sections.e2e {
+            for (series, v) in [
+                r.https.conn_per_s / d.https.conn_per_s,
+                r.http.conn_per_s / d.http.conn_per_s,
+                r.bulk.gbit_per_s / d.bulk.gbit_per_s,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                bars.push(Bar {
+                    label: if series == 0 {
+                        r.setup.id().to_string()
+                    } else {
+                        String::new()
+                    },
+                    value: v,
+                    series,
+                });
             }
-            panels.push((
-                "End to end, relative to a direct connection (x, higher is better)".into(),
-                "x direct".into(),
-                bars,
-                vec!["HTTPS conn/s", "HTTP conn/s", "bulk throughput"],
-            ));
         }
+        panels.push((
+            "End to end, relative to a direct connection (x, higher is better)".into(),
+            "x direct".into(),
+            bars,
+            vec!["HTTPS conn/s", "HTTP conn/s", "bulk throughput"],
+        ));
     }
     if panels.is_empty() {
         return Err("nothing to draw".into());

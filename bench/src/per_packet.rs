@@ -18,6 +18,14 @@
 //! on the baseline program the same way, is subtracted.
 use std::net::{IpAddr, Ipv4Addr};
 
+use crate::{
+    Scale,
+    report::{Report, Table, num, ratio},
+    results::{
+        Case, CaseDetail, FigureId, FlowTable, Method, PerPacketId, PerPacketRow, Slot, Traffic,
+    },
+    sys,
+};
 use aya::{Ebpf, TestRun, TestRunOptions, programs::Xdp};
 use lb_common::{Reason, flow_hash};
 use lb_tests::{
@@ -26,13 +34,6 @@ use lb_tests::{
 };
 use lb_userspace::dataplane::{
     BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec, addr_words,
-};
-use serde_json::json;
-
-use crate::{
-    Scale,
-    report::{Report, Table, num, ratio},
-    sys,
 };
 
 const XDP_PASS: u32 = 2;
@@ -46,7 +47,7 @@ pub enum Fam {
 }
 
 impl Fam {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Fam::V4 => "ipv4",
             Fam::V6 => "ipv6",
@@ -75,7 +76,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Kind::Syn => "tcp_syn",
             Kind::Est => "tcp_established",
@@ -292,20 +293,17 @@ pub struct Bench {
 
 /// A measured case.
 pub struct Row {
-    pub id: String,
+    pub case: Case,
     pub label: String,
-    pub frame_len: usize,
-    pub backends: usize,
-    pub table: &'static str,
     pub ns: f64,
     pub baseline_ns: f64,
-    pub method: &'static str,
+    pub method: Method,
     pub runs: u64,
 }
 
 impl Bench {
     fn new(repeat: u32, rounds: usize) -> Self {
-        let mut baseline = Ebpf::load(lb_userspace::BASELINE_OBJECT).expect("baseline object");
+        let mut baseline = Ebpf::load(crate::objects::BASELINE_OBJECT).expect("baseline object");
         let prog: &mut Xdp = baseline
             .program_mut("baseline")
             .unwrap()
@@ -409,30 +407,23 @@ fn steady_state(b: &Bench, base_small: f64, rows: &mut Vec<Row>) {
     // A flow in a slot the changes made sticky, measured before the sweep
     // (pinned) and after it (clean).
     let (src, port) = flows(&w, 70, true, 6).next().unwrap();
-    let mut measure = |w: &MapWriter, phase: &str, tag: &str| {
+    let mut measure = |w: &MapWriter, phase: &str, slot: Slot| {
         for kind in [Kind::Est, Kind::Syn] {
             let f = v4_spec_frame(kind, src, port);
             w.dataplane().test_run_xdp(&f).unwrap();
             let label = format!("ipv4 {}, after 100 changes, {phase}", kind.label());
             let ns = b.lb(w, &f, Expect::of(kind, kind == Kind::Syn), &label);
             rows.push(Row {
-                id: format!(
-                    "ipv4/{}/{}B/10_backends/after_100_changes_{tag}/empty_table",
-                    kind.name(),
-                    f.len()
-                ),
+                case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 10, slot),
                 label,
-                frame_len: f.len(),
-                backends: 10,
-                table: "empty",
                 ns,
                 baseline_ns: base_small,
-                method: "repeat",
+                method: Method::Repeat,
                 runs: b.repeat as u64 * b.rounds as u64,
             });
         }
     };
-    measure(&w, "sticky slot, pinned", "pinned");
+    measure(&w, "sticky slot, pinned", Slot::AfterChangesPinned);
     let counter = w.dataplane().flow_counter().unwrap();
     // The connections that needed a previous backend have ended and their
     // pins aged out: the sweep cleans every slot.
@@ -448,7 +439,7 @@ fn steady_state(b: &Bench, base_small: f64, rows: &mut Vec<Row>) {
         report.slots_cleaned
     );
     assert_eq!(after, 0, "every slot is clean once no pin needs it");
-    measure(&w, "swept (clean)", "swept");
+    measure(&w, "swept (clean)", Slot::AfterChangesSwept);
 }
 
 /// A v4 TCP flow's Maglev slot in the service's active table:
@@ -576,19 +567,11 @@ pub fn run(scale: &Scale, report: &mut Report) {
                     baseline_of(fam, size)
                 };
                 rows.push(Row {
-                    id: format!(
-                        "{}/{}/{}B/3_backends/clean_slot/empty_table",
-                        fam.name(),
-                        kind.name(),
-                        f.len()
-                    ),
+                    case: Case::new(fam, Traffic::Kind(kind), f.len(), 3, Slot::Clean),
                     label,
-                    frame_len: f.len(),
-                    backends: 3,
-                    table: "empty",
                     ns,
                     baseline_ns,
-                    method: "repeat",
+                    method: Method::Repeat,
                     runs: scale.repeat as u64 * scale.rounds as u64,
                 });
             }
@@ -601,25 +584,18 @@ pub fn run(scale: &Scale, report: &mut Report) {
     for fam in [Fam::V4, Fam::V6] {
         let [first, later] = fragment_frames(fam, None, None);
         let e = Expect::of(Kind::Udp, false);
-        for (what, name, f) in [
-            ("udp first fragment", "udp_first_fragment", &first),
-            ("udp later fragment", "udp_later_fragment", &later),
+        for (what, traffic, f) in [
+            ("udp first fragment", Traffic::UdpFirstFragment, &first),
+            ("udp later fragment", Traffic::UdpLaterFragment, &later),
         ] {
             let label = format!("{} {what}", fam.name());
             let ns = b.lb(&w, f, e, &label);
             rows.push(Row {
-                id: format!(
-                    "{}/{name}/{}B/3_backends/clean_slot/empty_table",
-                    fam.name(),
-                    f.len()
-                ),
+                case: Case::new(fam, traffic, f.len(), 3, Slot::Clean),
                 label,
-                frame_len: f.len(),
-                backends: 3,
-                table: "empty",
                 ns,
                 baseline_ns: baseline_of(fam, Size::Small),
-                method: "repeat",
+                method: Method::Repeat,
                 runs: scale.repeat as u64 * scale.rounds as u64,
             });
         }
@@ -634,18 +610,11 @@ pub fn run(scale: &Scale, report: &mut Report) {
             let label = format!("ipv4 {}", kind.label());
             let ns = b.lb(&w, &f, Expect::of(kind, kind == Kind::Syn), &label);
             rows.push(Row {
-                id: format!(
-                    "ipv4/{}/{}B/{n}_backends/clean_slot/empty_table",
-                    kind.name(),
-                    f.len()
-                ),
+                case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), n, Slot::Clean),
                 label,
-                frame_len: f.len(),
-                backends: n,
-                table: "empty",
                 ns,
                 baseline_ns: baseline_of(Fam::V4, Size::Small),
-                method: "repeat",
+                method: Method::Repeat,
                 runs: scale.repeat as u64 * scale.rounds as u64,
             });
         }
@@ -672,7 +641,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
     let mut sticky_udp = flows(&w, 32, true, 17);
     let mut clean_iter = flows(&w, 64, false, 6);
     let (clean_src, clean_port) = clean_iter.next().unwrap();
-    for (fill, table) in [(0.0, "empty"), (scale.fill, "nearly full")] {
+    for (fill, table) in [(0.0, FlowTable::Empty), (scale.fill, FlowTable::NearlyFull)] {
         let mut filled = 0usize;
         if fill > 0.0 {
             let target = (scale.flow_table as f64 * fill) as usize;
@@ -699,29 +668,17 @@ pub fn run(scale: &Scale, report: &mut Report) {
                 100.0 * entries as f64 / scale.flow_table as f64
             ));
         }
-        let tag = if fill > 0.0 {
-            "full_table"
-        } else {
-            "empty_table"
-        };
         // Clean slot: no flow-table work whatever the table holds.
         for kind in [Kind::Syn, Kind::Est] {
             let f = v4_spec_frame(kind, clean_src, clean_port);
             let label = format!("ipv4 {}, clean slot", kind.label());
             let ns = b.lb(&w, &f, Expect::of(kind, kind == Kind::Syn), &label);
             rows.push(Row {
-                id: format!(
-                    "ipv4/{}/{}B/4_backends/clean_slot/{tag}",
-                    kind.name(),
-                    f.len()
-                ),
+                case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 4, Slot::Clean).table(table),
                 label,
-                frame_len: f.len(),
-                backends: 4,
-                table,
                 ns,
                 baseline_ns: base_small,
-                method: "repeat",
+                method: Method::Repeat,
                 runs: scale.repeat as u64 * scale.rounds as u64,
             });
         }
@@ -740,18 +697,12 @@ pub fn run(scale: &Scale, report: &mut Report) {
             let label = format!("ipv4 {}, sticky slot, pinned flow", kind.label());
             let ns = b.lb(&w, &f, Expect::of(kind, kind == Kind::Syn), &label);
             rows.push(Row {
-                id: format!(
-                    "ipv4/{}/{}B/4_backends/sticky_slot_pinned/{tag}",
-                    kind.name(),
-                    f.len()
-                ),
+                case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 4, Slot::StickyPinned)
+                    .table(table),
                 label,
-                frame_len: f.len(),
-                backends: 4,
-                table,
                 ns,
                 baseline_ns: base_small,
-                method: "repeat",
+                method: Method::Repeat,
                 runs: scale.repeat as u64 * scale.rounds as u64,
             });
         }
@@ -778,14 +729,18 @@ pub fn run(scale: &Scale, report: &mut Report) {
         );
         let label = "ipv4 tcp syn (new flow), sticky slot, inserts a flow".to_string();
         rows.push(Row {
-            id: format!("ipv4/tcp_syn/64B/4_backends/sticky_slot_insert/{tag}"),
+            case: Case::new(
+                Fam::V4,
+                Traffic::Kind(Kind::Syn),
+                syn_template.len(),
+                4,
+                Slot::StickyInsert,
+            )
+            .table(table),
             label,
-            frame_len: syn_template.len(),
-            backends: 4,
-            table,
             ns: sys::median(&samples) - overhead,
             baseline_ns: base_small,
-            method: "repeat=1",
+            method: Method::Once,
             runs: frames.len() as u64,
         });
         let _ = filled;
@@ -806,14 +761,15 @@ pub fn run(scale: &Scale, report: &mut Report) {
         "clean SYN, repeat=1",
     );
     rows.push(Row {
-        id: "ipv4/tcp_syn/64B/4_backends/clean_slot/full_table/repeat1".into(),
+        case: Case {
+            cross_check: true,
+            ..Case::new(Fam::V4, Traffic::Kind(Kind::Syn), f.len(), 4, Slot::Clean)
+                .table(FlowTable::NearlyFull)
+        },
         label: "ipv4 tcp syn (new flow), clean slot (repeat=1 method, cross-check)".into(),
-        frame_len: f.len(),
-        backends: 4,
-        table: "nearly full",
         ns: sys::median(&samples) - overhead,
         baseline_ns: base_small,
-        method: "repeat=1",
+        method: Method::Once,
         runs: scale.insert_samples as u64,
     });
     drop((sticky_iter, sticky_udp, clean_iter));
@@ -838,41 +794,55 @@ pub fn run(scale: &Scale, report: &mut Report) {
         ],
     );
     let mut json_rows = Vec::new();
-    for (fam, size, len, ns) in &baselines {
-        let _ = size;
+    for &(fam, _, frame_bytes, ns) in &baselines {
         t.row(vec![
             format!("baseline: {} parse, swap MACs, XDP_TX", fam.name()),
-            format!("{len} B"),
+            format!("{frame_bytes} B"),
             "-".into(),
             "-".into(),
-            num(*ns),
-            num(*ns),
+            num(ns),
+            num(ns),
             ratio(1.0),
         ]);
-        let id = format!("per_packet/baseline/{}/{len}B", fam.name());
-        report.figure(format!("{id}/ns"), *ns, "ns");
-        json_rows.push(json!({"id": id, "label": "baseline", "frame_bytes": len, "ns": ns}));
+        report.figure(FigureId::PerPacketBaseline { fam, frame_bytes }, ns);
+        json_rows.push(PerPacketRow {
+            id: PerPacketId::Baseline { fam, frame_bytes },
+            label: "baseline".into(),
+            frame_bytes,
+            ns,
+            case: None,
+        });
     }
-    for r in &rows {
+    for r in rows {
+        let c = r.case;
+        let x_baseline = r.ns / r.baseline_ns;
         t.row(vec![
             r.label.clone(),
-            format!("{} B", r.frame_len),
-            r.backends.to_string(),
-            r.table.to_string(),
+            format!("{} B", c.frame_bytes),
+            c.backends.to_string(),
+            c.table.label().to_string(),
             num(r.ns),
             num(r.baseline_ns),
-            ratio(r.ns / r.baseline_ns),
+            ratio(x_baseline),
         ]);
-        let id = format!("per_packet/{}", r.id);
-        report.figure(format!("{id}/ns"), r.ns, "ns");
-        report.figure(format!("{id}/x_baseline"), r.ns / r.baseline_ns, "ratio");
-        json_rows.push(json!({
-            "id": id, "label": r.label, "frame_bytes": r.frame_len, "backends": r.backends,
-            "flow_table": r.table, "ns": r.ns, "baseline_ns": r.baseline_ns,
-            "x_baseline": r.ns / r.baseline_ns, "method": r.method, "runs": r.runs,
-        }));
+        report.figure(FigureId::PerPacketNs(c), r.ns);
+        report.figure(FigureId::PerPacketXBaseline(c), x_baseline);
+        json_rows.push(PerPacketRow {
+            id: PerPacketId::Case(c),
+            label: r.label,
+            frame_bytes: c.frame_bytes,
+            ns: r.ns,
+            case: Some(CaseDetail {
+                backends: c.backends,
+                flow_table: c.table,
+                baseline_ns: r.baseline_ns,
+                x_baseline,
+                method: r.method,
+                runs: r.runs,
+            }),
+        });
     }
-    report.figure("per_packet/repeat1_overhead/ns", overhead.max(0.0), "ns");
+    report.figure(FigureId::Repeat1Overhead, overhead.max(0.0));
     t.note(
         "every measured run is proven to take the path it claims: the service's packet and \
          new-flow counters, the action counter and the drop-reason counters advance by exactly \
@@ -905,7 +875,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
     for n in notes {
         t.note(n);
     }
-    report.section("per_packet", json_rows);
+    report.sections.per_packet = json_rows;
     report.table(t);
 }
 
@@ -1030,14 +1000,11 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
                 let label = format!("ipv4 {}, dsr", kind.label());
                 let ns = b.lb(&w, &f, redirect(kind, kind == Kind::Syn), &label);
                 out.push(Row {
-                    id: format!("ipv4/{}/64B/3_backends/dsr/empty_table", kind.name()),
+                    case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 3, Slot::Dsr),
                     label,
-                    frame_len: f.len(),
-                    backends: 3,
-                    table: "empty",
                     ns,
                     baseline_ns: base_small,
-                    method: "repeat",
+                    method: Method::Repeat,
                     runs,
                 });
             }
@@ -1083,14 +1050,11 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
                     "nat {kind:?}: every run redirected"
                 );
                 out.push(Row {
-                    id: format!("ipv4/{}/64B/3_backends/nat/empty_table", kind.name()),
+                    case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 3, Slot::Nat),
                     label: format!("ipv4 {}, nat", kind.label()),
-                    frame_len: f.len(),
-                    backends: 3,
-                    table: "empty",
                     ns: sys::median(&samples) - overhead,
                     baseline_ns: base_small,
-                    method: "repeat=1",
+                    method: Method::Once,
                     runs: n,
                 });
             }
@@ -1125,17 +1089,17 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
                 "nat later fragment: every run forwarded"
             );
             out.push(Row {
-                id: format!(
-                    "ipv4/udp_later_fragment/{}B/3_backends/nat/empty_table",
-                    later.len()
+                case: Case::new(
+                    Fam::V4,
+                    Traffic::UdpLaterFragment,
+                    later.len(),
+                    3,
+                    Slot::Nat,
                 ),
                 label: "ipv4 udp later fragment, nat".into(),
-                frame_len: later.len(),
-                backends: 3,
-                table: "empty",
                 ns: sys::median(&samples) - overhead,
                 baseline_ns: base_small,
-                method: "repeat=1",
+                method: Method::Once,
                 runs: n,
             });
             out

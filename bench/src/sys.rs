@@ -176,6 +176,7 @@ pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
 }
 
 /// The machine, as the report states it.
+#[derive(serde::Serialize)]
 pub struct Machine {
     pub cpus: usize,
     pub cpu_model: String,

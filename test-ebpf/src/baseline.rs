@@ -1,6 +1,6 @@
 //! The floor any balancer is measured against: parse Ethernet, IPv4/IPv6 and
 //! TCP, swap the MAC addresses, and send the frame back out (`XDP_TX`). No
-//! maps, no helpers. Built only for `cargo xtask bench`.
+//! maps, no helpers. Built only for the bench (bench/build.rs).
 #![no_std]
 #![no_main]
 
@@ -21,12 +21,14 @@ pub fn baseline(ctx: XdpContext) -> u32 {
         return XDP_PASS;
     }
     let eth = ctx.data() as *mut [u8; 14];
+    // SAFETY: `fits` proved the 14-byte Ethernet header lies inside the frame.
     let proto = unsafe { u16::from_be_bytes([(*eth)[12], (*eth)[13]]) };
     let l4 = match proto {
         0x0800 => {
             if !fits(&ctx, 14, 20) {
                 return XDP_PASS;
             }
+            // SAFETY: `fits` proved 20 bytes of IPv4 header after Ethernet.
             let vihl = unsafe { *((ctx.data() + 14) as *const u8) };
             14 + ((vihl & 0x0f) as usize) * 4
         }
@@ -36,6 +38,7 @@ pub fn baseline(ctx: XdpContext) -> u32 {
     if !fits(&ctx, l4, 20) {
         return XDP_PASS;
     }
+    // SAFETY: the same checked header; nothing else refers to the frame.
     let eth = unsafe { &mut *eth };
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&eth[0..6]);

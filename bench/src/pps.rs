@@ -20,6 +20,12 @@
 //! the number of frames sent.
 use std::process::Command;
 
+use crate::{
+    Scale,
+    report::{Report, Table, num, ratio},
+    results::{FigureId, PpsCase, PpsRow},
+    sys,
+};
 use aya::{
     Ebpf, TestRun, TestRunAttrs, TestRunOptions,
     programs::{Xdp, XdpMode},
@@ -30,13 +36,6 @@ use lb_tests::{
 };
 use lb_userspace::dataplane::{
     AttachMode, BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec,
-};
-use serde_json::json;
-
-use crate::{
-    Scale,
-    report::{Report, Table, num, ratio},
-    sys,
 };
 
 const BATCH: u32 = 64;
@@ -98,7 +97,7 @@ fn service() -> ServiceSpec {
 }
 
 struct Case {
-    id: &'static str,
+    id: PpsCase,
     label: &'static str,
     lb: bool,
     frame: Vec<u8>,
@@ -144,28 +143,28 @@ pub fn run(scale: &Scale, report: &mut Report) {
         .build();
     let cases = vec![
         Case {
-            id: "baseline/udp_64B",
+            id: PpsCase::BaselineUdp,
             label: "baseline attached: parse, swap MACs, XDP_TX",
             lb: false,
             frame: udp.clone(),
             service: false,
         },
         Case {
-            id: "lb/udp_64B",
+            id: PpsCase::LbUdp,
             label: "lb attached: udp to the service (rewrite, XDP_PASS)",
             lb: true,
             frame: udp,
             service: true,
         },
         Case {
-            id: "lb/tcp_established_64B",
+            id: PpsCase::LbTcpEstablished,
             label: "lb attached: tcp established (rewrite, XDP_PASS)",
             lb: true,
             frame: est,
             service: true,
         },
         Case {
-            id: "lb/non_service_64B",
+            id: PpsCase::LbNonService,
             label: "lb attached: non-service udp (XDP_PASS untouched)",
             lb: true,
             frame: other,
@@ -173,7 +172,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
         },
     ];
 
-    let mut gen_ebpf = Ebpf::load(lb_userspace::BASELINE_OBJECT).expect("baseline object");
+    let mut gen_ebpf = Ebpf::load(crate::objects::BASELINE_OBJECT).expect("baseline object");
     let gen_prog: &mut Xdp = gen_ebpf
         .program_mut("baseline")
         .unwrap()
@@ -277,13 +276,17 @@ pub fn run(scale: &Scale, report: &mut Report) {
             num(ns - base_ns),
             format!("{delivered}/{sent}"),
         ]);
-        let id = format!("pps/{}", case.id);
-        report.figure(format!("{id}/pps"), *pps, "packets/s");
-        report.figure(format!("{id}/ns"), *ns, "ns");
-        json_rows.push(json!({
-            "id": id, "label": case.label, "pps": pps, "ns_per_packet": ns,
-            "x_baseline_pps": pps / base_pps, "delivered": delivered, "sent": sent,
-        }));
+        report.figure(FigureId::Pps(case.id), *pps);
+        report.figure(FigureId::PpsNs(case.id), *ns);
+        json_rows.push(PpsRow {
+            id: case.id,
+            label: case.label,
+            pps: *pps,
+            ns_per_packet: *ns,
+            x_baseline_pps: pps / base_pps,
+            delivered: *delivered,
+            sent: *sent,
+        });
     }
     t.note(
         "ns/pkt is one core's time per frame for the whole chain: the generator program and \
@@ -295,7 +298,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
         "every frame sent arrived (veth receive counter), and for service traffic the balancer's \
          service counter advanced by exactly the frames delivered",
     );
-    report.section("pps", json_rows);
+    report.sections.pps = json_rows;
     report.table(t);
 }
 
@@ -326,7 +329,7 @@ fn attach(lb: bool) -> Dut {
             .expect("attach lb to d0 (native)");
         Dut::Lb(Box::new(w))
     } else {
-        let mut ebpf = Ebpf::load(lb_userspace::BASELINE_OBJECT).expect("baseline object");
+        let mut ebpf = Ebpf::load(crate::objects::BASELINE_OBJECT).expect("baseline object");
         let prog: &mut Xdp = ebpf.program_mut("baseline").unwrap().try_into().unwrap();
         prog.load().unwrap();
         prog.attach("d0", XdpMode::Driver)

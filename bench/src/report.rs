@@ -2,15 +2,7 @@
 //! with an id and unit, so runs can be compared), and `BENCHMARKS.md`.
 use std::{fmt::Write as _, fs, path::Path};
 
-use serde_json::{Map, Value, json};
-
-/// One number of the run.
-pub struct Figure {
-    /// Stable across runs: `per_packet/ipv4/tcp_syn/64B/...`.
-    pub id: String,
-    pub value: f64,
-    pub unit: &'static str,
-}
+use crate::results::{Figure, FigureId, Meta, Results, Sections};
 
 /// A table as printed, and as written to the markdown report.
 pub struct Table {
@@ -107,23 +99,19 @@ impl Table {
 pub struct Report {
     pub tables: Vec<Table>,
     pub figures: Vec<Figure>,
-    /// Detailed rows per section, for results.json.
-    pub sections: Map<String, Value>,
+    /// Detailed rows per section, for results.json and the chart.
+    pub sections: Sections,
     /// Things that did not run (a peer that could not be installed...).
     pub skipped: Vec<String>,
 }
 
 impl Report {
-    pub fn figure(&mut self, id: impl Into<String>, value: f64, unit: &'static str) {
+    pub fn figure(&mut self, id: FigureId, value: f64) {
         self.figures.push(Figure {
-            id: id.into(),
+            id,
             value,
-            unit,
+            unit: id.unit(),
         });
-    }
-
-    pub fn section(&mut self, name: &str, rows: Vec<Value>) {
-        self.sections.insert(name.to_string(), Value::Array(rows));
     }
 
     pub fn table(&mut self, t: Table) {
@@ -137,31 +125,19 @@ impl Report {
         self.skipped.push(w);
     }
 
-    pub fn json(&self, meta: Value) -> Value {
-        let figures: Vec<Value> = self
-            .figures
-            .iter()
-            .map(|f| json!({"id": f.id, "value": finite(f.value), "unit": f.unit}))
-            .collect();
-        json!({
-            "schema": 1,
-            "meta": meta,
-            "skipped": self.skipped,
-            "sections": self.sections,
-            "figures": figures,
-        })
-    }
-
-    pub fn write_json(&self, path: &Path, meta: Value) -> std::io::Result<()> {
-        let text = serde_json::to_string_pretty(&self.json(meta)).unwrap();
+    /// results.json. JSON has no NaN or infinity: serde_json writes such a
+    /// figure as null, which the smoke test rejects.
+    pub fn write_json(&self, path: &Path, meta: &Meta) -> std::io::Result<()> {
+        let results = Results {
+            schema: 1,
+            meta,
+            skipped: &self.skipped,
+            sections: &self.sections,
+            figures: &self.figures,
+        };
+        let text = serde_json::to_string_pretty(&results).map_err(std::io::Error::other)?;
         fs::write(path, text + "\n")
     }
-}
-
-/// JSON has no NaN or infinity; such a figure is written as null, which
-/// the smoke test rejects.
-fn finite(v: f64) -> Value {
-    if v.is_finite() { json!(v) } else { Value::Null }
 }
 
 /// Formats with a precision that suits the magnitude.

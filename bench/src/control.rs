@@ -20,11 +20,15 @@ use lb_userspace::{
     },
     maglev,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::{
     Scale,
     report::{Report, Table, num},
+    results::{
+        Change, DaemonMetric, DaemonRow, FigureId, FlowsMovedRow, MaglevBuildRow, MaglevSkewRow,
+        Weights,
+    },
     sys,
 };
 
@@ -89,22 +93,31 @@ fn maglev_builds(scale: &Scale, report: &mut Report) {
             format!("{min}..{max}"),
         ]);
         report.figure(
-            format!("control/maglev_build/{n}_backends/ms"),
+            FigureId::MaglevBuild {
+                backends: n,
+                m: None,
+            },
             default_ms,
-            "ms",
         );
         report.figure(
-            format!("control/maglev_build/{n}_backends_m{big_m}/ms"),
+            FigureId::MaglevBuild {
+                backends: n,
+                m: Some(big_m),
+            },
             big_ms,
-            "ms",
         );
-        rows.push(
-            json!({"backends": n, "m": lb_common::DEFAULT_MAGLEV_SIZE, "ms": default_ms,
-                         "big_m": big_m, "big_m_ms": big_ms, "min_slots": min, "max_slots": max}),
-        );
+        rows.push(MaglevBuildRow {
+            backends: n,
+            m: lb_common::DEFAULT_MAGLEV_SIZE,
+            ms: default_ms,
+            big_m,
+            big_m_ms: big_ms,
+            min_slots: min,
+            max_slots: max,
+        });
     }
     t.note("one thread; the daemon builds off its async runtime and then flips one word");
-    report.section("maglev_build", rows);
+    report.sections.maglev_build = rows;
     report.table(t);
     maglev_skew(scale, report);
 }
@@ -123,22 +136,12 @@ fn maglev_skew(scale: &Scale, report: &mut Report) {
     let n = 5000usize;
     let m = lb_common::DEFAULT_MAGLEV_SIZE;
     let mut rows = Vec::new();
-    for (name, weight) in [
-        (
-            "one_65535_rest_1",
-            (|i: usize| if i == 0 { 65535 } else { 1 }) as fn(usize) -> u16,
-        ),
-        ("spread_1_to_65535", |i: usize| (i * 13 % 65535 + 1) as u16),
-        ("half_65535_half_1", |i: usize| {
-            if i.is_multiple_of(2) { 65535 } else { 1 }
-        }),
-        ("all_100", |_| 100),
-    ] {
+    for weights in Weights::ALL {
         let e: Vec<maglev::Entry> = entries(n)
             .into_iter()
             .enumerate()
             .map(|(i, mut e)| {
-                e.weight = weight(i);
+                e.weight = weights.of(i);
                 e
             })
             .collect();
@@ -153,12 +156,18 @@ fn maglev_skew(scale: &Scale, report: &mut Report) {
             .collect();
         let ms = sys::median(&v);
         let steps = maglev::build_counted(&e, m).1;
-        t.row(vec![name.to_string(), num(ms), steps.to_string()]);
-        report.figure(format!("control/maglev_skew/{name}/ms"), ms, "ms");
-        rows.push(json!({"weights": name, "backends": n, "m": m, "ms": ms, "steps": steps}));
+        t.row(vec![weights.name().to_string(), num(ms), steps.to_string()]);
+        report.figure(FigureId::MaglevSkew(weights), ms);
+        rows.push(MaglevSkewRow {
+            weights,
+            backends: n,
+            m,
+            ms,
+            steps,
+        });
     }
     t.note("steps: turns plus permutation probes; they do not grow with the ratio of weights");
-    report.section("maglev_skew", rows);
+    report.sections.maglev_skew = rows;
     report.table(t);
 }
 
@@ -261,7 +270,7 @@ fn flow_moves(scale: &Scale, report: &mut Report) {
     let mut rows = Vec::new();
     for n in [10usize, 100] {
         let ports: Vec<u16> = (0..n as u16).map(|i| 10000 + i).collect();
-        for change in ["remove", "add"] {
+        for change in [Change::Remove, Change::Add] {
             let dp = Dataplane::load(Options {
                 max_services: 2,
                 flow_table_size: (scale.share_flows as u32 * 2).max(65_536),
@@ -275,7 +284,7 @@ fn flow_moves(scale: &Scale, report: &mut Report) {
             assert_eq!(before, table_before, "the program follows the table");
             // Removing: the flows on the removed backend must move. Adding:
             // a balancer without state must give the new backend its share.
-            let (after_ports, ideal) = if change == "remove" {
+            let (after_ports, ideal) = if change == Change::Remove {
                 let on_removed = before.iter().filter(|p| **p == ports[0]).count();
                 (ports[1..].to_vec(), on_removed as f64 / before.len() as f64)
             } else {
@@ -289,7 +298,7 @@ fn flow_moves(scale: &Scale, report: &mut Report) {
             let stateful = share_changed(&before, &ports_now(&w, &frames));
             t.row(vec![
                 n.to_string(),
-                if change == "remove" {
+                if change == Change::Remove {
                     "one removed".to_string()
                 } else {
                     "one added".to_string()
@@ -298,11 +307,20 @@ fn flow_moves(scale: &Scale, report: &mut Report) {
                 format!("{:.2}%", stateless * 100.0),
                 format!("{:.2}%", stateful * 100.0),
             ]);
-            let id = format!("control/flows_moved/{n}_backends/{change}");
-            report.figure(format!("{id}/without_flow_table"), stateless, "share");
-            report.figure(format!("{id}/with_flow_table"), stateful, "share");
-            rows.push(json!({"backends": n, "change": change, "ideal": ideal,
-                             "without_flow_table": stateless, "with_flow_table": stateful}));
+            let moved = |flow_table| FigureId::FlowsMoved {
+                backends: n,
+                change,
+                flow_table,
+            };
+            report.figure(moved(false), stateless);
+            report.figure(moved(true), stateful);
+            rows.push(FlowsMovedRow {
+                backends: n,
+                change,
+                ideal,
+                without_flow_table: stateless,
+                with_flow_table: stateful,
+            });
         }
     }
     t.note(
@@ -311,7 +329,7 @@ fn flow_moves(scale: &Scale, report: &mut Report) {
          slots in the old and new tables; least possible: the flows that were on the removed \
          backend, or the new backend's fair share",
     );
-    report.section("flows_moved", rows);
+    report.sections.flows_moved = rows;
     report.table(t);
 }
 
@@ -486,43 +504,32 @@ fn daemon(scale: &Scale, report: &mut Report) {
         "death: a backend's listener closes; the time runs until the API reports it unhealthy, \
          which the daemon does in the step that installs the table without it",
     );
-    report.figure("control/death_to_table/median_ms", death_med, "ms");
-    report.figure("control/death_to_table/max_ms", death_max, "ms");
-    report.figure(
-        "control/deaths50/table_installs",
-        deaths50.installs,
-        "installs",
-    );
-    report.figure("control/deaths50/all_out_ms", deaths50.all_out_ms, "ms");
-    report.figure(
-        "control/deaths50/verdict_to_install_ms",
-        deaths50.verdict_to_install_ms,
-        "ms",
-    );
-    report.figure(
-        "control/daemon_rss/idle_mib",
-        idle_rss as f64 / 1024.0,
-        "MiB",
-    );
-    report.figure(
-        "control/daemon_rss/after_api_changes_mib",
-        after_rss as f64 / 1024.0,
-        "MiB",
-    );
-    report.figure(
-        "control/daemon_rss/peak_mib",
-        peak_rss as f64 / 1024.0,
-        "MiB",
-    );
-    report.figure("control/api_changes_per_s", ok as f64 / secs, "changes/s");
-    report.section(
-        "daemon",
-        vec![json!({
-            "death_to_table_ms": deaths, "death_median_ms": death_med,
-            "rss_idle_kib": idle_rss, "rss_after_kib": after_rss, "rss_peak_kib": peak_rss,
-            "api_changes": ok, "api_seconds": secs,
-        })],
-    );
+    use DaemonMetric as D;
+    for (id, value) in [
+        (D::DeathToTableMedianMs, death_med),
+        (D::DeathToTableMaxMs, death_max),
+        (D::Deaths50TableInstalls, deaths50.installs),
+        (D::Deaths50AllOutMs, deaths50.all_out_ms),
+        (
+            D::Deaths50VerdictToInstallMs,
+            deaths50.verdict_to_install_ms,
+        ),
+        (D::RssIdleMib, idle_rss as f64 / 1024.0),
+        (D::RssAfterApiChangesMib, after_rss as f64 / 1024.0),
+        (D::RssPeakMib, peak_rss as f64 / 1024.0),
+        (D::ApiChangesPerS, ok as f64 / secs),
+    ] {
+        report.figure(FigureId::Daemon(id), value);
+    }
+    report.sections.daemon = vec![DaemonRow {
+        death_to_table_ms: deaths,
+        death_median_ms: death_med,
+        rss_idle_kib: idle_rss,
+        rss_after_kib: after_rss,
+        rss_peak_kib: peak_rss,
+        api_changes: ok,
+        api_seconds: secs,
+    }];
     report.table(t);
 }
 

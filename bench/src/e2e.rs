@@ -21,16 +21,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{daemon::TempDir, netns::Topology};
-use serde_json::json;
-
 use crate::{
     Scale,
     load::{self, Backends, Outcome, Tls},
     peers::{self, Setup},
     report::{Report, Table, num, ratio},
+    results::{
+        Bulk, CpuSeconds, E2eId, E2eMetric, E2eRow, FigureId, HttpsCpu, Latency, LbVs, LoadPhase,
+        SideCpu,
+    },
     sys::{self, CpuGroup},
 };
+use lb_tests::{daemon::TempDir, netns::Topology};
 
 /// CPU seconds of the three groups.
 #[derive(Clone, Copy, Default)]
@@ -43,6 +45,16 @@ struct Cpu {
 }
 
 impl Cpu {
+    /// For results.json.
+    fn seconds(&self) -> CpuSeconds {
+        CpuSeconds {
+            client: self.client,
+            backends: self.backends,
+            balancer: self.balancer,
+            lb_programs: self.programs,
+        }
+    }
+
     fn total(&self) -> f64 {
         self.client + self.backends + self.balancer
     }
@@ -445,44 +457,70 @@ pub fn run(scale: &Scale, report: &mut Report) {
                 "-".into()
             },
         ]);
-        let id = format!("e2e/{}", setup.id());
-        report.figure(format!("{id}/https_conn_per_s"), https_rate, "conn/s");
-        report.figure(format!("{id}/http_conn_per_s"), http_rate, "conn/s");
-        report.figure(format!("{id}/latency_p50_us"), p50, "us");
-        report.figure(format!("{id}/latency_p99_us"), p99, "us");
-        report.figure(format!("{id}/latency_p999_us"), p999, "us");
-        report.figure(format!("{id}/bulk_gbit_per_s"), gbps, "Gbit/s");
-        report.figure(format!("{id}/cpu_us_per_https_conn"), https_all, "us");
-        report.figure(format!("{id}/cpu_us_per_http_conn"), http_all, "us");
-        report.figure(format!("{id}/cpu_ms_per_bulk_gb"), bulk_all, "ms");
+        use E2eMetric as M;
+        let mut figures = vec![
+            (M::HttpsConnPerS, https_rate),
+            (M::HttpConnPerS, http_rate),
+            (M::LatencyP50Us, p50),
+            (M::LatencyP99Us, p99),
+            (M::LatencyP999Us, p999),
+            (M::BulkGbitPerS, gbps),
+            (M::CpuUsPerHttpsConn, https_all),
+            (M::CpuUsPerHttpConn, http_all),
+            (M::CpuMsPerBulkGb, bulk_all),
+        ];
         if !is_direct {
-            report.figure(
-                format!("{id}/https_conn_per_s_x_direct"),
+            figures.push((
+                M::HttpsConnPerSXDirect,
                 https_rate / direct.https.out.rate(),
-                "ratio",
-            );
-            report.figure(
-                format!("{id}/bulk_x_direct"),
-                r.bulk_bps / direct.bulk_bps,
-                "ratio",
-            );
+            ));
+            figures.push((M::BulkXDirect, r.bulk_bps / direct.bulk_bps));
         }
-        json_rows.push(json!({
-            "id": id,
-            "setup": setup.id(),
-            "label": setup.label(),
-            "https": {"ok": r.https.out.ok, "errors": r.https.out.errors, "seconds": r.https.out.seconds,
-                      "conn_per_s": https_rate, "cpu_s": cpu_json(&r.https.cpu)},
-            "http": {"ok": r.http.out.ok, "errors": r.http.out.errors, "seconds": r.http.out.seconds,
-                     "conn_per_s": http_rate, "cpu_s": cpu_json(&r.http.cpu)},
-            "latency": {"offered_per_s": scale.latency_rate, "ok": r.lat_out.ok, "errors": r.lat_out.errors,
-                        "p50_us": p50, "p99_us": p99, "p999_us": p999},
-            "bulk": {"bytes": r.bulk_bytes, "seconds": r.bulk.out.seconds, "gbit_per_s": gbps,
-                     "cpu_s": cpu_json(&r.bulk.cpu)},
-            "cpu_us_per_https_conn": {"all": https_all, "balancer_side": https_side, "balancer_processes": procs, "lb_programs": progs},
-            "cpu_us_per_http_conn": {"all": http_all, "balancer_side": http_side},
-            "cpu_ms_per_bulk_gb": {"all": bulk_all, "balancer_side": bulk_side},
-        }));
+        for (metric, value) in figures {
+            report.figure(FigureId::E2e(*setup, metric), value);
+        }
+        let phase = |p: &Phase, conn_per_s: f64| LoadPhase {
+            ok: p.out.ok,
+            errors: p.out.errors,
+            seconds: p.out.seconds,
+            conn_per_s,
+            cpu_s: p.cpu.seconds(),
+        };
+        json_rows.push(E2eRow {
+            id: E2eId(*setup),
+            setup: *setup,
+            label: setup.label(),
+            https: phase(&r.https, https_rate),
+            http: phase(&r.http, http_rate),
+            latency: Latency {
+                offered_per_s: scale.latency_rate,
+                ok: r.lat_out.ok,
+                errors: r.lat_out.errors,
+                p50_us: p50,
+                p99_us: p99,
+                p999_us: p999,
+            },
+            bulk: Bulk {
+                bytes: r.bulk_bytes,
+                seconds: r.bulk.out.seconds,
+                gbit_per_s: gbps,
+                cpu_s: r.bulk.cpu.seconds(),
+            },
+            cpu_us_per_https_conn: HttpsCpu {
+                all: https_all,
+                balancer_side: https_side,
+                balancer_processes: procs,
+                lb_programs: progs,
+            },
+            cpu_us_per_http_conn: SideCpu {
+                all: http_all,
+                balancer_side: http_side,
+            },
+            cpu_ms_per_bulk_gb: SideCpu {
+                all: bulk_all,
+                balancer_side: bulk_side,
+            },
+        });
     }
     perf.note(
         "conn/s: 16 client threads, each a new TCP connection with one request (HTTPS: a full \
@@ -507,7 +545,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
          lb programs: run time of lb's XDP and TC programs (kernel BPF statistics), already \
          inside \"all\"",
     );
-    report.section("e2e", json_rows);
+    report.sections.e2e = json_rows;
     report.table(perf);
     report.table(cpu_t);
 
@@ -537,22 +575,10 @@ pub fn run(scale: &Scale, report: &mut Report) {
             let mut row = vec![setup.label().to_string()];
             row.extend(cells.iter().map(|c| ratio(*c)));
             t.row(row);
-            report.figure(
-                format!("e2e/lb_vs_{}/https_conn_per_s", setup.id()),
-                cells[0],
-                "ratio",
-            );
-            report.figure(
-                format!("e2e/lb_vs_{}/p99_latency", setup.id()),
-                cells[2],
-                "ratio",
-            );
-            report.figure(format!("e2e/lb_vs_{}/bulk", setup.id()), cells[3], "ratio");
+            report.figure(FigureId::LbVs(*setup, LbVs::HttpsConnPerS), cells[0]);
+            report.figure(FigureId::LbVs(*setup, LbVs::P99Latency), cells[2]);
+            report.figure(FigureId::LbVs(*setup, LbVs::Bulk), cells[3]);
         }
         report.table(t);
     }
-}
-
-fn cpu_json(c: &Cpu) -> serde_json::Value {
-    json!({"client": c.client, "backends": c.backends, "balancer": c.balancer, "lb_programs": c.programs})
 }
