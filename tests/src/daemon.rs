@@ -193,9 +193,9 @@ impl Lb {
 
     /// Sends `sig` to the daemon.
     pub fn signal(&self, sig: i32) {
-        let pid = self.pid() as i32;
-        assert!(pid > 0, "the daemon is not running");
-        unsafe { libc::kill(pid, sig) };
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("the daemon is running");
+        let sig = rustix::process::Signal::from_named_raw(sig).expect("a named signal");
+        let _ = rustix::process::kill_process(pid, sig);
     }
 
     /// Waits up to `within` for the daemon to exit on its own.
@@ -216,7 +216,7 @@ impl Lb {
     /// Sends SIGTERM and waits for a clean exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        sigterm(&child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(s) = child.try_wait().unwrap() {
@@ -338,9 +338,15 @@ impl Drop for Lb {
     }
 }
 
+fn sigterm(c: &Child) {
+    if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+}
+
 /// Ends `c`: SIGTERM, then SIGKILL after five seconds.
 pub fn terminate(mut c: Child) {
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    sigterm(&c);
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         if c.try_wait().ok().flatten().is_some() {
