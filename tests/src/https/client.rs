@@ -20,7 +20,7 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::{
-    io::AsyncReadExt,
+    io::{AsyncRead, AsyncReadExt, AsyncWrite},
     net::{TcpSocket, TcpStream, UdpSocket},
     sync::watch,
     task::JoinHandle,
@@ -94,8 +94,8 @@ pub struct Reply {
 }
 
 pub type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
-type Io = TokioIo<ClientStream>;
-type RequestBody = BoxBody<Bytes, io::Error>;
+/// A request body: empty, or a stream of lines (see [`Stream`]).
+pub type RequestBody = BoxBody<Bytes, io::Error>;
 
 /// TLS client settings and the names of the certificates it may see.
 #[derive(Clone)]
@@ -179,7 +179,7 @@ impl ClientTls {
     ) -> Result<Reply, Failure> {
         let (tls, cert, local) = self.connect(to, from_port).await?;
         let fail = |e: io::Error| Failure::new(Stage::Exchange, Some(&cert), e);
-        let request = request(Method::GET, path, empty()).map_err(fail)?;
+        let request = request(Method::GET, SERVICE_NAME, path, empty()).map_err(fail)?;
         let exchange = async {
             let (response, conn) = send(tls, request).await?;
             let body = ok_response(response)?
@@ -225,7 +225,7 @@ impl ClientTls {
         } else {
             Method::GET
         };
-        let request = request(method, &path, body).map_err(fail)?;
+        let request = request(method, SERVICE_NAME, &path, body).map_err(fail)?;
         let (response, conn) = tokio::time::timeout(Duration::from_secs(10), send(tls, request))
             .await
             .map_err(|_| fail(timed_out("stream request")))?
@@ -241,30 +241,39 @@ impl ClientTls {
     }
 }
 
-fn empty() -> RequestBody {
+/// An empty request body.
+pub fn empty() -> RequestBody {
     Empty::new().map_err(|never| match never {}).boxed()
 }
 
-fn request(method: Method, path: &str, body: RequestBody) -> io::Result<Request<RequestBody>> {
+/// A request for `path` on `host`, `Connection: close`: every request of
+/// the tests and the bench has a connection of its own.
+pub fn request(
+    method: Method,
+    host: &str,
+    path: &str,
+    body: RequestBody,
+) -> io::Result<Request<RequestBody>> {
     Request::builder()
         .method(method)
         .uri(path)
-        .header(HOST, SERVICE_NAME)
+        .header(HOST, host)
         .header(CONNECTION, "close")
         .body(body)
         .map_err(io::Error::other)
 }
 
-/// Sends `request` on a new HTTP/1 connection over `tls`; the connection
-/// runs on a task of its own until the answer is read, and hands the socket
-/// back instead of closing it.
-async fn send(
-    tls: ClientStream,
+/// Sends `request` on a new HTTP/1 connection over `io` (TLS or plain
+/// TCP); the connection runs on a task of its own until the answer is
+/// read, and hands the socket back instead of closing it.
+pub async fn send<S>(
+    io: S,
     request: Request<RequestBody>,
-) -> io::Result<(Response<Incoming>, Connection)> {
-    let (mut sender, conn) = http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(hyper_io)?;
+) -> io::Result<(Response<Incoming>, Connection<S>)>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, conn) = http1::handshake(TokioIo::new(io)).await.map_err(hyper_io)?;
     let conn = Connection(tokio::spawn(conn.without_shutdown()));
     let response = sender.send_request(request).await.map_err(hyper_io)?;
     Ok((response, conn))
@@ -279,9 +288,9 @@ fn ok_response(response: Response<Incoming>) -> io::Result<Response<Incoming>> {
 }
 
 /// A client connection's task; aborted when dropped.
-struct Connection(JoinHandle<hyper::Result<Parts<Io>>>);
+pub struct Connection<S>(JoinHandle<hyper::Result<Parts<TokioIo<S>>>>);
 
-impl Drop for Connection {
+impl<S> Drop for Connection<S> {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -289,7 +298,7 @@ impl Drop for Connection {
 
 /// After the answer: nothing may follow but the server's clean TLS close
 /// (close_notify, then FIN), which tells a complete answer from a cut one.
-async fn closed_cleanly(mut conn: Connection) -> io::Result<()> {
+async fn closed_cleanly(mut conn: Connection<ClientStream>) -> io::Result<()> {
     let parts = (&mut conn.0)
         .await
         .map_err(io::Error::other)?
@@ -317,7 +326,7 @@ pub struct Stream {
     lines: Lines,
     /// The request body of an open-ended stream.
     pings: Option<http_body_util::channel::Sender<Bytes, io::Error>>,
-    conn: Option<Connection>,
+    conn: Option<Connection<ClientStream>>,
 }
 
 impl Stream {

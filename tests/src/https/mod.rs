@@ -7,7 +7,10 @@
 mod client;
 mod server;
 
-pub use client::{ClientStream, ClientTls, Failure, Reply, Stage, Stream, UdpFlow};
+pub use client::{
+    ClientStream, ClientTls, Connection, Failure, Reply, RequestBody, Stage, Stream, UdpFlow,
+    empty, request, send,
+};
 pub use server::{Backend, BackendStats};
 
 use std::{error::Error as _, io, sync::Arc};
@@ -151,7 +154,7 @@ fn timed_out(what: &str) -> io::Error {
 
 /// A hyper error as the I/O error under it, so callers can tell a reset or
 /// a cut connection (`UnexpectedEof`) from other failures.
-fn hyper_io(e: hyper::Error) -> io::Error {
+pub fn hyper_io(e: hyper::Error) -> io::Error {
     if let Some(io) = e.source().and_then(|s| s.downcast_ref::<io::Error>()) {
         return io::Error::new(io.kind(), e.to_string());
     }
