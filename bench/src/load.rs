@@ -152,6 +152,8 @@ impl Drop for Backends {
         self.stop.store(true, Ordering::Relaxed);
         // Shutting a listening socket down wakes its blocked accept.
         for fd in &self.fds {
+            // SAFETY: shutdown(2) takes no pointers; the listener is still
+            // open (its thread is joined below).
             unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
         }
         for a in self.acceptors.drain(..) {
@@ -423,6 +425,7 @@ pub fn open_loop(
             thread::spawn(move || {
                 enter(&ns, group.as_deref());
                 // Wake up on time, not up to 50 us late.
+                // SAFETY: PR_SET_TIMERSLACK takes an integer, no pointers.
                 unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1) };
                 loop {
                     let i = {
