@@ -231,45 +231,35 @@ fn nat_and_dsr_fixtures_with_a_real_fib() {
         let err = |from: &str, to: &str, kind, quoted: &Spec, len| {
             Spec::icmp_error(from, to, kind, quoted, len)
         };
+        // A frag-needed error about the nat4 flow, `quoted` bytes of its
+        // reply quoted: the error and its quote move to the backend.
+        let nat4_frag_needed = |name, quoted| {
+            (
+                name,
+                from_client(err(
+                    "10.203.0.2",
+                    "10.203.0.10",
+                    frag,
+                    &tcp("10.203.0.10", 443),
+                    quoted,
+                )),
+                XDP_REDIRECT,
+                err(
+                    "10.203.0.2",
+                    "10.203.1.5",
+                    frag,
+                    &tcp("10.203.1.5", 8443),
+                    quoted,
+                )
+                .with_macs(BACKEND_MAC, LBB_MAC),
+            )
+        };
         let icmp: Vec<(&str, Spec, u32, Spec)> = vec![
-            (
+            nat4_frag_needed(
                 "nat ipv4 frag needed: error and quote name the backend, redirected",
-                from_client(err(
-                    "10.203.0.2",
-                    "10.203.0.10",
-                    frag,
-                    &tcp("10.203.0.10", 443),
-                    548,
-                )),
-                XDP_REDIRECT,
-                err(
-                    "10.203.0.2",
-                    "10.203.1.5",
-                    frag,
-                    &tcp("10.203.1.5", 8443),
-                    548,
-                )
-                .with_macs(BACKEND_MAC, LBB_MAC),
+                548,
             ),
-            (
-                "nat ipv4 frag needed, 8 bytes of tcp quoted",
-                from_client(err(
-                    "10.203.0.2",
-                    "10.203.0.10",
-                    frag,
-                    &tcp("10.203.0.10", 443),
-                    28,
-                )),
-                XDP_REDIRECT,
-                err(
-                    "10.203.0.2",
-                    "10.203.1.5",
-                    frag,
-                    &tcp("10.203.1.5", 8443),
-                    28,
-                )
-                .with_macs(BACKEND_MAC, LBB_MAC),
-            ),
+            nat4_frag_needed("nat ipv4 frag needed, 8 bytes of tcp quoted", 28),
             (
                 "nat ipv6 packet too big (the pseudo-header's destination changes too)",
                 from_client(err(
