@@ -273,7 +273,23 @@ pub async fn send<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (mut sender, conn) = http1::handshake(TokioIo::new(io)).await.map_err(hyper_io)?;
+    send_on(&http1::Builder::new(), io, request).await
+}
+
+/// [`send`] on a connection set up by `builder` (the bench reads in large
+/// fixed-size buffers).
+pub async fn send_on<S>(
+    builder: &http1::Builder,
+    io: S,
+    request: Request<RequestBody>,
+) -> io::Result<(Response<Incoming>, Connection<S>)>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, conn) = builder
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(hyper_io)?;
     let conn = Connection(tokio::spawn(conn.without_shutdown()));
     let response = sender.send_request(request).await.map_err(hyper_io)?;
     Ok((response, conn))

@@ -9,7 +9,7 @@ mod server;
 
 pub use client::{
     ClientStream, ClientTls, Connection, Failure, Reply, RequestBody, Stage, Stream, UdpFlow,
-    empty, request, send,
+    empty, request, send, send_on,
 };
 pub use server::{Backend, BackendStats};
 
