@@ -20,12 +20,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::netns;
+use http_body_util::BodyExt;
+use hyper::{Method, StatusCode};
+use lb_tests::{https, netns};
 use rustls::{
-    ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned,
+    ClientConfig, RootCertStore, ServerConfig, ServerConnection, StreamOwned,
     client::Resumption,
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
 };
+use tokio_rustls::TlsConnector;
 
 use crate::sys::{self, CpuGroup};
 
@@ -149,6 +152,8 @@ impl Drop for Backends {
         self.stop.store(true, Ordering::Relaxed);
         // Shutting a listening socket down wakes its blocked accept.
         for fd in &self.fds {
+            // SAFETY: shutdown(2) takes no pointers; the listener is still
+            // open (its thread is joined below).
             unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
         }
         for a in self.acceptors.drain(..) {
@@ -254,71 +259,85 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 // ---------------------------------------------------------------------------
-// Client.
+// Client: the tests' HTTP client (hyper over tokio-rustls), each load thread
+// driving it on a runtime of its own so sockets stay in its namespace.
+
+thread_local! {
+    static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for the load thread");
+}
 
 /// One request on a new connection: connect, (TLS handshake,) GET, read
 /// the whole response. Returns the body's length.
 pub fn request(to: SocketAddr, tls: Option<&Arc<ClientConfig>>, path: &str) -> io::Result<u64> {
-    let s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    RUNTIME.with(|rt| rt.block_on(fetch(to, tls, path, None)))
+}
+
+/// [`request`]; with `until`, stops once that much time passed (for bulk
+/// transfers) and returns what arrived by then.
+async fn fetch(
+    to: SocketAddr,
+    tls: Option<&Arc<ClientConfig>>,
+    path: &str,
+    until: Option<Instant>,
+) -> io::Result<u64> {
+    let timed_out =
+        |what: &str| io::Error::new(io::ErrorKind::TimedOut, format!("{what} timed out"));
+    let s = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(to))
+        .await
+        .map_err(|_| timed_out("connect"))??;
     s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {SNI}\r\nConnection: close\r\n\r\n");
+    let req = https::request(Method::GET, SNI, path, https::empty())?;
+    // Reads of up to 256 KiB, as the bench's client always made: the
+    // client must not be what limits a bulk download.
+    let mut builder = hyper::client::conn::http1::Builder::new();
+    builder.read_buf_exact_size(Some(256 * 1024));
+    // Each connection stays open (`_conn`) until its body is read.
     match tls {
         Some(cfg) => {
-            let name = ServerName::try_from(SNI).unwrap();
-            let conn = ClientConnection::new(cfg.clone(), name).map_err(io::Error::other)?;
-            let mut t = StreamOwned::new(conn, s);
-            t.write_all(req.as_bytes())?;
-            t.flush()?;
-            read_response(&mut t, None)
+            let name = ServerName::try_from(SNI).map_err(io::Error::other)?;
+            let t = TlsConnector::from(cfg.clone()).connect(name, s).await?;
+            let (response, _conn) = https::send_on(&builder, t, req).await?;
+            read_body(response, until).await
         }
         None => {
-            let mut s = s;
-            s.write_all(req.as_bytes())?;
-            read_response(&mut s, None)
+            let (response, _conn) = https::send_on(&builder, s, req).await?;
+            read_body(response, until).await
         }
     }
 }
 
-/// Reads one response; with `until`, stops once that much time passed
-/// (for bulk transfers) and returns what arrived by then.
-fn read_response(s: &mut impl Read, until: Option<Instant>) -> io::Result<u64> {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut have = 0usize;
-    let (end, len) = loop {
-        if let Some(i) = find(&buf[..have], b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
-            if !head.starts_with("http/1.1 200") {
-                return Err(io::Error::other(format!(
-                    "bad response: {}",
-                    head.lines().next().unwrap_or("")
-                )));
-            }
-            let len = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| io::Error::other("no content-length"))?;
-            break (i + 4, len);
-        }
-        let n = s.read(&mut buf[have..])?;
-        if n == 0 {
-            return Err(io::Error::other("closed before the response"));
-        }
-        have += n;
-    };
-    let mut got = (have - end) as u64;
-    while got < len {
+/// Reads a 200 answer's body to its end, or until `until`; its length.
+async fn read_body(
+    response: hyper::Response<hyper::body::Incoming>,
+    until: Option<Instant>,
+) -> io::Result<u64> {
+    if response.status() != StatusCode::OK {
+        return Err(io::Error::other(format!(
+            "bad response: {}",
+            response.status()
+        )));
+    }
+    let mut body = response.into_body();
+    let mut got = 0u64;
+    loop {
         if until.is_some_and(|u| Instant::now() >= u) {
             return Ok(got);
         }
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Err(io::Error::other("closed mid-body"));
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "read timed out"))?;
+        match frame {
+            None => return Ok(got),
+            Some(frame) => {
+                if let Ok(data) = frame.map_err(https::hyper_io)?.into_data() {
+                    got += data.len() as u64;
+                }
+            }
         }
-        got += n as u64;
     }
-    Ok(got)
 }
 
 /// The outcome of a load phase.
@@ -410,6 +429,7 @@ pub fn open_loop(
             thread::spawn(move || {
                 enter(&ns, group.as_deref());
                 // Wake up on time, not up to 50 us late.
+                // SAFETY: PR_SET_TIMERSLACK takes an integer, no pointers.
                 unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1) };
                 loop {
                     let i = {
@@ -453,16 +473,12 @@ pub fn bulk(ns: &str, group: Option<Arc<CpuGroup>>, to: SocketAddr, dur: Duratio
     let ns = ns.to_string();
     thread::spawn(move || {
         enter(&ns, group.as_deref());
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3)).expect("bulk connect");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         // Far more than can arrive in time: the reader stops on the clock.
-        let req = format!(
-            "GET /bulk/{} HTTP/1.1\r\nHost: {SNI}\r\nConnection: close\r\n\r\n",
-            1u64 << 40
-        );
-        s.write_all(req.as_bytes()).unwrap();
+        let path = format!("/bulk/{}", 1u64 << 40);
         let start = Instant::now();
-        let got = read_response(&mut s, Some(start + dur)).unwrap_or(0);
+        let got = RUNTIME
+            .with(|rt| rt.block_on(fetch(to, None, &path, Some(start + dur))))
+            .unwrap_or(0);
         let secs = start.elapsed().as_secs_f64();
         (got as f64 / secs, got)
     })

@@ -115,6 +115,7 @@ pub struct Running {
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) takes no pointers; the child is ours.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             for _ in 0..100 {
                 if c.try_wait().ok().flatten().is_some() {

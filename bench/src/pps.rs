@@ -51,6 +51,7 @@ fn rx_packets(ns: &str, dev: &str) -> u64 {
 
 fn ifindex(dev: &str) -> u32 {
     let c = std::ffi::CString::new(dev).unwrap();
+    // SAFETY: `c` is a NUL-terminated string that outlives the call.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
     assert!(i != 0, "no interface {dev}");
     i

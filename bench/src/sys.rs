@@ -56,6 +56,8 @@ pub fn have(cmd: &str) -> bool {
 /// Pins the calling thread to one CPU, so a measurement is not moved
 /// between CPUs half way.
 pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is a plain bit set (all zeroes is empty) and lives
+    // across the call that reads it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
@@ -65,6 +67,7 @@ pub fn pin_to_cpu(cpu: usize) {
 
 /// Lets the calling thread run anywhere again.
 pub fn unpin() {
+    // SAFETY: as in `pin_to_cpu`.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         for cpu in 0..nproc() {
@@ -81,6 +84,7 @@ pub fn nproc() -> usize {
 }
 
 pub fn gettid() -> i32 {
+    // SAFETY: gettid(2) takes no arguments and cannot fail.
     unsafe { libc::gettid() }
 }
 

@@ -20,18 +20,22 @@ const ETH_P_ALL: u16 = 0x0003;
 /// An AF_PACKET socket that sees every frame of interface `ifname` in the
 /// calling thread's namespace, in and out. The caller closes it.
 pub fn packet_socket(ifname: &std::ffi::CStr) -> i32 {
+    // SAFETY: socket(2) takes no pointers.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (ETH_P_ALL.to_be()) as i32) };
     assert!(
         fd >= 0,
         "AF_PACKET socket: {}",
         std::io::Error::last_os_error()
     );
+    // SAFETY: `ifname` is a valid NUL-terminated string for the call.
     let ifindex = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
     assert!(ifindex > 0, "no interface {ifname:?}");
+    // SAFETY: sockaddr_ll is plain integers; all zeroes is a valid value.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
     sll.sll_protocol = ETH_P_ALL.to_be();
     sll.sll_ifindex = ifindex as i32;
+    // SAFETY: `sll` is a live sockaddr_ll and the length given is its size.
     let rc = unsafe {
         libc::bind(
             fd,
@@ -56,6 +60,7 @@ impl Capture {
                 tv_sec: 0,
                 tv_usec: 50_000,
             };
+            // SAFETY: `tv` is a live timeval and the length given is its size.
             unsafe {
                 libc::setsockopt(
                     fd,
@@ -70,11 +75,13 @@ impl Capture {
             let mut buf = vec![0u8; 65536];
             // Bounded: at most a million frames.
             while !flag.load(Ordering::Relaxed) && frames.len() < 1_000_000 {
+                // SAFETY: `buf` is writable for the `buf.len()` bytes given.
                 let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
                 if n > 0 {
                     frames.push(buf[..n as usize].to_vec());
                 }
             }
+            // SAFETY: `fd` is this thread's own socket, closed once.
             unsafe { libc::close(fd) };
             frames
         });

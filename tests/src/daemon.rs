@@ -35,21 +35,17 @@ pub fn lb_binary() -> PathBuf {
     lb
 }
 
-/// A scratch directory removed on drop.
-pub struct TempDir(pub PathBuf);
+/// A scratch directory: `.0` is its path, `.1` the `tempfile` guard that
+/// removes it on drop.
+pub struct TempDir(pub PathBuf, pub tempfile::TempDir);
 
 impl TempDir {
     pub fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "lbt-{}-{tag}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        fs::create_dir_all(&p).unwrap();
-        Self(p)
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("lbt-{tag}-"))
+            .tempdir()
+            .expect("a scratch directory");
+        Self(dir.path().to_owned(), dir)
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -63,12 +59,6 @@ impl TempDir {
         fs::write(&p, text).unwrap();
         fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
@@ -203,9 +193,9 @@ impl Lb {
 
     /// Sends `sig` to the daemon.
     pub fn signal(&self, sig: i32) {
-        let pid = self.pid() as i32;
-        assert!(pid > 0, "the daemon is not running");
-        unsafe { libc::kill(pid, sig) };
+        let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("the daemon is running");
+        let sig = rustix::process::Signal::from_named_raw(sig).expect("a named signal");
+        let _ = rustix::process::kill_process(pid, sig);
     }
 
     /// Waits up to `within` for the daemon to exit on its own.
@@ -226,7 +216,7 @@ impl Lb {
     /// Sends SIGTERM and waits for a clean exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        sigterm(&child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(s) = child.try_wait().unwrap() {
@@ -348,9 +338,15 @@ impl Drop for Lb {
     }
 }
 
+fn sigterm(c: &Child) {
+    if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+}
+
 /// Ends `c`: SIGTERM, then SIGKILL after five seconds.
 pub fn terminate(mut c: Child) {
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    sigterm(&c);
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         if c.try_wait().ok().flatten().is_some() {

@@ -1,10 +1,11 @@
-//! What the packet-fixture tests share: a local service, a map writer on
-//! a freshly loaded data plane, and where the active table sends a flow.
+//! The fixtures the tests share: service specs, a map writer on a freshly
+//! loaded data plane, and where the active table sends a flow.
 use std::net::IpAddr;
 
 use lb_common::MaglevSlot;
 use lb_userspace::dataplane::{
-    BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec, addr_words,
+    AdminState, BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec,
+    addr_words,
 };
 
 /// The data plane options of the fixture tests: small tables.
@@ -16,19 +17,63 @@ pub fn options() -> Options {
     }
 }
 
-/// A `local` TCP and UDP service with backends of weight 100.
-pub fn service(name: &str, listen: &str, backends: &[&str]) -> ServiceSpec {
+/// A service with backends of weight 100 in the given admin states: the one
+/// builder of service specs the tests share.
+pub fn service_spec(
+    name: &str,
+    listen: &str,
+    protocols: &[Protocol],
+    forwarding: Forwarding,
+    backends: &[(&str, AdminState)],
+) -> ServiceSpec {
     ServiceSpec {
         when_all_down: Default::default(),
         name: name.into(),
         listen: listen.parse().unwrap(),
-        protocols: vec![Protocol::Tcp, Protocol::Udp],
-        forwarding: Forwarding::Local,
+        protocols: protocols.to_vec(),
+        forwarding,
         backends: backends
             .iter()
-            .map(|b| BackendSpec::new(b.parse().unwrap(), 100))
+            .map(|(a, state)| {
+                let mut b = BackendSpec::new(a.parse().unwrap(), 100);
+                b.state = *state;
+                b
+            })
             .collect(),
     }
+}
+
+/// A `local` service of `protocols` with backends in the given states.
+pub fn service_in_states(
+    name: &str,
+    listen: &str,
+    protocols: &[Protocol],
+    backends: &[(&str, AdminState)],
+) -> ServiceSpec {
+    service_spec(name, listen, protocols, Forwarding::Local, backends)
+}
+
+/// A TCP and UDP service forwarding with `forwarding` to active backends.
+pub fn forwarded_service(
+    name: &str,
+    listen: &str,
+    forwarding: Forwarding,
+    backends: &[&str],
+) -> ServiceSpec {
+    let backends: Vec<(&str, AdminState)> =
+        backends.iter().map(|b| (*b, AdminState::Active)).collect();
+    service_spec(
+        name,
+        listen,
+        &[Protocol::Tcp, Protocol::Udp],
+        forwarding,
+        &backends,
+    )
+}
+
+/// A `local` TCP and UDP service with active backends of weight 100.
+pub fn service(name: &str, listen: &str, backends: &[&str]) -> ServiceSpec {
+    forwarded_service(name, listen, Forwarding::Local, backends)
 }
 
 /// A map writer serving `services` on a data plane of its own.

@@ -14,7 +14,7 @@ pub mod topology;
 
 /// Fails the test, loudly, when it cannot do its job without root.
 pub fn require_root() {
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         panic!(
             "this test loads eBPF programs and creates network namespaces: it must run as root \
              (run `cargo xtask test` as root)"

@@ -4,7 +4,7 @@
 //! inside), also when the test panics.
 use std::{
     fs::File,
-    os::fd::AsRawFd,
+    os::fd::AsFd,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
     thread,
@@ -127,8 +127,11 @@ impl Drop for Topology {
 pub fn enter(ns: &str) {
     let f = File::open(format!("/run/netns/{ns}"))
         .unwrap_or_else(|e| panic!("namespace {ns} not found: {e}"));
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        panic!("setns({ns}): {}", std::io::Error::last_os_error());
+    if let Err(e) = rustix::thread::move_into_link_name_space(
+        f.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    ) {
+        panic!("setns({ns}): {e}");
     }
 }
 

@@ -1,43 +1,43 @@
-//! A seeded pseudo-random generator (SplitMix64) for the randomized tests.
-//! Same seed, same sequence on every machine: a failure reproduces from the
-//! seed the test prints, with `LB_FUZZ_SEED=<seed>`.
+//! Seeded randomness for the randomized tests: `rand`'s portable
+//! Xoshiro256++ behind the few draws the fuzzers use. Same seed, same
+//! sequence on every machine: a failure reproduces from the seed the test
+//! prints, with `LB_FUZZ_SEED=<seed>`.
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub struct Rng(u64);
+use rand::{RngExt, SeedableRng, rngs::Xoshiro256PlusPlus};
+
+/// The generator of one randomized test.
+pub struct Rng(Xoshiro256PlusPlus);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed)
+        Rng(Xoshiro256PlusPlus::seed_from_u64(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.random()
     }
 
     pub fn u8(&mut self) -> u8 {
-        self.next_u64() as u8
+        self.0.random()
     }
 
     pub fn u16(&mut self) -> u16 {
-        self.next_u64() as u16
+        self.0.random()
     }
 
     pub fn u32(&mut self) -> u32 {
-        self.next_u64() as u32
+        self.0.random()
     }
 
     /// Uniform in `0..n` (`n > 0`).
     pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
+        self.0.random_range(0..n)
     }
 
     /// Uniform in `lo..hi` (`lo < hi`).
     pub fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo)
+        self.0.random_range(lo..hi)
     }
 
     /// True once in `n` times on average.
@@ -49,16 +49,9 @@ impl Rng {
         &items[self.below(items.len())]
     }
 
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         let mut v = vec![0; n];
-        self.fill(&mut v);
+        self.0.fill(&mut v[..]);
         v
     }
 

@@ -410,8 +410,11 @@ impl TxCapture {
             let mut frames = Vec::new();
             let mut buf = vec![0u8; 65536];
             loop {
+                // SAFETY: sockaddr_ll is plain integers; all zeroes is valid.
                 let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
                 let mut from_len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                // SAFETY: `buf` is writable for `buf.len()` bytes, `from`
+                // for `from_len` bytes; both live across the call.
                 let n = unsafe {
                     libc::recvfrom(
                         fd.0,
@@ -439,6 +442,7 @@ impl TxCapture {
             }
             let mut stats = [0u32; 2];
             let mut len = size_of::<[u32; 2]>() as libc::socklen_t;
+            // SAFETY: `stats` is writable for the `len` bytes given.
             unsafe {
                 libc::getsockopt(
                     fd.0,
@@ -486,6 +490,7 @@ struct Fd(i32);
 
 impl Fd {
     fn set<T>(&self, opt: i32, v: &T) {
+        // SAFETY: `v` is a live `T` and the length given is its size.
         let rc = unsafe {
             libc::setsockopt(
                 self.0,
@@ -506,6 +511,7 @@ impl Fd {
 
 impl Drop for Fd {
     fn drop(&mut self) {
+        // SAFETY: the descriptor is owned by this `Fd` and closed once.
         unsafe { libc::close(self.0) };
     }
 }

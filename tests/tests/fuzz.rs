@@ -15,12 +15,12 @@ use lb_common::{
     Reason, flow_hash, v4_mapped,
 };
 use lb_tests::{
+    fixtures::{hex, service_in_states},
     packet::{L4, Spec, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN},
     rng::{self, Rng},
 };
 use lb_userspace::dataplane::{
-    AdminState, BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec,
-    addr_words,
+    AdminState, BackendSpec, Dataplane, MapWriter, Options, Protocol, ServiceSpec, addr_words,
 };
 
 const XDP_ABORTED: u32 = 0;
@@ -40,29 +40,6 @@ const CHUNK: usize = 2_000;
 const L4_HEADER_INSIDE_DATAGRAM: bool = true;
 const V4_MAPPED_IPV6_IS_BAD: bool = true;
 
-fn service(
-    name: &str,
-    listen: &str,
-    protocols: &[Protocol],
-    backends: &[(&str, AdminState)],
-) -> ServiceSpec {
-    ServiceSpec {
-        when_all_down: Default::default(),
-        name: name.into(),
-        listen: listen.parse().unwrap(),
-        protocols: protocols.to_vec(),
-        forwarding: Forwarding::Local,
-        backends: backends
-            .iter()
-            .map(|(a, state)| {
-                let mut b = BackendSpec::new(a.parse().unwrap(), 100);
-                b.state = *state;
-                b
-            })
-            .collect(),
-    }
-}
-
 /// A wildcard service on 443, address-specific ones on 8443 (IPv4 TCP and
 /// IPv6 UDP, whose backends have addresses of their own), a service with no
 /// backend and one whose only backend drains.
@@ -70,21 +47,21 @@ fn services() -> Vec<ServiceSpec> {
     use AdminState::*;
     use Protocol::*;
     vec![
-        service(
+        service_in_states(
             "web",
             "0.0.0.0:443",
             &[Tcp, Udp],
             &[("127.0.0.1:8001", Active), ("127.0.0.1:8002", Active)],
         ),
-        service("api", "10.0.0.1:8443", &[Tcp], &[("10.0.0.9:9001", Active)]),
-        service(
+        service_in_states("api", "10.0.0.1:8443", &[Tcp], &[("10.0.0.9:9001", Active)]),
+        service_in_states(
             "api6",
             "[fd00::1]:8443",
             &[Udp],
             &[("[fd00::9]:9002", Active)],
         ),
-        service("empty", "0.0.0.0:8080", &[Tcp], &[]),
-        service(
+        service_in_states("empty", "0.0.0.0:8080", &[Tcp], &[]),
+        service_in_states(
             "drained",
             "0.0.0.0:8081",
             &[Udp],
@@ -1104,10 +1081,6 @@ impl Gen {
 
 // ---------------------------------------------------------------------------
 // The run.
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 /// The largest frame the program sees whole. `BPF_PROG_TEST_RUN` takes
 /// larger ones, but puts what does not fit in one page (less headroom and

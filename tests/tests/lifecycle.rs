@@ -692,7 +692,8 @@ fn reloads_apply_the_difference_under_traffic() {
 }
 
 fn lb_pid_alive(lb: &Lb) -> bool {
-    lb.pid() != 0 && unsafe { libc::kill(lb.pid() as i32, 0) } == 0
+    rustix::process::Pid::from_raw(lb.pid() as i32)
+        .is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
 }
 
 /// A second `lb run` on the same pins exits 2 and touches nothing; an
@@ -792,13 +793,10 @@ fn pins_private_to_the_daemon_are_reported() {
 }
 
 fn raise_own_nofile(to: u64) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    lim.rlim_cur = to.min(lim.rlim_max);
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    lim.current = Some(lim.maximum.map_or(to, |max| to.min(max)));
+    let _ = setrlimit(Resource::Nofile, lim);
 }
 
 fn checks_total(lb: &Lb) -> f64 {
@@ -812,30 +810,19 @@ fn checks_total(lb: &Lb) -> f64 {
 /// A Unix stream connection to `path` that never blocks: `None` when the
 /// listener's backlog is full or the socket is gone.
 fn unix_connect_nonblocking(path: &Path) -> Option<std::os::unix::net::UnixStream> {
-    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: a zeroed sockaddr_un is valid; the path fits (checked).
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() {
-        return None;
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    // SAFETY: plain socket/connect/close calls on a descriptor we own.
-    unsafe {
-        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
-        if fd < 0 {
-            return None;
-        }
-        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-        if libc::connect(fd, &addr as *const _ as *const libc::sockaddr, len) != 0 {
-            libc::close(fd);
-            return None;
-        }
-        Some(std::os::unix::net::UnixStream::from_raw_fd(fd))
-    }
+    use rustix::net::{
+        AddressFamily, SocketAddrUnix, SocketFlags, SocketType, connect, socket_with,
+    };
+    let addr = SocketAddrUnix::new(path).ok()?;
+    let fd = socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK,
+        None,
+    )
+    .ok()?;
+    connect(&fd, &addr).ok()?;
+    Some(fd.into())
 }
 
 /// How many of `conns` the daemon still holds open.

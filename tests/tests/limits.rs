@@ -15,6 +15,7 @@ use lb_tests::{
     daemon::{BpfFs, Launch, Lb, TempDir, lb_cli, lb_validate},
     netns::Topology,
 };
+use rstest::rstest;
 use serde_json::Value;
 
 const API: &str = "127.0.0.1:9180";
@@ -359,75 +360,79 @@ fn api_changes_past_a_limit_get_409_naming_it_and_change_nothing() {
     lb.stop();
 }
 
-#[test]
-fn validate_names_the_limit_a_file_goes_past() {
+/// A service `s<n>` with `backends` backends, as a config file holds it
+/// (6 lines and one per backend).
+fn limits_service(n: usize, backends: usize) -> String {
+    let list: Vec<String> = (0..backends)
+        .map(|j| format!("{{ address = \"127.0.{n}.{}:{}\" }}", j + 1, 2000 + n))
+        .collect();
+    format!(
+        "[[services]]\nname = \"s{n}\"\nlisten = \"0.0.0.0:{}\"\nbackends = [\n  {}\n]\n",
+        1000 + n,
+        list.join(",\n  ")
+    )
+}
+
+#[rstest]
+// The third's [[services]]: 6 lines of head, 6 a service.
+#[case::max_services("max_services = 2", &[1, 1, 1], "limits.max_services = 2", "services[2]", 6 + 2 * 6 + 1)]
+#[case::max_backends_per_service(
+    "max_backends_per_service = 2",
+    &[3],
+    "limits.max_backends_per_service = 2",
+    "services[0].backends[2]",
+    6 + 7
+)]
+#[case::max_backends("max_backends = 3", &[2, 2], "limits.max_backends = 3", "services[1].backends[1]", 6 + 7 + 6)]
+#[case::past_the_dataplane(
+    "max_services = 9",
+    &[],
+    "more than dataplane.max_services = 4",
+    "limits.max_services",
+    5
+)]
+fn validate_names_the_limit_a_file_goes_past(
+    #[case] limits: &str,
+    #[case] backends: &[usize],
+    #[case] key: &str,
+    #[case] field: &str,
+    #[case] line: usize,
+) {
     let dir = TempDir::new("limits-validate");
     let path = dir.path("lb.toml");
-    let service = |n: usize, backends: usize| {
-        let list: Vec<String> = (0..backends)
-            .map(|j| format!("{{ address = \"127.0.{n}.{}:{}\" }}", j + 1, 2000 + n))
-            .collect();
+    let services: String = backends
+        .iter()
+        .enumerate()
+        .map(|(n, b)| limits_service(n, *b))
+        .collect();
+    std::fs::write(
+        &path,
         format!(
-            "[[services]]\nname = \"s{n}\"\nlisten = \"0.0.0.0:{}\"\nbackends = [\n  {}\n]\n",
-            1000 + n,
-            list.join(",\n  ")
-        )
-    };
-    for (limits, services, key, field, line) in [
-        (
-            "max_services = 2",
-            [service(0, 1), service(1, 1), service(2, 1)].concat(),
-            "limits.max_services = 2",
-            "services[2]",
-            // The third's [[services]]: 6 lines of head, 6 a service.
-            6 + 2 * 6 + 1,
+            "[dataplane]\ninterface = \"eth0\"\nmax_services = 4\n[limits]\n{limits}\n\n{services}"
         ),
-        (
-            "max_backends_per_service = 2",
-            [service(0, 3)].concat(),
-            "limits.max_backends_per_service = 2",
-            "services[0].backends[2]",
-            6 + 7,
-        ),
-        (
-            "max_backends = 3",
-            [service(0, 2), service(1, 2)].concat(),
-            "limits.max_backends = 3",
-            "services[1].backends[1]",
-            6 + 7 + 6,
-        ),
-        (
-            "max_services = 9",
-            String::new(),
-            "more than dataplane.max_services = 4",
-            "limits.max_services",
-            5,
-        ),
-    ] {
-        std::fs::write(
-            &path,
-            format!(
-                "[dataplane]\ninterface = \"eth0\"\nmax_services = 4\n[limits]\n{limits}\n\n{services}"
-            ),
-        )
-        .unwrap();
-        let (code, err) = lb_validate(&path);
-        assert_eq!(code, Some(2), "{limits}: {err}");
-        assert!(
-            err.contains(&format!("{}:{line}:", path.display()))
-                && err.contains(field)
-                && err.contains(key),
-            "{limits}: want line {line}, {field}, {key}: {err}"
-        );
-    }
-    // At the limits: valid.
+    )
+    .unwrap();
+    let (code, err) = lb_validate(&path);
+    assert_eq!(code, Some(2), "{limits}: {err}");
+    assert!(
+        err.contains(&format!("{}:{line}:", path.display()))
+            && err.contains(field)
+            && err.contains(key),
+        "{limits}: want line {line}, {field}, {key}: {err}"
+    );
+}
+
+#[test]
+fn validate_takes_a_file_at_the_limits() {
+    let dir = TempDir::new("limits-validate");
+    let path = dir.path("lb.toml");
     std::fs::write(
         &path,
         format!(
             "[dataplane]\ninterface = \"eth0\"\n[limits]\nmax_services = 2\nmax_backends = 3\n\
              max_backends_per_service = 2\n{}{}",
-            service(0, 2),
-            service(1, 1)
+            limits_service(0, 2),
+            limits_service(1, 1)
         ),
     )
     .unwrap();

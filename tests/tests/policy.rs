@@ -9,41 +9,43 @@ use lb_tests::{
     daemon::{Lb, TempDir, lb_validate},
     netns::Topology,
 };
+use rstest::rstest;
 use serde_json::Value;
 
 const API: &str = "127.0.0.1:9180";
 
-#[test]
-fn validate_names_the_rule_of_a_forbidden_backend() {
+#[rstest]
+#[case::link_local("169.254.169.254:80", "", "link-local")]
+#[case::broadcast("255.255.255.255:443", "", "broadcast")]
+#[case::ipv4_mapped("[::ffff:127.0.0.1]:8001", "", "ipv4-mapped")]
+#[case::outside_the_policy(
+    "192.0.2.7:443",
+    "[policy]\nallowed_backend_networks = [\"127.0.0.0/8\"]\n",
+    "allowed_backend_networks"
+)]
+fn validate_names_the_rule_of_a_forbidden_backend(
+    #[case] backend: &str,
+    #[case] policy: &str,
+    #[case] rule: &str,
+) {
     let dir = TempDir::new("policy-validate");
-    for (backend, policy, rule) in [
-        ("169.254.169.254:80", "", "link-local"),
-        ("255.255.255.255:443", "", "broadcast"),
-        ("[::ffff:127.0.0.1]:8001", "", "ipv4-mapped"),
-        (
-            "192.0.2.7:443",
-            "[policy]\nallowed_backend_networks = [\"127.0.0.0/8\"]\n",
-            "allowed_backend_networks",
+    let path = dir.path("bad.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[dataplane]\ninterface = \"eth0\"\n{policy}[[services]]\nname = \"web\"\nbackends = [\n  {{ address = \"127.0.0.1:8001\" }},\n  {{ address = \"{backend}\" }},\n]\n"
         ),
-    ] {
-        let path = dir.path("bad.toml");
-        std::fs::write(
-            &path,
-            format!(
-                "[dataplane]\ninterface = \"eth0\"\n{policy}[[services]]\nname = \"web\"\nbackends = [\n  {{ address = \"127.0.0.1:8001\" }},\n  {{ address = \"{backend}\" }},\n]\n"
-            ),
-        )
-        .unwrap();
-        let line = 7 + policy.lines().count();
-        let (code, err) = lb_validate(&path);
-        assert_eq!(code, Some(2), "{backend}: {err}");
-        assert!(
-            err.contains(&format!("{}:{line}:", path.display()))
-                && err.contains("services[0].backends[1].address")
-                && err.contains(&format!("(rule: {rule})")),
-            "{backend}: {err}"
-        );
-    }
+    )
+    .unwrap();
+    let line = 7 + policy.lines().count();
+    let (code, err) = lb_validate(&path);
+    assert_eq!(code, Some(2), "{backend}: {err}");
+    assert!(
+        err.contains(&format!("{}:{line}:", path.display()))
+            && err.contains("services[0].backends[1].address")
+            && err.contains(&format!("(rule: {rule})")),
+        "{backend}: {err}"
+    );
 }
 
 #[test]

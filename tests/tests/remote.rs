@@ -10,14 +10,13 @@ use std::{
 
 use lb_common::Reason;
 use lb_tests::{
+    fixtures::forwarded_service,
     https::{Backend, ClientTls, Pki},
     netns::{self, Topology, run_in},
     packet::{self, Spec, TCP_ACK, TCP_SYN},
     topology::NsRuntime,
 };
-use lb_userspace::dataplane::{
-    AttachMode, BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec,
-};
+use lb_userspace::dataplane::{AttachMode, Dataplane, Forwarding, MapWriter, Options, ServiceSpec};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -30,20 +29,6 @@ const LBB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
 const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x03, 0x05];
 const NEIGHBOUR_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x04, 0x07];
 const BACKEND2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x03, 0x06];
-
-fn service(name: &str, listen: &str, fwd: Forwarding, backends: &[&str]) -> ServiceSpec {
-    ServiceSpec {
-        when_all_down: Default::default(),
-        name: name.into(),
-        listen: listen.parse().unwrap(),
-        protocols: vec![Protocol::Tcp, Protocol::Udp],
-        forwarding: fwd,
-        backends: backends
-            .iter()
-            .map(|b| BackendSpec::new(b.parse().unwrap(), 100))
-            .collect(),
-    }
-}
 
 fn forwarding_on(ns: &str) {
     run_in(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
@@ -116,32 +101,32 @@ fn fib_writer(ns: &str, services: Vec<ServiceSpec>) -> MapWriter {
 fn nat_and_dsr_fixtures_with_a_real_fib() {
     let (_topo, lb) = fib_lab();
     let services = vec![
-        service(
+        forwarded_service(
             "nat4",
             "10.203.0.10:443",
             Forwarding::Nat,
             &["10.203.1.5:8443"],
         ),
-        service(
+        forwarded_service(
             "nat6",
             "[fd00:203::10]:443",
             Forwarding::Nat,
             &["[fd00:203:1::5]:8443"],
         ),
-        service(
+        forwarded_service(
             "dsr4",
             "10.203.0.20:443",
             Forwarding::Dsr,
             &["10.203.0.7:443"],
         ),
-        service(
+        forwarded_service(
             "dsr6",
             "[fd00:203::20]:443",
             Forwarding::Dsr,
             &["[fd00:203::7]:443"],
         ),
         // A backend on the backend network with no neighbour entry.
-        service(
+        forwarded_service(
             "miss",
             "10.203.0.30:443",
             Forwarding::Nat,
@@ -246,45 +231,35 @@ fn nat_and_dsr_fixtures_with_a_real_fib() {
         let err = |from: &str, to: &str, kind, quoted: &Spec, len| {
             Spec::icmp_error(from, to, kind, quoted, len)
         };
+        // A frag-needed error about the nat4 flow, `quoted` bytes of its
+        // reply quoted: the error and its quote move to the backend.
+        let nat4_frag_needed = |name, quoted| {
+            (
+                name,
+                from_client(err(
+                    "10.203.0.2",
+                    "10.203.0.10",
+                    frag,
+                    &tcp("10.203.0.10", 443),
+                    quoted,
+                )),
+                XDP_REDIRECT,
+                err(
+                    "10.203.0.2",
+                    "10.203.1.5",
+                    frag,
+                    &tcp("10.203.1.5", 8443),
+                    quoted,
+                )
+                .with_macs(BACKEND_MAC, LBB_MAC),
+            )
+        };
         let icmp: Vec<(&str, Spec, u32, Spec)> = vec![
-            (
+            nat4_frag_needed(
                 "nat ipv4 frag needed: error and quote name the backend, redirected",
-                from_client(err(
-                    "10.203.0.2",
-                    "10.203.0.10",
-                    frag,
-                    &tcp("10.203.0.10", 443),
-                    548,
-                )),
-                XDP_REDIRECT,
-                err(
-                    "10.203.0.2",
-                    "10.203.1.5",
-                    frag,
-                    &tcp("10.203.1.5", 8443),
-                    548,
-                )
-                .with_macs(BACKEND_MAC, LBB_MAC),
+                548,
             ),
-            (
-                "nat ipv4 frag needed, 8 bytes of tcp quoted",
-                from_client(err(
-                    "10.203.0.2",
-                    "10.203.0.10",
-                    frag,
-                    &tcp("10.203.0.10", 443),
-                    28,
-                )),
-                XDP_REDIRECT,
-                err(
-                    "10.203.0.2",
-                    "10.203.1.5",
-                    frag,
-                    &tcp("10.203.1.5", 8443),
-                    28,
-                )
-                .with_macs(BACKEND_MAC, LBB_MAC),
-            ),
+            nat4_frag_needed("nat ipv4 frag needed, 8 bytes of tcp quoted", 28),
             (
                 "nat ipv6 packet too big (the pseudo-header's destination changes too)",
                 from_client(err(
@@ -563,13 +538,13 @@ fn nat_spreads_connections_over_backend_hosts_v4_and_v6() {
     let (_topo, lb, client, b1, b2) = nat_lab();
     let https = Https::start(&client, &[("b1", &b1), ("b2", &b2)], 8443);
     let services = vec![
-        service(
+        forwarded_service(
             "web4",
             "10.203.0.10:443",
             Forwarding::Nat,
             &["10.203.1.2:8443", "10.203.2.2:8443"],
         ),
-        service(
+        forwarded_service(
             "web6",
             "[fd00:203::10]:443",
             Forwarding::Nat,
@@ -663,13 +638,13 @@ fn dsr_replies_bypass_the_balancer_v4_and_v6() {
     }
     let https = Https::start(&client, &[("b1", &b1), ("b2", &b2)], 443);
     let services = vec![
-        service(
+        forwarded_service(
             "web4",
             "10.204.0.100:443",
             Forwarding::Dsr,
             &["10.204.0.11:443", "10.204.0.12:443"],
         ),
-        service(
+        forwarded_service(
             "web6",
             "[fd00:204::100]:443",
             Forwarding::Dsr,
@@ -749,25 +724,25 @@ fn dsr_replies_bypass_the_balancer_v4_and_v6() {
 fn later_fragments_follow_their_first_in_nat_and_dsr() {
     let (_topo, lb) = fib_lab();
     let services = vec![
-        service(
+        forwarded_service(
             "nat4",
             "10.203.0.10:443",
             Forwarding::Nat,
             &["10.203.1.5:8443", "10.203.1.6:8443"],
         ),
-        service(
+        forwarded_service(
             "nat6",
             "[fd00:203::10]:443",
             Forwarding::Nat,
             &["[fd00:203:1::5]:8443", "[fd00:203:1::6]:8443"],
         ),
-        service(
+        forwarded_service(
             "dsr4",
             "10.203.0.20:443",
             Forwarding::Dsr,
             &["10.203.0.7:443"],
         ),
-        service(
+        forwarded_service(
             "dsr6",
             "[fd00:203::20]:443",
             Forwarding::Dsr,
@@ -884,8 +859,10 @@ fn nat_and_dsr_failures_are_dropped_or_passed_by_reason() {
     ] {
         run_in(&lb, route);
     }
-    let nat = |name: &str, vip: &str, be: &str| service(name, vip, Forwarding::Nat, &[be]);
-    let dsr = |name: &str, vip: &str, be: &str| service(name, vip, Forwarding::Dsr, &[be]);
+    let nat =
+        |name: &str, vip: &str, be: &str| forwarded_service(name, vip, Forwarding::Nat, &[be]);
+    let dsr =
+        |name: &str, vip: &str, be: &str| forwarded_service(name, vip, Forwarding::Dsr, &[be]);
     let services = vec![
         nat("ok_nat", "10.203.0.10:443", "10.203.1.5:8443"),
         dsr("ok_dsr", "10.203.0.20:443", "10.203.0.7:443"),
@@ -1106,13 +1083,13 @@ fn nat_delivers_fragmented_udp_datagrams_whole_v4_and_v6() {
     const SIZE: usize = 3000;
     let (_topo, lb, client, b1, b2) = nat_lab();
     let services = vec![
-        service(
+        forwarded_service(
             "udp4",
             "10.203.0.10:443",
             Forwarding::Nat,
             &["10.203.1.2:8443", "10.203.2.2:8443"],
         ),
-        service(
+        forwarded_service(
             "udp6",
             "[fd00:203::10]:443",
             Forwarding::Nat,
