@@ -395,8 +395,7 @@ pub(super) fn random_fraction(target: &Target, counter: u64) -> f64 {
     counter.hash(&mut h);
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_nanos())
         .hash(&mut h);
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
