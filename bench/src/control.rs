@@ -65,18 +65,7 @@ fn maglev_builds(scale: &Scale, report: &mut Report) {
     let mut rows = Vec::new();
     for n in [10usize, 100, 1000, 5000] {
         let e = entries(n);
-        let time = |m: u32| {
-            let v: Vec<f64> = (0..scale.maglev_reps)
-                .map(|_| {
-                    let t0 = Instant::now();
-                    let table = maglev::build(&e, m);
-                    let ms = t0.elapsed().as_secs_f64() * 1e3;
-                    std::hint::black_box(table);
-                    ms
-                })
-                .collect();
-            sys::median(&v)
-        };
+        let time = |m: u32| build_ms(&e, m, scale.maglev_reps);
         let default_ms = time(lb_common::DEFAULT_MAGLEV_SIZE);
         let big_m = maglev::next_prime((100 * n as u32).max(lb_common::DEFAULT_MAGLEV_SIZE));
         let big_ms = time(big_m);
@@ -145,16 +134,7 @@ fn maglev_skew(scale: &Scale, report: &mut Report) {
                 e
             })
             .collect();
-        let v: Vec<f64> = (0..scale.maglev_reps)
-            .map(|_| {
-                let t0 = Instant::now();
-                let table = maglev::build(&e, m);
-                let ms = t0.elapsed().as_secs_f64() * 1e3;
-                std::hint::black_box(table);
-                ms
-            })
-            .collect();
-        let ms = sys::median(&v);
+        let ms = build_ms(&e, m, scale.maglev_reps);
         let steps = maglev::build_counted(&e, m).1;
         t.row(vec![weights.name().to_string(), num(ms), steps.to_string()]);
         report.figure(FigureId::MaglevSkew(weights), ms);
@@ -619,4 +599,18 @@ fn simultaneous_deaths(
         all_out_ms,
         verdict_to_install_ms: if count > 0.0 { sum / count * 1e3 } else { 0.0 },
     }
+}
+
+/// Median milliseconds of `reps` Maglev builds of `entries` into `m` slots.
+fn build_ms(entries: &[maglev::Entry], m: u32, reps: usize) -> f64 {
+    let v: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            let table = maglev::build(entries, m);
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            std::hint::black_box(table);
+            ms
+        })
+        .collect();
+    sys::median(&v)
 }

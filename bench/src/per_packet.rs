@@ -158,19 +158,11 @@ fn services(n: usize) -> [ServiceSpec; 2] {
 }
 
 fn service(n: usize) -> ServiceSpec {
-    ServiceSpec {
-        when_all_down: Default::default(),
-        name: "bench".into(),
-        listen: "0.0.0.0:443".parse().unwrap(),
-        protocols: vec![Protocol::Tcp, Protocol::Udp],
-        forwarding: Forwarding::Local,
-        backends: (0..n)
-            .map(|i| {
-                let addr = format!("127.0.{}.{}:443", i / 250, i % 250 + 1);
-                BackendSpec::new(addr.parse().unwrap(), 100)
-            })
-            .collect(),
-    }
+    let addrs: Vec<String> = (0..n)
+        .map(|i| format!("127.0.{}.{}:443", i / 250, i % 250 + 1))
+        .collect();
+    let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    lb_tests::fixtures::service("bench", "0.0.0.0:443", &addrs)
 }
 
 fn writer(n: usize, flow_table: u32) -> MapWriter {

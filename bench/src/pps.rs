@@ -34,9 +34,7 @@ use lb_tests::{
     netns::{self, Topology},
     packet::{Spec, TCP_ACK},
 };
-use lb_userspace::dataplane::{
-    AttachMode, BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec,
-};
+use lb_userspace::dataplane::{AttachMode, Dataplane, MapWriter, Options, ServiceSpec};
 
 const BATCH: u32 = 64;
 
@@ -85,16 +83,11 @@ enum Dut {
 }
 
 fn service() -> ServiceSpec {
-    ServiceSpec {
-        when_all_down: Default::default(),
-        name: "bench".into(),
-        listen: "0.0.0.0:443".parse().unwrap(),
-        protocols: vec![Protocol::Tcp, Protocol::Udp],
-        forwarding: Forwarding::Local,
-        backends: (1..=3)
-            .map(|i| BackendSpec::new(format!("127.0.0.{i}:443").parse().unwrap(), 100))
-            .collect(),
-    }
+    lb_tests::fixtures::service(
+        "bench",
+        "0.0.0.0:443",
+        &["127.0.0.1:443", "127.0.0.2:443", "127.0.0.3:443"],
+    )
 }
 
 struct Case {
