@@ -173,7 +173,8 @@ fn run_until_done(mut cmd: Command, what: &str) -> Result<()> {
 
 /// The workspace root: xtask's parent folder.
 fn workspace() -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).to_path_buf()
+    let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask.parent().unwrap_or(xtask).to_path_buf()
 }
 
 fn check(status: std::process::ExitStatus, what: &str) -> Result<()> {
