@@ -2,6 +2,7 @@
 //! out service and backend ids and generations, diffing against what is
 //! installed, and reading back what an earlier daemon left in pinned maps.
 
+mod lookup;
 mod sticky;
 
 use std::{
@@ -11,8 +12,8 @@ use std::{
 
 use lb_common::{
     AddrKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_REWRITE_ADDR, BACKEND_UNUSED, BackendEntry,
-    MAX_BACKENDS, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PortEntry, REV_HAS_ADDRS,
-    REV_PORT_ONLY, RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE, port_slot,
+    MAX_BACKENDS, MaglevSlot, NO_BACKEND, PortEntry, RevAddrValue, RevPortEntry, ServiceEntry,
+    TABLES_PER_SERVICE,
 };
 use tracing::{debug, info, warn};
 
@@ -527,147 +528,5 @@ impl<S: MapStore> MapWriter<S> {
             service,
             generation: 0,
         }
-    }
-
-    /// Rewrites the port, address-service and reverse-translation maps to
-    /// match `desired`, restricted to the services installed so far.
-    /// With `replies_only`, writes only the reverse-translation entries that
-    /// are new or changed, and nothing else.
-    fn sync_lookup_maps(&mut self, desired: &[ServiceSpec], replies_only: bool) -> Result<()> {
-        let mut ports: HashMap<u32, PortEntry> = HashMap::new();
-        let mut addr_services: HashMap<AddrKey, u32> = HashMap::new();
-        let mut rev_ports: HashMap<u32, RevPortEntry> = HashMap::new();
-        let mut rev_addrs: HashMap<AddrKey, RevAddrValue> = HashMap::new();
-        for spec in desired {
-            let Some(inst) = self.services.get(&spec.name) else {
-                continue;
-            };
-            for p in &spec.protocols {
-                let proto = p.number();
-                let slot = port_slot(spec.listen.port(), proto);
-                let e = ports.entry(slot).or_default();
-                if spec.listen.ip().is_unspecified() {
-                    // `0.0.0.0` takes IPv4 packets only, `[::]` IPv6 only.
-                    let id = (inst.id + 1) as u16;
-                    if spec.listen.is_ipv4() {
-                        e.wildcard_v4 = id;
-                    } else {
-                        e.wildcard_v6 = id;
-                    }
-                } else {
-                    e.flags |= PORT_HAS_ADDR_SERVICES;
-                    addr_services.insert(
-                        AddrKey {
-                            addr: addr_words(spec.listen.ip()),
-                            port: spec.listen.port(),
-                            proto,
-                            _pad: 0,
-                        },
-                        inst.id,
-                    );
-                }
-                // Replies of `dsr` backends never pass through here.
-                let backends = if spec.forwarding == Forwarding::Dsr {
-                    &[][..]
-                } else {
-                    &spec.backends[..]
-                };
-                for b in backends {
-                    let rslot = port_slot(b.address.port(), proto);
-                    let r = rev_ports.entry(rslot).or_default();
-                    let entry = self.backend_entry(spec, inst.id, b.address);
-                    if entry.flags & BACKEND_REWRITE_ADDR != 0 {
-                        r.flags |= REV_HAS_ADDRS;
-                        rev_addrs.insert(
-                            AddrKey {
-                                addr: entry.addr,
-                                port: b.address.port(),
-                                proto,
-                                _pad: 0,
-                            },
-                            RevAddrValue {
-                                addr: addr_words(spec.listen.ip()),
-                                port: spec.listen.port(),
-                                _pad: [0; 2],
-                            },
-                        );
-                    } else {
-                        r.flags |= REV_PORT_ONLY;
-                        r.service_port = spec.listen.port();
-                    }
-                }
-            }
-        }
-        // Additions and changes, then deletions of what is left over.
-        if replies_only {
-            ports.clear();
-            addr_services.clear();
-        }
-        for (k, v) in &addr_services {
-            if self.addr_services.get(k) != Some(v) {
-                self.dp.set_addr_service(k, *v)?;
-                self.addr_services.insert(*k, *v);
-            }
-        }
-        for (k, v) in &ports {
-            self.write_port(*k, *v)?;
-        }
-        for (k, v) in &rev_addrs {
-            if self.rev_addrs.get(k) != Some(v) {
-                self.dp.set_rev_addr(k, v)?;
-                self.rev_addrs.insert(*k, *v);
-            }
-        }
-        for (k, v) in &rev_ports {
-            if self.rev_ports.get(k) != Some(v) {
-                self.dp.set_rev_port(*k, *v)?;
-                self.rev_ports.insert(*k, *v);
-            }
-        }
-        if replies_only {
-            return Ok(());
-        }
-        for k in self.ports.keys().copied().collect::<Vec<_>>() {
-            if !ports.contains_key(&k) {
-                self.write_port(k, PortEntry::default())?;
-            }
-        }
-        for k in self.addr_services.keys().copied().collect::<Vec<_>>() {
-            if !addr_services.contains_key(&k) {
-                self.delete_addr_service(&k)?;
-            }
-        }
-        for k in self.rev_ports.keys().copied().collect::<Vec<_>>() {
-            if !rev_ports.contains_key(&k) {
-                self.dp.set_rev_port(k, RevPortEntry::default())?;
-                self.rev_ports.remove(&k);
-            }
-        }
-        for k in self.rev_addrs.keys().copied().collect::<Vec<_>>() {
-            if !rev_addrs.contains_key(&k) {
-                self.dp.delete_rev_addr(&k);
-                self.rev_addrs.remove(&k);
-            }
-        }
-        Ok(())
-    }
-
-    fn write_port(&mut self, slot: u32, entry: PortEntry) -> Result<()> {
-        if self.ports.get(&slot).copied().unwrap_or_default() == entry {
-            return Ok(());
-        }
-        self.dp.set_port(slot, entry)?;
-        if entry == PortEntry::default() {
-            self.ports.remove(&slot);
-        } else {
-            self.ports.insert(slot, entry);
-        }
-        Ok(())
-    }
-
-    fn delete_addr_service(&mut self, key: &AddrKey) -> Result<()> {
-        self.dp.delete_addr_service(key)?;
-        self.addr_services.remove(key);
-        Ok(())
     }
 }
