@@ -460,6 +460,36 @@ pub(crate) use service_shape;
 
 service_shape!(ServiceConfig);
 
+/// Why a whole set of services was refused, by the rule it broke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetError {
+    Limits(LimitError),
+    Conflict(FieldError),
+    Policy(FieldError),
+}
+
+impl std::fmt::Display for SetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SetError::Limits(e) => write!(f, "{e}"),
+            SetError::Conflict(e) | SetError::Policy(e) => write!(f, "{}", e.clone().in_body()),
+        }
+    }
+}
+
+/// The checks a set of services made by the API (or read back from the
+/// state file) must pass: `[limits]`, the rules between services, then
+/// `[policy]`.
+pub fn check_set(
+    services: &[ServiceConfig],
+    limits: &Limits,
+    policy: &Policy,
+) -> Result<(), SetError> {
+    check_limits(services, limits).map_err(SetError::Limits)?;
+    check_conflicts(services).map_err(SetError::Conflict)?;
+    check_policy(services, policy).map_err(SetError::Policy)
+}
+
 /// Rules that span services: `[limits]`, then [`check_conflicts`].
 pub fn check_services(services: &[ServiceConfig], limits: &Limits) -> Result<(), FieldError> {
     check_limits(services, limits).map_err(|e| FieldError::new(&e.path, e.to_string()))?;

@@ -425,12 +425,10 @@ impl Daemon {
         limits: &config::Limits,
     ) -> Result<(), ChangeError> {
         // Over `[limits]`: 409 naming the key, before anything is touched.
-        config::check_limits(&services, limits)
-            .map_err(|e| ChangeError::Conflict(e.to_string()))?;
-        config::check_services(&services, limits)
-            .map_err(|e| ChangeError::Conflict(e.in_body().to_string()))?;
-        config::check_policy(&services, &self.shared.config.policy)
-            .map_err(|e| ChangeError::Invalid(e.in_body().to_string()))?;
+        config::check_set(&services, limits, &self.shared.config.policy).map_err(|e| match e {
+            config::SetError::Policy(_) => ChangeError::Invalid(e.to_string()),
+            _ => ChangeError::Conflict(e.to_string()),
+        })?;
         let mut health = inner.health.clone();
         retain_verdicts(&mut health, &services);
         let old_targets: HashMap<(String, SocketAddr), health::CheckSpec> =

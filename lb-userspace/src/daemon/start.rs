@@ -250,12 +250,8 @@ impl Daemon {
         let (services, dropped, mut health) = resolve(&config.services, saved);
         if services != config.services {
             info!(file = %state_file.display(), "re-applying the changes made through the API on this config");
-            config::check_limits(&services, &config.limits)
+            config::check_set(&services, &config.limits, &config.policy)
                 .map_err(|e| StartError::StateConflict(e.to_string()))?;
-            config::check_services(&services, &config.limits)
-                .map_err(|e| StartError::StateConflict(e.in_body().to_string()))?;
-            config::check_policy(&services, &config.policy)
-                .map_err(|e| StartError::StateConflict(e.in_body().to_string()))?;
         }
         for d in &dropped {
             warn!(file = %state_file.display(), "API change dropped: the config file changed since it was made: {d}");
@@ -303,8 +299,7 @@ impl Daemon {
     /// The rest of [`Daemon::start`], with what [`Daemon::prepare`] made:
     /// installs the services and starts the loops. Needs only what the
     /// running daemon keeps.
-    pub async fn finish(config: &Config, prepared: Prepared) -> Result<Daemon, StartError> {
-        let p = prepared;
+    pub async fn finish(config: &Config, p: Prepared) -> Result<Daemon, StartError> {
         if let Some(logger) = p.logger {
             let registered = crate::sys::async_ebpf_logger(logger);
             match registered {
