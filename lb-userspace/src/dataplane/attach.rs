@@ -61,12 +61,7 @@ impl Dataplane {
         };
 
         let xdp_pin = pin.as_ref().map(|p| pins::link_path(p, "xdp"));
-        let xdp: &mut Xdp = self
-            .ebpf
-            .program_mut(programs::XDP)
-            .ok_or(DataplaneError::Missing(programs::XDP))?
-            .try_into()
-            .map_err(prog_err(programs::XDP))?;
+        let xdp: &mut Xdp = self.program_mut(programs::XDP)?;
         let existing = xdp_pin.as_deref().and_then(adopt);
         let id = match existing {
             Some(link) => {
@@ -84,12 +79,7 @@ impl Dataplane {
         }
 
         let tc_pin = pin.as_ref().map(|p| pins::link_path(p, "tc_egress"));
-        let tc: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(programs::TC_EGRESS)
-            .ok_or(DataplaneError::Missing(programs::TC_EGRESS))?
-            .try_into()
-            .map_err(prog_err(programs::TC_EGRESS))?;
+        let tc: &mut SchedClassifier = self.program_mut(programs::TC_EGRESS)?;
         let existing = tc_pin.as_deref().and_then(adopt);
         let id = match existing {
             Some(link) => {

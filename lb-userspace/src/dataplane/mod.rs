@@ -169,3 +169,32 @@ pub struct Dataplane {
     /// The interface pinned links were attached to, if any were recorded.
     linked_interface: Option<String>,
 }
+
+impl Dataplane {
+    /// The program `name` as its kind (`Xdp`, `SchedClassifier`).
+    #[cfg(feature = "test-helpers")]
+    fn program<'a, T>(&'a self, name: &'static str) -> Result<&'a T>
+    where
+        &'a T: TryFrom<&'a aya::programs::Program, Error = ProgramError>,
+    {
+        let p = self
+            .ebpf
+            .program(name)
+            .ok_or(DataplaneError::Missing(name))?;
+        p.try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    /// [`Dataplane::program`], to attach.
+    fn program_mut<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    {
+        let p = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::Missing(name))?;
+        p.try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
+    }
+}

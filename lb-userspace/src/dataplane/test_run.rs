@@ -25,31 +25,16 @@ impl Dataplane {
         keys.len()
     }
 
-    fn xdp(&self) -> Result<&Xdp> {
-        let p = self
-            .ebpf
-            .program(programs::XDP)
-            .ok_or(DataplaneError::Missing(programs::XDP))?;
-        p.try_into().map_err(|source| DataplaneError::Program {
-            name: programs::XDP,
-            source,
-        })
-    }
-
-    fn tc(&self) -> Result<&SchedClassifier> {
-        let p = self
-            .ebpf
-            .program(programs::TC_EGRESS)
-            .ok_or(DataplaneError::Missing(programs::TC_EGRESS))?;
-        p.try_into().map_err(|source| DataplaneError::Program {
-            name: programs::TC_EGRESS,
-            source,
-        })
-    }
     /// Runs the XDP program once on `frame` with `BPF_PROG_TEST_RUN`;
     /// returns the action and the frame as the program left it.
     pub fn test_run_xdp(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let (action, out, _) = test_run(self.xdp()?, programs::XDP, frame, None, 1)?;
+        let (action, out, _) = test_run(
+            self.program::<Xdp>(programs::XDP)?,
+            programs::XDP,
+            frame,
+            None,
+            1,
+        )?;
         Ok((action, out))
     }
 
@@ -61,20 +46,39 @@ impl Dataplane {
         // rx_queue_index, egress_ifindex.
         let md: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
         let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let (action, out, _) = test_run(self.xdp()?, programs::XDP, frame, Some(&ctx), 1)?;
+        let (action, out, _) = test_run(
+            self.program::<Xdp>(programs::XDP)?,
+            programs::XDP,
+            frame,
+            Some(&ctx),
+            1,
+        )?;
         Ok((action, out))
     }
 
     /// Runs the TC egress program once on `frame`.
     pub fn test_run_tc(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let (action, out, _) = test_run(self.tc()?, programs::TC_EGRESS, frame, None, 1)?;
+        let (action, out, _) = test_run(
+            self.program::<SchedClassifier>(programs::TC_EGRESS)?,
+            programs::TC_EGRESS,
+            frame,
+            None,
+            1,
+        )?;
         Ok((action, out))
     }
 
     /// Runs the XDP program `repeat` times on `frame` in the kernel and
     /// returns the mean time per run as the kernel measured it.
     pub fn bench_xdp(&self, frame: &[u8], repeat: u32) -> Result<std::time::Duration> {
-        Ok(test_run(self.xdp()?, programs::XDP, frame, None, repeat)?.2)
+        Ok(test_run(
+            self.program::<Xdp>(programs::XDP)?,
+            programs::XDP,
+            frame,
+            None,
+            repeat,
+        )?
+        .2)
     }
 
     /// (program, instructions after the verifier's rewrites, instructions
