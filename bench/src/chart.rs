@@ -130,7 +130,8 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), String> {
             })
             .collect();
         panels.push((
-            "Native XDP on a veth, one core, live frames (Mpps, higher is better)".into(),
+            "Native XDP on a veth, live frames, one core unless labelled (Mpps, higher is better)"
+                .into(),
             "Mpps".into(),
             bars,
             vec![],

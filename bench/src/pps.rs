@@ -1,5 +1,6 @@
-//! Packets per second on one core through a program attached (native XDP)
-//! to a veth, next to the baseline program attached the same way.
+//! Packets per second through a program attached (native XDP) to a veth,
+//! next to the baseline program attached the same way: on one core, and on
+//! two (two generator threads, each feeding one queue of a two-queue veth).
 //!
 //! The traffic comes from `BPF_PROG_TEST_RUN` in live-frame mode
 //! (`BPF_F_TEST_XDP_LIVE_FRAMES`) in a generator namespace: the baseline
@@ -14,8 +15,10 @@
 //! The balancer in local mode passes service packets up the stack
 //! (`XDP_PASS`); the frames carry a destination MAC that is not the veth's,
 //! so the stack drops them at IP input, right after building the socket
-//! buffer. The baseline's `XDP_TX` sends them back to the generator's veth,
-//! which drops them. Every delivered frame is counted: the veth's receive
+//! buffer. The baseline's `XDP_TX`, and the balancer's in `dsr` and `nat`
+//! (to backends on the receiving veth's link), send them back to the
+//! generator's veth, whose `sink` program drops them. Every delivered frame
+//! is counted: the veth's receive
 //! counter, and for the balancer its service counter too, which must equal
 //! the number of frames sent.
 use std::process::Command;
@@ -34,7 +37,7 @@ use lb_tests::{
     netns::{self, Topology},
     packet::{Spec, TCP_ACK},
 };
-use lb_userspace::dataplane::{AttachMode, Dataplane, MapWriter, Options, ServiceSpec};
+use lb_userspace::dataplane::{AttachMode, Dataplane, Forwarding, MapWriter, Options, ServiceSpec};
 
 const BATCH: u32 = 64;
 
@@ -75,35 +78,94 @@ fn generate(gen_prog: &Xdp, dev: &str, frame: &[u8], frames: u32) -> f64 {
     r.duration.as_nanos() as f64
 }
 
-/// The program under test on the receiving veth.
+/// The program under test on the receiving veth, as loaded.
 enum Dut {
     /// Held so the program stays attached; dropping it detaches.
     Baseline(#[allow(dead_code)] Ebpf),
     Lb(Box<MapWriter>),
 }
 
-fn service() -> ServiceSpec {
-    lb_tests::fixtures::service(
-        "bench",
-        "0.0.0.0:443",
-        &["127.0.0.1:443", "127.0.0.2:443", "127.0.0.3:443"],
-    )
+/// Which program a case runs on the receiving veth.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Program {
+    Baseline,
+    Lb(Forwarding),
+}
+
+/// Backends of the `dsr` and `nat` cases: on the receiving veth's own
+/// link, so the balancer sends the frame back out of it with `XDP_TX`.
+const LINK_BACKENDS: [(&str, [u8; 6]); 3] = [
+    ("10.211.0.11", [0x02, 0, 0, 0, 0, 0xb1]),
+    ("10.211.0.12", [0x02, 0, 0, 0, 0, 0xb2]),
+    ("10.211.0.13", [0x02, 0, 0, 0, 0, 0xb3]),
+];
+
+fn service(forwarding: Forwarding) -> ServiceSpec {
+    let link: Vec<String> = LINK_BACKENDS
+        .iter()
+        .map(|(a, _)| format!("{a}:443"))
+        .collect();
+    let backends: Vec<&str> = match forwarding {
+        Forwarding::Local => vec!["127.0.0.1:443", "127.0.0.2:443", "127.0.0.3:443"],
+        _ => link.iter().map(String::as_str).collect(),
+    };
+    lb_tests::fixtures::forwarded_service("bench", "0.0.0.0:443", forwarding, &backends)
 }
 
 struct Case {
     id: PpsCase,
     label: &'static str,
-    lb: bool,
+    program: Program,
     frame: Vec<u8>,
     /// Whether the balancer counts the frame as its service's.
     service: bool,
+    /// Generator threads, each pinned to a core of its own, each feeding a
+    /// receive queue of its own.
+    cores: usize,
+}
+
+/// A veth pair with two queues each way (so two cores can each feed one),
+/// addressed like `Topology::veth`.
+fn veth_two_queues(gen_ns: &str, dut_ns: &str) {
+    netns::run(&[
+        "ip",
+        "link",
+        "add",
+        "name",
+        "g0",
+        "netns",
+        gen_ns,
+        "numtxqueues",
+        "2",
+        "numrxqueues",
+        "2",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "d0",
+        "netns",
+        dut_ns,
+        "numtxqueues",
+        "2",
+        "numrxqueues",
+        "2",
+    ]);
+    for (ns, dev, addr) in [
+        (gen_ns, "g0", "10.211.0.2/24"),
+        (dut_ns, "d0", "10.211.0.1/24"),
+    ] {
+        netns::run_in(ns, &["ip", "addr", "add", addr, "dev", dev]);
+        netns::run_in(ns, &["ip", "link", "set", dev, "up"]);
+    }
 }
 
 pub fn run(scale: &Scale, report: &mut Report) {
     let mut topo = Topology::new();
     let gen_ns = topo.namespace("gen");
     let dut_ns = topo.namespace("dut");
-    // No IPv6 chatter (router and neighbour solicitations) on the link.
+    // No IPv6 chatter (router and neighbour solicitations) on the link;
+    // forwarding on, as `bpf_fib_lookup` requires of the ingress device.
     for ns in [&gen_ns, &dut_ns] {
         for k in ["all", "default"] {
             netns::run_in(
@@ -116,10 +178,11 @@ pub fn run(scale: &Scale, report: &mut Report) {
             );
         }
     }
-    topo.veth(
-        (&gen_ns, "g0", &["10.211.0.2/24"]),
-        (&dut_ns, "d0", &["10.211.0.1/24"]),
-    );
+    netns::run_in(&dut_ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    veth_two_queues(&gen_ns, &dut_ns);
+    for (addr, mac) in LINK_BACKENDS {
+        netns::neighbour(&dut_ns, addr, &netns::mac_string(mac), "d0", "permanent");
+    }
     // Neither MAC is the receiving veth's: the stack drops what is passed
     // to it at IP input.
     let macs = ([0x02, 0, 0, 0, 0, 0xa1], [0x02, 0, 0, 0, 0, 0xa2]);
@@ -135,36 +198,90 @@ pub fn run(scale: &Scale, report: &mut Report) {
         .payload(&[0; 22])
         .with_macs(macs.0, macs.1)
         .build();
+    let case = |id, label, program, frame: &Vec<u8>, service, cores| Case {
+        id,
+        label,
+        program,
+        frame: frame.clone(),
+        service,
+        cores,
+    };
+    let (local, dsr, nat) = (
+        Program::Lb(Forwarding::Local),
+        Program::Lb(Forwarding::Dsr),
+        Program::Lb(Forwarding::Nat),
+    );
     let cases = vec![
-        Case {
-            id: PpsCase::BaselineUdp,
-            label: "baseline attached: parse, swap MACs, XDP_TX",
-            lb: false,
-            frame: udp.clone(),
-            service: false,
-        },
-        Case {
-            id: PpsCase::LbUdp,
-            label: "lb attached: udp to the service (rewrite, XDP_PASS)",
-            lb: true,
-            frame: udp,
-            service: true,
-        },
-        Case {
-            id: PpsCase::LbTcpEstablished,
-            label: "lb attached: tcp established (rewrite, XDP_PASS)",
-            lb: true,
-            frame: est,
-            service: true,
-        },
-        Case {
-            id: PpsCase::LbNonService,
-            label: "lb attached: non-service udp (XDP_PASS untouched)",
-            lb: true,
-            frame: other,
-            service: false,
-        },
+        case(
+            PpsCase::BaselineUdp,
+            "baseline attached: parse, swap MACs, XDP_TX",
+            Program::Baseline,
+            &udp,
+            false,
+            1,
+        ),
+        case(
+            PpsCase::LbUdp,
+            "lb attached: udp to the service (rewrite, XDP_PASS)",
+            local,
+            &udp,
+            true,
+            1,
+        ),
+        case(
+            PpsCase::LbTcpEstablished,
+            "lb attached: tcp established (rewrite, XDP_PASS)",
+            local,
+            &est,
+            true,
+            1,
+        ),
+        case(
+            PpsCase::LbNonService,
+            "lb attached: non-service udp (XDP_PASS untouched)",
+            local,
+            &other,
+            false,
+            1,
+        ),
+        case(
+            PpsCase::LbDsrUdp,
+            "lb attached: udp to a dsr service (MACs, XDP_TX)",
+            dsr,
+            &udp,
+            true,
+            1,
+        ),
+        case(
+            PpsCase::LbNatUdp,
+            "lb attached: udp to a nat service (rewrite, MACs, XDP_TX)",
+            nat,
+            &udp,
+            true,
+            1,
+        ),
+        case(
+            PpsCase::BaselineUdp2Cores,
+            "baseline attached, 2 cores",
+            Program::Baseline,
+            &udp,
+            false,
+            2,
+        ),
+        case(
+            PpsCase::LbDsrUdp2Cores,
+            "lb attached: udp to a dsr service, 2 cores",
+            dsr,
+            &udp,
+            true,
+            2,
+        ),
     ];
+    // Cores the machine does not have are not measured.
+    let cases: Vec<Case> = cases
+        .into_iter()
+        .filter(|c| c.cores <= sys::nproc())
+        .collect();
 
     let mut gen_ebpf = Ebpf::load(crate::objects::BASELINE_OBJECT).expect("baseline object");
     let gen_prog: &mut Xdp = gen_ebpf
@@ -173,63 +290,81 @@ pub fn run(scale: &Scale, report: &mut Report) {
         .try_into()
         .unwrap();
     gen_prog.load().unwrap();
+    // The generator's veth takes the frames sent back to it with XDP_TX
+    // (a veth delivers XDP_TX only to a peer running XDP) and drops them.
+    let sink = netns::within(&gen_ns, || {
+        let mut ebpf = Ebpf::load(crate::objects::BASELINE_OBJECT).expect("baseline object");
+        let prog: &mut Xdp = ebpf.program_mut("sink").unwrap().try_into().unwrap();
+        prog.load().unwrap();
+        prog.attach("g0", XdpMode::Driver)
+            .expect("attach the sink to g0 (native)");
+        ebpf
+    });
     let gen_prog: &Xdp = gen_ebpf.program("baseline").unwrap().try_into().unwrap();
 
     let mut rows = Vec::new();
-    let mut dut: Option<Dut> = None;
+    let mut dut: Option<(Program, Dut)> = None;
     for case in &cases {
         // Attach the program under test (inside its namespace: the attach
         // and the detach on drop talk netlink there).
-        let want_lb = case.lb;
-        let have_lb = matches!(dut, Some(Dut::Lb(_)));
-        if dut.is_none() || want_lb != have_lb {
-            if let Some(old) = dut.take() {
+        if dut.as_ref().map(|d| d.0) != Some(case.program) {
+            if let Some((_, old)) = dut.take() {
                 netns::within(&dut_ns, move || drop(old));
             }
-            dut = Some(netns::within(&dut_ns, move || attach(want_lb)));
+            let program = case.program;
+            dut = Some((program, netns::within(&dut_ns, move || attach(program))));
         }
+        let attached = &dut.as_ref().unwrap().1;
         let mut pps_samples = Vec::new();
         let mut ns_samples = Vec::new();
         let mut delivered_total = 0u64;
         let mut sent_total = 0u64;
         for _ in 0..scale.pps_rounds {
             let rx_before = rx_packets(&dut_ns, "d0");
-            let svc_before = lb_packets(dut.as_ref().unwrap());
-            let frame = case.frame.clone();
+            let svc_before = lb_packets(attached);
             let frames = scale.pps_frames;
-            let gen_ns2 = gen_ns.clone();
-            let ns_per_frame = std::thread::scope(|s| {
-                s.spawn(|| {
-                    netns::enter(&gen_ns2);
-                    sys::pin_to_cpu(sys::nproc() - 1);
-                    generate(gen_prog, "g0", &frame, frames)
-                })
-                .join()
-                .unwrap()
+            // Each generator thread on a core of its own, the last ones
+            // first (the bench's own thread runs on core 0 by default).
+            let seconds = std::thread::scope(|s| {
+                let threads: Vec<_> = (0..case.cores)
+                    .map(|i| {
+                        let (frame, gen_ns) = (&case.frame, &gen_ns);
+                        s.spawn(move || {
+                            netns::enter(gen_ns);
+                            sys::pin_to_cpu(sys::nproc() - 1 - i);
+                            generate(gen_prog, "g0", frame, frames) * frames as f64 / 1e9
+                        })
+                    })
+                    .collect();
+                threads
+                    .into_iter()
+                    .map(|t| t.join().unwrap())
+                    .fold(0.0, f64::max)
             });
+            let sent = frames as u64 * case.cores as u64;
             let delivered = rx_packets(&dut_ns, "d0") - rx_before;
-            let svc = lb_packets(dut.as_ref().unwrap()) - svc_before;
+            let svc = lb_packets(attached) - svc_before;
             if case.service {
                 assert_eq!(
-                    svc, frames as u64,
+                    svc, sent,
                     "{}: every frame sent took the service path",
                     case.label
                 );
-            } else if case.lb {
+            } else if matches!(case.program, Program::Lb(_)) {
                 assert_eq!(svc, 0, "{}: no frame counted for the service", case.label);
             }
             assert!(
-                delivered * 100 >= frames as u64 * 99,
-                "{}: only {delivered} of {frames} frames arrived",
+                delivered * 100 >= sent * 99,
+                "{}: only {delivered} of {sent} frames arrived",
                 case.label
             );
             // The receive counter may hold a stray packet of the link's own.
-            let delivered = delivered.min(frames as u64);
-            let seconds = ns_per_frame * frames as f64 / 1e9;
+            let delivered = delivered.min(sent);
             pps_samples.push(delivered as f64 / seconds);
-            ns_samples.push(seconds * 1e9 / delivered as f64);
+            // Core time per frame: with two cores, both were busy.
+            ns_samples.push(seconds * 1e9 * case.cores as f64 / delivered as f64);
             delivered_total += delivered;
-            sent_total += frames as u64;
+            sent_total += sent;
         }
         rows.push((
             case,
@@ -239,34 +374,40 @@ pub fn run(scale: &Scale, report: &mut Report) {
             sent_total,
         ));
     }
-    if let Some(old) = dut.take() {
+    if let Some((_, old)) = dut.take() {
         netns::within(&dut_ns, move || drop(old));
     }
+    netns::within(&gen_ns, move || drop(sink));
     drop(topo);
 
-    let base_pps = rows[0].1;
-    let base_ns = rows[0].2;
+    // Each row against the baseline on as many cores.
+    let baseline = |cores: usize| {
+        rows.iter()
+            .find(|r| r.0.program == Program::Baseline && r.0.cores == cores)
+            .map_or((f64::NAN, f64::NAN), |r| (r.1, r.2))
+    };
     let mut t = Table::new(
         format!(
-            "Packets per second on one core, native XDP on a veth, live frames ({} rounds of {} frames, median)",
+            "Packets per second, native XDP on a veth, live frames ({} rounds of {} frames per core, median)",
             scale.pps_rounds, scale.pps_frames
         ),
         &[
             "program and traffic",
             "Mpps",
-            "ns/pkt",
-            "x baseline ns",
+            "x baseline rate",
+            "ns/pkt (core time)",
             "+ns vs baseline",
             "delivered",
         ],
     );
     let mut json_rows = Vec::new();
     for (case, pps, ns, delivered, sent) in &rows {
+        let (base_pps, base_ns) = baseline(case.cores);
         t.row(vec![
             case.label.to_string(),
             format!("{:.2}", pps / 1e6),
+            ratio(pps / base_pps),
             num(*ns),
-            ratio(ns / base_ns),
             num(ns - base_ns),
             format!("{delivered}/{sent}"),
         ]);
@@ -283,11 +424,18 @@ pub fn run(scale: &Scale, report: &mut Report) {
         });
     }
     t.note(
-        "ns/pkt is one core's time per frame for the whole chain: the generator program and \
-         transmit (the same in every row), the veth hand-over and the program under test with \
-         what its action costs (XDP_TX back to the generator's veth for the baseline; a socket \
-         buffer and the IP layer's drop for XDP_PASS)",
+        "ns/pkt is core time per frame for the whole chain: the generator program and transmit \
+         (the same in every row), the veth hand-over and the program under test with what its \
+         action costs (XDP_TX back to the generator's veth, where a program drops it, for the \
+         baseline, dsr and nat; a socket buffer and the IP layer's drop for XDP_PASS)",
     );
+    let rate = |id: PpsCase| rows.iter().find(|r| r.0.id == id).map_or(f64::NAN, |r| r.1);
+    t.note(format!(
+        "two cores against one: baseline {}, lb dsr {} (each core runs its own generator \
+         thread and the receive queue it feeds)",
+        ratio(rate(PpsCase::BaselineUdp2Cores) / rate(PpsCase::BaselineUdp)),
+        ratio(rate(PpsCase::LbDsrUdp2Cores) / rate(PpsCase::LbDsrUdp)),
+    ));
     t.note(
         "every frame sent arrived (veth receive counter), and for service traffic the balancer's \
          service counter advanced by exactly the frames delivered",
@@ -308,26 +456,29 @@ fn lb_packets(dut: &Dut) -> u64 {
 
 /// Loads and attaches the program under test to `d0` of the calling
 /// thread's namespace.
-fn attach(lb: bool) -> Dut {
-    if lb {
-        let dp = Dataplane::load(Options {
-            max_services: 2,
-            flow_table_size: 65_536,
-            ..Options::default()
-        })
-        .expect("load the data plane");
-        let mut w = MapWriter::new(dp);
-        w.apply(&[service()]).unwrap();
-        w.dataplane_mut()
-            .attach("d0", AttachMode::Native)
-            .expect("attach lb to d0 (native)");
-        Dut::Lb(Box::new(w))
-    } else {
-        let mut ebpf = Ebpf::load(crate::objects::BASELINE_OBJECT).expect("baseline object");
-        let prog: &mut Xdp = ebpf.program_mut("baseline").unwrap().try_into().unwrap();
-        prog.load().unwrap();
-        prog.attach("d0", XdpMode::Driver)
-            .expect("attach the baseline to d0 (native)");
-        Dut::Baseline(ebpf)
+fn attach(program: Program) -> Dut {
+    match program {
+        Program::Lb(forwarding) => {
+            let dp = Dataplane::load(Options {
+                max_services: 2,
+                flow_table_size: 65_536,
+                ..Options::default()
+            })
+            .expect("load the data plane");
+            let mut w = MapWriter::new(dp);
+            w.apply(&[service(forwarding)]).unwrap();
+            w.dataplane_mut()
+                .attach("d0", AttachMode::Native)
+                .expect("attach lb to d0 (native)");
+            Dut::Lb(Box::new(w))
+        }
+        Program::Baseline => {
+            let mut ebpf = Ebpf::load(crate::objects::BASELINE_OBJECT).expect("baseline object");
+            let prog: &mut Xdp = ebpf.program_mut("baseline").unwrap().try_into().unwrap();
+            prog.load().unwrap();
+            prog.attach("d0", XdpMode::Driver)
+                .expect("attach the baseline to d0 (native)");
+            Dut::Baseline(ebpf)
+        }
     }
 }

@@ -185,11 +185,17 @@ pub enum PpsCase {
     LbUdp,
     LbTcpEstablished,
     LbNonService,
+    /// `dsr` and `nat` to a backend behind the receiving veth: `XDP_TX`.
+    LbDsrUdp,
+    LbNatUdp,
+    /// Two generator threads on two cores, over a two-queue veth.
+    BaselineUdp2Cores,
+    LbDsrUdp2Cores,
 }
 
 impl PpsCase {
     pub fn is_baseline(self) -> bool {
-        self == PpsCase::BaselineUdp
+        matches!(self, PpsCase::BaselineUdp | PpsCase::BaselineUdp2Cores)
     }
 }
 
@@ -200,6 +206,10 @@ impl fmt::Display for PpsCase {
             PpsCase::LbUdp => "pps/lb/udp_64B",
             PpsCase::LbTcpEstablished => "pps/lb/tcp_established_64B",
             PpsCase::LbNonService => "pps/lb/non_service_64B",
+            PpsCase::LbDsrUdp => "pps/lb/dsr_udp_64B",
+            PpsCase::LbNatUdp => "pps/lb/nat_udp_64B",
+            PpsCase::BaselineUdp2Cores => "pps/baseline/udp_64B_2_cores",
+            PpsCase::LbDsrUdp2Cores => "pps/lb/dsr_udp_64B_2_cores",
         })
     }
 }

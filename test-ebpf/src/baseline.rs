@@ -1,11 +1,13 @@
 //! The floor any balancer is measured against: parse Ethernet, IPv4/IPv6 and
 //! TCP, swap the MAC addresses, and send the frame back out (`XDP_TX`). No
-//! maps, no helpers. Built only for the bench (bench/build.rs).
+//! maps, no helpers. Beside it `sink`, which drops every frame: the far end
+//! a veth needs for frames sent to it with `XDP_TX`. Built only for the
+//! bench (bench/build.rs).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     macros::xdp,
     programs::XdpContext,
 };
@@ -45,6 +47,12 @@ pub fn baseline(ctx: XdpContext) -> u32 {
     eth.copy_within(6..12, 0);
     eth[6..12].copy_from_slice(&mac);
     XDP_TX
+}
+
+/// Drops every frame, so a veth peer's `XDP_TX` has somewhere to land.
+#[xdp]
+pub fn sink(_ctx: XdpContext) -> u32 {
+    XDP_DROP
 }
 
 #[cfg(not(test))]
