@@ -89,7 +89,7 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(object)?;
-        for name in [programs::XDP, programs::TC_EGRESS] {
+        for name in [programs::XDP, programs::TC_EGRESS, programs::TC_INGRESS] {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::Missing(name))?;
