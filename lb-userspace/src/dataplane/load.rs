@@ -128,6 +128,7 @@ impl Dataplane {
             links: Vec::new(),
             adopted,
             linked_interface,
+            attach_mode: None,
             record: record.unwrap_or_else(|| pins::Record {
                 layout: Self::layout_for(&opts_copy, None),
                 ids: pins::Ids::default(),
