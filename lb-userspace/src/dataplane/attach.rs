@@ -89,8 +89,10 @@ impl AttachMode {
 }
 
 impl Dataplane {
-    /// Attaches XDP on ingress and the reply rewriter on TC egress of
-    /// `iface`. Both detach when the `Dataplane` is dropped.
+    /// Attaches the balancer on ingress of `iface` (XDP in `mode`, or the
+    /// TC ingress program for [`AttachMode::Tc`]; pass a resolved mode, see
+    /// [`AttachMode::resolve`]) and the reply rewriter on TC egress. Both
+    /// detach when the `Dataplane` is dropped, unless pinned.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
         let prog_err = |name: &'static str| move |source| DataplaneError::Program { name, source };
         let link_err = |name: &'static str| {
