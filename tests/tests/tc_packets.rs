@@ -45,6 +45,10 @@ fn reasons(w: &MapWriter) -> Vec<u64> {
     w.dataplane().reason_counts().unwrap().to_vec()
 }
 
+/// (name, frame, the backend address and port it must get, or `None`:
+/// the table's port, same address)
+type Case = (&'static str, Spec, Option<(&'static str, u16)>);
+
 #[test]
 fn tcp_and_udp_of_both_families_are_rewritten_in_place_and_go_up() {
     let svcs = services();
@@ -60,9 +64,7 @@ fn tcp_and_udp_of_both_families_are_rewritten_in_place_and_go_up() {
     let mut v6_ext = Spec::tcp("fd00::2", "fd00::1", 40003, 443, TCP_SYN);
     v6_ext.ext_headers = vec![(0, vec![1, 4, 0, 0, 0, 0]), (60, vec![1, 4, 0, 0, 0, 0])];
     let big = vec![0x42; 1400];
-    // (name, frame, expected destination address and port, or the table's
-    // port when the address stays)
-    let cases: Vec<(&str, Spec, Option<(&str, u16)>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "ipv4 tcp syn",
             Spec::tcp("10.0.0.2", "10.0.0.1", 40000, 443, TCP_SYN),
