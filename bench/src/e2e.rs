@@ -104,7 +104,8 @@ fn program_seconds(ids: &[u32]) -> f64 {
         .sum()
 }
 
-/// Ids of the XDP program on `dev` and of the TC programs on its egress.
+/// Ids of the XDP program on `dev` and of the TC programs on its ingress
+/// and egress.
 fn attached_programs(ns: &str, dev: &str) -> Vec<u32> {
     let mut ids = Vec::new();
     if let Ok(out) = Command::new("ip")
@@ -116,14 +117,16 @@ fn attached_programs(ns: &str, dev: &str) -> Vec<u32> {
             ids.push(id as u32);
         }
     }
-    if let Ok(out) = Command::new("tc")
-        .args(["-n", ns, "-j", "filter", "show", "dev", dev, "egress"])
-        .output()
-    {
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        for f in v.as_array().into_iter().flatten() {
-            if let Some(id) = f["options"]["prog"]["id"].as_u64() {
-                ids.push(id as u32);
+    for dir in ["ingress", "egress"] {
+        if let Ok(out) = Command::new("tc")
+            .args(["-n", ns, "-j", "filter", "show", "dev", dev, dir])
+            .output()
+        {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            for f in v.as_array().into_iter().flatten() {
+                if let Some(id) = f["options"]["prog"]["id"].as_u64() {
+                    ids.push(id as u32);
+                }
             }
         }
     }
@@ -176,7 +179,7 @@ fn measure(setup: Setup, scale: &Scale, tls: &Tls) -> Result<Row, String> {
     );
     let running = peers::start(setup, &lb_ns, &cl_ns, &dir, tls, Some(&groups.balancer))?;
     // lb's programs: the kernel counts their run time while this is held.
-    let (_stats, programs) = if setup == Setup::Lb {
+    let (_stats, programs) = if setup.is_lb() {
         let fd = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
         (fd, attached_programs(&lb_ns, "lb0"))
     } else {
@@ -308,7 +311,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
     let setups: Vec<Setup> = if scale.peers {
         Setup::ALL.to_vec()
     } else {
-        vec![Setup::Direct, Setup::Lb]
+        vec![Setup::Direct, Setup::Lb, Setup::LbTc]
     };
     // Each pass measures every setup, in alternating order; each figure is
     // the best of the passes, since on a shared machine noise only slows.
@@ -353,7 +356,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
                     samples[i].1.push(r);
                 }
                 Err(e) => {
-                    if setup == Setup::Direct || setup == Setup::Lb {
+                    if setup == Setup::Direct || setup.is_lb() {
                         panic!("end to end, {}: {e}", setup.id());
                     }
                     report.skip(format!("{} (pass {}): {e}", setup.id(), pass + 1));
@@ -451,7 +454,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
             num(bulk_all),
             side(bulk_side),
             if is_direct { "-".into() } else { num(procs) },
-            if *setup == Setup::Lb {
+            if setup.is_lb() {
                 num(progs)
             } else {
                 "-".into()
@@ -563,6 +566,9 @@ pub fn run(scale: &Scale, report: &mut Report) {
             ],
         );
         for (setup, r) in rows.iter().filter(|(s, _)| *s != Setup::Lb) {
+            if *setup == Setup::LbTc {
+                continue;
+            }
             let cpu_ratio = (r.https.cpu.total() / r.https.out.ok as f64)
                 / (lb.https.cpu.total() / lb.https.out.ok as f64);
             let cells = [

@@ -24,6 +24,8 @@ pub const HTTP_PORTS: [u16; 3] = [8081, 8082, 8083];
 pub enum Setup {
     Direct,
     Lb,
+    /// lb attached on TC ingress (`xdp_mode = "tc"`), same services.
+    LbTc,
     Nft,
     Haproxy,
     Nginx,
@@ -31,9 +33,10 @@ pub enum Setup {
 }
 
 impl Setup {
-    pub const ALL: [Setup; 6] = [
+    pub const ALL: [Setup; 7] = [
         Setup::Direct,
         Setup::Lb,
+        Setup::LbTc,
         Setup::Nft,
         Setup::Haproxy,
         Setup::Nginx,
@@ -44,11 +47,17 @@ impl Setup {
         match self {
             Setup::Direct => "direct",
             Setup::Lb => "lb",
+            Setup::LbTc => "lb-tc",
             Setup::Nft => "nftables",
             Setup::Haproxy => "haproxy",
             Setup::Nginx => "nginx",
             Setup::Caddy => "caddy",
         }
+    }
+
+    /// lb in either attach mode.
+    pub fn is_lb(self) -> bool {
+        matches!(self, Setup::Lb | Setup::LbTc)
     }
 
     /// A setup named on the command line (`--setups lb,nftables`).
@@ -66,6 +75,7 @@ impl Setup {
         match self {
             Setup::Direct => "direct to one backend",
             Setup::Lb => "lb (XDP, local mode)",
+            Setup::LbTc => "lb (TC ingress, local mode)",
             Setup::Nft => "nftables DNAT, jhash",
             Setup::Haproxy => "HAProxy, mode tcp",
             Setup::Nginx => "nginx stream",
@@ -76,7 +86,7 @@ impl Setup {
     /// Debian packages, with a file that shows each is there.
     pub fn packages(self) -> &'static [(&'static str, &'static str)] {
         match self {
-            Setup::Direct | Setup::Lb => &[],
+            Setup::Direct | Setup::Lb | Setup::LbTc => &[],
             Setup::Nft => &[("nftables", "nft")],
             Setup::Haproxy => &[("haproxy", "haproxy")],
             Setup::Nginx => &[
@@ -185,7 +195,7 @@ pub fn start(
     let log = dir.path(&format!("{}.log", setup.id()));
     match setup {
         Setup::Direct => {}
-        Setup::Lb => {
+        Setup::Lb | Setup::LbTc => {
             let backends = |ports: &[u16]| {
                 ports
                     .iter()
@@ -196,7 +206,7 @@ pub fn start(
             let config = format!(
                 r#"[dataplane]
 interface = "lb0"
-xdp_mode = "native"
+xdp_mode = "{mode}"
 flow_table_size = 1048576
 max_services = 4
 
@@ -216,6 +226,7 @@ listen = "0.0.0.0:80"
 protocols = ["tcp"]
 backends = [{http}]
 "#,
+                mode = if setup == Setup::LbTc { "tc" } else { "native" },
                 state = dir.path("lb-state.json").display().to_string(),
                 https = backends(&HTTPS_PORTS),
                 http = backends(&HTTP_PORTS),

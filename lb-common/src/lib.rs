@@ -85,6 +85,7 @@ pub mod metrics {
 pub mod programs {
     pub const XDP: &str = "lb_xdp";
     pub const TC_EGRESS: &str = "lb_tc_egress";
+    pub const TC_INGRESS: &str = "lb_tc_ingress";
 }
 
 pub const PROTO_TCP: u8 = 6;

@@ -8,7 +8,7 @@
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
 use lb_common::{
     Addr, BACKEND_REWRITE_ADDR, BackendEntry, FWD_DSR, FWD_LOCAL, FWD_NAT, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason, is_v4_mapped, v4_mapped,
+    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason, ServiceEntry, is_v4_mapped, v4_mapped,
 };
 
 use crate::{
@@ -57,10 +57,18 @@ pub fn is_icmp(l3: &L3) -> bool {
     l3.proto == if l3.v6 { PROTO_ICMPV6 } else { PROTO_ICMP }
 }
 
-/// Sends an ICMP error about a service's flow to that flow's backend.
-/// Echo and other informational messages stay `NotTcpUdp`, as before.
+/// The flow an ICMP error is about: its quote, service and backend.
+pub struct Matched {
+    q: Quote,
+    pub id: u32,
+    pub svc: &'static ServiceEntry,
+    pub pick: select::Pick,
+}
+
+/// Finds the service flow an ICMP error quotes, and its backend. Echo and
+/// other informational messages stay `NotTcpUdp`, as before.
 #[inline(always)]
-pub fn error(ctx: &XdpContext, b: &Bounds, l3: &L3) -> Result<u32, Fail> {
+fn matched(b: &Bounds, l3: &L3) -> Result<Matched, Fail> {
     let icmp: *mut IcmpHdr = b.ptr_at(l3.l4_off).map_err(|_| Reason::NotTcpUdp)?;
     if l3.l4_off + ICMP_HDR_LEN > l3.ip_end {
         return Err(Reason::NotTcpUdp.into());
@@ -93,13 +101,21 @@ pub fn error(ctx: &XdpContext, b: &Bounds, l3: &L3) -> Result<u32, Fail> {
     };
     let (id, svc) = select::service(&p).map_err(|_| Reason::IcmpUnmatched)?;
     let pick = select::backend(&p, id, svc, false).map_err(|_| Reason::IcmpUnmatched)?;
-    let be = pick.entry;
     if svc.forwarding != FWD_LOCAL && l3.vlan {
         return Err(Fail::Drop(Reason::VlanTagged));
     }
+    Ok(Matched { q, id, svc, pick })
+}
+
+/// Sends an ICMP error about a service's flow to that flow's backend.
+#[inline(always)]
+pub fn error(ctx: &XdpContext, b: &Bounds, l3: &L3) -> Result<u32, Fail> {
+    let m = matched(b, l3)?;
+    let (q, svc, pick, id) = (&m.q, m.svc, &m.pick, m.id);
+    let be = pick.entry;
     let action = match svc.forwarding {
         FWD_LOCAL => {
-            rewrite(b, l3, &q, be, be.flags & BACKEND_REWRITE_ADDR != 0, false)?;
+            rewrite(b, l3, q, be, be.flags & BACKEND_REWRITE_ADDR != 0, false)?;
             XDP_PASS
         }
         // As for the flow's packets: the next hop first, nothing rewritten
@@ -107,12 +123,12 @@ pub fn error(ctx: &XdpContext, b: &Bounds, l3: &L3) -> Result<u32, Fail> {
         FWD_NAT => match nat::fib(ctx, b, &outer(l3), &be.addr) {
             Ok(hop) => {
                 let action = nat::egress(ctx, &hop)?;
-                rewrite(b, l3, &q, be, true, true)?;
+                rewrite(b, l3, q, be, true, true)?;
                 nat::set_macs(b, &hop)?;
                 action
             }
             Err(Reason::FibNoNeigh) => {
-                rewrite(b, l3, &q, be, true, true)?;
+                rewrite(b, l3, q, be, true, true)?;
                 return Err(Fail::Pass(Reason::FibNoNeigh));
             }
             Err(r) => return Err(Fail::Drop(r)),
@@ -127,6 +143,21 @@ pub fn error(ctx: &XdpContext, b: &Bounds, l3: &L3) -> Result<u32, Fail> {
     };
     stats::forwarded(id, pick.backend, b.len(), false);
     Ok(action)
+}
+
+/// The TC ingress program's `error`: a `local` service's flow only (the
+/// daemon runs no `nat`/`dsr` service in TC mode). Every change is inside
+/// the ICMP message and compensated in its checksum, so direct writes keep
+/// a CHECKSUM_COMPLETE socket buffer's sum right. Returns the matched flow.
+#[inline(always)]
+pub fn error_local(b: &Bounds, l3: &L3) -> Result<Matched, Fail> {
+    let m = matched(b, l3)?;
+    if m.svc.forwarding != FWD_LOCAL {
+        return Err(Fail::Drop(Reason::NoBackend));
+    }
+    let be = m.pick.entry;
+    rewrite(b, l3, &m.q, be, be.flags & BACKEND_REWRITE_ADDR != 0, false)?;
+    Ok(m)
 }
 
 /// The error's own headers, in the form the FIB lookup takes.

@@ -1,6 +1,7 @@
 //! The balancer's kernel side: an XDP program that sends service packets to
-//! a backend picked by Maglev, and a TC egress program that turns replies
-//! from local backends back into replies from the service.
+//! a backend picked by Maglev (or its TC ingress twin, `tc`), and a TC
+//! egress program that turns replies from local backends back into replies
+//! from the service.
 #![no_std]
 #![no_main]
 
@@ -12,6 +13,7 @@ mod nat;
 mod parse;
 mod select;
 mod stats;
+mod tc;
 
 use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, xdp_action::XDP_PASS},

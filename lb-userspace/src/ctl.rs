@@ -355,6 +355,17 @@ pub fn status(client: &Client, out: &Output) -> Result<()> {
             },
             st.state_file,
         );
+        println!(
+            "attached: {}",
+            match st.attach_mode {
+                lb_userspace::dataplane::AttachMode::Tc =>
+                    "TC ingress (socket buffers, GRO/GSO kept)",
+                lb_userspace::dataplane::AttachMode::Native => "XDP, native",
+                lb_userspace::dataplane::AttachMode::Skb => "XDP, generic",
+                lb_userspace::dataplane::AttachMode::Auto =>
+                    "XDP (native if the driver supports it)",
+            }
+        );
         let l = st.limits;
         println!(
             "limits: {} services, {} backends a service, {} backends in all",

@@ -140,11 +140,21 @@ pub struct Site {
     pub client_ns: String,
     _topo: Topology,
     pub dir: TempDir,
+    /// `dataplane.xdp_mode` of the daemon's config: "native" unless made
+    /// with [`Site::with_mode`].
+    pub xdp_mode: &'static str,
 }
 
 impl Site {
     /// Builds the namespaces and the veth (IPv4 and IPv6, no DAD).
     pub fn new(tag: &str) -> Site {
+        Self::with_mode(tag, "native")
+    }
+
+    /// [`Site::new`] with the daemon attached in `xdp_mode` ("native",
+    /// "tc", ...); `tag` gets the mode appended, so rows of one test differ.
+    pub fn with_mode(tag: &str, xdp_mode: &'static str) -> Site {
+        let tag = &format!("{tag}-{xdp_mode}");
         let mut topo = Topology::new();
         let lb_ns = topo.namespace("lb");
         let client_ns = topo.namespace("client");
@@ -165,6 +175,7 @@ impl Site {
             client_ns,
             _topo: topo,
             dir: TempDir::new(tag),
+            xdp_mode,
         }
     }
 
@@ -223,7 +234,7 @@ impl Site {
         let text = format!(
             r#"[dataplane]
 interface = "{LB_IF}"
-xdp_mode = "native"
+xdp_mode = "{xdp_mode}"
 flow_table_size = 65536
 max_services = 4
 
@@ -249,6 +260,7 @@ forwarding = "local"
             } else {
                 String::new()
             },
+            xdp_mode = self.xdp_mode,
             token = token.display().to_string(),
             state = self.dir.path("state.json").display().to_string(),
             protocols = protocols.join(", "),

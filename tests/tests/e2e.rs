@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rstest::rstest;
+
 use lb_tests::{
     https::{Failure, Reply},
     topology::{ServiceConf, Site},
@@ -70,10 +72,14 @@ fn per_backend<'a>(replies: impl Iterator<Item = &'a Reply>) -> HashMap<String, 
     m
 }
 
-#[test]
-fn a_thousand_https_requests_follow_the_weights_and_see_each_backends_certificate() {
+#[rstest]
+#[case::xdp("native")]
+#[case::tc("tc")]
+fn a_thousand_https_requests_follow_the_weights_and_see_each_backends_certificate(
+    #[case] mode: &'static str,
+) {
     let _serial = serial();
-    let site = Site::new("e2e-weights");
+    let site = Site::with_mode("e2e-weights", mode);
     let weights = [(8001, 100), (8002, 100), (8003, 200)];
     let servers: Vec<_> = weights.iter().map(|&(p, _)| site.backend(p)).collect();
     let lb = site.start_lb_dual(&ServiceConf::tcp(&weights));
@@ -220,10 +226,14 @@ fn finish_streams(
     })
 }
 
-#[test]
-fn a_killed_backend_fails_only_its_own_connections_until_the_checker_removes_it() {
+#[rstest]
+#[case::xdp("native")]
+#[case::tc("tc")]
+fn a_killed_backend_fails_only_its_own_connections_until_the_checker_removes_it(
+    #[case] mode: &'static str,
+) {
     let _serial = serial();
-    let site = Site::new("e2e-kill");
+    let site = Site::with_mode("e2e-kill", mode);
     let ports = [8001u16, 8002, 8003];
     let servers: Vec<_> = ports.iter().map(|&p| site.backend(p)).collect();
     let (interval, fall) = (Duration::from_millis(200), 2u32);
@@ -384,10 +394,12 @@ fn apply(lb: &lb_tests::daemon::Lb, op: &Op) {
     lb_tests::topology::change(lb, method, &path, body, want);
 }
 
-#[test]
-fn long_streams_to_survivors_outlive_hundreds_of_api_changes() {
+#[rstest]
+#[case::xdp("native")]
+#[case::tc("tc")]
+fn long_streams_to_survivors_outlive_hundreds_of_api_changes(#[case] mode: &'static str) {
     let _serial = serial();
-    let site = Site::new("e2e-churn");
+    let site = Site::with_mode("e2e-churn", mode);
     let servers: Vec<_> = (8001..=8005).map(|p| site.backend(p)).collect();
     let lb = site.start_lb(&ServiceConf::tcp(&[(8001, 100), (8002, 100), (8003, 100)]));
     let _log = lb_tests::topology::LogOnPanic(&lb);
@@ -470,10 +482,12 @@ fn long_streams_to_survivors_outlive_hundreds_of_api_changes() {
     );
 }
 
-#[test]
-fn a_drained_backend_takes_no_new_connections_and_its_streams_finish() {
+#[rstest]
+#[case::xdp("native")]
+#[case::tc("tc")]
+fn a_drained_backend_takes_no_new_connections_and_its_streams_finish(#[case] mode: &'static str) {
     let _serial = serial();
-    let site = Site::new("e2e-drain");
+    let site = Site::with_mode("e2e-drain", mode);
     let servers: Vec<_> = [8001u16, 8002, 8003]
         .iter()
         .map(|&p| site.backend(p))
@@ -545,10 +559,12 @@ fn a_drained_backend_takes_no_new_connections_and_its_streams_finish() {
     );
 }
 
-#[test]
-fn udp_datagrams_of_one_flow_always_reach_the_same_backend() {
+#[rstest]
+#[case::xdp("native")]
+#[case::tc("tc")]
+fn udp_datagrams_of_one_flow_always_reach_the_same_backend(#[case] mode: &'static str) {
     let _serial = serial();
-    let site = Site::new("e2e-udp");
+    let site = Site::with_mode("e2e-udp", mode);
     let _servers: Vec<_> = (8001..=8004).map(|p| site.backend(p)).collect();
     let mut svc = ServiceConf::tcp(&[(8001, 100), (8002, 100), (8003, 100)]);
     svc.protocols = vec!["tcp", "udp"];
@@ -652,10 +668,12 @@ fn udp_datagrams_of_one_flow_always_reach_the_same_backend() {
 /// QUIC-like UDP flows (a datagram every 200 ms) on a backend that is
 /// drained keep reaching it for 60 s, as TCP connections do; new flows
 /// never go to it.
-#[test]
-fn udp_flows_of_a_drained_backend_keep_reaching_it() {
+#[rstest]
+#[case::xdp("native")]
+#[case::tc("tc")]
+fn udp_flows_of_a_drained_backend_keep_reaching_it(#[case] mode: &'static str) {
     let _serial = serial();
-    let site = Site::new("e2e-udpdrain");
+    let site = Site::with_mode("e2e-udpdrain", mode);
     let _servers: Vec<_> = (8001..=8003).map(|p| site.backend(p)).collect();
     let mut svc = ServiceConf::tcp(&[(8001, 100), (8002, 100), (8003, 100)]);
     svc.protocols = vec!["tcp", "udp"];
@@ -735,10 +753,12 @@ fn udp_flows_of_a_drained_backend_keep_reaching_it() {
     );
 }
 
-#[test]
-fn metrics_equal_the_packets_and_connections_the_client_sent() {
+#[rstest]
+#[case::xdp("native")]
+#[case::tc("tc")]
+fn metrics_equal_the_packets_and_connections_the_client_sent(#[case] mode: &'static str) {
     let _serial = serial();
-    let site = Site::new("e2e-metrics");
+    let site = Site::with_mode("e2e-metrics", mode);
     let ports = [8001u16, 8002, 8003];
     let servers: Vec<_> = ports.iter().map(|&p| site.backend(p)).collect();
     let mut svc = ServiceConf::tcp(&[(8001, 100), (8002, 100), (8003, 100)]);
@@ -934,4 +954,74 @@ fn the_demo_prints_how_to_try_it_and_removes_everything() {
         .map(str::to_string)
         .collect();
     assert!(left.is_empty(), "the demo left namespaces behind: {left:?}");
+}
+
+/// A 64 MiB upload through the balancer to a plain TCP sink. With TC the
+/// client's GSO packets reach the backend whole (rewritten in place, counted
+/// once each by the program: far more bytes a packet than the MTU); with
+/// native XDP on the veth the client's side has no GSO at all, and no
+/// packet is longer than an MTU-sized frame. Every byte arrives in both.
+#[rstest]
+#[case::xdp("native")]
+#[case::tc("tc")]
+fn a_bulk_upload_keeps_gso_only_in_tc_mode(#[case] mode: &'static str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _serial = serial();
+    let site = Site::with_mode("e2e-gso", mode);
+    const PORT: u16 = 8009;
+    const BYTES: u64 = 64 << 20;
+    let listener = site.servers.run(async {
+        tokio::net::TcpListener::bind(("0.0.0.0", PORT))
+            .await
+            .unwrap()
+    });
+    let sink = site.servers.spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut n = 0u64;
+        loop {
+            let k = s.read(&mut buf).await.unwrap();
+            if k == 0 {
+                return n;
+            }
+            n += k as u64;
+        }
+    });
+    let lb = site.start_lb(&ServiceConf::tcp(&[(PORT, 100)]));
+    let _log = lb_tests::topology::LogOnPanic(&lb);
+    let to = site.v4();
+    let took = site.client.run(async move {
+        let started = Instant::now();
+        let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
+        let chunk = vec![0x5au8; 1 << 20];
+        for _ in 0..BYTES >> 20 {
+            s.write_all(&chunk).await.unwrap();
+        }
+        s.shutdown().await.unwrap();
+        started.elapsed()
+    });
+    let got = site.servers.wait(sink);
+    assert_eq!(got, BYTES, "bytes the backend received");
+    let m = lb_tests::topology::Metrics::scrape(&lb);
+    let (packets, bytes) = (
+        m.backend("lb_packets_total", PORT),
+        m.backend("lb_bytes_total", PORT),
+    );
+    assert!(packets > 0, "no packet counted");
+    let per_packet = bytes / packets;
+    println!(
+        "{mode}: 64 MiB in {took:.2?} ({:.0} Mbit/s), {packets} packets, {per_packet} bytes a packet",
+        BYTES as f64 * 8.0 / took.as_secs_f64() / 1e6
+    );
+    if mode == "tc" {
+        assert!(
+            per_packet > 3 * 1514,
+            "TC mode: {per_packet} bytes a packet; GSO packets should reach the program whole"
+        );
+    } else {
+        assert!(
+            per_packet <= 1514,
+            "XDP mode: {per_packet} bytes a packet, more than a frame"
+        );
+    }
 }

@@ -15,6 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rstest::rstest;
+
 use lb_tests::{
     daemon::{BpfFs, Lb, TempDir},
     netns::{self, Topology},
@@ -25,6 +27,8 @@ const API: &str = "127.0.0.1:9180";
 const VIP: &str = "10.205.0.1:443";
 
 struct Setup {
+    /// `dataplane.xdp_mode`.
+    mode: &'static str,
     _topo: Topology,
     lb_ns: String,
     client_ns: String,
@@ -33,6 +37,11 @@ struct Setup {
 }
 
 fn setup(tag: &str) -> Setup {
+    setup_in(tag, "native")
+}
+
+fn setup_in(tag: &str, mode: &'static str) -> Setup {
+    let tag = &format!("{tag}-{mode}");
     let mut topo = Topology::new();
     let lb_ns = topo.namespace("lb");
     let client_ns = topo.namespace("cl");
@@ -41,6 +50,7 @@ fn setup(tag: &str) -> Setup {
         (&client_ns, "cl0", &["10.205.0.2/24"]),
     );
     Setup {
+        mode,
         _topo: topo,
         lb_ns,
         client_ns,
@@ -55,11 +65,15 @@ impl Setup {
     }
 
     fn config_with_flows(&self, flows: u32) -> PathBuf {
+        self.config_in(self.mode, flows)
+    }
+
+    fn config_in(&self, mode: &str, flows: u32) -> PathBuf {
         let text = format!(
             r#"
 [dataplane]
 interface = "lb0"
-xdp_mode = "native"
+xdp_mode = "{mode}"
 flow_table_size = {flows}
 max_services = 4
 pin_path = "{pin}"
@@ -96,9 +110,11 @@ fn exchange(s: &mut TcpStream, r: &mut BufReader<TcpStream>) -> Result<(), Strin
     }
 }
 
-#[test]
-fn restarts_and_crashes_drop_no_connection() {
-    let s = setup("restart");
+#[rstest]
+#[case::xdp("native")]
+#[case::tc("tc")]
+fn restarts_and_crashes_drop_no_connection(#[case] mode: &'static str) {
+    let s = setup_in("restart", mode);
     let _servers = [
         EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001"),
         EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002"),
@@ -180,6 +196,19 @@ fn restarts_and_crashes_drop_no_connection() {
             lb.log().contains("adopted"),
             "restart {i} did not adopt the data plane:\n{}",
             lb.log()
+        );
+        // Exactly one ingress link, of the configured mode, stays pinned.
+        let links = s.bpf.0.join("lb").join("links");
+        let (on, off) = if mode == "tc" {
+            ("tc_ingress", "xdp")
+        } else {
+            ("xdp", "tc_ingress")
+        };
+        assert!(
+            links.join(on).exists() && !links.join(off).exists(),
+            "restart {i}: pinned links {:?}",
+            std::fs::read_dir(&links)
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
         );
         thread::sleep(Duration::from_millis(200));
     }
@@ -311,4 +340,74 @@ fn a_pinned_data_plane_of_another_layout_is_replaced() {
         .collect();
     assert!(retired.is_empty(), "old maps left behind: {retired:?}");
     assert!(lb.stop().success());
+}
+
+/// One exchange on a new connection to the service, from the client side.
+fn one_exchange(s: &Setup) -> Result<(), String> {
+    let to: SocketAddr = VIP.parse().unwrap();
+    netns::within(&s.client_ns, move || {
+        let mut c =
+            TcpStream::connect_timeout(&to, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut reader = BufReader::new(c.try_clone().unwrap());
+        exchange(&mut c, &mut reader)
+    })
+}
+
+/// The ingress links pinned now (`xdp`, `tc_ingress`), and whether the
+/// interface has an XDP program.
+fn ingress(s: &Setup) -> (bool, bool, bool) {
+    let links = s.bpf.0.join("lb").join("links");
+    let shown = lb_tests::netns::run(&["ip", "-n", &s.lb_ns, "-d", "link", "show", "lb0"]);
+    (
+        links.join("xdp").exists(),
+        links.join("tc_ingress").exists(),
+        shown.contains("prog/xdp"),
+    )
+}
+
+/// `auto` on a veth with only local services attaches TC ingress and says
+/// why; a `nat` service is then refused (409, naming TC mode); restarts
+/// that change the mode swap the pinned ingress link, and connections work
+/// in each mode.
+#[test]
+fn auto_picks_tc_on_a_veth_and_restarts_switch_modes() {
+    let s = setup_in("modes", "auto");
+    let _servers = [
+        EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001"),
+        EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002"),
+    ];
+    let mut lb = Lb::start(&s.lb_ns, &s.config(), API, &[]);
+    assert!(
+        lb.log()
+            .contains("attach mode: a veth with only local services"),
+        "{}",
+        lb.log()
+    );
+    assert_eq!(lb.get("/api/v1/status").1["attach_mode"], "tc");
+    assert_eq!(ingress(&s), (false, true, false), "auto: TC only");
+    one_exchange(&s).expect("a connection through TC ingress");
+
+    let nat = r#"{"listen": "10.205.0.1:8443", "protocols": ["tcp"], "forwarding": "nat", "backends": [{"address": "10.205.0.50:8443"}]}"#;
+    let (status, body) = lb.call("PUT", "/api/v1/services/far", Some(nat), None);
+    assert_eq!(status, 409, "{body}");
+    assert!(body.to_string().contains("TC mode"), "{body}");
+
+    for (mode, want) in [
+        ("native", (true, false, true)),
+        ("tc", (false, true, false)),
+    ] {
+        assert!(lb.stop().success(), "{}", lb.log());
+        lb = Lb::start(&s.lb_ns, &s.config_in(mode, 65536), API, &[]);
+        assert_eq!(lb.get("/api/v1/status").1["attach_mode"], mode);
+        assert_eq!(
+            ingress(&s),
+            want,
+            "{mode}: pinned xdp, tc_ingress, XDP on lb0"
+        );
+        one_exchange(&s).unwrap_or_else(|e| panic!("{mode}: {e}\n{}", lb.log()));
+    }
+    let out = lb.cli(&["stop"]);
+    assert!(out.status.success());
+    lb.wait_exit(Duration::from_secs(10));
 }

@@ -13,8 +13,8 @@ use super::{
     },
     spans::{Spans, serde_path},
     validate::{
-        check_policy, check_services, ephemeral_port_range, int_in, local_port_warnings, networks,
-        service, socket_addr,
+        check_attach, check_policy, check_services, ephemeral_port_range, int_in,
+        local_port_warnings, networks, service, socket_addr,
     },
     wire::{RawFile, RawLimits},
 };
@@ -238,6 +238,7 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         services.push(service(&index(&[Seg::Key("services".into())], i), s)?);
     }
     check_services(&services, &work_limits)?;
+    check_attach(&services, xdp_mode)?;
     let policy = Policy {
         allowed_backend_networks: match &raw.policy.allowed_backend_networks {
             Some(list) => networks(

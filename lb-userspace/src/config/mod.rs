@@ -23,8 +23,8 @@ pub use paths::{
 };
 pub(crate) use validate::service_shape;
 pub use validate::{
-    ServiceShape, SetError, backend, check_conflicts, check_limits, check_policy, check_services,
-    check_set, ephemeral_port_range, local_port_warnings, service,
+    ServiceShape, SetError, backend, check_attach, check_conflicts, check_limits, check_policy,
+    check_services, check_set, ephemeral_port_range, local_port_warnings, service,
 };
 pub use wire::{
     AdminState, AttachMode, Forwarding, HealthKind, Protocol, RawAdmin, RawBackend, RawDataplane,

@@ -940,3 +940,27 @@ fn the_wire_form_of_a_service_is_unchanged() {
     let back: RawService = serde_json::from_str(&json).unwrap();
     assert_eq!(&service(&[], &back).unwrap(), &c.services[0]);
 }
+
+#[test]
+fn tc_mode_takes_local_services_only() {
+    let tc = GOOD.replacen("\"native\"", "\"tc\"", 1);
+    let c = Config::parse(Path::new("lb.toml"), &tc).unwrap();
+    assert_eq!(c.xdp_mode, AttachMode::Tc);
+    let nat = tc
+        .replacen("forwarding = \"local\"", "forwarding = \"nat\"", 1)
+        .replacen("0.0.0.0:443", "10.0.0.1:443", 1)
+        .replace("127.0.0.1:800", "10.0.9.2:800");
+    let e = err(&nat);
+    let text = e.to_string();
+    assert!(text.contains("services[0].forwarding"), "{text}");
+    assert!(
+        text.contains("TC mode") && text.contains("xdp_mode = \"native\""),
+        "{text}"
+    );
+    // The same services are fine in XDP mode.
+    Config::parse(
+        Path::new("lb.toml"),
+        &nat.replacen("\"tc\"", "\"native\"", 1),
+    )
+    .unwrap();
+}

@@ -18,7 +18,7 @@ use super::{
     wire::{HealthKind, RawBackend, RawHealth, RawService},
 };
 use crate::{
-    dataplane::{Forwarding, Protocol},
+    dataplane::{AttachMode, Forwarding, Protocol},
     health::{CheckKind, CheckSpec},
 };
 
@@ -488,6 +488,31 @@ pub fn check_set(
     check_limits(services, limits).map_err(SetError::Limits)?;
     check_conflicts(services).map_err(SetError::Conflict)?;
     check_policy(services, policy).map_err(SetError::Policy)
+}
+
+/// TC mode (`xdp_mode = "tc"`, or what `auto` chose on a veth) runs
+/// `local` services only: `nat` and `dsr` send frames back out or to
+/// another interface (XDP_TX, redirects), which only the XDP program does.
+pub fn check_attach<S: ServiceShape>(services: &[S], mode: AttachMode) -> Result<(), FieldError> {
+    if mode != AttachMode::Tc {
+        return Ok(());
+    }
+    let root = [Seg::Key("services".into())];
+    for (i, s) in services.iter().enumerate() {
+        if s.forwarding() != Forwarding::Local {
+            return Err(FieldError::new(
+                &key(&index(&root, i), "forwarding"),
+                format!(
+                    "service {:?}: forwarding = \"{}\" needs XDP, and the data plane is attached \
+                     in TC mode (dataplane.xdp_mode = \"tc\", or \"auto\" on a veth with only \
+                     local services); set xdp_mode = \"native\" (and restart) to run nat/dsr services",
+                    s.name(),
+                    s.forwarding().name()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Rules that span services: `[limits]`, then [`check_conflicts`].

@@ -162,6 +162,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 struct Shared {
     /// The config the daemon started with (what a reload compares to).
     config: Config,
+    /// How ingress is attached: `xdp_mode` with `auto` resolved.
+    attach_mode: crate::dataplane::AttachMode,
     state_file: PathBuf,
     /// The pin directory's lock, held for the daemon's life.
     _lock: Option<std::fs::File>,

@@ -429,6 +429,8 @@ impl Daemon {
             config::SetError::Policy(_) => ChangeError::Invalid(e.to_string()),
             _ => ChangeError::Conflict(e.to_string()),
         })?;
+        config::check_attach(&services, self.shared.attach_mode)
+            .map_err(|e| ChangeError::Conflict(e.in_body().to_string()))?;
         let mut health = inner.health.clone();
         retain_verdicts(&mut health, &services);
         let old_targets: HashMap<(String, SocketAddr), health::CheckSpec> =

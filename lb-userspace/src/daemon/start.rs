@@ -266,7 +266,11 @@ impl Daemon {
         }
 
         let opts = config.dataplane.clone();
-        let mode = config.xdp_mode;
+        let all_local = services.iter().all(|s| s.forwarding == Forwarding::Local);
+        let (mode, why) = config.xdp_mode.resolve(&iface, all_local);
+        info!(interface = %iface, mode = mode.name(), "attach mode: {why}");
+        config::check_attach(&services, mode)
+            .map_err(|e| StartError::StateConflict(e.in_body().to_string()))?;
         let services_for_check = services.clone();
         let attached_iface = iface.clone();
         let (writer, logger, flow_counter) = {
@@ -328,6 +332,7 @@ impl Daemon {
             });
             Shared {
                 config: config.clone(),
+                attach_mode: p.mode,
                 state_file: config.admin.state_file.clone(),
                 _lock: p.lock,
                 private_pins: p.private_pins,

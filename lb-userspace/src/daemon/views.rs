@@ -23,6 +23,9 @@ pub struct StatusView {
     pub last_reload_error: Option<String>,
     /// `[limits]` in force.
     pub limits: config::Limits,
+    /// How ingress is attached: `tc`, or the XDP mode (`auto`: native if
+    /// the driver supports it, generic otherwise).
+    pub attach_mode: crate::dataplane::AttachMode,
 }
 
 /// What a reload did.
@@ -112,6 +115,7 @@ impl Daemon {
             reloads: inner.reloads,
             last_reload_error: inner.last_reload_error.clone(),
             limits: inner.limits,
+            attach_mode: self.shared.attach_mode,
         }
     }
 

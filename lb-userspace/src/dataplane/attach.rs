@@ -1,6 +1,6 @@
-//! Attaching the loaded programs to an interface (XDP ingress, TC egress),
-//! moving pinned links to a new program, and the redirect map of the
-//! namespace's interfaces.
+//! Attaching the loaded programs to an interface (XDP or TC ingress, TC
+//! egress), what `auto` attaches, moving pinned links to a new program, and
+//! the redirect map of the namespace's interfaces.
 
 use std::{collections::HashSet, path::PathBuf};
 
@@ -16,30 +16,83 @@ use tracing::info;
 use super::{Dataplane, DataplaneError, Result};
 use crate::pins;
 
-/// Where the XDP program runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+/// Where the balancer runs on ingress.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Deserialize,
+    serde::Serialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
-    /// Native if the driver supports it, generic otherwise.
+    /// TC on a veth when every service is `local`, else XDP, native if the
+    /// driver supports it (see [`AttachMode::resolve`]).
     #[default]
     Auto,
+    /// XDP in the driver.
     Native,
+    /// Generic XDP.
     Skb,
+    /// TC ingress (clsact) on the socket buffer: keeps GRO/GSO, `local`
+    /// services only.
+    Tc,
 }
 
 impl AttachMode {
     fn xdp(self) -> XdpMode {
         match self {
-            Self::Auto => XdpMode::Default,
+            Self::Auto | Self::Tc => XdpMode::Default,
             Self::Native => XdpMode::Driver,
             Self::Skb => XdpMode::Skb,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Skb => "skb",
+            Self::Tc => "tc",
+        }
+    }
+
+    /// What `auto` attaches to `iface`, and why: TC on a veth when every
+    /// service is `local` (native XDP on a veth gives up GRO/GSO and copies
+    /// every packet; TC works on the socket buffer as it is), XDP otherwise
+    /// (`Auto` stays: native if the driver supports it). Other modes stay.
+    pub fn resolve(self, iface: &str, all_local: bool) -> (AttachMode, String) {
+        if self != Self::Auto {
+            return (
+                self,
+                format!("xdp_mode = \"{}\" in the config", self.name()),
+            );
+        }
+        let kind = super::kind::link_kind(iface);
+        match (kind.as_deref(), all_local) {
+            (Some("veth"), true) => (
+                Self::Tc,
+                "a veth with only local services: TC ingress keeps GRO/GSO, which XDP on a veth loses".into(),
+            ),
+            (Some("veth"), false) => (
+                Self::Auto,
+                "a veth, but nat/dsr services need XDP (XDP_TX, redirects)".into(),
+            ),
+            (Some(k), _) => (Self::Auto, format!("a {k} interface: XDP")),
+            (None, _) => (Self::Auto, "a physical interface (or of unknown kind): XDP".into()),
         }
     }
 }
 
 impl Dataplane {
-    /// Attaches XDP on ingress and the reply rewriter on TC egress of
-    /// `iface`. Both detach when the `Dataplane` is dropped.
+    /// Attaches the balancer on ingress of `iface` (XDP in `mode`, or the
+    /// TC ingress program for [`AttachMode::Tc`]; pass a resolved mode, see
+    /// [`AttachMode::resolve`]) and the reply rewriter on TC egress. Both
+    /// detach when the `Dataplane` is dropped, unless pinned.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
         let prog_err = |name: &'static str| move |source| DataplaneError::Program { name, source };
         let link_err = |name: &'static str| {
@@ -61,21 +114,57 @@ impl Dataplane {
         };
 
         let xdp_pin = pin.as_ref().map(|p| pins::link_path(p, "xdp"));
-        let xdp: &mut Xdp = self.program_mut(programs::XDP)?;
-        let existing = xdp_pin.as_deref().and_then(adopt);
-        let id = match existing {
-            Some(link) => {
-                let link = XdpLink::try_from(link).map_err(link_err(programs::XDP))?;
-                xdp.attach_to_link(link).map_err(prog_err(programs::XDP))?
-            }
-            None => xdp
-                .attach(iface, mode.xdp())
-                .map_err(prog_err(programs::XDP))?,
+        let ingress_pin = pin.as_ref().map(|p| pins::link_path(p, "tc_ingress"));
+        // One ingress program at a time: the other mode's pinned link (a
+        // restart that changed modes) is unpinned, which detaches it.
+        let stale = if mode == AttachMode::Tc {
+            xdp_pin.as_deref()
+        } else {
+            ingress_pin.as_deref()
         };
-        if let Some(path) = xdp_pin {
-            let link = FdLink::try_from(xdp.take_link(id).map_err(prog_err(programs::XDP))?)
-                .map_err(link_err(programs::XDP))?;
-            self.links.push(self.keep_pinned(path, link)?);
+        if let Some(stale) = stale
+            && stale.exists()
+        {
+            let _ = std::fs::remove_file(stale);
+            info!(iface, link = %stale.display(), "the other ingress mode's link removed");
+        }
+        if mode == AttachMode::Tc {
+            let tc: &mut SchedClassifier = self.program_mut(programs::TC_INGRESS)?;
+            let existing = ingress_pin.as_deref().and_then(adopt);
+            let id = match existing {
+                Some(link) => {
+                    let link = SchedClassifierLink::try_from(link)
+                        .map_err(link_err(programs::TC_INGRESS))?;
+                    tc.attach_to_link(link)
+                        .map_err(prog_err(programs::TC_INGRESS))?
+                }
+                None => tc
+                    .attach(iface, TcAttachType::Ingress)
+                    .map_err(prog_err(programs::TC_INGRESS))?,
+            };
+            if let Some(path) = ingress_pin {
+                let link =
+                    FdLink::try_from(tc.take_link(id).map_err(prog_err(programs::TC_INGRESS))?)
+                        .map_err(link_err(programs::TC_INGRESS))?;
+                self.links.push(self.keep_pinned(path, link)?);
+            }
+        } else {
+            let xdp: &mut Xdp = self.program_mut(programs::XDP)?;
+            let existing = xdp_pin.as_deref().and_then(adopt);
+            let id = match existing {
+                Some(link) => {
+                    let link = XdpLink::try_from(link).map_err(link_err(programs::XDP))?;
+                    xdp.attach_to_link(link).map_err(prog_err(programs::XDP))?
+                }
+                None => xdp
+                    .attach(iface, mode.xdp())
+                    .map_err(prog_err(programs::XDP))?,
+            };
+            if let Some(path) = xdp_pin {
+                let link = FdLink::try_from(xdp.take_link(id).map_err(prog_err(programs::XDP))?)
+                    .map_err(link_err(programs::XDP))?;
+                self.links.push(self.keep_pinned(path, link)?);
+            }
         }
 
         let tc_pin = pin.as_ref().map(|p| pins::link_path(p, "tc_egress"));
@@ -112,7 +201,13 @@ impl Dataplane {
             }
         }
         self.sync_tx_ports()?;
-        info!(iface, ?mode, adopted = self.adopted, "data plane attached");
+        self.attach_mode = Some(mode);
+        info!(
+            iface,
+            mode = mode.name(),
+            adopted = self.adopted,
+            "data plane attached"
+        );
         Ok(())
     }
 

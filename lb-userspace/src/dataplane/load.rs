@@ -89,7 +89,7 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(object)?;
-        for name in [programs::XDP, programs::TC_EGRESS] {
+        for name in [programs::XDP, programs::TC_EGRESS, programs::TC_INGRESS] {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::Missing(name))?;
@@ -128,6 +128,7 @@ impl Dataplane {
             links: Vec::new(),
             adopted,
             linked_interface,
+            attach_mode: None,
             record: record.unwrap_or_else(|| pins::Record {
                 layout: Self::layout_for(&opts_copy, None),
                 ids: pins::Ids::default(),

@@ -7,6 +7,7 @@
 mod addr;
 mod attach;
 mod counters;
+mod kind;
 mod load;
 mod spec;
 mod store;
@@ -168,9 +169,16 @@ pub struct Dataplane {
     record: pins::Record,
     /// The interface pinned links were attached to, if any were recorded.
     linked_interface: Option<String>,
+    /// How ingress is attached (`auto` resolved), once attached.
+    attach_mode: Option<AttachMode>,
 }
 
 impl Dataplane {
+    /// How ingress is attached (`tc`, or an XDP mode), once it is.
+    pub fn attach_mode(&self) -> Option<AttachMode> {
+        self.attach_mode
+    }
+
     /// The program `name` as its kind (`Xdp`, `SchedClassifier`).
     #[cfg(feature = "test-helpers")]
     fn program<'a, T>(&'a self, name: &'static str) -> Result<&'a T>

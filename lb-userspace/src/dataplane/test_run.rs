@@ -68,6 +68,19 @@ impl Dataplane {
         Ok((action, out))
     }
 
+    /// Runs the TC ingress program (the balancer in TC mode) once on
+    /// `frame`: its verdict (`TC_ACT_OK` 0, `TC_ACT_SHOT` 2) and the frame.
+    pub fn test_run_tc_ingress(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let (action, out, _) = test_run(
+            self.program::<SchedClassifier>(programs::TC_INGRESS)?,
+            programs::TC_INGRESS,
+            frame,
+            None,
+            1,
+        )?;
+        Ok((action, out))
+    }
+
     /// Runs the XDP program `repeat` times on `frame` in the kernel and
     /// returns the mean time per run as the kernel measured it.
     pub fn bench_xdp(&self, frame: &[u8], repeat: u32) -> Result<std::time::Duration> {
@@ -84,7 +97,7 @@ impl Dataplane {
     /// (program, instructions after the verifier's rewrites, instructions
     /// the verifier walked) for each loaded program.
     pub fn program_sizes(&self) -> Vec<(&'static str, u32, u32)> {
-        [programs::XDP, programs::TC_EGRESS]
+        [programs::XDP, programs::TC_EGRESS, programs::TC_INGRESS]
             .into_iter()
             .filter_map(|name| {
                 let info = self.ebpf.program(name)?.info().ok()?;
