@@ -381,7 +381,7 @@ fn steady_state(b: &Bench, base_small: f64, overhead: f64, samples: usize, rows:
             v4_frame(&template, src, 1024 + (i % 60_000) as u16)
         })
         .collect();
-    let mut measure_spread = |w: &MapWriter, phase: &str, slot: Slot| {
+    let measure_spread = |w: &MapWriter, phase: &str, slot: Slot| {
         let e = Expect::of(Kind::Est, false);
         for f in spread.iter().take(16) {
             check_output(w, f, e, phase);
@@ -393,16 +393,16 @@ fn steady_state(b: &Bench, base_small: f64, overhead: f64, samples: usize, rows:
             .collect();
         prove(&before, &counts(w), spread.len() as u64, e, phase);
         let label = format!("ipv4 tcp established, {samples} flows over all slots, {phase}");
-        rows.push(Row {
+        Row {
             case: Case::new(Fam::V4, Traffic::Kind(Kind::Est), template.len(), 10, slot),
             label,
             ns: sys::median(&ns) - overhead,
             baseline_ns: base_small,
             method: Method::Once,
             runs: spread.len() as u64,
-        });
+        }
     };
-    measure_spread(&w, "table never changed", Slot::CleanSpread);
+    rows.push(measure_spread(&w, "table never changed", Slot::CleanSpread));
     for i in 0..100usize {
         match i % 3 {
             0 => {
