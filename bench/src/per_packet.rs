@@ -463,11 +463,11 @@ fn steady_state(b: &Bench, base_small: f64, overhead: f64, samples: usize, rows:
     );
     assert_eq!(after, 0, "every slot is clean once no pin needs it");
     measure(&w, "swept (clean)", Slot::AfterChangesSwept);
-    measure_spread(
+    rows.push(measure_spread(
         &w,
         "after 100 changes, swept",
         Slot::AfterChangesSweptSpread,
-    );
+    ));
 }
 
 /// A v4 TCP flow's Maglev slot in the service's active table:
