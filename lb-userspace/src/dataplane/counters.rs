@@ -108,12 +108,12 @@ impl FlowCounter {
     /// still need, and which pins name a backend that no longer holds them.
     /// What the walk saw also corrects the count for the LRU's evictions
     /// (pins added while it walks may be counted twice, until the next).
+    /// The lock is not held during the walk, so a scrape never waits on it.
     pub fn walk(&self, plan: &SweepPlan) -> SweepFound {
-        let Ok(mut counts) = self.counts.lock() else {
-            return walk_pins(plan, self.flows.iter().filter_map(std::result::Result::ok));
-        };
-        let before = sum_u64(&counts, FLOW_COUNT_ADDED, maps::FLOW_COUNT).and_then(|added| {
-            Ok(added.saturating_sub(sum_u64(&counts, FLOW_COUNT_REMOVED, maps::FLOW_COUNT)?))
+        let before = self.lock().and_then(|counts| {
+            let added = sum_u64(&counts, FLOW_COUNT_ADDED, maps::FLOW_COUNT)?;
+            let removed = sum_u64(&counts, FLOW_COUNT_REMOVED, maps::FLOW_COUNT)?;
+            Ok(added.saturating_sub(removed))
         });
         let mut seen = 0u64;
         let found = walk_pins(
@@ -123,8 +123,10 @@ impl FlowCounter {
                 .filter_map(std::result::Result::ok)
                 .inspect(|_| seen += 1),
         );
-        let corrected = before
-            .and_then(|net| set_total(&mut counts, FLOW_COUNT_EVICTED, net.saturating_sub(seen)));
+        let corrected = before.and_then(|net| {
+            let evicted = net.saturating_sub(seen);
+            set_total(&mut *self.lock()?, FLOW_COUNT_EVICTED, evicted)
+        });
         if let Err(e) = corrected {
             tracing::warn!("correcting the flow table's count: {e}");
         }
@@ -133,11 +135,13 @@ impl FlowCounter {
 
     /// Entries in the flow table, as [`Dataplane::flow_entries`] (no walk).
     pub fn count(&self) -> Result<u64> {
-        let counts = self
-            .counts
+        entries(&*self.lock()?, self.capacity)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, PerCpuArray<MapData, u64>>> {
+        self.counts
             .lock()
-            .map_err(|_| DataplaneError::FlowCounterPoisoned)?;
-        entries(&counts, self.capacity)
+            .map_err(|_| DataplaneError::FlowCounterPoisoned)
     }
 }
 
