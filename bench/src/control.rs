@@ -219,7 +219,7 @@ fn ports_from_table(w: &MapWriter, flows: &[(Ipv4Addr, u16)], ports: &[u16]) -> 
                 443u16.to_be(),
                 6,
             );
-            port_of(table[(h % table.len() as u32) as usize].backend)
+            port_of(table[lb_common::maglev_slot(h, table.len() as u32) as usize].backend)
         })
         .collect()
 }

@@ -369,9 +369,40 @@ impl Bench {
 /// sweep the daemon runs once the changes are older than misses look back:
 /// with no pin needing a previous backend every slot is clean again, and
 /// packets cost what they cost before the changes.
-fn steady_state(b: &Bench, base_small: f64, rows: &mut Vec<Row>) {
+fn steady_state(b: &Bench, base_small: f64, overhead: f64, samples: usize, rows: &mut Vec<Row>) {
     let mut w = writer(10, 65_536);
     let mut svc = service(10);
+    // Established packets of many flows over the whole table, one run per
+    // frame (a slot's cache line is cold more often than in a repeat).
+    let template = frame(Fam::V4, Kind::Est, Size::Small, 1);
+    let spread: Vec<Vec<u8>> = (0..samples)
+        .map(|i| {
+            let src = Ipv4Addr::new(10, 80 + (i >> 16) as u8, (i >> 8) as u8, i as u8);
+            v4_frame(&template, src, 1024 + (i % 60_000) as u16)
+        })
+        .collect();
+    let measure_spread = |w: &MapWriter, phase: &str, slot: Slot| {
+        let e = Expect::of(Kind::Est, false);
+        for f in spread.iter().take(16) {
+            check_output(w, f, e, phase);
+        }
+        let before = counts(w);
+        let ns: Vec<f64> = spread
+            .iter()
+            .map(|f| w.dataplane().bench_xdp(f, 1).unwrap().as_nanos() as f64)
+            .collect();
+        prove(&before, &counts(w), spread.len() as u64, e, phase);
+        let label = format!("ipv4 tcp established, {samples} flows over all slots, {phase}");
+        Row {
+            case: Case::new(Fam::V4, Traffic::Kind(Kind::Est), template.len(), 10, slot),
+            label,
+            ns: sys::median(&ns) - overhead,
+            baseline_ns: base_small,
+            method: Method::Once,
+            runs: spread.len() as u64,
+        }
+    };
+    rows.push(measure_spread(&w, "table never changed", Slot::CleanSpread));
     for i in 0..100usize {
         match i % 3 {
             0 => {
@@ -432,6 +463,11 @@ fn steady_state(b: &Bench, base_small: f64, rows: &mut Vec<Row>) {
     );
     assert_eq!(after, 0, "every slot is clean once no pin needs it");
     measure(&w, "swept (clean)", Slot::AfterChangesSwept);
+    rows.push(measure_spread(
+        &w,
+        "after 100 changes, swept",
+        Slot::AfterChangesSweptSpread,
+    ));
 }
 
 /// A v4 TCP flow's Maglev slot in the service's active table:
@@ -444,7 +480,7 @@ fn slot_of(table: &[lb_common::MaglevSlot], src: Ipv4Addr, sport: u16, proto: u8
         443u16.to_be(),
         proto,
     );
-    let s = table[(h % table.len() as u32) as usize];
+    let s = table[lb_common::maglev_slot(h, table.len() as u32) as usize];
     (s.backend, s.prev)
 }
 
@@ -648,7 +684,42 @@ pub fn run(scale: &Scale, report: &mut Report) {
             let after = counts(&w);
             filled = (after.new_flows - before.new_flows) as usize;
             assert_eq!(filled, target, "every fill packet opened a flow");
+            let t_walk = std::time::Instant::now();
             let entries = w.dataplane().flow_count();
+            let walk_ms = t_walk.elapsed().as_secs_f64() * 1e3;
+            let mut counted = 0;
+            let reads: Vec<f64> = (0..100)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    counted = w.dataplane().flow_entries().unwrap() as usize;
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            // Evictions before the table is full count only at a walk.
+            assert!(
+                (entries..=scale.flow_table as usize).contains(&counted),
+                "counted {counted} entries, {entries} held"
+            );
+            let counters_ms = sys::median(&reads);
+            report.figure(
+                FigureId::FlowTableSize {
+                    entries,
+                    walk: true,
+                },
+                walk_ms,
+            );
+            report.figure(
+                FigureId::FlowTableSize {
+                    entries,
+                    walk: false,
+                },
+                counters_ms,
+            );
+            notes.push(format!(
+                "flow table size with {entries} entries: {counters_ms:.3} ms from the counters \
+                 /metrics reads (median of 100 reads; they said {counted}), {walk_ms:.1} ms by \
+                 a walk of the table"
+            ));
             println!(
                 "flow table filled with {filled} flows in {:.1} s: {entries} of {} entries in use",
                 t0.elapsed().as_secs_f64(),
@@ -766,7 +837,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
     });
     drop((sticky_iter, sticky_udp, clean_iter));
     drop(w);
-    steady_state(&b, base_small, &mut rows);
+    steady_state(&b, base_small, overhead, scale.insert_samples, &mut rows);
     sys::unpin();
     remote(&b, scale, base_small, overhead, &mut rows);
 

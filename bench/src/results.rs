@@ -48,6 +48,11 @@ pub enum Slot {
     /// After 100 backend changes, before the sweep (pinned) and after it.
     AfterChangesPinned,
     AfterChangesSwept,
+    /// Established packets of many flows spread over the table's slots, one
+    /// run per distinct frame: a table that never changed, and one after
+    /// 100 backend changes and the sweep.
+    CleanSpread,
+    AfterChangesSweptSpread,
     /// Backends on other hosts (the FIB's next hop).
     Dsr,
     Nat,
@@ -61,6 +66,8 @@ impl fmt::Display for Slot {
             Slot::StickyInsert => "sticky_slot_insert",
             Slot::AfterChangesPinned => "after_100_changes_pinned",
             Slot::AfterChangesSwept => "after_100_changes_swept",
+            Slot::CleanSpread => "clean_table_spread",
+            Slot::AfterChangesSweptSpread => "after_100_changes_swept_spread",
             Slot::Dsr => "dsr",
             Slot::Nat => "nat",
         })
@@ -351,6 +358,12 @@ pub enum FigureId {
         flow_table: bool,
     },
     Daemon(DaemonMetric),
+    /// Reading the flow table's size with `entries` in it: the counters
+    /// `/metrics` reads, or a walk of the table (what it did before).
+    FlowTableSize {
+        entries: usize,
+        walk: bool,
+    },
 }
 
 impl FigureId {
@@ -375,7 +388,9 @@ impl FigureId {
                 E::CpuMsPerBulkGb => "ms",
                 E::HttpsConnPerSXDirect | E::BulkXDirect => "ratio",
             },
-            FigureId::MaglevBuild { .. } | FigureId::MaglevSkew(_) => "ms",
+            FigureId::MaglevBuild { .. }
+            | FigureId::MaglevSkew(_)
+            | FigureId::FlowTableSize { .. } => "ms",
             FigureId::FlowsMoved { .. } => "share",
             FigureId::Daemon(m) => match m {
                 D::DeathToTableMedianMs
@@ -435,6 +450,11 @@ impl fmt::Display for FigureId {
                 m: Some(m),
             } => write!(f, "control/maglev_build/{backends}_backends_m{m}/ms"),
             FigureId::MaglevSkew(w) => write!(f, "control/maglev_skew/{}/ms", w.name()),
+            FigureId::FlowTableSize { entries, walk } => write!(
+                f,
+                "per_packet/flow_table_size/{entries}_entries/{}/ms",
+                if walk { "walk" } else { "counters" }
+            ),
             FigureId::FlowsMoved {
                 backends,
                 change,

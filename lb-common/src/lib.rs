@@ -7,7 +7,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a map layout or the meaning of a field changes, so a daemon
 /// never adopts pinned maps written by an incompatible version.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Interfaces `nat` and `dsr` packets may be redirected to.
 pub const MAX_TX_PORTS: u32 = 64;
@@ -51,7 +51,8 @@ pub mod maps {
     pub const UDP_SEEN: &str = "LB_UDP_SEEN";
     pub const FRAGS: &str = "LB_FRAGS";
     pub const DROP_STATS: &str = "LB_DROP_STATS";
-    pub const ALL: [&str; 18] = [
+    pub const FLOW_COUNT: &str = "LB_FLOW_COUNT";
+    pub const ALL: [&str; 19] = [
         PORTS,
         ADDR_SERVICES,
         SERVICES,
@@ -70,6 +71,7 @@ pub mod maps {
         UDP_SEEN,
         FRAGS,
         DROP_STATS,
+        FLOW_COUNT,
     ];
 }
 
@@ -175,6 +177,12 @@ const _: () = assert!(size_of::<ServiceEntry>() == 16);
 #[inline(always)]
 pub fn maglev_index(service: u32, table: u32, m: u32, slot: u32) -> u32 {
     (service * TABLES_PER_SERVICE + table) * m + slot
+}
+
+/// The slot of flow hash `h` in a table of `m` slots.
+#[inline(always)]
+pub fn maglev_slot(h: u32, m: u32) -> u32 {
+    h % m
 }
 
 /// One slot of a Maglev table: the backend new flows take, and the backend
@@ -427,6 +435,26 @@ counted! {
         /// reused): the flow was picked again.
         PinStale = 4 => "pin_stale",
     }
+}
+
+/// Entries of `LB_FLOW_COUNT`, which tells the flow table's size without a
+/// walk: the program counts the pins it adds under a new key (per CPU), the
+/// daemon the pins it removes, and at each walk of the table (the sweep's)
+/// the entries the LRU evicted unseen until then (both in CPU 0's value,
+/// each written by one writer). Added minus the other two, clamped to the
+/// capacity, is the size; between walks the LRU's evictions are not
+/// counted, so a table that evicted reads as full until the next walk.
+pub const FLOW_COUNT_ADDED: u32 = 0;
+pub const FLOW_COUNT_REMOVED: u32 = 1;
+pub const FLOW_COUNT_EVICTED: u32 = 2;
+pub const FLOW_COUNT_ENTRIES: u32 = 3;
+
+/// The flow table's size from the counts of `LB_FLOW_COUNT`.
+pub fn flow_entries(added: u64, removed: u64, evicted: u64, capacity: u32) -> u64 {
+    added
+        .saturating_sub(removed)
+        .saturating_sub(evicted)
+        .min(u64::from(capacity))
 }
 
 /// Per-CPU state of the flow-insert rate cap (`LB_FLOOD[0]`).

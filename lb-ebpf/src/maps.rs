@@ -37,6 +37,13 @@ pub static LB_BACKENDS: Array<BackendEntry> = Array::with_max_entries(MAX_BACKEN
 pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
+/// Pins added under a new key (`FLOW_COUNT_ADDED`, by the program), and
+/// the daemon's counts of pins removed and evicted: the table's size
+/// without a walk.
+#[map]
+pub static LB_FLOW_COUNT: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(lb_common::FLOW_COUNT_ENTRIES, 0);
+
 #[map]
 pub static LB_REV_PORTS: Array<RevPortEntry> = Array::with_max_entries(PORT_SLOTS, 0);
 

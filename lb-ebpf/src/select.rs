@@ -13,7 +13,7 @@ use lb_common::{
     Addr, AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_REWRITE_ADDR, BackendEntry, Event,
     FlowKey, FlowValue, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, Reason,
     ServiceEntry, TABLES_PER_SERVICE, TCP_MISS_PREV_SECS, UDP_AFFINITY_SECS, UDP_SEEN_BITS,
-    flow_hash, maglev_index, port_slot,
+    flow_hash, maglev_index, maglev_slot, port_slot,
 };
 
 use crate::{
@@ -91,7 +91,7 @@ pub fn backend(p: &Packet, id: u32, svc: &ServiceEntry, pin: bool) -> Result<Pic
         return Err(Reason::NoBackend);
     }
     let h = flow_hash(&p.src, &p.dst, p.sport, p.dport, p.proto);
-    let slot = h % m;
+    let slot = maglev_slot(h, m);
     let e = LB_MAGLEV
         .get(maglev_index(id, table, m, slot))
         .ok_or(Reason::NoBackend)?;
@@ -216,7 +216,10 @@ fn sticky(
 ) -> Result<(u32, &'static BackendEntry), Reason> {
     let key = flow_key(p);
     let tcp = p.proto == PROTO_TCP;
+    // A pin written below replaces this one rather than adding an entry.
+    let mut held = false;
     if let Some(v) = LB_FLOWS.get_ptr(&key) {
+        held = true;
         let v = unsafe { *v };
         match holder(v.backend, id, v.generation) {
             // A SYN on the 4-tuple of a pinned flow is a new connection
@@ -267,7 +270,9 @@ fn sticky(
                 slot,
                 generation: entry.generation,
             };
-            let _ = LB_FLOWS.insert(&key, &v, 0);
+            if LB_FLOWS.insert(&key, &v, 0).is_ok() && !held {
+                stats::flow_added();
+            }
             stats::event(Event::PinInserted);
         } else {
             stats::event(Event::PinRefused);
@@ -291,7 +296,10 @@ pub fn answers(fwd: &Packet, port: u16, addr: &Addr) -> bool {
     if m == 0 || svc.active >= TABLES_PER_SERVICE {
         return false;
     }
-    let slot = flow_hash(&fwd.src, &fwd.dst, fwd.sport, fwd.dport, fwd.proto) % m;
+    let slot = maglev_slot(
+        flow_hash(&fwd.src, &fwd.dst, fwd.sport, fwd.dport, fwd.proto),
+        m,
+    );
     let Some(e) = LB_MAGLEV.get(maglev_index(id, svc.active, m, slot)) else {
         return false;
     };

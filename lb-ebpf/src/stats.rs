@@ -2,10 +2,10 @@
 //! Array lookups are inlined by the verifier, so counting costs no helper
 //! call.
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
-use lb_common::{Counters, Event, Reason};
+use lb_common::{Counters, Event, FLOW_COUNT_ADDED, Reason};
 
 use crate::maps::{
-    LB_ACT_STATS, LB_BE_STATS, LB_DROP_STATS, LB_EVENTS, LB_RSN_STATS, LB_SVC_STATS,
+    LB_ACT_STATS, LB_BE_STATS, LB_DROP_STATS, LB_EVENTS, LB_FLOW_COUNT, LB_RSN_STATS, LB_SVC_STATS,
 };
 
 /// A packet not forwarded to a backend: passed to the stack or dropped,
@@ -57,6 +57,12 @@ pub fn action(action: u32) {
 #[inline(always)]
 pub fn event(event: Event) {
     bump(LB_EVENTS.get_ptr_mut(event as u32));
+}
+
+/// A pin written under a key the flow table did not hold.
+#[inline(always)]
+pub fn flow_added() {
+    bump(LB_FLOW_COUNT.get_ptr_mut(FLOW_COUNT_ADDED));
 }
 
 #[inline(always)]

@@ -68,6 +68,13 @@ pub fn maps_pinned(pin: &Path) -> bool {
         .all(|name| maps_dir(pin).join(name).exists())
 }
 
+/// True when any map of the object is pinned under `pin`.
+pub fn some_maps_pinned(pin: &Path) -> bool {
+    lb_common::maps::ALL
+        .iter()
+        .any(|name| maps_dir(pin).join(name).exists())
+}
+
 /// Writes `bytes` to `path` so that a crash leaves the old or the new file,
 /// never a mix; the file is 0600 and its new directories 0700.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

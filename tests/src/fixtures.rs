@@ -107,7 +107,7 @@ pub fn slot_of(
     );
     let id = w.service_id(&svc.name).unwrap();
     let (_, table) = w.dataplane().active_table(id).unwrap();
-    table[(h % table.len() as u32) as usize]
+    table[lb_common::maglev_slot(h, table.len() as u32) as usize]
 }
 
 /// The port of backend `id` of `svc`.

@@ -121,7 +121,7 @@ fn slot(w: &MapWriter, spec: &Spec) -> MaglevSlot {
         p.proto,
     );
     let (_, table) = w.dataplane().active_table(0).unwrap();
-    table[(h % table.len() as u32) as usize]
+    table[lb_common::maglev_slot(h, table.len() as u32) as usize]
 }
 
 fn port_of(w: &MapWriter, svc: &ServiceSpec, id: u32) -> u16 {
@@ -403,4 +403,81 @@ fn talking_flows_outlive_the_flood() {
         results[0].1, 100.0,
         "flows talking every 2,000 flood frames were lost"
     );
+}
+
+/// The flow table's size as `/metrics` reads it (`FlowCounter::count`: two
+/// counters, no walk) follows the pins the program adds and the ones the
+/// daemon's sweep removes, and stays within the capacity once the LRU
+/// evicts (which neither side sees).
+#[test]
+fn the_flow_table_size_follows_inserts_and_removals_without_a_walk() {
+    let dp = dataplane();
+    let mut svc = web(8001..=8005);
+    let mut w = MapWriter::new(dp);
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    let counter = w.dataplane().flow_counter().unwrap();
+    let size = |w: &MapWriter| {
+        let counted = counter.count().unwrap();
+        assert_eq!(w.dataplane().flow_entries().unwrap(), counted);
+        counted as usize
+    };
+    assert_eq!(size(&w), 0);
+
+    // A sixth backend makes slots sticky; flows there are pinned once.
+    svc.backends
+        .push(BackendSpec::new("127.0.0.1:8006".parse().unwrap(), 100));
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    let (sticky, clean): (Vec<Spec>, Vec<Spec>) = clients(3000, 20000).into_iter().partition(|s| {
+        let sl = slot(&w, s);
+        sl.backend != sl.prev
+    });
+    assert!(sticky.len() > 200 && clean.len() > 200);
+    let flows = establish(w.dataplane(), &sticky);
+    establish(w.dataplane(), &clean);
+    assert_eq!(w.dataplane().flow_count(), sticky.len());
+    assert_eq!(size(&w), sticky.len(), "one entry per sticky flow");
+    // Packets of pinned flows, and a re-pick of a pin, add no entry.
+    establish(w.dataplane(), &sticky);
+    assert_eq!(size(&w), sticky.len(), "known keys counted again");
+
+    // The sixth backend goes: its pins are stale and the sweep removes them.
+    let on_sixth = flows.iter().filter(|f| f.backend == 8006).count();
+    assert!(on_sixth > 0, "no flow went to the new backend");
+    svc.backends.pop();
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    let plan = w.sweep_plan(lb_userspace::dataplane::monotonic_secs());
+    let found = counter.walk(&plan);
+    let report = w.finish_sweep(&plan, &found).unwrap();
+    assert_eq!(report.stale_pins_removed, on_sixth);
+    assert_eq!(w.dataplane().flow_count(), sticky.len() - on_sixth);
+    assert_eq!(size(&w), sticky.len() - on_sixth, "removals counted");
+
+    // A flood of new keys in sticky slots: the LRU evicts, the size stays
+    // at most the capacity and never below what the table holds.
+    svc.backends
+        .push(BackendSpec::new("127.0.0.1:8007".parse().unwrap(), 100));
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    Flooder::new(0x5123).run(w.dataplane(), 20 * FLOW_TABLE as usize, false);
+    let held = w.dataplane().flow_count();
+    let counted = size(&w);
+    println!("after the flood: {held} entries held, {counted} counted, capacity {FLOW_TABLE}");
+    assert!(held <= counted && counted <= FLOW_TABLE as usize);
+    assert_eq!(
+        counted, FLOW_TABLE as usize,
+        "the flood added more keys than fit"
+    );
+
+    // The sweep's walk finds what the LRU evicted: exact again.
+    svc.backends.pop();
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    let plan = w.sweep_plan(lb_userspace::dataplane::monotonic_secs());
+    let found = counter.walk(&plan);
+    w.finish_sweep(&plan, &found).unwrap();
+    let held = w.dataplane().flow_count();
+    assert!(held > 0 && held < FLOW_TABLE as usize, "{held} entries");
+    assert_eq!(size(&w), held, "the walk corrects the count");
+
+    // Emptied by the daemon: the count follows down to zero.
+    w.dataplane_mut().clear_flows();
+    assert_eq!(size(&w), 0);
 }

@@ -501,7 +501,7 @@ impl Oracle {
     fn candidates(&self, svc: usize, hdr: &Hdr) -> Option<Vec<u32>> {
         let s = &self.svcs[svc];
         let h = flow_hash(&hdr.src, &hdr.dst, hdr.sport_raw, hdr.dport_raw, hdr.proto);
-        let slot = s.table[(h % s.table.len() as u32) as usize];
+        let slot = s.table[lb_common::maglev_slot(h, s.table.len() as u32) as usize];
         if slot.backend == NO_BACKEND {
             // These services never had a backend: nothing is sticky there.
             assert_eq!(slot.prev, NO_BACKEND);

@@ -1197,7 +1197,7 @@ fn nat_delivers_fragmented_udp_datagrams_whole_v4_and_v6() {
         );
         let id = writer.service_id(&svc.name).unwrap();
         let (_, table) = dp.active_table(id).unwrap();
-        let backend = table[(h % table.len() as u32) as usize].backend;
+        let backend = table[lb_common::maglev_slot(h, table.len() as u32) as usize].backend;
         let addr = svc
             .backends
             .iter()

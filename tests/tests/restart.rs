@@ -411,3 +411,34 @@ fn auto_picks_tc_on_a_veth_and_restarts_switch_modes() {
     assert!(out.status.success());
     lb.wait_exit(Duration::from_secs(10));
 }
+
+/// Pins of a build whose object had fewer maps (one added since, as
+/// `LB_FLOW_COUNT` was): some maps pinned but not all cannot be adopted,
+/// whatever the record says, and are replaced.
+#[test]
+fn a_pinned_data_plane_missing_a_map_is_replaced() {
+    let s = setup("partpins");
+    let _server = EchoName::start(&s.lb_ns, "0.0.0.0:8001".parse().unwrap(), "8001");
+    let _server2 = EchoName::start(&s.lb_ns, "0.0.0.0:8002".parse().unwrap(), "8002");
+    let mut lb = Lb::start(&s.lb_ns, &s.config(), API, &[]);
+    assert!(lb.stop().success());
+    let missing = s.bpf.0.join("lb/maps").join(lb_common::maps::FLOW_COUNT);
+    std::fs::remove_file(&missing).expect("the flow count map was pinned");
+    let mut lb = Lb::start(&s.lb_ns, &s.config(), API, &[]);
+    assert!(lb.log().contains("another layout"), "{}", lb.log());
+    let to: SocketAddr = VIP.parse().unwrap();
+    let ok = netns::within(&s.client_ns, move || {
+        (0..20)
+            .map(|_| {
+                let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+                c.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut r = BufReader::new(c.try_clone()?);
+                exchange(&mut c, &mut r).map_err(std::io::Error::other)
+            })
+            .filter(|r| r.is_ok())
+            .count()
+    });
+    assert_eq!(ok, 20, "connections through the replaced data plane");
+    assert!(missing.exists(), "the new data plane pins every map");
+    assert!(lb.stop().success());
+}

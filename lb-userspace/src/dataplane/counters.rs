@@ -1,11 +1,16 @@
 //! Reading the data plane's counters (per service, backend, action, reason,
-//! event) and the flow and fragment tables.
+//! event) and the flow and fragment tables; counting the pins the daemon
+//! removes, so the flow table's size is known without a walk.
 
-use std::os::fd::AsFd;
+use std::{
+    os::fd::{AsFd, OwnedFd},
+    sync::Mutex,
+};
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
-    Counters, EVENT_COUNT, FlowKey, FlowValue, FragKey, FragValue, REASON_COUNT, maps,
+    Counters, EVENT_COUNT, FLOW_COUNT_ADDED, FLOW_COUNT_EVICTED, FLOW_COUNT_REMOVED, FlowKey,
+    FlowValue, FragKey, FragValue, REASON_COUNT, maps,
 };
 
 use super::{Dataplane, DataplaneError, Result, SweepFound, SweepPlan, map_err, walk_pins};
@@ -47,40 +52,118 @@ impl Dataplane {
         self.frags.get(key, 0).ok()
     }
 
-    /// Entries in the flow table (walks it).
+    /// Entries in the flow table (walks it: exact, about a second for a
+    /// million entries).
     pub fn flow_count(&self) -> usize {
         self.flows.keys().filter(std::result::Result::is_ok).count()
     }
 
-    /// A second handle on the flow table, to count it from another thread
-    /// without holding up whoever writes maps (a walk of a full table takes
-    /// about a second).
+    /// Entries in the flow table from `LB_FLOW_COUNT` (no walk): pins the
+    /// program added under a new key minus those the daemon removed and
+    /// those the last walk found evicted, at most the capacity.
+    pub fn flow_entries(&self) -> Result<u64> {
+        entries(&self.flow_count, self.opts.flow_table_size)
+    }
+
+    /// Counts `n` pins this process removed from the flow table. Only the
+    /// map writer writes this entry, so the read-modify-write races nothing.
+    pub(super) fn count_flows_removed(&mut self, n: u64) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let removed = sum_u64(&self.flow_count, FLOW_COUNT_REMOVED, maps::FLOW_COUNT)?;
+        set_total(&mut self.flow_count, FLOW_COUNT_REMOVED, removed + n)
+    }
+
+    /// A second handle on the flow table and its counts, to count and walk
+    /// it from another thread without holding up whoever writes maps.
     pub fn flow_counter(&self) -> Result<FlowCounter> {
-        let fd = aya::maps::IterableMap::map(&self.flows)
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(DataplaneError::Mmap)?;
-        let map = MapData::from_fd(fd).map_err(map_err(maps::FLOWS))?;
-        Ok(FlowCounter(
-            BpfHashMap::try_from(Map::LruHashMap(map)).map_err(map_err(maps::FLOWS))?,
-        ))
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| -> Result<OwnedFd> {
+            fd.try_clone_to_owned().map_err(DataplaneError::FlowCount)
+        };
+        let flows = dup(aya::maps::IterableMap::map(&self.flows).fd().as_fd())?;
+        let flows = MapData::from_fd(flows).map_err(map_err(maps::FLOWS))?;
+        let counts = dup(aya::maps::IterableMap::map(&self.flow_count).fd().as_fd())?;
+        let counts = MapData::from_fd(counts).map_err(map_err(maps::FLOW_COUNT))?;
+        let counts =
+            PerCpuArray::try_from(Map::PerCpuArray(counts)).map_err(map_err(maps::FLOW_COUNT))?;
+        Ok(FlowCounter {
+            flows: BpfHashMap::try_from(Map::LruHashMap(flows)).map_err(map_err(maps::FLOWS))?,
+            counts: Mutex::new(counts),
+            capacity: self.opts.flow_table_size,
+        })
     }
 }
 
 /// Counts flow-table entries beside a writing [`Dataplane`].
-pub struct FlowCounter(BpfHashMap<MapData, FlowKey, FlowValue>);
+pub struct FlowCounter {
+    flows: BpfHashMap<MapData, FlowKey, FlowValue>,
+    /// Written only by `walk` (`FLOW_COUNT_EVICTED`).
+    counts: Mutex<PerCpuArray<MapData, u64>>,
+    capacity: u32,
+}
 
 impl FlowCounter {
     /// Walks the flow table for a sweep: which candidate slots live pins
     /// still need, and which pins name a backend that no longer holds them.
+    /// What the walk saw also corrects the count for the LRU's evictions
+    /// (pins added while it walks may be counted twice, until the next).
+    /// The lock is not held during the walk, so a scrape never waits on it.
     pub fn walk(&self, plan: &SweepPlan) -> SweepFound {
-        walk_pins(plan, self.0.iter().filter_map(std::result::Result::ok))
+        let before = self.lock().and_then(|counts| {
+            let added = sum_u64(&counts, FLOW_COUNT_ADDED, maps::FLOW_COUNT)?;
+            let removed = sum_u64(&counts, FLOW_COUNT_REMOVED, maps::FLOW_COUNT)?;
+            Ok(added.saturating_sub(removed))
+        });
+        let mut seen = 0u64;
+        let found = walk_pins(
+            plan,
+            self.flows
+                .iter()
+                .filter_map(std::result::Result::ok)
+                .inspect(|_| seen += 1),
+        );
+        let corrected = before.and_then(|net| {
+            let evicted = net.saturating_sub(seen);
+            set_total(&mut *self.lock()?, FLOW_COUNT_EVICTED, evicted)
+        });
+        if let Err(e) = corrected {
+            tracing::warn!("correcting the flow table's count: {e}");
+        }
+        found
     }
 
-    pub fn count(&self) -> usize {
-        self.0.keys().filter(std::result::Result::is_ok).count()
+    /// Entries in the flow table, as [`Dataplane::flow_entries`] (no walk).
+    pub fn count(&self) -> Result<u64> {
+        entries(&*self.lock()?, self.capacity)
     }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, PerCpuArray<MapData, u64>>> {
+        self.counts
+            .lock()
+            .map_err(|_| DataplaneError::FlowCounterPoisoned)
+    }
+}
+
+fn entries(counts: &PerCpuArray<MapData, u64>, capacity: u32) -> Result<u64> {
+    let sum = |i| sum_u64(counts, i, maps::FLOW_COUNT);
+    Ok(lb_common::flow_entries(
+        sum(FLOW_COUNT_ADDED)?,
+        sum(FLOW_COUNT_REMOVED)?,
+        sum(FLOW_COUNT_EVICTED)?,
+        capacity,
+    ))
+}
+
+/// Sets entry `index` of a per-CPU counter to `total` (in CPU 0's value).
+fn set_total(map: &mut PerCpuArray<MapData, u64>, index: u32, total: u64) -> Result<()> {
+    let cpus = map.get(&index, 0).map_err(map_err(maps::FLOW_COUNT))?.len();
+    let mut values = vec![0u64; cpus];
+    if let Some(first) = values.first_mut() {
+        *first = total;
+    }
+    let values = PerCpuValues::try_from(values).map_err(DataplaneError::FlowCount)?;
+    map.set(index, values, 0).map_err(map_err(maps::FLOW_COUNT))
 }
 
 fn sum_counters(

@@ -54,6 +54,9 @@ impl Dataplane {
             let wanted = Self::layout_for(&opts, None);
             let found = opts.record_path.as_deref().and_then(pins::read_record);
             let pinned = pins::maps_pinned(pin);
+            // Some of the maps but not all: pinned by a build with other
+            // maps, whatever its record says.
+            let partly = !pinned && pins::some_maps_pinned(pin);
             // Links do not depend on the maps' layout, only on the interface.
             linked_interface = found.as_ref().and_then(|r| r.layout.interface.clone());
             match found {
@@ -61,7 +64,7 @@ impl Dataplane {
                     adopted = true;
                     record = Some(r);
                 }
-                Some(r) if pinned => {
+                Some(r) if pinned || partly => {
                     let old = r.layout;
                     // Maps of another shape: new ones are made; the old
                     // ones stay with the running program until its links
@@ -71,7 +74,7 @@ impl Dataplane {
                     let _ = std::fs::rename(pins::maps_dir(pin), retired);
                 }
                 // No record of these pins: they cannot be read back safely.
-                _ if pinned => {
+                _ if pinned || partly => {
                     warn!(pin = %pin.display(), "pinned maps without a record; replacing them");
                     let retired = pin.join(format!("maps.retired.{}", std::process::id()));
                     let _ = std::fs::rename(pins::maps_dir(pin), retired);
@@ -122,6 +125,7 @@ impl Dataplane {
             events: typed!(&mut ebpf, maps::EVENTS),
             drop_stats: typed!(&mut ebpf, maps::DROP_STATS),
             frags: typed!(&mut ebpf, maps::FRAGS),
+            flow_count: typed!(&mut ebpf, maps::FLOW_COUNT),
             tx_ports: typed!(&mut ebpf, maps::TX_PORTS),
             opts,
             ebpf,

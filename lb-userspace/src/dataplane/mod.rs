@@ -67,6 +67,10 @@ pub enum DataplaneError {
     Full(&'static str),
     #[error("{0}")]
     Conflict(String),
+    #[error("the flow table's count of removed pins: {0}")]
+    FlowCount(std::io::Error),
+    #[error("the flow counter's lock was poisoned by a panic")]
+    FlowCounterPoisoned,
     #[error("pinned data plane under {path}: {message}")]
     Pin { path: PathBuf, message: String },
 }
@@ -160,6 +164,8 @@ pub struct Dataplane {
     events: PerCpuArray<MapData, u64>,
     drop_stats: PerCpuArray<MapData, u64>,
     frags: BpfHashMap<MapData, FragKey, FragValue>,
+    /// Pins added and removed (`lb_common::FLOW_COUNT_*`).
+    flow_count: PerCpuArray<MapData, u64>,
     tx_ports: DevMapHash<MapData>,
     /// Pinned links this process holds, with their pin files.
     links: Vec<(PathBuf, FdLink)>,

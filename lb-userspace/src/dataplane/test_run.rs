@@ -19,9 +19,9 @@ impl Dataplane {
             .keys()
             .filter_map(std::result::Result::ok)
             .collect();
-        for k in &keys {
-            let _ = self.flows.remove(k);
-        }
+        let removed = keys.iter().filter(|k| self.flows.remove(k).is_ok()).count();
+        // Counted as the daemon's removals are, so the size stays right.
+        let _ = self.count_flows_removed(removed as u64);
         keys.len()
     }
 
