@@ -2,10 +2,10 @@
 //! Array lookups are inlined by the verifier, so counting costs no helper
 //! call.
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
-use lb_common::{Counters, Event, Reason};
+use lb_common::{Counters, Event, NextHopVia, Reason};
 
 use crate::maps::{
-    LB_ACT_STATS, LB_BE_STATS, LB_DROP_STATS, LB_EVENTS, LB_RSN_STATS, LB_SVC_STATS,
+    LB_ACT_STATS, LB_BE_STATS, LB_DROP_STATS, LB_EVENTS, LB_NH_STATS, LB_RSN_STATS, LB_SVC_STATS,
 };
 
 /// A packet not forwarded to a backend: passed to the stack or dropped,
@@ -57,6 +57,12 @@ pub fn action(action: u32) {
 #[inline(always)]
 pub fn event(event: Event) {
     bump(LB_EVENTS.get_ptr_mut(event as u32));
+}
+
+/// Where a `nat`/`dsr` packet's next hop came from.
+#[inline(always)]
+pub fn next_hop(via: NextHopVia) {
+    bump(LB_NH_STATS.get_ptr_mut(via as u32));
 }
 
 #[inline(always)]

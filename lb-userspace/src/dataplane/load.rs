@@ -123,6 +123,8 @@ impl Dataplane {
             drop_stats: typed!(&mut ebpf, maps::DROP_STATS),
             frags: typed!(&mut ebpf, maps::FRAGS),
             tx_ports: typed!(&mut ebpf, maps::TX_PORTS),
+            next_hops: typed!(&mut ebpf, maps::NEXTHOPS),
+            next_hop_stats: typed!(&mut ebpf, maps::NEXTHOP_STATS),
             opts,
             ebpf,
             links: Vec::new(),

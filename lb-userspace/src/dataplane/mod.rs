@@ -8,6 +8,7 @@ mod addr;
 mod attach;
 mod counters;
 mod load;
+mod nexthop;
 mod spec;
 mod store;
 mod tables;
@@ -23,7 +24,7 @@ use aya::{
     programs::{ProgramError, links::FdLink},
 };
 use lb_common::{
-    AddrKey, BackendEntry, Counters, FlowKey, FlowValue, FragKey, FragValue, MAX_SERVICES,
+    AddrKey, BackendEntry, Counters, FlowKey, FlowValue, FragKey, FragValue, MAX_SERVICES, NextHop,
     PortEntry, RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE,
 };
 use thiserror::Error;
@@ -32,6 +33,7 @@ pub use addr::{addr_words, words_addr};
 pub use attach::{AttachMode, interfaces};
 pub use counters::FlowCounter;
 pub use load::EbpfLog;
+pub use nexthop::NextHopWriter;
 pub use spec::{AdminState, BackendSpec, Forwarding, Protocol, ServiceSpec, WhenAllDown};
 pub use tables::TableReader;
 pub use writer::{
@@ -160,6 +162,8 @@ pub struct Dataplane {
     drop_stats: PerCpuArray<MapData, u64>,
     frags: BpfHashMap<MapData, FragKey, FragValue>,
     tx_ports: DevMapHash<MapData>,
+    next_hops: Array<MapData, NextHop>,
+    next_hop_stats: PerCpuArray<MapData, u64>,
     /// Pinned links this process holds, with their pin files.
     links: Vec<(PathBuf, FdLink)>,
     /// The maps came from an earlier daemon's pins.
