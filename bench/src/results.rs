@@ -48,9 +48,12 @@ pub enum Slot {
     /// After 100 backend changes, before the sweep (pinned) and after it.
     AfterChangesPinned,
     AfterChangesSwept,
-    /// Backends on other hosts (the FIB's next hop).
+    /// Backends on other hosts, the next hop from the daemon's cache.
     Dsr,
     Nat,
+    /// The same with no cached next hop: the FIB's.
+    DsrFib,
+    NatFib,
 }
 
 impl fmt::Display for Slot {
@@ -63,6 +66,8 @@ impl fmt::Display for Slot {
             Slot::AfterChangesSwept => "after_100_changes_swept",
             Slot::Dsr => "dsr",
             Slot::Nat => "nat",
+            Slot::DsrFib => "dsr_fib",
+            Slot::NatFib => "nat_fib",
         })
     }
 }
