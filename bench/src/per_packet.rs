@@ -16,7 +16,10 @@
 //! second run finds the entry the first made), so that case runs once per
 //! distinct frame (`repeat` = 1) and the fixed cost of such a call, measured
 //! on the baseline program the same way, is subtracted.
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use crate::{
     Scale,
@@ -27,13 +30,16 @@ use crate::{
     sys,
 };
 use aya::{Ebpf, TestRun, TestRunOptions, programs::Xdp};
-use lb_common::{Reason, flow_hash};
+use lb_common::{NextHopVia, Reason, flow_hash};
 use lb_tests::{
     netns::{self, Topology, run_in},
     packet::{Spec, TCP_ACK, TCP_SYN},
 };
-use lb_userspace::dataplane::{
-    BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec, addr_words,
+use lb_userspace::{
+    dataplane::{
+        BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec, addr_words,
+    },
+    nexthop::Resolver,
 };
 
 const XDP_PASS: u32 = 2;
@@ -930,8 +936,10 @@ pub fn run(scale: &Scale, report: &mut Report) {
          the repeat=1 cross-check row shows the method agrees with the repeat method",
     );
     t.note(
-        "nat and dsr: backends on other hosts, next hop from the kernel's FIB (bpf_fib_lookup) \
-         in a namespace with routes and permanent neighbours; the test run's ingress is that \
+        "nat and dsr: backends on other hosts in a namespace with routes and permanent \
+         neighbours; the next hop comes from the daemon's cache (LB_NEXTHOPS, filled and kept \
+         fresh by its resolver), or from the kernel's FIB (bpf_fib_lookup) in the rows marked \
+         \"FIB (no cached hop)\", where no entry is present; the test run's ingress is that \
          namespace's loopback, so both leave by XDP_REDIRECT; dsr repeats (only MACs change), \
          nat runs once per call with the fixed call cost subtracted",
     );
@@ -1043,127 +1051,106 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
                 panic!("nat/dsr services: {e}");
             }
             let mut out = Vec::new();
-            let redirect = |kind: Kind, new_flow: bool| Expect {
-                action: XDP_REDIRECT,
-                ..Expect::of(kind, new_flow)
-            };
-            // dsr, the repeat method (the service named "bench" is the one
-            // whose counters `counts` reads).
-            for kind in [Kind::Syn, Kind::Est, Kind::Udp] {
-                let s = match kind {
-                    Kind::Syn => Spec::tcp("10.213.0.2", "10.213.0.20", 40000, 443, TCP_SYN),
-                    Kind::Est => Spec::tcp("10.213.0.2", "10.213.0.20", 40000, 443, TCP_ACK),
-                    _ => Spec::udp("10.213.0.2", "10.213.0.20", 40000, 443),
-                };
-                let l4 = if kind == Kind::Udp { 8 } else { 20 };
-                let f = s
-                    .payload(&vec![0u8; 64 - 14 - 20 - l4])
-                    .with_macs(PEER_MAC, LB0_MAC)
-                    .build();
-                let label = format!("ipv4 {}, dsr", kind.label());
-                let ns = b.lb(&w, &f, redirect(kind, kind == Kind::Syn), &label);
-                out.push(Row {
-                    case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 3, Slot::Dsr),
-                    label,
-                    ns,
-                    baseline_ns: base_small,
-                    method: Method::Repeat,
-                    runs,
+            // The daemon's next-hop cache, filled by its resolver from the
+            // namespace's tables and kept fresh (every 500 ms, as the
+            // daemon does every second) while the cached rows run.
+            let mut resolver = Resolver::open(w.dataplane()).expect("next-hop resolver");
+            let remote = w.remote_backends();
+            let filled = resolver.refresh(&remote).expect("next hops");
+            assert_eq!(
+                filled.cached,
+                remote.len(),
+                "every backend's next hop cached"
+            );
+            let fresh = AtomicBool::new(true);
+            let via = |w: &MapWriter| w.dataplane().next_hop_counts().unwrap();
+            std::thread::scope(|sc| {
+                let refresher = sc.spawn(|| {
+                    while fresh.load(Ordering::SeqCst) {
+                        std::thread::sleep(std::time::Duration::from_millis(500));
+                        resolver.refresh(&remote).expect("next hops");
+                    }
+                    resolver
                 });
-            }
-            // nat, the repeat=1 method.
-            let nat_id = w.service_id("nat").unwrap();
-            for kind in [Kind::Syn, Kind::Est, Kind::Udp] {
-                let s = match kind {
-                    Kind::Syn => Spec::tcp("10.213.0.2", "10.213.0.10", 40000, 443, TCP_SYN),
-                    Kind::Est => Spec::tcp("10.213.0.2", "10.213.0.10", 40000, 443, TCP_ACK),
-                    _ => Spec::udp("10.213.0.2", "10.213.0.10", 40000, 443),
-                };
-                let l4 = if kind == Kind::Udp { 8 } else { 20 };
-                let f = s
-                    .payload(&vec![0u8; 64 - 14 - 20 - l4])
-                    .with_macs(LB0_MAC, PEER_MAC)
-                    .build();
+                for kind in [Kind::Syn, Kind::Est, Kind::Udp] {
+                    let before = via(&w);
+                    out.push(dsr_row(b, &w, kind, false, base_small, runs));
+                    let after = via(&w);
+                    assert!(
+                        after[NextHopVia::Cache as usize] > before[NextHopVia::Cache as usize]
+                            && after[NextHopVia::Fib as usize] == before[NextHopVia::Fib as usize],
+                        "dsr {kind:?}: every run through the cache"
+                    );
+                }
+                for kind in [Kind::Syn, Kind::Est, Kind::Udp] {
+                    let before = via(&w);
+                    out.push(nat_row(&w, kind, false, scale, base_small, overhead));
+                    let after = via(&w);
+                    assert!(
+                        after[NextHopVia::Cache as usize] > before[NextHopVia::Cache as usize]
+                            && after[NextHopVia::Fib as usize] == before[NextHopVia::Fib as usize],
+                        "nat {kind:?}: every run through the cache"
+                    );
+                }
+                let nat_id = w.service_id("nat").unwrap();
+                // A later fragment through nat: its first has been balanced; it
+                // gets the backend's address and MACs (repeat=1: the address
+                // changes).
+                let [first, later] =
+                    fragment_frames(Fam::V4, Some("10.213.0.10"), Some((LB0_MAC, PEER_MAC)));
                 let dp = w.dataplane();
-                let (action, o) = dp.test_run_xdp(&f).unwrap();
-                assert_eq!(action, XDP_REDIRECT, "nat {kind:?}: action");
-                let p = lb_tests::packet::parse(&o).expect("nat output parses");
-                assert!(
-                    p.dport == 8443 && p.dst.to_string().starts_with("10.213.1."),
-                    "nat {kind:?}: rewritten to a backend, got {}:{}",
-                    p.dst,
-                    p.dport
+                let (action, o) = dp.test_run_xdp(&first).unwrap();
+                assert_eq!(action, XDP_REDIRECT, "nat first fragment: action");
+                let to = lb_tests::packet::parse(&o).expect("nat output parses").dst;
+                let (action, o) = dp.test_run_xdp(&later).unwrap();
+                assert_eq!(action, XDP_REDIRECT, "nat later fragment: action");
+                assert_eq!(
+                    o,
+                    lb_tests::packet::with_macs(
+                        &lb_tests::packet::with_dst_addr(&later, to),
+                        PEER_MAC,
+                        LBB_MAC
+                    ),
+                    "nat later fragment: to the first's backend {to}"
                 );
-                assert_eq!(&o[0..12], &[PEER_MAC, LBB_MAC].concat()[..], "nat MACs");
-                lb_tests::packet::verify_checksums(&o).expect("nat checksums");
                 let before = dp.service_counters(nat_id).unwrap().packets;
-                let acts = dp.action_counts().unwrap()[XDP_REDIRECT as usize];
                 let samples: Vec<f64> = (0..scale.insert_samples)
-                    .map(|_| dp.bench_xdp(&f, 1).unwrap().as_nanos() as f64)
+                    .map(|_| dp.bench_xdp(&later, 1).unwrap().as_nanos() as f64)
                     .collect();
                 let n = scale.insert_samples as u64;
                 assert_eq!(
                     dp.service_counters(nat_id).unwrap().packets - before,
                     n,
-                    "nat {kind:?}: every run forwarded"
-                );
-                assert_eq!(
-                    dp.action_counts().unwrap()[XDP_REDIRECT as usize] - acts,
-                    n,
-                    "nat {kind:?}: every run redirected"
+                    "nat later fragment: every run forwarded"
                 );
                 out.push(Row {
-                    case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 3, Slot::Nat),
-                    label: format!("ipv4 {}, nat", kind.label()),
+                    case: Case::new(
+                        Fam::V4,
+                        Traffic::UdpLaterFragment,
+                        later.len(),
+                        3,
+                        Slot::Nat,
+                    ),
+                    label: "ipv4 udp later fragment, nat".into(),
                     ns: sys::median(&samples) - overhead,
                     baseline_ns: base_small,
                     method: Method::Once,
                     runs: n,
                 });
-            }
-            // A later fragment through nat: its first has been balanced; it
-            // gets the backend's address and MACs (repeat=1: the address
-            // changes).
-            let [first, later] =
-                fragment_frames(Fam::V4, Some("10.213.0.10"), Some((LB0_MAC, PEER_MAC)));
-            let dp = w.dataplane();
-            let (action, o) = dp.test_run_xdp(&first).unwrap();
-            assert_eq!(action, XDP_REDIRECT, "nat first fragment: action");
-            let to = lb_tests::packet::parse(&o).expect("nat output parses").dst;
-            let (action, o) = dp.test_run_xdp(&later).unwrap();
-            assert_eq!(action, XDP_REDIRECT, "nat later fragment: action");
-            assert_eq!(
-                o,
-                lb_tests::packet::with_macs(
-                    &lb_tests::packet::with_dst_addr(&later, to),
-                    PEER_MAC,
-                    LBB_MAC
-                ),
-                "nat later fragment: to the first's backend {to}"
-            );
-            let before = dp.service_counters(nat_id).unwrap().packets;
-            let samples: Vec<f64> = (0..scale.insert_samples)
-                .map(|_| dp.bench_xdp(&later, 1).unwrap().as_nanos() as f64)
-                .collect();
-            let n = scale.insert_samples as u64;
-            assert_eq!(
-                dp.service_counters(nat_id).unwrap().packets - before,
-                n,
-                "nat later fragment: every run forwarded"
-            );
-            out.push(Row {
-                case: Case::new(
-                    Fam::V4,
-                    Traffic::UdpLaterFragment,
-                    later.len(),
-                    3,
-                    Slot::Nat,
-                ),
-                label: "ipv4 udp later fragment, nat".into(),
-                ns: sys::median(&samples) - overhead,
-                baseline_ns: base_small,
-                method: Method::Once,
-                runs: n,
+                fresh.store(false, Ordering::SeqCst);
+                let mut resolver = refresher.join().unwrap();
+                // Entries absent: every packet asks the FIB, as without
+                // the cache.
+                resolver.clear().expect("clearing next hops");
+                let before = via(&w);
+                out.push(dsr_row(b, &w, Kind::Est, true, base_small, runs));
+                out.push(nat_row(&w, Kind::Est, true, scale, base_small, overhead));
+                let after = via(&w);
+                assert_eq!(
+                    after[NextHopVia::Cache as usize],
+                    before[NextHopVia::Cache as usize],
+                    "FIB rows: no run through the cache"
+                );
             });
             out
         })
@@ -1172,4 +1159,108 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
     });
     rows.extend(measured);
     drop(topo);
+}
+
+/// A `dsr` row (the repeat method; the service named "bench" is the one
+/// whose counters `counts` reads), through the cache or, with `fib`, with
+/// no entry present.
+fn dsr_row(b: &Bench, w: &MapWriter, kind: Kind, fib: bool, base_small: f64, runs: u64) -> Row {
+    let s = match kind {
+        Kind::Syn => Spec::tcp("10.213.0.2", "10.213.0.20", 40000, 443, TCP_SYN),
+        Kind::Est => Spec::tcp("10.213.0.2", "10.213.0.20", 40000, 443, TCP_ACK),
+        _ => Spec::udp("10.213.0.2", "10.213.0.20", 40000, 443),
+    };
+    let l4 = if kind == Kind::Udp { 8 } else { 20 };
+    let f = s
+        .payload(&vec![0u8; 64 - 14 - 20 - l4])
+        .with_macs(PEER_MAC, LB0_MAC)
+        .build();
+    let (slot, label) = if fib {
+        (
+            Slot::DsrFib,
+            format!("ipv4 {}, dsr, FIB (no cached hop)", kind.label()),
+        )
+    } else {
+        (Slot::Dsr, format!("ipv4 {}, dsr", kind.label()))
+    };
+    let e = Expect {
+        action: XDP_REDIRECT,
+        ..Expect::of(kind, kind == Kind::Syn)
+    };
+    let ns = b.lb(w, &f, e, &label);
+    Row {
+        case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 3, slot),
+        label,
+        ns,
+        baseline_ns: base_small,
+        method: Method::Repeat,
+        runs,
+    }
+}
+
+/// A `nat` row, the repeat=1 method (the destination is rewritten, so a
+/// repeated run would see a non-service packet).
+fn nat_row(
+    w: &MapWriter,
+    kind: Kind,
+    fib: bool,
+    scale: &Scale,
+    base_small: f64,
+    overhead: f64,
+) -> Row {
+    let s = match kind {
+        Kind::Syn => Spec::tcp("10.213.0.2", "10.213.0.10", 40000, 443, TCP_SYN),
+        Kind::Est => Spec::tcp("10.213.0.2", "10.213.0.10", 40000, 443, TCP_ACK),
+        _ => Spec::udp("10.213.0.2", "10.213.0.10", 40000, 443),
+    };
+    let l4 = if kind == Kind::Udp { 8 } else { 20 };
+    let f = s
+        .payload(&vec![0u8; 64 - 14 - 20 - l4])
+        .with_macs(LB0_MAC, PEER_MAC)
+        .build();
+    let nat_id = w.service_id("nat").unwrap();
+    let dp = w.dataplane();
+    let (action, o) = dp.test_run_xdp(&f).unwrap();
+    assert_eq!(action, XDP_REDIRECT, "nat {kind:?}: action");
+    let p = lb_tests::packet::parse(&o).expect("nat output parses");
+    assert!(
+        p.dport == 8443 && p.dst.to_string().starts_with("10.213.1."),
+        "nat {kind:?}: rewritten to a backend, got {}:{}",
+        p.dst,
+        p.dport
+    );
+    assert_eq!(&o[0..12], &[PEER_MAC, LBB_MAC].concat()[..], "nat MACs");
+    lb_tests::packet::verify_checksums(&o).expect("nat checksums");
+    let before = dp.service_counters(nat_id).unwrap().packets;
+    let acts = dp.action_counts().unwrap()[XDP_REDIRECT as usize];
+    let samples: Vec<f64> = (0..scale.insert_samples)
+        .map(|_| dp.bench_xdp(&f, 1).unwrap().as_nanos() as f64)
+        .collect();
+    let n = scale.insert_samples as u64;
+    assert_eq!(
+        dp.service_counters(nat_id).unwrap().packets - before,
+        n,
+        "nat {kind:?}: every run forwarded"
+    );
+    assert_eq!(
+        dp.action_counts().unwrap()[XDP_REDIRECT as usize] - acts,
+        n,
+        "nat {kind:?}: every run redirected"
+    );
+    let (slot, label) = if fib {
+        (
+            Slot::NatFib,
+            format!("ipv4 {}, nat, FIB (no cached hop)", kind.label()),
+        )
+    } else {
+        (Slot::Nat, format!("ipv4 {}, nat", kind.label()))
+    };
+    Row {
+        case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 3, slot),
+        label,
+        ns: sys::median(&samples) - overhead,
+        baseline_ns: base_small,
+        method: Method::Once,
+        runs: n,
+    }
 }

@@ -53,9 +53,12 @@ pub enum Slot {
     /// 100 backend changes and the sweep.
     CleanSpread,
     AfterChangesSweptSpread,
-    /// Backends on other hosts (the FIB's next hop).
+    /// Backends on other hosts, the next hop from the daemon's cache.
     Dsr,
     Nat,
+    /// The same with no cached next hop: the FIB's.
+    DsrFib,
+    NatFib,
 }
 
 impl fmt::Display for Slot {
@@ -70,6 +73,8 @@ impl fmt::Display for Slot {
             Slot::AfterChangesSweptSpread => "after_100_changes_swept_spread",
             Slot::Dsr => "dsr",
             Slot::Nat => "nat",
+            Slot::DsrFib => "dsr_fib",
+            Slot::NatFib => "nat_fib",
         })
     }
 }

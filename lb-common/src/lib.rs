@@ -52,7 +52,9 @@ pub mod maps {
     pub const FRAGS: &str = "LB_FRAGS";
     pub const DROP_STATS: &str = "LB_DROP_STATS";
     pub const FLOW_COUNT: &str = "LB_FLOW_COUNT";
-    pub const ALL: [&str; 19] = [
+    pub const NEXTHOPS: &str = "LB_NEXTHOPS";
+    pub const NEXTHOP_STATS: &str = "LB_NH_STATS";
+    pub const ALL: [&str; 21] = [
         PORTS,
         ADDR_SERVICES,
         SERVICES,
@@ -72,6 +74,8 @@ pub mod maps {
         FRAGS,
         DROP_STATS,
         FLOW_COUNT,
+        NEXTHOPS,
+        NEXTHOP_STATS,
     ];
 }
 
@@ -81,6 +85,8 @@ pub mod metrics {
     pub const PASSED: &str = "lb_passed_total";
     /// Packets dropped, by `Reason`.
     pub const DROPPED: &str = "lb_dropped_total";
+    /// `nat`/`dsr` packets by where their next hop came from (`NextHopVia`).
+    pub const NEXT_HOPS: &str = "lb_next_hop_lookups_total";
 }
 
 /// Program names in the object.
@@ -287,6 +293,36 @@ pub struct BackendEntry {
 }
 const _: () = assert!(size_of::<BackendEntry>() == 28);
 
+/// Value of `LB_NEXTHOPS[backend id]`: how to reach a backend on another
+/// host (`nat`, `dsr`) without asking the FIB, as the daemon resolved it
+/// from routes, neighbours and links. An array by backend id rather than
+/// more fields in `BackendEntry`: the daemon's resolver rewrites these every
+/// second on its own handle, never racing the map writer's backend entries,
+/// and the backend entry the Maglev pick reads stays small.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// Egress interface; 0: no entry (the FIB decides).
+    pub ifindex: u32,
+    /// `BackendEntry::generation` of the backend it was resolved for: an id
+    /// handed to another backend never uses its predecessor's hop.
+    pub generation: u32,
+    /// When the daemon last confirmed it, in seconds of CLOCK_MONOTONIC (the
+    /// clock of `bpf_ktime_get_coarse_ns`). Older than `NEXTHOP_FRESH_SECS`:
+    /// stale (a daemon that stopped cannot leave a wrong MAC in use).
+    pub resolved: u32,
+    /// Largest IP packet the route takes; longer ones go to the FIB, which
+    /// refuses them (fragmentation needed) as before.
+    pub mtu: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+const _: () = assert!(size_of::<NextHop>() == 28);
+
+/// How long a next hop stays usable after the daemon last confirmed it; the
+/// daemon refreshes every entry every second.
+pub const NEXTHOP_FRESH_SECS: u32 = 3;
+
 /// Key of the LRU flow table `LB_FLOWS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -457,6 +493,17 @@ pub fn flow_entries(added: u64, removed: u64, evicted: u64, capacity: u32) -> u6
         .min(u64::from(capacity))
 }
 
+counted! {
+    /// Where a `nat`/`dsr` packet's next hop came from, indexed by value in
+    /// `LB_NH_STATS` (per CPU).
+    pub enum NextHopVia [NEXTHOP_VIA_COUNT, NEXTHOP_VIA_NAMES] {
+        /// A fresh `LB_NEXTHOPS` entry of the backend's generation.
+        Cache = 0 => "cache",
+        /// No usable entry: `bpf_fib_lookup`.
+        Fib = 1 => "fib",
+    }
+}
+
 /// Per-CPU state of the flow-insert rate cap (`LB_FLOOD[0]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -604,4 +651,6 @@ mod pod {
     unsafe impl aya::Pod for Counters {}
     // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for FloodState {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
+    unsafe impl aya::Pod for NextHop {}
 }

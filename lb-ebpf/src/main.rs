@@ -10,6 +10,7 @@ mod frags;
 mod icmp;
 mod maps;
 mod nat;
+mod nexthop;
 mod parse;
 mod select;
 mod stats;
@@ -63,7 +64,7 @@ fn balance(ctx: &XdpContext, b: &Bounds) -> Result<u32, Fail> {
     if p.frag == FRAG_FIRST {
         frags::remember(&p, id, pick.backend);
     }
-    let action = forward(ctx, b, &p, svc, pick.entry)?;
+    let action = forward(ctx, b, &p, svc, pick.backend, pick.entry)?;
     stats::forwarded(id, pick.backend, b.len(), pick.new_flow);
     Ok(action)
 }
@@ -73,7 +74,7 @@ fn balance(ctx: &XdpContext, b: &Bounds) -> Result<u32, Fail> {
 fn later_fragment(ctx: &XdpContext, b: &Bounds, p: &Packet) -> Result<u32, Fail> {
     let r = frags::recall(p)?;
     refuse_vlan(p, r.svc)?;
-    let action = forward(ctx, b, p, r.svc, r.entry)?;
+    let action = forward(ctx, b, p, r.svc, r.backend, r.entry)?;
     stats::forwarded(r.service, r.backend, b.len(), false);
     Ok(action)
 }
@@ -94,6 +95,7 @@ fn forward(
     b: &Bounds,
     p: &Packet,
     svc: &ServiceEntry,
+    id: u32,
     be: &BackendEntry,
 ) -> Result<u32, Fail> {
     match svc.forwarding {
@@ -101,8 +103,8 @@ fn forward(
             nat::local(b, p, be)?;
             Ok(XDP_PASS)
         }
-        FWD_NAT => nat::nat(ctx, b, p, be),
-        FWD_DSR => nat::dsr(ctx, b, p, be),
+        FWD_NAT => nat::nat(ctx, b, p, id, be),
+        FWD_DSR => nat::dsr(ctx, b, p, id, be),
         _ => Err(Reason::NoBackend.into()),
     }
 }

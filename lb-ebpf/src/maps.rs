@@ -9,8 +9,8 @@ use lb_common::{
     ACTION_COUNT, AddrKey, BackendEntry, Counters, DEFAULT_FLOW_INSERT_RATE,
     DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, EVENT_COUNT, FloodState, FlowKey, FlowValue,
     FragKey, FragValue, MAX_ADDR_SERVICES, MAX_BACKENDS, MAX_FRAGS, MAX_SERVICES, MAX_TX_PORTS,
-    MaglevSlot, PORT_SLOTS, PortEntry, REASON_COUNT, RevAddrValue, RevPortEntry, ServiceEntry,
-    TABLES_PER_SERVICE, UDP_SEEN_BUCKETS, UDP_SEEN_WAYS,
+    MaglevSlot, NEXTHOP_VIA_COUNT, NextHop, PORT_SLOTS, PortEntry, REASON_COUNT, RevAddrValue,
+    RevPortEntry, ServiceEntry, TABLES_PER_SERVICE, UDP_SEEN_BUCKETS, UDP_SEEN_WAYS,
 };
 
 #[map]
@@ -99,3 +99,12 @@ pub fn flow_insert_rate() -> u32 {
 /// fragments (which carry no ports). Written and read only for fragments.
 #[map]
 pub static LB_FRAGS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(MAX_FRAGS, 0);
+
+/// The next hop of each remote backend by backend id, resolved and kept
+/// fresh by the daemon; `nat` and `dsr` use it instead of the FIB.
+#[map]
+pub static LB_NEXTHOPS: Array<NextHop> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// `nat`/`dsr` packets by where their next hop came from (`NextHopVia`).
+#[map]
+pub static LB_NH_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NEXTHOP_VIA_COUNT, 0);

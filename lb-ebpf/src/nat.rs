@@ -18,6 +18,7 @@ use lb_common::{Addr, BACKEND_REWRITE_ADDR, BackendEntry, PROTO_UDP, Reason, is_
 use crate::{
     csum,
     maps::LB_TX_PORTS,
+    nexthop,
     parse::{
         Bounds, EthHdr, FRAG_LATER, Ipv4Hdr, Ipv6Hdr, Packet, Ports, TCP_CHECK_OFF, UDP_CHECK_OFF,
     },
@@ -83,12 +84,18 @@ fn set_dst(b: &Bounds, p: &Packet, to: &Addr, c: u16) -> Result<u16, Reason> {
 
 /// `nat` forwarding: the backend is another host. Destination address and
 /// port become the backend's (the client's address stays), and the frame
-/// goes to the next hop. Without a neighbour entry for the next hop the
+/// goes to the next hop (`nexthop::find`: the daemon's cache, else the FIB). Without a neighbour entry for the next hop the
 /// rewritten packet goes to the stack (`fib_no_neigh`, passed), which
 /// forwards it and resolves the neighbour for the packets after it.
 #[inline(always)]
-pub fn nat(ctx: &XdpContext, b: &Bounds, p: &Packet, be: &BackendEntry) -> Result<u32, Fail> {
-    let hop = match fib(ctx, b, p, &be.addr) {
+pub fn nat(
+    ctx: &XdpContext,
+    b: &Bounds,
+    p: &Packet,
+    id: u32,
+    be: &BackendEntry,
+) -> Result<u32, Fail> {
+    let hop = match nexthop::find(ctx, b, p, id, be) {
         Ok(hop) => hop,
         Err(Reason::FibNoNeigh) => {
             rewrite(b, p, be, true)?;
@@ -106,20 +113,34 @@ pub fn nat(ctx: &XdpContext, b: &Bounds, p: &Packet, be: &BackendEntry) -> Resul
 /// MAC addresses change, and its replies go straight to the client. Every
 /// failure drops: passed, the packet would reach the local service address.
 #[inline(always)]
-pub fn dsr(ctx: &XdpContext, b: &Bounds, p: &Packet, be: &BackendEntry) -> Result<u32, Fail> {
-    let hop = fib(ctx, b, p, &be.addr).map_err(Fail::Drop)?;
+pub fn dsr(
+    ctx: &XdpContext,
+    b: &Bounds,
+    p: &Packet,
+    id: u32,
+    be: &BackendEntry,
+) -> Result<u32, Fail> {
+    let hop = nexthop::find(ctx, b, p, id, be).map_err(Fail::Drop)?;
     let action = egress(ctx, &hop)?;
     set_macs(b, &hop)?;
     Ok(action)
+}
+
+/// Where a frame leaves for its next hop: egress interface and MACs.
+pub struct Hop {
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
 }
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 /// Asks the kernel's FIB for the next hop towards `to`: egress interface
-/// and MAC addresses. Reads the packet, changes nothing.
+/// and MAC addresses. Reads the packet, changes nothing. The per-packet
+/// path asks only when `LB_NEXTHOPS` has no usable entry (`nexthop`).
 #[inline(always)]
-pub fn fib(ctx: &XdpContext, b: &Bounds, p: &Packet, to: &Addr) -> Result<bpf_fib_lookup, Reason> {
+pub fn fib(ctx: &XdpContext, b: &Bounds, p: &Packet, to: &Addr) -> Result<Hop, Reason> {
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.l4_protocol = p.proto;
     fib.sport = p.sport;
@@ -145,7 +166,11 @@ pub fn fib(ctx: &XdpContext, b: &Bounds, p: &Packet, to: &Addr) -> Result<bpf_fi
         )
     };
     match rc {
-        r if r == BPF_FIB_LKUP_RET_SUCCESS as i64 => Ok(fib),
+        r if r == BPF_FIB_LKUP_RET_SUCCESS as i64 => Ok(Hop {
+            ifindex: fib.ifindex,
+            smac: fib.smac,
+            dmac: fib.dmac,
+        }),
         r if r == BPF_FIB_LKUP_RET_NO_NEIGH as i64 => Err(Reason::FibNoNeigh),
         _ => Err(Reason::FibFail),
     }
@@ -157,7 +182,7 @@ pub fn fib(ctx: &XdpContext, b: &Bounds, p: &Packet, to: &Addr) -> Result<bpf_fi
 /// is touched (it is sent only after the program returns), and an egress
 /// missing from the devmap drops it unchanged.
 #[inline(always)]
-pub fn egress(ctx: &XdpContext, hop: &bpf_fib_lookup) -> Result<u32, Fail> {
+pub fn egress(ctx: &XdpContext, hop: &Hop) -> Result<u32, Fail> {
     if hop.ifindex == ctx.ingress_ifindex() as u32 {
         return Ok(XDP_TX);
     }
@@ -167,7 +192,7 @@ pub fn egress(ctx: &XdpContext, hop: &bpf_fib_lookup) -> Result<u32, Fail> {
 }
 
 #[inline(always)]
-pub fn set_macs(b: &Bounds, hop: &bpf_fib_lookup) -> Result<(), Reason> {
+pub fn set_macs(b: &Bounds, hop: &Hop) -> Result<(), Reason> {
     let eth: *mut EthHdr = b.ptr_at(0)?;
     unsafe {
         (*eth).dst = hop.dmac;

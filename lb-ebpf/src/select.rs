@@ -162,7 +162,7 @@ fn flow_key(p: &Packet) -> FlowKey {
 }
 
 #[inline(always)]
-fn now_secs() -> u32 {
+pub fn now_secs() -> u32 {
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 

@@ -2,10 +2,11 @@
 //! Array lookups are inlined by the verifier, so counting costs no helper
 //! call.
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
-use lb_common::{Counters, Event, FLOW_COUNT_ADDED, Reason};
+use lb_common::{Counters, Event, FLOW_COUNT_ADDED, NextHopVia, Reason};
 
 use crate::maps::{
-    LB_ACT_STATS, LB_BE_STATS, LB_DROP_STATS, LB_EVENTS, LB_FLOW_COUNT, LB_RSN_STATS, LB_SVC_STATS,
+    LB_ACT_STATS, LB_BE_STATS, LB_DROP_STATS, LB_EVENTS, LB_FLOW_COUNT, LB_NH_STATS, LB_RSN_STATS,
+    LB_SVC_STATS,
 };
 
 /// A packet not forwarded to a backend: passed to the stack or dropped,
@@ -63,6 +64,12 @@ pub fn event(event: Event) {
 #[inline(always)]
 pub fn flow_added() {
     bump(LB_FLOW_COUNT.get_ptr_mut(FLOW_COUNT_ADDED));
+}
+
+/// Where a `nat`/`dsr` packet's next hop came from.
+#[inline(always)]
+pub fn next_hop(via: NextHopVia) {
+    bump(LB_NH_STATS.get_ptr_mut(via as u32));
 }
 
 #[inline(always)]

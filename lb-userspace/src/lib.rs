@@ -13,6 +13,7 @@ pub mod links;
 pub mod maglev;
 pub mod mapstore;
 pub mod metrics;
+pub mod nexthop;
 pub mod notify;
 pub mod pins;
 pub mod privs;

@@ -27,6 +27,8 @@ pub trait MapStore {
     fn service_entry(&self, id: u32) -> Result<ServiceEntry>;
     fn write_service(&mut self, id: u32, entry: &ServiceEntry) -> Result<()>;
     fn write_backend(&mut self, id: u32, entry: &BackendEntry) -> Result<()>;
+    /// Empties backend `id`'s `LB_NEXTHOPS` entry (its holder changed).
+    fn clear_next_hop(&mut self, id: u32) -> Result<()>;
     /// Writes `slots` into a table no packet reads and flips the service to
     /// it; returns the table's index.
     fn install_table(&mut self, service: u32, slots: &[MaglevSlot], forwarding: u8) -> Result<u32>;
@@ -68,6 +70,8 @@ pub struct MemStore {
     pub flows: HashMap<FlowKey, FlowValue>,
     /// Table installs, for tests that count them.
     pub installs: usize,
+    /// Backend ids whose next hop was cleared, in order.
+    pub next_hops_cleared: Vec<u32>,
 }
 
 impl MemStore {
@@ -126,6 +130,11 @@ impl MapStore for MemStore {
 
     fn write_backend(&mut self, id: u32, entry: &BackendEntry) -> Result<()> {
         self.backends.insert(id, *entry);
+        Ok(())
+    }
+
+    fn clear_next_hop(&mut self, id: u32) -> Result<()> {
+        self.next_hops_cleared.push(id);
         Ok(())
     }
 
@@ -400,6 +409,44 @@ mod tests {
             }
         }
         assert!(moved * 20 < before.len(), "{moved} other slots moved");
+    }
+
+    #[test]
+    fn remote_backends_are_listed_and_an_id_that_changes_hands_loses_its_next_hop() {
+        let mut web = svc("web", "10.0.0.1:443", &[8001, 8002]);
+        web.forwarding = Forwarding::Nat;
+        for (i, b) in web.backends.iter_mut().enumerate() {
+            b.address = format!("10.0.1.{}:8443", i + 1).parse().unwrap();
+        }
+        let local = svc("local", "0.0.0.0:80", &[9001]);
+        let mut w = writer(&[web.clone(), local.clone()]);
+        let bids = ids(&w, &web);
+        let remote = w.remote_backends();
+        assert_eq!(
+            remote.iter().map(|b| b.id).collect::<HashSet<_>>(),
+            bids.iter().copied().collect::<HashSet<_>>(),
+            "only the nat service's backends"
+        );
+        for b in &remote {
+            assert_eq!(b.generation, w.store().backends[&b.id].generation);
+            assert_eq!(
+                b.addr.to_string(),
+                format!(
+                    "10.0.1.{}",
+                    bids.iter().position(|i| *i == b.id).unwrap() + 1
+                )
+            );
+        }
+        assert!(w.store().next_hops_cleared.is_empty());
+        let gone = bids[1];
+        web.backends.remove(1);
+        w.apply(&[web.clone(), local]).unwrap();
+        assert_eq!(
+            w.store().next_hops_cleared,
+            vec![gone],
+            "the removed backend's id"
+        );
+        assert_eq!(w.remote_backends().len(), 1);
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct Snapshot {
     pub backend_state: Vec<(String, String, u16, bool)>,
     pub actions: [u64; lb_common::ACTION_COUNT as usize],
     pub events: [u64; lb_common::EVENT_COUNT as usize],
+    /// `nat`/`dsr` packets by where their next hop came from.
+    pub next_hops: [u64; lb_common::NEXTHOP_VIA_COUNT as usize],
     /// Packets passed to the stack unbalanced, by reason.
     pub passed: [u64; lb_common::REASON_COUNT as usize],
     /// Packets dropped, by reason.
@@ -42,6 +44,7 @@ pub struct Metrics {
     new_flows: IntCounterVec,
     actions: IntCounterVec,
     flow_events: IntCounterVec,
+    next_hops: IntCounterVec,
     sweep_slots: IntCounter,
     sweep_stale: IntCounter,
     passed: IntCounterVec,
@@ -175,6 +178,13 @@ impl Metrics {
                 "Flow-table events in changed Maglev slots: pins inserted or refused by the \
                  per-CPU insert cap, misses sent to the previous or current backend, stale pins",
                 &["event"],
+            ),
+            next_hops: counter_vec(
+                &r,
+                lb_common::metrics::NEXT_HOPS,
+                "nat and dsr packets by where their next hop came from: the daemon's cache \
+                 (cache) or a FIB lookup (fib: no fresh entry)",
+                &["via"],
             ),
             sweep_slots: counter(
                 &r,
@@ -341,6 +351,12 @@ impl Metrics {
                 snap.events[i],
             );
         }
+        for (i, name) in lb_common::NEXTHOP_VIA_NAMES.iter().enumerate() {
+            set(
+                &self.next_hops.with_label_values(&[*name]),
+                snap.next_hops[i],
+            );
+        }
         self.flow_entries.set(snap.flow_entries as i64);
         self.flow_capacity.set(snap.flow_capacity as i64);
         self.reconcile_pending.set(snap.reconcile_pending as i64);
@@ -385,6 +401,7 @@ mod tests {
         };
         snap.actions[2] = 12;
         snap.events[lb_common::Event::PinRefused as usize] = 4;
+        snap.next_hops[lb_common::NextHopVia::Cache as usize] = 7;
         snap.passed[2] = 2;
         snap.dropped[lb_common::Reason::NoTxPort as usize] = 4;
         let text = m.render(&snap);
@@ -402,6 +419,8 @@ mod tests {
             "lb_health_checks_total{backend=\"127.0.0.1:8001\",result=\"success\",service=\"web\"} 1",
             "lb_flow_table_entries 3",
             "lb_flow_events_total{event=\"pin_refused\"} 4",
+            "lb_next_hop_lookups_total{via=\"cache\"} 7",
+            "lb_next_hop_lookups_total{via=\"fib\"} 0",
             "lb_maglev_rebuild_seconds_count 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");

@@ -374,6 +374,10 @@ impl Daemon {
                 "cannot watch link events ({e}): interfaces added from now on are no redirect targets until `lb run` restarts"
             );
         }
+        // Next hops of nat/dsr backends, so their packets skip the FIB.
+        if let Err(e) = crate::nexthop::spawn(Arc::downgrade(&daemon.shared.writer)) {
+            warn!("cannot resolve next hops ({e}): every nat and dsr packet asks the kernel's FIB");
+        }
         {
             let mut inner = daemon.shared.inner.lock().await;
             daemon

@@ -290,6 +290,7 @@ impl Daemon {
             snap.passed = dp.reason_counts().unwrap_or_default();
             snap.dropped = dp.drop_counts().unwrap_or_default();
             snap.events = dp.event_counts().unwrap_or_default();
+            snap.next_hops = dp.next_hop_counts().unwrap_or_default();
             snap
         })
         .await

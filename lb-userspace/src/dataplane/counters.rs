@@ -10,7 +10,7 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
     Counters, EVENT_COUNT, FLOW_COUNT_ADDED, FLOW_COUNT_EVICTED, FLOW_COUNT_REMOVED, FlowKey,
-    FlowValue, FragKey, FragValue, REASON_COUNT, maps,
+    FlowValue, FragKey, FragValue, NEXTHOP_VIA_COUNT, REASON_COUNT, maps,
 };
 
 use super::{Dataplane, DataplaneError, Result, SweepFound, SweepPlan, map_err, walk_pins};
@@ -39,6 +39,12 @@ impl Dataplane {
     /// Flow-table events per `lb_common::EVENT_*`, indexed by value.
     pub fn event_counts(&self) -> Result<[u64; EVENT_COUNT as usize]> {
         sums(&self.events, maps::EVENTS)
+    }
+
+    /// `nat`/`dsr` packets per `lb_common::NextHopVia` (cache or FIB),
+    /// indexed by its value.
+    pub fn next_hop_counts(&self) -> Result<[u64; NEXTHOP_VIA_COUNT as usize]> {
+        sums(&self.next_hop_stats, maps::NEXTHOP_STATS)
     }
 
     /// Packets dropped, per `lb_common::Reason`, indexed by the reason's value.

@@ -127,6 +127,8 @@ impl Dataplane {
             frags: typed!(&mut ebpf, maps::FRAGS),
             flow_count: typed!(&mut ebpf, maps::FLOW_COUNT),
             tx_ports: typed!(&mut ebpf, maps::TX_PORTS),
+            next_hops: typed!(&mut ebpf, maps::NEXTHOPS),
+            next_hop_stats: typed!(&mut ebpf, maps::NEXTHOP_STATS),
             opts,
             ebpf,
             links: Vec::new(),

@@ -9,6 +9,7 @@ mod attach;
 mod counters;
 mod kind;
 mod load;
+mod nexthop;
 mod spec;
 mod store;
 mod tables;
@@ -24,7 +25,7 @@ use aya::{
     programs::{ProgramError, links::FdLink},
 };
 use lb_common::{
-    AddrKey, BackendEntry, Counters, FlowKey, FlowValue, FragKey, FragValue, MAX_SERVICES,
+    AddrKey, BackendEntry, Counters, FlowKey, FlowValue, FragKey, FragValue, MAX_SERVICES, NextHop,
     PortEntry, RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE,
 };
 use thiserror::Error;
@@ -33,6 +34,7 @@ pub use addr::{addr_words, words_addr};
 pub use attach::{AttachMode, interfaces};
 pub use counters::FlowCounter;
 pub use load::EbpfLog;
+pub use nexthop::NextHopWriter;
 pub use spec::{AdminState, BackendSpec, Forwarding, Protocol, ServiceSpec, WhenAllDown};
 pub use tables::TableReader;
 pub use writer::{
@@ -167,6 +169,8 @@ pub struct Dataplane {
     /// Pins added and removed (`lb_common::FLOW_COUNT_*`).
     flow_count: PerCpuArray<MapData, u64>,
     tx_ports: DevMapHash<MapData>,
+    next_hops: Array<MapData, NextHop>,
+    next_hop_stats: PerCpuArray<MapData, u64>,
     /// Pinned links this process holds, with their pin files.
     links: Vec<(PathBuf, FdLink)>,
     /// The maps came from an earlier daemon's pins.

@@ -57,6 +57,10 @@ impl MapStore for Dataplane {
         Dataplane::write_backend(self, id, entry)
     }
 
+    fn clear_next_hop(&mut self, id: u32) -> Result<()> {
+        Dataplane::clear_next_hop(self, id)
+    }
+
     fn install_table(&mut self, service: u32, slots: &[MaglevSlot], forwarding: u8) -> Result<u32> {
         Dataplane::install_table(self, service, slots, forwarding)
     }

@@ -353,9 +353,32 @@ impl<S: MapStore> MapWriter<S> {
         };
         if old != Some(e) {
             self.dp.write_backend(id, &e)?;
+            if old.is_some_and(|o| o.generation != e.generation) {
+                // The resolver writes the new holder's hop; the old one's
+                // would be ignored (generation) but should not linger.
+                self.dp.clear_next_hop(id)?;
+            }
             self.backend_entries.insert(id, e);
         }
         Ok(())
+    }
+
+    /// Every backend of a `nat` or `dsr` service with the generation it
+    /// holds, by id: what the next-hop resolver keeps entries for.
+    pub fn remote_backends(&self) -> Vec<crate::nexthop::RemoteBackend> {
+        let mut out: Vec<crate::nexthop::RemoteBackend> = self
+            .services
+            .values()
+            .filter(|s| s.spec.forwarding != Forwarding::Local)
+            .flat_map(|s| s.backend_ids.iter())
+            .map(|(addr, id)| crate::nexthop::RemoteBackend {
+                id: *id,
+                generation: self.backend_generation(*id),
+                addr: addr.ip().to_canonical(),
+            })
+            .collect();
+        out.sort_by_key(|b| b.id);
+        out
     }
 
     /// The generation the data plane holds for backend id `id` (0: none).
