@@ -144,6 +144,7 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), String> {
                 r.https.conn_per_s / d.https.conn_per_s,
                 r.http.conn_per_s / d.http.conn_per_s,
                 r.bulk.gbit_per_s / d.bulk.gbit_per_s,
+                r.upload.gbit_per_s / d.upload.gbit_per_s,
             ]
             .into_iter()
             .enumerate()
@@ -163,7 +164,12 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), String> {
             "End to end, relative to a direct connection (x, higher is better)".into(),
             "x direct".into(),
             bars,
-            vec!["HTTPS conn/s", "HTTP conn/s", "bulk throughput"],
+            vec![
+                "HTTPS conn/s",
+                "HTTP conn/s",
+                "bulk download",
+                "bulk upload",
+            ],
         ));
     }
     if panels.is_empty() {

@@ -4,7 +4,7 @@
 //! topology and fresh backends, then the same phases: new HTTPS
 //! connections per second (one short request each, full handshake), the
 //! same with plain HTTP, latency at a fixed offered load (open loop, new
-//! connection per request), and one bulk download.
+//! connection per request), one bulk download and one bulk upload.
 //!
 //! CPU: the client, the backends and the balancer's processes each run in
 //! a CPU-accounting cgroup. Packet processing in softirq is charged to
@@ -146,9 +146,16 @@ struct Row {
     http: Phase,
     lat: Vec<f64>,
     lat_out: Outcome,
-    bulk_bps: f64,
-    bulk: Phase,
-    bulk_bytes: u64,
+    bulk: Transfer,
+    upload: Transfer,
+}
+
+/// A bulk phase: one connection moving data for the phase's length.
+#[derive(Clone, Copy, Default)]
+struct Transfer {
+    phase: Phase,
+    bps: f64,
+    bytes: u64,
 }
 
 fn measure(setup: Setup, scale: &Scale, tls: &Tls) -> Result<Row, String> {
@@ -241,27 +248,40 @@ fn measure(setup: Setup, scale: &Scale, tls: &Tls) -> Result<Row, String> {
     );
     row.lat = lat;
     row.lat_out = lat_out;
-    let before = groups.read(&programs);
-    let started = Instant::now();
-    let (bps, bytes) = load::bulk(&cl_ns, client.clone(), http_to, scale.phase);
-    row.bulk = Phase {
-        out: Outcome {
-            ok: 1,
-            errors: 0,
-            seconds: started.elapsed().as_secs_f64(),
-        },
-        cpu: groups.read(&programs).minus(&before),
+    let transfer = |f: &dyn Fn() -> (f64, u64)| {
+        let before = groups.read(&programs);
+        let started = Instant::now();
+        let (bps, bytes) = f();
+        Transfer {
+            phase: Phase {
+                out: Outcome {
+                    ok: 1,
+                    errors: 0,
+                    seconds: started.elapsed().as_secs_f64(),
+                },
+                cpu: groups.read(&programs).minus(&before),
+            },
+            bps,
+            bytes,
+        }
     };
-    row.bulk_bps = bps;
-    row.bulk_bytes = bytes;
-    if row.https.out.ok == 0 || row.http.out.ok == 0 || row.lat.is_empty() || bytes == 0 {
+    row.bulk = transfer(&|| load::bulk(&cl_ns, client.clone(), http_to, scale.phase));
+    row.upload = transfer(&|| load::upload(&cl_ns, client.clone(), http_to, scale.phase));
+    if row.https.out.ok == 0
+        || row.http.out.ok == 0
+        || row.lat.is_empty()
+        || row.bulk.bytes == 0
+        || row.upload.bytes == 0
+    {
         return Err(format!(
-            "{}: no successful requests (https {} ok/{} errors, http {}/{}, bulk {bytes} bytes)",
+            "{}: no successful requests (https {} ok/{} errors, http {}/{}, bulk {} bytes, upload {} bytes)",
             setup.id(),
             row.https.out.ok,
             row.https.out.errors,
             row.http.out.ok,
-            row.http.out.errors
+            row.http.out.errors,
+            row.bulk.bytes,
+            row.upload.bytes
         ));
     }
     let served = backends.served.load(std::sync::atomic::Ordering::Relaxed);
@@ -286,8 +306,8 @@ fn best(mut v: Vec<Row>) -> Row {
     };
     let https = v[max_by(&v, &|r| r.https.out.rate())].https;
     let http = v[max_by(&v, &|r| r.http.out.rate())].http;
-    let b = max_by(&v, &|r| r.bulk_bps);
-    let (bulk, bulk_bps, bulk_bytes) = (v[b].bulk, v[b].bulk_bps, v[b].bulk_bytes);
+    let bulk = v[max_by(&v, &|r| r.bulk.bps)].bulk;
+    let upload = v[max_by(&v, &|r| r.upload.bps)].upload;
     let l = max_by(&v, &|r| -sys::percentile(&r.lat, 99.0));
     let lat_out = v[l].lat_out;
     let lat = std::mem::take(&mut v[l].lat);
@@ -296,9 +316,8 @@ fn best(mut v: Vec<Row>) -> Row {
         http,
         lat,
         lat_out,
-        bulk_bps,
         bulk,
-        bulk_bytes,
+        upload,
     }
 }
 
@@ -376,7 +395,8 @@ pub fn run(scale: &Scale, report: &mut Report) {
         .1;
     let d_https = direct.https.cpu.total() / direct.https.out.ok as f64;
     let d_http = direct.http.cpu.total() / direct.http.out.ok as f64;
-    let d_bulk = direct.bulk.cpu.total() / direct.bulk_bytes as f64;
+    let per_gb = |t: &Transfer| t.phase.cpu.total() * 1e3 / (t.bytes as f64 / 1e9);
+    let (d_bulk, d_upload) = (per_gb(&direct.bulk), per_gb(&direct.upload));
 
     let mut perf = Table::new(
         format!(
@@ -394,21 +414,25 @@ pub fn run(scale: &Scale, report: &mut Report) {
             "p50 us",
             "p99 us",
             "p99.9 us",
-            "bulk Gbit/s",
+            "download Gbit/s",
+            "x direct",
+            "upload Gbit/s",
             "x direct",
             "errors",
         ],
     );
     let mut cpu_t = Table::new(
-        "End to end, CPU: microseconds per connection (HTTPS, HTTP) and ms per GB (bulk)",
+        "End to end, CPU: microseconds per connection (HTTPS, HTTP) and ms per GB (bulk download, upload)",
         &[
             "setup",
             "HTTPS all",
             "HTTPS balancer side",
             "HTTP all",
             "HTTP balancer side",
-            "bulk all",
-            "bulk balancer side",
+            "download all",
+            "download balancer side",
+            "upload all",
+            "upload balancer side",
             "balancer processes, HTTPS",
             "lb programs, HTTPS",
         ],
@@ -420,7 +444,8 @@ pub fn run(scale: &Scale, report: &mut Report) {
         let p999 = sys::percentile(&r.lat, 99.9);
         let https_rate = r.https.out.rate();
         let http_rate = r.http.out.rate();
-        let gbps = r.bulk_bps * 8.0 / 1e9;
+        let gbps = r.bulk.bps * 8.0 / 1e9;
+        let up_gbps = r.upload.bps * 8.0 / 1e9;
         let errors = r.https.out.errors + r.http.out.errors + r.lat_out.errors;
         perf.row(vec![
             setup.label().to_string(),
@@ -432,15 +457,19 @@ pub fn run(scale: &Scale, report: &mut Report) {
             num(p99),
             num(p999),
             format!("{gbps:.2}"),
-            ratio(r.bulk_bps / direct.bulk_bps),
+            ratio(r.bulk.bps / direct.bulk.bps),
+            format!("{up_gbps:.2}"),
+            ratio(r.upload.bps / direct.upload.bps),
             errors.to_string(),
         ]);
         let https_all = us_per(r.https.cpu.total(), r.https.out.ok);
         let http_all = us_per(r.http.cpu.total(), r.http.out.ok);
-        let bulk_all = r.bulk.cpu.total() * 1e3 / (r.bulk_bytes as f64 / 1e9);
+        let bulk_all = per_gb(&r.bulk);
+        let upload_all = per_gb(&r.upload);
         let https_side = https_all - d_https * 1e6;
         let http_side = http_all - d_http * 1e6;
-        let bulk_side = bulk_all - d_bulk * 1e12;
+        let bulk_side = bulk_all - d_bulk;
+        let upload_side = upload_all - d_upload;
         let procs = us_per(r.https.cpu.balancer, r.https.out.ok);
         let progs = us_per(r.https.cpu.programs, r.https.out.ok);
         let is_direct = *setup == Setup::Direct;
@@ -453,6 +482,8 @@ pub fn run(scale: &Scale, report: &mut Report) {
             side(http_side),
             num(bulk_all),
             side(bulk_side),
+            num(upload_all),
+            side(upload_side),
             if is_direct { "-".into() } else { num(procs) },
             if setup.is_lb() {
                 num(progs)
@@ -471,13 +502,16 @@ pub fn run(scale: &Scale, report: &mut Report) {
             (M::CpuUsPerHttpsConn, https_all),
             (M::CpuUsPerHttpConn, http_all),
             (M::CpuMsPerBulkGb, bulk_all),
+            (M::UploadGbitPerS, up_gbps),
+            (M::CpuMsPerUploadGb, upload_all),
         ];
         if !is_direct {
             figures.push((
                 M::HttpsConnPerSXDirect,
                 https_rate / direct.https.out.rate(),
             ));
-            figures.push((M::BulkXDirect, r.bulk_bps / direct.bulk_bps));
+            figures.push((M::BulkXDirect, r.bulk.bps / direct.bulk.bps));
+            figures.push((M::UploadXDirect, r.upload.bps / direct.upload.bps));
         }
         for (metric, value) in figures {
             report.figure(FigureId::E2e(*setup, metric), value);
@@ -504,10 +538,16 @@ pub fn run(scale: &Scale, report: &mut Report) {
                 p999_us: p999,
             },
             bulk: Bulk {
-                bytes: r.bulk_bytes,
-                seconds: r.bulk.out.seconds,
+                bytes: r.bulk.bytes,
+                seconds: r.bulk.phase.out.seconds,
                 gbit_per_s: gbps,
-                cpu_s: r.bulk.cpu.seconds(),
+                cpu_s: r.bulk.phase.cpu.seconds(),
+            },
+            upload: Bulk {
+                bytes: r.upload.bytes,
+                seconds: r.upload.phase.out.seconds,
+                gbit_per_s: up_gbps,
+                cpu_s: r.upload.phase.cpu.seconds(),
             },
             cpu_us_per_https_conn: HttpsCpu {
                 all: https_all,
@@ -523,14 +563,20 @@ pub fn run(scale: &Scale, report: &mut Report) {
                 all: bulk_all,
                 balancer_side: bulk_side,
             },
+            cpu_ms_per_upload_gb: SideCpu {
+                all: upload_all,
+                balancer_side: upload_side,
+            },
         });
     }
     perf.note(
         "conn/s: 16 client threads, each a new TCP connection with one request (HTTPS: a full \
          TLS 1.3 handshake with an ECDSA P-256 certificate, no resumption); latency: new \
          connections started at a fixed rate whatever the responses do (open loop), timed from \
-         when each was due; bulk: one connection downloading for the phase's length; every \
-         setup is measured in each pass (alternating order) and each figure is its best pass",
+         when each was due; download: one connection reading a response for the phase's \
+         length; upload: one connection sending a chunked POST body for the phase's length, \
+         which the backend reads and drops, timed until the backend's answer (the bytes it \
+         read); every setup is measured in each pass (alternating order) and each figure is its best pass",
     );
     perf.note(
         "backends: 3 HTTPS and 3 HTTP listeners in the balancer namespace; TLS passes through \
@@ -561,7 +607,8 @@ pub fn run(scale: &Scale, report: &mut Report) {
                 "HTTPS conn/s",
                 "HTTP conn/s",
                 "p99 latency",
-                "bulk",
+                "download",
+                "upload",
                 "HTTPS CPU (all)",
             ],
         );
@@ -575,7 +622,8 @@ pub fn run(scale: &Scale, report: &mut Report) {
                 lb.https.out.rate() / r.https.out.rate(),
                 lb.http.out.rate() / r.http.out.rate(),
                 sys::percentile(&r.lat, 99.0) / sys::percentile(&lb.lat, 99.0),
-                lb.bulk_bps / r.bulk_bps,
+                lb.bulk.bps / r.bulk.bps,
+                lb.upload.bps / r.upload.bps,
                 cpu_ratio,
             ];
             let mut row = vec![setup.label().to_string()];
@@ -584,6 +632,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
             report.figure(FigureId::LbVs(*setup, LbVs::HttpsConnPerS), cells[0]);
             report.figure(FigureId::LbVs(*setup, LbVs::P99Latency), cells[2]);
             report.figure(FigureId::LbVs(*setup, LbVs::Bulk), cells[3]);
+            report.figure(FigureId::LbVs(*setup, LbVs::Upload), cells[4]);
         }
         report.table(t);
     }

@@ -4,8 +4,9 @@
 //! in count.
 //!
 //! Backends answer `GET /` with a 3-byte body and `GET /bulk/<n>` with n
-//! bytes, HTTP/1.1 with keep-alive unless the request says
-//! `Connection: close`; the TLS ones use a certificate for `bench.local`
+//! bytes, read and drop a request body (chunked or with a length) and
+//! answer with its length in bytes (the bulk upload), HTTP/1.1 with
+//! keep-alive unless the request says `Connection: close`; the TLS ones use a certificate for `bench.local`
 //! made for the run (ECDSA P-256), without session resumption.
 use std::{
     io::{self, Read, Write},
@@ -221,6 +222,28 @@ fn serve_http(s: &mut (impl Read + Write), served: &AtomicU64) -> io::Result<()>
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
         let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
         let close = head.contains("\r\nconnection: close");
+        if let Some(len) = body_length(&head) {
+            // An upload: the body is dropped, its length is the answer;
+            // whatever followed it is not read, so the connection ends.
+            let mut body = Discard {
+                s: &mut *s,
+                buf: vec![0u8; 256 * 1024],
+                pos: 0,
+                len: 0,
+            };
+            body.buf[..have - end].copy_from_slice(&buf[end..have]);
+            body.len = have - end;
+            let got = body.body(len)?;
+            let n = got.to_string();
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{n}",
+                n.len()
+            );
+            s.write_all(resp.as_bytes())?;
+            s.flush()?;
+            served.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
         let body: u64 = path
             .strip_prefix("/bulk/")
             .and_then(|n| n.parse().ok())
@@ -251,6 +274,96 @@ fn serve_http(s: &mut (impl Read + Write), served: &AtomicU64) -> io::Result<()>
         if close {
             return Ok(());
         }
+    }
+}
+
+/// A request's body: `Some(None)` when chunked, `Some(Some(n))` with a
+/// length, `None` without a body. `head` is lower case.
+fn body_length(head: &str) -> Option<Option<u64>> {
+    if head.contains("\r\ntransfer-encoding: chunked") {
+        return Some(None);
+    }
+    head.split("\r\n")
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|n| *n > 0)
+        .map(Some)
+}
+
+/// Reads a request body from `s` and drops it, starting with what is
+/// already in `buf[pos..len]`.
+struct Discard<'a, S> {
+    s: &'a mut S,
+    buf: Vec<u8>,
+    pos: usize,
+    len: usize,
+}
+
+impl<S: Read> Discard<'_, S> {
+    /// The body's length in bytes (chunked: without the framing).
+    fn body(&mut self, len: Option<u64>) -> io::Result<u64> {
+        if let Some(n) = len {
+            self.skip(n)?;
+            return Ok(n);
+        }
+        let mut total = 0;
+        loop {
+            let line = self.line()?;
+            let hex = line.split(';').next().unwrap_or("").trim();
+            let n = u64::from_str_radix(hex, 16)
+                .map_err(|_| io::Error::other(format!("bad chunk size {line:?}")))?;
+            if n == 0 {
+                // Trailers, up to the empty line.
+                while !self.line()?.is_empty() {}
+                return Ok(total);
+            }
+            self.skip(n)?;
+            if !self.line()?.is_empty() {
+                return Err(io::Error::other("chunk longer than its size"));
+            }
+            total += n;
+        }
+    }
+
+    fn fill(&mut self) -> io::Result<()> {
+        if self.pos == self.len {
+            self.pos = 0;
+            self.len = self.s.read(&mut self.buf)?;
+            if self.len == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// One line, without its CRLF.
+    fn line(&mut self) -> io::Result<String> {
+        let mut l = Vec::new();
+        loop {
+            self.fill()?;
+            let b = self.buf[self.pos];
+            self.pos += 1;
+            if b == b'\n' {
+                if l.last() == Some(&b'\r') {
+                    l.pop();
+                }
+                return Ok(String::from_utf8_lossy(&l).into_owned());
+            }
+            if l.len() > 1024 {
+                return Err(io::Error::other("chunk line too long"));
+            }
+            l.push(b);
+        }
+    }
+
+    fn skip(&mut self, mut n: u64) -> io::Result<()> {
+        while n > 0 {
+            self.fill()?;
+            let k = n.min((self.len - self.pos) as u64);
+            self.pos += k as usize;
+            n -= k;
+        }
+        Ok(())
     }
 }
 
@@ -484,6 +597,63 @@ pub fn bulk(ns: &str, group: Option<Arc<CpuGroup>>, to: SocketAddr, dur: Duratio
     })
     .join()
     .unwrap()
+}
+
+/// One connection uploading for `dur`: a POST whose chunked body is sent
+/// until then, timed until the backend's answer, which says how many
+/// bytes it read. Bytes per second and bytes, as the backend counted them.
+pub fn upload(ns: &str, group: Option<Arc<CpuGroup>>, to: SocketAddr, dur: Duration) -> (f64, u64) {
+    let ns = ns.to_string();
+    thread::spawn(move || {
+        enter(&ns, group.as_deref());
+        let start = Instant::now();
+        match send_upload(to, start + dur) {
+            Ok(got) => (got as f64 / start.elapsed().as_secs_f64(), got),
+            Err(_) => (0.0, 0),
+        }
+    })
+    .join()
+    .unwrap()
+}
+
+fn send_upload(to: SocketAddr, until: Instant) -> io::Result<u64> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: {SNI}\r\nContent-Type: application/octet-stream\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes())?;
+    // One write per chunk of 256 KiB, framing included, as the download's
+    // reads: the client must not be what limits it.
+    const CHUNK: usize = 256 * 1024;
+    let mut chunk = format!("{CHUNK:x}\r\n").into_bytes();
+    chunk.resize(chunk.len() + CHUNK, 0);
+    chunk.extend_from_slice(b"\r\n");
+    let mut sent = 0u64;
+    while Instant::now() < until {
+        s.write_all(&chunk)?;
+        sent += CHUNK as u64;
+    }
+    s.write_all(b"0\r\n\r\n")?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let resp = String::from_utf8_lossy(&resp);
+    let (status, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(io::Error::other(format!("bad response: {status}")));
+    }
+    let got: u64 = body
+        .trim()
+        .parse()
+        .map_err(|_| io::Error::other(format!("bad upload answer {body:?}")))?;
+    if got != sent {
+        return Err(io::Error::other(format!(
+            "the backend read {got} bytes of {sent}"
+        )));
+    }
+    Ok(got)
 }
 
 /// Waits until a TCP connection to `to` from namespace `ns` succeeds.

@@ -240,6 +240,10 @@ pub enum E2eMetric {
     CpuMsPerBulkGb,
     HttpsConnPerSXDirect,
     BulkXDirect,
+    /// One connection sending to the backend (the download is `Bulk*`).
+    UploadGbitPerS,
+    CpuMsPerUploadGb,
+    UploadXDirect,
 }
 
 /// lb's figure divided by another setup's.
@@ -248,6 +252,7 @@ pub enum LbVs {
     HttpsConnPerS,
     P99Latency,
     Bulk,
+    Upload,
 }
 
 /// Weights of the Maglev build under skew.
@@ -389,9 +394,9 @@ impl FigureId {
                 | E::LatencyP999Us
                 | E::CpuUsPerHttpsConn
                 | E::CpuUsPerHttpConn => "us",
-                E::BulkGbitPerS => "Gbit/s",
-                E::CpuMsPerBulkGb => "ms",
-                E::HttpsConnPerSXDirect | E::BulkXDirect => "ratio",
+                E::BulkGbitPerS | E::UploadGbitPerS => "Gbit/s",
+                E::CpuMsPerBulkGb | E::CpuMsPerUploadGb => "ms",
+                E::HttpsConnPerSXDirect | E::BulkXDirect | E::UploadXDirect => "ratio",
             },
             FigureId::MaglevBuild { .. }
             | FigureId::MaglevSkew(_)
@@ -436,6 +441,9 @@ impl fmt::Display for FigureId {
                     E::CpuMsPerBulkGb => "cpu_ms_per_bulk_gb",
                     E::HttpsConnPerSXDirect => "https_conn_per_s_x_direct",
                     E::BulkXDirect => "bulk_x_direct",
+                    E::UploadGbitPerS => "upload_gbit_per_s",
+                    E::CpuMsPerUploadGb => "cpu_ms_per_upload_gb",
+                    E::UploadXDirect => "upload_x_direct",
                 };
                 write!(f, "{}/{m}", E2eId(setup))
             }
@@ -444,6 +452,7 @@ impl fmt::Display for FigureId {
                     LbVs::HttpsConnPerS => "https_conn_per_s",
                     LbVs::P99Latency => "p99_latency",
                     LbVs::Bulk => "bulk",
+                    LbVs::Upload => "upload",
                 };
                 write!(f, "e2e/lb_vs_{}/{m}", setup.id())
             }
@@ -556,10 +565,13 @@ pub struct E2eRow {
     pub https: LoadPhase,
     pub http: LoadPhase,
     pub latency: Latency,
+    /// The download.
     pub bulk: Bulk,
+    pub upload: Bulk,
     pub cpu_us_per_https_conn: HttpsCpu,
     pub cpu_us_per_http_conn: SideCpu,
     pub cpu_ms_per_bulk_gb: SideCpu,
+    pub cpu_ms_per_upload_gb: SideCpu,
 }
 
 /// CPU seconds of a phase, by whom.
@@ -763,6 +775,14 @@ mod tests {
             (
                 FigureId::LbVs(Setup::Direct, LbVs::HttpsConnPerS),
                 "e2e/lb_vs_direct/https_conn_per_s",
+            ),
+            (
+                FigureId::E2e(Setup::LbTc, E2eMetric::UploadXDirect),
+                "e2e/lb-tc/upload_x_direct",
+            ),
+            (
+                FigureId::LbVs(Setup::Direct, LbVs::Upload),
+                "e2e/lb_vs_direct/upload",
             ),
             (
                 FigureId::MaglevBuild {

@@ -65,12 +65,14 @@ pub fn pin_to_cpu(cpu: usize) {
     }
 }
 
-/// Lets the calling thread run anywhere again.
+/// Lets the calling thread run anywhere again. Every CPU the set can name
+/// (the kernel keeps the ones that exist): `nproc()` of a pinned thread
+/// is 1, so it cannot say how many there are.
 pub fn unpin() {
     // SAFETY: as in `pin_to_cpu`.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for cpu in 0..nproc() {
+        for cpu in 0..libc::CPU_SETSIZE as usize {
             libc::CPU_SET(cpu, &mut set);
         }
         libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
