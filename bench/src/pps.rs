@@ -21,7 +21,10 @@
 //! is counted: the veth's receive
 //! counter, and for the balancer its service counter too, which must equal
 //! the number of frames sent.
-use std::process::Command;
+use std::{
+    process::Command,
+    sync::{Arc, Mutex},
+};
 
 use crate::{
     Scale,
@@ -33,11 +36,13 @@ use aya::{
     Ebpf, TestRun, TestRunAttrs, TestRunOptions,
     programs::{Xdp, XdpMode},
 };
+use lb_common::NextHopVia;
 use lb_tests::{
     netns::{self, Topology},
     packet::{Spec, TCP_ACK},
 };
 use lb_userspace::dataplane::{AttachMode, Dataplane, Forwarding, MapWriter, Options, ServiceSpec};
+use lb_userspace::nexthop;
 
 const BATCH: u32 = 64;
 
@@ -82,7 +87,9 @@ fn generate(gen_prog: &Xdp, dev: &str, frame: &[u8], frames: u32) -> f64 {
 enum Dut {
     /// Held so the program stays attached; dropping it detaches.
     Baseline(#[allow(dead_code)] Ebpf),
-    Lb(Box<MapWriter>),
+    /// The daemon's next-hop resolver runs beside it (for `dsr`/`nat`)
+    /// until it is dropped.
+    Lb(Arc<Mutex<MapWriter>>),
 }
 
 /// Which program a case runs on the receiving veth.
@@ -343,7 +350,15 @@ pub fn run(scale: &Scale, report: &mut Report) {
             });
             let sent = frames as u64 * case.cores as u64;
             let delivered = rx_packets(&dut_ns, "d0") - rx_before;
-            let svc = lb_packets(attached) - svc_before;
+            let (svc, cached) = lb_packets(attached);
+            let (svc, cached) = (svc - svc_before.0, cached - svc_before.1);
+            if matches!(case.program, Program::Lb(Forwarding::Dsr | Forwarding::Nat)) {
+                assert_eq!(
+                    cached, sent,
+                    "{}: every frame took the cached next hop",
+                    case.label
+                );
+            }
             if case.service {
                 assert_eq!(
                     svc, sent,
@@ -444,13 +459,20 @@ pub fn run(scale: &Scale, report: &mut Report) {
     report.table(t);
 }
 
-fn lb_packets(dut: &Dut) -> u64 {
+/// The service's forwarded packets, and the next hops taken from the
+/// daemon's cache.
+fn lb_packets(dut: &Dut) -> (u64, u64) {
     match dut {
         Dut::Lb(w) => {
+            let w = w.lock().unwrap();
             let id = w.service_id("bench").unwrap();
-            w.dataplane().service_counters(id).unwrap().packets
+            let dp = w.dataplane();
+            (
+                dp.service_counters(id).unwrap().packets,
+                dp.next_hop_counts().unwrap()[NextHopVia::Cache as usize],
+            )
         }
-        Dut::Baseline(_) => 0,
+        Dut::Baseline(_) => (0, 0),
     }
 }
 
@@ -470,7 +492,16 @@ fn attach(program: Program) -> Dut {
             w.dataplane_mut()
                 .attach("d0", AttachMode::Native)
                 .expect("attach lb to d0 (native)");
-            Dut::Lb(Box::new(w))
+            // As the daemon does: next hops resolved from this namespace's
+            // tables before the traffic, and kept fresh by the resolver's
+            // thread while it runs.
+            let remote = w.remote_backends();
+            let mut resolver = nexthop::Resolver::open(w.dataplane()).expect("next-hop resolver");
+            let filled = resolver.refresh(&remote).expect("next hops");
+            assert_eq!(filled.cached, remote.len(), "every next hop cached");
+            let w = Arc::new(Mutex::new(w));
+            nexthop::spawn(Arc::downgrade(&w)).expect("next-hop resolver");
+            Dut::Lb(w)
         }
         Program::Baseline => {
             let mut ebpf = Ebpf::load(crate::objects::BASELINE_OBJECT).expect("baseline object");
