@@ -169,9 +169,9 @@ impl Scale {
                 flow_table: 4_096,
                 fill: 0.9,
                 insert_samples: 300,
-                pps_frames: 200_000,
+                pps_frames: 100_000,
                 pps_rounds: 1,
-                phase: Duration::from_millis(500),
+                phase: Duration::from_millis(300),
                 latency_rate: 200,
                 peers: false,
                 e2e_passes: 1,
@@ -179,7 +179,7 @@ impl Scale {
                 maglev_reps: 1,
                 share_flows: 2_000,
                 death_trials: 1,
-                api_changes: 200,
+                api_changes: 100,
             },
         }
     }
