@@ -84,9 +84,10 @@ fn set_dst(b: &Bounds, p: &Packet, to: &Addr, c: u16) -> Result<u16, Reason> {
 
 /// `nat` forwarding: the backend is another host. Destination address and
 /// port become the backend's (the client's address stays), and the frame
-/// goes to the next hop (`nexthop::find`: the daemon's cache, else the FIB). Without a neighbour entry for the next hop the
-/// rewritten packet goes to the stack (`fib_no_neigh`, passed), which
-/// forwards it and resolves the neighbour for the packets after it.
+/// goes to the next hop (`nexthop::find`: the daemon's cache, else the
+/// FIB). Without a neighbour entry for the next hop the rewritten packet
+/// goes to the stack (`fib_no_neigh`, passed), which forwards it and
+/// resolves the neighbour for the packets after it.
 #[inline(always)]
 pub fn nat(
     ctx: &XdpContext,

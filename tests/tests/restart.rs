@@ -320,18 +320,7 @@ fn a_pinned_data_plane_of_another_layout_is_replaced() {
     // Another flow table size: the pinned maps cannot be reused.
     let mut lb = Lb::start(&s.lb_ns, &s.config_with_flows(131072), API, &[]);
     assert!(lb.log().contains("another layout"), "{}", lb.log());
-    let to: SocketAddr = VIP.parse().unwrap();
-    let ok = netns::within(&s.client_ns, move || {
-        (0..20)
-            .map(|_| {
-                let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
-                c.set_read_timeout(Some(Duration::from_secs(2)))?;
-                let mut r = BufReader::new(c.try_clone()?);
-                exchange(&mut c, &mut r).map_err(std::io::Error::other)
-            })
-            .filter(|r| r.is_ok())
-            .count()
-    });
+    let ok = (0..20).filter(|_| one_exchange(&s).is_ok()).count();
     assert_eq!(ok, 20, "connections through the replaced data plane");
     let retired: Vec<_> = std::fs::read_dir(s.bpf.0.join("lb"))
         .unwrap()
@@ -426,18 +415,7 @@ fn a_pinned_data_plane_missing_a_map_is_replaced() {
     std::fs::remove_file(&missing).expect("the flow count map was pinned");
     let mut lb = Lb::start(&s.lb_ns, &s.config(), API, &[]);
     assert!(lb.log().contains("another layout"), "{}", lb.log());
-    let to: SocketAddr = VIP.parse().unwrap();
-    let ok = netns::within(&s.client_ns, move || {
-        (0..20)
-            .map(|_| {
-                let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
-                c.set_read_timeout(Some(Duration::from_secs(2)))?;
-                let mut r = BufReader::new(c.try_clone()?);
-                exchange(&mut c, &mut r).map_err(std::io::Error::other)
-            })
-            .filter(|r| r.is_ok())
-            .count()
-    });
+    let ok = (0..20).filter(|_| one_exchange(&s).is_ok()).count();
     assert_eq!(ok, 20, "connections through the replaced data plane");
     assert!(missing.exists(), "the new data plane pins every map");
     assert!(lb.stop().success());
