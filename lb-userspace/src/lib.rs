@@ -18,6 +18,7 @@ pub mod notify;
 pub mod pins;
 pub mod privs;
 pub mod rates;
+mod rtnl;
 pub mod source;
 pub mod state;
 mod sys;

@@ -72,7 +72,7 @@ impl AttachMode {
                 format!("xdp_mode = \"{}\" in the config", self.name()),
             );
         }
-        let kind = super::kind::link_kind(iface);
+        let kind = crate::rtnl::link_kind(iface);
         match (kind.as_deref(), all_local) {
             (Some("veth"), true) => (
                 Self::Tc,

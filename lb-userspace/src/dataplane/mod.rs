@@ -7,7 +7,6 @@
 mod addr;
 mod attach;
 mod counters;
-mod kind;
 mod load;
 mod nexthop;
 mod spec;

@@ -2,7 +2,6 @@
 //! egress interface and MAC addresses from the kernel's routes, neighbours
 //! and links, and keeps `LB_NEXTHOPS` in step, on their change events and
 //! every second, so the program needs no FIB lookup per packet.
-mod rtnl;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -17,7 +16,7 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 
 use crate::dataplane::{Dataplane, DataplaneError, MapWriter, NextHopWriter, monotonic_secs};
-use rtnl::{Link, Neighbour, Route, Rtnl};
+use crate::rtnl::{self, Link, Neighbour, Route, Rtnl};
 
 /// How often every backend is resolved again (and its entry's stamp
 /// refreshed) when no event asked sooner.

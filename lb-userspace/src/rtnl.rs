@@ -1,7 +1,8 @@
-//! Just enough rtnetlink for the next-hop resolver: the route to one
-//! address, dumps of links and neighbours, and a socket that wakes on their
-//! changes. Fixed headers and attributes are encoded and decoded here by
-//! hand, as `links.rs` does, over rustix sockets.
+//! Just enough rtnetlink for the next-hop resolver (the route to one
+//! address, dumps of links and neighbours, a socket that wakes on their
+//! changes) and for the attach mode `auto` picks (an interface's kind).
+//! Fixed headers and attributes are encoded and decoded here by hand, as
+//! `links.rs` does, over rustix sockets.
 use std::{
     collections::HashMap,
     io,
@@ -41,6 +42,8 @@ const RTAX_MTU: u16 = 2;
 const RTN_UNICAST: u8 = 1;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_MTU: u16 = 4;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
 const IFF_UP: u32 = 1;
 const NDA_DST: u16 = 1;
 const NDA_LLADDR: u16 = 2;
@@ -222,6 +225,19 @@ impl Rtnl {
         Ok(links)
     }
 
+    /// The kind of link `index` (`IFLA_INFO_KIND`: `veth`, `bridge`, ...),
+    /// `None` for one without (a physical device).
+    pub fn link_kind(&mut self, index: u32) -> io::Result<Option<String>> {
+        // struct ifinfomsg, with the index asked for.
+        let mut body = [0u8; 16];
+        body[4..8].copy_from_slice(&index.to_ne_bytes());
+        Ok(self
+            .request(RTM_GETLINK, false, &body)?
+            .iter()
+            .find(|(k, _)| *k == RTM_NEWLINK)
+            .and_then(|(_, p)| kind_of(p)))
+    }
+
     /// Every neighbour entry of both families, by (ifindex, address).
     pub fn neighbours(&mut self) -> io::Result<HashMap<(u32, IpAddr), Neighbour>> {
         // struct ndmsg { family, pad1, pad2: u16, ifindex: i32, state: u16,
@@ -359,6 +375,23 @@ fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
+/// The kind of interface `iface` in the calling thread's network
+/// namespace, or `None` when it has none (a physical device) or cannot be
+/// asked.
+pub fn link_kind(iface: &str) -> Option<String> {
+    let index = nix::net::if_::if_nametoindex(iface).ok()?;
+    Rtnl::open().ok()?.link_kind(index).ok()?
+}
+
+/// `IFLA_INFO_KIND` inside `IFLA_LINKINFO` of an RTM_NEWLINK payload
+/// (struct ifinfomsg, then attributes).
+fn kind_of(p: &[u8]) -> Option<String> {
+    let linkinfo = attrs(p.get(16..)?).find(|(t, _)| *t == IFLA_LINKINFO)?.1;
+    let name = attrs(linkinfo).find(|(t, _)| *t == IFLA_INFO_KIND)?.1;
+    let name = name.split(|b| *b == 0).next()?;
+    Some(String::from_utf8_lossy(name).into_owned())
+}
+
 /// An RTM_NEWROUTE payload (struct rtmsg, then attributes).
 fn parse_route(p: &[u8]) -> Option<Route> {
     if p.len() < 12 {
@@ -426,6 +459,24 @@ mod tests {
         // Blackhole (6): no forwarding route.
         assert!(!parse_route(&rtmsg(AF_INET, 6)).unwrap().unicast);
         assert_eq!(parse_route(&[0; 4]), None);
+    }
+
+    #[test]
+    fn loopback_has_no_kind() {
+        assert_eq!(link_kind("lo"), None);
+        assert_eq!(link_kind("no-such-if0"), None);
+    }
+
+    #[test]
+    fn the_kind_is_read_from_the_nested_link_info() {
+        // struct ifinfomsg, IFLA_MTU, then IFLA_LINKINFO { IFLA_INFO_KIND }.
+        let mut p = vec![0u8; 16];
+        attr(&mut p, IFLA_MTU, &1500u32.to_ne_bytes());
+        let mut info = Vec::new();
+        attr(&mut info, IFLA_INFO_KIND, b"veth\0");
+        attr(&mut p, IFLA_LINKINFO | 0x8000, &info);
+        assert_eq!(kind_of(&p).as_deref(), Some("veth"));
+        assert_eq!(kind_of(&p[..16]), None);
     }
 
     #[test]
