@@ -116,11 +116,8 @@ impl FlowCounter {
     /// (pins added while it walks may be counted twice, until the next).
     /// The lock is not held during the walk, so a scrape never waits on it.
     pub fn walk(&self, plan: &SweepPlan) -> SweepFound {
-        let before = self.lock().and_then(|counts| {
-            let added = sum_u64(&counts, FLOW_COUNT_ADDED, maps::FLOW_COUNT)?;
-            let removed = sum_u64(&counts, FLOW_COUNT_REMOVED, maps::FLOW_COUNT)?;
-            Ok(added.saturating_sub(removed))
-        });
+        // The guard ends with the statement: the walk runs without it.
+        let before = added_net(&crate::lock(&self.counts));
         let mut seen = 0u64;
         let found = walk_pins(
             plan,
@@ -131,7 +128,7 @@ impl FlowCounter {
         );
         let corrected = before.and_then(|net| {
             let evicted = net.saturating_sub(seen);
-            set_total(&mut *self.lock()?, FLOW_COUNT_EVICTED, evicted)
+            set_total(&mut crate::lock(&self.counts), FLOW_COUNT_EVICTED, evicted)
         });
         if let Err(e) = corrected {
             tracing::warn!("correcting the flow table's count: {e}");
@@ -141,14 +138,15 @@ impl FlowCounter {
 
     /// Entries in the flow table, as [`Dataplane::flow_entries`] (no walk).
     pub fn count(&self) -> Result<u64> {
-        entries(&*self.lock()?, self.capacity)
+        entries(&crate::lock(&self.counts), self.capacity)
     }
+}
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, PerCpuArray<MapData, u64>>> {
-        self.counts
-            .lock()
-            .map_err(|_| DataplaneError::FlowCounterPoisoned)
-    }
+/// Pins added minus pins the daemon removed (evictions not counted).
+fn added_net(counts: &PerCpuArray<MapData, u64>) -> Result<u64> {
+    let added = sum_u64(counts, FLOW_COUNT_ADDED, maps::FLOW_COUNT)?;
+    let removed = sum_u64(counts, FLOW_COUNT_REMOVED, maps::FLOW_COUNT)?;
+    Ok(added.saturating_sub(removed))
 }
 
 fn entries(counts: &PerCpuArray<MapData, u64>, capacity: u32) -> Result<u64> {

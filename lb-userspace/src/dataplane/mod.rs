@@ -70,8 +70,6 @@ pub enum DataplaneError {
     Conflict(String),
     #[error("the flow table's count of removed pins: {0}")]
     FlowCount(std::io::Error),
-    #[error("the flow counter's lock was poisoned by a panic")]
-    FlowCounterPoisoned,
     #[error("pinned data plane under {path}: {message}")]
     Pin { path: PathBuf, message: String },
 }
