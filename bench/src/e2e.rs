@@ -32,6 +32,7 @@ use crate::{
     },
     sys::{self, CpuGroup},
 };
+use aya::programs::{SchedClassifier, TcAttachType};
 use lb_tests::{daemon::TempDir, netns::Topology};
 
 /// CPU seconds of the three groups.
@@ -105,7 +106,9 @@ fn program_seconds(ids: &[u32]) -> f64 {
 }
 
 /// Ids of the XDP program on `dev` and of the TC programs on its ingress
-/// and egress.
+/// and egress. aya attaches TC programs as tcx links where the kernel has
+/// them, which `tc filter show` does not list: those come from the kernel's
+/// tcx query, the netlink (clsact) ones from `tc`.
 fn attached_programs(ns: &str, dev: &str) -> Vec<u32> {
     let mut ids = Vec::new();
     if let Ok(out) = Command::new("ip")
@@ -117,6 +120,14 @@ fn attached_programs(ns: &str, dev: &str) -> Vec<u32> {
             ids.push(id as u32);
         }
     }
+    let tcx_dev = dev.to_string();
+    ids.extend(lb_tests::netns::within(ns, move || {
+        [TcAttachType::Ingress, TcAttachType::Egress]
+            .into_iter()
+            .filter_map(|dir| SchedClassifier::query_tcx(&tcx_dev, dir).ok())
+            .flat_map(|(_, progs)| progs.into_iter().map(|p| p.id()))
+            .collect::<Vec<u32>>()
+    }));
     for dir in ["ingress", "egress"] {
         if let Ok(out) = Command::new("tc")
             .args(["-n", ns, "-j", "filter", "show", "dev", dev, dir])
@@ -130,6 +141,8 @@ fn attached_programs(ns: &str, dev: &str) -> Vec<u32> {
             }
         }
     }
+    ids.sort_unstable();
+    ids.dedup();
     ids
 }
 

@@ -94,6 +94,19 @@ fn a_smoke_run_of_the_bench_writes_every_figure() {
     for id in REQUIRED {
         assert!(ids.contains(*id), "figure {id} missing; written:\n{ids:#?}");
     }
+    // lb's programs ran on every connection, in XDP and in TC mode alike
+    // (TC programs attached as tcx links are found too).
+    let e2e = v["sections"]["e2e"].as_array().expect("an e2e section");
+    for setup in ["lb", "lb-tc"] {
+        let row = e2e
+            .iter()
+            .find(|r| r["setup"] == setup)
+            .unwrap_or_else(|| panic!("no e2e row for {setup}"));
+        let progs = row["cpu_us_per_https_conn"]["lb_programs"]
+            .as_f64()
+            .unwrap_or(0.0);
+        assert!(progs > 0.0, "{setup}: lb programs' CPU {progs} us per HTTPS connection");
+    }
     // The report beside it has every table.
     let md = std::fs::read_to_string(dir.path("BENCHMARKS.md")).expect("BENCHMARKS.md written");
     for title in [
