@@ -185,6 +185,16 @@ fn writer(n: usize, flow_table: u32) -> MapWriter {
     w
 }
 
+/// Makes `w` what a fresh load with `n` backends would be, without the
+/// verifier's second or so per load: the services go and come back (fresh
+/// ids and generations, every slot clean) and the flow table is emptied.
+/// Counters are not reset; every case proves itself on their deltas.
+fn reset(w: &mut MapWriter, n: usize) {
+    w.apply(&[]).expect("remove the bench services");
+    w.dataplane_mut().clear_flows();
+    w.apply(&services(n)).expect("install the bench services");
+}
+
 /// What every measured run of a case must do.
 #[derive(Clone, Copy)]
 struct Expect {
@@ -375,8 +385,15 @@ impl Bench {
 /// sweep the daemon runs once the changes are older than misses look back:
 /// with no pin needing a previous backend every slot is clean again, and
 /// packets cost what they cost before the changes.
-fn steady_state(b: &Bench, base_small: f64, overhead: f64, samples: usize, rows: &mut Vec<Row>) {
-    let mut w = writer(10, 65_536);
+fn steady_state(
+    b: &Bench,
+    w: &mut MapWriter,
+    base_small: f64,
+    overhead: f64,
+    samples: usize,
+    rows: &mut Vec<Row>,
+) {
+    reset(w, 10);
     let mut svc = service(10);
     // Established packets of many flows over the whole table, one run per
     // frame (a slot's cache line is cold more often than in a repeat).
@@ -580,7 +597,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
     };
 
     // Traffic kinds, families and sizes, 3 backends, clean slots.
-    let w = writer(3, scale.flow_table);
+    let mut w = writer(3, scale.flow_table);
     for (name, xlated, verified) in w.dataplane().program_sizes() {
         println!(
             "program {name}: {xlated} instructions after the verifier's rewrites, {verified} verified"
@@ -634,11 +651,10 @@ pub fn run(scale: &Scale, report: &mut Report) {
             });
         }
     }
-    drop(w);
 
     // Service size.
     for n in [100usize, 1000] {
-        let w = writer(n, scale.flow_table);
+        reset(&mut w, n);
         for kind in [Kind::Syn, Kind::Est] {
             let f = frame(Fam::V4, kind, Size::Small, 40000);
             let label = format!("ipv4 {}", kind.label());
@@ -657,7 +673,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
     // The flow table: a fourth backend joins, so about a quarter of the
     // slots change and become sticky. Clean and sticky slots, with the
     // table nearly empty and nearly full.
-    let mut w = writer(3, scale.flow_table);
+    reset(&mut w, 3);
     w.apply(&services(4)).unwrap();
     let base_small = baseline_of(Fam::V4, Size::Small);
     // Fixed cost of a repeat=1 call, for the insert case.
@@ -842,8 +858,15 @@ pub fn run(scale: &Scale, report: &mut Report) {
         runs: scale.insert_samples as u64,
     });
     drop((sticky_iter, sticky_udp, clean_iter));
+    steady_state(
+        &b,
+        &mut w,
+        base_small,
+        overhead,
+        scale.insert_samples,
+        &mut rows,
+    );
     drop(w);
-    steady_state(&b, base_small, overhead, scale.insert_samples, &mut rows);
     sys::unpin();
     remote(&b, scale, base_small, overhead, &mut rows);
 

@@ -105,7 +105,10 @@ fn a_smoke_run_of_the_bench_writes_every_figure() {
         let progs = row["cpu_us_per_https_conn"]["lb_programs"]
             .as_f64()
             .unwrap_or(0.0);
-        assert!(progs > 0.0, "{setup}: lb programs' CPU {progs} us per HTTPS connection");
+        assert!(
+            progs > 0.0,
+            "{setup}: lb programs' CPU {progs} us per HTTPS connection"
+        );
     }
     // The report beside it has every table.
     let md = std::fs::read_to_string(dir.path("BENCHMARKS.md")).expect("BENCHMARKS.md written");
