@@ -150,9 +150,10 @@ impl Scale {
                 flow_table: 65_536,
                 fill: 0.95,
                 insert_samples: 3_000,
-                pps_frames: 1_000_000,
+                pps_frames: 500_000,
                 pps_rounds: 3,
-                phase: Duration::from_millis(1500),
+                // Seven setups of five phases each: most of the run.
+                phase: Duration::from_millis(1000),
                 latency_rate: 500,
                 peers: true,
                 e2e_passes: 1,
@@ -160,7 +161,9 @@ impl Scale {
                 maglev_reps: 2,
                 share_flows: 10_000,
                 death_trials: 2,
-                api_changes: 1_000,
+                // Each change rebuilds a table and writes the state file
+                // (~70 a second here).
+                api_changes: 300,
             },
             Mode::Smoke => Scale {
                 mode,

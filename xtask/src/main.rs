@@ -50,7 +50,7 @@ enum Cmd {
     /// per-packet cost, packets per second, end to end, control plane.
     /// Writes target/bench/results.json; the full run also docs/BENCHMARKS.md.
     Bench {
-        /// A shorter run of everything (under two minutes).
+        /// A shorter run of everything (under 90 s).
         #[arg(long)]
         quick: bool,
         /// More arguments for lb-bench (`--only e2e`, `--setups lb,nftables`).
