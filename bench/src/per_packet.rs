@@ -425,7 +425,7 @@ fn steady_state(
             runs: spread.len() as u64,
         }
     };
-    rows.push(measure_spread(&w, "table never changed", Slot::CleanSpread));
+    rows.push(measure_spread(w, "table never changed", Slot::CleanSpread));
     for i in 0..100usize {
         match i % 3 {
             0 => {
@@ -449,10 +449,10 @@ fn steady_state(
         let (_, t) = w.dataplane().active_table(id).unwrap();
         t.iter().filter(|s| s.is_sticky()).count()
     };
-    let before = sticky(&w);
+    let before = sticky(w);
     // A flow in a slot the changes made sticky, measured before the sweep
     // (pinned) and after it (clean).
-    let (src, port) = flows(&w, 70, true, 6).next().unwrap();
+    let (src, port) = flows(w, 70, true, 6).next().unwrap();
     let mut measure = |w: &MapWriter, phase: &str, slot: Slot| {
         for kind in [Kind::Est, Kind::Syn] {
             let f = v4_spec_frame(kind, src, port);
@@ -469,7 +469,7 @@ fn steady_state(
             });
         }
     };
-    measure(&w, "sticky slot, pinned", Slot::AfterChangesPinned);
+    measure(w, "sticky slot, pinned", Slot::AfterChangesPinned);
     let counter = w.dataplane().flow_counter().unwrap();
     // The connections that needed a previous backend have ended and their
     // pins aged out: the sweep cleans every slot.
@@ -478,16 +478,16 @@ fn steady_state(
     let plan = w.sweep_plan(later);
     let found = counter.walk(&plan);
     let report = w.finish_sweep(&plan, &found).unwrap();
-    let after = sticky(&w);
+    let after = sticky(w);
     println!(
         "after 100 changes: {before} sticky slots of {}; the sweep made {} clean, {after} left",
         lb_common::DEFAULT_MAGLEV_SIZE,
         report.slots_cleaned
     );
     assert_eq!(after, 0, "every slot is clean once no pin needs it");
-    measure(&w, "swept (clean)", Slot::AfterChangesSwept);
+    measure(w, "swept (clean)", Slot::AfterChangesSwept);
     rows.push(measure_spread(
-        &w,
+        w,
         "after 100 changes, swept",
         Slot::AfterChangesSweptSpread,
     ));
