@@ -9,6 +9,7 @@ mod attach;
 mod counters;
 mod load;
 mod nexthop;
+mod quic;
 mod spec;
 mod store;
 mod tables;
@@ -168,6 +169,7 @@ pub struct Dataplane {
     tx_ports: DevMapHash<MapData>,
     next_hops: Array<MapData, NextHop>,
     next_hop_stats: PerCpuArray<MapData, u64>,
+    quic: quic::QuicMaps,
     /// Pinned links this process holds, with their pin files.
     links: Vec<(PathBuf, FdLink)>,
     /// The maps came from an earlier daemon's pins.
