@@ -38,8 +38,8 @@ pub use nexthop::NextHopWriter;
 pub use spec::{AdminState, BackendSpec, Forwarding, Protocol, ServiceSpec, WhenAllDown};
 pub use tables::TableReader;
 pub use writer::{
-    ApplyReport, MapWriter, SweepFound, SweepPlan, SweepReport, monotonic_secs, next_slots,
-    rewrites_address, walk_pins,
+    ApplyReport, MapWriter, QuicSpec, QuicSpecs, SweepFound, SweepPlan, SweepReport,
+    monotonic_secs, next_slots, rewrites_address, walk_pins,
 };
 
 use crate::{maglev, pins};
