@@ -99,6 +99,8 @@ pub mod metrics {
     pub const DROPPED: &str = "lb_dropped_total";
     /// `nat`/`dsr` packets by where their next hop came from (`NextHopVia`).
     pub const NEXT_HOPS: &str = "lb_next_hop_lookups_total";
+    /// UDP packets of QUIC-LB services, by service and `QuicRoute`.
+    pub const QUIC_PACKETS: &str = "lb_quic_packets_total";
 }
 
 /// Program names in the object.

@@ -55,7 +55,7 @@ impl ServerId {
     pub fn parse(s: &str) -> Result<ServerId, String> {
         let s = s.trim();
         let s = s.strip_prefix("0x").unwrap_or(s);
-        if s.is_empty() || s.len() % 2 != 0 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+        if s.is_empty() || !s.len().is_multiple_of(2) || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
             return Err(format!(
                 "{s:?} is not a server id: write its bytes as hex, two digits each (e.g. \"0a1b\")"
             ));
@@ -164,14 +164,14 @@ pub fn quic(path: &[Seg], raw: &RawQuic, protocols: &[Protocol]) -> Result<QuicC
     Ok(QuicConfig { cid, key_file })
 }
 
-/// Validates a backend's `server_id` against its service's `quic`.
+/// Checks a backend's `server_id` against its service's `quic`.
 pub fn server_id(
     path: &[Seg],
-    raw: Option<&str>,
+    id: Option<&ServerId>,
     quic: Option<&QuicConfig>,
-) -> Result<Option<ServerId>, FieldError> {
-    let Some(raw) = raw else {
-        return Ok(None);
+) -> Result<(), FieldError> {
+    let Some(id) = id else {
+        return Ok(());
     };
     let path = key(path, "server_id");
     let Some(q) = quic else {
@@ -180,7 +180,6 @@ pub fn server_id(
             "a server id needs the service's quic table (QUIC-LB routing)",
         ));
     };
-    let id = ServerId::parse(raw).map_err(|m| FieldError::new(&path, m))?;
     let want = usize::from(q.cid.server_id_len);
     if id.0.len() != want {
         return Err(FieldError::new(
@@ -188,7 +187,7 @@ pub fn server_id(
             format!("{id} is {} bytes; quic.server_id_len is {want}", id.0.len()),
         ));
     }
-    Ok(Some(id))
+    Ok(())
 }
 
 /// The backends' configured server ids are unique in the service.
@@ -347,5 +346,206 @@ mod tests {
         assert!(ServerId::parse("zz").is_err());
         assert!(ServerId::parse("").is_err());
         assert_eq!(ServerId(vec![0, 255]).to_string(), "00ff");
+    }
+
+    const QUIC: &str = r#"
+[dataplane]
+interface = "eth0"
+
+[[services]]
+name = "h3"
+listen = "0.0.0.0:443"
+protocols = ["udp"]
+quic = { config_id = 1, server_id_len = 2, nonce_len = 8 }
+backends = [
+  { address = "127.0.0.1:8001", server_id = "0a01" },
+  { address = "127.0.0.1:8002" },
+]
+"#;
+
+    fn parse(text: &str) -> Result<crate::config::Config, crate::config::ConfigError> {
+        crate::config::Config::parse(Path::new("lb.toml"), text)
+    }
+
+    /// (field, message) of the error for `QUIC` with `from` replaced by `to`.
+    fn refused(from: &str, to: &str) -> (String, String) {
+        let text = QUIC.replacen(from, to, 1);
+        assert_ne!(text, QUIC, "{from}");
+        let e = parse(&text).expect_err(to);
+        (e.field, e.message)
+    }
+
+    #[test]
+    fn quic_configs_follow_the_drafts_limits() {
+        let c = parse(QUIC).unwrap();
+        let q = c.services[0].quic.as_ref().unwrap();
+        assert_eq!(q.cid, plaintext_cid(1, 2, 8));
+        assert_eq!(
+            c.services[0].backends[0].server_id,
+            Some(ServerId(vec![10, 1]))
+        );
+        assert_eq!(c.services[0].backends[1].server_id, None);
+        let cases = [
+            (
+                "config_id = 1",
+                "config_id = 7",
+                "services[0].quic.config_id",
+                "reserved",
+            ),
+            (
+                "config_id = 1",
+                "config_id = -1",
+                "services[0].quic.config_id",
+                "out of range",
+            ),
+            (
+                "server_id_len = 2",
+                "server_id_len = 0",
+                "services[0].quic.server_id_len",
+                "1..=15",
+            ),
+            (
+                "server_id_len = 2",
+                "server_id_len = 16",
+                "services[0].quic.server_id_len",
+                "1..=15",
+            ),
+            (
+                "nonce_len = 8",
+                "nonce_len = 3",
+                "services[0].quic.nonce_len",
+                "4..=18",
+            ),
+            (
+                "nonce_len = 8",
+                "nonce_len = 19",
+                "services[0].quic.nonce_len",
+                "4..=18",
+            ),
+            (
+                "nonce_len = 8",
+                "nonce_len = 18",
+                "services[0].quic.nonce_len",
+                "exceeds 19",
+            ),
+            (
+                "protocols = [\"udp\"]",
+                "protocols = [\"tcp\"]",
+                "services[0].quic",
+                "UDP",
+            ),
+            (
+                "nonce_len = 8 }",
+                "nonce_len = 8, key_file = \"/k\" }",
+                "services[0].quic.key_file",
+                "plaintext",
+            ),
+            (
+                "nonce_len = 8 }",
+                "nonce_len = 8, mode = \"encrypted\" }",
+                "services[0].quic.key_file",
+                "needs key_file",
+            ),
+            (
+                "nonce_len = 8 }",
+                "nonce_len = 8, mode = \"encrypted\", key_file = \"/nonexistent/k\" }",
+                "services[0].quic.key_file",
+                "/nonexistent/k",
+            ),
+            (
+                "server_id = \"0a01\"",
+                "server_id = \"0a\"",
+                "services[0].backends[0].server_id",
+                "server_id_len is 2",
+            ),
+            (
+                "server_id = \"0a01\"",
+                "server_id = \"0a0\"",
+                "services[0].backends[0].server_id",
+                "hex",
+            ),
+            (
+                "{ address = \"127.0.0.1:8002\" }",
+                "{ address = \"127.0.0.1:8002\", server_id = \"0A01\" }",
+                "services[0].backends[1].server_id",
+                "also backends[0]",
+            ),
+            (
+                "quic = { config_id = 1, server_id_len = 2, nonce_len = 8 }\n",
+                "",
+                "services[0].backends[0].server_id",
+                "needs the service's quic",
+            ),
+        ];
+        for (from, to, field, msg) in cases {
+            let (f, m) = refused(from, to);
+            assert_eq!(f, field, "{to}: {m}");
+            assert!(m.contains(msg), "{to}: {m}");
+        }
+    }
+
+    fn plaintext_cid(config_id: u8, server_id_len: u8, nonce_len: u8) -> CidConfig {
+        CidConfig {
+            config_id,
+            server_id_len,
+            nonce_len,
+            mode: CidMode::Plaintext,
+            key: [0; 16],
+        }
+    }
+
+    #[test]
+    fn key_files_hold_32_hex_digits_and_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("lb-quic-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = dir.join("key");
+        let text = QUIC.replacen(
+            "nonce_len = 8 }",
+            &format!(
+                "nonce_len = 8, mode = \"encrypted\", key_file = {:?} }}",
+                k.display().to_string()
+            ),
+            1,
+        );
+        let write = |body: &str, mode: u32| {
+            std::fs::write(&k, body).unwrap();
+            std::fs::set_permissions(&k, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write("8f95f09245765f80256934e50c66207f\n", 0o600);
+        let c = parse(&text).unwrap();
+        let q = c.services[0].quic.as_ref().unwrap();
+        assert_eq!(q.cid.mode, CidMode::Encrypted);
+        assert_eq!(q.cid.key[0], 0x8f);
+        assert_eq!(q.key_file.as_deref(), Some(k.as_path()));
+        write("  8f95f09245765f80256934e50c66207f  ", 0o644);
+        assert!(parse(&text).unwrap_err().message.contains("chmod 600"));
+        for bad in [
+            "8f95f092",
+            "8f95f09245765f80256934e50c66207fxx",
+            "zz95f09245765f80256934e50c66207f",
+        ] {
+            write(bad, 0o600);
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.field, "services[0].quic.key_file");
+            assert!(e.message.contains("32 hex digits"), "{bad}: {}", e.message);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_wire_form_round_trips() {
+        let c = parse(QUIC).unwrap();
+        let raw = crate::config::RawService::from(&c.services[0]);
+        let json = serde_json::to_string(&raw).unwrap();
+        assert!(
+            json.contains(
+                r#""quic":{"config_id":1,"server_id_len":2,"nonce_len":8,"mode":"plaintext"}"#
+            ),
+            "{json}"
+        );
+        assert!(json.contains(r#""server_id":"0a01""#), "{json}");
+        let back: crate::config::RawService = serde_json::from_str(&json).unwrap();
+        assert_eq!(crate::config::service(&[], &back).unwrap(), c.services[0]);
     }
 }

@@ -172,7 +172,13 @@ pub fn backend(path: &[Seg], raw: &RawBackend) -> Result<BackendConfig, FieldErr
         address,
         weight,
         state,
-        server_id: None,
+        server_id: match &raw.server_id {
+            Some(s) => Some(
+                super::quic::ServerId::parse(s)
+                    .map_err(|m| FieldError::new(&key(path, "server_id"), m))?,
+            ),
+            None => None,
+        },
     })
 }
 
@@ -340,9 +346,8 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
     let mut seen = HashSet::new();
     for (i, b) in raw.backends.iter().enumerate() {
         let bp = index(&key(path, "backends"), i);
-        let server_id = super::quic::server_id(&bp, b.server_id.as_deref(), quic.as_ref())?;
-        let mut b = backend(&bp, b)?;
-        b.server_id = server_id;
+        let b = backend(&bp, b)?;
+        super::quic::server_id(&bp, b.server_id.as_ref(), quic.as_ref())?;
         if !allowed_backend_networks.is_empty()
             && !allowed_backend_networks
                 .iter()

@@ -31,6 +31,14 @@ pub(super) struct Written {
 }
 
 impl<S: MapStore> MapWriter<S> {
+    /// Whether the service's QUIC-LB config is installed.
+    pub fn routes_by_cid(&self, service: &str) -> bool {
+        self.services
+            .get(service)
+            .and_then(|inst| self.quic.services.get(&inst.id))
+            .is_some_and(|e| e.flags & lb_common::quic::QUIC_ENABLED != 0)
+    }
+
     /// Makes the QUIC-LB maps match `quic` for the services installed:
     /// server ids first (a config names only ids that are there), then the
     /// configs, then the ids that went. A server id names its backend's id
