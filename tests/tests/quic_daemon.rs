@@ -206,6 +206,23 @@ fn the_daemon_assigns_keeps_and_routes_by_server_ids() {
     let (_, v) = lb.get("/api/v1/services/h3");
     assert_eq!(v["quic"]["config_id"], 2);
     assert_eq!(v["quic"]["mode"], "plaintext");
+    // The OpenAPI document describes them.
+    let (_, doc) = lb.get("/api/v1/openapi.json");
+    let schemas = &doc["components"]["schemas"];
+    for (schema, field) in [
+        ("Quic", "server_id_len"),
+        ("Service", "quic"),
+        ("Backend", "server_id"),
+        ("ServiceView", "quic"),
+        ("BackendView", "server_id"),
+        ("ServiceStats", "quic_packets"),
+    ] {
+        assert!(
+            schemas[schema]["properties"][field].is_object(),
+            "{schema}.{field} in {}",
+            schemas[schema]
+        );
+    }
 
     // Every client port reaches the backend its CID names.
     let mut sent = 0u64;
