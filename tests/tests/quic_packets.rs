@@ -404,3 +404,123 @@ fn replies_of_cid_routed_flows_leave_as_the_service() {
         }
     }
 }
+
+/// `nat` and `dsr` route by CID too (the CID only changes which backend):
+/// nat rewrites to the CID's backend and redirects it out of the backends'
+/// interface, dsr sends it back out with that backend's MAC, from any
+/// client port.
+#[test]
+fn nat_and_dsr_route_by_cid() {
+    use lb_tests::fixtures::forwarded_service;
+    use lb_tests::netns::{self, Topology, run_in};
+    use lb_userspace::dataplane::{Dataplane, Forwarding, Options};
+    const XDP_TX: u32 = 3;
+    const XDP_REDIRECT: u32 = 4;
+    const LB0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x31, 0x01];
+    const LBB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x32, 0x01];
+    const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x39, 0x02];
+    let be_mac = |i: u8| [0x02, 0, 0, 0, 0x33, i];
+    let dsr_mac = |i: u8| [0x02, 0, 0, 0, 0x34, i];
+
+    let mut topo = Topology::new();
+    let lb = topo.namespace("lb");
+    let client = topo.namespace("cl");
+    let backend = topo.namespace("be");
+    topo.veth(
+        (&lb, "lb0", &["10.207.0.1/24"]),
+        (&client, "cl0", &["10.207.0.2/24"]),
+    );
+    topo.veth(
+        (&lb, "lbb", &["10.207.1.1/24"]),
+        (&backend, "eth0", &["10.207.1.5/24"]),
+    );
+    for (dev, m) in [("lb0", LB0_MAC), ("lbb", LBB_MAC)] {
+        run_in(
+            &lb,
+            &["ip", "link", "set", dev, "address", &netns::mac_string(m)],
+        );
+    }
+    for i in 1..=3u8 {
+        let nat_be = format!("10.207.1.{}", 4 + i);
+        netns::neighbour(
+            &lb,
+            &nat_be,
+            &netns::mac_string(be_mac(i)),
+            "lbb",
+            "permanent",
+        );
+        let dsr_be = format!("10.207.0.{}", 6 + i);
+        netns::neighbour(
+            &lb,
+            &dsr_be,
+            &netns::mac_string(dsr_mac(i)),
+            "lb0",
+            "permanent",
+        );
+    }
+    run_in(&lb, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let lb0: u32 = run_in(&lb, &["cat", "/sys/class/net/lb0/ifindex"])
+        .trim()
+        .parse()
+        .unwrap();
+    netns::within(&lb, move || {
+        let mut dp = Dataplane::load(Options {
+            max_services: 4,
+            flow_table_size: 4096,
+            ..Options::default()
+        })
+        .expect("load");
+        dp.sync_tx_ports().expect("redirect targets");
+        let nat = forwarded_service(
+            "nat4",
+            "10.207.0.10:443",
+            Forwarding::Nat,
+            &["10.207.1.5:8443", "10.207.1.6:8443", "10.207.1.7:8443"],
+        );
+        let dsr = forwarded_service(
+            "dsr4",
+            "10.207.0.20:443",
+            Forwarding::Dsr,
+            &["10.207.0.7:443", "10.207.0.8:443", "10.207.0.9:443"],
+        );
+        let mut w = MapWriter::new(dp);
+        w.apply(&[nat.clone(), dsr.clone()]).expect("apply");
+        let cfg = plaintext(3, 1, 6);
+        let ids = vec![vec![1], vec![2], vec![3]];
+        install(&mut w, &[(&nat, cfg, ids.clone()), (&dsr, cfg, ids)]);
+        for i in 0..30u16 {
+            let sid = (i % 3) as u8 + 1;
+            let payload = short(&cid_for(&cfg, &[sid], u32::from(i)));
+            let nat_in = Spec::udp("10.207.0.2", "10.207.0.10", 41000 + i, 443)
+                .payload(&payload)
+                .with_macs(LB0_MAC, CLIENT_MAC);
+            let (action, out) = w.dataplane().test_run_xdp_on(&nat_in.build(), lb0).unwrap();
+            assert_eq!(action, XDP_REDIRECT, "nat, client {i}");
+            let want = nat_in
+                .clone()
+                .with_dst(&format!("10.207.1.{}", 4 + sid), 8443)
+                .with_macs(be_mac(sid), LBB_MAC);
+            assert_eq!(
+                hex(&out),
+                hex(&want.build()),
+                "nat, client {i}, server id {sid}"
+            );
+            packet::verify_checksums(&out).unwrap();
+
+            let dsr_in = Spec::udp("10.207.0.2", "10.207.0.20", 41000 + i, 443)
+                .payload(&payload)
+                .with_macs(LB0_MAC, CLIENT_MAC);
+            let (action, out) = w.dataplane().test_run_xdp_on(&dsr_in.build(), lb0).unwrap();
+            assert_eq!(action, XDP_TX, "dsr, client {i}");
+            assert_eq!(
+                hex(&out),
+                hex(&dsr_in.clone().with_macs(dsr_mac(sid), LB0_MAC).build()),
+                "dsr, client {i}, server id {sid}"
+            );
+        }
+        for svc in [&nat, &dsr] {
+            assert_eq!(routes(&w, svc)[QuicRoute::Cid as usize], 30, "{}", svc.name);
+        }
+    });
+    drop(topo);
+}
