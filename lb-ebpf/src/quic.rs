@@ -7,7 +7,7 @@
 //! Map lookups, and why: `LB_QUIC_SVCS` (array) for UDP packets of a
 //! service; `LB_QUIC_SIDS` (hash) only for a routable CID; `LB_AES` and
 //! `LB_QUIC_SCRATCH` (arrays) only in encrypted mode.
-use aya_ebpf::{EbpfContext, bindings::xdp_action::XDP_PASS, macros::xdp, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action::XDP_PASS, macros::xdp, programs::XdpContext};
 use lb_common::{
     PROTO_UDP,
     quic::{
@@ -204,7 +204,6 @@ pub fn lb_xdp_quic_decrypt(ctx: XdpContext) -> u32 {
     unsafe { LB_QUIC_PROGS.tail_call(&ctx, PROG_XDP) };
     // `lb_xdp` is missing from the program array: the packet goes on
     // unbalanced rather than in a loop.
-    let _ = ctx.as_ptr();
     XDP_PASS
 }
 
