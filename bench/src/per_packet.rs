@@ -25,7 +25,8 @@ use crate::{
     Scale,
     report::{Report, Table, num, ratio},
     results::{
-        Case, CaseDetail, FigureId, FlowTable, Method, PerPacketId, PerPacketRow, Slot, Traffic,
+        Case, CaseDetail, FigureId, FlowTable, Method, PerPacketId, PerPacketRow, QuicCase, Slot,
+        Traffic,
     },
     sys,
 };
@@ -628,6 +629,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
             }
         }
     }
+    quic_rows(&b, baseline_of(Fam::V4, Size::Small), &mut rows);
     // Fragments of a UDP datagram: the first records its pick in LB_FRAGS
     // (an LRU update on every run), a later one finds it there (an LRU
     // lookup) and goes where the first went. Both come out as they went in
@@ -1285,5 +1287,128 @@ fn nat_row(
         baseline_ns: base_small,
         method: Method::Once,
         runs: n,
+    }
+}
+
+/// QUIC-LB on a `bench` service like the plain `udp` rows' (3 backends): a long header (the 4-tuple pick after the
+/// QUIC checks), then short headers whose CID names backend 2, in plaintext
+/// and encrypted with each of the three decryption paths.
+fn quic_rows(b: &Bench, base_small: f64, rows: &mut Vec<Row>) {
+    use lb_common::quic::{CidConfig, CidMode};
+    use lb_userspace::dataplane::{QuicSpec, QuicSpecs};
+    // A data plane of its own: the other rows' `bench` stays plain UDP.
+    let mut w = writer(3, 65_536);
+    let svc = service(3);
+    let key = [
+        0x8f, 0x95, 0xf0, 0x92, 0x45, 0x76, 0x5f, 0x80, 0x25, 0x69, 0x34, 0xe5, 0x0c, 0x66, 0x20,
+        0x7f,
+    ];
+    let cases = [
+        (
+            QuicCase::LongHeader,
+            CidMode::Plaintext,
+            2u8,
+            8u8,
+            "long header (4-tuple)",
+        ),
+        (
+            QuicCase::Plaintext,
+            CidMode::Plaintext,
+            2,
+            8,
+            "short header, plaintext CID",
+        ),
+        (
+            QuicCase::Encrypted1Pass,
+            CidMode::Encrypted,
+            8,
+            8,
+            "short header, encrypted CID, 1 AES pass (8+8)",
+        ),
+        (
+            QuicCase::Encrypted3Pass,
+            CidMode::Encrypted,
+            3,
+            4,
+            "short header, encrypted CID, 3 AES passes (3+4)",
+        ),
+        (
+            QuicCase::Encrypted4Pass,
+            CidMode::Encrypted,
+            10,
+            5,
+            "short header, encrypted CID, 4 AES passes (10+5)",
+        ),
+    ];
+    for (case, mode, server_id_len, nonce_len, what) in cases {
+        let cid = CidConfig {
+            config_id: 1,
+            server_id_len,
+            nonce_len,
+            mode,
+            key,
+        };
+        let sid = |i: usize| {
+            let mut v = vec![0u8; usize::from(server_id_len)];
+            *v.last_mut().unwrap() = i as u8 + 1;
+            v
+        };
+        let mut specs = QuicSpecs::new();
+        specs.insert(
+            "bench".into(),
+            QuicSpec {
+                cid,
+                server_ids: svc
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| (b.address, sid(i)))
+                    .collect(),
+            },
+        );
+        w.apply_quic(&specs).unwrap();
+        let mut bytes = [0u8; 20];
+        let n = cid
+            .encode(&sid(1), &vec![0x5a; usize::from(nonce_len)], &mut bytes)
+            .unwrap();
+        let mut payload = vec![if case == QuicCase::LongHeader {
+            0xc0
+        } else {
+            0x40
+        }];
+        payload.extend_from_slice(&bytes[..n]);
+        payload.resize(64 - 14 - 20 - 8, 0x33);
+        let f = Spec::udp("10.9.0.2", "10.9.0.1", 40000, 443)
+            .payload(&payload)
+            .build();
+        let label = format!("ipv4 udp to a QUIC-LB service, {what}");
+        let routes_before = w
+            .dataplane()
+            .quic_route_counts(w.service_id("bench").unwrap())
+            .unwrap();
+        let ns = b.lb(&w, &f, Expect::of(Kind::Udp, false), &label);
+        // Every run took the path the row names.
+        let after = w
+            .dataplane()
+            .quic_route_counts(w.service_id("bench").unwrap())
+            .unwrap();
+        let route = if case == QuicCase::LongHeader {
+            lb_common::quic::QuicRoute::LongHeader
+        } else {
+            lb_common::quic::QuicRoute::Cid
+        } as usize;
+        assert_eq!(
+            after[route] - routes_before[route],
+            b.repeat as u64 * b.rounds as u64 + 2,
+            "{label}: every run routed by {route}"
+        );
+        rows.push(Row {
+            case: Case::new(Fam::V4, Traffic::Quic(case), f.len(), 3, Slot::Clean),
+            label,
+            ns,
+            baseline_ns: base_small,
+            method: Method::Repeat,
+            runs: b.repeat as u64 * b.rounds as u64,
+        });
     }
 }

@@ -23,6 +23,23 @@ pub enum Traffic {
     Kind(Kind),
     UdpFirstFragment,
     UdpLaterFragment,
+    /// UDP to a QUIC-LB service.
+    Quic(QuicCase),
+}
+
+/// What a packet to a QUIC-LB service carries, and so which path it takes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum QuicCase {
+    /// A long header: the 4-tuple pick, after the QUIC checks.
+    LongHeader,
+    /// A short header with a plaintext CID: routed by its server id.
+    Plaintext,
+    /// Encrypted CIDs: server id + nonce of 16 bytes (one AES decryption),
+    /// of less with the nonce at least as long (three AES passes), and
+    /// with the server id longer than the nonce (four passes).
+    Encrypted1Pass,
+    Encrypted3Pass,
+    Encrypted4Pass,
 }
 
 impl fmt::Display for Traffic {
@@ -31,6 +48,11 @@ impl fmt::Display for Traffic {
             Traffic::Kind(k) => k.name(),
             Traffic::UdpFirstFragment => "udp_first_fragment",
             Traffic::UdpLaterFragment => "udp_later_fragment",
+            Traffic::Quic(QuicCase::LongHeader) => "quic_long_header",
+            Traffic::Quic(QuicCase::Plaintext) => "quic_short_plaintext",
+            Traffic::Quic(QuicCase::Encrypted1Pass) => "quic_short_encrypted_1pass",
+            Traffic::Quic(QuicCase::Encrypted3Pass) => "quic_short_encrypted_3pass",
+            Traffic::Quic(QuicCase::Encrypted4Pass) => "quic_short_encrypted_4pass",
         })
     }
 }
@@ -754,6 +776,16 @@ mod tests {
             (
                 FigureId::PerPacketNs(Case::new(Fam::V4, est, 64, 10, Slot::AfterChangesPinned)),
                 "per_packet/ipv4/tcp_established/64B/10_backends/after_100_changes_pinned/empty_table/ns",
+            ),
+            (
+                FigureId::PerPacketNs(Case::new(
+                    Fam::V4,
+                    Traffic::Quic(QuicCase::Encrypted4Pass),
+                    64,
+                    3,
+                    Slot::Clean,
+                )),
+                "per_packet/ipv4/quic_short_encrypted_4pass/64B/3_backends/clean_slot/empty_table/ns",
             ),
             (FigureId::Repeat1Overhead, "per_packet/repeat1_overhead/ns"),
             (
