@@ -5,6 +5,8 @@
 
 use core::mem::size_of;
 
+pub mod quic;
+
 /// Bumped whenever a map layout or the meaning of a field changes, so a daemon
 /// never adopts pinned maps written by an incompatible version.
 pub const LAYOUT_VERSION: u32 = 5;
