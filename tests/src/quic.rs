@@ -16,7 +16,13 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use lb_common::quic::{CidConfig, CidError, MAX_CID_LEN, MAX_NONCE_LEN};
+use quinn::{
+    ConnectionIdGenerator,
+    crypto::rustls::{QuicClientConfig, QuicServerConfig},
+};
+use quinn_proto::InvalidCid;
+use rand::Rng as _;
 
 use crate::{
     https::{Identity, Pki, SERVICE_NAME},
@@ -40,6 +46,79 @@ const MAX_REQUEST: usize = 64;
 pub enum Cids {
     /// quinn's default: random bytes that tell a balancer nothing.
     Random,
+    /// QUIC-LB: every CID carries this server id under this configuration.
+    Lb(LbCids),
+}
+
+/// A quinn connection-ID generator for QUIC-LB: each CID is
+/// `CidConfig::encode` of the server's id and a fresh random nonce.
+#[derive(Clone, Debug)]
+pub struct LbCids {
+    config: CidConfig,
+    server_id: Vec<u8>,
+    /// CIDs handed to quinn, over every clone.
+    issued: Arc<AtomicU64>,
+}
+
+impl LbCids {
+    /// Fails if the configuration or the server id's length is not one
+    /// QUIC-LB allows.
+    pub fn new(config: CidConfig, server_id: &[u8]) -> Result<LbCids, CidError> {
+        let cids = LbCids {
+            config,
+            server_id: server_id.to_vec(),
+            issued: Arc::default(),
+        };
+        // One CID now, so a bad configuration fails here, not in quinn.
+        cids.make()?;
+        Ok(cids)
+    }
+
+    fn make(&self) -> Result<quinn::ConnectionId, CidError> {
+        let mut nonce = [0u8; MAX_NONCE_LEN as usize];
+        let nonce = &mut nonce[..usize::from(self.config.nonce_len)];
+        rand::rng().fill_bytes(nonce);
+        let mut out = [0u8; MAX_CID_LEN];
+        let n = self.config.encode(&self.server_id, nonce, &mut out)?;
+        Ok(quinn::ConnectionId::new(&out[..n]))
+    }
+
+    /// How many CIDs quinn took from this generator (and its clones).
+    pub fn issued(&self) -> u64 {
+        self.issued.load(Ordering::SeqCst)
+    }
+
+    /// The server id `cid` carries under this configuration.
+    pub fn server_id_of(&self, cid: &[u8]) -> Result<Vec<u8>, CidError> {
+        let mut sid = vec![0u8; usize::from(self.config.server_id_len)];
+        self.config.decode(cid, &mut sid)?;
+        Ok(sid)
+    }
+}
+
+impl ConnectionIdGenerator for LbCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        self.issued.fetch_add(1, Ordering::Relaxed);
+        // `new` made one already with the same configuration and id.
+        self.make().expect("a QUIC-LB CID")
+    }
+
+    /// A CID that does not decode to this server's id was not made here:
+    /// quinn drops its packet without a stateless reset.
+    fn validate(&self, cid: &quinn::ConnectionId) -> Result<(), InvalidCid> {
+        match self.server_id_of(cid) {
+            Ok(sid) if sid == self.server_id => Ok(()),
+            _ => Err(InvalidCid),
+        }
+    }
+
+    fn cid_len(&self) -> usize {
+        self.config.cid_len()
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Transport settings of both sides.
@@ -134,10 +213,11 @@ impl Drop for QuicServer {
 }
 
 fn endpoint_config(cids: Cids) -> quinn::EndpointConfig {
-    let config = quinn::EndpointConfig::default();
-    match cids {
-        Cids::Random => config,
+    let mut config = quinn::EndpointConfig::default();
+    if let Cids::Lb(lb) = cids {
+        config.cid_generator(move || Box::new(lb.clone()));
     }
+    config
 }
 
 /// Answers the requests of one connection until it ends.
@@ -326,5 +406,52 @@ impl QuicConn {
 impl Drop for QuicConn {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::quic::CidMode;
+
+    use super::*;
+
+    fn config(mode: CidMode) -> CidConfig {
+        CidConfig {
+            config_id: 2,
+            server_id_len: 3,
+            nonce_len: 6,
+            mode,
+            key: *b"0123456789abcdef",
+        }
+    }
+
+    #[test]
+    fn generated_cids_carry_the_server_id_and_fresh_nonces() {
+        for mode in [CidMode::Plaintext, CidMode::Encrypted] {
+            let mut ours = LbCids::new(config(mode), &[0x0a, 0x0b, 0x0c]).unwrap();
+            let theirs = LbCids::new(config(mode), &[0x0a, 0x0b, 0x0d]).unwrap();
+            let cids: Vec<quinn::ConnectionId> = (0..64).map(|_| ours.generate_cid()).collect();
+            for cid in &cids {
+                assert_eq!(cid.len(), 10, "{mode:?}");
+                assert_eq!(cid[0] >> 5, 2, "{mode:?}: config id bits");
+                assert_eq!(ours.server_id_of(cid).unwrap(), [0x0a, 0x0b, 0x0c]);
+                assert!(ours.validate(cid).is_ok());
+                assert!(theirs.validate(cid).is_err(), "{mode:?}: {cid:?}");
+            }
+            let distinct: std::collections::HashSet<&[u8]> = cids.iter().map(|c| &c[..]).collect();
+            assert_eq!(distinct.len(), cids.len(), "{mode:?}: repeated CIDs");
+            // Another configuration's and unroutable CIDs are not ours.
+            let mut other = [0u8; 10];
+            other[0] = 3 << 5;
+            assert!(ours.validate(&quinn::ConnectionId::new(&other)).is_err());
+            other[0] = 0b111 << 5;
+            assert!(ours.validate(&quinn::ConnectionId::new(&other)).is_err());
+        }
+    }
+
+    #[test]
+    fn a_server_id_of_the_wrong_length_is_refused() {
+        let err = LbCids::new(config(CidMode::Plaintext), &[1, 2]).unwrap_err();
+        assert_eq!(err, CidError::ServerIdLen { len: 2, need: 3 });
     }
 }

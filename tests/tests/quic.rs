@@ -5,9 +5,12 @@
 //! and must keep their backend.
 use std::{sync::Mutex, time::Duration};
 
+use rstest::rstest;
+
+use lb_common::quic::{CidConfig, CidMode};
 use lb_tests::{
     netns::Topology,
-    quic::{Cids, QuicClient, QuicServer},
+    quic::{Cids, LbCids, QuicClient, QuicServer},
     topology::NsRuntime,
 };
 
@@ -19,22 +22,40 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A QUIC-LB configuration of the tests (plaintext).
+fn plaintext() -> CidConfig {
+    CidConfig {
+        config_id: 1,
+        server_id_len: 2,
+        nonce_len: 8,
+        mode: CidMode::Plaintext,
+        key: [0; 16],
+    }
+}
+
 /// The QUIC pieces alone, client straight to server in one namespace: a
 /// transfer survives the client's move to a new port, and the server sees
-/// the new port.
-#[test]
-fn quinn_alone_survives_a_rebind_mid_transfer() {
+/// the new port, with quinn's CIDs and with QUIC-LB ones.
+#[rstest]
+#[case::random_cids(false)]
+#[case::quic_lb_cids(true)]
+fn quinn_alone_survives_a_rebind_mid_transfer(#[case] lb_cids: bool) {
     let _serial = serial();
     let mut topo = Topology::new();
     let ns = topo.namespace("quic");
     let rt = NsRuntime::new(&ns, 2);
     let pki = lb_tests::https::Pki::new();
     let identity = pki.issue("backend-9001.test");
+    let generator = LbCids::new(plaintext(), &[0x12, 0x34]).unwrap();
     let server = QuicServer::start(
         &rt,
         "127.0.0.1:9001".parse().unwrap(),
         &identity,
-        Cids::Random,
+        if lb_cids {
+            Cids::Lb(generator.clone())
+        } else {
+            Cids::Random
+        },
     );
     let client = QuicClient::new(&pki);
     let to = server.addr;
@@ -62,4 +83,6 @@ fn quinn_alone_survives_a_rebind_mid_transfer() {
     assert_eq!(stats.connections, 1, "{stats:?}");
     assert_eq!(stats.migrated, 1, "{stats:?}");
     assert_eq!(stats.requests, 3, "{stats:?}");
+    // The handshake's CID and the spares quinn offers: all QUIC-LB ones.
+    assert_eq!(generator.issued() > 1, lb_cids, "{}", generator.issued());
 }
