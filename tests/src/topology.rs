@@ -104,6 +104,9 @@ impl Drop for NsRuntime {
 pub struct BackendConf {
     pub port: u16,
     pub weight: u16,
+    /// A QUIC-LB server id (hex) for the config; the daemon assigns one
+    /// when absent.
+    pub server_id: Option<&'static str>,
 }
 
 /// The one service the daemon balances: `0.0.0.0:443` to ports of
@@ -114,6 +117,9 @@ pub struct ServiceConf {
     /// A TOML inline table, e.g. `{ kind = "tcp", interval = "200ms" }`.
     pub health: Option<String>,
     pub backends: Vec<BackendConf>,
+    /// The service's QUIC-LB table, e.g. `{ config_id = 1, server_id_len
+    /// = 2, nonce_len = 8, mode = "plaintext" }`.
+    pub quic: Option<String>,
 }
 
 impl ServiceConf {
@@ -123,8 +129,13 @@ impl ServiceConf {
             health: None,
             backends: backends
                 .iter()
-                .map(|&(port, weight)| BackendConf { port, weight })
+                .map(|&(port, weight)| BackendConf {
+                    port,
+                    weight,
+                    server_id: None,
+                })
                 .collect(),
+            quic: None,
         }
     }
 }
@@ -219,8 +230,12 @@ impl Site {
             .backends
             .iter()
             .map(|b| {
+                let sid = b
+                    .server_id
+                    .map(|s| format!(", server_id = \"{s}\""))
+                    .unwrap_or_default();
                 format!(
-                    "{{ address = \"127.0.0.1:{}\", weight = {} }}",
+                    "{{ address = \"127.0.0.1:{}\", weight = {}{sid} }}",
                     b.port, b.weight
                 )
             })
@@ -230,7 +245,12 @@ impl Site {
             .health
             .as_ref()
             .map(|h| format!("health = {h}\n"))
-            .unwrap_or_default();
+            .unwrap_or_default()
+            + &svc
+                .quic
+                .as_ref()
+                .map(|q| format!("quic = {q}\n"))
+                .unwrap_or_default();
         let text = format!(
             r#"[dataplane]
 interface = "{LB_IF}"

@@ -3,15 +3,16 @@
 //! namespace, UDP 443. The servers issue QUIC-LB connection IDs with the
 //! server ids the daemon shows; clients move to new local ports mid-transfer
 //! and must keep their backend.
-use std::{sync::Mutex, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Mutex, time::Duration};
 
 use rstest::rstest;
 
 use lb_common::quic::{CidConfig, CidMode};
 use lb_tests::{
+    daemon::Lb,
     netns::Topology,
-    quic::{Cids, LbCids, QuicClient, QuicServer},
-    topology::NsRuntime,
+    quic::{Cids, LbCids, QuicClient, QuicConn, QuicServer, Who},
+    topology::{self, LogOnPanic, NsRuntime, ServiceConf, Site},
 };
 
 /// One test at a time: each measures shares or survival on a 2-core machine.
@@ -85,4 +86,356 @@ fn quinn_alone_survives_a_rebind_mid_transfer(#[case] lb_cids: bool) {
     assert_eq!(stats.requests, 3, "{stats:?}");
     // The handshake's CID and the spares quinn offers: all QUIC-LB ones.
     assert_eq!(generator.issued() > 1, lb_cids, "{}", generator.issued());
+}
+
+/// [`plaintext`] as the daemon's config writes it.
+const QUIC_TOML: &str =
+    r#"{ config_id = 1, server_id_len = 2, nonce_len = 8, mode = "plaintext" }"#;
+
+/// Bytes each migrating connection reads, and after how many it moves.
+const FETCH: usize = 512 << 10;
+const REBIND_AFTER: usize = 64 << 10;
+/// Longest a connection may take to move and answer (a broken one ends in
+/// the idle timeout, 3 s).
+const MOVE_LIMIT: Duration = Duration::from_secs(15);
+
+/// Service `web`: UDP 443 to `weights` (port, weight), with QUIC-LB when
+/// `cid_routing`.
+fn service(weights: &[(u16, u16)], cid_routing: bool) -> ServiceConf {
+    let mut svc = ServiceConf::tcp(weights);
+    svc.protocols = vec!["udp"];
+    if cid_routing {
+        svc.quic = Some(QUIC_TOML.to_string());
+    }
+    svc
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    assert!(s.len() % 2 == 0, "odd hex {s:?}");
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap_or_else(|e| panic!("{s:?}: {e}")))
+        .collect()
+}
+
+/// The QUIC-LB server ids the API shows for `web`'s backends, by port.
+fn server_ids(lb: &Lb) -> HashMap<u16, Vec<u8>> {
+    topology::backends(lb)
+        .into_iter()
+        .map(|(port, b)| {
+            let sid = b["server_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("backend {port} shows no server_id: {b}"));
+            (port, unhex(sid))
+        })
+        .collect()
+}
+
+/// A QUIC server on `0.0.0.0:port` of the balancer's namespace, named
+/// `backend-<port>.test`, issuing CIDs with `server_id`.
+fn quic_backend(site: &Site, port: u16, server_id: &[u8]) -> QuicServer {
+    let identity = site.pki.issue(&Site::backend_name(port));
+    let cids = LbCids::new(plaintext(), server_id).expect("a valid server id");
+    QuicServer::start(
+        &site.servers,
+        SocketAddr::from(([0, 0, 0, 0], port)),
+        &identity,
+        Cids::Lb(cids),
+    )
+}
+
+/// `n` new connections to the service, `at_once` at a time, each asked who
+/// serves it. Panics on a failed handshake or answer.
+fn connect(site: &Site, client: &QuicClient, n: usize, at_once: usize) -> Vec<(QuicConn, Who)> {
+    let (client, to) = (client.clone(), site.v4());
+    site.client.run(async move {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < n {
+            let batch: Vec<_> = (i..n.min(i + at_once))
+                .map(|_| {
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        let conn =
+                            tokio::time::timeout(Duration::from_secs(10), client.connect(to))
+                                .await
+                                .expect("a handshake within 10 s")
+                                .expect("a handshake");
+                        let who = conn.who().await.expect("an answer to who");
+                        assert_eq!(who.port, conn.local_port(), "the server sees another port");
+                        (conn, who)
+                    })
+                })
+                .collect();
+            for t in batch {
+                out.push(t.await.unwrap());
+            }
+            i += at_once;
+        }
+        out
+    })
+}
+
+/// How one connection fared through its move (the reasons are read through
+/// `Debug`, in failure messages).
+#[derive(Debug)]
+#[allow(dead_code)]
+enum Moved {
+    /// Transfer done, and the same server answered from the new port.
+    Kept,
+    /// Another server answered (the connection was not the one moved).
+    Other(String),
+    Broke(String),
+}
+
+/// Every connection reads [`FETCH`] bytes, moves to a new local port after
+/// [`REBIND_AFTER`] of them, and asks who serves it: all at once.
+fn migrate(site: &Site, conns: Vec<(QuicConn, Who)>) -> Vec<(QuicConn, Who, Moved)> {
+    site.client.run(async move {
+        let tasks: Vec<_> = conns
+            .into_iter()
+            .map(|(conn, who)| {
+                tokio::spawn(async move {
+                    let first_port = conn.local_port();
+                    let moved = tokio::time::timeout(MOVE_LIMIT, async {
+                        conn.fetch(FETCH, Some(REBIND_AFTER)).await?;
+                        conn.who().await
+                    })
+                    .await;
+                    let outcome = match moved {
+                        Err(_) => Moved::Broke(format!("still moving after {MOVE_LIMIT:?}")),
+                        Ok(Err(e)) => Moved::Broke(format!("{e:#}")),
+                        Ok(Ok(now)) if now.name != who.name => Moved::Other(now.name),
+                        Ok(Ok(now)) => {
+                            assert_ne!(conn.local_port(), first_port, "the client did not move");
+                            assert_eq!(now.port, conn.local_port(), "the server missed the move");
+                            Moved::Kept
+                        }
+                    };
+                    (conn, who, outcome)
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    })
+}
+
+fn count_by_name(conns: &[(QuicConn, Who)]) -> HashMap<String, usize> {
+    let mut by = HashMap::new();
+    for (_, who) in conns {
+        *by.entry(who.name.clone()).or_default() += 1;
+    }
+    by
+}
+
+/// (1) New QUIC connections on UDP 443 follow the weights 1:2:1.
+#[test]
+fn quic_connections_follow_the_weights() {
+    let _serial = serial();
+    let site = Site::new("quic-weights");
+    let weights = [(8001, 100), (8002, 200), (8003, 100)];
+    let lb = site.start_lb(&service(&weights, true));
+    let _log = LogOnPanic(&lb);
+    let ids = server_ids(&lb);
+    let _servers: Vec<QuicServer> = weights
+        .iter()
+        .map(|&(p, _)| quic_backend(&site, p, &ids[&p]))
+        .collect();
+    let client = QuicClient::new(&site.pki);
+
+    // 300 connections, one stream each: 75/150/75 expected, a standard
+    // deviation of 7.5/8.7/7.5; equal shares would put 100 on 8002.
+    const N: usize = 300;
+    let conns = connect(&site, &client, N, 20);
+    let by = count_by_name(&conns);
+    println!("connections per backend: {by:?}");
+    let total_weight: usize = weights.iter().map(|&(_, w)| usize::from(w)).sum();
+    for (port, w) in weights {
+        let want = N * usize::from(w) / total_weight;
+        let got = by.get(&Site::backend_name(port)).copied().unwrap_or(0);
+        assert!(
+            got.abs_diff(want) <= 30,
+            "backend {port} (weight {w}) took {got} of {N} connections, want {want} ± 30: {by:?}"
+        );
+    }
+    assert_eq!(by.values().sum::<usize>(), N);
+}
+
+/// (2) 50 connections each move to a new local port mid-transfer. With
+/// QUIC-LB every one keeps its server; with the same service balanced by
+/// the 4-tuple only, a move lands on another server (which drops the
+/// foreign CID's packets) unless the new port hashes to the old one.
+#[rstest]
+#[case::cid_routing(true)]
+#[case::four_tuple_only(false)]
+fn connections_keep_their_backend_through_a_migration(#[case] cid_routing: bool) {
+    let _serial = serial();
+    let site = Site::new(if cid_routing {
+        "quic-move"
+    } else {
+        "quic-move-off"
+    });
+    let weights = [(8001, 100), (8002, 100), (8003, 100)];
+    let lb = site.start_lb(&service(&weights, cid_routing));
+    let _log = LogOnPanic(&lb);
+    // Without QUIC-LB the daemon assigns no ids; the servers issue QUIC-LB
+    // CIDs all the same, so only the balancer differs between the cases.
+    let ids = if cid_routing {
+        server_ids(&lb)
+    } else {
+        weights
+            .iter()
+            .map(|&(p, _)| (p, p.to_be_bytes().to_vec()))
+            .collect()
+    };
+    let servers: Vec<QuicServer> = weights
+        .iter()
+        .map(|&(p, _)| quic_backend(&site, p, &ids[&p]))
+        .collect();
+    let client = QuicClient::new(&site.pki);
+
+    const N: usize = 50;
+    let conns = connect(&site, &client, N, 10);
+    let by = count_by_name(&conns);
+    assert!(by.len() >= 2, "all connections on one backend: {by:?}");
+    let moved = migrate(&site, conns);
+    let kept = moved
+        .iter()
+        .filter(|(_, _, m)| matches!(m, Moved::Kept))
+        .count();
+    let broke: Vec<&Moved> = moved
+        .iter()
+        .map(|(_, _, m)| m)
+        .filter(|m| !matches!(m, Moved::Kept))
+        .collect();
+    println!(
+        "cid routing {cid_routing}: {kept} of {N} connections kept their backend through a \
+         move; {} broke (first: {:?})",
+        broke.len(),
+        broke.first()
+    );
+    let migrated: u64 = servers.iter().map(|s| s.stats().migrated).sum();
+    if cid_routing {
+        assert_eq!(kept, N, "connections lost in the move: {broke:?}");
+        assert_eq!(migrated, N as u64, "the servers saw {migrated} moves");
+    } else {
+        // Equal weights: a move stays on its server with odds 1/3, so 33
+        // of 50 break on average (standard deviation 3.3).
+        assert!(
+            broke.len() >= 15,
+            "only {} of {N} broke without CID routing: {broke:?}",
+            broke.len()
+        );
+        assert!(kept > 0 || broke.len() == N);
+    }
+}
+
+/// The ids the API shows are the ones the servers must use: the daemon
+/// assigns distinct ids of `server_id_len` bytes and keeps a configured
+/// one; servers that swap theirs lose every connection that moves (the
+/// balancer routes it to the id's owner, which does not know it).
+#[test]
+fn servers_must_issue_the_server_ids_the_api_shows() {
+    let _serial = serial();
+    let site = Site::new("quic-ids");
+    let mut svc = service(&[(8001, 100), (8002, 100), (8003, 100)], true);
+    svc.backends[2].server_id = Some("beef");
+    let lb = site.start_lb(&svc);
+    let _log = LogOnPanic(&lb);
+    let ids = server_ids(&lb);
+    assert_eq!(ids[&8003], [0xbe, 0xef], "the configured id: {ids:?}");
+    for (port, id) in &ids {
+        assert_eq!(id.len(), 2, "backend {port}: {id:02x?}");
+    }
+    let distinct: std::collections::HashSet<&Vec<u8>> = ids.values().collect();
+    assert_eq!(distinct.len(), 3, "ids not unique: {ids:?}");
+
+    // 8001 and 8002 swap their ids; 8003 keeps its own.
+    let _servers = [
+        quic_backend(&site, 8001, &ids[&8002]),
+        quic_backend(&site, 8002, &ids[&8001]),
+        quic_backend(&site, 8003, &ids[&8003]),
+    ];
+    let client = QuicClient::new(&site.pki);
+    let conns = connect(&site, &client, 24, 12);
+    let moved = migrate(&site, conns);
+    let mut outcome: HashMap<String, (usize, usize)> = HashMap::new();
+    for (_, who, m) in &moved {
+        let e = outcome.entry(who.name.clone()).or_default();
+        match m {
+            Moved::Kept => e.0 += 1,
+            _ => e.1 += 1,
+        }
+    }
+    println!("(kept, lost) per backend: {outcome:?}");
+    for (name, (kept, lost)) in &outcome {
+        if name == &Site::backend_name(8003) {
+            assert_eq!(*lost, 0, "{name} uses its own id and lost {lost}");
+        } else {
+            assert_eq!(*kept, 0, "{name} uses another's id and kept {kept}");
+        }
+    }
+    assert!(
+        outcome.len() == 3,
+        "not every backend got a connection: {outcome:?}"
+    );
+}
+
+/// (3) A backend joins and one leaves while connections are open: those on
+/// the other backends keep them through a move after the change, and the
+/// new backend's connections (with the id the daemon gave it) move too.
+#[test]
+fn a_backend_change_keeps_the_others_connections_through_a_migration() {
+    let _serial = serial();
+    let site = Site::new("quic-change");
+    let weights = [(8001, 100), (8002, 100), (8003, 100)];
+    let lb = site.start_lb(&service(&weights, true));
+    let _log = LogOnPanic(&lb);
+    let ids = server_ids(&lb);
+    let mut servers: HashMap<u16, QuicServer> = weights
+        .iter()
+        .map(|&(p, _)| (p, quic_backend(&site, p, &ids[&p])))
+        .collect();
+    let client = QuicClient::new(&site.pki);
+    let conns = connect(&site, &client, 30, 10);
+
+    topology::change(
+        &lb,
+        "DELETE",
+        "/api/v1/services/web/backends/127.0.0.1:8003",
+        None,
+        204,
+    );
+    servers.remove(&8003);
+    topology::change(
+        &lb,
+        "POST",
+        "/api/v1/services/web/backends",
+        Some(r#"{"address": "127.0.0.1:8004", "weight": 100}"#),
+        201,
+    );
+    let ids = server_ids(&lb);
+    assert!(!ids.contains_key(&8003), "{ids:?}");
+    servers.insert(8004, quic_backend(&site, 8004, &ids[&8004]));
+
+    // The connections of the backends that stayed move, and stay.
+    let gone = Site::backend_name(8003);
+    let (stay, _lost): (Vec<_>, Vec<_>) = conns.into_iter().partition(|(_, w)| w.name != gone);
+    assert!(!stay.is_empty());
+    for (_, who, m) in &migrate(&site, stay) {
+        assert!(matches!(m, Moved::Kept), "{}: {m:?}", who.name);
+    }
+    // New connections reach the new backend, never the removed one, and
+    // they move too.
+    let fresh = connect(&site, &client, 30, 10);
+    let by = count_by_name(&fresh);
+    assert!(!by.contains_key(&gone), "{by:?}");
+    assert!(by.contains_key(&Site::backend_name(8004)), "{by:?}");
+    for (_, who, m) in &migrate(&site, fresh) {
+        assert!(matches!(m, Moved::Kept), "{}: {m:?}", who.name);
+    }
 }
