@@ -41,6 +41,22 @@ const STREAM_WINDOW: u32 = 32 * 1024;
 /// Longest request a server reads.
 const MAX_REQUEST: usize = 64;
 
+/// The QUIC-LB configuration of the tests and the demo: config id 1, a
+/// 2-byte server id, an 8-byte nonce, plaintext.
+pub fn plaintext_config() -> CidConfig {
+    CidConfig {
+        config_id: 1,
+        server_id_len: 2,
+        nonce_len: 8,
+        mode: lb_common::quic::CidMode::Plaintext,
+        key: [0; 16],
+    }
+}
+
+/// [`plaintext_config`] as a service's `quic` table in the daemon's config.
+pub const PLAINTEXT_TOML: &str =
+    r#"{ config_id = 1, server_id_len = 2, nonce_len = 8, mode = "plaintext" }"#;
+
 /// How a server makes its connection IDs.
 #[derive(Clone)]
 pub enum Cids {

@@ -212,6 +212,14 @@ impl Site {
         Backend::start(&self.servers, port, identity)
     }
 
+    /// [`Site::backend`] without the UDP echo: the port's UDP side is left
+    /// to a QUIC server.
+    pub fn https_backend(&self, port: u16) -> Backend {
+        let identity: Identity = self.pki.issue(&Self::backend_name(port));
+        self.tls.learn(&identity);
+        Backend::start_with(&self.servers, port, identity, false)
+    }
+
     /// Writes the daemon's config (native XDP on the veth, the admin API
     /// with a token, a state file of its own) and returns its path.
     pub fn config(&self, svc: &ServiceConf) -> PathBuf {
@@ -322,6 +330,28 @@ pub fn backends(lb: &Lb) -> HashMap<u16, Value> {
         .filter_map(|b| {
             let addr: SocketAddr = b["address"].as_str()?.parse().ok()?;
             Some((addr.port(), b.clone()))
+        })
+        .collect()
+}
+
+/// The QUIC-LB server ids (hex in the API) of the `web` service's
+/// backends, by port; panics if one has none.
+pub fn server_ids(lb: &Lb) -> HashMap<u16, Vec<u8>> {
+    backends(lb)
+        .into_iter()
+        .map(|(port, b)| {
+            let hex = b["server_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("backend {port} shows no server_id: {b}"));
+            assert!(hex.len() % 2 == 0, "backend {port}: odd hex {hex:?}");
+            let id = (0..hex.len())
+                .step_by(2)
+                .map(|i| {
+                    u8::from_str_radix(&hex[i..i + 2], 16)
+                        .unwrap_or_else(|e| panic!("backend {port}: {hex:?}: {e}"))
+                })
+                .collect();
+            (port, id)
         })
         .collect()
 }

@@ -7,12 +7,10 @@ use std::{collections::HashMap, net::SocketAddr, sync::Mutex, time::Duration};
 
 use rstest::rstest;
 
-use lb_common::quic::{CidConfig, CidMode};
 use lb_tests::{
-    daemon::Lb,
     netns::Topology,
-    quic::{Cids, LbCids, QuicClient, QuicConn, QuicServer, Who},
-    topology::{self, LogOnPanic, NsRuntime, ServiceConf, Site},
+    quic::{Cids, LbCids, PLAINTEXT_TOML, QuicClient, QuicConn, QuicServer, Who, plaintext_config},
+    topology::{self, LogOnPanic, NsRuntime, ServiceConf, Site, server_ids},
 };
 
 /// One test at a time: each measures shares or survival on a 2-core machine.
@@ -21,17 +19,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     lb_tests::require_root();
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A QUIC-LB configuration of the tests (plaintext).
-fn plaintext() -> CidConfig {
-    CidConfig {
-        config_id: 1,
-        server_id_len: 2,
-        nonce_len: 8,
-        mode: CidMode::Plaintext,
-        key: [0; 16],
-    }
 }
 
 /// The QUIC pieces alone, client straight to server in one namespace: a
@@ -47,7 +34,7 @@ fn quinn_alone_survives_a_rebind_mid_transfer(#[case] lb_cids: bool) {
     let rt = NsRuntime::new(&ns, 2);
     let pki = lb_tests::https::Pki::new();
     let identity = pki.issue("backend-9001.test");
-    let generator = LbCids::new(plaintext(), &[0x12, 0x34]).unwrap();
+    let generator = LbCids::new(plaintext_config(), &[0x12, 0x34]).unwrap();
     let server = QuicServer::start(
         &rt,
         "127.0.0.1:9001".parse().unwrap(),
@@ -88,10 +75,6 @@ fn quinn_alone_survives_a_rebind_mid_transfer(#[case] lb_cids: bool) {
     assert_eq!(generator.issued() > 1, lb_cids, "{}", generator.issued());
 }
 
-/// [`plaintext`] as the daemon's config writes it.
-const QUIC_TOML: &str =
-    r#"{ config_id = 1, server_id_len = 2, nonce_len = 8, mode = "plaintext" }"#;
-
 /// Bytes each migrating connection reads, and after how many it moves.
 const FETCH: usize = 512 << 10;
 const REBIND_AFTER: usize = 64 << 10;
@@ -105,37 +88,16 @@ fn service(weights: &[(u16, u16)], cid_routing: bool) -> ServiceConf {
     let mut svc = ServiceConf::tcp(weights);
     svc.protocols = vec!["udp"];
     if cid_routing {
-        svc.quic = Some(QUIC_TOML.to_string());
+        svc.quic = Some(PLAINTEXT_TOML.to_string());
     }
     svc
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    assert!(s.len() % 2 == 0, "odd hex {s:?}");
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap_or_else(|e| panic!("{s:?}: {e}")))
-        .collect()
-}
-
-/// The QUIC-LB server ids the API shows for `web`'s backends, by port.
-fn server_ids(lb: &Lb) -> HashMap<u16, Vec<u8>> {
-    topology::backends(lb)
-        .into_iter()
-        .map(|(port, b)| {
-            let sid = b["server_id"]
-                .as_str()
-                .unwrap_or_else(|| panic!("backend {port} shows no server_id: {b}"));
-            (port, unhex(sid))
-        })
-        .collect()
 }
 
 /// A QUIC server on `0.0.0.0:port` of the balancer's namespace, named
 /// `backend-<port>.test`, issuing CIDs with `server_id`.
 fn quic_backend(site: &Site, port: u16, server_id: &[u8]) -> QuicServer {
     let identity = site.pki.issue(&Site::backend_name(port));
-    let cids = LbCids::new(plaintext(), server_id).expect("a valid server id");
+    let cids = LbCids::new(plaintext_config(), server_id).expect("a valid server id");
     QuicServer::start(
         &site.servers,
         SocketAddr::from(([0, 0, 0, 0], port)),
