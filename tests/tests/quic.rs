@@ -280,10 +280,11 @@ fn connections_keep_their_backend_through_a_migration(#[case] cid_routing: bool)
         broke.len(),
         broke.first()
     );
+    // A server sees the new port of exactly the connections that kept it.
     let migrated: u64 = servers.iter().map(|s| s.stats().migrated).sum();
+    assert_eq!(migrated, kept as u64, "the servers saw {migrated} moves");
     if cid_routing {
         assert_eq!(kept, N, "connections lost in the move: {broke:?}");
-        assert_eq!(migrated, N as u64, "the servers saw {migrated} moves");
     } else {
         // Equal weights: a move stays on its server with odds 1/3, so 33
         // of 50 break on average (standard deviation 3.3).
@@ -292,7 +293,6 @@ fn connections_keep_their_backend_through_a_migration(#[case] cid_routing: bool)
             "only {} of {N} broke without CID routing: {broke:?}",
             broke.len()
         );
-        assert!(kept > 0 || broke.len() == N);
     }
 }
 
