@@ -186,6 +186,18 @@ fn migrate(site: &Site, conns: Vec<(QuicConn, Who)>) -> Vec<(QuicConn, Who, Move
     })
 }
 
+/// `lb_quic_packets_total{service="web",route}` (None: no such series).
+fn quic_packets(lb: &lb_tests::daemon::Lb, route: &str) -> Option<u64> {
+    let labels = vec![
+        ("route".to_string(), route.to_string()),
+        ("service".to_string(), "web".to_string()),
+    ];
+    topology::Metrics::scrape(lb)
+        .0
+        .get(&("lb_quic_packets_total".to_string(), labels))
+        .map(|v| *v as u64)
+}
+
 fn count_by_name(conns: &[(QuicConn, Who)]) -> HashMap<String, usize> {
     let mut by = HashMap::new();
     for (_, who) in conns {
@@ -264,6 +276,7 @@ fn connections_keep_their_backend_through_a_migration(#[case] cid_routing: bool)
     let conns = connect(&site, &client, N, 10);
     let by = count_by_name(&conns);
     assert!(by.len() >= 2, "all connections on one backend: {by:?}");
+    let by_cid_before = quic_packets(&lb, "cid");
     let moved = migrate(&site, conns);
     let kept = moved
         .iter()
@@ -283,9 +296,18 @@ fn connections_keep_their_backend_through_a_migration(#[case] cid_routing: bool)
     // A server sees the new port of exactly the connections that kept it.
     let migrated: u64 = servers.iter().map(|s| s.stats().migrated).sum();
     assert_eq!(migrated, kept as u64, "the servers saw {migrated} moves");
+    let by_cid = quic_packets(&lb, "cid");
+    println!("packets routed by CID: {by_cid_before:?} before the moves, {by_cid:?} after");
     if cid_routing {
         assert_eq!(kept, N, "connections lost in the move: {broke:?}");
+        // Short-header packets (most of the transfer) went by their CID.
+        let moved_by_cid = by_cid.unwrap() - by_cid_before.unwrap();
+        assert!(
+            moved_by_cid >= N as u64 * 10,
+            "{moved_by_cid} packets by CID"
+        );
     } else {
+        assert_eq!(by_cid, None, "a service without quic has no QUIC counters");
         // Equal weights: a move stays on its server with odds 1/3, so 33
         // of 50 break on average (standard deviation 3.3).
         assert!(
