@@ -5,8 +5,6 @@
 
 use core::mem::size_of;
 
-pub mod quic;
-
 /// Bumped whenever a map layout or the meaning of a field changes, so a daemon
 /// never adopts pinned maps written by an incompatible version.
 pub const LAYOUT_VERSION: u32 = 5;
@@ -56,7 +54,15 @@ pub mod maps {
     pub const FLOW_COUNT: &str = "LB_FLOW_COUNT";
     pub const NEXTHOPS: &str = "LB_NEXTHOPS";
     pub const NEXTHOP_STATS: &str = "LB_NH_STATS";
-    pub const ALL: [&str; 21] = [
+    pub const QUIC_SERVICES: &str = "LB_QUIC_SVCS";
+    pub const QUIC_SERVER_IDS: &str = "LB_QUIC_SIDS";
+    pub const QUIC_STATS: &str = "LB_QUIC_STATS";
+    pub const AES_TABLES: &str = "LB_AES";
+    /// Not pinned (not in `ALL`): each loaded program has its own, so an
+    /// old program never tail-calls into a new one.
+    pub const QUIC_SCRATCH: &str = "LB_QUIC_SCRATCH";
+    pub const QUIC_PROGS: &str = "LB_QUIC_PROGS";
+    pub const ALL: [&str; 25] = [
         PORTS,
         ADDR_SERVICES,
         SERVICES,
@@ -78,6 +84,10 @@ pub mod maps {
         FLOW_COUNT,
         NEXTHOPS,
         NEXTHOP_STATS,
+        QUIC_SERVICES,
+        QUIC_SERVER_IDS,
+        QUIC_STATS,
+        AES_TABLES,
     ];
 }
 
@@ -89,6 +99,8 @@ pub mod metrics {
     pub const DROPPED: &str = "lb_dropped_total";
     /// `nat`/`dsr` packets by where their next hop came from (`NextHopVia`).
     pub const NEXT_HOPS: &str = "lb_next_hop_lookups_total";
+    /// UDP packets of QUIC-LB services, by service and `QuicRoute`.
+    pub const QUIC_PACKETS: &str = "lb_quic_packets_total";
 }
 
 /// Program names in the object.
@@ -96,6 +108,8 @@ pub mod programs {
     pub const XDP: &str = "lb_xdp";
     pub const TC_EGRESS: &str = "lb_tc_egress";
     pub const TC_INGRESS: &str = "lb_tc_ingress";
+    /// Decrypts a QUIC-LB CID for `lb_xdp`, entered by tail call.
+    pub const XDP_QUIC_DECRYPT: &str = "lb_xdp_quic_decrypt";
 }
 
 pub const PROTO_TCP: u8 = 6;
@@ -624,6 +638,9 @@ pub fn flow_hash(src: &Addr, dst: &Addr, sport: u16, dport: u16, proto: u8) -> u
     h ^ (h >> 16)
 }
 
+// After `counted!`, which it uses.
+pub mod quic;
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -655,4 +672,14 @@ mod pod {
     unsafe impl aya::Pod for FloodState {}
     // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for NextHop {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
+    unsafe impl aya::Pod for quic::QuicServiceEntry {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
+    unsafe impl aya::Pod for quic::QuicSidKey {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
+    unsafe impl aya::Pod for quic::QuicSidValue {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
+    unsafe impl aya::Pod for quic::QuicScratch {}
+    // SAFETY: #[repr(C)], integer arrays only, every byte pattern valid.
+    unsafe impl aya::Pod for quic::AesTables {}
 }

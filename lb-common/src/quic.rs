@@ -621,17 +621,36 @@ fn split(
     half: usize,
 ) -> ([u8; 16], [u8; 16]) {
     let odd = !len.is_multiple_of(2);
+    let mut buf = [0u8; 32];
+    buf[..MAX_PLAINTEXT_LEN as usize].copy_from_slice(block);
+    // Masked so the verifier sees every index in bounds (len - half <= 9).
+    let rstart = (len - half) & 15;
     let mut left = [0u8; 16];
     let mut right = [0u8; 16];
     for i in 0..10 {
         if i < half {
-            left[i] = block[i];
-            right[i] = block[(len - half + i) % MAX_PLAINTEXT_LEN as usize];
+            left[i] = buf[i];
+            right[i] = buf[(rstart + i) & 31];
         }
     }
     clear_left(&mut left, half, odd);
     clear_right(&mut right, odd);
     (left, right)
+}
+
+/// Joins the halves back into `len` bytes (the middle byte of an odd
+/// length holds both nibbles).
+#[inline(always)]
+fn join(left: &[u8; 16], right: &[u8; 16], len: usize, half: usize) -> [u8; 32] {
+    let rstart = (len - half) & 15;
+    let mut out = [0u8; 32];
+    for i in 0..10 {
+        if i < half {
+            out[i] |= left[i];
+            out[(rstart + i) & 31] |= right[i];
+        }
+    }
+    out
 }
 
 /// Encrypts `block[..server_id_len + nonce_len]` (server id, nonce) in place.
@@ -663,13 +682,8 @@ pub fn seal(
     clear_right(&mut right, odd);
     feistel_pass(t, keys, l, half, 4, &right, &mut left);
     clear_left(&mut left, half, odd);
-    *block = [0u8; MAX_PLAINTEXT_LEN as usize];
-    for i in 0..10 {
-        if i < half {
-            block[i] |= left[i];
-            block[(len - half + i) % MAX_PLAINTEXT_LEN as usize] |= right[i];
-        }
-    }
+    let out = join(&left, &right, len, half);
+    block.copy_from_slice(&out[..MAX_PLAINTEXT_LEN as usize]);
 }
 
 /// The load balancer's side: the server id of an encrypted CID whose bytes
@@ -721,19 +735,159 @@ pub fn open_server_id(
     } else {
         right = [0u8; 16];
     }
-    let mut plain = [0u8; 20];
-    for i in 0..10 {
-        if i < half {
-            plain[i] |= left[i];
-            plain[(len - half + i) % 20] |= right[i];
-        }
-    }
+    let plain = join(&left, &right, len, half);
     for i in 0..16 {
         if i < sid_len {
             sid[i] = plain[i];
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Map layouts: what the daemon writes for the data plane.
+
+/// `QuicServiceEntry::flags`: the service routes short-header packets by CID.
+pub const QUIC_ENABLED: u8 = 1;
+
+/// Value of `LB_QUIC_SVCS[service id]`: the service's QUIC-LB configuration
+/// and, in encrypted mode, its key's round keys.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuicServiceEntry {
+    pub flags: u8,
+    pub config_id: u8,
+    pub server_id_len: u8,
+    pub nonce_len: u8,
+    /// `CidMode` as u8.
+    pub mode: u8,
+    pub _pad: [u8; 3],
+    pub keys: RoundKeys,
+}
+const _: () = assert!(size_of::<QuicServiceEntry>() == 360);
+
+impl QuicServiceEntry {
+    /// The entry of a service without QUIC-LB.
+    pub const DISABLED: QuicServiceEntry = QuicServiceEntry {
+        flags: 0,
+        config_id: 0,
+        server_id_len: 0,
+        nonce_len: 0,
+        mode: 0,
+        _pad: [0; 3],
+        keys: RoundKeys {
+            enc: [[0; 4]; 11],
+            dec: [[0; 4]; 11],
+        },
+    };
+
+    /// The entry for a checked configuration.
+    pub fn new(t: &AesTables, c: &CidConfig) -> Self {
+        let keys = match c.mode {
+            CidMode::Plaintext => Self::DISABLED.keys,
+            CidMode::Encrypted => RoundKeys::expand(t, &c.key),
+        };
+        QuicServiceEntry {
+            flags: QUIC_ENABLED,
+            config_id: c.config_id,
+            server_id_len: c.server_id_len,
+            nonce_len: c.nonce_len,
+            mode: c.mode as u8,
+            _pad: [0; 3],
+            keys,
+        }
+    }
+}
+
+impl Default for QuicServiceEntry {
+    fn default() -> Self {
+        Self::DISABLED
+    }
+}
+
+/// Key of `LB_QUIC_SIDS`: a service and one of its server ids, zero-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QuicSidKey {
+    pub service: u32,
+    pub server_id: [u8; 16],
+}
+const _: () = assert!(size_of::<QuicSidKey>() == 20);
+
+impl QuicSidKey {
+    /// `None` when `server_id` is longer than 16 bytes.
+    pub fn new(service: u32, server_id: &[u8]) -> Option<Self> {
+        let mut k = QuicSidKey {
+            service,
+            server_id: [0; 16],
+        };
+        k.server_id
+            .get_mut(..server_id.len())?
+            .copy_from_slice(server_id);
+        Some(k)
+    }
+}
+
+/// Value of `LB_QUIC_SIDS`: the backend holding the server id, with the
+/// generation it had when the entry was written (see `BackendEntry`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuicSidValue {
+    pub backend: u32,
+    pub generation: u32,
+}
+const _: () = assert!(size_of::<QuicSidValue>() == 8);
+
+counted! {
+    /// How a UDP packet to a QUIC-LB service was routed, indexed by
+    /// `quic_stats_index` in `LB_QUIC_STATS` (per CPU).
+    pub enum QuicRoute [QUIC_ROUTE_COUNT, QUIC_ROUTE_NAMES] {
+        /// By the server id in its destination CID.
+        Cid = 0 => "cid",
+        /// Fallback (4-tuple): a long header (Initial, 0-RTT, Handshake,
+        /// Retry), whose CID the client chose.
+        LongHeader = 1 => "long_header",
+        /// Fallback: the UDP payload ends before the CID does.
+        TooShort = 2 => "too_short",
+        /// Fallback: the CID's config id is 0b111 or not the service's.
+        UnroutableConfig = 3 => "unroutable_config",
+        /// Fallback: no backend of the service holds the server id (never
+        /// assigned, backend removed or down).
+        UnknownServerId = 4 => "unknown_server_id",
+        /// Fallback: an encrypted CID the program could not decrypt (the
+        /// TC ingress program has no decryption).
+        NotDecrypted = 5 => "not_decrypted",
+    }
+}
+
+/// Index of a service's counter for `route` in `LB_QUIC_STATS`.
+#[inline(always)]
+pub fn quic_stats_index(service: u32, route: QuicRoute) -> u32 {
+    service * QUIC_ROUTE_COUNT + route as u32
+}
+
+/// `QuicScratch::state`.
+pub const SCRATCH_IDLE: u32 = 0;
+/// `lb_xdp` asks the decrypt program for the server id of `block`.
+pub const SCRATCH_REQUEST: u32 = 1;
+/// The decrypt program answered (`found` says whether it could).
+pub const SCRATCH_DONE: u32 = 2;
+
+/// Per-CPU hand-over between `lb_xdp` and the decrypt program it
+/// tail-calls (which has a stack of its own for AES), which tail-calls
+/// `lb_xdp` back. The answer is used only for the same service and the
+/// same CID bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuicScratch {
+    pub state: u32,
+    pub service: u32,
+    pub found: u32,
+    pub _pad: u32,
+    /// The CID bytes after the first octet, zero-padded.
+    pub block: [u64; 3],
+    pub server_id: [u8; 16],
+}
+const _: () = assert!(size_of::<QuicScratch>() == 56);
 
 #[cfg(test)]
 mod tests {

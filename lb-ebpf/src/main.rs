@@ -12,6 +12,7 @@ mod maps;
 mod nat;
 mod nexthop;
 mod parse;
+mod quic;
 mod select;
 mod stats;
 mod tc;
@@ -60,7 +61,10 @@ fn balance(ctx: &XdpContext, b: &Bounds) -> Result<u32, Fail> {
     }
     let (id, svc) = select::service(&p)?;
     refuse_vlan(&p, svc)?;
-    let pick = select::backend(&p, id, svc, true)?;
+    let pick = match quic::route(ctx, b, &p, id) {
+        Some(pick) => pick,
+        None => select::backend(&p, id, svc, true)?,
+    };
     if p.frag == FRAG_FIRST {
         frags::remember(&p, id, pick.backend);
     }

@@ -3,7 +3,10 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+};
+use lb_common::quic::{
+    AesTables, QUIC_ROUTE_COUNT, QuicScratch, QuicServiceEntry, QuicSidKey, QuicSidValue,
 };
 use lb_common::{
     ACTION_COUNT, AddrKey, BackendEntry, Counters, DEFAULT_FLOW_INSERT_RATE,
@@ -108,3 +111,29 @@ pub static LB_NEXTHOPS: Array<NextHop> = Array::with_max_entries(MAX_BACKENDS, 0
 /// `nat`/`dsr` packets by where their next hop came from (`NextHopVia`).
 #[map]
 pub static LB_NH_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NEXTHOP_VIA_COUNT, 0);
+
+/// Each service's QUIC-LB config (flags 0: none), by service id.
+#[map]
+pub static LB_QUIC_SVCS: Array<QuicServiceEntry> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// (service id, server id) -> the backend holding the server id.
+#[map]
+pub static LB_QUIC_SIDS: HashMap<QuicSidKey, QuicSidValue> =
+    HashMap::with_max_entries(MAX_BACKENDS, 0);
+
+/// UDP packets of QUIC-LB services by `QuicRoute`, per service.
+#[map]
+pub static LB_QUIC_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(MAX_SERVICES * QUIC_ROUTE_COUNT, 0);
+
+/// The AES tables (one entry), written by the daemon at load.
+#[map]
+pub static LB_AES: Array<AesTables> = Array::with_max_entries(1, 0);
+
+/// `lb_xdp` <-> `lb_xdp_quic_decrypt` hand-over (one entry per CPU).
+#[map]
+pub static LB_QUIC_SCRATCH: PerCpuArray<QuicScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The decrypt program and `lb_xdp`, for their tail calls to each other.
+#[map]
+pub static LB_QUIC_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);

@@ -68,7 +68,7 @@ pub struct Pick {
 /// remembers: same service, same generation (ids are reused), and it keeps
 /// its flows (active or draining).
 #[inline(always)]
-fn holder(id: u32, service: u32, generation: u32) -> Option<&'static BackendEntry> {
+pub(crate) fn holder(id: u32, service: u32, generation: u32) -> Option<&'static BackendEntry> {
     let e = LB_BACKENDS.get(id)?;
     let keeps = e.state == BACKEND_ACTIVE || e.state == BACKEND_DRAINING;
     if keeps && e.service == service && e.generation == generation {
@@ -292,6 +292,10 @@ pub fn answers(fwd: &Packet, port: u16, addr: &Addr) -> bool {
     let Ok((id, svc)) = service(fwd) else {
         return false;
     };
+    // A QUIC flow may reach any backend by its CID, whatever its 4-tuple.
+    if crate::quic::routes_by_cid(fwd, id) {
+        return true;
+    }
     let m = svc.table_size;
     if m == 0 || svc.active >= TABLES_PER_SERVICE {
         return false;

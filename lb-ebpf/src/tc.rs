@@ -18,7 +18,7 @@ use lb_common::{
 use crate::{
     frags, icmp,
     parse::{self, Bounds, FRAG_FIRST, FRAG_LATER, L3, Packet, TCP_CHECK_OFF, UDP_CHECK_OFF},
-    select,
+    quic, select,
     stats::{self, Fail},
 };
 
@@ -107,7 +107,10 @@ fn ingress(ctx: &TcContext) -> Result<u32, Fail> {
     if svc.forwarding != FWD_LOCAL {
         return Err(Fail::Drop(Reason::NoBackend));
     }
-    let pick = select::backend(&p, id, svc, true)?;
+    let pick = match quic::route(&quic::NoDecrypt, &b, &p, id) {
+        Some(pick) => pick,
+        None => select::backend(&p, id, svc, true)?,
+    };
     if p.frag == FRAG_FIRST {
         frags::remember(&p, id, pick.backend);
     }

@@ -402,6 +402,15 @@ fn print_service(s: &ServiceView) {
             .join("+"),
         s.forwarding.name()
     );
+    if let Some(q) = &s.quic {
+        println!(
+            "  QUIC-LB: config id {}, server id {} bytes, nonce {} bytes, {}",
+            q.config_id,
+            q.server_id_len,
+            q.nonce_len,
+            q.mode.unwrap_or_default().name()
+        );
+    }
     if s.fail_open {
         println!(
             "  FAIL-OPEN: every backend failed its health checks; the last ones keep taking flows \
@@ -425,6 +434,9 @@ fn print_backend(b: &BackendView) {
             .map(|e| format!(" ({e})"))
             .unwrap_or_default(),
     );
+    if let Some(id) = &b.server_id {
+        println!("  {:<28} server id {id}", "");
+    }
 }
 
 /// A `--backend` value: ADDRESS or ADDRESS=WEIGHT.

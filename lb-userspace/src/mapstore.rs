@@ -4,6 +4,7 @@
 //! sweeps) is tested without root or a kernel.
 use std::collections::{BTreeMap, HashMap};
 
+use lb_common::quic::{QuicServiceEntry, QuicSidKey, QuicSidValue};
 use lb_common::{
     AddrKey, BackendEntry, FlowKey, FlowValue, MaglevSlot, PortEntry, RevAddrValue, RevPortEntry,
     ServiceEntry, TABLES_PER_SERVICE,
@@ -50,6 +51,13 @@ pub trait MapStore {
     fn read_addr_services(&self) -> Result<Vec<(AddrKey, u32)>>;
     fn read_rev_addrs(&self) -> Result<Vec<(AddrKey, RevAddrValue)>>;
     fn read_backends(&self) -> Result<Vec<(u32, BackendEntry)>>;
+    /// `LB_QUIC_SVCS[id]` (a default entry: no QUIC-LB).
+    fn write_quic_service(&mut self, id: u32, entry: &QuicServiceEntry) -> Result<()>;
+    fn set_quic_server_id(&mut self, key: &QuicSidKey, value: &QuicSidValue) -> Result<()>;
+    /// Absent already is fine.
+    fn delete_quic_server_id(&mut self, key: &QuicSidKey);
+    /// Adoption: every entry of `LB_QUIC_SIDS`.
+    fn read_quic_server_ids(&self) -> Result<Vec<(QuicSidKey, QuicSidValue)>>;
 }
 
 /// The maps in memory, with the same table semantics as the kernel's: three
@@ -68,6 +76,8 @@ pub struct MemStore {
     pub rev_ports: BTreeMap<u32, RevPortEntry>,
     pub rev_addrs: HashMap<AddrKey, RevAddrValue>,
     pub flows: HashMap<FlowKey, FlowValue>,
+    pub quic_services: BTreeMap<u32, QuicServiceEntry>,
+    pub quic_server_ids: BTreeMap<QuicSidKey, QuicSidValue>,
     /// Table installs, for tests that count them.
     pub installs: usize,
     /// Backend ids whose next hop was cleared, in order.
@@ -243,6 +253,28 @@ impl MapStore for MemStore {
             .filter(|(_, v)| !unset(*v))
             .map(|(k, v)| (*k, *v))
             .collect())
+    }
+
+    fn write_quic_service(&mut self, id: u32, entry: &QuicServiceEntry) -> Result<()> {
+        if unset(entry) {
+            self.quic_services.remove(&id);
+        } else {
+            self.quic_services.insert(id, *entry);
+        }
+        Ok(())
+    }
+
+    fn set_quic_server_id(&mut self, key: &QuicSidKey, value: &QuicSidValue) -> Result<()> {
+        self.quic_server_ids.insert(*key, *value);
+        Ok(())
+    }
+
+    fn delete_quic_server_id(&mut self, key: &QuicSidKey) {
+        self.quic_server_ids.remove(key);
+    }
+
+    fn read_quic_server_ids(&self) -> Result<Vec<(QuicSidKey, QuicSidValue)>> {
+        Ok(self.quic_server_ids.iter().map(|(k, v)| (*k, *v)).collect())
     }
 }
 

@@ -35,6 +35,8 @@ pub struct Snapshot {
     /// Seconds the reconcile loop has had work waiting without finishing
     /// any of it (0 when idle).
     pub reconcile_stalled_seconds: f64,
+    /// QUIC-LB services' UDP packets by `lb_common::quic::QuicRoute`.
+    pub quic: Vec<(String, [u64; lb_common::quic::QUIC_ROUTE_COUNT as usize])>,
 }
 
 pub struct Metrics {
@@ -65,6 +67,7 @@ pub struct Metrics {
     flow_capacity: IntGauge,
     reconcile_pending: IntGauge,
     reconcile_stalled: Gauge,
+    quic_packets: IntCounterVec,
     /// Label sets currently exported per backend, to drop removed ones.
     exported: Mutex<HashSet<(String, String)>>,
 }
@@ -262,6 +265,14 @@ impl Metrics {
                      (0 when idle)",
                 ),
             ),
+            quic_packets: counter_vec(
+                &r,
+                lb_common::metrics::QUIC_PACKETS,
+                "UDP packets of QUIC-LB services by route: cid (the server id in the CID chose \
+                 the backend) or why the 4-tuple did (long_header, too_short, \
+                 unroutable_config, unknown_server_id, not_decrypted)",
+                &["service", "route"],
+            ),
             registry: r,
             exported: Mutex::new(HashSet::new()),
         }
@@ -356,6 +367,15 @@ impl Metrics {
                 &self.next_hops.with_label_values(&[*name]),
                 snap.next_hops[i],
             );
+        }
+        self.quic_packets.reset();
+        for (s, counts) in &snap.quic {
+            for (i, route) in lb_common::quic::QUIC_ROUTE_NAMES.iter().enumerate() {
+                set(
+                    &self.quic_packets.with_label_values(&[s.as_str(), route]),
+                    counts[i],
+                );
+            }
         }
         self.flow_entries.set(snap.flow_entries as i64);
         self.flow_capacity.set(snap.flow_capacity as i64);

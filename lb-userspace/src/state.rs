@@ -38,6 +38,10 @@ struct StateFile {
     /// Last health verdict by service, then backend.
     #[serde(default)]
     health: BTreeMap<String, BTreeMap<SocketAddr, bool>>,
+    /// QUIC-LB server ids (hex) by service, then backend: the ones the
+    /// daemon assigned stay with their backends across restarts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    server_ids: BTreeMap<String, BTreeMap<SocketAddr, String>>,
 }
 
 /// Health verdicts by (service, backend); a missing one counts as healthy.
@@ -53,6 +57,8 @@ pub struct Saved {
     /// The services after the API changes, when there are any.
     pub changed: Option<Vec<ServiceConfig>>,
     pub health: Verdicts,
+    /// Every backend's QUIC-LB server id when last saved.
+    pub server_ids: config::quic::ServerIds,
 }
 
 #[derive(Debug, Error)]
@@ -188,6 +194,7 @@ pub fn load(path: &Path) -> Result<Option<Saved>, StateError> {
                 &invalid,
             )?),
             health: Verdicts::new(),
+            server_ids: config::quic::ServerIds::new(),
         })),
         VERSION => {
             let mut health = Verdicts::new();
@@ -196,7 +203,16 @@ pub fn load(path: &Path) -> Result<Option<Saved>, StateError> {
                     health.insert((svc.clone(), b), up);
                 }
             }
+            let mut server_ids = config::quic::ServerIds::new();
+            for (svc, backends) in file.server_ids {
+                for (b, hex) in backends {
+                    let id = config::quic::ServerId::parse(&hex)
+                        .map_err(|m| invalid(format!("server_ids.{svc}.{b}: {m}")))?;
+                    server_ids.insert((svc.clone(), b), id);
+                }
+            }
             Ok(Some(Saved {
+                server_ids,
                 fingerprint: file.config_fingerprint,
                 base: services(file.base.as_deref().unwrap_or_default(), "base", &invalid)?,
                 changed: match &file.changed {
@@ -222,6 +238,13 @@ pub fn save(path: &Path, saved: &Saved) -> Result<(), StateError> {
     for ((svc, b), up) in &saved.health {
         health.entry(svc.clone()).or_default().insert(*b, *up);
     }
+    let mut server_ids: BTreeMap<String, BTreeMap<SocketAddr, String>> = BTreeMap::new();
+    for ((svc, b), id) in &saved.server_ids {
+        server_ids
+            .entry(svc.clone())
+            .or_default()
+            .insert(*b, id.to_string());
+    }
     let file = StateFile {
         version: VERSION,
         services: None,
@@ -237,6 +260,7 @@ pub fn save(path: &Path, saved: &Saved) -> Result<(), StateError> {
             .as_ref()
             .map(|c| c.iter().map(RawService::from).collect()),
         health,
+        server_ids,
     };
     let text = serde_json::to_vec_pretty(&file)
         .map_err(std::io::Error::other)
@@ -270,7 +294,9 @@ mod tests {
                 address: "127.0.0.1:8001".parse().unwrap(),
                 weight: 7,
                 state: AdminState::Draining,
+                server_id: None,
             }],
+            quic: None,
         }]
     }
 
@@ -282,6 +308,11 @@ mod tests {
         let mut changed = services();
         changed[0].backends[0].weight = 9;
         let saved = Saved {
+            server_ids: [(
+                ("web".to_string(), "127.0.0.1:8001".parse().unwrap()),
+                config::quic::ServerId(vec![0, 7]),
+            )]
+            .into(),
             fingerprint: Some(fingerprint(&services())),
             base: services(),
             changed: Some(changed),
@@ -327,6 +358,7 @@ mod tests {
             address: "127.0.0.1:8002".parse().unwrap(),
             weight: 1,
             state: AdminState::Active,
+            server_id: None,
         });
         assert_ne!(fingerprint(&base), fingerprint(&changed));
         assert_eq!(

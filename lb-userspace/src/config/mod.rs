@@ -7,6 +7,7 @@ mod errors;
 mod file;
 mod model;
 mod paths;
+pub mod quic;
 mod spans;
 mod validate;
 mod wire;
@@ -28,7 +29,7 @@ pub use validate::{
 };
 pub use wire::{
     AdminState, AttachMode, Forwarding, HealthKind, Protocol, RawAdmin, RawBackend, RawDataplane,
-    RawFile, RawHealth, RawHealthGlobal, RawLimits, RawPolicy, RawService, WhenAllDown,
+    RawFile, RawHealth, RawHealthGlobal, RawLimits, RawPolicy, RawQuic, RawService, WhenAllDown,
 };
 
 #[cfg(test)]

@@ -64,6 +64,8 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendConfig>,
     /// Networks the backends must lie in; empty: no such rule.
     pub allowed_backend_networks: Vec<Cidr>,
+    /// QUIC-LB: route UDP short-header packets by the server id in their CID.
+    pub quic: Option<super::quic::QuicConfig>,
 }
 
 /// How many services and backends the daemon takes on, from `[limits]`.
@@ -182,6 +184,8 @@ pub struct BackendConfig {
     pub address: SocketAddr,
     pub weight: u16,
     pub state: AdminState,
+    /// QUIC-LB server id as configured (the daemon assigns one when absent).
+    pub server_id: Option<super::quic::ServerId>,
 }
 
 /// The backend address policy: addresses no service may send traffic to,

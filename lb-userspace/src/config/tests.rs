@@ -594,6 +594,7 @@ fn backend_address_policy_names_the_rule() {
             address: backend.into(),
             weight: 1,
             state: None,
+            server_id: None,
         };
         let api = super::backend(&[], &raw).unwrap_err().in_body().to_string();
         assert_eq!(

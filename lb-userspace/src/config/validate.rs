@@ -172,6 +172,13 @@ pub fn backend(path: &[Seg], raw: &RawBackend) -> Result<BackendConfig, FieldErr
         address,
         weight,
         state,
+        server_id: match &raw.server_id {
+            Some(s) => Some(
+                super::quic::ServerId::parse(s)
+                    .map_err(|m| FieldError::new(&key(path, "server_id"), m))?,
+            ),
+            None => None,
+        },
     })
 }
 
@@ -331,11 +338,16 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
         Some(list) => networks(&key(path, "allowed_backend_networks"), list)?,
         None => Vec::new(),
     };
+    let quic = match &raw.quic {
+        Some(q) => Some(super::quic::quic(&key(path, "quic"), q, &protocols)?),
+        None => None,
+    };
     let mut backends = Vec::new();
     let mut seen = HashSet::new();
     for (i, b) in raw.backends.iter().enumerate() {
         let bp = index(&key(path, "backends"), i);
         let b = backend(&bp, b)?;
+        super::quic::server_id(&bp, b.server_id.as_ref(), quic.as_ref())?;
         if !allowed_backend_networks.is_empty()
             && !allowed_backend_networks
                 .iter()
@@ -399,7 +411,7 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
         }
         backends.push(b);
     }
-    Ok(ServiceConfig {
+    let s = ServiceConfig {
         name: raw.name.clone(),
         listen,
         protocols,
@@ -408,7 +420,10 @@ pub fn service(path: &[Seg], raw: &RawService) -> Result<ServiceConfig, FieldErr
         when_all_down,
         backends,
         allowed_backend_networks,
-    })
+        quic,
+    };
+    super::quic::check_unique(path, &s)?;
+    Ok(s)
 }
 
 /// A backend address listed once per service.

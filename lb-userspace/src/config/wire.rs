@@ -134,6 +134,33 @@ pub struct RawService {
     /// CIDRs this service's backends must lie in (besides `[policy]`'s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_backend_networks: Option<Vec<String>>,
+    /// QUIC-LB: UDP short-header packets go to the backend whose server id
+    /// their destination connection ID carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic: Option<RawQuic>,
+}
+
+/// A service's QUIC-LB configuration (draft-ietf-quic-load-balancers).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Quic)]
+pub struct RawQuic {
+    /// The CID's config rotation bits, 0..=6 (7 marks unroutable CIDs).
+    #[schema(minimum = 0, maximum = 6)]
+    pub config_id: i64,
+    /// Bytes of server id after the CID's first octet, 1..=15.
+    #[schema(minimum = 1, maximum = 15)]
+    pub server_id_len: i64,
+    /// Bytes of nonce after the server id, 4..=18; with server_id_len at most 19.
+    #[schema(minimum = 4, maximum = 18)]
+    pub nonce_len: i64,
+    /// "plaintext" (default) or "encrypted".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<super::quic::QuicMode>,
+    /// Encrypted mode: a file holding the 16-byte AES key as 32 hex digits
+    /// (mode 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, utoipa::ToSchema)]
@@ -175,6 +202,11 @@ pub struct RawBackend {
     pub weight: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<AdminState>,
+    /// QUIC-LB server id, hex (server_id_len bytes); assigned by the daemon
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "0a01")]
+    pub server_id: Option<String>,
 }
 
 /// What a health check sends: the kind's own fields (`path`, `payload`,
@@ -215,6 +247,16 @@ impl From<&ServiceConfig> for RawService {
                     .map(ToString::to_string)
                     .collect()
             }),
+            quic: s.quic.as_ref().map(|q| RawQuic {
+                config_id: i64::from(q.cid.config_id),
+                server_id_len: i64::from(q.cid.server_id_len),
+                nonce_len: i64::from(q.cid.nonce_len),
+                mode: Some(match q.cid.mode {
+                    lb_common::quic::CidMode::Plaintext => super::quic::QuicMode::Plaintext,
+                    lb_common::quic::CidMode::Encrypted => super::quic::QuicMode::Encrypted,
+                }),
+                key_file: q.key_file.as_ref().map(|p| p.display().to_string()),
+            }),
         }
     }
 }
@@ -225,6 +267,7 @@ impl From<&BackendConfig> for RawBackend {
             address: b.address.to_string(),
             weight: i64::from(b.weight),
             state: Some(b.state),
+            server_id: b.server_id.as_ref().map(ToString::to_string),
         }
     }
 }

@@ -92,6 +92,7 @@ pub struct Prepared {
     services: Vec<ServiceConfig>,
     dropped: Vec<String>,
     health: Verdicts,
+    server_ids: config::quic::ServerIds,
     mode: crate::dataplane::AttachMode,
     attached_iface: String,
     writer: MapWriter,
@@ -191,6 +192,9 @@ struct Shared {
     /// Per-backend rates for the status page, sampled every
     /// `rates::SAMPLE_EVERY`.
     rates: Mutex<crate::rates::Rates>,
+    /// Every QUIC-LB backend's server id as installed (configured or
+    /// assigned); saved with the state file.
+    server_ids: Mutex<config::quic::ServerIds>,
 }
 
 impl Progress {
@@ -235,6 +239,34 @@ impl Shared {
 #[derive(Clone)]
 pub struct Daemon {
     shared: Arc<Shared>,
+}
+
+/// The QUIC-LB part of what the map writer installs.
+fn quic_specs(
+    services: &[ServiceConfig],
+    ids: &config::quic::ServerIds,
+) -> crate::dataplane::QuicSpecs {
+    services
+        .iter()
+        .filter_map(|s| {
+            let q = s.quic.as_ref()?;
+            let server_ids = s
+                .backends
+                .iter()
+                .filter_map(|b| {
+                    let id = ids.get(&(s.name.clone(), b.address))?;
+                    Some((b.address, id.0.clone()))
+                })
+                .collect();
+            Some((
+                s.name.clone(),
+                crate::dataplane::QuicSpec {
+                    cid: q.cid,
+                    server_ids,
+                },
+            ))
+        })
+        .collect()
 }
 
 fn specs(

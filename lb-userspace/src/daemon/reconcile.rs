@@ -23,18 +23,24 @@ pub(super) async fn collect_batch(
 
 impl Daemon {
     /// The state file's contents for `inner`.
-    pub(super) fn saved(inner: &Inner, services: &[ServiceConfig], health: &Verdicts) -> Saved {
+    pub(super) fn saved(
+        &self,
+        inner: &Inner,
+        services: &[ServiceConfig],
+        health: &Verdicts,
+    ) -> Saved {
         Saved {
             fingerprint: Some(inner.base_fp.clone()),
             base: inner.base.clone(),
             changed: (services != inner.base.as_slice()).then(|| services.to_vec()),
             health: health.clone(),
+            server_ids: lock(&self.shared.server_ids).clone(),
         }
     }
 
     /// Writes `inner` to the state file (off the async runtime).
     pub(super) async fn persist(&self, inner: &Inner) -> Result<(), StateError> {
-        let saved = Self::saved(inner, &inner.services, &inner.health);
+        let saved = self.saved(inner, &inner.services, &inner.health);
         let path = self.shared.state_file.clone();
         tokio::task::spawn_blocking(move || state::save(&path, &saved))
             .await
@@ -233,11 +239,15 @@ impl Daemon {
         health: &HashMap<(String, SocketAddr), bool>,
     ) -> Result<(), ChangeError> {
         let specs = specs(services, health);
+        let server_ids = config::quic::assign(services, &lock(&self.shared.server_ids));
+        let quic = quic_specs(services, &server_ids);
         let writer = self.shared.writer.clone();
         let started = Instant::now();
         let (report, fail_open) = tokio::task::spawn_blocking(move || {
             let mut w = lock(&writer);
-            let report = w.apply(&specs);
+            let report = w
+                .apply(&specs)
+                .and_then(|r| w.apply_quic(&quic).map(|()| r));
             let fail_open: std::collections::HashSet<String> = specs
                 .iter()
                 .filter(|s| w.fail_open(&s.name))
@@ -258,6 +268,7 @@ impl Daemon {
             }
             e => ChangeError::Failed(e.to_string()),
         })?;
+        *lock(&self.shared.server_ids) = server_ids;
         for service in &report.installed {
             self.shared.metrics.table_installed(service);
         }
@@ -461,7 +472,7 @@ impl Daemon {
             starts.insert(key, start);
         }
         self.install(&services, &health).await?;
-        let saved = Self::saved(inner, &services, &health);
+        let saved = self.saved(inner, &services, &health);
         let path = self.shared.state_file.clone();
         let persisted = tokio::task::spawn_blocking(move || state::save(&path, &saved))
             .await

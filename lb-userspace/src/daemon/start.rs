@@ -247,6 +247,10 @@ impl Daemon {
         } else {
             state::load(state_file)?
         };
+        let server_ids = saved
+            .as_ref()
+            .map(|s| s.server_ids.clone())
+            .unwrap_or_default();
         let (services, dropped, mut health) = resolve(&config.services, saved);
         if services != config.services {
             info!(file = %state_file.display(), "re-applying the changes made through the API on this config");
@@ -292,6 +296,7 @@ impl Daemon {
             services,
             dropped,
             health,
+            server_ids,
             mode,
             attached_iface,
             writer,
@@ -359,6 +364,7 @@ impl Daemon {
                 requests,
                 progress: Mutex::new(Progress::default()),
                 rates: Mutex::new(Default::default()),
+                server_ids: Mutex::new(p.server_ids),
             }
         });
         let daemon = Daemon { shared };
@@ -398,7 +404,9 @@ impl Daemon {
             // An existing file is rewritten at once: a reset or a dropped
             // change stays so, and the file names the config it now follows.
             // (No file yet: nothing to record until something changes.)
-            if daemon.shared.state_file.exists()
+            // Server ids the daemon assigned are recorded at once.
+            let assigned = inner.services.iter().any(|s| s.quic.is_some());
+            if (daemon.shared.state_file.exists() || assigned)
                 && let Err(e) = daemon.persist(&inner).await
             {
                 warn!(

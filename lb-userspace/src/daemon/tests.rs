@@ -20,8 +20,10 @@ fn svc(weights: &[u16]) -> Vec<ServiceConfig> {
                 address: format!("127.0.0.1:{}", 8001 + i).parse().unwrap(),
                 weight: *w,
                 state: AdminState::Active,
+                server_id: None,
             })
             .collect(),
+        quic: None,
     }]
 }
 
@@ -33,6 +35,7 @@ fn api_changes_apply_only_on_the_config_they_were_made_on() {
         base: base.to_vec(),
         changed: Some(changed.clone()),
         health: Default::default(),
+        server_ids: Default::default(),
     };
     // Same config: the changes come back.
     let (services, dropped, _) = super::resolve(&base, Some(saved(&base)));

@@ -48,6 +48,10 @@ pub struct BackendView {
     pub healthy: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// QUIC-LB server id (hex) the backend's CIDs must carry: configured,
+    /// or assigned by the daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<String>,
 }
 
 /// What `GET /api/v1/stats` shows: per backend its share of the Maglev
@@ -65,6 +69,10 @@ pub struct ServiceStats {
     /// Slots of the installed Maglev table (0 before one is installed).
     pub table_size: u32,
     pub backends: Vec<BackendStats>,
+    /// QUIC-LB services: UDP packets by route since the data plane loaded
+    /// (`cid`, or the fallback's reason).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quic_packets: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 #[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
@@ -91,6 +99,21 @@ pub struct ServiceView {
     /// last still take flows (`when_all_down = "keep_last"`).
     pub fail_open: bool,
     pub backends: Vec<BackendView>,
+    /// QUIC-LB routing by connection ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic: Option<config::RawQuic>,
+}
+
+/// A QUIC-LB service's packets by route (`None`: not such a service).
+fn quic_counts(
+    w: &MapWriter,
+    service: &str,
+) -> Option<[u64; lb_common::quic::QUIC_ROUTE_COUNT as usize]> {
+    if !w.routes_by_cid(service) {
+        return None;
+    }
+    let id = w.service_id(service)?;
+    w.dataplane().quic_route_counts(id).ok()
 }
 
 impl Daemon {
@@ -124,6 +147,7 @@ impl Daemon {
         let inner = self.shared.inner.lock().await;
         let status = inner.checker.status();
         let fail_open = lock(&self.shared.fail_open).clone();
+        let server_ids = lock(&self.shared.server_ids).clone();
         inner
             .services
             .iter()
@@ -137,6 +161,7 @@ impl Daemon {
                     health: raw.health,
                     when_all_down: s.when_all_down,
                     fail_open: fail_open.contains(&s.name),
+                    quic: raw.quic,
                     backends: s
                         .backends
                         .iter()
@@ -148,6 +173,7 @@ impl Daemon {
                                 state: b.state,
                                 healthy: inner.health.get(&key).copied().unwrap_or(true),
                                 last_error: status.get(&key).and_then(|h| h.last_error.clone()),
+                                server_id: server_ids.get(&key).map(ToString::to_string),
                             }
                         })
                         .collect(),
@@ -225,7 +251,8 @@ impl Daemon {
                             (address, slots)
                         })
                         .collect();
-                    (name, slots, table_size)
+                    let quic = quic_counts(&w, &name);
+                    (name, slots, table_size, quic)
                 })
                 .collect::<Vec<_>>()
         })
@@ -234,7 +261,14 @@ impl Daemon {
         let rates = lock(&self.shared.rates);
         let view = shares
             .into_iter()
-            .map(|(name, slots, table_size)| ServiceStats {
+            .map(|(name, slots, table_size, quic)| ServiceStats {
+                quic_packets: quic.map(|counts| {
+                    lb_common::quic::QUIC_ROUTE_NAMES
+                        .iter()
+                        .zip(counts)
+                        .map(|(n, c)| ((*n).to_string(), c))
+                        .collect()
+                }),
                 backends: slots
                     .into_iter()
                     .map(|(address, slots)| BackendStats {
@@ -291,6 +325,10 @@ impl Daemon {
             snap.dropped = dp.drop_counts().unwrap_or_default();
             snap.events = dp.event_counts().unwrap_or_default();
             snap.next_hops = dp.next_hop_counts().unwrap_or_default();
+            snap.quic = services
+                .iter()
+                .filter_map(|s| Some((s.name.clone(), quic_counts(&w, &s.name)?)))
+                .collect();
             snap
         })
         .await

@@ -92,7 +92,12 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(object)?;
-        for name in [programs::XDP, programs::TC_EGRESS, programs::TC_INGRESS] {
+        for name in [
+            programs::XDP,
+            programs::TC_EGRESS,
+            programs::TC_INGRESS,
+            programs::XDP_QUIC_DECRYPT,
+        ] {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(DataplaneError::Missing(name))?;
@@ -129,6 +134,7 @@ impl Dataplane {
             tx_ports: typed!(&mut ebpf, maps::TX_PORTS),
             next_hops: typed!(&mut ebpf, maps::NEXTHOPS),
             next_hop_stats: typed!(&mut ebpf, maps::NEXTHOP_STATS),
+            quic: super::quic::QuicMaps::take(&mut ebpf)?,
             opts,
             ebpf,
             links: Vec::new(),

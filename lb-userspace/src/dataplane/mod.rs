@@ -9,6 +9,7 @@ mod attach;
 mod counters;
 mod load;
 mod nexthop;
+mod quic;
 mod spec;
 mod store;
 mod tables;
@@ -37,8 +38,8 @@ pub use nexthop::NextHopWriter;
 pub use spec::{AdminState, BackendSpec, Forwarding, Protocol, ServiceSpec, WhenAllDown};
 pub use tables::TableReader;
 pub use writer::{
-    ApplyReport, MapWriter, SweepFound, SweepPlan, SweepReport, monotonic_secs, next_slots,
-    rewrites_address, walk_pins,
+    ApplyReport, MapWriter, QuicSpec, QuicSpecs, SweepFound, SweepPlan, SweepReport,
+    monotonic_secs, next_slots, rewrites_address, walk_pins,
 };
 
 use crate::{maglev, pins};
@@ -168,6 +169,7 @@ pub struct Dataplane {
     tx_ports: DevMapHash<MapData>,
     next_hops: Array<MapData, NextHop>,
     next_hop_stats: PerCpuArray<MapData, u64>,
+    quic: quic::QuicMaps,
     /// Pinned links this process holds, with their pin files.
     links: Vec<(PathBuf, FdLink)>,
     /// The maps came from an earlier daemon's pins.

@@ -141,6 +141,32 @@ impl MapStore for Dataplane {
     fn read_backends(&self) -> Result<Vec<(u32, BackendEntry)>> {
         set_entries(&self.backends, maps::BACKENDS)
     }
+
+    fn write_quic_service(
+        &mut self,
+        id: u32,
+        entry: &lb_common::quic::QuicServiceEntry,
+    ) -> Result<()> {
+        Dataplane::write_quic_service(self, id, entry)
+    }
+
+    fn set_quic_server_id(
+        &mut self,
+        key: &lb_common::quic::QuicSidKey,
+        value: &lb_common::quic::QuicSidValue,
+    ) -> Result<()> {
+        Dataplane::set_quic_server_id(self, key, value)
+    }
+
+    fn delete_quic_server_id(&mut self, key: &lb_common::quic::QuicSidKey) {
+        Dataplane::delete_quic_server_id(self, key);
+    }
+
+    fn read_quic_server_ids(
+        &self,
+    ) -> Result<Vec<(lb_common::quic::QuicSidKey, lb_common::quic::QuicSidValue)>> {
+        Dataplane::read_quic_server_ids(self)
+    }
 }
 
 /// The entries of an array map that are not the default, with their index.

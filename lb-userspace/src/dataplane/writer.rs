@@ -3,6 +3,7 @@
 //! installed, and reading back what an earlier daemon left in pinned maps.
 
 mod lookup;
+mod quic;
 mod sticky;
 
 use std::{
@@ -17,6 +18,7 @@ use lb_common::{
 };
 use tracing::{debug, info, warn};
 
+pub use quic::{QuicSpec, QuicSpecs};
 pub use sticky::{SweepFound, SweepPlan, SweepReport, monotonic_secs, next_slots, walk_pins};
 
 use super::{
@@ -70,6 +72,8 @@ pub struct MapWriter<S: MapStore = Dataplane> {
     backend_entries: HashMap<u32, BackendEntry>,
     /// The next `BackendEntry::generation` to hand out.
     next_generation: u32,
+    /// What `apply_quic` last wrote.
+    quic: quic::Written,
 }
 
 /// What an `apply` changed, for logs and metrics.
@@ -119,6 +123,7 @@ impl<S: MapStore> MapWriter<S> {
             rev_addrs: HashMap::new(),
             backend_entries: HashMap::new(),
             next_generation: 1,
+            quic: quic::Written::default(),
         };
         if w.dp.adopted() {
             match w.adopt() {
@@ -175,6 +180,7 @@ impl<S: MapStore> MapWriter<S> {
         self.rev_ports.extend(self.dp.read_rev_ports()?);
         self.addr_services.extend(self.dp.read_addr_services()?);
         self.rev_addrs.extend(self.dp.read_rev_addrs()?);
+        self.quic.server_ids.extend(self.dp.read_quic_server_ids()?);
         // Generations go on from the highest in the maps, so no id handed
         // out from now on matches a pin or slot of an earlier holder.
         for (i, e) in self.dp.read_backends()? {
