@@ -371,9 +371,22 @@ fn summary(
             flows.saturating_sub(tcp),
         ));
     }
+    // The balancer's view of the QUIC packets: routed by the server id in
+    // their CID, or by the 4-tuple (long headers and the like).
+    let (mut by_cid, mut fallback) = (0, 0);
+    for ((name, labels), v) in &m.0 {
+        if name != "lb_quic_packets_total" {
+            continue;
+        }
+        match labels.iter().find(|(k, _)| k == "route") {
+            Some((_, r)) if r == "cid" => by_cid += *v as u64,
+            Some(_) => fallback += *v as u64,
+            None => {}
+        }
+    }
     println!(
         "[{:>4}s] requests per backend: {} | https {} ok {} failed | quic {} opened {} failed, \
-         moves {} kept {} lost",
+         moves {} kept {} lost, packets {by_cid} by CID {fallback} by 4-tuple",
         started.elapsed().as_secs(),
         parts.join("  "),
         ok.load(Ordering::Relaxed),
