@@ -7,6 +7,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Mutex, time::Duration};
 
 use rstest::rstest;
 
+use lb_common::quic::{CidConfig, CidMode};
 use lb_tests::{
     netns::Topology,
     quic::{Cids, LbCids, PLAINTEXT_TOML, QuicClient, QuicConn, QuicServer, Who, plaintext_config},
@@ -82,22 +83,75 @@ const REBIND_AFTER: usize = 64 << 10;
 /// the idle timeout, 3 s).
 const MOVE_LIMIT: Duration = Duration::from_secs(15);
 
+/// How the servers make their CIDs and the balancer reads them.
+#[derive(Clone, Copy, Debug)]
+enum Scheme {
+    /// Config id 1, a 2-byte server id, an 8-byte nonce, in the clear.
+    Plaintext,
+    /// The same lengths, encrypted: the draft's four-pass scheme.
+    FourPass,
+    /// A 4-byte server id and a 12-byte nonce, encrypted: one AES block.
+    SinglePass,
+}
+
+/// The AES key of the encrypted schemes.
+const KEY: [u8; 16] = *b"lb-e2e-quic-key!";
+
+impl Scheme {
+    fn config(self) -> CidConfig {
+        let (server_id_len, nonce_len, mode) = match self {
+            Scheme::Plaintext => return plaintext_config(),
+            Scheme::FourPass => (2, 8, CidMode::Encrypted),
+            Scheme::SinglePass => (4, 12, CidMode::Encrypted),
+        };
+        CidConfig {
+            config_id: 1,
+            server_id_len,
+            nonce_len,
+            mode,
+            key: KEY,
+        }
+    }
+
+    /// The service's `quic` table; an encrypted one's key file is written
+    /// to the site's scratch directory.
+    fn toml(self, site: &Site) -> String {
+        let c = self.config();
+        if c.mode == CidMode::Plaintext {
+            return PLAINTEXT_TOML.to_string();
+        }
+        let hex: String = KEY.iter().map(|b| format!("{b:02x}")).collect();
+        let key = site.dir.secret("quic.key", &format!("{hex}\n"));
+        format!(
+            "{{ config_id = {}, server_id_len = {}, nonce_len = {}, mode = \"encrypted\", \
+             key_file = {:?} }}",
+            c.config_id,
+            c.server_id_len,
+            c.nonce_len,
+            key.display().to_string()
+        )
+    }
+}
+
 /// Service `web`: UDP 443 to `weights` (port, weight), with QUIC-LB when
-/// `cid_routing`.
-fn service(weights: &[(u16, u16)], cid_routing: bool) -> ServiceConf {
+/// `quic` (a `quic` table) is given.
+fn service(weights: &[(u16, u16)], quic: Option<String>) -> ServiceConf {
     let mut svc = ServiceConf::tcp(weights);
     svc.protocols = vec!["udp"];
-    if cid_routing {
-        svc.quic = Some(PLAINTEXT_TOML.to_string());
-    }
+    svc.quic = quic;
     svc
 }
 
 /// A QUIC server on `0.0.0.0:port` of the balancer's namespace, named
-/// `backend-<port>.test`, issuing CIDs with `server_id`.
+/// `backend-<port>.test`, issuing plaintext CIDs with `server_id`.
 fn quic_backend(site: &Site, port: u16, server_id: &[u8]) -> QuicServer {
+    quic_backend_with(site, port, plaintext_config(), server_id)
+}
+
+/// [`quic_backend`] with CIDs of `config`.
+fn quic_backend_with(site: &Site, port: u16, config: CidConfig, server_id: &[u8]) -> QuicServer {
     let identity = site.pki.issue(&Site::backend_name(port));
-    let cids = LbCids::new(plaintext_config(), server_id).expect("a valid server id");
+    let cids = LbCids::new(config, server_id).expect("a valid server id");
     QuicServer::start(
         &site.servers,
         SocketAddr::from(([0, 0, 0, 0], port)),
@@ -212,7 +266,7 @@ fn quic_connections_follow_the_weights() {
     let _serial = serial();
     let site = Site::new("quic-weights");
     let weights = [(8001, 100), (8002, 200), (8003, 100)];
-    let lb = site.start_lb(&service(&weights, true));
+    let lb = site.start_lb(&service(&weights, Some(PLAINTEXT_TOML.into())));
     let _log = LogOnPanic(&lb);
     let ids = server_ids(&lb);
     let _servers: Vec<QuicServer> = weights
@@ -243,18 +297,25 @@ fn quic_connections_follow_the_weights() {
 /// QUIC-LB every one keeps its server; with the same service balanced by
 /// the 4-tuple only, a move lands on another server (which drops the
 /// foreign CID's packets) unless the new port hashes to the old one.
+/// The same with encrypted CIDs (both AES schemes of the draft), and
+/// with the program attached at TC ingress (plaintext: that program has no
+/// decryption).
 #[rstest]
-#[case::cid_routing(true)]
-#[case::four_tuple_only(false)]
-fn connections_keep_their_backend_through_a_migration(#[case] cid_routing: bool) {
+#[case::plaintext("native", Some(Scheme::Plaintext))]
+#[case::four_pass("native", Some(Scheme::FourPass))]
+#[case::single_pass("native", Some(Scheme::SinglePass))]
+#[case::tc_plaintext("tc", Some(Scheme::Plaintext))]
+#[case::four_tuple_only("native", None)]
+fn connections_keep_their_backend_through_a_migration(
+    #[case] mode: &'static str,
+    #[case] scheme: Option<Scheme>,
+) {
     let _serial = serial();
-    let site = Site::new(if cid_routing {
-        "quic-move"
-    } else {
-        "quic-move-off"
-    });
+    let cid_routing = scheme.is_some();
+    let tag = scheme.map_or("off".to_string(), |s| format!("{s:?}").to_lowercase());
+    let site = Site::with_mode(&format!("quic-move-{tag}"), mode);
     let weights = [(8001, 100), (8002, 100), (8003, 100)];
-    let lb = site.start_lb(&service(&weights, cid_routing));
+    let lb = site.start_lb(&service(&weights, scheme.map(|s| s.toml(&site))));
     let _log = LogOnPanic(&lb);
     // Without QUIC-LB the daemon assigns no ids; the servers issue QUIC-LB
     // CIDs all the same, so only the balancer differs between the cases.
@@ -266,9 +327,10 @@ fn connections_keep_their_backend_through_a_migration(#[case] cid_routing: bool)
             .map(|&(p, _)| (p, p.to_be_bytes().to_vec()))
             .collect()
     };
+    let config = scheme.unwrap_or(Scheme::Plaintext).config();
     let servers: Vec<QuicServer> = weights
         .iter()
-        .map(|&(p, _)| quic_backend(&site, p, &ids[&p]))
+        .map(|&(p, _)| quic_backend_with(&site, p, config, &ids[&p]))
         .collect();
     let client = QuicClient::new(&site.pki);
 
@@ -288,7 +350,7 @@ fn connections_keep_their_backend_through_a_migration(#[case] cid_routing: bool)
         .filter(|m| !matches!(m, Moved::Kept))
         .collect();
     println!(
-        "cid routing {cid_routing}: {kept} of {N} connections kept their backend through a \
+        "{mode} {scheme:?}: {kept} of {N} connections kept their backend through a \
          move; {} broke (first: {:?})",
         broke.len(),
         broke.first()
@@ -327,7 +389,10 @@ fn connections_keep_their_backend_through_a_migration(#[case] cid_routing: bool)
 fn servers_must_issue_the_server_ids_the_api_shows() {
     let _serial = serial();
     let site = Site::new("quic-ids");
-    let mut svc = service(&[(8001, 100), (8002, 100), (8003, 100)], true);
+    let mut svc = service(
+        &[(8001, 100), (8002, 100), (8003, 100)],
+        Some(PLAINTEXT_TOML.into()),
+    );
     svc.backends[2].server_id = Some("beef");
     let lb = site.start_lb(&svc);
     let _log = LogOnPanic(&lb);
@@ -394,7 +459,7 @@ fn a_backend_change_keeps_the_others_connections_through_a_migration() {
     let _serial = serial();
     let site = Site::new("quic-change");
     let weights = [(8001, 100), (8002, 100), (8003, 100)];
-    let lb = site.start_lb(&service(&weights, true));
+    let lb = site.start_lb(&service(&weights, Some(PLAINTEXT_TOML.into())));
     let _log = LogOnPanic(&lb);
     let ids = server_ids(&lb);
     let mut servers: HashMap<u16, QuicServer> = weights
