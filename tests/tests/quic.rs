@@ -150,20 +150,41 @@ fn quic_backend(site: &Site, port: u16, server_id: &[u8]) -> QuicServer {
 
 /// [`quic_backend`] with CIDs of `config`.
 fn quic_backend_with(site: &Site, port: u16, config: CidConfig, server_id: &[u8]) -> QuicServer {
-    let identity = site.pki.issue(&Site::backend_name(port));
-    let cids = LbCids::new(config, server_id).expect("a valid server id");
-    QuicServer::start(
-        &site.servers,
+    quic_backend_on(
+        site,
         SocketAddr::from(([0, 0, 0, 0], port)),
-        &identity,
-        Cids::Lb(cids),
+        config,
+        server_id,
     )
+}
+
+/// [`quic_backend_with`] bound to `addr`.
+fn quic_backend_on(
+    site: &Site,
+    addr: SocketAddr,
+    config: CidConfig,
+    server_id: &[u8],
+) -> QuicServer {
+    let identity = site.pki.issue(&Site::backend_name(addr.port()));
+    let cids = LbCids::new(config, server_id).expect("a valid server id");
+    QuicServer::start(&site.servers, addr, &identity, Cids::Lb(cids))
 }
 
 /// `n` new connections to the service, `at_once` at a time, each asked who
 /// serves it. Panics on a failed handshake or answer.
 fn connect(site: &Site, client: &QuicClient, n: usize, at_once: usize) -> Vec<(QuicConn, Who)> {
-    let (client, to) = (client.clone(), site.v4());
+    connect_to(site, site.v4(), client, n, at_once)
+}
+
+/// [`connect`] to `to` (the service's IPv4 or IPv6 address).
+fn connect_to(
+    site: &Site,
+    to: SocketAddr,
+    client: &QuicClient,
+    n: usize,
+    at_once: usize,
+) -> Vec<(QuicConn, Who)> {
+    let client = client.clone();
     site.client.run(async move {
         let mut out = Vec::new();
         let mut i = 0;
@@ -378,6 +399,55 @@ fn connections_keep_their_backend_through_a_migration(
             broke.len()
         );
     }
+}
+
+/// Over IPv6 too: `web6` on `[::]:443` with the same backends, each with a
+/// configured server id (one id per server for both services); servers on
+/// `[::]:port` take both families.
+#[test]
+fn ipv6_connections_keep_their_backend_through_a_migration() {
+    let _serial = serial();
+    let site = Site::new("quic-move-v6");
+    let mut svc = service(
+        &[(8001, 100), (8002, 100), (8003, 100)],
+        Some(PLAINTEXT_TOML.into()),
+    );
+    let ids: [&'static str; 3] = ["0a01", "0a02", "0a03"];
+    for (b, id) in svc.backends.iter_mut().zip(ids) {
+        b.server_id = Some(id);
+    }
+    let lb = site.start_lb_dual(&svc);
+    let _log = LogOnPanic(&lb);
+    let shown = server_ids(&lb);
+    assert_eq!(shown[&8002], [0x0a, 0x02], "{shown:?}");
+    let servers: Vec<QuicServer> = [8001u16, 8002, 8003]
+        .iter()
+        .map(|&p| {
+            let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, p));
+            quic_backend_on(&site, addr, plaintext_config(), &shown[&p])
+        })
+        .collect();
+    let client = QuicClient::new(&site.pki);
+    const N: usize = 24;
+    let conns = connect_to(&site, site.v6(), &client, N, 12);
+    let by = count_by_name(&conns);
+    assert!(by.len() >= 2, "all connections on one backend: {by:?}");
+    let moved = migrate(&site, conns);
+    for (_, who, m) in &moved {
+        assert!(matches!(m, Moved::Kept), "{}: {m:?}", who.name);
+    }
+    let migrated: u64 = servers.iter().map(|s| s.stats().migrated).sum();
+    assert_eq!(migrated, N as u64);
+    let labels = vec![
+        ("route".to_string(), "cid".to_string()),
+        ("service".to_string(), "web6".to_string()),
+    ];
+    let by_cid = topology::Metrics::scrape(&lb)
+        .0
+        .get(&("lb_quic_packets_total".to_string(), labels))
+        .copied()
+        .unwrap_or(0.0);
+    assert!(by_cid >= (N * 10) as f64, "web6: {by_cid} packets by CID");
 }
 
 /// The ids the API shows are the ones the servers must use: the daemon
