@@ -1,6 +1,7 @@
-//! `cargo xtask run`: the balancer in front of three HTTPS backends, all in
-//! network namespaces this demo creates (and removes on Ctrl-C), with a
-//! small background load and a one-line-per-second summary.
+//! `cargo xtask run`: the balancer in front of three HTTPS + QUIC backends,
+//! all in network namespaces this demo creates (and removes on Ctrl-C), with
+//! a small background load (HTTPS requests, QUIC connections that move to a
+//! new port now and then) and a one-line-per-second summary.
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -15,20 +16,27 @@ use std::{
 use lb_tests::{
     daemon::{Lb, lb_binary},
     https::Backend,
+    quic::{Cids, LbCids, PLAINTEXT_TOML, QuicClient, QuicConn, QuicServer, plaintext_config},
     topology::{self, API, LB_V4, Metrics, ServiceConf, Site, TOKEN},
 };
 
 const USAGE: &str = "usage: lb-demo [--for SECONDS]
 
 Creates a client namespace and a balancer namespace joined by a veth, three
-HTTPS backends on ports 8001-8003 of the balancer's namespace, and the lb
-daemon on port 443 there; prints how to try it, then a summary every second.
-Ctrl-C (or --for SECONDS) stops it and removes everything.";
+backends on ports 8001-8003 of the balancer's namespace (HTTPS on TCP, QUIC
+with QUIC-LB connection IDs on UDP), and the lb daemon on port 443 there;
+prints how to try it, then a summary every second. Ctrl-C (or --for SECONDS)
+stops it and removes everything.";
 
 /// The background load: one request over a new connection this often.
 const LOAD_EVERY: Duration = Duration::from_millis(200);
 /// And never for longer than this.
 const LOAD_LIMIT: Duration = Duration::from_secs(3600);
+/// The QUIC load: this often a new connection, and one of the open ones
+/// reads some bytes, moving to a new local port halfway.
+const QUIC_EVERY: Duration = Duration::from_secs(1);
+/// QUIC connections kept open (the oldest closes when a new one opens).
+const QUIC_OPEN: usize = 4;
 
 fn main() -> ExitCode {
     let mut limit = None;
@@ -76,17 +84,36 @@ fn main() -> ExitCode {
     println!("lb-demo: creating namespaces, backends and the daemon...");
     let site = Site::new("demo");
     let weights = [(8001u16, 100u16), (8002, 100), (8003, 200)];
-    let backends: Vec<Backend> = weights.iter().map(|&(p, _)| site.backend(p)).collect();
+    let backends: Vec<Backend> = weights
+        .iter()
+        .map(|&(p, _)| site.https_backend(p))
+        .collect();
     let mut svc = ServiceConf::tcp(&weights);
     svc.protocols = vec!["tcp", "udp"];
+    svc.quic = Some(PLAINTEXT_TOML.to_string());
     svc.health = Some(
         r#"{ kind = "https", path = "/healthz", interval = "1s", timeout = "500ms", rise = 2, fall = 2 }"#
             .into(),
     );
     let daemon = site.start_lb(&svc);
+    // Each backend's QUIC server issues CIDs with the server id the daemon
+    // assigned it.
+    let ids = topology::server_ids(&daemon);
+    let quic: Vec<QuicServer> = backends
+        .iter()
+        .map(|b| {
+            let cids = LbCids::new(plaintext_config(), &ids[&b.port]).expect("a valid server id");
+            QuicServer::start(
+                &site.servers,
+                SocketAddr::from(([0, 0, 0, 0], b.port)),
+                &b.identity,
+                Cids::Lb(cids),
+            )
+        })
+        .collect();
     let ca = site.dir.path("ca.pem");
     std::fs::write(&ca, site.pki.ca_pem()).expect("write the CA certificate");
-    print_intro(&site, &daemon, &backends, &weights, &ca);
+    print_intro(&site, &daemon, &backends, &weights, &ids, &ca);
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -111,6 +138,13 @@ fn main() -> ExitCode {
         })
     };
 
+    let quic_load = QuicLoad::default();
+    let quic_task = site.client.spawn(quic_load.clone().run(
+        QuicClient::new(&site.pki),
+        site.v4(),
+        stop.clone(),
+    ));
+
     let started = Instant::now();
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
     let reason = loop {
@@ -124,7 +158,14 @@ fn main() -> ExitCode {
         if let Some(r) = tick {
             break r;
         }
-        summary(&daemon, started, &mut last, &ok, &failed);
+        summary(
+            &daemon,
+            started,
+            &mut last,
+            (&backends, &quic),
+            (&ok, &failed),
+            &quic_load,
+        );
         if limit.is_some_and(|l| started.elapsed() >= l) {
             break "time is up";
         }
@@ -133,7 +174,9 @@ fn main() -> ExitCode {
     println!("lb-demo: {reason}; stopping the load, the daemon and the backends...");
     stop.store(true, Ordering::SeqCst);
     site.client.wait(load);
+    site.client.wait(quic_task);
     drop(daemon);
+    drop(quic);
     drop(backends);
     let namespaces = [site.client_ns.clone(), site.lb_ns.clone()];
     drop(site);
@@ -149,20 +192,31 @@ fn print_intro(
     daemon: &Lb,
     backends: &[Backend],
     weights: &[(u16, u16)],
+    ids: &std::collections::HashMap<u16, Vec<u8>>,
     ca: &std::path::Path,
 ) {
     let (cl, lbns) = (&site.client_ns, &site.lb_ns);
     let list: Vec<String> = backends
         .iter()
         .zip(weights)
-        .map(|(b, (_, w))| format!("{} (127.0.0.1:{}, weight {w})", b.name, b.port))
+        .map(|(b, (_, w))| {
+            let id: String = ids
+                .get(&b.port)
+                .map(|id| id.iter().map(|x| format!("{x:02x}")).collect())
+                .unwrap_or_default();
+            format!(
+                "{} (127.0.0.1:{}, weight {w}, QUIC server id {id})",
+                b.name, b.port
+            )
+        })
         .collect();
     let api = format!("http://{API}");
     println!(
         r#"
 lb-demo is running.
   namespaces: {cl} (client, {client_ip} on cl0) and {lbns} (balancer, {LB_V4} on lb0)
-  service:    web, 0.0.0.0:443 tcp+udp -> {list}
+  service:    web, 0.0.0.0:443 tcp+udp, QUIC-LB {quic} ->
+              {list}
   daemon:     pid {pid}, log {log}
 
 Try it from the client namespace (each new connection is balanced; the answer
@@ -181,16 +235,22 @@ or with the lb CLI:
   sudo {lb} status --socket {sock}
   sudo {lb} backends activate -s web 127.0.0.1:8003 --socket {sock}
 
-Background load: one HTTPS request every {every} ms. Ctrl-C stops the demo and removes everything.
+Background load: one HTTPS request every {every} ms; a new QUIC connection
+every second ({open} kept open), and one of them reads 256 KiB moving to a new
+UDP port halfway: with QUIC-LB it keeps its backend. The QUIC servers issue
+connection IDs carrying the server ids above (config id 1, 2-byte server id,
+8-byte nonce, plaintext). Ctrl-C stops the demo and removes everything.
 "#,
         client_ip = topology::CLIENT_V4,
-        list = list.join(", "),
+        list = list.join(",\n              "),
+        quic = PLAINTEXT_TOML,
         pid = daemon.pid(),
         log = daemon_log(site).display(),
         ca = ca.display(),
         lb = lb_binary().display(),
         sock = daemon.socket.display(),
         every = LOAD_EVERY.as_millis(),
+        open = QUIC_OPEN,
     );
 }
 
@@ -199,14 +259,78 @@ fn daemon_log(site: &Site) -> std::path::PathBuf {
     site.dir.path("lb.0.log")
 }
 
-/// One line: new flows per backend (from /metrics, with the change over the
-/// last second), health and state (from the API), the load's results.
+/// What the QUIC load did so far.
+#[derive(Clone, Default)]
+struct QuicLoad {
+    opened: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    /// Moves that kept their backend, and those that did not.
+    kept: Arc<AtomicU64>,
+    lost: Arc<AtomicU64>,
+}
+
+impl QuicLoad {
+    /// Every [`QUIC_EVERY`]: a new connection (the oldest of
+    /// [`QUIC_OPEN`] closes), and the next open one reads 256 KiB, moving to
+    /// a new local port after 64 KiB, then asks who serves it.
+    async fn run(self, client: QuicClient, to: SocketAddr, stop: Arc<AtomicBool>) {
+        let started = Instant::now();
+        let mut open: Vec<(QuicConn, String)> = Vec::new();
+        let mut tick = tokio::time::interval(QUIC_EVERY);
+        let mut next = 0;
+        while !stop.load(Ordering::SeqCst) && started.elapsed() < LOAD_LIMIT {
+            tick.tick().await;
+            let limit = Duration::from_secs(5);
+            match tokio::time::timeout(limit, async {
+                let conn = client.connect(to).await?;
+                let who = conn.who().await?;
+                anyhow::Ok((conn, who.name))
+            })
+            .await
+            {
+                Ok(Ok(c)) => {
+                    self.opened.fetch_add(1, Ordering::Relaxed);
+                    if open.len() == QUIC_OPEN {
+                        open.remove(0);
+                    }
+                    open.push(c);
+                }
+                _ => {
+                    self.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if open.is_empty() {
+                continue;
+            }
+            next = (next + 1) % open.len();
+            let (conn, name) = &open[next];
+            let moved = tokio::time::timeout(limit, async {
+                conn.fetch(256 << 10, Some(64 << 10)).await?;
+                conn.who().await
+            })
+            .await;
+            match moved {
+                Ok(Ok(who)) if who.name == *name => self.kept.fetch_add(1, Ordering::Relaxed),
+                _ => {
+                    open.remove(next);
+                    self.lost.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+        }
+    }
+}
+
+/// One line: per backend the new flows (from /metrics, with the change over
+/// the last second) split into TCP (the connections the HTTPS server
+/// accepted) and UDP (the rest), the QUIC connections its server took, its
+/// health and state (from the API); then the loads' results.
 fn summary(
     daemon: &Lb,
     started: Instant,
     last: &mut BTreeMap<String, u64>,
-    ok: &AtomicU64,
-    failed: &AtomicU64,
+    (https, quic): (&[Backend], &[QuicServer]),
+    (ok, failed): (&AtomicU64, &AtomicU64),
+    load: &QuicLoad,
 ) {
     let (status, text) = daemon.raw("GET", "/metrics", None, None);
     if status != 200 {
@@ -224,8 +348,17 @@ fn summary(
         .collect();
     backends.sort_by_key(|(a, _)| *a);
     for (addr, b) in &backends {
-        let flows = m.backend("lb_new_flows_total", addr.port());
+        let port = addr.port();
+        let flows = m.backend("lb_new_flows_total", port);
         let before = last.insert(addr.to_string(), flows).unwrap_or(flows);
+        let tcp = https
+            .iter()
+            .find(|s| s.port == port)
+            .map_or(0, |s| s.stats().accepted);
+        let conns = quic
+            .iter()
+            .find(|s| s.addr.port() == port)
+            .map_or(0, |s| s.stats().connections);
         let health = match (b["healthy"].as_bool(), b["state"].as_str()) {
             (Some(false), _) => "DOWN",
             (_, Some("active")) => "up",
@@ -233,16 +366,34 @@ fn summary(
             _ => "?",
         };
         parts.push(format!(
-            ":{} {flows:>5} (+{}) {health}",
-            addr.port(),
-            flows - before.min(flows)
+            ":{port} {flows:>4} (+{}) tcp {tcp} udp {} quic {conns} {health}",
+            flows - before.min(flows),
+            flows.saturating_sub(tcp),
         ));
     }
+    // The balancer's view of the QUIC packets: routed by the server id in
+    // their CID, or by the 4-tuple (long headers and the like).
+    let (mut by_cid, mut fallback) = (0, 0);
+    for ((name, labels), v) in &m.0 {
+        if name != "lb_quic_packets_total" {
+            continue;
+        }
+        match labels.iter().find(|(k, _)| k == "route") {
+            Some((_, r)) if r == "cid" => by_cid += *v as u64,
+            Some(_) => fallback += *v as u64,
+            None => {}
+        }
+    }
     println!(
-        "[{:>4}s] requests per backend: {} | load {} ok {} failed",
+        "[{:>4}s] requests per backend: {} | https {} ok {} failed | quic {} opened {} failed, \
+         moves {} kept {} lost, packets {by_cid} by CID {fallback} by 4-tuple",
         started.elapsed().as_secs(),
         parts.join("  "),
         ok.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed),
+        load.opened.load(Ordering::Relaxed),
+        load.failed.load(Ordering::Relaxed),
+        load.kept.load(Ordering::Relaxed),
+        load.lost.load(Ordering::Relaxed),
     );
 }

@@ -8,6 +8,7 @@ pub mod https;
 pub mod inputs;
 pub mod netns;
 pub mod packet;
+pub mod quic;
 pub mod rng;
 pub mod servers;
 pub mod topology;

@@ -104,6 +104,9 @@ impl Drop for NsRuntime {
 pub struct BackendConf {
     pub port: u16,
     pub weight: u16,
+    /// A QUIC-LB server id (hex) for the config; the daemon assigns one
+    /// when absent.
+    pub server_id: Option<&'static str>,
 }
 
 /// The one service the daemon balances: `0.0.0.0:443` to ports of
@@ -114,6 +117,9 @@ pub struct ServiceConf {
     /// A TOML inline table, e.g. `{ kind = "tcp", interval = "200ms" }`.
     pub health: Option<String>,
     pub backends: Vec<BackendConf>,
+    /// The service's QUIC-LB table, e.g. `{ config_id = 1, server_id_len
+    /// = 2, nonce_len = 8, mode = "plaintext" }`.
+    pub quic: Option<String>,
 }
 
 impl ServiceConf {
@@ -123,8 +129,13 @@ impl ServiceConf {
             health: None,
             backends: backends
                 .iter()
-                .map(|&(port, weight)| BackendConf { port, weight })
+                .map(|&(port, weight)| BackendConf {
+                    port,
+                    weight,
+                    server_id: None,
+                })
                 .collect(),
+            quic: None,
         }
     }
 }
@@ -201,6 +212,14 @@ impl Site {
         Backend::start(&self.servers, port, identity)
     }
 
+    /// [`Site::backend`] without the UDP echo: the port's UDP side is left
+    /// to a QUIC server.
+    pub fn https_backend(&self, port: u16) -> Backend {
+        let identity: Identity = self.pki.issue(&Self::backend_name(port));
+        self.tls.learn(&identity);
+        Backend::start_with(&self.servers, port, identity, false)
+    }
+
     /// Writes the daemon's config (native XDP on the veth, the admin API
     /// with a token, a state file of its own) and returns its path.
     pub fn config(&self, svc: &ServiceConf) -> PathBuf {
@@ -219,8 +238,12 @@ impl Site {
             .backends
             .iter()
             .map(|b| {
+                let sid = b
+                    .server_id
+                    .map(|s| format!(", server_id = \"{s}\""))
+                    .unwrap_or_default();
                 format!(
-                    "{{ address = \"127.0.0.1:{}\", weight = {} }}",
+                    "{{ address = \"127.0.0.1:{}\", weight = {}{sid} }}",
                     b.port, b.weight
                 )
             })
@@ -230,7 +253,12 @@ impl Site {
             .health
             .as_ref()
             .map(|h| format!("health = {h}\n"))
-            .unwrap_or_default();
+            .unwrap_or_default()
+            + &svc
+                .quic
+                .as_ref()
+                .map(|q| format!("quic = {q}\n"))
+                .unwrap_or_default();
         let text = format!(
             r#"[dataplane]
 interface = "{LB_IF}"
@@ -302,6 +330,28 @@ pub fn backends(lb: &Lb) -> HashMap<u16, Value> {
         .filter_map(|b| {
             let addr: SocketAddr = b["address"].as_str()?.parse().ok()?;
             Some((addr.port(), b.clone()))
+        })
+        .collect()
+}
+
+/// The QUIC-LB server ids (hex in the API) of the `web` service's
+/// backends, by port; panics if one has none.
+pub fn server_ids(lb: &Lb) -> HashMap<u16, Vec<u8>> {
+    backends(lb)
+        .into_iter()
+        .map(|(port, b)| {
+            let hex = b["server_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("backend {port} shows no server_id: {b}"));
+            assert!(hex.len() % 2 == 0, "backend {port}: odd hex {hex:?}");
+            let id = (0..hex.len())
+                .step_by(2)
+                .map(|i| {
+                    u8::from_str_radix(&hex[i..i + 2], 16)
+                        .unwrap_or_else(|e| panic!("backend {port}: {hex:?}: {e}"))
+                })
+                .collect();
+            (port, id)
         })
         .collect()
 }

@@ -83,6 +83,22 @@ impl Pki {
         &self.ca_pem
     }
 
+    /// A TLS 1.3 client config (what QUIC needs) that trusts only this CA,
+    /// with `alpn`, for the QUIC clients of [`crate::quic`].
+    pub(crate) fn tls13_client_config(&self, alpn: &[u8]) -> ClientConfig {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(self.ca.clone())
+            .expect("CA certificate as a root");
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        config
+    }
+
     /// A certificate for `name` (its CN and first SAN), also valid for
     /// [`SERVICE_NAME`].
     pub fn issue(&self, name: &str) -> Identity {
@@ -130,6 +146,20 @@ impl Pki {
 }
 
 impl Identity {
+    /// A TLS 1.3 server config (what QUIC needs) with `alpn`, for the QUIC
+    /// servers of [`crate::quic`].
+    pub(crate) fn tls13_server_config(&self, alpn: &[u8]) -> ServerConfig {
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.as_ref().clone()));
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_no_client_auth()
+            .with_single_cert(vec![self.cert.clone()], key)
+            .expect("backend certificate and key");
+        config.alpn_protocols = vec![alpn.to_vec()];
+        config
+    }
+
     pub(crate) fn server_config(&self) -> Arc<ServerConfig> {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.as_ref().clone()));
         let mut config = ServerConfig::builder_with_provider(provider())

@@ -95,6 +95,12 @@ pub struct Backend {
 
 impl Backend {
     pub fn start(rt: &NsRuntime, port: u16, identity: Identity) -> Backend {
+        Self::start_with(rt, port, identity, true)
+    }
+
+    /// [`Backend::start`] without the UDP echo when `udp_echo` is false,
+    /// leaving the port's UDP side to another server (QUIC in the demo).
+    pub fn start_with(rt: &NsRuntime, port: u16, identity: Identity, udp_echo: bool) -> Backend {
         let name = identity.name.clone();
         let counters = Arc::new(Counters::default());
         let (kill, _) = watch::channel(false);
@@ -115,7 +121,10 @@ impl Backend {
                 sock.set_reuseaddr(true)?;
                 sock.bind(addr)?;
                 let listener = sock.listen(1024)?;
-                let udp = UdpSocket::bind(addr).await?;
+                let udp = match udp_echo {
+                    true => Some(UdpSocket::bind(addr).await?),
+                    false => None,
+                };
                 io::Result::Ok((listener, udp))
             })
             .unwrap_or_else(|e| panic!("backend {name} cannot listen on port {port}: {e}"));
@@ -137,27 +146,29 @@ impl Backend {
                 }
             }
         });
-        let c = ctx;
-        let guard = Live::new(&live);
-        rt.spawn(async move {
-            let _guard = guard;
-            let mut killed = c.kill.subscribe();
-            let mut buf = vec![0u8; 2048];
-            loop {
-                tokio::select! {
-                    _ = until(&mut killed) => return,
-                    r = udp.recv_from(&mut buf) => {
-                        let Ok((n, peer)) = r else { continue };
-                        if !peer.ip().to_canonical().is_loopback() {
-                            c.counters.datagrams.fetch_add(1, Ordering::Relaxed);
+        if let Some(udp) = udp {
+            let c = ctx;
+            let guard = Live::new(&live);
+            rt.spawn(async move {
+                let _guard = guard;
+                let mut killed = c.kill.subscribe();
+                let mut buf = vec![0u8; 2048];
+                loop {
+                    tokio::select! {
+                        _ = until(&mut killed) => return,
+                        r = udp.recv_from(&mut buf) => {
+                            let Ok((n, peer)) = r else { continue };
+                            if !peer.ip().to_canonical().is_loopback() {
+                                c.counters.datagrams.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let mut reply = format!("{} ", c.name).into_bytes();
+                            reply.extend_from_slice(&buf[..n]);
+                            let _ = udp.send_to(&reply, peer).await;
                         }
-                        let mut reply = format!("{} ", c.name).into_bytes();
-                        reply.extend_from_slice(&buf[..n]);
-                        let _ = udp.send_to(&reply, peer).await;
                     }
                 }
-            }
-        });
+            });
+        }
         Backend {
             name: identity.name.clone(),
             port,
