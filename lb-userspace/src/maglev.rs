@@ -89,7 +89,11 @@ pub fn build(backends: &[Entry], m: u32) -> Vec<u32> {
 pub fn build_counted(backends: &[Entry], m: u32) -> (Vec<u32>, u64) {
     use std::{cmp::Reverse, collections::BinaryHeap};
     let mut table = vec![lb_common::NO_BACKEND; m as usize];
-    let live: Vec<&Entry> = backends.iter().filter(|b| b.weight > 0).collect();
+    // Ties between backends go in list order below, so sort by name first:
+    // nodes of a cluster see the same backends in different orders (and
+    // with different ids) and must still build the same table.
+    let mut live: Vec<&Entry> = backends.iter().filter(|b| b.weight > 0).collect();
+    live.sort_by(|a, b| (&a.name, a.weight, a.id).cmp(&(&b.name, b.weight, b.id)));
     if live.is_empty() {
         return (table, 0);
     }
@@ -146,6 +150,26 @@ pub fn build_counted(backends: &[Entry], m: u32) -> (Vec<u32>, u64) {
     (table, steps)
 }
 
+/// A fingerprint of a table as slot -> backend name (`names` maps ids to
+/// names; `NO_BACKEND` and unknown ids count as empty): equal on nodes that
+/// built the same table, whatever ids they gave the backends. FNV-1a 64.
+pub fn fingerprint(table: &[u32], names: &std::collections::HashMap<u32, String>) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(&(table.len() as u64).to_le_bytes());
+    for id in table {
+        // A separator no address contains, so names cannot run together.
+        eat(names.get(id).map_or(b"-".as_slice(), |n| n.as_bytes()));
+        eat(b"|");
+    }
+    h
+}
+
 /// How many slots each id holds.
 pub fn slot_counts(table: &[u32]) -> std::collections::HashMap<u32, usize> {
     let mut counts = std::collections::HashMap::new();
@@ -174,7 +198,11 @@ mod tests {
     /// turn on every pass. Kept to show the queue builds the same tables.
     fn build_by_passes(backends: &[Entry], m: u32) -> (Vec<u32>, u64) {
         let mut table = vec![lb_common::NO_BACKEND; m as usize];
-        let live: Vec<&Entry> = backends.iter().filter(|b| b.weight > 0).collect();
+        // Ties between backends go in list order below, so sort by name first:
+        // nodes of a cluster see the same backends in different orders (and
+        // with different ids) and must still build the same table.
+        let mut live: Vec<&Entry> = backends.iter().filter(|b| b.weight > 0).collect();
+        live.sort_by(|a, b| (&a.name, a.weight, a.id).cmp(&(&b.name, b.weight, b.id)));
         if live.is_empty() {
             return (table, 0);
         }
@@ -210,6 +238,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Nodes see backends in other orders and give them other ids: the
+    /// table, by backend name, and its fingerprint are the same.
+    #[test]
+    fn order_and_ids_do_not_change_the_table() {
+        let m = 65_537;
+        // Equal weights make every pass a tie between all backends.
+        let a = backends(7, |i| if i == 3 { 50 } else { 100 });
+        let mut b: Vec<Entry> = a.iter().rev().cloned().collect();
+        for (n, e) in b.iter_mut().enumerate() {
+            e.id = 100 + n as u32;
+        }
+        b.swap(1, 4);
+        let names = |es: &[Entry]| -> std::collections::HashMap<u32, String> {
+            es.iter().map(|e| (e.id, e.name.clone())).collect()
+        };
+        let (ta, tb) = (build(&a, m), build(&b, m));
+        let (na, nb) = (names(&a), names(&b));
+        assert!(ta.iter().zip(&tb).all(|(x, y)| na[x] == nb[y]));
+        assert_eq!(fingerprint(&ta, &na), fingerprint(&tb, &nb));
+        // A different table has a different fingerprint.
+        let fewer = build(&a[1..], m);
+        assert_ne!(fingerprint(&fewer, &na), fingerprint(&ta, &na));
     }
 
     #[test]

@@ -34,6 +34,9 @@ const PACKAGES: &[(&str, &[&str])] = &[
     // test checks the .deb with lintian.
     ("dpkg-dev", &["dpkg-shlibdeps"]),
     ("lintian", &["lintian"]),
+    // BIRD 2: the BGP daemon the cluster tests run on every node and the
+    // router (each its own, in a test namespace).
+    ("bird2", &["bird", "birdc"]),
 ];
 
 /// The environment every child cargo and program runs with.
@@ -248,17 +251,20 @@ fn packages() -> Result<()> {
         bail!("apt-get install {} failed", missing.join(" "));
     }
     if missing.contains(&"prometheus") {
-        stop_prometheus_service();
+        stop_service("prometheus", "port 9090");
+    }
+    if missing.contains(&"bird2") {
+        stop_service("bird", "BGP port 179");
     }
     Ok(())
 }
 
-/// Debian starts and enables the `prometheus` service it installs (unless
-/// a policy-rc.d forbids it, as in most containers). The tests need none:
-/// they start their own Prometheus in a test namespace. So the service we
-/// just installed does not stay running on port 9090 or come back at boot:
+/// Debian starts and enables the `prometheus` and `bird` services it
+/// installs (unless a policy-rc.d forbids it, as in most containers). The
+/// tests need neither: they start their own in test namespaces. So a
+/// service we just installed does not stay running or come back at boot:
 /// through systemd where it runs, else through the package's init script.
-fn stop_prometheus_service() {
+fn stop_service(name: &str, holds: &str) {
     let quiet = |program: &str, args: &[&str]| {
         Command::new(program)
             .args(args)
@@ -267,20 +273,24 @@ fn stop_prometheus_service() {
             .status()
             .is_ok_and(|s| s.success())
     };
+    let init = format!("/etc/init.d/{name}");
     let stopped = if Path::new("/run/systemd/system").exists() {
-        quiet("systemctl", &["disable", "--now", "prometheus.service"])
-    } else if Path::new("/etc/init.d/prometheus").exists() {
-        let stopped = quiet("/etc/init.d/prometheus", &["stop"]);
-        quiet("update-rc.d", &["prometheus", "disable"]) && stopped
+        quiet(
+            "systemctl",
+            &["disable", "--now", &format!("{name}.service")],
+        )
+    } else if Path::new(&init).exists() {
+        let stopped = quiet(&init, &["stop"]);
+        quiet("update-rc.d", &[name, "disable"]) && stopped
     } else {
         return;
     };
     if stopped {
-        println!("xtask: stopped and disabled the prometheus service the package started");
+        println!("xtask: stopped and disabled the {name} service the package started");
     } else {
         println!(
-            "xtask: could not disable the prometheus service; `systemctl disable --now \
-             prometheus` if it holds port 9090"
+            "xtask: could not disable the {name} service; `systemctl disable --now {name}` \
+             if it holds {holds}"
         );
     }
 }
