@@ -411,6 +411,20 @@ fn print_service(s: &ServiceView) {
             q.mode.unwrap_or_default().name()
         );
     }
+    if let Some(fp) = &s.table_fingerprint {
+        println!("  table fingerprint {fp}");
+    }
+    if let Some(a) = &s.announce {
+        println!(
+            "  BGP: {} ({})",
+            if a.announced {
+                "announced"
+            } else {
+                "NOT announced"
+            },
+            a.reason.name()
+        );
+    }
     if s.fail_open {
         println!(
             "  FAIL-OPEN: every backend failed its health checks; the last ones keep taking flows \

@@ -2,6 +2,7 @@
 //! plane, checks backends and serves the admin API.
 pub mod access;
 pub mod admin;
+pub mod announce;
 pub mod api;
 pub mod client;
 pub mod config;

@@ -26,6 +26,10 @@ pub struct Snapshot {
     pub flow_entries: u64,
     /// (service, failing open) per service.
     pub fail_open: Vec<(String, bool)>,
+    /// (service, announced over BGP) per service; empty without `[bgp]`.
+    pub announced: Vec<(String, bool)>,
+    /// (service, fingerprint of its installed Maglev table, hex).
+    pub table_fingerprints: Vec<(String, String)>,
     /// Whether the interface the data plane is attached to still exists.
     pub dataplane_attached: Option<bool>,
     /// Entries the flow table holds at most (`flow_table_size`).
@@ -57,6 +61,8 @@ pub struct Metrics {
     flow_entries: IntGauge,
     rebuild: Histogram,
     fail_open: IntGaugeVec,
+    announced: IntGaugeVec,
+    table_info: IntGaugeVec,
     attached: IntGauge,
     reconcile_errors: IntCounter,
     table_installs: IntCounterVec,
@@ -212,6 +218,19 @@ impl Metrics {
                 "lb_service_fail_open",
                 "1 while every backend of the service failed its checks and the last ones still take flows",
                 &["service"],
+            ),
+            announced: gauge_vec(
+                &r,
+                "lb_service_announced",
+                "1 while this node announces the service's address over BGP ([bgp] only)",
+                &["service"],
+            ),
+            table_info: gauge_vec(
+                &r,
+                "lb_service_table_info",
+                "1, labelled with the fingerprint of the installed Maglev table (slot -> backend \
+                 address): equal on nodes with the same table",
+                &["service", "fingerprint"],
             ),
             flow_entries,
             attached,
@@ -389,6 +408,18 @@ impl Metrics {
             self.fail_open
                 .with_label_values(&[s.as_str()])
                 .set(i64::from(*on));
+        }
+        self.announced.reset();
+        for (s, on) in &snap.announced {
+            self.announced
+                .with_label_values(&[s.as_str()])
+                .set(i64::from(*on));
+        }
+        self.table_info.reset();
+        for (s, fp) in &snap.table_fingerprints {
+            self.table_info
+                .with_label_values(&[s.as_str(), fp.as_str()])
+                .set(1);
         }
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())

@@ -1,6 +1,7 @@
 //! The crate's only `unsafe` code, behind safe functions: a shared memory
 //! mapping of a map (the Maglev tables) and handing the eBPF logger's
-//! descriptor to tokio. Every other system call goes through `rustix`/`nix`.
+//! descriptor to tokio, and the ioctls that make the announce TUN device.
+//! Every other system call goes through `rustix`/`nix`.
 
 use std::{io, os::fd::AsFd, ptr::NonNull};
 
@@ -78,4 +79,67 @@ pub fn async_ebpf_logger(logger: EbpfLogger) -> io::Result<AsyncFd<EbpfLogger>> 
     // the same, for as long as it lives inside the AsyncFd.
     unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
+}
+
+/// `struct ifreq` with the `short` flags member of its union (40 bytes on
+/// Linux), for the TUN and interface-flags ioctls.
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: i16,
+    _pad: [u8; 22],
+}
+
+impl IfReq {
+    fn new(name: &str, flags: i16) -> io::Result<Self> {
+        let mut n = [0u8; 16];
+        if name.is_empty() || name.len() >= n.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "interface name must be 1 to 15 bytes",
+            ));
+        }
+        n[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(Self {
+            name: n,
+            flags,
+            _pad: [0; 22],
+        })
+    }
+}
+
+const IFF_UP: i16 = 0x1;
+const IFF_TUN: i16 = 0x1;
+const IFF_NO_PI: i16 = 0x1000;
+const TUNSETIFF: rustix::ioctl::Opcode = rustix::ioctl::opcode::write::<i32>(b'T', 202);
+const SIOCGIFFLAGS: rustix::ioctl::Opcode = 0x8913;
+const SIOCSIFFLAGS: rustix::ioctl::Opcode = 0x8914;
+
+/// Creates the TUN device `name` (not persistent: the kernel removes it
+/// when the returned descriptor closes, the process's death included) and
+/// sets it up.
+pub fn tun_device(name: &str) -> io::Result<std::os::fd::OwnedFd> {
+    use rustix::{
+        fs::{Mode, OFlags},
+        ioctl::{Setter, Updater, ioctl},
+        net::{AddressFamily, SocketType},
+    };
+    let fd = rustix::fs::open(
+        "/dev/net/tun",
+        OFlags::RDWR | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    )?;
+    let req = IfReq::new(name, IFF_TUN | IFF_NO_PI)?;
+    // SAFETY: TUNSETIFF reads a `struct ifreq` (name and short flags), which
+    // `IfReq` lays out; the kernel copies it and keeps no pointer.
+    unsafe { ioctl(&fd, Setter::<TUNSETIFF, IfReq>::new(req)) }?;
+    let sock = rustix::net::socket(AddressFamily::INET, SocketType::DGRAM, None)?;
+    let mut req = IfReq::new(name, 0)?;
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of the
+    // `struct ifreq` it is given, which lives until the call returns.
+    unsafe { ioctl(&sock, Updater::<SIOCGIFFLAGS, IfReq>::new(&mut req)) }?;
+    req.flags |= IFF_UP;
+    // SAFETY: SIOCSIFFLAGS reads a `struct ifreq` (name and flags).
+    unsafe { ioctl(&sock, Setter::<SIOCSIFFLAGS, IfReq>::new(req)) }?;
+    Ok(fd)
 }

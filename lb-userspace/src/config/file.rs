@@ -252,6 +252,7 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         },
     };
     check_policy(&services, &policy)?;
+    let bgp = super::bgp::parse(raw.bgp.as_ref())?;
     Ok(Config {
         path: path.to_path_buf(),
         interface,
@@ -273,6 +274,7 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         services,
         policy,
         limits: work_limits,
+        bgp,
         warnings: Vec::new(),
     })
 }

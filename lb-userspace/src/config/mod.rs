@@ -2,6 +2,7 @@
 //! admin API and the state file. Everything is validated as a whole before
 //! anything is applied; every error names the file, line and field.
 
+pub mod bgp;
 mod duration;
 mod errors;
 mod file;

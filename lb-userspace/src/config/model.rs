@@ -25,6 +25,8 @@ pub struct Config {
     pub policy: Policy,
     /// `[limits]`.
     pub limits: Limits,
+    /// `[bgp]`: announce service addresses through BIRD (None: never).
+    pub bgp: Option<super::bgp::BgpConfig>,
     /// Things that work but may hurt (e.g. a local backend port inside the
     /// host's ephemeral port range), placed in the file like errors.
     pub warnings: Vec<ConfigError>,

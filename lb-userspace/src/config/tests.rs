@@ -965,3 +965,45 @@ fn tc_mode_takes_local_services_only() {
     )
     .unwrap();
 }
+
+#[test]
+fn bgp_section_defaults_and_errors() {
+    let base = "[dataplane]\ninterface = \"eth0\"\n";
+    let c = Config::parse(Path::new("/x/lb.toml"), base).unwrap();
+    assert_eq!(c.bgp, None);
+    let c = Config::parse(Path::new("/x/lb.toml"), &format!("{base}[bgp]\n")).unwrap();
+    let bgp = c.bgp.unwrap();
+    assert_eq!(bgp.bird_socket, Path::new("/run/bird/bird.ctl"));
+    assert_eq!(bgp.include_file, Path::new("/etc/bird/lb-routes.conf"));
+    assert_eq!(bgp.interface, "lb-announce");
+    for (line, field, says) in [
+        (
+            "bird_socket = \"bird.ctl\"",
+            "bgp.bird_socket",
+            "absolute file path",
+        ),
+        (
+            "include_file = \"/etc/bird/\"",
+            "bgp.include_file",
+            "absolute file path",
+        ),
+        (
+            "interface = \"a-name-far-too-long\"",
+            "bgp.interface",
+            "1 to 15",
+        ),
+        (
+            "interface = \"has space\"",
+            "bgp.interface",
+            "usable interface name",
+        ),
+        ("peer = \"x\"", "peer", "unknown field"),
+    ] {
+        let text = format!("{base}[bgp]\n{line}\n");
+        let e = Config::parse(Path::new("/x/lb.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(field) && e.contains(says), "{line}: {e}");
+        assert!(e.contains(":4:"), "{line}: error placed on its line: {e}");
+    }
+}

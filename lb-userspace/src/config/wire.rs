@@ -36,6 +36,7 @@ pub struct RawFile {
     pub policy: RawPolicy,
     #[serde(default)]
     pub limits: RawLimits,
+    pub bgp: Option<super::bgp::RawBgp>,
 }
 
 /// `[limits]`: how much the daemon takes on, from any source (config file,

@@ -27,6 +27,7 @@ use crate::{
     state::{self, Saved, StateError, Verdicts},
 };
 
+mod announce;
 mod reconcile;
 mod start;
 mod views;
@@ -72,6 +73,8 @@ pub enum StartError {
     Locked(PathBuf),
     #[error("{0}")]
     Lock(String),
+    #[error(transparent)]
+    Announce(#[from] crate::announce::AnnounceError),
 }
 
 /// How `lb run` was asked to start.
@@ -195,6 +198,8 @@ struct Shared {
     /// Every QUIC-LB backend's server id as installed (configured or
     /// assigned); saved with the state file.
     server_ids: Mutex<config::quic::ServerIds>,
+    /// With `[bgp]`: announces the service addresses through BIRD.
+    announcer: Option<tokio::sync::Mutex<crate::announce::Announcer>>,
 }
 
 impl Progress {
@@ -341,6 +346,8 @@ impl Daemon {
     /// for the next daemon, or (`keep` false: `lb stop`) detaches and
     /// unpins it.
     pub async fn shutdown(&self, keep: bool) {
+        // Routes first: no traffic should arrive at a node going away.
+        self.withdraw_all().await;
         let mut inner = self.shared.inner.lock().await;
         inner.checker.set_targets(Vec::new());
         let writer = self.shared.writer.clone();

@@ -87,6 +87,7 @@ impl Daemon {
             (cfg.dataplane != old.dataplane, "dataplane settings"),
             (cfg.admin != old.admin, "admin settings"),
             (cfg.policy != old.policy, "policy settings"),
+            (cfg.bgp != old.bgp, "bgp settings"),
             (
                 cfg.health_max_concurrent != old.health_max_concurrent,
                 "health.max_concurrent",

@@ -324,6 +324,7 @@ impl Daemon {
             }
         }
 
+        let announcer = announce::announcer(config).await?;
         let metrics = Metrics::new();
         let (tx, rx) = mpsc::unbounded_channel();
         let (requests, request_rx) = mpsc::unbounded_channel();
@@ -365,6 +366,7 @@ impl Daemon {
                 progress: Mutex::new(Progress::default()),
                 rates: Mutex::new(Default::default()),
                 server_ids: Mutex::new(p.server_ids),
+                announcer,
             }
         });
         let daemon = Daemon { shared };
@@ -414,11 +416,14 @@ impl Daemon {
                 );
             }
         }
-        let loops = vec![
+        let mut loops = vec![
             tokio::spawn(daemon.clone().reconcile(request_rx, rx)),
             tokio::spawn(daemon.clone().sweeps()),
             tokio::spawn(daemon.clone().sample_rates()),
         ];
+        if daemon.shared.announcer.is_some() {
+            loops.push(tokio::spawn(daemon.clone().announce()));
+        }
         *lock(&daemon.shared.loops) = loops;
         Ok(daemon)
     }

@@ -102,6 +102,14 @@ pub struct ServiceView {
     /// QUIC-LB routing by connection ID.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quic: Option<config::RawQuic>,
+    /// Fingerprint (hex) of the installed Maglev table as slot -> backend
+    /// address: nodes with the same table show the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_fingerprint: Option<String>,
+    /// With `[bgp]`: whether this node announces the service's address,
+    /// and why (not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<crate::announce::AnnounceView>,
 }
 
 /// A QUIC-LB service's packets by route (`None`: not such a service).
@@ -144,6 +152,8 @@ impl Daemon {
 
     /// The services with each backend's health, for the API.
     pub async fn views(&self) -> Vec<ServiceView> {
+        let announce = self.announce_states().await;
+        let fingerprints = self.table_fingerprints();
         let inner = self.shared.inner.lock().await;
         let status = inner.checker.status();
         let fail_open = lock(&self.shared.fail_open).clone();
@@ -162,6 +172,8 @@ impl Daemon {
                     when_all_down: s.when_all_down,
                     fail_open: fail_open.contains(&s.name),
                     quic: raw.quic,
+                    table_fingerprint: fingerprints.get(&s.name).cloned(),
+                    announce: announce.get(&s.name).cloned(),
                     backends: s
                         .backends
                         .iter()
@@ -338,6 +350,14 @@ impl Daemon {
                 .attached
                 .load(std::sync::atomic::Ordering::SeqCst),
         );
+        snap.announced = self
+            .announce_states()
+            .await
+            .into_iter()
+            .map(|(s, v)| (s, v.announced))
+            .collect();
+        snap.table_fingerprints = self.table_fingerprints().into_iter().collect();
+        snap.table_fingerprints.sort();
         snap.flow_capacity = u64::from(self.shared.config.dataplane.flow_table_size);
         (snap.reconcile_pending, snap.reconcile_stalled_seconds) =
             lock(&self.shared.progress).gauges(Instant::now());

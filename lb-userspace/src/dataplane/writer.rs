@@ -239,6 +239,36 @@ impl<S: MapStore> MapWriter<S> {
         Some((inst.slot_counts.get(id).copied().unwrap_or(0), total))
     }
 
+    /// The fingerprint of the service's installed Maglev table as slot ->
+    /// backend address ([`maglev::fingerprint`]): the same on every node
+    /// that installed the same table. `None` before a table is installed.
+    pub fn table_fingerprint(&self, service: &str) -> Option<u64> {
+        let inst = self.services.get(service)?;
+        if inst.slots.is_empty() {
+            return None;
+        }
+        let names: HashMap<u32, String> = inst
+            .backend_ids
+            .iter()
+            .map(|(a, i)| (*i, a.to_string()))
+            .collect();
+        let table: Vec<u32> = inst.slots.iter().map(|s| s.backend).collect();
+        Some(maglev::fingerprint(&table, &names))
+    }
+
+    /// The names of the installed services.
+    pub fn service_names(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(String::as_str)
+    }
+
+    /// The service's installed table sends new flows somewhere: it has a
+    /// usable backend, or fails open on the ones that were up last.
+    pub fn has_usable_backend(&self, service: &str) -> bool {
+        self.services
+            .get(service)
+            .is_some_and(|s| s.slots.iter().any(|s| s.backend != NO_BACKEND))
+    }
+
     /// The id the data plane uses for a backend of a service.
     pub fn backend_id(&self, service: &str, address: SocketAddr) -> Option<u32> {
         self.services

@@ -1,0 +1,102 @@
+//! The daemon's announce task: every tick it gathers the node's and each
+//! service's conditions and hands them to the announcer (`crate::announce`),
+//! which keeps BIRD's routes in step.
+use super::*;
+use crate::announce::{AnnounceView, Announcer, NodeInput, ServiceInput};
+
+/// How often the conditions are checked: a lost condition is withdrawn
+/// within this (plus BIRD's and BGP's own delays).
+const TICK: Duration = Duration::from_millis(100);
+/// `alive`'s bound on the wait for the daemon's state.
+const ALIVE_WITHIN: Duration = Duration::from_millis(500);
+
+impl Daemon {
+    /// Each service's address and whether its table sends new flows.
+    async fn announce_inputs(&self) -> Vec<ServiceInput> {
+        let listen: Vec<(String, std::net::IpAddr)> = {
+            let inner = self.shared.inner.lock().await;
+            inner
+                .services
+                .iter()
+                .map(|s| (s.name.clone(), s.listen.ip()))
+                .collect()
+        };
+        let w = lock(&self.shared.writer);
+        listen
+            .into_iter()
+            .map(|(name, address)| ServiceInput {
+                usable: w.has_usable_backend(&name),
+                name,
+                address,
+            })
+            .collect()
+    }
+
+    /// The announce loop, for the daemon's life (only with `[bgp]`).
+    pub(super) async fn announce(self) {
+        let Some(announcer) = self.shared.announcer.as_ref() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let stopping = *self.shared.stop.borrow();
+            let node = NodeInput {
+                stopping,
+                attached: self.attached(),
+                alive: self.alive(ALIVE_WITHIN).await,
+            };
+            let services = self.announce_inputs().await;
+            announcer.lock().await.tick(node, &services).await;
+        }
+    }
+
+    /// Withdraws every announced address (shutdown, `lb stop`).
+    pub(super) async fn withdraw_all(&self) {
+        let Some(announcer) = self.shared.announcer.as_ref() else {
+            return;
+        };
+        let services = self.announce_inputs().await;
+        announcer.lock().await.withdraw_all(&services).await;
+    }
+
+    /// Each service's announce state (empty without `[bgp]`).
+    pub async fn announce_states(&self) -> std::collections::BTreeMap<String, AnnounceView> {
+        match self.shared.announcer.as_ref() {
+            Some(a) => a.lock().await.states().clone(),
+            None => Default::default(),
+        }
+    }
+
+    /// Each service's installed table fingerprint (hex).
+    pub(super) fn table_fingerprints(&self) -> HashMap<String, String> {
+        let w = lock(&self.shared.writer);
+        w.service_names()
+            .filter_map(|n| Some((n.to_string(), format!("{:016x}", w.table_fingerprint(n)?))))
+            .collect()
+    }
+}
+
+/// Starts the announcer when the config has `[bgp]`, and says which
+/// services it will never announce.
+pub(super) async fn announcer(
+    config: &Config,
+) -> Result<Option<tokio::sync::Mutex<Announcer>>, StartError> {
+    let Some(bgp) = config.bgp.clone() else {
+        return Ok(None);
+    };
+    for s in config
+        .services
+        .iter()
+        .filter(|s| s.listen.ip().is_unspecified())
+    {
+        warn!(
+            service = %s.name,
+            "listens on a wildcard address ({}): not announced over BGP; give it the service address",
+            s.listen
+        );
+    }
+    let a = Announcer::start(bgp).await?;
+    Ok(Some(tokio::sync::Mutex::new(a)))
+}
