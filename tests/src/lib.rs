@@ -2,6 +2,7 @@
 //! network-namespace topologies that clean up after themselves, and the root
 //! check that privileged tests start with.
 pub mod capture;
+pub mod cluster;
 pub mod daemon;
 pub mod fixtures;
 pub mod https;

@@ -1,0 +1,499 @@
+//! Several balancer nodes behind a router doing ECMP, each announcing the
+//! service address over BGP through its own BIRD: client -- router (BIRD,
+//! multipath into the kernel) -- one bridge joining the router, 3 nodes
+//! (lb in dsr mode + BIRD) and the HTTPS backends (service address on
+//! `lo`). Everything lives in namespaces and processes removed on drop.
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use lb_userspace::dataplane::{AttachMode, Dataplane, Options};
+
+use crate::{
+    daemon::{BpfFs, Lb, TempDir},
+    https::{Backend, ClientTls, Pki},
+    netns::{self, Topology, run_in},
+    topology::NsRuntime,
+};
+
+pub const VIP: &str = "10.215.0.100";
+pub const ROUTER: &str = "10.213.0.1";
+pub const CLIENT: &str = "10.214.0.2";
+const API: &str = "127.0.0.1:9180";
+const ROUTER_AS: u32 = 65000;
+const NODE_AS: u32 = 65001;
+
+/// A node's address on the shared segment (`i` from 0).
+pub fn node_addr(i: usize) -> String {
+    format!("10.213.0.{}", 11 + i)
+}
+
+/// A backend's address on the shared segment (`i` from 0).
+pub fn backend_addr(i: usize) -> String {
+    format!("10.213.0.{}", 21 + i)
+}
+
+/// Fails loudly when a program the cluster needs is missing.
+pub fn require_tool(name: &str, package: &str) {
+    let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        .iter()
+        .any(|d| Path::new(d).join(name).exists());
+    assert!(
+        found,
+        "`{name}` is missing: `cargo xtask setup` installs it (Debian package {package})"
+    );
+}
+
+/// `bird -f` in a namespace, with its own config, socket and log.
+pub struct Bird {
+    pub ns: String,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Bird {
+    pub fn start(ns: &str, config: &Path) -> Bird {
+        let socket = config.with_extension("ctl");
+        let log = config.with_extension("log");
+        let _ = fs::remove_file(&socket);
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "bird", "-f", "-c"])
+            .arg(config)
+            .arg("-s")
+            .arg(&socket)
+            .arg("-P")
+            .arg(config.with_extension("pid"))
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn bird");
+        let mut bird = Bird {
+            ns: ns.to_string(),
+            socket,
+            config: config.to_path_buf(),
+            log,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !bird.birdc(&["show", "status"]).contains("Daemon is up") {
+            if let Some(s) = bird.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("bird exited ({s}):\n{}", bird.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bird did not come up:\n{}",
+                bird.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bird
+    }
+
+    /// `birdc` on this BIRD's socket: its output (empty if it failed).
+    pub fn birdc(&self, args: &[&str]) -> String {
+        Command::new("birdc")
+            .arg("-s")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The cluster. Fields drop in order: daemons and BIRDs first, then the
+/// servers, the switch ports' programs and the namespaces.
+pub struct Cluster {
+    pub lbs: Vec<Option<Lb>>,
+    pub node_birds: Vec<Bird>,
+    pub router_bird: Bird,
+    pub client_rt: NsRuntime,
+    pub tls: ClientTls,
+    pub backends: Vec<Backend>,
+    _backend_rts: Vec<NsRuntime>,
+    _ports: Vec<Dataplane>,
+    pub router: String,
+    pub client: String,
+    pub nodes: Vec<String>,
+    pub backend_ns: Vec<String>,
+    pub dir: TempDir,
+    _topo: Topology,
+    bpf: BpfFs,
+}
+
+fn router_config(dir: &TempDir, nodes: usize) -> PathBuf {
+    let mut text = format!(
+        r#"router id {ROUTER};
+protocol device {{ }}
+protocol kernel {{
+  ipv4 {{ import none; export all; }};
+  merge paths on;
+}}
+protocol bfd {{
+  interface "*" {{ min rx interval 100 ms; min tx interval 100 ms; idle tx interval 300 ms; multiplier 3; }};
+}}
+template bgp node {{
+  local {ROUTER} as {ROUTER_AS};
+  ipv4 {{ import all; export none; }};
+  bfd on;
+  hold time 3; keepalive time 1;
+  connect delay time 1; connect retry time 1; error wait time 1, 2;
+}}
+"#
+    );
+    for i in 0..nodes {
+        text += &format!(
+            "protocol bgp node{i} from node {{ neighbor {} as {NODE_AS}; }}\n",
+            node_addr(i)
+        );
+    }
+    let p = dir.path("router.conf");
+    fs::write(&p, text).unwrap();
+    p
+}
+
+fn node_bird_config(dir: &TempDir, i: usize) -> PathBuf {
+    let include = dir.path(&format!("node{i}-routes.conf"));
+    // BIRD reads it at start; lb rewrites it.
+    fs::write(&include, "").unwrap();
+    let me = node_addr(i);
+    let text = format!(
+        r#"router id {me};
+protocol device {{ }}
+protocol bfd {{
+  interface "*" {{ min rx interval 100 ms; min tx interval 100 ms; idle tx interval 300 ms; multiplier 3; }};
+}}
+include "{include}";
+protocol bgp uplink {{
+  local {me} as {NODE_AS};
+  neighbor {ROUTER} as {ROUTER_AS};
+  ipv4 {{ import none; export where proto = "lb_services4"; }};
+  bfd on;
+  hold time 3; keepalive time 1;
+  connect delay time 1; connect retry time 1; error wait time 1, 2;
+}}
+"#,
+        include = include.display()
+    );
+    let p = dir.path(&format!("node{i}-bird.conf"));
+    fs::write(&p, text).unwrap();
+    p
+}
+
+/// Node `i`'s lb config: the same service on every node, its backends
+/// listed in another order on each.
+fn lb_config(dir: &TempDir, bpf: &BpfFs, i: usize, backends: usize) -> PathBuf {
+    let mut list: Vec<String> = (0..backends)
+        .map(|b| format!("{{ address = \"{}:443\" }}", backend_addr(b)))
+        .collect();
+    list.rotate_left(i % backends.max(1));
+    if i % 2 == 1 {
+        list.reverse();
+    }
+    let text = format!(
+        r#"[dataplane]
+interface = "eth0"
+xdp_mode = "native"
+flow_table_size = 65536
+max_services = 4
+pin_path = "{pin}"
+
+[admin]
+listen = "{API}"
+state_file = "{state}"
+
+[bgp]
+bird_socket = "{sock}"
+include_file = "{include}"
+
+[[services]]
+name = "web"
+listen = "{VIP}:443"
+protocols = ["tcp"]
+forwarding = "dsr"
+when_all_down = "refuse"
+health = {{ kind = "tcp", interval = "100ms", timeout = "100ms", rise = 1, fall = 2 }}
+backends = [{list}]
+"#,
+        pin = bpf.0.join(format!("node{i}")).display(),
+        state = dir.path(&format!("node{i}-state.json")).display(),
+        sock = dir.path(&format!("node{i}-bird.ctl")).display(),
+        include = dir.path(&format!("node{i}-routes.conf")).display(),
+        list = list.join(", "),
+    );
+    let p = dir.path(&format!("node{i}.toml"));
+    fs::write(&p, text).unwrap();
+    p
+}
+
+/// Frames a veth's sender left with a half-done checksum (TX offload)
+/// would leave XDP_TX broken: finish them in software.
+fn full_checksums(ns: &str, ifname: &str) {
+    run_in(ns, &["ethtool", "-K", ifname, "tx", "off"]);
+}
+
+impl Cluster {
+    /// `nodes` nodes and `backends` HTTPS backends, every node announcing.
+    pub fn start(nodes: usize, backends: usize) -> Cluster {
+        require_tool("bird", "bird2");
+        require_tool("birdc", "bird2");
+        let mut topo = Topology::new();
+        let dir = TempDir::new("cluster");
+        let bpf = BpfFs::mount("cluster");
+        let sw = topo.namespace("sw");
+        let router = topo.namespace("rt");
+        let client = topo.namespace("cl");
+        let node_ns: Vec<String> = (0..nodes)
+            .map(|i| topo.namespace(&format!("n{i}")))
+            .collect();
+        let backend_ns: Vec<String> = (0..backends)
+            .map(|i| topo.namespace(&format!("b{i}")))
+            .collect();
+        run_in(&sw, &["ip", "link", "add", "br0", "type", "bridge"]);
+        run_in(&sw, &["ip", "link", "set", "br0", "up"]);
+        let seg = |ns: &str, port: &str, addr: &str| {
+            topo.veth((&sw, port, &[]), (ns, "eth0", &[&format!("{addr}/24")]));
+            run_in(&sw, &["ip", "link", "set", port, "master", "br0"]);
+        };
+        seg(&router, "swr", ROUTER);
+        for (i, ns) in node_ns.iter().enumerate() {
+            seg(ns, &format!("swn{i}"), &node_addr(i));
+        }
+        for (i, ns) in backend_ns.iter().enumerate() {
+            seg(ns, &format!("swb{i}"), &backend_addr(i));
+        }
+        topo.veth(
+            (&client, "eth0", &[&format!("{CLIENT}/24")]),
+            (&router, "eth1", &["10.214.0.1/24"]),
+        );
+        run_in(
+            &client,
+            &["ip", "route", "add", "default", "via", "10.214.0.1"],
+        );
+        full_checksums(&client, "eth0");
+        for ifname in ["eth0", "eth1"] {
+            full_checksums(&router, ifname);
+        }
+        for key in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.fib_multipath_hash_policy=1",
+        ] {
+            run_in(&router, &["sysctl", "-qw", key]);
+        }
+        for ns in &node_ns {
+            run_in(ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            run_in(ns, &["ip", "route", "add", "default", "via", ROUTER]);
+        }
+        for ns in &backend_ns {
+            run_in(
+                ns,
+                &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
+            );
+            run_in(ns, &["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"]);
+            run_in(ns, &["sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2"]);
+            run_in(ns, &["ip", "route", "add", "default", "via", ROUTER]);
+        }
+        // A veth hands XDP_TX frames to its peer only when the peer runs an
+        // XDP program: the nodes' switch ports get one that passes all.
+        let ports: Vec<Dataplane> = (0..nodes)
+            .map(|i| {
+                let port = format!("swn{i}");
+                netns::within(&sw, move || {
+                    let mut dp = Dataplane::load(Options {
+                        max_services: 1,
+                        maglev_size: 251,
+                        flow_table_size: 1024,
+                        ..Options::default()
+                    })
+                    .unwrap();
+                    dp.attach(&port, AttachMode::Native)
+                        .expect("attach to the switch port");
+                    dp
+                })
+            })
+            .collect();
+        // Real HTTPS backends, each with a certificate of its own.
+        let pki = Pki::new();
+        let tls = pki.client(&[]);
+        let mut rts = Vec::new();
+        let mut servers = Vec::new();
+        for (i, ns) in backend_ns.iter().enumerate() {
+            let rt = NsRuntime::new(ns, 1);
+            let identity = pki.issue(&format!("b{i}.test"));
+            tls.learn(&identity);
+            servers.push(Backend::start_with(&rt, 443, identity, false));
+            rts.push(rt);
+        }
+        let router_bird = Bird::start(&router, &router_config(&dir, nodes));
+        let node_birds: Vec<Bird> = node_ns
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| Bird::start(ns, &node_bird_config(&dir, i)))
+            .collect();
+        let mut cluster = Cluster {
+            lbs: Vec::new(),
+            node_birds,
+            router_bird,
+            client_rt: NsRuntime::new(&client, 4),
+            tls,
+            backends: servers,
+            _backend_rts: rts,
+            _ports: ports,
+            router,
+            client,
+            nodes: node_ns,
+            backend_ns,
+            dir,
+            _topo: topo,
+            bpf,
+        };
+        for i in 0..nodes {
+            let lb = cluster.start_lb(i);
+            cluster.lbs.push(Some(lb));
+        }
+        cluster
+    }
+
+    /// Starts backend `i` again after [`Backend::kill`].
+    pub fn restart_backend(&mut self, i: usize) {
+        let identity = self.backends[i].identity.clone();
+        self.backends[i] = Backend::start_with(&self._backend_rts[i], 443, identity, false);
+    }
+
+    /// Starts node `i`'s lb (its config is the same at every start).
+    pub fn start_lb(&self, i: usize) -> Lb {
+        let config = lb_config(&self.dir, &self.bpf, i, self.backends.len());
+        Lb::start(&self.nodes[i], &config, API, &[])
+    }
+
+    pub fn lb(&self, i: usize) -> &Lb {
+        self.lbs[i].as_ref().expect("node's lb is running")
+    }
+
+    /// The router's kernel next hops for the service address.
+    pub fn next_hops(&self) -> Vec<String> {
+        let out = run_in(
+            &self.router,
+            &["ip", "-4", "route", "show", &format!("{VIP}/32")],
+        );
+        let mut hops: Vec<String> = out
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "via")
+            .map(|w| w[1].to_string())
+            .collect();
+        hops.sort();
+        hops
+    }
+
+    /// Waits until the router's next hops are the nodes `want`; how long.
+    pub fn wait_next_hops(&self, want: &[usize], within: Duration) -> Duration {
+        let mut want: Vec<String> = want.iter().map(|i| node_addr(*i)).collect();
+        want.sort();
+        let start = Instant::now();
+        loop {
+            let hops = self.next_hops();
+            if hops == want {
+                return start.elapsed();
+            }
+            if start.elapsed() > within {
+                panic!(
+                    "the router's next hops for {VIP} are {hops:?}, not {want:?} after {within:?}\n\
+                     router: {}\nnode BIRDs: {:?}",
+                    self.router_bird.birdc(&["show", "protocols"]),
+                    self.node_birds
+                        .iter()
+                        .map(|b| b.birdc(&["show", "route"]))
+                        .collect::<Vec<_>>()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// `n` HTTPS GETs to the service, each over a new connection from a new
+    /// source port, 8 at a time. Returns (answers per backend, failures).
+    pub fn spread(&self, n: usize) -> (Vec<usize>, Vec<String>) {
+        const WORKERS: usize = 8;
+        let to: SocketAddr = format!("{VIP}:443").parse().unwrap();
+        let tls = self.tls.clone();
+        let results = self.client_rt.run(async move {
+            let tasks: Vec<_> = (0..WORKERS)
+                .map(|w| {
+                    let tls = tls.clone();
+                    tokio::spawn(async move {
+                        let mut out = Vec::new();
+                        for _ in (w..n).step_by(WORKERS) {
+                            out.push(tls.get(to, "/", None).await);
+                        }
+                        out
+                    })
+                })
+                .collect();
+            let mut all = Vec::with_capacity(n);
+            for t in tasks {
+                all.extend(t.await.expect("a client task panicked"));
+            }
+            all
+        });
+        let mut per = vec![0; self.backends.len()];
+        let mut failures = Vec::new();
+        for r in results {
+            match r {
+                Ok(reply) => {
+                    assert_eq!(reply.cert, reply.body, "TLS passed through untouched");
+                    let i = self
+                        .backends
+                        .iter()
+                        .position(|b| b.name == reply.cert)
+                        .unwrap_or_else(|| panic!("{} is no backend", reply.cert));
+                    per[i] += 1;
+                }
+                Err(f) => failures.push(f.to_string()),
+            }
+        }
+        (per, failures)
+    }
+}
+
+/// New flows node `lb` balanced since its data plane loaded (all services,
+/// all backends).
+pub fn new_flows(lb: &Lb) -> u64 {
+    crate::topology::Metrics::scrape(lb)
+        .0
+        .iter()
+        .filter(|((name, _), _)| name == "lb_new_flows_total")
+        .map(|(_, v)| *v as u64)
+        .sum()
+}
