@@ -116,6 +116,10 @@ impl Bird {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -442,6 +446,69 @@ impl Cluster {
         }
     }
 
+    /// Sends the client's TCP connections from source port `sport` through
+    /// node `node` only (a policy rule on the router), or (None) back to
+    /// ECMP: the same 5-tuple through each node in turn.
+    pub fn steer(&self, sport: u16, node: Option<usize>) {
+        let port = sport.to_string();
+        let rule = [
+            "ip", "rule", "add", "iif", "eth1", "ipproto", "tcp", "sport", &port, "lookup", "100",
+            "pref", "100",
+        ];
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.router,
+                "ip",
+                "rule",
+                "del",
+                "pref",
+                "100",
+            ])
+            .output();
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.router,
+                "ip",
+                "route",
+                "flush",
+                "table",
+                "100",
+            ])
+            .output();
+        if let Some(i) = node {
+            run_in(&self.router, &rule);
+            run_in(
+                &self.router,
+                &[
+                    "ip",
+                    "route",
+                    "replace",
+                    &format!("{VIP}/32"),
+                    "via",
+                    &node_addr(i),
+                    "table",
+                    "100",
+                ],
+            );
+        }
+    }
+
+    /// One HTTPS GET from source port `sport`: the backend that answered.
+    pub fn get_from(&self, sport: u16) -> String {
+        let to: SocketAddr = format!("{VIP}:443").parse().unwrap();
+        let tls = self.tls.clone();
+        let reply = self
+            .client_rt
+            .run(async move { tls.get(to, "/", Some(sport)).await })
+            .unwrap_or_else(|f| panic!("GET from port {sport}: {f}"));
+        assert_eq!(reply.cert, reply.body);
+        reply.cert
+    }
+
     /// `n` HTTPS GETs to the service, each over a new connection from a new
     /// source port, 8 at a time. Returns (answers per backend, failures).
     pub fn spread(&self, n: usize) -> (Vec<usize>, Vec<String>) {
@@ -485,6 +552,12 @@ impl Cluster {
         }
         (per, failures)
     }
+}
+
+/// Sends `sig` to process `pid`.
+pub fn signal(pid: u32, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a running process");
+    rustix::process::kill_process(pid, sig).expect("signal");
 }
 
 /// New flows node `lb` balanced since its data plane loaded (all services,

@@ -5,7 +5,7 @@
 //! withdraws its route, with the time it took.
 use std::time::{Duration, Instant};
 
-use lb_tests::cluster::{Cluster, new_flows, node_addr};
+use lb_tests::cluster::{Cluster, new_flows};
 use serde_json::Value;
 
 /// The service as node `lb`'s API shows it.
@@ -85,6 +85,23 @@ fn three_nodes_announce_spread_and_withdraw() {
         "every node carries traffic: {per_node:?}"
     );
 
+    // The same 5-tuple through each node reaches the same backend.
+    const SPORT: u16 = 40_001;
+    let mut picked = Vec::new();
+    for i in 0..3 {
+        c.steer(SPORT, Some(i));
+        let mut cert = String::new();
+        let per_node = flows_during(&c, || cert = c.get_from(SPORT));
+        assert_eq!(
+            per_node[i], 1,
+            "the connection went through node {i}: {per_node:?}"
+        );
+        picked.push(cert);
+    }
+    c.steer(SPORT, None);
+    println!("port {SPORT} through nodes 0, 1, 2: {picked:?}");
+    assert!(picked.iter().all(|b| *b == picked[0]), "{picked:?}");
+
     // (2) A node's lb killed: its TUN device goes with it, BIRD withdraws.
     c.lbs[0].as_mut().unwrap().kill();
     let killed = Instant::now();
@@ -130,6 +147,22 @@ fn three_nodes_announce_spread_and_withdraw() {
         per_node[1] > 0,
         "node 1 carries traffic again: {per_node:?}"
     );
+
+    // (3b) A node that stops answering without closing anything (BIRD
+    // frozen, as a hung or cut-off node): only BFD tells the router.
+    let frozen = c.node_birds[2].pid();
+    lb_tests::cluster::signal(frozen, rustix::process::Signal::STOP);
+    let stopped = Instant::now();
+    c.wait_next_hops(&[0, 1], Duration::from_secs(5));
+    let withdrawn = stopped.elapsed();
+    println!("BIRD frozen (SIGSTOP) on node 2 -> route gone (BFD): {withdrawn:?}");
+    assert!(
+        withdrawn < Duration::from_secs(1),
+        "withdrawal took {withdrawn:?}"
+    );
+    lb_tests::cluster::signal(frozen, rustix::process::Signal::CONT);
+    let back = c.wait_next_hops(&[0, 1, 2], Duration::from_secs(10));
+    println!("node 2's BIRD thawed: route back after {back:?}");
 
     // (4a) `lb stop` withdraws before the daemon detaches.
     let (status, body) = c.lb(2).call("POST", "/api/v1/stop", None, None);
@@ -184,6 +217,5 @@ fn three_nodes_announce_spread_and_withdraw() {
         "the withdrawal is logged with its reason:\n{}",
         c.lb(0).log()
     );
-    let _ = node_addr;
     println!("cluster test took {:?}", started.elapsed());
 }
