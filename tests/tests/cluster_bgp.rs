@@ -79,6 +79,19 @@ fn three_nodes_announce_spread_and_withdraw() {
             "node {i}: lb_service_table_info with {fp}"
         );
     }
+    let status = lb_tests::netns::run_in(
+        &c.nodes[0],
+        &[
+            lb_tests::daemon::lb_binary().to_str().unwrap(),
+            "status",
+            "--socket",
+            c.lb(0).socket.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        status.contains(&format!("table fingerprint {fp}")) && status.contains("BGP: announced"),
+        "lb status:\n{status}"
+    );
     let per_node = all_succeed(&c, "3 nodes", 600);
     assert!(
         per_node.iter().all(|n| *n > 0),

@@ -48,7 +48,9 @@ impl Daemon {
                 alive: self.alive(ALIVE_WITHIN).await,
             };
             let services = self.announce_inputs().await;
-            announcer.lock().await.tick(node, &services).await;
+            let mut a = announcer.lock().await;
+            a.tick(node, &services).await;
+            *lock(&self.shared.announce_states) = a.states().clone();
         }
     }
 
@@ -58,15 +60,15 @@ impl Daemon {
             return;
         };
         let services = self.announce_inputs().await;
-        announcer.lock().await.withdraw_all(&services).await;
+        let mut a = announcer.lock().await;
+        a.withdraw_all(&services).await;
+        *lock(&self.shared.announce_states) = a.states().clone();
     }
 
-    /// Each service's announce state (empty without `[bgp]`).
-    pub async fn announce_states(&self) -> std::collections::BTreeMap<String, AnnounceView> {
-        match self.shared.announcer.as_ref() {
-            Some(a) => a.lock().await.states().clone(),
-            None => Default::default(),
-        }
+    /// Each service's announce state after the last tick (empty without
+    /// `[bgp]`); never waits for BIRD.
+    pub fn announce_states(&self) -> std::collections::BTreeMap<String, AnnounceView> {
+        lock(&self.shared.announce_states).clone()
     }
 
     /// Each service's installed table fingerprint (hex).

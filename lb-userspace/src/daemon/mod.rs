@@ -200,6 +200,9 @@ struct Shared {
     server_ids: Mutex<config::quic::ServerIds>,
     /// With `[bgp]`: announces the service addresses through BIRD.
     announcer: Option<tokio::sync::Mutex<crate::announce::Announcer>>,
+    /// The announcer's per-service state after its last tick (a copy, so
+    /// the API never waits on a slow BIRD).
+    announce_states: Mutex<std::collections::BTreeMap<String, crate::announce::AnnounceView>>,
 }
 
 impl Progress {

@@ -367,6 +367,7 @@ impl Daemon {
                 rates: Mutex::new(Default::default()),
                 server_ids: Mutex::new(p.server_ids),
                 announcer,
+                announce_states: Mutex::new(Default::default()),
             }
         });
         let daemon = Daemon { shared };

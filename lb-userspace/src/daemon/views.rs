@@ -152,7 +152,7 @@ impl Daemon {
 
     /// The services with each backend's health, for the API.
     pub async fn views(&self) -> Vec<ServiceView> {
-        let announce = self.announce_states().await;
+        let announce = self.announce_states();
         let fingerprints = self.table_fingerprints();
         let inner = self.shared.inner.lock().await;
         let status = inner.checker.status();
@@ -352,7 +352,6 @@ impl Daemon {
         );
         snap.announced = self
             .announce_states()
-            .await
             .into_iter()
             .map(|(s, v)| (s, v.announced))
             .collect();
