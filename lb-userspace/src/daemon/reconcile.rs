@@ -119,10 +119,23 @@ impl Daemon {
                 inner.last_reload_error = Some(msg.clone());
                 return Err(ChangeError::Invalid(msg));
             }
+            // A QUIC-LB key file with a new key: the services in force
+            // (API changes kept) take it.
+            let mut services = inner.services.clone();
+            let rekeyed = config::quic::refresh_keys(&mut services, &cfg.services);
+            if !rekeyed.is_empty() {
+                if let Err(e) = self.commit(&mut inner, services, &limits).await {
+                    let msg = format!("reload failed, nothing changed: {e}");
+                    inner.last_reload_error = Some(msg.clone());
+                    return Err(ChangeError::Failed(msg));
+                }
+                config::quic::refresh_keys(&mut inner.base, &cfg.services);
+                info!(services = ?rekeyed, "reload: new QUIC-LB keys applied");
+            }
             inner.limits = limits;
             inner.last_reload_error = None;
             return Ok(ReloadReport {
-                applied: false,
+                applied: !rekeyed.is_empty(),
                 dropped_changes: Vec::new(),
                 needs_restart,
             });
