@@ -56,6 +56,7 @@ impl From<ChangeError> for ApiError {
             ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
             ChangeError::Conflict(_) => StatusCode::CONFLICT,
             ChangeError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ChangeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, e.to_string())
     }

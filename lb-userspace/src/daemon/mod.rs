@@ -27,6 +27,7 @@ use crate::{
     state::{self, Saved, StateError, Verdicts},
 };
 
+mod cluster;
 mod reconcile;
 mod start;
 mod views;
@@ -47,6 +48,9 @@ pub enum ChangeError {
     Conflict(String),
     #[error("{0}")]
     Failed(String),
+    /// etcd (cluster mode) cannot take the change now: 503.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 #[derive(Debug, Error)]
@@ -72,6 +76,8 @@ pub enum StartError {
     Locked(PathBuf),
     #[error("{0}")]
     Lock(String),
+    #[error("[cluster]: {0}")]
+    Cluster(#[from] crate::cluster::etcd::EtcdError),
 }
 
 /// How `lb run` was asked to start.
@@ -112,6 +118,12 @@ enum Request {
     },
     Reload {
         ack: oneshot::Sender<Result<ReloadReport, ChangeError>>,
+    },
+    /// The services stored in etcd at `revision` (cluster mode).
+    Cluster {
+        services: Vec<ServiceConfig>,
+        revision: i64,
+        ack: oneshot::Sender<()>,
     },
 }
 
@@ -195,6 +207,8 @@ struct Shared {
     /// Every QUIC-LB backend's server id as installed (configured or
     /// assigned); saved with the state file.
     server_ids: Mutex<config::quic::ServerIds>,
+    /// `[cluster]`: the services live in etcd.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Progress {

@@ -109,7 +109,8 @@ impl Daemon {
             limits.max_services = capacity;
         }
         let fp = state::fingerprint(&cfg.services);
-        if fp == inner.base_fp {
+        // In cluster mode etcd holds the services: the file's seed it once.
+        if fp == inner.base_fp || self.shared.cluster.is_some() {
             // The services in force (with API changes) must fit them.
             if let Err(e) = config::check_limits(&inner.services, &limits) {
                 let msg = format!(
@@ -337,9 +338,11 @@ impl Daemon {
                 let out = match change(&mut services) {
                     Ok(out) => {
                         let limits = inner.limits;
-                        self.commit(&mut inner, services, &limits)
-                            .await
-                            .map(|()| out)
+                        match &self.shared.cluster {
+                            Some(c) => self.cluster_commit(c, &mut inner, services).await,
+                            None => self.commit(&mut inner, services, &limits).await,
+                        }
+                        .map(|()| out)
                     }
                     Err(e) => Err(e),
                 };
@@ -349,6 +352,14 @@ impl Daemon {
             }
             Request::Reload { ack } => {
                 let _ = ack.send(self.reload_now().await);
+            }
+            Request::Cluster {
+                services,
+                revision,
+                ack,
+            } => {
+                self.apply_cluster(services, revision).await;
+                let _ = ack.send(());
             }
         }
     }
