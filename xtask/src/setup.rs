@@ -275,7 +275,10 @@ fn stop_service(name: &str, port: &str) {
             .is_ok_and(|s| s.success())
     };
     let stopped = if Path::new("/run/systemd/system").exists() {
-        quiet("systemctl", &["disable", "--now", &format!("{name}.service")])
+        quiet(
+            "systemctl",
+            &["disable", "--now", &format!("{name}.service")],
+        )
     } else if Path::new(&format!("/etc/init.d/{name}")).exists() {
         let stopped = quiet(&format!("/etc/init.d/{name}"), &["stop"]);
         quiet("update-rc.d", &[name, "disable"]) && stopped

@@ -182,6 +182,18 @@ impl Daemon {
         })?;
         config::check_attach(&services, self.shared.attach_mode)
             .map_err(|e| ChangeError::Conflict(e.in_body().to_string()))?;
+        // Known unreachable: refused before anything is sent (a request
+        // sent to a stopped member may still commit when it resumes).
+        // A lost member (the watch's) is not a lost cluster: ask the others.
+        let view = c.view();
+        if !view.connected && c.client.get(&c.services_key()).await.is_err() {
+            return Err(ChangeError::Unavailable(format!(
+                "{}; nothing changed (this node keeps serving the last applied state); retry \
+                 when etcd is back",
+                view.last_error
+                    .unwrap_or_else(|| "etcd unreachable: not connected yet".into())
+            )));
+        }
         let expect = c.applied();
         let written = c
             .client
@@ -190,8 +202,10 @@ impl Daemon {
             .map_err(|e| match e {
                 EtcdError::Unreachable(_) | EtcdError::Endpoint { .. } => {
                     ChangeError::Unavailable(format!(
-                        "etcd unreachable: {e}; nothing changed (this node keeps serving the last \
-                         applied state); retry when etcd is back"
+                        "etcd unreachable: {e}; not applied here (this node keeps serving the \
+                         last applied state); a member that got the request before it stopped \
+                         answering may still store it, and every node then applies it: check \
+                         the services before retrying"
                     ))
                 }
                 e => ChangeError::Failed(format!("etcd refused the change: {e}")),
