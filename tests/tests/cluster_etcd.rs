@@ -256,6 +256,7 @@ fn nodes_share_services_through_etcd() {
         let b = s.spawn(|| add_backend(lb(2), 8004));
         (a.join().unwrap(), b.join().unwrap())
     });
+    eprintln!("concurrent changes on nodes 1 and 2: {} and {}", a.0, b.0);
     let mut want = vec![8001, 8002];
     for ((status, body), port) in [(a, 8003), (b, 8004)] {
         match status {

@@ -41,27 +41,25 @@ impl Daemon {
         if let Some(kv) = kv {
             self.offer(c, &kv).await;
         } else {
-            {
-                let services = self.shared.inner.lock().await.services.clone();
-                match c.client.put_if(&key, &Cluster::encode(&services), 0).await {
-                    Ok(r) if r.succeeded => {
-                        info!(
-                            key,
-                            revision = r.revision,
-                            services = services.len(),
-                            "etcd held no services for this cluster: seeded them from this node's"
-                        );
-                        revision = r.revision;
-                        self.offer_services(c, services, r.revision).await;
-                    }
-                    Ok(r) => {
-                        revision = r.revision;
-                        if let Some(kv) = r.current {
-                            self.offer(c, &kv).await;
-                        }
-                    }
-                    Err(e) => return e,
+            let services = self.shared.inner.lock().await.services.clone();
+            match c.client.put_if(&key, &Cluster::encode(&services), 0).await {
+                Ok(r) if r.succeeded => {
+                    info!(
+                        key,
+                        revision = r.revision,
+                        services = services.len(),
+                        "etcd held no services for this cluster: seeded them from this node's"
+                    );
+                    revision = r.revision;
+                    self.offer_services(c, services, r.revision).await;
                 }
+                Ok(r) => {
+                    revision = r.revision;
+                    if let Some(kv) = r.current {
+                        self.offer(c, &kv).await;
+                    }
+                }
+                Err(e) => return e,
             }
         }
         c.connected(c.client.endpoint_name(member));
@@ -223,10 +221,10 @@ impl Daemon {
                     _ => {}
                 }
             }
-            return Err(ChangeError::Conflict(format!(
+            return Err(ChangeError::Raced(format!(
                 "the cluster's services changed in etcd (revision {expect} -> {now}, a change \
                  made through another node) while this change was made on them: nothing of it \
-                 was written; retry it on the new services"
+                 was written"
             )));
         }
         c.offered(written.revision);

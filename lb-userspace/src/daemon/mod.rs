@@ -51,6 +51,9 @@ pub enum ChangeError {
     /// etcd (cluster mode) cannot take the change now: 503.
     #[error("{0}")]
     Unavailable(String),
+    /// Cluster mode: another node's change reached etcd first (409).
+    #[error("{0}")]
+    Raced(String),
 }
 
 #[derive(Debug, Error)]
@@ -107,7 +110,9 @@ pub struct Prepared {
 }
 
 type AnyBox = Box<dyn std::any::Any + Send>;
-type ChangeFn = Box<dyn FnOnce(&mut Vec<ServiceConfig>) -> Result<AnyBox, ChangeError> + Send>;
+/// A change to the services; run again on newer services when, in cluster
+/// mode, another node's change won the race to etcd.
+type ChangeFn = Box<dyn FnMut(&mut Vec<ServiceConfig>) -> Result<AnyBox, ChangeError> + Send>;
 
 /// What the reconcile task is asked to do. The task runs each request to
 /// its end whether or not anyone still waits for the answer.

@@ -329,23 +329,41 @@ impl Daemon {
         }
     }
 
+    /// Makes `change` on the services in force and commits the result (in
+    /// cluster mode, to etcd first).
+    async fn change_once(
+        &self,
+        inner: &mut Inner,
+        change: &mut ChangeFn,
+    ) -> Result<AnyBox, ChangeError> {
+        let mut services = inner.services.clone();
+        let out = change(&mut services)?;
+        let limits = inner.limits;
+        match &self.shared.cluster {
+            Some(c) => self.cluster_commit(c, inner, services).await,
+            None => self.commit(inner, services, &limits).await,
+        }
+        .map(|()| out)
+    }
+
     /// Serves one request; its answer goes to whoever still waits for it.
     pub(super) async fn serve(&self, req: Request) {
         match req {
-            Request::Change { change, ack } => {
+            Request::Change { mut change, ack } => {
                 let mut inner = self.shared.inner.lock().await;
-                let mut services = inner.services.clone();
-                let out = match change(&mut services) {
-                    Ok(out) => {
-                        let limits = inner.limits;
-                        match &self.shared.cluster {
-                            Some(c) => self.cluster_commit(c, &mut inner, services).await,
-                            None => self.commit(&mut inner, services, &limits).await,
-                        }
-                        .map(|()| out)
+                let mut out = self.change_once(&mut inner, &mut change).await;
+                // Lost the race to etcd: the winner is applied here now;
+                // the change is made once more on it.
+                if let Err(ChangeError::Raced(first)) = &out {
+                    info!("{first}; making the change again on the new services");
+                    out = self.change_once(&mut inner, &mut change).await;
+                    if let Err(ChangeError::Raced(again)) = out {
+                        out = Err(ChangeError::Raced(format!(
+                            "{again}, twice (it was made again once on the newer services); \
+                             retry it"
+                        )));
                     }
-                    Err(e) => Err(e),
-                };
+                }
                 drop(inner);
                 // The client may have gone: the change stands all the same.
                 let _ = ack.send(out);
@@ -425,7 +443,7 @@ impl Daemon {
     /// waiting does not stop the change: it happens whole or not at all.
     pub async fn change<T: Send + 'static>(
         &self,
-        change: impl FnOnce(&mut Vec<ServiceConfig>) -> Result<T, ChangeError> + Send + 'static,
+        mut change: impl FnMut(&mut Vec<ServiceConfig>) -> Result<T, ChangeError> + Send + 'static,
     ) -> Result<T, ChangeError> {
         let (ack, done) = oneshot::channel();
         let change: ChangeFn = Box::new(move |s| change(s).map(|t| Box::new(t) as AnyBox));
