@@ -113,7 +113,7 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        for i in 0..MEMBERS {
+        for i in 0..self.members.len() {
             self.signal(i, rustix::process::Signal::CONT);
             self.kill(i);
         }
@@ -424,4 +424,127 @@ fn bad_cluster_sections_are_rejected() {
     .unwrap();
     let (code, out) = lb_validate(&path);
     assert_eq!(code, Some(0), "{out}");
+}
+
+/// A test CA and certificates signed by it, as PEM files in `dir`:
+/// `ca.pem`, and `<name>.pem`/`<name>.key` for each of `names` (SANs).
+fn pki(dir: &TempDir, certs: &[(&str, &[&str])]) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "lb etcd test CA");
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = params.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.path("ca.pem"), ca.pem()).unwrap();
+    let issuer = rcgen::Issuer::new(params, ca_key);
+    for (name, sans) in certs {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, *name);
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.path(&format!("{name}.pem")), cert.pem()).unwrap();
+        dir.secret(&format!("{name}.key"), &key.serialize_pem());
+    }
+}
+
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    let mut topo = Topology::new();
+    let etcd_ns = topo.namespace("etcd");
+    let site = Site::new("cluster-tls");
+    topo.veth(
+        (&etcd_ns, "e0", &["10.77.0.1/24"]),
+        (&site.lb_ns, "etcd0", &["10.77.0.2/24"]),
+    );
+    let _backend = site.backend(8001);
+    let extra = site.backend(8002);
+    let certs = TempDir::new("etcd-pki");
+    pki(&certs, &[("etcd", &["10.77.0.1"]), ("node0", &["node0"])]);
+    let mut etcd = Etcd {
+        ns: etcd_ns.clone(),
+        dir: TempDir::new("etcd-tls"),
+        members: vec![None],
+    };
+    let log = std::fs::File::create(etcd.dir.path("m0.log")).unwrap();
+    etcd.members[0] = Some(
+        Command::new("ip")
+            .args(["netns", "exec", &etcd_ns, "etcd", "--name", "m0"])
+            .arg("--data-dir")
+            .arg(etcd.dir.path("m0.data"))
+            .args([
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "m0=http://127.0.0.1:2380",
+                "--listen-client-urls",
+                "https://0.0.0.0:2379",
+                "--advertise-client-urls",
+                "https://10.77.0.1:2379",
+                "--client-cert-auth",
+                "--logger",
+                "zap",
+                "--log-level",
+                "warn",
+            ])
+            .arg("--cert-file")
+            .arg(certs.path("etcd.pem"))
+            .arg("--key-file")
+            .arg(certs.path("etcd.key"))
+            .arg("--trusted-ca-file")
+            .arg(certs.path("ca.pem"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start etcd"),
+    );
+    let config = |client_cert: bool| {
+        let path = site.config(&ServiceConf::tcp(&[(8001, 100)]));
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&format!(
+            "\n[cluster]\netcd_endpoints = [\"https://10.77.0.1:2379\"]\nnode = \"node0\"\n\
+             name = \"tls\"\nca_file = {:?}\n",
+            certs.path("ca.pem").display().to_string()
+        ));
+        if client_cert {
+            text.push_str(&format!(
+                "cert_file = {:?}\nkey_file = {:?}\n",
+                certs.path("node0.pem").display().to_string(),
+                certs.path("node0.key").display().to_string()
+            ));
+        }
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+
+    // Without a client certificate etcd refuses the node: loudly, and
+    // changes are refused too.
+    let mut lb = Lb::start(&site.lb_ns, &config(false), API, &["--reset-state"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let st = cluster_status(&lb);
+    assert_eq!(st["connected"], false, "{st}");
+    assert!(st["last_error"].as_str().is_some(), "{st}");
+    let (s, v) = add_backend(&lb, 8002);
+    assert_eq!(s, 503, "{v}");
+    lb.stop();
+
+    let lb = Lb::start(&site.lb_ns, &config(true), API, &["--reset-state"]);
+    wait_for("connected over TLS", Duration::from_secs(10), || {
+        cluster_status(&lb)["connected"] == true
+    });
+    let (s, v) = add_backend(&lb, 8002);
+    assert_eq!(s, 201, "{v}\n{}", lb.log());
+    let st = cluster_status(&lb);
+    assert_eq!(st["endpoint"], "https://10.77.0.1:2379", "{st}");
+    assert!(st["revision"].as_i64().unwrap() >= 2, "{st}");
+    drop(extra);
 }
