@@ -129,14 +129,14 @@ struct Node {
     site: Site,
 }
 
-fn cluster_config(site: &Site, i: usize, extra: &str) -> PathBuf {
-    let path = site.config(&ServiceConf::tcp(&[(8001, 100)]));
+fn cluster_config(site: &Site, i: usize, svc: &ServiceConf) -> PathBuf {
+    let path = site.config(svc);
     let endpoints: Vec<String> = (0..MEMBERS)
         .map(|j| format!("\"http://10.77.{i}.1:{}\"", client_port(j)))
         .collect();
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str(&format!(
-        "\n[cluster]\netcd_endpoints = [{}]\nnode = \"node{i}\"\nname = \"test\"\n{extra}",
+        "\n[cluster]\netcd_endpoints = [{}]\nnode = \"node{i}\"\nname = \"test\"\n",
         endpoints.join(", ")
     ));
     std::fs::write(&path, text).unwrap();
@@ -205,7 +205,7 @@ fn nodes_share_services_through_etcd() {
             (&site.lb_ns, "etcd0", &[&format!("10.77.{i}.2/24")]),
         );
         let bs: Vec<Backend> = (8001..=8006).map(|p| site.backend(p)).collect();
-        let config = cluster_config(&site, i, "");
+        let config = cluster_config(&site, i, &ServiceConf::tcp(&[(8001, 100)]));
         nodes.push(Node {
             lb: None,
             config,
@@ -359,6 +359,101 @@ fn nodes_share_services_through_etcd() {
         });
     }
     traffic_ok(&nodes[2], 10);
+}
+
+/// The certificate names of `n` GETs through the node: which backends
+/// answered.
+fn answered_by(node: &Node, n: usize) -> Vec<String> {
+    let tls = node.site.tls.clone();
+    let to = node.site.v4();
+    node.site.client.run(async move {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            match tls.get(to, "/", None).await {
+                Ok(r) => out.push(r.cert),
+                Err(e) => panic!("request failed: {e:?}"),
+            }
+        }
+        out
+    })
+}
+
+#[test]
+fn health_verdicts_follow_the_majority_of_live_nodes() {
+    let mut topo = Topology::new();
+    let etcd_ns = topo.namespace("etcd");
+    let _etcd = Etcd::start(&etcd_ns);
+    let mut svc = ServiceConf::tcp(&[(8001, 100), (8002, 100)]);
+    svc.health = Some(
+        r#"{ kind = "tcp", interval = "100ms", timeout = "100ms", rise = 1, fall = 1 }"#.into(),
+    );
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 0..3 {
+        let site = Site::new(&format!("clhealth{i}"));
+        topo.veth(
+            (&etcd_ns, &format!("e{i}"), &[&format!("10.77.{i}.1/24")]),
+            (&site.lb_ns, "etcd0", &[&format!("10.77.{i}.2/24")]),
+        );
+        let bs: Vec<Backend> = (8001..=8002).map(|p| site.backend(p)).collect();
+        let config = cluster_config(&site, i, &svc);
+        let lb = Some(Lb::start(&site.lb_ns, &config, API, &["--reset-state"]));
+        nodes.push(Node {
+            lb,
+            config,
+            _backends: bs,
+            site,
+        });
+    }
+    let lb = |i: usize| nodes[i].lb.as_ref().unwrap();
+    let down = |i: usize| cluster_status(lb(i))["backends_down"].clone();
+    for i in 0..3 {
+        wait_for("every node live", Duration::from_secs(20), || {
+            cluster_status(lb(i))["nodes"].as_array().map(Vec::len) == Some(3)
+        });
+    }
+    // Down on one node of three: the others keep it, and so the cluster.
+    nodes[0]._backends[1].kill();
+    wait_for("node 0 sees 8002 down", Duration::from_secs(3), || {
+        backends(lb(0))[&8002]["healthy"] == false
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    for i in 0..3 {
+        assert_eq!(down(i), serde_json::json!([]), "node {i}");
+    }
+    // Down on two of three: out on every node, the third included.
+    nodes[1]._backends[1].kill();
+    let start = Instant::now();
+    for i in 0..3 {
+        wait_for("8002 out everywhere", Duration::from_secs(3), || {
+            down(i) == serde_json::json!(["web/127.0.0.1:8002"])
+        });
+    }
+    eprintln!(
+        "two nodes' verdicts took 8002 out on all three within {:?}",
+        start.elapsed()
+    );
+    let certs = answered_by(&nodes[2], 20);
+    assert!(
+        certs.iter().all(|c| *c == Site::backend_name(8001)),
+        "node 2 still sends to 8002: {certs:?}"
+    );
+    // Node 1 dies: its verdicts go with its lease; one of two is no
+    // majority, so node 2 (where 8002 is fine) uses it again.
+    nodes[1].lb.as_mut().unwrap().kill();
+    nodes[1].lb = None;
+    let lb2 = nodes[2].lb.as_ref().unwrap();
+    let start = Instant::now();
+    wait_for("node 1's verdicts expire", Duration::from_secs(6), || {
+        let st = cluster_status(lb2);
+        st["nodes"].as_array().map(Vec::len) == Some(2)
+            && st["backends_down"] == serde_json::json!([])
+    });
+    eprintln!("a dead node's verdicts expired after {:?}", start.elapsed());
+    let certs = answered_by(&nodes[2], 30);
+    assert!(
+        certs.contains(&Site::backend_name(8002)),
+        "8002 is not back on node 2: {certs:?}"
+    );
 }
 
 #[test]

@@ -162,6 +162,18 @@ fn tls_config(cfg: &ClusterConfig) -> Result<Arc<ClientConfig>, EtcdError> {
     Ok(Arc::new(config))
 }
 
+/// The end of the range of keys starting with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
@@ -311,6 +323,74 @@ impl Client {
         Self::range_answer(&v)
     }
 
+    /// Every key under `prefix`, on member `i`.
+    pub async fn list_on(&self, i: usize, prefix: &str) -> Result<Vec<Kv>, EtcdError> {
+        let body = json!({ "key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix)) });
+        let v = self.call_on(i, "/v3/kv/range", &body).await?;
+        v.get("kvs")
+            .and_then(Value::as_array)
+            .map_or_else(|| Ok(Vec::new()), |kvs| kvs.iter().map(kv).collect())
+    }
+
+    /// A lease of `ttl_secs`: its id.
+    pub async fn grant(&self, ttl_secs: u64) -> Result<i64, EtcdError> {
+        let v = self
+            .call("/v3/lease/grant", &json!({ "TTL": ttl_secs.to_string() }))
+            .await?;
+        match int(&v["ID"]) {
+            0 => Err(EtcdError::Protocol(format!("no lease in {v}"))),
+            id => Ok(id),
+        }
+    }
+
+    /// Renews lease `id` once; false when it is gone (expired).
+    pub async fn keep_alive(&self, id: i64) -> Result<bool, EtcdError> {
+        let i = self.current();
+        let ep = self.endpoints[i].to_string();
+        let resp = self
+            .send(i, "/v3/lease/keepalive", &json!({ "ID": id.to_string() }))
+            .await?;
+        if !resp.status().is_success() {
+            return Err(EtcdError::Endpoint {
+                endpoint: ep,
+                reason: format!("lease keepalive answered {}", resp.status()),
+            });
+        }
+        // A stream: its first message is the answer.
+        let mut body = resp.into_body();
+        let mut buf = Vec::new();
+        let first = async {
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { break };
+                if let Ok(d) = frame.into_data() {
+                    buf.extend_from_slice(&d);
+                    let mut it = serde_json::Deserializer::from_slice(&buf).into_iter::<Value>();
+                    if let Some(Ok(v)) = it.next() {
+                        return Some(v);
+                    }
+                }
+            }
+            None
+        };
+        let v = tokio::time::timeout(REQUEST_TIMEOUT, first)
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| EtcdError::Endpoint {
+                endpoint: ep,
+                reason: "no lease keepalive answer".into(),
+            })?;
+        Ok(int(&v["result"]["TTL"]) > 0)
+    }
+
+    /// Puts `value` at `key` attached to lease `lease`.
+    pub async fn put_leased(&self, key: &str, value: &[u8], lease: i64) -> Result<(), EtcdError> {
+        let body = json!({
+            "key": b64(key.as_bytes()), "value": b64(value), "lease": lease.to_string(),
+        });
+        self.call("/v3/kv/put", &body).await.map(|_| ())
+    }
+
     fn range_answer(v: &Value) -> Result<(Option<Kv>, i64), EtcdError> {
         let revision = int(&v["header"]["revision"]);
         let kv = match v.get("kvs").and_then(Value::as_array) {
@@ -370,10 +450,14 @@ impl Client {
         mut on_event: impl FnMut(WatchEvent),
     ) -> Result<(), EtcdError> {
         let ep = self.endpoints[i].to_string();
-        let body = json!({ "create_request": {
+        let mut body = json!({ "create_request": {
             "key": b64(key.as_bytes()),
             "start_revision": start.to_string(),
         }});
+        // A key ending in '/' is a prefix: every key under it.
+        if key.ends_with('/') {
+            body["create_request"]["range_end"] = Value::String(b64(&prefix_end(key)));
+        }
         let resp = self.send(i, "/v3/watch", &body).await?;
         if !resp.status().is_success() {
             return Err(EtcdError::Status {

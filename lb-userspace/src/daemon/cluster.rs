@@ -12,6 +12,11 @@ const RESYNC_AFTER: Duration = Duration::from_millis(300);
 /// How often the member a watch streams from is asked for the key: a
 /// stopped or cut-off member sends no error, only silence.
 const HEARTBEAT: Duration = Duration::from_millis(500);
+/// A node's health verdicts outlive it by at most this.
+const LEASE_TTL: Duration = Duration::from_secs(3);
+const LEASE_RENEW: Duration = Duration::from_secs(1);
+/// How often this node's verdicts are compared with the published ones.
+const PUBLISH_EVERY: Duration = Duration::from_millis(200);
 
 impl Daemon {
     /// Keeps this node in step with etcd for the daemon's life: read,
@@ -24,8 +29,53 @@ impl Daemon {
             if was_connected {
                 warn!("etcd: {e}; serving the last applied state until it answers again");
             }
-            was_connected = c.view().connected;
+            was_connected = c.is_connected();
             c.disconnected(format!("etcd unreachable: {e}"));
+            if was_connected {
+                // The health rule falls back to this node's own checks.
+                let _ = self.request(Request::ClusterHealth);
+            }
+            tokio::time::sleep(RESYNC_AFTER).await;
+        }
+    }
+
+    /// Publishes this node's own health verdicts under
+    /// `health/<node>` on a lease of `LEASE_TTL`, renewed every
+    /// `LEASE_RENEW`: a dead node's verdicts vanish with its lease.
+    pub(super) async fn cluster_publish(self, c: Arc<Cluster>) {
+        let key = c.health_key();
+        loop {
+            let Ok(lease) = c.client.grant(LEASE_TTL.as_secs()).await else {
+                tokio::time::sleep(RESYNC_AFTER).await;
+                continue;
+            };
+            let mut published: Option<Verdicts> = None;
+            let mut renewed = Instant::now();
+            loop {
+                let local = self.shared.inner.lock().await.health.clone();
+                if published.as_ref() != Some(&local) {
+                    let value = Cluster::encode_verdicts(&local);
+                    if let Err(e) = c.client.put_leased(&key, &value, lease).await {
+                        debug!("publishing health verdicts: {e}");
+                        break;
+                    }
+                    published = Some(local);
+                }
+                if renewed.elapsed() >= LEASE_RENEW {
+                    match c.client.keep_alive(lease).await {
+                        Ok(true) => renewed = Instant::now(),
+                        Ok(false) => {
+                            info!("the health lease expired; publishing under a new one");
+                            break;
+                        }
+                        Err(e) => {
+                            debug!("renewing the health lease: {e}");
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(PUBLISH_EVERY).await;
+            }
             tokio::time::sleep(RESYNC_AFTER).await;
         }
     }
@@ -62,22 +112,62 @@ impl Daemon {
                 Err(e) => return e,
             }
         }
+        let mut peers = std::collections::BTreeMap::new();
+        let health_prefix = c.health_prefix();
+        match c.client.list_on(member, &health_prefix).await {
+            Ok(kvs) => {
+                for kv in kvs {
+                    let node = kv.key.trim_start_matches(&health_prefix).to_string();
+                    match Cluster::decode_verdicts(&kv.value) {
+                        Ok(v) => {
+                            peers.insert(node, v);
+                        }
+                        Err(e) => warn!(node, "unreadable health verdicts in etcd: {e}"),
+                    }
+                }
+            }
+            Err(e) => return e,
+        }
+        c.set_peers(peers);
         c.connected(c.client.endpoint_name(member));
+        let _ = self.request(Request::ClusterHealth);
         info!(
             endpoint = %c.client.endpoint_name(member),
             revision = c.applied(),
             "etcd: in step with the cluster's services, watching"
         );
         let (tx, mut rx) = mpsc::unbounded_channel::<Kv>();
-        let watch = c.client.watch_on(member, &key, revision + 1, move |ev| {
-            for (kv, deleted) in ev.changes {
-                if deleted {
-                    warn!(key = %kv.key, revision = ev.revision, "the cluster's services key was deleted in etcd; keeping the services in force");
-                } else {
-                    let _ = tx.send(kv);
+        let services_key = key.clone();
+        let mut health_changed = false;
+        let prefix = c.config.prefix();
+        let watch = c
+            .client
+            .watch_on(member, &prefix, revision + 1, |ev| {
+                for (kv, deleted) in ev.changes {
+                    if let Some(node) = kv.key.strip_prefix(&health_prefix) {
+                        let verdicts = if deleted {
+                            None
+                        } else {
+                            match Cluster::decode_verdicts(&kv.value) {
+                                Ok(v) => Some(v),
+                                Err(e) => {
+                                    warn!(node, "unreadable health verdicts in etcd: {e}");
+                                    continue;
+                                }
+                            }
+                        };
+                        health_changed |= c.set_peer(node, verdicts);
+                    } else if kv.key != services_key {
+                    } else if deleted {
+                        warn!(key = %kv.key, revision = ev.revision, "the cluster's services key was deleted in etcd; keeping the services in force");
+                    } else {
+                        let _ = tx.send(kv);
+                    }
                 }
-            }
-        });
+                if std::mem::take(&mut health_changed) {
+                    let _ = self.request(Request::ClusterHealth);
+                }
+            });
         tokio::pin!(watch);
         let mut beat = tokio::time::interval(HEARTBEAT);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -183,12 +273,11 @@ impl Daemon {
         // Known unreachable: refused before anything is sent (a request
         // sent to a stopped member may still commit when it resumes).
         // A lost member (the watch's) is not a lost cluster: ask the others.
-        let view = c.view();
-        if !view.connected && c.client.get(&c.services_key()).await.is_err() {
+        if !c.is_connected() && c.client.get(&c.services_key()).await.is_err() {
             return Err(ChangeError::Unavailable(format!(
                 "{}; nothing changed (this node keeps serving the last applied state); retry \
                  when etcd is back",
-                view.last_error
+                c.last_error()
                     .unwrap_or_else(|| "etcd unreachable: not connected yet".into())
             )));
         }

@@ -124,6 +124,9 @@ enum Request {
     Reload {
         ack: oneshot::Sender<Result<ReloadReport, ChangeError>>,
     },
+    /// Other nodes' health verdicts changed, or the link to etcd did
+    /// (cluster mode): the tables are installed again under the rule.
+    ClusterHealth,
     /// The services stored in etcd at `revision` (cluster mode).
     Cluster {
         services: Vec<ServiceConfig>,

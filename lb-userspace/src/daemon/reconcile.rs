@@ -239,6 +239,15 @@ impl Daemon {
         services: &[ServiceConfig],
         health: &HashMap<(String, SocketAddr), bool>,
     ) -> Result<(), ChangeError> {
+        // Cluster mode: the cluster's rule over every live node's verdicts.
+        let merged;
+        let health = match &self.shared.cluster {
+            Some(c) => {
+                merged = c.merged(health);
+                &merged
+            }
+            None => health,
+        };
         let specs = specs(services, health);
         let server_ids = config::quic::assign(services, &lock(&self.shared.server_ids));
         let quic = quic_specs(services, &server_ids);
@@ -370,6 +379,13 @@ impl Daemon {
             }
             Request::Reload { ack } => {
                 let _ = ack.send(self.reload_now().await);
+            }
+            Request::ClusterHealth => {
+                let inner = self.shared.inner.lock().await;
+                let services = inner.services.clone();
+                if let Err(e) = self.install(&services, &inner.health).await {
+                    error!("installing after the cluster's health verdicts changed failed: {e}");
+                }
             }
             Request::Cluster {
                 services,

@@ -427,6 +427,7 @@ impl Daemon {
             tokio::spawn(daemon.clone().sample_rates()),
         ];
         if let Some(c) = cluster {
+            loops.push(tokio::spawn(daemon.clone().cluster_publish(c.clone())));
             loops.push(tokio::spawn(daemon.clone().cluster_sync(c)));
         }
         *lock(&daemon.shared.loops) = loops;

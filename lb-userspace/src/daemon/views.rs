@@ -142,7 +142,7 @@ impl Daemon {
             last_reload_error: inner.last_reload_error.clone(),
             limits: inner.limits,
             attach_mode: self.shared.attach_mode,
-            cluster: self.shared.cluster.as_ref().map(|c| c.view()),
+            cluster: self.shared.cluster.as_ref().map(|c| c.view(&inner.health)),
         }
     }
 
