@@ -359,6 +359,33 @@ fn nodes_share_services_through_etcd() {
         });
     }
     traffic_ok(&nodes[2], 10);
+
+    // The key deleted behind the nodes' backs: they keep their services,
+    // and the next change writes it again.
+    lb_tests::netns::run_in(
+        &etcd_ns,
+        &[
+            "etcdctl",
+            "--endpoints",
+            "http://127.0.0.1:2389",
+            "del",
+            "/lb/test/services",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for n in &nodes {
+        assert_eq!(ports(n.lb.as_ref().unwrap()), want);
+    }
+    let (s, v) = add_backend(lb(1), 8002);
+    assert_eq!(s, 201, "{v}\n{}", lb(1).log());
+    want.insert(1, 8002);
+    for i in 0..3 {
+        wait_for(
+            "a change after the key was deleted",
+            Duration::from_secs(2),
+            || ports(lb(i)) == want,
+        );
+    }
 }
 
 /// The certificate names of `n` GETs through the node: which backends

@@ -214,6 +214,11 @@ impl Cluster {
         self.offered(revision);
     }
 
+    /// The services key is gone from etcd: the next write creates it.
+    pub fn forget_revision(&self) {
+        lock(&self.view).revision = 0;
+    }
+
     pub fn seen(&self) -> i64 {
         *lock(&self.seen)
     }

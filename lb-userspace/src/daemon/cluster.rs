@@ -299,6 +299,10 @@ impl Daemon {
             })?;
         if !written.succeeded {
             let now = written.current.as_ref().map_or(0, |kv| kv.mod_revision);
+            if written.current.is_none() {
+                // Someone deleted the key: the retry creates it again.
+                c.forget_revision();
+            }
             if let Some(kv) = written.current {
                 match Cluster::decode(&kv.value) {
                     Ok(newer) if kv.mod_revision > c.applied() => {
