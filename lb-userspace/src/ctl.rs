@@ -394,6 +394,13 @@ pub fn status(client: &Client, out: &Output) -> Result<()> {
                 },
                 c.revision
             );
+            println!("  live nodes: {}", c.nodes.join(", "));
+            if !c.backends_down.is_empty() {
+                println!(
+                    "  out by the cluster's health rule (down on a majority of live nodes): {}",
+                    c.backends_down.join(", ")
+                );
+            }
             if let Some(e) = &c.last_error {
                 println!("  last cluster error: {e}");
             }

@@ -459,6 +459,13 @@ fn health_verdicts_follow_the_majority_of_live_nodes() {
         "two nodes' verdicts took 8002 out on all three within {:?}",
         start.elapsed()
     );
+    let out = lb(2).cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("live nodes: node0, node1, node2")
+            && text.contains("majority of live nodes): web/127.0.0.1:8002"),
+        "{text}"
+    );
     let certs = answered_by(&nodes[2], 20);
     assert!(
         certs.iter().all(|c| *c == Site::backend_name(8001)),
