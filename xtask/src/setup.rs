@@ -34,6 +34,9 @@ const PACKAGES: &[(&str, &[&str])] = &[
     // test checks the .deb with lintian.
     ("dpkg-dev", &["dpkg-shlibdeps"]),
     ("lintian", &["lintian"]),
+    // The cluster tests run a 3-member etcd cluster of their own.
+    ("etcd-server", &["etcd"]),
+    ("etcd-client", &["etcdctl"]),
 ];
 
 /// The environment every child cargo and program runs with.
@@ -248,17 +251,21 @@ fn packages() -> Result<()> {
         bail!("apt-get install {} failed", missing.join(" "));
     }
     if missing.contains(&"prometheus") {
-        stop_prometheus_service();
+        stop_service("prometheus", "9090");
+    }
+    if missing.contains(&"etcd-server") {
+        stop_service("etcd", "2379");
     }
     Ok(())
 }
 
-/// Debian starts and enables the `prometheus` service it installs (unless
-/// a policy-rc.d forbids it, as in most containers). The tests need none:
-/// they start their own Prometheus in a test namespace. So the service we
-/// just installed does not stay running on port 9090 or come back at boot:
-/// through systemd where it runs, else through the package's init script.
-fn stop_prometheus_service() {
+/// Debian starts and enables the `prometheus` and `etcd` services it
+/// installs (unless a policy-rc.d forbids it, as in most containers). The
+/// tests need neither: they start their own in test namespaces. So the
+/// service we just installed does not stay running on its port or come
+/// back at boot: through systemd where it runs, else through the
+/// package's init script.
+fn stop_service(name: &str, port: &str) {
     let quiet = |program: &str, args: &[&str]| {
         Command::new(program)
             .args(args)
@@ -268,19 +275,22 @@ fn stop_prometheus_service() {
             .is_ok_and(|s| s.success())
     };
     let stopped = if Path::new("/run/systemd/system").exists() {
-        quiet("systemctl", &["disable", "--now", "prometheus.service"])
-    } else if Path::new("/etc/init.d/prometheus").exists() {
-        let stopped = quiet("/etc/init.d/prometheus", &["stop"]);
-        quiet("update-rc.d", &["prometheus", "disable"]) && stopped
+        quiet(
+            "systemctl",
+            &["disable", "--now", &format!("{name}.service")],
+        )
+    } else if Path::new(&format!("/etc/init.d/{name}")).exists() {
+        let stopped = quiet(&format!("/etc/init.d/{name}"), &["stop"]);
+        quiet("update-rc.d", &[name, "disable"]) && stopped
     } else {
         return;
     };
     if stopped {
-        println!("xtask: stopped and disabled the prometheus service the package started");
+        println!("xtask: stopped and disabled the {name} service the package started");
     } else {
         println!(
-            "xtask: could not disable the prometheus service; `systemctl disable --now \
-             prometheus` if it holds port 9090"
+            "xtask: could not disable the {name} service; `systemctl disable --now {name}` if \
+             it holds port {port}"
         );
     }
 }

@@ -27,6 +27,7 @@ use crate::{
     state::{self, Saved, StateError, Verdicts},
 };
 
+mod cluster;
 mod reconcile;
 mod start;
 mod views;
@@ -47,6 +48,12 @@ pub enum ChangeError {
     Conflict(String),
     #[error("{0}")]
     Failed(String),
+    /// etcd (cluster mode) cannot take the change now: 503.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Cluster mode: another node's change reached etcd first (409).
+    #[error("{0}")]
+    Raced(String),
 }
 
 #[derive(Debug, Error)]
@@ -72,6 +79,8 @@ pub enum StartError {
     Locked(PathBuf),
     #[error("{0}")]
     Lock(String),
+    #[error("[cluster]: {0}")]
+    Cluster(#[from] crate::cluster::etcd::EtcdError),
 }
 
 /// How `lb run` was asked to start.
@@ -101,7 +110,9 @@ pub struct Prepared {
 }
 
 type AnyBox = Box<dyn std::any::Any + Send>;
-type ChangeFn = Box<dyn FnOnce(&mut Vec<ServiceConfig>) -> Result<AnyBox, ChangeError> + Send>;
+/// A change to the services; run again on newer services when, in cluster
+/// mode, another node's change won the race to etcd.
+type ChangeFn = Box<dyn FnMut(&mut Vec<ServiceConfig>) -> Result<AnyBox, ChangeError> + Send>;
 
 /// What the reconcile task is asked to do. The task runs each request to
 /// its end whether or not anyone still waits for the answer.
@@ -112,6 +123,15 @@ enum Request {
     },
     Reload {
         ack: oneshot::Sender<Result<ReloadReport, ChangeError>>,
+    },
+    /// Other nodes' health verdicts changed, or the link to etcd did
+    /// (cluster mode): the tables are installed again under the rule.
+    ClusterHealth,
+    /// The services stored in etcd at `revision` (cluster mode).
+    Cluster {
+        services: Vec<ServiceConfig>,
+        revision: i64,
+        ack: oneshot::Sender<()>,
     },
 }
 
@@ -195,6 +215,8 @@ struct Shared {
     /// Every QUIC-LB backend's server id as installed (configured or
     /// assigned); saved with the state file.
     server_ids: Mutex<config::quic::ServerIds>,
+    /// `[cluster]`: the services live in etcd.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Progress {

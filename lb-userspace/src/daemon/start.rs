@@ -324,6 +324,12 @@ impl Daemon {
             }
         }
 
+        let cluster = config
+            .cluster
+            .as_ref()
+            .map(crate::cluster::Cluster::new)
+            .transpose()?
+            .map(Arc::new);
         let metrics = Metrics::new();
         let (tx, rx) = mpsc::unbounded_channel();
         let (requests, request_rx) = mpsc::unbounded_channel();
@@ -365,6 +371,7 @@ impl Daemon {
                 progress: Mutex::new(Progress::default()),
                 rates: Mutex::new(Default::default()),
                 server_ids: Mutex::new(p.server_ids),
+                cluster: cluster.clone(),
             }
         });
         let daemon = Daemon { shared };
@@ -414,11 +421,15 @@ impl Daemon {
                 );
             }
         }
-        let loops = vec![
+        let mut loops = vec![
             tokio::spawn(daemon.clone().reconcile(request_rx, rx)),
             tokio::spawn(daemon.clone().sweeps()),
             tokio::spawn(daemon.clone().sample_rates()),
         ];
+        if let Some(c) = cluster {
+            loops.push(tokio::spawn(daemon.clone().cluster_publish(c.clone())));
+            loops.push(tokio::spawn(daemon.clone().cluster_sync(c)));
+        }
         *lock(&daemon.shared.loops) = loops;
         Ok(daemon)
     }
