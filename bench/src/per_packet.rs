@@ -629,7 +629,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
             }
         }
     }
-    quic_rows(&b, baseline_of(Fam::V4, Size::Small), &mut rows);
+    quic_rows(&b, &mut w, baseline_of(Fam::V4, Size::Small), &mut rows);
     // Fragments of a UDP datagram: the first records its pick in LB_FRAGS
     // (an LRU update on every run), a later one finds it there (an LRU
     // lookup) and goes where the first went. Both come out as they went in
@@ -1293,11 +1293,12 @@ fn nat_row(
 /// QUIC-LB on a `bench` service like the plain `udp` rows' (3 backends): a long header (the 4-tuple pick after the
 /// QUIC checks), then short headers whose CID names backend 2, in plaintext
 /// and encrypted with each of the three decryption paths.
-fn quic_rows(b: &Bench, base_small: f64, rows: &mut Vec<Row>) {
+fn quic_rows(b: &Bench, w: &mut MapWriter, base_small: f64, rows: &mut Vec<Row>) {
     use lb_common::quic::{CidConfig, CidMode};
     use lb_userspace::dataplane::{QuicSpec, QuicSpecs};
-    // A data plane of its own: the other rows' `bench` stays plain UDP.
-    let mut w = writer(3, 65_536);
+    // The shared data plane, as a fresh load would be; the other rows'
+    // `bench` goes back to plain UDP after these.
+    reset(w, 3);
     let svc = service(3);
     let key = [
         0x8f, 0x95, 0xf0, 0x92, 0x45, 0x76, 0x5f, 0x80, 0x25, 0x69, 0x34, 0xe5, 0x0c, 0x66, 0x20,
@@ -1386,7 +1387,7 @@ fn quic_rows(b: &Bench, base_small: f64, rows: &mut Vec<Row>) {
             .dataplane()
             .quic_route_counts(w.service_id("bench").unwrap())
             .unwrap();
-        let ns = b.lb(&w, &f, Expect::of(Kind::Udp, false), &label);
+        let ns = b.lb(w, &f, Expect::of(Kind::Udp, false), &label);
         // Every run took the path the row names.
         let after = w
             .dataplane()
@@ -1411,4 +1412,6 @@ fn quic_rows(b: &Bench, base_small: f64, rows: &mut Vec<Row>) {
             runs: b.repeat as u64 * b.rounds as u64,
         });
     }
+    w.apply_quic(&QuicSpecs::new()).unwrap();
+    reset(w, 3);
 }

@@ -472,7 +472,40 @@ fn store(s: [u32; 4], block: &mut [u8; 16]) {
 /// AES-128 encryption of one block, in place.
 #[inline(always)]
 pub fn encrypt_block(t: &AesTables, keys: &RoundKeys, block: &mut [u8; 16]) {
-    let rk = &keys.enc;
+    cipher(
+        &keys.enc,
+        block,
+        1,
+        |w, sh, rot| te(t, w, sh, rot),
+        |w, sh| sb(t, w, sh),
+    );
+}
+
+/// AES-128 decryption of one block, in place (equivalent inverse cipher).
+#[inline(always)]
+pub fn decrypt_block(t: &AesTables, keys: &RoundKeys, block: &mut [u8; 16]) {
+    cipher(
+        &keys.dec,
+        block,
+        3,
+        |w, sh, rot| td(t, w, sh, rot),
+        |w, sh| isb(t, w, sh),
+    );
+}
+
+/// The cipher in either direction. Byte `j` of output column `c` comes from
+/// column `c + step * j`: `step` 1 is ShiftRows (encryption), 3 is
+/// InvShiftRows (decryption); `table` and `sbox` are that direction's
+/// T-table and S-box.
+#[inline(always)]
+fn cipher(
+    rk: &[[u32; 4]; 11],
+    block: &mut [u8; 16],
+    step: usize,
+    table: impl Fn(u32, u32, u32) -> u32,
+    sbox: impl Fn(u32, u32) -> u32,
+) {
+    let col = |c: usize, j: usize| (c + step * j) & 3;
     let mut s = load(block);
     for c in 0..4 {
         s[c] ^= rk[0][c];
@@ -481,89 +514,26 @@ pub fn encrypt_block(t: &AesTables, keys: &RoundKeys, block: &mut [u8; 16]) {
     // A bounded loop, not unrolled: the kernel program stays small.
     while r < 10 {
         let k = rk[r];
-        s = [
-            te(t, s[0], 24, 0)
-                ^ te(t, s[1], 16, 8)
-                ^ te(t, s[2], 8, 16)
-                ^ te(t, s[3], 0, 24)
-                ^ k[0],
-            te(t, s[1], 24, 0)
-                ^ te(t, s[2], 16, 8)
-                ^ te(t, s[3], 8, 16)
-                ^ te(t, s[0], 0, 24)
-                ^ k[1],
-            te(t, s[2], 24, 0)
-                ^ te(t, s[3], 16, 8)
-                ^ te(t, s[0], 8, 16)
-                ^ te(t, s[1], 0, 24)
-                ^ k[2],
-            te(t, s[3], 24, 0)
-                ^ te(t, s[0], 16, 8)
-                ^ te(t, s[1], 8, 16)
-                ^ te(t, s[2], 0, 24)
-                ^ k[3],
-        ];
+        let mut n = [0u32; 4];
+        for c in 0..4 {
+            n[c] = table(s[col(c, 0)], 24, 0)
+                ^ table(s[col(c, 1)], 16, 8)
+                ^ table(s[col(c, 2)], 8, 16)
+                ^ table(s[col(c, 3)], 0, 24)
+                ^ k[c];
+        }
+        s = n;
         r += 1;
     }
-    let k = rk[10];
-    s = [
-        sb(t, s[0], 24) | sb(t, s[1], 16) | sb(t, s[2], 8) | sb(t, s[3], 0),
-        sb(t, s[1], 24) | sb(t, s[2], 16) | sb(t, s[3], 8) | sb(t, s[0], 0),
-        sb(t, s[2], 24) | sb(t, s[3], 16) | sb(t, s[0], 8) | sb(t, s[1], 0),
-        sb(t, s[3], 24) | sb(t, s[0], 16) | sb(t, s[1], 8) | sb(t, s[2], 0),
-    ];
+    let mut n = [0u32; 4];
     for c in 0..4 {
-        s[c] ^= k[c];
+        n[c] = (sbox(s[col(c, 0)], 24)
+            | sbox(s[col(c, 1)], 16)
+            | sbox(s[col(c, 2)], 8)
+            | sbox(s[col(c, 3)], 0))
+            ^ rk[10][c];
     }
-    store(s, block);
-}
-
-/// AES-128 decryption of one block, in place (equivalent inverse cipher).
-#[inline(always)]
-pub fn decrypt_block(t: &AesTables, keys: &RoundKeys, block: &mut [u8; 16]) {
-    let rk = &keys.dec;
-    let mut s = load(block);
-    for c in 0..4 {
-        s[c] ^= rk[0][c];
-    }
-    let mut r = 1;
-    while r < 10 {
-        let k = rk[r];
-        s = [
-            td(t, s[0], 24, 0)
-                ^ td(t, s[3], 16, 8)
-                ^ td(t, s[2], 8, 16)
-                ^ td(t, s[1], 0, 24)
-                ^ k[0],
-            td(t, s[1], 24, 0)
-                ^ td(t, s[0], 16, 8)
-                ^ td(t, s[3], 8, 16)
-                ^ td(t, s[2], 0, 24)
-                ^ k[1],
-            td(t, s[2], 24, 0)
-                ^ td(t, s[1], 16, 8)
-                ^ td(t, s[0], 8, 16)
-                ^ td(t, s[3], 0, 24)
-                ^ k[2],
-            td(t, s[3], 24, 0)
-                ^ td(t, s[2], 16, 8)
-                ^ td(t, s[1], 8, 16)
-                ^ td(t, s[0], 0, 24)
-                ^ k[3],
-        ];
-        r += 1;
-    }
-    let k = rk[10];
-    s = [
-        isb(t, s[0], 24) | isb(t, s[3], 16) | isb(t, s[2], 8) | isb(t, s[1], 0),
-        isb(t, s[1], 24) | isb(t, s[0], 16) | isb(t, s[3], 8) | isb(t, s[2], 0),
-        isb(t, s[2], 24) | isb(t, s[1], 16) | isb(t, s[0], 8) | isb(t, s[3], 0),
-        isb(t, s[3], 24) | isb(t, s[2], 16) | isb(t, s[1], 8) | isb(t, s[0], 0),
-    ];
-    for c in 0..4 {
-        s[c] ^= k[c];
-    }
-    store(s, block);
+    store(n, block);
 }
 
 // ---------------------------------------------------------------------------

@@ -54,8 +54,9 @@ impl From<ChangeError> for ApiError {
         let status = match e {
             ChangeError::Invalid(_) => StatusCode::BAD_REQUEST,
             ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
-            ChangeError::Conflict(_) => StatusCode::CONFLICT,
+            ChangeError::Conflict(_) | ChangeError::Raced(_) => StatusCode::CONFLICT,
             ChangeError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ChangeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, e.to_string())
     }
@@ -320,7 +321,7 @@ async fn get_service(
     Ok(Json(v).into_response())
 }
 
-#[utoipa::path(put, path = "/services/{name}", tag = "services", params(("name" = String, Path, description = "Service name")), request_body = RawService, responses((status = 200, description = "Replaced", body = ServiceView), (status = 201, description = "Created", body = ServiceView), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody)))]
+#[utoipa::path(put, path = "/services/{name}", tag = "services", params(("name" = String, Path, description = "Service name")), request_body = RawService, responses((status = 200, description = "Replaced", body = ServiceView), (status = 201, description = "Created", body = ServiceView), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody), (status = 503, description = "[cluster]: etcd unreachable, nothing changed", body = ErrorBody)))]
 async fn put_service(
     State(d): State<Daemon>,
     Path(name): Path<String>,
@@ -345,10 +346,10 @@ async fn put_service(
             Ok(
                 if let Some(s) = services.iter_mut().find(|s| s.name == key) {
                     widens_networks(s, &svc)?;
-                    *s = svc;
+                    *s = svc.clone();
                     false
                 } else {
-                    services.push(svc);
+                    services.push(svc.clone());
                     true
                 },
             )
@@ -396,7 +397,7 @@ fn widens_networks(
     }
 }
 
-#[utoipa::path(delete, path = "/services/{name}", tag = "services", params(("name" = String, Path, description = "Service name")), responses((status = 204, description = "Removed"), (status = 404, description = "No such service", body = ErrorBody), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody)))]
+#[utoipa::path(delete, path = "/services/{name}", tag = "services", params(("name" = String, Path, description = "Service name")), responses((status = 204, description = "Removed"), (status = 404, description = "No such service", body = ErrorBody), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody), (status = 503, description = "[cluster]: etcd unreachable, nothing changed", body = ErrorBody)))]
 async fn delete_service(
     State(d): State<Daemon>,
     Path(name): Path<String>,
@@ -437,7 +438,7 @@ async fn get_backend(
     Ok(Json(b).into_response())
 }
 
-#[utoipa::path(post, path = "/services/{name}/backends", tag = "backends", params(("name" = String, Path, description = "Service name")), request_body = RawBackend, responses((status = 201, description = "Added", body = BackendView), (status = 404, description = "No such service", body = ErrorBody), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody)))]
+#[utoipa::path(post, path = "/services/{name}/backends", tag = "backends", params(("name" = String, Path, description = "Service name")), request_body = RawBackend, responses((status = 201, description = "Added", body = BackendView), (status = 404, description = "No such service", body = ErrorBody), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody), (status = 503, description = "[cluster]: etcd unreachable, nothing changed", body = ErrorBody)))]
 async fn add_backend(
     State(d): State<Daemon>,
     Path(name): Path<String>,
@@ -448,8 +449,8 @@ async fn add_backend(
     let addr = b.address;
     let key = name.clone();
     d.change(move |services| {
-        let name = key;
-        let s = service_mut(services, &name)?;
+        let name = &key;
+        let s = service_mut(services, name)?;
         if s.backends.iter().any(|x| x.address == b.address) {
             return Err(ChangeError::Conflict(format!(
                 "service {name:?} already has backend {}; PATCH it instead",
@@ -477,7 +478,7 @@ async fn add_backend(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
-#[utoipa::path(patch, path = "/services/{name}/backends/{address}", tag = "backends", params(("name" = String, Path, description = "Service name"), ("address" = String, Path, description = "Backend address, e.g. 127.0.0.1:8001 or [::1]:8001")), request_body = BackendPatch, responses((status = 200, description = "Changed", body = BackendView), (status = 404, description = "No such service or backend", body = ErrorBody), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody)))]
+#[utoipa::path(patch, path = "/services/{name}/backends/{address}", tag = "backends", params(("name" = String, Path, description = "Service name"), ("address" = String, Path, description = "Backend address, e.g. 127.0.0.1:8001 or [::1]:8001")), request_body = BackendPatch, responses((status = 200, description = "Changed", body = BackendView), (status = 404, description = "No such service or backend", body = ErrorBody), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody), (status = 503, description = "[cluster]: etcd unreachable, nothing changed", body = ErrorBody)))]
 async fn patch_backend(
     State(d): State<Daemon>,
     Path((name, address)): Path<(String, String)>,
@@ -489,8 +490,8 @@ async fn patch_backend(
         .map_err(|m| ApiError::new(StatusCode::BAD_REQUEST, m))?;
     let key = name.clone();
     d.change(move |services| {
-        let name = key;
-        let s = service_mut(services, &name)?;
+        let name = &key;
+        let s = service_mut(services, name)?;
         let b = s
             .backends
             .iter_mut()
@@ -510,7 +511,7 @@ async fn patch_backend(
     get_backend(State(d), Path((name, address))).await
 }
 
-#[utoipa::path(delete, path = "/services/{name}/backends/{address}", tag = "backends", params(("name" = String, Path, description = "Service name"), ("address" = String, Path, description = "Backend address, e.g. 127.0.0.1:8001 or [::1]:8001")), responses((status = 204, description = "Removed"), (status = 404, description = "No such service or backend", body = ErrorBody), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody)))]
+#[utoipa::path(delete, path = "/services/{name}/backends/{address}", tag = "backends", params(("name" = String, Path, description = "Service name"), ("address" = String, Path, description = "Backend address, e.g. 127.0.0.1:8001 or [::1]:8001")), responses((status = 204, description = "Removed"), (status = 404, description = "No such service or backend", body = ErrorBody), (status = 400, description = "Bad input, or Host header not accepted", body = ErrorBody), (status = 401, description = "Missing or wrong token (TCP)", body = ErrorBody), (status = 403, description = "The read token, or TCP without an admin token configured", body = ErrorBody), (status = 409, description = "Conflicts with another service or backend, or past a limit", body = ErrorBody), (status = 413, description = "Body over 64 KiB", body = ErrorBody), (status = 429, description = "Over admin.change_rate, or too many failed authentications", body = ErrorBody), (status = 500, description = "The kernel maps could not be written (after retries)", body = ErrorBody), (status = 503, description = "[cluster]: etcd unreachable, nothing changed", body = ErrorBody)))]
 async fn delete_backend(
     State(d): State<Daemon>,
     Path((name, address)): Path<(String, String)>,

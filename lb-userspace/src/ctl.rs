@@ -382,6 +382,29 @@ pub fn status(client: &Client, out: &Output) -> Result<()> {
         for d in &st.dropped_changes {
             println!("API change dropped (the config changed since it was made): {d}");
         }
+        if let Some(c) = &st.cluster {
+            println!(
+                "cluster {} as node {}: etcd {}, services at revision {}",
+                c.name,
+                c.node,
+                match (&c.connected, &c.endpoint) {
+                    (true, Some(e)) => format!("connected ({e})"),
+                    (true, None) => "connected".to_string(),
+                    (false, _) => "UNREACHABLE (serving the last applied state)".to_string(),
+                },
+                c.revision
+            );
+            println!("  live nodes: {}", c.nodes.join(", "));
+            if !c.backends_down.is_empty() {
+                println!(
+                    "  out by the cluster's health rule (down on a majority of live nodes): {}",
+                    c.backends_down.join(", ")
+                );
+            }
+            if let Some(e) = &c.last_error {
+                println!("  last cluster error: {e}");
+            }
+        }
     }
     let services: Vec<ServiceView> = typed("GET /services", services)?;
     for s in &services {

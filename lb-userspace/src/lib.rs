@@ -5,6 +5,7 @@ pub mod admin;
 pub mod announce;
 pub mod api;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;

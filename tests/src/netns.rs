@@ -83,6 +83,18 @@ impl Topology {
         name
     }
 
+    /// The daemon tests' host: namespaces `lb` and `cl` joined by a veth,
+    /// `lb0` 10.`net`.0.1/24 and `cl0` 10.`net`.0.2/24. Returns their names.
+    pub fn lb_and_client(&mut self, net: u8) -> (String, String) {
+        let lb = self.namespace("lb");
+        let client = self.namespace("cl");
+        self.veth(
+            (&lb, "lb0", &[&format!("10.{net}.0.1/24")]),
+            (&client, "cl0", &[&format!("10.{net}.0.2/24")]),
+        );
+        (lb, client)
+    }
+
     /// A veth pair between two namespaces, each end named and addressed
     /// (CIDR notation, IPv4 or IPv6), both up.
     pub fn veth(&self, a: (&str, &str, &[&str]), b: (&str, &str, &[&str])) {

@@ -43,10 +43,16 @@ impl EchoName {
                             stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
                             let mut w = stream.try_clone().unwrap();
                             for line in BufReader::new(stream).lines() {
-                                if line.is_err() || writeln!(w, "{name}").is_err() {
+                                if line.is_err() {
                                     break;
                                 }
+                                // Counted before the answer leaves, so a
+                                // client that has its answer finds it
+                                // counted.
                                 c.fetch_add(1, Ordering::Relaxed);
+                                if writeln!(w, "{name}").is_err() {
+                                    break;
+                                }
                             }
                         }));
                     }
@@ -76,7 +82,7 @@ impl EchoName {
         self.peers.lock().unwrap().clone()
     }
 
-    /// Requests answered so far.
+    /// Requests received so far (each is answered unless the client left).
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
     }

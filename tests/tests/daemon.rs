@@ -29,12 +29,7 @@ struct Setup {
 
 fn setup(tag: &str) -> Setup {
     let mut topo = Topology::new();
-    let lb_ns = topo.namespace("lb");
-    let client_ns = topo.namespace("cl");
-    topo.veth(
-        (&lb_ns, "lb0", &["10.201.0.1/24"]),
-        (&client_ns, "cl0", &["10.201.0.2/24"]),
-    );
+    let (lb_ns, client_ns) = topo.lb_and_client(201);
     Setup {
         _topo: topo,
         lb_ns,

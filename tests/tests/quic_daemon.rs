@@ -32,12 +32,7 @@ struct Setup {
 
 fn setup(tag: &str) -> Setup {
     let mut topo = Topology::new();
-    let lb_ns = topo.namespace("lb");
-    let client_ns = topo.namespace("cl");
-    topo.veth(
-        (&lb_ns, "lb0", &["10.202.0.1/24"]),
-        (&client_ns, "cl0", &["10.202.0.2/24"]),
-    );
+    let (lb_ns, client_ns) = topo.lb_and_client(202);
     Setup {
         _topo: topo,
         lb_ns,
@@ -343,6 +338,40 @@ fn encrypted_cids_reach_their_backend_through_the_daemon() {
         }
         let (_, stats) = lb.get("/api/v1/stats");
         assert_eq!(stats["services"][0]["quic_packets"]["cid"], 30, "{stats}");
+        if sid_len == 8 {
+            // A new key in the same file: `lb reload` applies it.
+            let new_hex = "000102030405060708090a0b0c0d0e0f";
+            std::fs::write(&key_file, format!("{new_hex}\n")).unwrap();
+            let out = lb.cli(&["reload"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let rekeyed = CidConfig {
+                key: hex(new_hex).try_into().unwrap(),
+                ..cid
+            };
+            for (addr, id) in &ids {
+                let want = format!("b{}", addr.rsplit(':').next().unwrap());
+                for n in 0..10 {
+                    assert_eq!(
+                        s.ask_with(rekeyed, hex(id), n),
+                        Ok(want.clone()),
+                        "new key: {id}"
+                    );
+                }
+            }
+            // The old key's CIDs no longer name a server: the 4-tuple.
+            let id = ids.values().next().unwrap();
+            for n in 0..5 {
+                assert!(s.ask_with(cid, hex(id), n).is_ok());
+            }
+            let (_, stats) = lb.get("/api/v1/stats");
+            let q = &stats["services"][0]["quic_packets"];
+            assert_eq!(q["cid"], 60, "{stats}");
+            assert_eq!(q["unknown_server_id"], 5, "{stats}");
+        }
         // The next round reads a state file of another server id length.
         lb.stop();
     }

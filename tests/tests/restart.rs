@@ -43,12 +43,7 @@ fn setup(tag: &str) -> Setup {
 fn setup_in(tag: &str, mode: &'static str) -> Setup {
     let tag = &format!("{tag}-{mode}");
     let mut topo = Topology::new();
-    let lb_ns = topo.namespace("lb");
-    let client_ns = topo.namespace("cl");
-    topo.veth(
-        (&lb_ns, "lb0", &["10.205.0.1/24"]),
-        (&client_ns, "cl0", &["10.205.0.2/24"]),
-    );
+    let (lb_ns, client_ns) = topo.lb_and_client(205);
     Setup {
         mode,
         _topo: topo,

@@ -34,6 +34,9 @@ const PACKAGES: &[(&str, &[&str])] = &[
     // test checks the .deb with lintian.
     ("dpkg-dev", &["dpkg-shlibdeps"]),
     ("lintian", &["lintian"]),
+    // The cluster tests run a 3-member etcd cluster of their own.
+    ("etcd-server", &["etcd"]),
+    ("etcd-client", &["etcdctl"]),
     // BIRD 2: the BGP daemon the cluster tests run on every node and the
     // router (each its own, in a test namespace).
     ("bird2", &["bird", "birdc"]),
@@ -251,20 +254,24 @@ fn packages() -> Result<()> {
         bail!("apt-get install {} failed", missing.join(" "));
     }
     if missing.contains(&"prometheus") {
-        stop_service("prometheus", "port 9090");
+        stop_service("prometheus", "9090");
+    }
+    if missing.contains(&"etcd-server") {
+        stop_service("etcd", "2379");
     }
     if missing.contains(&"bird2") {
-        stop_service("bird", "BGP port 179");
+        stop_service("bird", "179 (BGP)");
     }
     Ok(())
 }
 
-/// Debian starts and enables the `prometheus` and `bird` services it
+/// Debian starts and enables the `prometheus`, `etcd` and `bird` services it
 /// installs (unless a policy-rc.d forbids it, as in most containers). The
-/// tests need neither: they start their own in test namespaces. So a
-/// service we just installed does not stay running or come back at boot:
-/// through systemd where it runs, else through the package's init script.
-fn stop_service(name: &str, holds: &str) {
+/// tests need neither: they start their own in test namespaces. So the
+/// service we just installed does not stay running on its port or come
+/// back at boot: through systemd where it runs, else through the
+/// package's init script.
+fn stop_service(name: &str, port: &str) {
     let quiet = |program: &str, args: &[&str]| {
         Command::new(program)
             .args(args)
@@ -273,14 +280,13 @@ fn stop_service(name: &str, holds: &str) {
             .status()
             .is_ok_and(|s| s.success())
     };
-    let init = format!("/etc/init.d/{name}");
     let stopped = if Path::new("/run/systemd/system").exists() {
         quiet(
             "systemctl",
             &["disable", "--now", &format!("{name}.service")],
         )
-    } else if Path::new(&init).exists() {
-        let stopped = quiet(&init, &["stop"]);
+    } else if Path::new(&format!("/etc/init.d/{name}")).exists() {
+        let stopped = quiet(&format!("/etc/init.d/{name}"), &["stop"]);
         quiet("update-rc.d", &[name, "disable"]) && stopped
     } else {
         return;
@@ -289,8 +295,8 @@ fn stop_service(name: &str, holds: &str) {
         println!("xtask: stopped and disabled the {name} service the package started");
     } else {
         println!(
-            "xtask: could not disable the {name} service; `systemctl disable --now {name}` \
-             if it holds {holds}"
+            "xtask: could not disable the {name} service; `systemctl disable --now {name}` if \
+             it holds port {port}"
         );
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::{
     errors::{ConfigError, FieldError, Seg, index, key, path_string},
-    model::{AdminConfig, Config, Limits, Policy},
+    model::{AdminConfig, ClusterConfig, Config, EtcdEndpoint, Limits, Policy},
     paths::{
         DEFAULT_ADMIN_LISTEN, DEFAULT_PIN_PATH, default_admin_socket, default_state_file,
         record_path,
@@ -16,7 +16,7 @@ use super::{
         check_attach, check_policy, check_services, ephemeral_port_range, int_in,
         local_port_warnings, networks, service, socket_addr,
     },
-    wire::{RawFile, RawLimits},
+    wire::{RawCluster, RawFile, RawLimits},
 };
 use crate::{dataplane::Options, maglev};
 
@@ -276,6 +276,139 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         limits: work_limits,
         bgp,
         warnings: Vec::new(),
+        cluster: raw.cluster.as_ref().map(parse_cluster).transpose()?,
+    })
+}
+
+/// `[cluster]`: every key required but the TLS files; names safe in an
+/// etcd key; endpoints `http(s)://host:port`.
+fn parse_cluster(raw: &RawCluster) -> Result<ClusterConfig, FieldError> {
+    let at = [Seg::Key("cluster".into())];
+    let name_rule = |k: &str, v: &Option<String>| -> Result<String, FieldError> {
+        let v = v.as_deref().ok_or_else(|| {
+            FieldError::new(
+                &key(&at, k),
+                format!("cluster.{k} is required in [cluster]"),
+            )
+        })?;
+        let ok = !v.is_empty()
+            && v.len() <= 63
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !ok {
+            return Err(FieldError::new(
+                &key(&at, k),
+                format!(
+                    "{v:?} is not a valid name: 1 to 63 characters of letters, digits, '-', '_' \
+                     and '.'"
+                ),
+            ));
+        }
+        Ok(v.to_string())
+    };
+    let node = name_rule("node", &raw.node)?;
+    let name = name_rule("name", &raw.name)?;
+    let ep_path = key(&at, "etcd_endpoints");
+    let list = raw.etcd_endpoints.as_deref().unwrap_or_default();
+    if list.is_empty() {
+        return Err(FieldError::new(
+            &ep_path,
+            "give at least one etcd endpoint, e.g. [\"http://10.0.0.1:2379\"]",
+        ));
+    }
+    if list.len() > 16 {
+        return Err(FieldError::new(&ep_path, "at most 16 etcd endpoints"));
+    }
+    let mut endpoints: Vec<EtcdEndpoint> = Vec::new();
+    for (i, url) in list.iter().enumerate() {
+        let ep = etcd_endpoint(url).map_err(|m| FieldError::new(&index(&ep_path, i), m))?;
+        if endpoints.contains(&ep) {
+            return Err(FieldError::new(
+                &index(&ep_path, i),
+                format!("{url:?} is listed twice"),
+            ));
+        }
+        endpoints.push(ep);
+    }
+    let file = |k: &str, v: &Option<String>| -> Result<Option<PathBuf>, FieldError> {
+        match v.as_deref() {
+            Some("") => Err(FieldError::new(&key(&at, k), "empty path")),
+            other => Ok(other.map(PathBuf::from)),
+        }
+    };
+    let ca_file = file("ca_file", &raw.ca_file)?;
+    let cert_file = file("cert_file", &raw.cert_file)?;
+    let key_file = file("key_file", &raw.key_file)?;
+    if cert_file.is_some() != key_file.is_some() {
+        let missing = if cert_file.is_some() {
+            "key_file"
+        } else {
+            "cert_file"
+        };
+        return Err(FieldError::new(
+            &key(&at, missing),
+            "cert_file and key_file go together (the client certificate and its key)",
+        ));
+    }
+    let tls_files = ca_file.is_some() || cert_file.is_some();
+    if tls_files && endpoints.iter().all(|e| !e.tls) {
+        return Err(FieldError::new(
+            &ep_path,
+            "TLS files are set but no endpoint is https://: they would never be used",
+        ));
+    }
+    Ok(ClusterConfig {
+        endpoints,
+        node,
+        name,
+        ca_file,
+        cert_file,
+        key_file,
+    })
+}
+
+/// `http://host:port` or `https://host:port` (a trailing `/` allowed).
+fn etcd_endpoint(url: &str) -> Result<EtcdEndpoint, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(format!(
+            "{url:?} is not an etcd client URL: http://host:port or https://host:port"
+        ));
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let bad =
+        || format!("{url:?} is not an etcd client URL: http://host:port or https://host:port");
+    if authority.is_empty() || authority.contains('/') || authority.contains('@') {
+        return Err(bad());
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => (h, p),
+        _ => {
+            return Err(format!(
+                "{url:?} names no port (etcd's client port is usually 2379)"
+            ));
+        }
+    };
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{url:?}: port out of range"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() || host.contains(['[', ']', ' ']) {
+        return Err(bad());
+    }
+    Ok(EtcdEndpoint {
+        tls,
+        authority: authority.to_string(),
+        host: host.to_string(),
+        port,
     })
 }
 

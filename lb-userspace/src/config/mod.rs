@@ -16,8 +16,9 @@ mod wire;
 pub use duration::{MAX_DURATION, WireDuration, format_duration, parse_duration};
 pub use errors::{ConfigError, FieldError, LimitError, Seg};
 pub use model::{
-    AddressRule, AdminConfig, BackendConfig, Cidr, Config, DEFAULT_MAX_BACKENDS_PER_SERVICE,
-    Limits, Policy, ServiceConfig, forbidden_backend_ip,
+    AddressRule, AdminConfig, BackendConfig, Cidr, ClusterConfig, Config,
+    DEFAULT_MAX_BACKENDS_PER_SERVICE, EtcdEndpoint, Limits, Policy, ServiceConfig,
+    forbidden_backend_ip,
 };
 pub use paths::{
     DEFAULT_ADMIN_LISTEN, DEFAULT_ADMIN_SOCKET, DEFAULT_PIN_PATH, DEFAULT_STATE_DIR,
@@ -29,8 +30,9 @@ pub use validate::{
     check_services, check_set, ephemeral_port_range, local_port_warnings, service,
 };
 pub use wire::{
-    AdminState, AttachMode, Forwarding, HealthKind, Protocol, RawAdmin, RawBackend, RawDataplane,
-    RawFile, RawHealth, RawHealthGlobal, RawLimits, RawPolicy, RawQuic, RawService, WhenAllDown,
+    AdminState, AttachMode, Forwarding, HealthKind, Protocol, RawAdmin, RawBackend, RawCluster,
+    RawDataplane, RawFile, RawHealth, RawHealthGlobal, RawLimits, RawPolicy, RawQuic, RawService,
+    WhenAllDown,
 };
 
 #[cfg(test)]

@@ -30,6 +30,43 @@ pub struct Config {
     /// Things that work but may hurt (e.g. a local backend port inside the
     /// host's ephemeral port range), placed in the file like errors.
     pub warnings: Vec<ConfigError>,
+    /// `[cluster]`: the services' desired state is shared in etcd.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    pub endpoints: Vec<EtcdEndpoint>,
+    pub node: String,
+    pub name: String,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// One etcd member's client URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdEndpoint {
+    pub tls: bool,
+    /// `host:port`, what the connection and the Host header use.
+    pub authority: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for EtcdEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}", self.authority)
+    }
+}
+
+impl ClusterConfig {
+    /// The prefix of every key of this cluster.
+    pub fn prefix(&self) -> String {
+        format!("/lb/{}/", self.name)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -256,6 +256,31 @@ pub fn assign(services: &[ServiceConfig], prev: &ServerIds) -> ServerIds {
     out
 }
 
+/// Takes into `services` the keys `fresh` (the config file just re-read)
+/// holds for the same service and key file: a key file's new contents,
+/// which the services' fingerprint (it names the file, not the key) does not
+/// see. Returns the names of the services whose key changed.
+pub fn refresh_keys(services: &mut [ServiceConfig], fresh: &[ServiceConfig]) -> Vec<String> {
+    let mut changed = Vec::new();
+    for s in services.iter_mut() {
+        let Some(q) = s.quic.as_mut() else {
+            continue;
+        };
+        let new = fresh
+            .iter()
+            .find(|f| f.name == s.name)
+            .and_then(|f| f.quic.as_ref())
+            .filter(|f| f.key_file.is_some() && f.key_file == q.key_file);
+        if let Some(f) = new
+            && f.cid.key != q.cid.key
+        {
+            q.cid.key = f.cid.key;
+            changed.push(s.name.clone());
+        }
+    }
+    changed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,6 +37,25 @@ pub struct RawFile {
     #[serde(default)]
     pub limits: RawLimits,
     pub bgp: Option<super::bgp::RawBgp>,
+    /// `[cluster]`: the services live in etcd, shared by several nodes.
+    pub cluster: Option<RawCluster>,
+}
+
+/// `[cluster]`: the etcd cluster holding the services' desired state.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// `http://host:port` or `https://host:port`, one per etcd member.
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// This node's name, unique in the cluster.
+    pub node: Option<String>,
+    /// The cluster's name: its keys live under `/lb/<name>/`.
+    pub name: Option<String>,
+    /// CA certificates (PEM) that etcd's server certificates must chain to.
+    pub ca_file: Option<String>,
+    /// Client certificate (PEM) and its key, for etcd's client auth.
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 /// `[limits]`: how much the daemon takes on, from any source (config file,

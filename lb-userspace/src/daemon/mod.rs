@@ -28,6 +28,7 @@ use crate::{
 };
 
 mod announce;
+mod cluster;
 mod reconcile;
 mod start;
 mod views;
@@ -48,6 +49,12 @@ pub enum ChangeError {
     Conflict(String),
     #[error("{0}")]
     Failed(String),
+    /// etcd (cluster mode) cannot take the change now: 503.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Cluster mode: another node's change reached etcd first (409).
+    #[error("{0}")]
+    Raced(String),
 }
 
 #[derive(Debug, Error)]
@@ -75,6 +82,8 @@ pub enum StartError {
     Lock(String),
     #[error(transparent)]
     Announce(#[from] crate::announce::AnnounceError),
+    #[error("[cluster]: {0}")]
+    Cluster(#[from] crate::cluster::etcd::EtcdError),
 }
 
 /// How `lb run` was asked to start.
@@ -104,7 +113,9 @@ pub struct Prepared {
 }
 
 type AnyBox = Box<dyn std::any::Any + Send>;
-type ChangeFn = Box<dyn FnOnce(&mut Vec<ServiceConfig>) -> Result<AnyBox, ChangeError> + Send>;
+/// A change to the services; run again on newer services when, in cluster
+/// mode, another node's change won the race to etcd.
+type ChangeFn = Box<dyn FnMut(&mut Vec<ServiceConfig>) -> Result<AnyBox, ChangeError> + Send>;
 
 /// What the reconcile task is asked to do. The task runs each request to
 /// its end whether or not anyone still waits for the answer.
@@ -115,6 +126,15 @@ enum Request {
     },
     Reload {
         ack: oneshot::Sender<Result<ReloadReport, ChangeError>>,
+    },
+    /// Other nodes' health verdicts changed, or the link to etcd did
+    /// (cluster mode): the tables are installed again under the rule.
+    ClusterHealth,
+    /// The services stored in etcd at `revision` (cluster mode).
+    Cluster {
+        services: Vec<ServiceConfig>,
+        revision: i64,
+        ack: oneshot::Sender<()>,
     },
 }
 
@@ -203,6 +223,8 @@ struct Shared {
     /// The announcer's per-service state after its last tick (a copy, so
     /// the API never waits on a slow BIRD).
     announce_states: Mutex<std::collections::BTreeMap<String, crate::announce::AnnounceView>>,
+    /// `[cluster]`: the services live in etcd.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Progress {

@@ -110,7 +110,8 @@ impl Daemon {
             limits.max_services = capacity;
         }
         let fp = state::fingerprint(&cfg.services);
-        if fp == inner.base_fp {
+        // In cluster mode etcd holds the services: the file's seed it once.
+        if fp == inner.base_fp || self.shared.cluster.is_some() {
             // The services in force (with API changes) must fit them.
             if let Err(e) = config::check_limits(&inner.services, &limits) {
                 let msg = format!(
@@ -120,10 +121,23 @@ impl Daemon {
                 inner.last_reload_error = Some(msg.clone());
                 return Err(ChangeError::Invalid(msg));
             }
+            // A QUIC-LB key file with a new key: the services in force
+            // (API changes kept) take it.
+            let mut services = inner.services.clone();
+            let rekeyed = config::quic::refresh_keys(&mut services, &cfg.services);
+            if !rekeyed.is_empty() {
+                if let Err(e) = self.commit(&mut inner, services, &limits).await {
+                    let msg = format!("reload failed, nothing changed: {e}");
+                    inner.last_reload_error = Some(msg.clone());
+                    return Err(ChangeError::Failed(msg));
+                }
+                config::quic::refresh_keys(&mut inner.base, &cfg.services);
+                info!(services = ?rekeyed, "reload: new QUIC-LB keys applied");
+            }
             inner.limits = limits;
             inner.last_reload_error = None;
             return Ok(ReloadReport {
-                applied: false,
+                applied: !rekeyed.is_empty(),
                 dropped_changes: Vec::new(),
                 needs_restart,
             });
@@ -239,6 +253,15 @@ impl Daemon {
         services: &[ServiceConfig],
         health: &HashMap<(String, SocketAddr), bool>,
     ) -> Result<(), ChangeError> {
+        // Cluster mode: the cluster's rule over every live node's verdicts.
+        let merged;
+        let health = match &self.shared.cluster {
+            Some(c) => {
+                merged = c.merged(health);
+                &merged
+            }
+            None => health,
+        };
         let specs = specs(services, health);
         let server_ids = config::quic::assign(services, &lock(&self.shared.server_ids));
         let quic = quic_specs(services, &server_ids);
@@ -329,27 +352,62 @@ impl Daemon {
         }
     }
 
+    /// Makes `change` on the services in force and commits the result (in
+    /// cluster mode, to etcd first).
+    async fn change_once(
+        &self,
+        inner: &mut Inner,
+        change: &mut ChangeFn,
+    ) -> Result<AnyBox, ChangeError> {
+        let mut services = inner.services.clone();
+        let out = change(&mut services)?;
+        let limits = inner.limits;
+        match &self.shared.cluster {
+            Some(c) => self.cluster_commit(c, inner, services).await,
+            None => self.commit(inner, services, &limits).await,
+        }
+        .map(|()| out)
+    }
+
     /// Serves one request; its answer goes to whoever still waits for it.
     pub(super) async fn serve(&self, req: Request) {
         match req {
-            Request::Change { change, ack } => {
+            Request::Change { mut change, ack } => {
                 let mut inner = self.shared.inner.lock().await;
-                let mut services = inner.services.clone();
-                let out = match change(&mut services) {
-                    Ok(out) => {
-                        let limits = inner.limits;
-                        self.commit(&mut inner, services, &limits)
-                            .await
-                            .map(|()| out)
+                let mut out = self.change_once(&mut inner, &mut change).await;
+                // Lost the race to etcd: the winner is applied here now;
+                // the change is made once more on it.
+                if let Err(ChangeError::Raced(first)) = &out {
+                    info!("{first}; making the change again on the new services");
+                    out = self.change_once(&mut inner, &mut change).await;
+                    if let Err(ChangeError::Raced(again)) = out {
+                        out = Err(ChangeError::Raced(format!(
+                            "{again}, twice (it was made again once on the newer services); \
+                             retry it"
+                        )));
                     }
-                    Err(e) => Err(e),
-                };
+                }
                 drop(inner);
                 // The client may have gone: the change stands all the same.
                 let _ = ack.send(out);
             }
             Request::Reload { ack } => {
                 let _ = ack.send(self.reload_now().await);
+            }
+            Request::ClusterHealth => {
+                let inner = self.shared.inner.lock().await;
+                let services = inner.services.clone();
+                if let Err(e) = self.install(&services, &inner.health).await {
+                    error!("installing after the cluster's health verdicts changed failed: {e}");
+                }
+            }
+            Request::Cluster {
+                services,
+                revision,
+                ack,
+            } => {
+                self.apply_cluster(services, revision).await;
+                let _ = ack.send(());
             }
         }
     }
@@ -415,7 +473,7 @@ impl Daemon {
     /// waiting does not stop the change: it happens whole or not at all.
     pub async fn change<T: Send + 'static>(
         &self,
-        change: impl FnOnce(&mut Vec<ServiceConfig>) -> Result<T, ChangeError> + Send + 'static,
+        mut change: impl FnMut(&mut Vec<ServiceConfig>) -> Result<T, ChangeError> + Send + 'static,
     ) -> Result<T, ChangeError> {
         let (ack, done) = oneshot::channel();
         let change: ChangeFn = Box::new(move |s| change(s).map(|t| Box::new(t) as AnyBox));

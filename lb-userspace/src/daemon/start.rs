@@ -325,6 +325,12 @@ impl Daemon {
         }
 
         let announcer = announce::announcer(config).await?;
+        let cluster = config
+            .cluster
+            .as_ref()
+            .map(crate::cluster::Cluster::new)
+            .transpose()?
+            .map(Arc::new);
         let metrics = Metrics::new();
         let (tx, rx) = mpsc::unbounded_channel();
         let (requests, request_rx) = mpsc::unbounded_channel();
@@ -368,6 +374,7 @@ impl Daemon {
                 server_ids: Mutex::new(p.server_ids),
                 announcer,
                 announce_states: Mutex::new(Default::default()),
+                cluster: cluster.clone(),
             }
         });
         let daemon = Daemon { shared };
@@ -424,6 +431,10 @@ impl Daemon {
         ];
         if daemon.shared.announcer.is_some() {
             loops.push(tokio::spawn(daemon.clone().announce()));
+        }
+        if let Some(c) = cluster {
+            loops.push(tokio::spawn(daemon.clone().cluster_publish(c.clone())));
+            loops.push(tokio::spawn(daemon.clone().cluster_sync(c)));
         }
         *lock(&daemon.shared.loops) = loops;
         Ok(daemon)

@@ -26,6 +26,9 @@ pub struct StatusView {
     /// How ingress is attached: `tc`, or the XDP mode (`auto`: native if
     /// the driver supports it, generic otherwise).
     pub attach_mode: crate::dataplane::AttachMode,
+    /// `[cluster]`: etcd reachable or not, the revision applied, the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterView>,
 }
 
 /// What a reload did.
@@ -147,6 +150,7 @@ impl Daemon {
             last_reload_error: inner.last_reload_error.clone(),
             limits: inner.limits,
             attach_mode: self.shared.attach_mode,
+            cluster: self.shared.cluster.as_ref().map(|c| c.view(&inner.health)),
         }
     }
 
