@@ -515,25 +515,9 @@ impl Cluster {
         const WORKERS: usize = 8;
         let to: SocketAddr = format!("{VIP}:443").parse().unwrap();
         let tls = self.tls.clone();
-        let results = self.client_rt.run(async move {
-            let tasks: Vec<_> = (0..WORKERS)
-                .map(|w| {
-                    let tls = tls.clone();
-                    tokio::spawn(async move {
-                        let mut out = Vec::new();
-                        for _ in (w..n).step_by(WORKERS) {
-                            out.push(tls.get(to, "/", None).await);
-                        }
-                        out
-                    })
-                })
-                .collect();
-            let mut all = Vec::with_capacity(n);
-            for t in tasks {
-                all.extend(t.await.expect("a client task panicked"));
-            }
-            all
-        });
+        let results = self
+            .client_rt
+            .run(async move { tls.get_many(to, n, WORKERS).await });
         let mut per = vec![0; self.backends.len()];
         let mut failures = Vec::new();
         for r in results {

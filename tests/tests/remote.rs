@@ -421,25 +421,9 @@ impl Https {
         const WORKERS: usize = 4;
         let before: Vec<_> = self.backends.iter().map(Backend::stats).collect();
         let tls = self.tls.clone();
-        let results = self.client.run(async move {
-            let tasks: Vec<_> = (0..WORKERS)
-                .map(|w| {
-                    let tls = tls.clone();
-                    tokio::spawn(async move {
-                        let mut out = Vec::new();
-                        for _ in (w..n).step_by(WORKERS) {
-                            out.push(tls.get(to, "/", None).await);
-                        }
-                        out
-                    })
-                })
-                .collect();
-            let mut all = Vec::with_capacity(n);
-            for t in tasks {
-                all.extend(t.await.expect("a client task panicked"));
-            }
-            all
-        });
+        let results = self
+            .client
+            .run(async move { tls.get_many(to, n, WORKERS).await });
         assert_eq!(results.len(), n);
         let failures: Vec<String> = results
             .iter()

@@ -169,6 +169,34 @@ impl ClientTls {
         Ok((tls, backend, local))
     }
 
+    /// `n` GETs of `/`, each over a new connection (so a new source port),
+    /// `workers` at a time; the results in no particular order. Runs on the
+    /// caller's runtime, so in its namespace.
+    pub async fn get_many(
+        &self,
+        to: SocketAddr,
+        n: usize,
+        workers: usize,
+    ) -> Vec<Result<Reply, Failure>> {
+        let tasks: Vec<_> = (0..workers)
+            .map(|w| {
+                let tls = self.clone();
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    for _ in (w..n).step_by(workers) {
+                        out.push(tls.get(to, "/", None).await);
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(n);
+        for t in tasks {
+            all.extend(t.await.expect("a client task panicked"));
+        }
+        all
+    }
+
     /// One `GET path` over a new connection; the whole answer is read, up to
     /// a clean TLS close.
     pub async fn get(
