@@ -464,6 +464,9 @@ macro_rules! counted {
             }
         };
         impl $name {
+            /// Every variant, in value order.
+            pub const ALL: [Self; $count as usize] = [$(Self::$variant),+];
+
             pub const fn name(self) -> &'static str {
                 $names[self as usize]
             }

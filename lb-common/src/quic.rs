@@ -835,6 +835,11 @@ pub fn quic_stats_index(service: u32, route: QuicRoute) -> u32 {
     service * QUIC_ROUTE_COUNT + route as u32
 }
 
+/// `LB_QUIC_PROGS` slots: the decrypt program, and `lb_xdp` it hands the
+/// packet back to.
+pub const PROG_DECRYPT: u32 = 0;
+pub const PROG_XDP: u32 = 1;
+
 /// `QuicScratch::state`.
 pub const SCRATCH_IDLE: u32 = 0;
 /// `lb_xdp` asks the decrypt program for the server id of `block`.

@@ -61,10 +61,7 @@ fn balance(ctx: &XdpContext, b: &Bounds) -> Result<u32, Fail> {
     }
     let (id, svc) = select::service(&p)?;
     refuse_vlan(&p, svc)?;
-    let pick = match quic::route(ctx, b, &p, id) {
-        Some(pick) => pick,
-        None => select::backend(&p, id, svc, true)?,
-    };
+    let pick = quic::pick(ctx, b, &p, id, svc)?;
     if p.frag == FRAG_FIRST {
         frags::remember(&p, id, pick.backend);
     }

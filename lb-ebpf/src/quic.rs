@@ -9,10 +9,11 @@
 //! `LB_QUIC_SCRATCH` (arrays) only in encrypted mode.
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, macros::xdp, programs::XdpContext};
 use lb_common::{
-    PROTO_UDP,
+    PROTO_UDP, Reason, ServiceEntry,
     quic::{
-        CidMode, MAX_PLAINTEXT_LEN, QUIC_ENABLED, QuicRoute, QuicScratch, QuicServiceEntry,
-        QuicSidKey, SCRATCH_DONE, SCRATCH_IDLE, SCRATCH_REQUEST, open_server_id, quic_stats_index,
+        CidMode, MAX_PLAINTEXT_LEN, PROG_DECRYPT, PROG_XDP, QUIC_ENABLED, QuicRoute, QuicScratch,
+        QuicServiceEntry, QuicSidKey, SCRATCH_DONE, SCRATCH_IDLE, SCRATCH_REQUEST, open_server_id,
+        quic_stats_index,
     },
 };
 
@@ -21,10 +22,6 @@ use crate::{
     parse::{Bounds, Packet},
     select::{self, Pick},
 };
-
-/// `LB_QUIC_PROGS` slots.
-pub const PROG_DECRYPT: u32 = 0;
-pub const PROG_XDP: u32 = 1;
 
 const UDP_HDR_LEN: usize = 8;
 /// The short header's first byte and the longest CID.
@@ -85,6 +82,22 @@ pub fn route<D: Decrypt>(d: &D, b: &Bounds, p: &Packet, id: u32) -> Option<Pick>
         unsafe { *c += 1 };
     }
     pick
+}
+
+/// The backend for a packet of service `id`: by CID where QUIC-LB routes
+/// it, else the 4-tuple pick.
+#[inline(always)]
+pub fn pick<D: Decrypt>(
+    d: &D,
+    b: &Bounds,
+    p: &Packet,
+    id: u32,
+    svc: &ServiceEntry,
+) -> Result<Pick, Reason> {
+    match route(d, b, p, id) {
+        Some(pick) => Ok(pick),
+        None => select::backend(p, id, svc, true),
+    }
 }
 
 #[inline(always)]

@@ -107,10 +107,7 @@ fn ingress(ctx: &TcContext) -> Result<u32, Fail> {
     if svc.forwarding != FWD_LOCAL {
         return Err(Fail::Drop(Reason::NoBackend));
     }
-    let pick = match quic::route(&quic::NoDecrypt, &b, &p, id) {
-        Some(pick) => pick,
-        None => select::backend(&p, id, svc, true)?,
-    };
+    let pick = quic::pick(&quic::NoDecrypt, &b, &p, id, svc)?;
     if p.frag == FRAG_FIRST {
         frags::remember(&p, id, pick.backend);
     }

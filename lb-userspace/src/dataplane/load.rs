@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
-use aya::{Ebpf, EbpfLoader, maps::Map};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapError},
+};
 use lb_common::{TABLES_PER_SERVICE, maps, programs};
 use tracing::{info, warn};
 
@@ -14,9 +17,17 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
     ebpf.take_map(name).ok_or(DataplaneError::Missing(name))
 }
 
+/// Map `name` out of the loaded object, as the map type it is used as.
+pub(super) fn take_as<T: TryFrom<Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T> {
+    take(ebpf, name)?.try_into().map_err(map_err(name))
+}
+
 macro_rules! typed {
     ($ebpf:expr, $name:expr) => {
-        take($ebpf, $name)?.try_into().map_err(map_err($name))?
+        take_as($ebpf, $name)?
     };
 }
 

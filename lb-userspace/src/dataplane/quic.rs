@@ -9,14 +9,13 @@ use aya::{
 };
 use lb_common::{
     maps, programs,
-    quic::{AES_TABLES, AesTables, QUIC_ROUTE_COUNT, QuicServiceEntry, QuicSidKey, QuicSidValue},
+    quic::{
+        AES_TABLES, AesTables, PROG_DECRYPT, PROG_XDP, QUIC_ROUTE_COUNT, QuicRoute,
+        QuicServiceEntry, QuicSidKey, QuicSidValue, quic_stats_index,
+    },
 };
 
-use super::{Dataplane, DataplaneError, Result, map_err};
-
-/// `LB_QUIC_PROGS` slots, as the kernel program reads them.
-const PROG_DECRYPT: u32 = 0;
-const PROG_XDP: u32 = 1;
+use super::{Dataplane, DataplaneError, Result, load::take_as as take, map_err};
 
 pub(super) struct QuicMaps {
     services: Array<MapData, QuicServiceEntry>,
@@ -25,16 +24,6 @@ pub(super) struct QuicMaps {
     /// Held for the programs' life: the kernel empties a program array when
     /// its last user descriptor closes.
     _progs: ProgramArray<MapData>,
-}
-
-fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<T> {
-    ebpf.take_map(name)
-        .ok_or(DataplaneError::Missing(name))?
-        .try_into()
-        .map_err(map_err(name))
 }
 
 impl QuicMaps {
@@ -98,8 +87,8 @@ impl Dataplane {
     /// Service `id`'s packets by `lb_common::quic::QuicRoute`, summed over CPUs.
     pub fn quic_route_counts(&self, id: u32) -> Result<[u64; QUIC_ROUTE_COUNT as usize]> {
         let mut out = [0u64; QUIC_ROUTE_COUNT as usize];
-        for (r, slot) in out.iter_mut().enumerate() {
-            let index = id * QUIC_ROUTE_COUNT + r as u32;
+        for (route, slot) in QuicRoute::ALL.into_iter().zip(out.iter_mut()) {
+            let index = quic_stats_index(id, route);
             let values = self
                 .quic
                 .stats
