@@ -112,6 +112,24 @@ pub fn read_regular(path: &Path, cap: u64) -> Result<Vec<u8>, ReadError> {
     Ok(bytes)
 }
 
+/// The certificates of a PEM CA file (a regular file of at most
+/// `crate::health::MAX_CA_FILE` bytes), for a TLS client's roots. The error
+/// is the reason, without the path.
+pub fn read_ca_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let pem = read_regular(path, crate::health::MAX_CA_FILE).map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| format!("unusable certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("no PEM CERTIFICATE found".to_owned());
+    }
+    Ok(roots)
+}
+
 fn open_regular(path: &Path, cap: u64) -> Result<(File, fs::Metadata), ReadError> {
     let f = open_nofollow(path).map_err(|e| match e.raw_os_error() {
         Some(e) if e == Errno::LOOP.raw_os_error() => ReadError::NotRegular,

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, body::Bytes, client::conn::http1};
 use hyper_util::rt::TokioIo;
 use rustls::{
-    ClientConfig, RootCertStore,
+    ClientConfig,
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
 };
 use serde_json::{Value, json};
@@ -121,22 +121,13 @@ fn tls_config(cfg: &ClusterConfig) -> Result<Arc<ClientConfig>, EtcdError> {
     let read = |p: &std::path::Path| {
         crate::files::read_regular(p, 1 << 20).map_err(|e| tls(format!("{}: {e}", p.display())))
     };
-    let mut roots = RootCertStore::empty();
-    if let Some(ca) = &cfg.ca_file {
-        for cert in CertificateDer::pem_slice_iter(&read(ca)?) {
-            let cert = cert.map_err(|e| tls(format!("{}: {e}", ca.display())))?;
-            roots
-                .add(cert)
-                .map_err(|e| tls(format!("{}: unusable certificate: {e}", ca.display())))?;
-        }
-        if roots.is_empty() {
-            return Err(tls(format!("{}: no PEM CERTIFICATE found", ca.display())));
-        }
-    } else {
+    let Some(ca) = &cfg.ca_file else {
         return Err(tls(
             "https:// endpoints need cluster.ca_file (the CA of etcd's server certificates)".into(),
         ));
-    }
+    };
+    let roots =
+        crate::files::read_ca_roots(ca).map_err(|e| tls(format!("{}: {e}", ca.display())))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

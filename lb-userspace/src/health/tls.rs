@@ -7,10 +7,10 @@ use rustls::{
     ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature},
-    pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
+    pki_types::{CertificateDer, ServerName, UnixTime},
 };
 
-use super::{CheckError, MAX_CA_FILE};
+use super::CheckError;
 
 /// SNI: `sni`, else `host` without its port, else the backend IP (which
 /// rustls does not send as SNI, but verifies against when a CA is given).
@@ -61,22 +61,10 @@ pub(super) fn tls_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, Ch
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore, CheckError> {
-    let fail = |reason: String| CheckError::CaFile {
+    crate::files::read_ca_roots(path).map_err(|reason| CheckError::CaFile {
         path: path.to_owned(),
         reason,
-    };
-    let pem = crate::files::read_regular(path, MAX_CA_FILE).map_err(|e| fail(e.to_string()))?;
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| fail(e.to_string()))?;
-        roots
-            .add(cert)
-            .map_err(|e| fail(format!("unusable certificate: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(fail("no PEM CERTIFICATE found".to_owned()));
-    }
-    Ok(roots)
+    })
 }
 
 /// Accepts any server certificate (health checks of backends with
