@@ -89,11 +89,7 @@ pub fn build(backends: &[Entry], m: u32) -> Vec<u32> {
 pub fn build_counted(backends: &[Entry], m: u32) -> (Vec<u32>, u64) {
     use std::{cmp::Reverse, collections::BinaryHeap};
     let mut table = vec![lb_common::NO_BACKEND; m as usize];
-    // Ties between backends go in list order below, so sort by name first:
-    // nodes of a cluster see the same backends in different orders (and
-    // with different ids) and must still build the same table.
-    let mut live: Vec<&Entry> = backends.iter().filter(|b| b.weight > 0).collect();
-    live.sort_by(|a, b| (&a.name, a.weight, a.id).cmp(&(&b.name, b.weight, b.id)));
+    let live = live(backends);
     if live.is_empty() {
         return (table, 0);
     }
@@ -150,22 +146,25 @@ pub fn build_counted(backends: &[Entry], m: u32) -> (Vec<u32>, u64) {
     (table, steps)
 }
 
+/// The backends that take slots, in the order ties between them go. Sorted
+/// by name: nodes of a cluster see the same backends in different orders
+/// (and with different ids) and must still build the same table.
+fn live(backends: &[Entry]) -> Vec<&Entry> {
+    let mut live: Vec<&Entry> = backends.iter().filter(|b| b.weight > 0).collect();
+    live.sort_by(|a, b| (&a.name, a.weight, a.id).cmp(&(&b.name, b.weight, b.id)));
+    live
+}
+
 /// A fingerprint of a table as slot -> backend name (`names` maps ids to
 /// names; `NO_BACKEND` and unknown ids count as empty): equal on nodes that
 /// built the same table, whatever ids they gave the backends. FNV-1a 64.
 pub fn fingerprint(table: &[u32], names: &std::collections::HashMap<u32, String>) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
-    eat(&(table.len() as u64).to_le_bytes());
+    use crate::config::{FNV1A_START, fnv1a_extend};
+    let mut h = fnv1a_extend(FNV1A_START, &(table.len() as u64).to_le_bytes());
     for id in table {
         // A separator no address contains, so names cannot run together.
-        eat(names.get(id).map_or(b"-".as_slice(), |n| n.as_bytes()));
-        eat(b"|");
+        h = fnv1a_extend(h, names.get(id).map_or(b"-".as_slice(), |n| n.as_bytes()));
+        h = fnv1a_extend(h, b"|");
     }
     h
 }
@@ -198,11 +197,7 @@ mod tests {
     /// turn on every pass. Kept to show the queue builds the same tables.
     fn build_by_passes(backends: &[Entry], m: u32) -> (Vec<u32>, u64) {
         let mut table = vec![lb_common::NO_BACKEND; m as usize];
-        // Ties between backends go in list order below, so sort by name first:
-        // nodes of a cluster see the same backends in different orders (and
-        // with different ids) and must still build the same table.
-        let mut live: Vec<&Entry> = backends.iter().filter(|b| b.weight > 0).collect();
-        live.sort_by(|a, b| (&a.name, a.weight, a.id).cmp(&(&b.name, b.weight, b.id)));
+        let live = live(backends);
         if live.is_empty() {
             return (table, 0);
         }

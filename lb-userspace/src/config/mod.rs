@@ -21,8 +21,8 @@ pub use model::{
     forbidden_backend_ip,
 };
 pub use paths::{
-    DEFAULT_ADMIN_LISTEN, DEFAULT_ADMIN_SOCKET, DEFAULT_PIN_PATH, DEFAULT_STATE_DIR,
-    default_admin_socket, default_state_file, fnv1a, legacy_record_path, record_path,
+    DEFAULT_ADMIN_LISTEN, DEFAULT_ADMIN_SOCKET, DEFAULT_PIN_PATH, DEFAULT_STATE_DIR, FNV1A_START,
+    default_admin_socket, default_state_file, fnv1a, fnv1a_extend, legacy_record_path, record_path,
 };
 pub(crate) use validate::service_shape;
 pub use validate::{

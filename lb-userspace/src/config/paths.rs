@@ -74,7 +74,14 @@ pub fn legacy_record_path(state_file: &Path) -> PathBuf {
 
 /// FNV-1a, 64 bits: a stable hash (unlike std's) for names and fingerprints.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    fnv1a_extend(FNV1A_START, bytes)
+}
+
+/// FNV-1a's starting value, for hashing piece by piece with `fnv1a_extend`.
+pub const FNV1A_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a of what `h` hashed so far followed by `bytes`.
+pub fn fnv1a_extend(mut h: u64, bytes: &[u8]) -> u64 {
     for b in bytes {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);

@@ -266,7 +266,7 @@ impl<S: MapStore> MapWriter<S> {
     pub fn has_usable_backend(&self, service: &str) -> bool {
         self.services
             .get(service)
-            .is_some_and(|s| s.slots.iter().any(|s| s.backend != NO_BACKEND))
+            .is_some_and(|s| !s.slot_counts.is_empty())
     }
 
     /// The id the data plane uses for a backend of a service.
