@@ -133,6 +133,12 @@ impl ClientTls {
                 } else {
                     (Ipv6Addr::UNSPECIFIED, port).into()
                 };
+                // A chosen port is used again by later connections of the
+                // same test (the same 5-tuple through another node): close
+                // with RST, so no TIME_WAIT holds the port or the 4-tuple.
+                sock.set_reuseaddr(true)?;
+                // Linger 0 never blocks: close sends RST at once.
+                socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO))?;
                 sock.bind(any)?;
             }
             sock.connect(to).await
