@@ -15,6 +15,7 @@ use lb_userspace::dataplane::{AttachMode, Dataplane, Options};
 
 use crate::{
     daemon::{BpfFs, Lb, TempDir},
+    etcd::{Etcd, Member},
     https::{Backend, ClientTls, Pki},
     netns::{self, Topology, run_in},
     topology::NsRuntime,
@@ -141,6 +142,9 @@ pub struct Cluster {
     pub lbs: Vec<Option<Lb>>,
     pub node_birds: Vec<Bird>,
     pub router_bird: Bird,
+    /// One etcd member per node (on the node's address), when the nodes
+    /// share their services through etcd.
+    pub etcd: Option<Etcd>,
     pub client_rt: NsRuntime,
     pub tls: ClientTls,
     pub backends: Vec<Backend>,
@@ -216,7 +220,13 @@ protocol bgp uplink {{
 
 /// Node `i`'s lb config: the same service on every node, its backends
 /// listed in another order on each.
-fn lb_config(dir: &TempDir, bpf: &BpfFs, i: usize, backends: usize) -> PathBuf {
+fn lb_config(
+    dir: &TempDir,
+    bpf: &BpfFs,
+    i: usize,
+    backends: usize,
+    etcd: Option<&Etcd>,
+) -> PathBuf {
     let mut list: Vec<String> = (0..backends)
         .map(|b| format!("{{ address = \"{}:443\" }}", backend_addr(b)))
         .collect();
@@ -255,6 +265,16 @@ backends = [{list}]
         include = dir.path(&format!("node{i}-routes.conf")).display(),
         list = list.join(", "),
     );
+    let mut text = text;
+    if let Some(etcd) = etcd {
+        let endpoints: Vec<String> = (0..etcd.len())
+            .map(|m| format!("{:?}", etcd.client_url(m)))
+            .collect();
+        text += &format!(
+            "\n[cluster]\netcd_endpoints = [{}]\nnode = \"node{i}\"\nname = \"test\"\n",
+            endpoints.join(", ")
+        );
+    }
     let p = dir.path(&format!("node{i}.toml"));
     fs::write(&p, text).unwrap();
     p
@@ -267,8 +287,20 @@ fn full_checksums(ns: &str, ifname: &str) {
 }
 
 impl Cluster {
-    /// `nodes` nodes and `backends` HTTPS backends, every node announcing.
+    /// `nodes` nodes and `backends` HTTPS backends, every node announcing;
+    /// each node has its services from its own config file.
     pub fn start(nodes: usize, backends: usize) -> Cluster {
+        Cluster::launch(nodes, backends, false)
+    }
+
+    /// The whole topology: as [`Cluster::start`], and each node
+    /// also runs an etcd member, the nodes sharing their services and
+    /// health verdicts through the 3-member (`nodes`-member) cluster.
+    pub fn start_with_etcd(nodes: usize, backends: usize) -> Cluster {
+        Cluster::launch(nodes, backends, true)
+    }
+
+    fn launch(nodes: usize, backends: usize, with_etcd: bool) -> Cluster {
         require_tool("bird", "bird2");
         require_tool("birdc", "bird2");
         let mut topo = Topology::new();
@@ -364,10 +396,25 @@ impl Cluster {
             .enumerate()
             .map(|(i, ns)| Bird::start(ns, &node_bird_config(&dir, i)))
             .collect();
+        let etcd = with_etcd.then(|| {
+            let etcd = Etcd::start(
+                node_ns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, ns)| Member {
+                        ns: ns.clone(),
+                        ip: node_addr(i),
+                    })
+                    .collect(),
+            );
+            etcd.wait_healthy(Duration::from_secs(20));
+            etcd
+        });
         let mut cluster = Cluster {
             lbs: Vec::new(),
             node_birds,
             router_bird,
+            etcd,
             client_rt: NsRuntime::new(&client, 4),
             tls,
             backends: servers,
@@ -396,7 +443,13 @@ impl Cluster {
 
     /// Starts node `i`'s lb (its config is the same at every start).
     pub fn start_lb(&self, i: usize) -> Lb {
-        let config = lb_config(&self.dir, &self.bpf, i, self.backends.len());
+        let config = lb_config(
+            &self.dir,
+            &self.bpf,
+            i,
+            self.backends.len(),
+            self.etcd.as_ref(),
+        );
         Lb::start(&self.nodes[i], &config, API, &[])
     }
 

@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod cluster;
 pub mod daemon;
+pub mod etcd;
 pub mod fixtures;
 pub mod https;
 pub mod inputs;

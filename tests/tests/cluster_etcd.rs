@@ -6,119 +6,20 @@
 //! the test, joined to each balancer namespace by a veth.
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use lb_tests::{
+    cluster::{Cluster, backend_addr},
     daemon::{Lb, TempDir, lb_validate},
+    etcd::{Etcd, client_port},
     https::Backend,
     netns::Topology,
     topology::{API, ServiceConf, Site, TOKEN, backends},
 };
 
 const MEMBERS: usize = 3;
-
-fn client_port(i: usize) -> u16 {
-    2379 + 10 * i as u16
-}
-
-fn peer_port(i: usize) -> u16 {
-    2380 + 10 * i as u16
-}
-
-/// A 3-member etcd cluster in a namespace of its own; every member is
-/// resumed and killed on drop.
-struct Etcd {
-    ns: String,
-    dir: TempDir,
-    members: Vec<Option<Child>>,
-}
-
-impl Etcd {
-    fn start(ns: &str) -> Etcd {
-        let have = Command::new("etcd").arg("--version").output();
-        assert!(
-            have.is_ok_and(|o| o.status.success()),
-            "etcd is missing: `cargo xtask setup` installs it (Debian's etcd-server)"
-        );
-        let mut e = Etcd {
-            ns: ns.to_string(),
-            dir: TempDir::new("etcd"),
-            members: (0..MEMBERS).map(|_| None).collect(),
-        };
-        for i in 0..MEMBERS {
-            e.spawn(i);
-        }
-        e
-    }
-
-    fn spawn(&mut self, i: usize) {
-        let cluster: Vec<String> = (0..MEMBERS)
-            .map(|j| format!("m{j}=http://127.0.0.1:{}", peer_port(j)))
-            .collect();
-        let log = std::fs::File::create(self.dir.path(&format!("m{i}.log"))).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "etcd"])
-            .args(["--name", &format!("m{i}")])
-            .arg("--data-dir")
-            .arg(self.dir.path(&format!("m{i}.data")))
-            .args([
-                "--listen-peer-urls",
-                &format!("http://127.0.0.1:{}", peer_port(i)),
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{}", peer_port(i)),
-                "--listen-client-urls",
-                &format!("http://0.0.0.0:{}", client_port(i)),
-                "--advertise-client-urls",
-                &format!("http://127.0.0.1:{}", client_port(i)),
-                "--initial-cluster",
-                &cluster.join(","),
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
-                "lbt",
-                "--heartbeat-interval",
-                "50",
-                "--election-timeout",
-                "500",
-                "--logger",
-                "zap",
-                "--log-level",
-                "warn",
-            ])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start etcd");
-        self.members[i] = Some(child);
-    }
-
-    fn signal(&self, i: usize, sig: rustix::process::Signal) {
-        if let Some(c) = &self.members[i] {
-            // `ip netns exec` execs etcd: the child is etcd itself.
-            let pid = rustix::process::Pid::from_raw(c.id() as i32).unwrap();
-            let _ = rustix::process::kill_process(pid, sig);
-        }
-    }
-
-    fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.members[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        for i in 0..self.members.len() {
-            self.signal(i, rustix::process::Signal::CONT);
-            self.kill(i);
-        }
-    }
-}
 
 /// One balancer node: its site (balancer and client namespaces) and the
 /// HTTPS backends on ports 8001.. in its namespace.
@@ -196,7 +97,7 @@ fn traffic_ok(node: &Node, n: usize) {
 fn nodes_share_services_through_etcd() {
     let mut topo = Topology::new();
     let etcd_ns = topo.namespace("etcd");
-    let mut etcd = Etcd::start(&etcd_ns);
+    let mut etcd = Etcd::in_namespace(&etcd_ns, MEMBERS);
     let mut nodes: Vec<Node> = Vec::new();
     for i in 0..3 {
         let site = Site::new(&format!("cluster{i}"));
@@ -409,7 +310,7 @@ fn answered_by(node: &Node, n: usize) -> Vec<String> {
 fn health_verdicts_follow_the_majority_of_live_nodes() {
     let mut topo = Topology::new();
     let etcd_ns = topo.namespace("etcd");
-    let _etcd = Etcd::start(&etcd_ns);
+    let _etcd = Etcd::in_namespace(&etcd_ns, MEMBERS);
     let mut svc = ServiceConf::tcp(&[(8001, 100), (8002, 100)]);
     svc.health = Some(
         r#"{ kind = "tcp", interval = "100ms", timeout = "100ms", rise = 1, fall = 1 }"#.into(),
@@ -596,46 +497,42 @@ fn etcd_over_tls_with_client_certificates() {
     let extra = site.backend(8002);
     let certs = TempDir::new("etcd-pki");
     pki(&certs, &[("etcd", &["10.77.0.1"]), ("node0", &["node0"])]);
-    let mut etcd = Etcd {
-        ns: etcd_ns.clone(),
-        dir: TempDir::new("etcd-tls"),
-        members: vec![None],
-    };
-    let log = std::fs::File::create(etcd.dir.path("m0.log")).unwrap();
-    etcd.members[0] = Some(
-        Command::new("ip")
-            .args(["netns", "exec", &etcd_ns, "etcd", "--name", "m0"])
-            .arg("--data-dir")
-            .arg(etcd.dir.path("m0.data"))
-            .args([
-                "--listen-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-advertise-peer-urls",
-                "http://127.0.0.1:2380",
-                "--initial-cluster",
-                "m0=http://127.0.0.1:2380",
-                "--listen-client-urls",
-                "https://0.0.0.0:2379",
-                "--advertise-client-urls",
-                "https://10.77.0.1:2379",
-                "--client-cert-auth",
-                "--logger",
-                "zap",
-                "--log-level",
-                "warn",
-            ])
-            .arg("--cert-file")
-            .arg(certs.path("etcd.pem"))
-            .arg("--key-file")
-            .arg(certs.path("etcd.key"))
-            .arg("--trusted-ca-file")
-            .arg(certs.path("ca.pem"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start etcd"),
-    );
+    lb_tests::etcd::require_etcd();
+    let dir = TempDir::new("etcd-tls");
+    let log = std::fs::File::create(dir.path("m0.log")).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &etcd_ns, "etcd", "--name", "m0"])
+        .arg("--data-dir")
+        .arg(dir.path("m0.data"))
+        .args([
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "m0=http://127.0.0.1:2380",
+            "--listen-client-urls",
+            "https://0.0.0.0:2379",
+            "--advertise-client-urls",
+            "https://10.77.0.1:2379",
+            "--client-cert-auth",
+            "--logger",
+            "zap",
+            "--log-level",
+            "warn",
+        ])
+        .arg("--cert-file")
+        .arg(certs.path("etcd.pem"))
+        .arg("--key-file")
+        .arg(certs.path("etcd.key"))
+        .arg("--trusted-ca-file")
+        .arg(certs.path("ca.pem"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start etcd");
+    let _etcd = Etcd::adopt(&etcd_ns, dir, child);
     let config = |client_cert: bool| {
         let path = site.config(&ServiceConf::tcp(&[(8001, 100)]));
         let mut text = std::fs::read_to_string(&path).unwrap();
@@ -676,4 +573,65 @@ fn etcd_over_tls_with_client_certificates() {
     assert_eq!(st["endpoint"], "https://10.77.0.1:2379", "{st}");
     assert!(st["revision"].as_i64().unwrap() >= 2, "{st}");
     drop(extra);
+}
+
+/// Each node's table fingerprint for the cluster topology's service.
+fn fingerprints(c: &Cluster) -> Vec<String> {
+    (0..c.nodes.len())
+        .map(|i| {
+            let (status, body) = c.lb(i).get("/api/v1/services/web");
+            assert_eq!(status, 200, "{body}");
+            body["table_fingerprint"].as_str().unwrap_or("").to_string()
+        })
+        .collect()
+}
+
+/// Scenario 3 on the issue's whole topology (router, 3 nodes each with lb,
+/// BIRD and an etcd member): a backend removed through node 0 and added
+/// back through node 1 leaves every node with the same table within a
+/// second each time, and every node keeps announcing.
+#[test]
+fn a_change_through_one_node_gives_every_node_the_same_table_within_a_second() {
+    let c = Cluster::start_with_etcd(3, 3);
+    c.wait_next_hops(&[0, 1, 2], Duration::from_secs(20));
+    wait_for(
+        "every node connected to etcd",
+        Duration::from_secs(10),
+        || (0..3).all(|i| cluster_status(c.lb(i))["connected"] == true),
+    );
+    let before = fingerprints(&c);
+    assert!(
+        before.iter().all(|f| !f.is_empty() && *f == before[0]),
+        "{before:?}"
+    );
+    let gone = format!("{}:443", backend_addr(2));
+    let (s, v) = c.lb(0).call(
+        "DELETE",
+        &format!("/api/v1/services/web/backends/{gone}"),
+        None,
+        None,
+    );
+    assert_eq!(s, 204, "{v}");
+    let took = wait_for("the removal in every table", Duration::from_secs(1), || {
+        let f = fingerprints(&c);
+        f.iter().all(|x| *x == f[0] && *x != before[0])
+    });
+    println!("backend removed through node 0: every table equal after {took:?}");
+    let (s, v) = c.lb(1).call(
+        "POST",
+        "/api/v1/services/web/backends",
+        Some(&format!("{{\"address\": \"{gone}\", \"weight\": 100}}")),
+        None,
+    );
+    assert_eq!(s, 201, "{v}");
+    let took = wait_for(
+        "the addition in every table",
+        Duration::from_secs(1),
+        || fingerprints(&c) == before,
+    );
+    println!("backend added back through node 1: every table as at the start after {took:?}");
+    c.wait_next_hops(&[0, 1, 2], Duration::from_secs(1));
+    let (per, failures) = c.spread(60);
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(per.iter().all(|n| *n > 0), "{per:?}");
 }
