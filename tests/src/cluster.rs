@@ -453,6 +453,20 @@ impl Cluster {
         Lb::start(&self.nodes[i], &config, API, &[])
     }
 
+    /// Kills node `i` whole, as when its machine dies: its link goes down
+    /// first (the router learns it only through BFD), then its lb, BIRD
+    /// and etcd member get SIGKILL.
+    pub fn kill_node(&mut self, i: usize) {
+        run_in(&self.nodes[i], &["ip", "link", "set", "eth0", "down"]);
+        if let Some(mut lb) = self.lbs[i].take() {
+            lb.kill();
+        }
+        self.node_birds[i].kill();
+        if let Some(etcd) = self.etcd.as_mut() {
+            etcd.kill(i);
+        }
+    }
+
     pub fn lb(&self, i: usize) -> &Lb {
         self.lbs[i].as_ref().expect("node's lb is running")
     }
