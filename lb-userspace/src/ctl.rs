@@ -395,6 +395,12 @@ pub fn status(client: &Client, out: &Output) -> Result<()> {
                 c.revision
             );
             println!("  live nodes: {}", c.nodes.join(", "));
+            if !c.synced {
+                println!(
+                    "  NOT SYNCED: etcd's services not taken since the daemon started; \
+                     announcing nothing until they are"
+                );
+            }
             if !c.backends_down.is_empty() {
                 println!(
                     "  out by the cluster's health rule (down on a majority of live nodes): {}",
@@ -436,6 +442,11 @@ fn print_service(s: &ServiceView) {
     }
     if let Some(fp) = &s.table_fingerprint {
         println!("  table fingerprint {fp}");
+    }
+    match (&s.cluster_fingerprint, &s.table_fingerprint) {
+        (Some(c), Some(own)) if c == own => println!("  cluster's table: the same"),
+        (Some(c), _) => println!("  cluster's table: {c} (DIFFERS from this node's)"),
+        _ => {}
     }
     if let Some(a) = &s.announce {
         println!(

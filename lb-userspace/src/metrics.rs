@@ -30,6 +30,9 @@ pub struct Snapshot {
     pub announced: Vec<(String, bool)>,
     /// (service, fingerprint of its installed Maglev table, hex).
     pub table_fingerprints: Vec<(String, String)>,
+    /// `[cluster]`: (service, its table is the cluster's) for the services
+    /// whose fingerprint a majority of live nodes hold.
+    pub table_matches_cluster: Vec<(String, bool)>,
     /// Whether the interface the data plane is attached to still exists.
     pub dataplane_attached: Option<bool>,
     /// Entries the flow table holds at most (`flow_table_size`).
@@ -63,6 +66,7 @@ pub struct Metrics {
     fail_open: IntGaugeVec,
     announced: IntGaugeVec,
     table_info: IntGaugeVec,
+    table_matches_cluster: IntGaugeVec,
     attached: IntGauge,
     reconcile_errors: IntCounter,
     table_installs: IntCounterVec,
@@ -231,6 +235,13 @@ impl Metrics {
                 "1, labelled with the fingerprint of the installed Maglev table (slot -> backend \
                  address): equal on nodes with the same table",
                 &["service", "fingerprint"],
+            ),
+            table_matches_cluster: gauge_vec(
+                &r,
+                "lb_service_table_matches_cluster",
+                "[cluster]: 1 while the service's table fingerprint is the one a strict majority \
+                 of live nodes hold, 0 while it differs (absent: no majority)",
+                &["service"],
             ),
             flow_entries,
             attached,
@@ -420,6 +431,12 @@ impl Metrics {
             self.table_info
                 .with_label_values(&[s.as_str(), fp.as_str()])
                 .set(1);
+        }
+        self.table_matches_cluster.reset();
+        for (s, on) in &snap.table_matches_cluster {
+            self.table_matches_cluster
+                .with_label_values(&[s.as_str()])
+                .set(i64::from(*on));
         }
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())

@@ -37,6 +37,14 @@ pub enum Reason {
     /// The conditions hold but BIRD did not take the new routes (see
     /// `last_error`); tried again every tick.
     BirdError,
+    /// `[cluster]`: the daemon has not taken etcd's services since it
+    /// started (restarted, rejoining, or etcd unreachable since): its
+    /// tables may be stale.
+    ClusterNotSynced,
+    /// `[cluster]`: the service's table fingerprint is not the cluster's
+    /// (the one a majority of live nodes hold) for longer than
+    /// [`TABLE_GRACE`].
+    TableDiffers,
 }
 
 impl Reason {
@@ -49,6 +57,8 @@ impl Reason {
             Reason::NotAlive => "not_alive",
             Reason::NoUsableBackend => "no_usable_backend",
             Reason::BirdError => "bird_error",
+            Reason::ClusterNotSynced => "cluster_not_synced",
+            Reason::TableDiffers => "table_differs",
         }
     }
 }
@@ -66,6 +76,8 @@ pub struct ServiceInput {
     pub name: String,
     pub address: IpAddr,
     pub usable: bool,
+    /// The table gate's verdict (always `Ok` without `[cluster]`).
+    pub table: TableState,
 }
 
 /// Node-wide conditions.
@@ -86,10 +98,97 @@ pub fn decide(node: NodeInput, s: &ServiceInput) -> Reason {
         Reason::NotAttached
     } else if !node.alive {
         Reason::NotAlive
+    } else if s.table == TableState::NotSynced {
+        Reason::ClusterNotSynced
     } else if !s.usable {
         Reason::NoUsableBackend
+    } else if s.table == TableState::Differs {
+        Reason::TableDiffers
     } else {
         Reason::Announced
+    }
+}
+
+/// Where a service's table stands against the cluster's, for [`decide`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableState {
+    /// No objection: no `[cluster]`, or the table is the cluster's, or no
+    /// fingerprint has a majority.
+    Ok,
+    NotSynced,
+    Differs,
+}
+
+/// Every change reaches the nodes within ~100 ms and their fingerprints
+/// are published within a few hundred more: a difference must outlast this
+/// before a node is withdrawn for it (else every node would withdraw on
+/// every change).
+pub const TABLE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What the gate knows of the node's link to the cluster on one tick.
+#[derive(Clone, Copy, Debug)]
+pub struct ClusterLink {
+    /// The daemon has taken etcd's services since it started.
+    pub synced: bool,
+    /// etcd answers now.
+    pub connected: bool,
+}
+
+/// The table gate (`[cluster]` only): per service, whether it passed (its
+/// table was the cluster's, or no fingerprint had a majority) and since
+/// when its table differs. A service starts out not passed, so a node
+/// that comes up or rejoins announces only once its table has matched.
+#[derive(Debug, Default)]
+pub struct TableGate {
+    passed: BTreeSet<String>,
+    differs_since: BTreeMap<String, std::time::Instant>,
+}
+
+impl TableGate {
+    /// One service's state at `now`: `own` is its installed fingerprint,
+    /// `cluster` the majority's (None: no majority).
+    /// - not synced: `NotSynced`;
+    /// - etcd unreachable: the last verdict holds (nothing is known of
+    ///   the others; traffic goes on as it was);
+    /// - no majority: `Ok` (withdrawing every node would be an outage);
+    /// - equal: `Ok`; different: the last verdict for [`TABLE_GRACE`]
+    ///   from when the difference was first seen, then `Differs`.
+    pub fn check(
+        &mut self,
+        service: &str,
+        link: ClusterLink,
+        own: Option<&str>,
+        cluster: Option<&str>,
+        now: std::time::Instant,
+    ) -> TableState {
+        if !link.synced {
+            self.passed.remove(service);
+            self.differs_since.remove(service);
+            return TableState::NotSynced;
+        }
+        if link.connected {
+            if cluster.is_none() || own == cluster {
+                self.differs_since.remove(service);
+                self.passed.insert(service.to_string());
+            } else {
+                let since = *self.differs_since.entry(service.to_string()).or_insert(now);
+                if now.saturating_duration_since(since) >= TABLE_GRACE {
+                    self.passed.remove(service);
+                }
+            }
+        }
+        if self.passed.contains(service) {
+            TableState::Ok
+        } else {
+            TableState::Differs
+        }
+    }
+
+    /// Forgets services no longer configured.
+    pub fn retain(&mut self, services: &BTreeSet<&str>) {
+        self.passed.retain(|s| services.contains(s.as_str()));
+        self.differs_since
+            .retain(|s, _| services.contains(s.as_str()));
     }
 }
 
@@ -251,6 +350,7 @@ mod tests {
             name: "web".into(),
             address: address.parse().unwrap(),
             usable,
+            table: TableState::Ok,
         }
     }
 
@@ -281,5 +381,141 @@ mod tests {
         );
         let dead = NodeInput { alive: false, ..UP };
         assert_eq!(decide(dead, &svc("10.0.0.1", true)), Reason::NotAlive);
+    }
+
+    #[test]
+    fn the_table_gate_comes_after_liveness_and_usability() {
+        let not_synced = ServiceInput {
+            table: TableState::NotSynced,
+            ..svc("10.0.0.1", false)
+        };
+        assert_eq!(decide(UP, &not_synced), Reason::ClusterNotSynced);
+        let dead = NodeInput { alive: false, ..UP };
+        assert_eq!(decide(dead, &not_synced), Reason::NotAlive);
+        let differs = ServiceInput {
+            table: TableState::Differs,
+            ..svc("10.0.0.1", true)
+        };
+        assert_eq!(decide(UP, &differs), Reason::TableDiffers);
+        let differs_unusable = ServiceInput {
+            usable: false,
+            ..differs
+        };
+        assert_eq!(decide(UP, &differs_unusable), Reason::NoUsableBackend);
+    }
+
+    const SYNCED: ClusterLink = ClusterLink {
+        synced: true,
+        connected: true,
+    };
+
+    #[test]
+    fn the_table_gate_waits_for_a_sync_and_a_match() {
+        let t0 = std::time::Instant::now();
+        let mut g = TableGate::default();
+        let not_synced = ClusterLink {
+            synced: false,
+            connected: true,
+        };
+        assert_eq!(
+            g.check("web", not_synced, Some("a"), Some("a"), t0),
+            TableState::NotSynced
+        );
+        // Synced but different from the start (a rejoining node with a
+        // stale or wrong table): never passes, grace or not.
+        assert_eq!(
+            g.check("web", SYNCED, Some("b"), Some("a"), t0),
+            TableState::Differs
+        );
+        assert_eq!(
+            g.check("web", SYNCED, Some("b"), Some("a"), t0 + TABLE_GRACE * 3),
+            TableState::Differs
+        );
+        // Its table matches: it passes at once.
+        assert_eq!(
+            g.check("web", SYNCED, Some("a"), Some("a"), t0 + TABLE_GRACE * 3),
+            TableState::Ok
+        );
+    }
+
+    #[test]
+    fn a_short_difference_does_not_withdraw_a_long_one_does() {
+        let t0 = std::time::Instant::now();
+        let ms = std::time::Duration::from_millis;
+        let mut g = TableGate::default();
+        assert_eq!(
+            g.check("web", SYNCED, Some("a"), Some("a"), t0),
+            TableState::Ok
+        );
+        // A change: this node has it first (or last) for a moment.
+        assert_eq!(
+            g.check("web", SYNCED, Some("b"), Some("a"), t0 + ms(100)),
+            TableState::Ok
+        );
+        assert_eq!(
+            g.check(
+                "web",
+                SYNCED,
+                Some("b"),
+                Some("a"),
+                t0 + ms(100) + TABLE_GRACE - ms(1)
+            ),
+            TableState::Ok
+        );
+        assert_eq!(
+            g.check("web", SYNCED, Some("b"), Some("b"), t0 + ms(500)),
+            TableState::Ok
+        );
+        // The grace runs from when the difference was first seen again.
+        let t1 = t0 + ms(1000);
+        assert_eq!(
+            g.check("web", SYNCED, Some("c"), Some("b"), t1),
+            TableState::Ok
+        );
+        assert_eq!(
+            g.check("web", SYNCED, Some("c"), Some("b"), t1 + TABLE_GRACE),
+            TableState::Differs
+        );
+        // A node that never got a table differs too.
+        let mut g = TableGate::default();
+        assert_eq!(
+            g.check("web", SYNCED, None, Some("b"), t0),
+            TableState::Differs
+        );
+    }
+
+    #[test]
+    fn no_majority_withdraws_nobody_and_etcd_gone_keeps_the_last_verdict() {
+        let t0 = std::time::Instant::now();
+        let mut g = TableGate::default();
+        assert_eq!(g.check("web", SYNCED, Some("a"), None, t0), TableState::Ok);
+        assert_eq!(
+            g.check("api", SYNCED, Some("x"), Some("y"), t0),
+            TableState::Differs
+        );
+        let cut_off = ClusterLink {
+            synced: true,
+            connected: false,
+        };
+        let later = t0 + TABLE_GRACE * 10;
+        // Whatever the (stale) cluster view says, the verdicts hold.
+        assert_eq!(
+            g.check("web", cut_off, Some("c"), Some("d"), later),
+            TableState::Ok
+        );
+        assert_eq!(
+            g.check("api", cut_off, Some("y"), Some("y"), later),
+            TableState::Differs
+        );
+        // A service this node never checked while connected stays out.
+        assert_eq!(
+            g.check("new", cut_off, Some("y"), None, later),
+            TableState::Differs
+        );
+        g.retain(&["api"].into());
+        assert_eq!(
+            g.check("web", cut_off, Some("a"), None, later),
+            TableState::Differs
+        );
     }
 }

@@ -22,6 +22,7 @@ use crate::{
 type StoredVerdicts = BTreeMap<String, BTreeMap<SocketAddr, bool>>;
 
 pub mod etcd;
+pub mod tables;
 
 /// The stored form of the services: the state file's and the API's shape.
 #[derive(Serialize, Deserialize)]
@@ -51,6 +52,10 @@ pub struct ClusterView {
     /// the live nodes see them down.
     #[serde(default)]
     pub backends_down: Vec<String>,
+    /// The node has taken etcd's services since it started; until then it
+    /// announces nothing (`cluster_not_synced`).
+    #[serde(default)]
+    pub synced: bool,
 }
 
 pub struct Cluster {
@@ -61,6 +66,10 @@ pub struct Cluster {
     seen: Mutex<i64>,
     /// The other live nodes' verdicts, by node.
     peers: Mutex<BTreeMap<String, Verdicts>>,
+    /// The other live nodes' table fingerprints, by node.
+    peer_tables: Mutex<BTreeMap<String, tables::Fingerprints>>,
+    /// See [`Cluster::is_synced`].
+    synced: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -75,6 +84,8 @@ impl Cluster {
             config: config.clone(),
             seen: Mutex::new(0),
             peers: Mutex::new(BTreeMap::new()),
+            peer_tables: Mutex::new(BTreeMap::new()),
+            synced: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -106,8 +117,9 @@ impl Cluster {
     /// given this node's own verdicts.
     pub fn view(&self, local: &Verdicts) -> ClusterView {
         let mut v = lock(&self.view).clone();
+        v.synced = self.is_synced();
         if v.connected {
-            v.nodes = lock(&self.peers).keys().cloned().collect();
+            v.nodes = self.live_nodes().into_iter().collect();
         }
         v.nodes.push(self.config.node.clone());
         v.nodes.sort();
@@ -207,6 +219,7 @@ impl Cluster {
     }
 
     pub fn set_applied(&self, revision: i64) {
+        self.mark_synced();
         let mut v = lock(&self.view);
         v.revision = revision;
         v.last_error = None;

@@ -2,7 +2,9 @@
 //! service's conditions and hands them to the announcer (`crate::announce`),
 //! which keeps BIRD's routes in step.
 use super::*;
-use crate::announce::{AnnounceView, Announcer, NodeInput, ServiceInput};
+use crate::announce::{
+    AnnounceView, Announcer, ClusterLink, NodeInput, ServiceInput, TableGate, TableState,
+};
 
 /// How often the conditions are checked: a lost condition is withdrawn
 /// within this (plus BIRD's and BGP's own delays).
@@ -28,8 +30,35 @@ impl Daemon {
                 usable: w.has_usable_backend(&name),
                 name,
                 address,
+                table: TableState::Ok,
             })
             .collect()
+    }
+
+    /// `[cluster]`: each service's table against the cluster's, through
+    /// the gate (its grace and memory live in `gate`).
+    fn gate_tables(&self, gate: &mut TableGate, services: &mut [ServiceInput]) {
+        let Some(c) = &self.shared.cluster else {
+            return;
+        };
+        let own: crate::cluster::tables::Fingerprints =
+            self.table_fingerprints().into_iter().collect();
+        let cluster = c.cluster_fingerprints(&own);
+        let link = ClusterLink {
+            synced: c.is_synced(),
+            connected: c.is_connected(),
+        };
+        let now = Instant::now();
+        for s in services.iter_mut() {
+            s.table = gate.check(
+                &s.name,
+                link,
+                own.get(&s.name).map(String::as_str),
+                cluster.get(&s.name).map(String::as_str),
+                now,
+            );
+        }
+        gate.retain(&services.iter().map(|s| s.name.as_str()).collect());
     }
 
     /// The announce loop, for the daemon's life (only with `[bgp]`).
@@ -39,6 +68,7 @@ impl Daemon {
         };
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gate = TableGate::default();
         loop {
             tick.tick().await;
             let stopping = *self.shared.stop.borrow();
@@ -47,7 +77,8 @@ impl Daemon {
                 attached: self.attached(),
                 alive: self.alive(ALIVE_WITHIN).await,
             };
-            let services = self.announce_inputs().await;
+            let mut services = self.announce_inputs().await;
+            self.gate_tables(&mut gate, &mut services);
             let mut a = announcer.lock().await;
             a.tick(node, &services).await;
             *lock(&self.shared.announce_states) = a.states().clone();

@@ -5,6 +5,7 @@ use super::*;
 use crate::cluster::{
     Cluster,
     etcd::{EtcdError, Kv},
+    tables::{self, Fingerprints},
 };
 
 /// A failed sync is retried after this (every member is tried each time).
@@ -42,14 +43,18 @@ impl Daemon {
     /// Publishes this node's own health verdicts under
     /// `health/<node>` on a lease of `LEASE_TTL`, renewed every
     /// `LEASE_RENEW`: a dead node's verdicts vanish with its lease.
+    /// Its table fingerprints go under `tables/<node>` on the same lease,
+    /// once it has synced (a stale table is no vote on the cluster's).
     pub(super) async fn cluster_publish(self, c: Arc<Cluster>) {
         let key = c.health_key();
+        let tables_key = c.tables_key();
         loop {
             let Ok(lease) = c.client.grant(LEASE_TTL.as_secs()).await else {
                 tokio::time::sleep(RESYNC_AFTER).await;
                 continue;
             };
             let mut published: Option<Verdicts> = None;
+            let mut tables_published: Option<Fingerprints> = None;
             let mut renewed = Instant::now();
             loop {
                 let local = self.shared.inner.lock().await.health.clone();
@@ -60,6 +65,15 @@ impl Daemon {
                         break;
                     }
                     published = Some(local);
+                }
+                let tables: Fingerprints = self.table_fingerprints().into_iter().collect();
+                if c.is_synced() && tables_published.as_ref() != Some(&tables) {
+                    let value = tables::encode(&tables);
+                    if let Err(e) = c.client.put_leased(&tables_key, &value, lease).await {
+                        debug!("publishing table fingerprints: {e}");
+                        break;
+                    }
+                    tables_published = Some(tables);
                 }
                 if renewed.elapsed() >= LEASE_RENEW {
                     match c.client.keep_alive(lease).await {
@@ -129,6 +143,23 @@ impl Daemon {
             Err(e) => return e,
         }
         c.set_peers(peers);
+        let tables_prefix = c.tables_prefix();
+        match c.client.list_on(member, &tables_prefix).await {
+            Ok(kvs) => c.set_all_peer_tables(
+                kvs.into_iter()
+                    .filter_map(|kv| {
+                        let node = kv.key.trim_start_matches(&tables_prefix).to_string();
+                        tables::decode(&kv.value)
+                            .inspect_err(|e| {
+                                warn!(node, "unreadable table fingerprints in etcd: {e}")
+                            })
+                            .ok()
+                            .map(|t| (node, t))
+                    })
+                    .collect(),
+            ),
+            Err(e) => return e,
+        }
         c.connected(c.client.endpoint_name(member));
         let _ = self.request(Request::ClusterHealth);
         info!(
@@ -157,6 +188,19 @@ impl Daemon {
                             }
                         };
                         health_changed |= c.set_peer(node, verdicts);
+                    } else if let Some(node) = kv.key.strip_prefix(&tables_prefix) {
+                        let fingerprints = if deleted {
+                            None
+                        } else {
+                            match tables::decode(&kv.value) {
+                                Ok(t) => Some(t),
+                                Err(e) => {
+                                    warn!(node, "unreadable table fingerprints in etcd: {e}");
+                                    continue;
+                                }
+                            }
+                        };
+                        c.set_peer_tables(node, fingerprints);
                     } else if kv.key != services_key {
                     } else if deleted {
                         warn!(key = %kv.key, revision = ev.revision, "the cluster's services key was deleted in etcd; keeping the services in force");
@@ -197,6 +241,8 @@ impl Daemon {
             Ok(services) => self.offer_services(c, services, kv.mod_revision).await,
             Err(e) => {
                 c.offered(kv.mod_revision);
+                // Taken, if not applied: the table gate decides from here.
+                c.mark_synced();
                 let msg = format!(
                     "the services etcd holds at revision {} are not valid, not applied: {e}",
                     kv.mod_revision
@@ -243,6 +289,9 @@ impl Daemon {
                 info!(revision, "applied the cluster's services from etcd");
             }
             Err(e) => {
+                // This node runs its old table: the table gate withdraws it
+                // (`table_differs`) if the others run the new one.
+                c.mark_synced();
                 let msg = format!(
                     "the cluster's services at revision {revision} were not applied on this node: {e}"
                 );

@@ -109,6 +109,10 @@ pub struct ServiceView {
     /// address: nodes with the same table show the same one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table_fingerprint: Option<String>,
+    /// `[cluster]`: the fingerprint a strict majority of the live nodes
+    /// hold for this service (absent: none has a majority).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_fingerprint: Option<String>,
     /// With `[bgp]`: whether this node announces the service's address,
     /// and why (not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -158,6 +162,7 @@ impl Daemon {
     pub async fn views(&self) -> Vec<ServiceView> {
         let announce = self.announce_states();
         let fingerprints = self.table_fingerprints();
+        let cluster_fingerprints = self.cluster_fingerprints(&fingerprints);
         let inner = self.shared.inner.lock().await;
         let status = inner.checker.status();
         let fail_open = lock(&self.shared.fail_open).clone();
@@ -177,6 +182,7 @@ impl Daemon {
                     fail_open: fail_open.contains(&s.name),
                     quic: raw.quic,
                     table_fingerprint: fingerprints.get(&s.name).cloned(),
+                    cluster_fingerprint: cluster_fingerprints.get(&s.name).cloned(),
                     announce: announce.get(&s.name).cloned(),
                     backends: s
                         .backends
@@ -359,7 +365,13 @@ impl Daemon {
             .into_iter()
             .map(|(s, v)| (s, v.announced))
             .collect();
-        snap.table_fingerprints = self.table_fingerprints().into_iter().collect();
+        let own = self.table_fingerprints();
+        let cluster = self.cluster_fingerprints(&own);
+        snap.table_matches_cluster = cluster
+            .iter()
+            .map(|(s, fp)| (s.clone(), own.get(s) == Some(fp)))
+            .collect();
+        snap.table_fingerprints = own.into_iter().collect();
         snap.table_fingerprints.sort();
         snap.flow_capacity = u64::from(self.shared.config.dataplane.flow_table_size);
         (snap.reconcile_pending, snap.reconcile_stalled_seconds) =
@@ -367,5 +379,21 @@ impl Daemon {
         // Two counters, no walk of the table.
         snap.flow_entries = self.shared.flow_counter.count().unwrap_or(0);
         self.shared.metrics.render(&snap)
+    }
+}
+
+impl Daemon {
+    /// `[cluster]`: each service's cluster fingerprint given this node's
+    /// (`own`); empty without `[cluster]`.
+    fn cluster_fingerprints(
+        &self,
+        own: &HashMap<String, String>,
+    ) -> crate::cluster::tables::Fingerprints {
+        self.shared
+            .cluster
+            .as_ref()
+            .map_or_else(Default::default, |c| {
+                c.cluster_fingerprints(&own.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            })
     }
 }
