@@ -453,6 +453,21 @@ impl Cluster {
         Lb::start(&self.nodes[i], &config, API, &[])
     }
 
+    /// Starts node `i`'s lb on its config as `edit` changes it: a
+    /// node-local setting (the next [`Cluster::start_lb`] restores it).
+    pub fn start_lb_edited(&self, i: usize, edit: impl FnOnce(String) -> String) -> Lb {
+        let config = lb_config(
+            &self.dir,
+            &self.bpf,
+            i,
+            self.backends.len(),
+            self.etcd.as_ref(),
+        );
+        let text = fs::read_to_string(&config).unwrap();
+        fs::write(&config, edit(text)).unwrap();
+        Lb::start(&self.nodes[i], &config, API, &[])
+    }
+
     /// Kills node `i` whole, as when its machine dies: its link goes down
     /// first (the router learns it only through BFD), then its lb, BIRD
     /// and etcd member get SIGKILL.
@@ -473,19 +488,7 @@ impl Cluster {
 
     /// The router's kernel next hops for the service address.
     pub fn next_hops(&self) -> Vec<String> {
-        let out = run_in(
-            &self.router,
-            &["ip", "-4", "route", "show", &format!("{VIP}/32")],
-        );
-        let mut hops: Vec<String> = out
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .windows(2)
-            .filter(|w| w[0] == "via")
-            .map(|w| w[1].to_string())
-            .collect();
-        hops.sort();
-        hops
+        router_next_hops(&self.router)
     }
 
     /// Waits until the router's next hops are the nodes `want`; how long.
@@ -603,6 +606,21 @@ impl Cluster {
         }
         (per, failures)
     }
+}
+
+/// The next hops for the service address in the kernel of namespace
+/// `router` (sorted; callable from another thread than the cluster's).
+pub fn router_next_hops(router: &str) -> Vec<String> {
+    let out = run_in(router, &["ip", "-4", "route", "show", &format!("{VIP}/32")]);
+    let mut hops: Vec<String> = out
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0] == "via")
+        .map(|w| w[1].to_string())
+        .collect();
+    hops.sort();
+    hops
 }
 
 /// Sends `sig` to process `pid`.

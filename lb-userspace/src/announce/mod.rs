@@ -142,12 +142,15 @@ pub struct ClusterLink {
 pub struct TableGate {
     passed: BTreeSet<String>,
     differs_since: BTreeMap<String, std::time::Instant>,
+    /// The tables were compared with the cluster's at least once (synced
+    /// and connected); before that the node counts as not synced.
+    compared: bool,
 }
 
 impl TableGate {
     /// One service's state at `now`: `own` is its installed fingerprint,
     /// `cluster` the majority's (None: no majority).
-    /// - not synced: `NotSynced`;
+    /// - not synced, or never compared with the cluster since: `NotSynced`;
     /// - etcd unreachable: the last verdict holds (nothing is known of
     ///   the others; traffic goes on as it was);
     /// - no majority: `Ok` (withdrawing every node would be an outage);
@@ -161,12 +164,13 @@ impl TableGate {
         cluster: Option<&str>,
         now: std::time::Instant,
     ) -> TableState {
-        if !link.synced {
+        if !link.synced || !(link.connected || self.compared) {
             self.passed.remove(service);
             self.differs_since.remove(service);
             return TableState::NotSynced;
         }
         if link.connected {
+            self.compared = true;
             if cluster.is_none() || own == cluster {
                 self.differs_since.remove(service);
                 self.passed.insert(service.to_string());
@@ -419,6 +423,15 @@ mod tests {
         };
         assert_eq!(
             g.check("web", not_synced, Some("a"), Some("a"), t0),
+            TableState::NotSynced
+        );
+        // Synced, but etcd went away before the tables were compared.
+        let cut_off = ClusterLink {
+            synced: true,
+            connected: false,
+        };
+        assert_eq!(
+            g.check("web", cut_off, Some("a"), Some("a"), t0),
             TableState::NotSynced
         );
         // Synced but different from the start (a rejoining node with a
