@@ -151,7 +151,7 @@ impl Daemon {
                         let node = kv.key.trim_start_matches(&tables_prefix).to_string();
                         tables::decode(&kv.value)
                             .inspect_err(|e| {
-                                warn!(node, "unreadable table fingerprints in etcd: {e}")
+                                warn!(node, "unreadable table fingerprints in etcd: {e}");
                             })
                             .ok()
                             .map(|t| (node, t))
