@@ -22,6 +22,16 @@ use lb_tests::{
 use rustix::process::Signal;
 use serde_json::Value;
 
+/// One cluster at a time: the topology's pin filesystem is named by the
+/// process, and the gate's timings want the CPU.
+static ONE_CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_cluster() -> std::sync::MutexGuard<'static, ()> {
+    ONE_CLUSTER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The service as node `i`'s API shows it.
 fn web(c: &Cluster, i: usize) -> Value {
     let (status, body) = c.lb(i).get("/api/v1/services/web");
@@ -152,6 +162,7 @@ fn all_in_step(c: &Cluster) {
 /// do; restarted with the cluster's size, it announces again.
 #[test]
 fn changes_withdraw_nobody_and_a_node_with_another_table_never_announces() {
+    let _one = one_cluster();
     let mut c = Cluster::start_with_etcd(3, 3);
     all_in_step(&c);
     assert_eq!(matches_metric(&c, 0), Some(1.0));
@@ -286,6 +297,7 @@ fn changes_withdraw_nobody_and_a_node_with_another_table_never_announces() {
 /// fingerprint is the cluster's.
 #[test]
 fn a_rejoining_node_announces_only_once_its_table_is_the_clusters() {
+    let _one = one_cluster();
     let mut c = Cluster::start_with_etcd(3, 3);
     all_in_step(&c);
     let stale = fingerprint(&c, 2);
