@@ -42,6 +42,25 @@ struct Installed {
     /// Failing open: every backend failed its checks and the table holds
     /// the ones that were up last (`WhenAllDown::KeepLast`).
     fail_open: bool,
+    /// [`Installed::fingerprint`] as of the last apply (None: worked out
+    /// when asked): cluster mode asks several times a second.
+    fingerprint: Option<u64>,
+}
+
+impl Installed {
+    /// See [`MapWriter::table_fingerprint`].
+    fn fingerprint(&self) -> Option<u64> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let names: HashMap<u32, String> = self
+            .backend_ids
+            .iter()
+            .map(|(a, i)| (*i, a.to_string()))
+            .collect();
+        let table: Vec<u32> = self.slots.iter().map(|s| s.backend).collect();
+        Some(maglev::fingerprint(&table, &names))
+    }
 }
 
 /// Slots per backend id in a table (empty slots are not counted).
@@ -173,6 +192,7 @@ impl<S: MapStore> MapWriter<S> {
                     slots,
                     entries: Vec::new(),
                     fail_open: false,
+                    fingerprint: None,
                 },
             );
         }
@@ -244,16 +264,7 @@ impl<S: MapStore> MapWriter<S> {
     /// that installed the same table. `None` before a table is installed.
     pub fn table_fingerprint(&self, service: &str) -> Option<u64> {
         let inst = self.services.get(service)?;
-        if inst.slots.is_empty() {
-            return None;
-        }
-        let names: HashMap<u32, String> = inst
-            .backend_ids
-            .iter()
-            .map(|(a, i)| (*i, a.to_string()))
-            .collect();
-        let table: Vec<u32> = inst.slots.iter().map(|s| s.backend).collect();
-        Some(maglev::fingerprint(&table, &names))
+        inst.fingerprint.or_else(|| inst.fingerprint())
     }
 
     /// The names of the installed services.
@@ -329,6 +340,7 @@ impl<S: MapStore> MapWriter<S> {
                         slot_counts: HashMap::new(),
                         entries: Vec::new(),
                         fail_open: false,
+                        fingerprint: None,
                     },
                 );
             }
@@ -451,6 +463,7 @@ impl<S: MapStore> MapWriter<S> {
         report: &mut ApplyReport,
     ) -> Result<()> {
         let id = inst.id;
+        inst.fingerprint = None;
         // Backends that left the service: down first, so flows are re-picked.
         let wanted: HashSet<SocketAddr> = spec.backends.iter().map(|b| b.address).collect();
         let leaving: Vec<SocketAddr> = inst
@@ -539,6 +552,7 @@ impl<S: MapStore> MapWriter<S> {
             self.free_backend_ids.insert(0, bid);
         }
         inst.spec = spec.clone();
+        inst.fingerprint = inst.fingerprint();
         Ok(())
     }
 
