@@ -1,7 +1,8 @@
 //! Cluster mode: the services' desired state lives in etcd under
 //! `/lb/<name>/services` (one JSON document, so one compare-and-swap
 //! covers every change), shared by every node, and each node's health
-//! verdicts under `/lb/<name>/health/<node>` (on a lease). This module owns
+//! verdicts under `/lb/<name>/health/<node>` (on a lease; its table
+//! fingerprints beside them, see `tables`). This module owns
 //! the etcd client, the stored forms, the cluster's health rule and what
 //! the node knows of its link to etcd.
 use std::{
