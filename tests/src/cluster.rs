@@ -315,7 +315,10 @@ impl Cluster {
         require_tool("birdc", "bird2");
         let mut topo = Topology::new();
         let dir = TempDir::new("cluster");
-        let bpf = BpfFs::mount("cluster");
+        // One bpffs per cluster: tests of one file run side by side.
+        static CLUSTERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let bpf = BpfFs::mount(&format!("cluster{n}"));
         let sw = topo.namespace("sw");
         let router = topo.namespace("rt");
         let client = topo.namespace("cl");

@@ -189,6 +189,9 @@ struct View {
     slot: (IpAddr, IpAddr),
     /// The backend the node pinned the flow to, if it did.
     pin: Option<IpAddr>,
+    /// Where the node's program sends the flow's next packet (not a SYN),
+    /// by fixture after the pin was read (index in `c.backends`).
+    next: Option<usize>,
 }
 
 impl View {
@@ -197,8 +200,11 @@ impl View {
     }
 }
 
-fn views(c: &Cluster, i: usize, sports: Vec<u16>) -> Vec<View> {
-    c.on_node_dataplane(i, move |dp: &Dataplane, _| {
+/// Node `i`'s [`View`] of the flows from `sports`; with `fixture`, also
+/// where its program sends each flow's next packet.
+fn views(c: &Cluster, i: usize, sports: Vec<u16>, fixture: bool) -> Vec<View> {
+    let macs = c.backend_macs();
+    c.on_node_dataplane(i, move |dp: &Dataplane, ifindex| {
         let ids = &dp.recorded_ids().services["web"];
         let addr = |id: u32| -> IpAddr {
             ids.backends
@@ -208,7 +214,7 @@ fn views(c: &Cluster, i: usize, sports: Vec<u16>) -> Vec<View> {
                 .unwrap_or_else(|| panic!("backend id {id} is not in the record"))
         };
         let (_, table) = dp.active_table(ids.id).expect("web's table");
-        sports
+        let mut out: Vec<View> = sports
             .iter()
             .map(|sport| {
                 let k = flow_key(*sport);
@@ -217,9 +223,23 @@ fn views(c: &Cluster, i: usize, sports: Vec<u16>) -> Vec<View> {
                 View {
                     slot: (addr(s.backend), addr(s.prev)),
                     pin: dp.flow_pin(&k).map(|v| addr(v.backend)),
+                    next: None,
                 }
             })
-            .collect()
+            .collect();
+        // After every pin is read: a miss in a changed slot pins too.
+        for (v, sport) in out.iter_mut().filter(|_| fixture).zip(&sports) {
+            let (action, frame) = dp
+                .test_run_xdp_on(&client_frame(*sport, TCP_ACK), ifindex)
+                .expect("test run");
+            assert_eq!(action, XDP_TX, "node {i} forwards port {sport}'s packet");
+            v.next = macs.iter().position(|m| frame[..6] == m[..]);
+            assert!(
+                v.next.is_some(),
+                "node {i} sent port {sport}'s packet to no backend"
+            );
+        }
+        out
     })
 }
 
@@ -238,12 +258,13 @@ fn kill_busiest(c: &mut Cluster, streams: &[Open], carried: &[u64]) -> (usize, D
         streams.len(),
         "every stream still runs at the kill"
     );
+    let before = c.next_hops();
     let killed = Instant::now();
     c.kill_node(dead);
     let rest: Vec<usize> = (0..3).filter(|i| *i != dead).collect();
     // Every next-hop set the router goes through, until it is the others'
     // and has stayed so for a second.
-    let mut states: Vec<(Duration, Vec<String>)> = vec![(Duration::ZERO, c.next_hops())];
+    let mut states: Vec<(Duration, Vec<String>)> = vec![(Duration::ZERO, before)];
     let mut withdrawn = None;
     loop {
         let hops = c.next_hops();
@@ -422,7 +443,9 @@ fn after_a_backend_change_node_loss_breaks_the_new_streams_pinned_on_it() {
 
     // Every node's slot and pin for each new stream, read from its pinned
     // maps once the streams ended (the dead node's maps outlive it).
-    let seen: Vec<Vec<View>> = (0..3).map(|i| views(&c, i, sports.clone())).collect();
+    let seen: Vec<Vec<View>> = (0..3)
+        .map(|i| views(&c, i, sports.clone(), i != dead))
+        .collect();
     let mut changed = Vec::new();
     let mut took_over = Vec::new();
     for (k, (s, _)) in new_done.iter().enumerate() {
@@ -527,29 +550,19 @@ fn after_a_backend_change_node_loss_breaks_the_new_streams_pinned_on_it() {
             assert!(f.is_reset(), "port {}: {f}", s.sport);
         }
     }
-    // Why, on each program: the node that took a broken stream over sends
+    // Why, on each program: a node that took a broken stream over sends
     // its next packet to the slot's previous backend, not to the stream's.
-    for node in rest {
-        let ks: Vec<usize> = broken
-            .iter()
-            .copied()
-            .filter(|k| took_over[*k].contains(&node))
-            .collect();
-        if ks.is_empty() {
-            continue;
-        }
-        let frames = ks
-            .iter()
-            .map(|k| client_frame(new_done[*k].0.sport, TCP_ACK))
-            .collect();
-        for (k, b) in ks.iter().zip(sent_by_node(&c, node, frames)) {
-            let prev = seen[node][*k].slot.1;
+    for k in &broken {
+        for node in &took_over[*k] {
+            let v = &seen[*node][*k];
+            let next = v.next.expect("a fixture on a live node");
             assert_eq!(
-                backend_addr(b),
-                prev.to_string(),
-                "node {node} uses the previous backend"
+                backend_addr(next),
+                v.slot.1.to_string(),
+                "node {node} sends port {} to the previous backend",
+                sports[*k]
             );
-            assert_ne!(c.backends[b].name, new_done[*k].0.backend);
+            assert_ne!(c.backends[next].name, new_done[*k].0.backend);
         }
     }
     println!(
