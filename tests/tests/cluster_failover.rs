@@ -397,8 +397,13 @@ fn streams_of_a_dead_node_move_to_the_others_and_finish_whole() {
 /// new ones dies. A flow is pinned only on the node that saw its SYN; the
 /// node that takes it over has no pin and sends its packets in a changed
 /// slot to the slot's previous backend, which resets it. So exactly the
-/// new streams in changed slots whose node changed break; streams opened
-/// before the change and streams in unchanged slots never do.
+/// new streams in changed slots that reached another node break; streams
+/// opened before the change and streams in unchanged slots never do.
+/// "Another node" is more than the dead node's: the router's ECMP is
+/// hash-threshold, so dropping one next hop also moves some flows between
+/// the survivors; and until the withdrawal the bridge floods the dead
+/// node's frames (its port went down) to every node, whose programs
+/// balance them (XDP does not check the destination MAC).
 #[test]
 fn after_a_backend_change_node_loss_breaks_the_new_streams_pinned_on_it() {
     let started = Instant::now();
