@@ -148,6 +148,9 @@ pub struct Cluster {
     pub client_rt: NsRuntime,
     pub tls: ClientTls,
     pub backends: Vec<Backend>,
+    /// The backends in the nodes' configs: the first `listed`; the others
+    /// run, ready to be added through the API.
+    pub listed: usize,
     _backend_rts: Vec<NsRuntime>,
     _ports: Vec<Dataplane>,
     pub router: String,
@@ -290,22 +293,32 @@ impl Cluster {
     /// `nodes` nodes and `backends` HTTPS backends, every node announcing;
     /// each node has its services from its own config file.
     pub fn start(nodes: usize, backends: usize) -> Cluster {
-        Cluster::launch(nodes, backends, false)
+        Cluster::launch(nodes, backends, 0, false)
     }
 
     /// The whole topology: as [`Cluster::start`], and each node
     /// also runs an etcd member, the nodes sharing their services and
     /// health verdicts through the 3-member (`nodes`-member) cluster.
     pub fn start_with_etcd(nodes: usize, backends: usize) -> Cluster {
-        Cluster::launch(nodes, backends, true)
+        Cluster::launch(nodes, backends, 0, true)
     }
 
-    fn launch(nodes: usize, backends: usize, with_etcd: bool) -> Cluster {
+    /// [`Cluster::start_with_etcd`] with `spare` more backend hosts (the
+    /// last ones) running but in no node's config: backends to add
+    /// through the API.
+    pub fn start_with_etcd_and_spares(nodes: usize, backends: usize, spare: usize) -> Cluster {
+        Cluster::launch(nodes, backends + spare, spare, true)
+    }
+
+    fn launch(nodes: usize, backends: usize, spare: usize, with_etcd: bool) -> Cluster {
         require_tool("bird", "bird2");
         require_tool("birdc", "bird2");
         let mut topo = Topology::new();
         let dir = TempDir::new("cluster");
-        let bpf = BpfFs::mount("cluster");
+        // One bpffs per cluster: tests of one file run side by side.
+        static CLUSTERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let bpf = BpfFs::mount(&format!("cluster{n}"));
         let sw = topo.namespace("sw");
         let router = topo.namespace("rt");
         let client = topo.namespace("cl");
@@ -418,6 +431,7 @@ impl Cluster {
             client_rt: NsRuntime::new(&client, 4),
             tls,
             backends: servers,
+            listed: backends - spare,
             _backend_rts: rts,
             _ports: ports,
             router,
@@ -443,29 +457,85 @@ impl Cluster {
 
     /// Starts node `i`'s lb (its config is the same at every start).
     pub fn start_lb(&self, i: usize) -> Lb {
-        let config = lb_config(
-            &self.dir,
-            &self.bpf,
-            i,
-            self.backends.len(),
-            self.etcd.as_ref(),
-        );
+        let config = lb_config(&self.dir, &self.bpf, i, self.listed, self.etcd.as_ref());
         Lb::start(&self.nodes[i], &config, API, &[])
     }
 
     /// Starts node `i`'s lb on its config as `edit` changes it: a
     /// node-local setting (the next [`Cluster::start_lb`] restores it).
     pub fn start_lb_edited(&self, i: usize, edit: impl FnOnce(String) -> String) -> Lb {
-        let config = lb_config(
-            &self.dir,
-            &self.bpf,
-            i,
-            self.backends.len(),
-            self.etcd.as_ref(),
-        );
+        let config = lb_config(&self.dir, &self.bpf, i, self.listed, self.etcd.as_ref());
         let text = fs::read_to_string(&config).unwrap();
         fs::write(&config, edit(text)).unwrap();
         Lb::start(&self.nodes[i], &config, API, &[])
+    }
+
+    /// Runs `f` in node `i`'s namespace on the node's data plane as its
+    /// daemon left it in the kernel: the object loaded once more on the
+    /// node's pinned maps (its live tables, pins and next-hop cache), not
+    /// attached, with the ifindex of the node's `eth0` (packet fixtures
+    /// arrive there). Works after the node died: the maps stay pinned.
+    pub fn on_node_dataplane<T: Send + 'static>(
+        &self,
+        i: usize,
+        f: impl FnOnce(&Dataplane, u32) -> T + Send + 'static,
+    ) -> T {
+        let config = self.dir.path(&format!("node{i}.toml"));
+        let ifindex: u32 = run_in(&self.nodes[i], &["cat", "/sys/class/net/eth0/ifindex"])
+            .trim()
+            .parse()
+            .expect("eth0's ifindex");
+        netns::within(&self.nodes[i], move || {
+            let config = lb_userspace::config::Config::load(&config)
+                .unwrap_or_else(|e| panic!("node {i}'s config: {e}"));
+            assert!(
+                config.dataplane.pin_path.is_some() && config.dataplane.record_path.is_some(),
+                "node {i} pins its maps"
+            );
+            // The daemon's options, so the pinned maps are adopted as they
+            // are (other sizes would make new ones).
+            let dp =
+                Dataplane::load(config.dataplane).expect("the object loads on the pinned maps");
+            assert!(
+                dp.recorded_ids().services.contains_key("web"),
+                "node {i}'s record names web"
+            );
+            f(&dp, ifindex)
+        })
+    }
+
+    /// New flows node `i`'s program counted (every service), read from its
+    /// pinned stats map: one syscall per service, cheap enough to tell
+    /// which node each new connection went through.
+    pub fn pinned_new_flows(&self, i: usize) -> u64 {
+        use aya::maps::{Map, MapData, PerCpuArray};
+        let path = lb_userspace::pins::maps_dir(&self.bpf.0.join(format!("node{i}")))
+            .join(lb_common::maps::SERVICE_STATS);
+        let data = MapData::from_pin(&path)
+            .unwrap_or_else(|e| panic!("node {i}'s stats map {}: {e}", path.display()));
+        let stats: PerCpuArray<MapData, lb_common::Counters> =
+            PerCpuArray::try_from(Map::PerCpuArray(data)).expect("a per-CPU array");
+        (0..stats.len())
+            .filter_map(|k| stats.get(&k, 0).ok())
+            .map(|per_cpu| per_cpu.iter().map(|c| c.new_flows).sum::<u64>())
+            .sum()
+    }
+
+    /// Each backend host's MAC address on the segment (a `dsr` frame's
+    /// destination names its backend).
+    pub fn backend_macs(&self) -> Vec<[u8; 6]> {
+        self.backend_ns
+            .iter()
+            .map(|ns| {
+                let text = run_in(ns, &["cat", "/sys/class/net/eth0/address"]);
+                let bytes: Vec<u8> = text
+                    .trim()
+                    .split(':')
+                    .map(|b| u8::from_str_radix(b, 16).expect("a MAC address"))
+                    .collect();
+                bytes.try_into().expect("6 bytes")
+            })
+            .collect()
     }
 
     /// Kills node `i` whole, as when its machine dies: its link goes down

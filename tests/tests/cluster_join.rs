@@ -22,8 +22,8 @@ use lb_tests::{
 use rustix::process::Signal;
 use serde_json::Value;
 
-/// One cluster at a time: the topology's pin filesystem is named by the
-/// process, and the gate's timings want the CPU.
+/// One cluster at a time: the gate's grace and the samples' timings want
+/// the CPU (two clusters are 6 daemons, 8 BIRDs and 6 etcd members).
 static ONE_CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_cluster() -> std::sync::MutexGuard<'static, ()> {

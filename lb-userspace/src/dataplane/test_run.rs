@@ -1,12 +1,12 @@
 //! Test and bench hooks, built only with the `test-helpers` feature:
 //! running the loaded programs on a frame with `BPF_PROG_TEST_RUN`, their
-//! sizes after verification, and emptying the flow table.
+//! sizes after verification, reading and emptying the flow table.
 
 use aya::{
     TestRun, TestRunOptions, TestRunResult,
     programs::{SchedClassifier, Xdp},
 };
-use lb_common::{FlowKey, programs};
+use lb_common::{FlowKey, FlowValue, programs};
 
 use super::{Dataplane, DataplaneError, Result};
 
@@ -23,6 +23,12 @@ impl Dataplane {
         // Counted as the daemon's removals are, so the size stays right.
         let _ = self.count_flows_removed(removed as u64);
         keys.len()
+    }
+
+    /// The flow table's pin for `key`, if there is one: which node holds a
+    /// flow's pin, and to which backend.
+    pub fn flow_pin(&self, key: &FlowKey) -> Option<FlowValue> {
+        self.flows.get(key, 0).ok()
     }
 
     /// Runs the XDP program once on `frame` with `BPF_PROG_TEST_RUN`;

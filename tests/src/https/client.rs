@@ -27,7 +27,7 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-use super::{Identity, Lines, SERVICE_NAME, hyper_io, timed_out, until};
+use super::{Identity, Lines, SERVICE_NAME, hyper_io, server::chunk_line, timed_out, until};
 
 /// Where a client connection failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,9 +244,24 @@ impl ClientTls {
         every: Duration,
         chunks: u64,
     ) -> Result<Stream, Failure> {
-        let (tls, backend, _) = self.connect(to, None).await?;
+        self.open_stream_sized(to, every, chunks, 0).await
+    }
+
+    /// [`ClientTls::open_stream`] with each chunk padded to `size` bytes:
+    /// `chunks * size` bytes at `size` per `every` (0: lines unpadded).
+    pub async fn open_stream_sized(
+        &self,
+        to: SocketAddr,
+        every: Duration,
+        chunks: u64,
+        size: usize,
+    ) -> Result<Stream, Failure> {
+        let (tls, backend, local) = self.connect(to, None).await?;
         let fail = |e: io::Error| Failure::new(Stage::Exchange, Some(&backend), e);
-        let path = format!("/stream?every={}&chunks={chunks}", every.as_millis());
+        let path = format!(
+            "/stream?every={}&chunks={chunks}&size={size}",
+            every.as_millis()
+        );
         // An open-ended stream's request body carries the client's lines.
         let (pings, body) = if chunks == 0 {
             let (tx, body) = Channel::<Bytes, io::Error>::new(4);
@@ -267,7 +282,9 @@ impl ClientTls {
         let response = ok_response(response).map_err(fail)?;
         Ok(Stream {
             backend,
+            local,
             chunks,
+            size,
             lines: Lines::new(response.into_body()),
             pings,
             conn: Some(conn),
@@ -372,7 +389,10 @@ async fn closed_cleanly(mut conn: Connection<ClientStream>) -> io::Result<()> {
 pub struct Stream {
     /// The backend whose certificate the client saw.
     pub backend: String,
+    /// The client's address of the connection.
+    pub local: SocketAddr,
     chunks: u64,
+    size: usize,
     lines: Lines,
     /// The request body of an open-ended stream.
     pings: Option<http_body_util::channel::Sender<Bytes, io::Error>>,
@@ -394,9 +414,11 @@ impl Stream {
         let Stream {
             backend,
             chunks,
+            size,
             mut lines,
             pings,
             mut conn,
+            ..
         } = self;
         let open_ended = chunks == 0;
         let gone = || io::Error::new(io::ErrorKind::BrokenPipe, "the connection is gone");
@@ -440,9 +462,10 @@ impl Stream {
                     }
                     break;
                 }
-                if l != format!("{backend} {got}") {
+                if line != chunk_line(&backend, got, size) {
                     return Err(io::Error::other(format!(
-                        "chunk {got}: expected {backend:?}, got {l:?}"
+                        "chunk {got}: expected {backend:?}, got {:?}",
+                        truncated(l)
                     )));
                 }
                 got += 1;
@@ -459,6 +482,112 @@ impl Stream {
         let (_, got) = tokio::try_join!(pinger, reader)
             .map_err(|e| Failure::new(Stage::Exchange, Some(&backend), e))?;
         Ok(got)
+    }
+}
+
+/// A line shortened for an error message (chunks may be padded).
+fn truncated(l: &str) -> &str {
+    l.get(..l.len().min(80)).unwrap_or(l)
+}
+
+/// How a stream of known length went, read by [`Stream::run_to_end`].
+#[derive(Clone, Debug)]
+pub struct StreamRun {
+    /// The backend whose certificate the client saw.
+    pub backend: String,
+    /// The client's address of the connection.
+    pub local: SocketAddr,
+    /// Chunks received in order from that backend.
+    pub chunks: u64,
+    /// Body bytes received, the end line included.
+    pub bytes: u64,
+    /// The longest wait for a line (the first one included).
+    pub longest_stall: Duration,
+    /// The end line came, its count matched, and the connection closed
+    /// cleanly (TLS close_notify, then FIN).
+    pub whole: bool,
+    /// What broke it, when it did not end whole.
+    pub failure: Option<Failure>,
+}
+
+impl Stream {
+    /// Reads a stream of known length (`chunks > 0`) to its end, never
+    /// failing: what arrived, the longest gap between lines, and whether it
+    /// ended whole. A line that does not come within `patience` breaks it.
+    pub async fn run_to_end(self, patience: Duration) -> StreamRun {
+        let Stream {
+            backend,
+            local,
+            chunks,
+            size,
+            mut lines,
+            mut conn,
+            ..
+        } = self;
+        let mut run = StreamRun {
+            backend: backend.clone(),
+            local,
+            chunks: 0,
+            bytes: 0,
+            longest_stall: Duration::ZERO,
+            whole: false,
+            failure: None,
+        };
+        let result = async {
+            let mut last = tokio::time::Instant::now();
+            loop {
+                let line = tokio::time::timeout(patience, lines.next())
+                    .await
+                    .map_err(|_| timed_out("waiting for a chunk"))??;
+                let now = tokio::time::Instant::now();
+                run.longest_stall = run.longest_stall.max(now - last);
+                last = now;
+                let Some(line) = line else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "stream ended after {} chunks without its end line",
+                            run.chunks
+                        ),
+                    ));
+                };
+                run.bytes += line.len() as u64;
+                let l = line.trim_end();
+                if let Some(total) = l.strip_prefix("end ") {
+                    if total.parse() != Ok(run.chunks) || run.chunks != chunks {
+                        return Err(io::Error::other(format!(
+                            "server ended with {l:?}, client got {} (asked {chunks})",
+                            run.chunks
+                        )));
+                    }
+                    break;
+                }
+                if line != chunk_line(&backend, run.chunks, size) {
+                    return Err(io::Error::other(format!(
+                        "chunk {}: expected {backend:?}, got {:?}",
+                        run.chunks,
+                        truncated(l)
+                    )));
+                }
+                run.chunks += 1;
+            }
+            if let Some(line) = lines.next().await? {
+                return Err(io::Error::other(format!(
+                    "{:?} after the end",
+                    truncated(&line)
+                )));
+            }
+            if let Some(conn) = conn.take() {
+                closed_cleanly(conn).await?;
+            }
+            io::Result::Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => run.whole = true,
+            Err(e) => run.failure = Some(Failure::new(Stage::Exchange, Some(&backend), e)),
+        }
+        run
     }
 }
 

@@ -8,8 +8,8 @@ mod client;
 mod server;
 
 pub use client::{
-    ClientStream, ClientTls, Connection, Failure, Reply, RequestBody, Stage, Stream, UdpFlow,
-    empty, request, send, send_on,
+    ClientStream, ClientTls, Connection, Failure, Reply, RequestBody, Stage, Stream, StreamRun,
+    UdpFlow, empty, request, send, send_on,
 };
 pub use server::{Backend, BackendStats};
 

@@ -77,9 +77,10 @@ impl Drop for Live {
 /// An HTTPS server and a UDP echo server on `[::]:port` (dual stack) of the
 /// balancer's namespace. Paths:
 /// - `/healthz`: `ok`;
-/// - `/stream?every=MS&chunks=N`: `N` lines `<name> <i>`, one every `MS`
-///   ms, then `end <N>`; with `chunks=0` it streams until the request body
-///   holds a line `stop` (other lines are ignored);
+/// - `/stream?every=MS&chunks=N[&size=B]`: `N` lines `<name> <i>`, one
+///   every `MS` ms, then `end <N>`; with `chunks=0` it streams until the
+///   request body holds a line `stop` (other lines are ignored); with
+///   `size`, each line is padded with `x` to `B` bytes (bulk at a set rate);
 /// - anything else: the backend's name.
 ///
 /// UDP datagrams are answered with `<name> <datagram>`.
@@ -315,7 +316,8 @@ fn answer(ctx: &Arc<ServerCtx>, from_client: bool, request: Request<Incoming>) -
         "/stream" => {
             let every = Duration::from_millis(query("every").unwrap_or(100).max(1));
             let chunks = query("chunks").unwrap_or(10);
-            return stream(ctx.clone(), from_client, request, every, chunks);
+            let size = query("size").unwrap_or(0).min(MAX_CHUNK) as usize;
+            return stream(ctx.clone(), from_client, request, every, chunks, size);
         }
         _ => text(format!("{}\n", ctx.name)),
     };
@@ -326,6 +328,9 @@ fn answer(ctx: &Arc<ServerCtx>, from_client: bool, request: Request<Incoming>) -
     }
     Response::new(body)
 }
+
+/// The largest `size` of a `/stream` chunk.
+const MAX_CHUNK: u64 = 1 << 20;
 
 fn text(body: String) -> Body {
     Full::new(Bytes::from(body))
@@ -341,6 +346,7 @@ fn stream(
     request: Request<Incoming>,
     every: Duration,
     chunks: u64,
+    size: usize,
 ) -> Response<Body> {
     let (mut tx, body) = Channel::<Bytes, io::Error>::new(4);
     tokio::spawn(async move {
@@ -366,10 +372,10 @@ fn stream(
                 while lines.next().await?.is_some() {}
                 io::Result::Ok(())
             };
-            let writer = chunk_loop(&ctx.name, &mut tx, every, None, Some(stop_rx));
+            let writer = chunk_loop(&ctx.name, &mut tx, (every, size), None, Some(stop_rx));
             tokio::try_join!(reader, writer).map(|(_, sent)| sent)
         } else {
-            chunk_loop(&ctx.name, &mut tx, every, Some(chunks), None).await
+            chunk_loop(&ctx.name, &mut tx, (every, size), Some(chunks), None).await
         };
         let sent = match sent {
             Ok(sent) => sent,
@@ -388,12 +394,12 @@ fn stream(
     Response::new(body.boxed())
 }
 
-/// Sends `<name> <i>` lines every `every` until `chunks` are sent or
-/// `stop` turns true; returns how many were sent.
+/// Sends `<name> <i>` lines (padded to `size` bytes) every `every` until
+/// `chunks` are sent or `stop` turns true; returns how many were sent.
 async fn chunk_loop(
     name: &str,
     tx: &mut http_body_util::channel::Sender<Bytes, io::Error>,
-    every: Duration,
+    (every, size): (Duration, usize),
     chunks: Option<u64>,
     mut stop: Option<watch::Receiver<bool>>,
 ) -> io::Result<u64> {
@@ -413,11 +419,24 @@ async fn chunk_loop(
         tokio::select! {
             _ = stopped => return Ok(sent),
             _ = tick.tick() => {
-                tx.send_data(Bytes::from(format!("{name} {sent}\n")))
+                tx.send_data(Bytes::from(chunk_line(name, sent, size)))
                     .await
                     .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the connection is gone"))?;
                 sent += 1;
             }
         }
     }
+}
+
+/// Chunk `i`'s line: `<name> <i>`, then ` xxx..` up to `size` bytes with
+/// the newline (no padding when the line is already that long).
+pub(super) fn chunk_line(name: &str, i: u64, size: usize) -> String {
+    let mut line = format!("{name} {i}");
+    if size > line.len() + 2 {
+        line.push(' ');
+        let pad = size - line.len() - 1;
+        line.extend(std::iter::repeat_n('x', pad));
+    }
+    line.push('\n');
+    line
 }
