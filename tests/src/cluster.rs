@@ -157,6 +157,13 @@ pub struct Cluster {
     pub dir: TempDir,
     _topo: Topology,
     bpf: BpfFs,
+    /// The nodes share their flow pins (`[cluster] pin_sync`).
+    pin_sync: bool,
+}
+
+/// Where node `i` takes the other nodes' flow pins.
+pub fn pin_sync_addr(i: usize) -> String {
+    format!("{}:7946", node_addr(i))
 }
 
 fn router_config(dir: &TempDir, nodes: usize) -> PathBuf {
@@ -290,17 +297,23 @@ impl Cluster {
     /// `nodes` nodes and `backends` HTTPS backends, every node announcing;
     /// each node has its services from its own config file.
     pub fn start(nodes: usize, backends: usize) -> Cluster {
-        Cluster::launch(nodes, backends, false)
+        Cluster::launch(nodes, backends, false, false)
     }
 
     /// The whole topology: as [`Cluster::start`], and each node
     /// also runs an etcd member, the nodes sharing their services and
     /// health verdicts through the 3-member (`nodes`-member) cluster.
     pub fn start_with_etcd(nodes: usize, backends: usize) -> Cluster {
-        Cluster::launch(nodes, backends, true)
+        Cluster::launch(nodes, backends, true, false)
     }
 
-    fn launch(nodes: usize, backends: usize, with_etcd: bool) -> Cluster {
+    /// [`Cluster::start_with_etcd`], the nodes also sharing their flow
+    /// pins (`[cluster] pin_sync`, one key file for all).
+    pub fn start_with_pin_sync(nodes: usize, backends: usize) -> Cluster {
+        Cluster::launch(nodes, backends, true, true)
+    }
+
+    fn launch(nodes: usize, backends: usize, with_etcd: bool, pin_sync: bool) -> Cluster {
         require_tool("bird", "bird2");
         require_tool("birdc", "bird2");
         let mut topo = Topology::new();
@@ -427,6 +440,7 @@ impl Cluster {
             dir,
             _topo: topo,
             bpf,
+            pin_sync,
         };
         for i in 0..nodes {
             let lb = cluster.start_lb(i);
@@ -450,6 +464,16 @@ impl Cluster {
             self.backends.len(),
             self.etcd.as_ref(),
         );
+        if self.pin_sync {
+            let key = self.dir.secret("pinsync.key", &"k".repeat(32));
+            let mut text = fs::read_to_string(&config).unwrap();
+            text += &format!(
+                "pin_sync = {{ listen = \"{}\", key_file = \"{}\" }}\n",
+                pin_sync_addr(i),
+                key.display()
+            );
+            fs::write(&config, text).unwrap();
+        }
         Lb::start(&self.nodes[i], &config, API, &[])
     }
 
