@@ -31,6 +31,13 @@ const PEERS_EVERY: Duration = Duration::from_millis(500);
 const LEASE_TTL: Duration = Duration::from_secs(3);
 const LEASE_RENEW: Duration = Duration::from_secs(1);
 const RETRY: Duration = Duration::from_millis(300);
+/// A received pin naming a service or backend this node does not have yet
+/// is tried again every `UNKNOWN_RETRY_EVERY` for this long (a change
+/// reaches the nodes through etcd within about a second), at most
+/// `UNKNOWN_RETRY_MAX` pins at once.
+const UNKNOWN_RETRY_FOR: Duration = Duration::from_secs(2);
+const UNKNOWN_RETRY_EVERY: Duration = Duration::from_millis(100);
+const UNKNOWN_RETRY_MAX: usize = 65_536;
 
 /// Pin sharing's state, shared with the API and the metrics.
 pub(super) struct PinSync {
@@ -124,63 +131,89 @@ impl Daemon {
 
     /// Takes the other nodes' batches: authenticated (MAC), fresh (stamp
     /// and sequence window), then each pin into the flow table unless this
-    /// node does not keep flows on its backend.
+    /// node does not keep flows on its backend. A pin whose service or
+    /// backend this node does not have yet (a change that reached the
+    /// sender first through etcd) is tried again for `UNKNOWN_RETRY_FOR`.
     async fn pin_receive(self, s: Arc<PinSync>, socket: Arc<UdpSocket>, key: Arc<Key>) {
         let mut window = ReplayWindow::default();
         let mut buf = vec![0u8; 2048];
+        let mut later: Vec<(Instant, Pin)> = Vec::new();
+        let mut tick = tokio::time::interval(UNKNOWN_RETRY_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let n = match socket.recv_from(&mut buf).await {
-                Ok((n, _)) => n,
-                Err(e) => {
-                    debug!("pin sync: receiving: {e}");
-                    tokio::time::sleep(RETRY).await;
-                    continue;
+            let mut pins: Vec<(Instant, Pin)> = Vec::new();
+            tokio::select! {
+                got = socket.recv_from(&mut buf) => {
+                    let n = match got {
+                        Ok((n, _)) => n,
+                        Err(e) => {
+                            debug!("pin sync: receiving: {e}");
+                            tokio::time::sleep(RETRY).await;
+                            continue;
+                        }
+                    };
+                    let Some(batch) = accept(&s, &key, &mut window, &buf[..n]) else {
+                        continue;
+                    };
+                    add(&s.counters.received, batch.pins.len());
+                    let now = Instant::now();
+                    pins.extend(batch.pins.into_iter().map(|p| (now, p)));
                 }
-            };
-            let batch = match ps::decode(&key, &buf[..n]) {
-                Ok(b) => b,
-                Err(ps::WireError::BadMac) => {
-                    add(&s.counters.dropped_bad_mac, 1);
-                    continue;
-                }
-                Err(ps::WireError::Malformed) => {
-                    add(&s.counters.dropped_malformed, 1);
-                    continue;
-                }
-            };
-            if batch.node == s.node {
-                continue;
+                _ = tick.tick(), if !later.is_empty() => {}
             }
-            if let Err(e) = window.accept(&batch, unix_ms()) {
-                debug!(node = %batch.node, seq = batch.seq, "pin sync: dropped: {e}");
-                add(&s.counters.dropped_replay, 1);
-                continue;
-            }
-            add(&s.counters.received, batch.pins.len());
+            pins.append(&mut later);
             let writer = self.shared.writer.clone();
-            let pins = batch.pins;
             let done = tokio::task::spawn_blocking(move || {
                 let mut w = lock(&writer);
-                pins.iter()
-                    .map(|p| w.insert_replicated_pin(&p.key, p.backend))
+                pins.into_iter()
+                    .map(|(t, p)| (t, p, w.insert_replicated_pin(&p.key, p.backend)))
                     .collect::<Vec<_>>()
             })
             .await;
             let Ok(outcomes) = done else { continue };
-            for o in outcomes {
+            for (first, pin, o) in outcomes {
                 match o {
                     Ok(PinOutcome::Inserted) => add(&s.counters.inserted, 1),
                     Ok(PinOutcome::Refused(PinRefusal::NotLive)) => {
                         add(&s.counters.dropped_not_live, 1);
                     }
                     Ok(PinOutcome::Refused(PinRefusal::UnknownBackend | PinRefusal::NoService)) => {
-                        add(&s.counters.dropped_unknown_backend, 1)
+                        if first.elapsed() < UNKNOWN_RETRY_FOR && later.len() < UNKNOWN_RETRY_MAX {
+                            later.push((first, pin));
+                        } else {
+                            add(&s.counters.dropped_unknown_backend, 1);
+                        }
                     }
                     Err(e) => warn!("pin sync: writing a pin: {e}"),
                 }
             }
         }
     }
+}
+
+/// The batch in datagram `d` if it is authentic, another node's, and
+/// fresh; counts why not otherwise.
+fn accept(s: &PinSync, key: &Key, window: &mut ReplayWindow, d: &[u8]) -> Option<Batch> {
+    let batch = match ps::decode(key, d) {
+        Ok(b) => b,
+        Err(ps::WireError::BadMac) => {
+            add(&s.counters.dropped_bad_mac, 1);
+            return None;
+        }
+        Err(ps::WireError::Malformed) => {
+            add(&s.counters.dropped_malformed, 1);
+            return None;
+        }
+    };
+    if batch.node == s.node {
+        return None;
+    }
+    if let Err(e) = window.accept(&batch, unix_ms()) {
+        debug!(node = %batch.node, seq = batch.seq, "pin sync: dropped: {e}");
+        add(&s.counters.dropped_replay, 1);
+        return None;
+    }
+    Some(batch)
 }
 
 /// Reads the program's reports and sends them to every peer: full

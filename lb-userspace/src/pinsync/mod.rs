@@ -323,7 +323,7 @@ pub struct PinSyncView {
     /// Pins or datagrams dropped, by reason: `rate_cap` (sender over
     /// `max_pins_per_second`), `ring_full` (the program's report ring was
     /// full), `bad_mac`, `malformed`, `replay` (datagrams), `unknown_backend`
-    /// (no such service or backend here), `not_live` (the backend keeps no
+    /// (no such service or backend here, after 2 s of retries), `not_live` (the backend keeps no
     /// flows here: down, disabled).
     pub dropped: std::collections::BTreeMap<String, u64>,
 }
