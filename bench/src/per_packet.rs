@@ -173,17 +173,103 @@ fn service(n: usize) -> ServiceSpec {
 }
 
 fn writer(n: usize, flow_table: u32) -> MapWriter {
+    writer_reporting(n, flow_table, false)
+}
+
+/// [`writer`], the program loaded with or without pin reports.
+fn writer_reporting(n: usize, flow_table: u32, pin_report: bool) -> MapWriter {
     let dp = Dataplane::load(Options {
         max_services: 2,
         flow_table_size: flow_table,
         // The bench fills the table through the program as fast as it can.
         flow_insert_rate: 0,
+        pin_report,
         ..Options::default()
     })
     .expect("load the data plane");
     let mut w = MapWriter::new(dp);
     w.apply(&services(n)).expect("install the bench services");
     w
+}
+
+/// The per-packet cost of reporting a new pin (cluster pin sharing): a
+/// sticky-slot SYN on two fresh programs with the same tables, one loaded
+/// with `pin_report` and one without, each frame sent to both in turn
+/// (repeat=1, the call's fixed cost subtracted). The ring is drained
+/// between batches, outside the timing, so no report is dropped.
+fn pin_report_pair(
+    syn_template: &[u8],
+    base_small: f64,
+    overhead: f64,
+    scale: &Scale,
+    rows: &mut Vec<Row>,
+) {
+    let mut off = writer_reporting(3, scale.flow_table, false);
+    let mut on = writer_reporting(3, scale.flow_table, true);
+    off.apply(&services(4)).unwrap();
+    on.apply(&services(4)).unwrap();
+    let mut ring = on.dataplane_mut().take_pin_ring().expect("the pin ring");
+    let frames: Vec<Vec<u8>> = flows(&off, 64, true, 6)
+        .take(scale.insert_samples)
+        .map(|(s, p)| v4_frame(syn_template, s, p))
+        .collect();
+    let (before_off, before_on) = (counts(&off), counts(&on));
+    let mut samples_off = Vec::with_capacity(frames.len());
+    let mut samples_on = Vec::with_capacity(frames.len());
+    let mut reports = Vec::new();
+    for batch in frames.chunks(2000) {
+        for f in batch {
+            samples_off.push(off.dataplane().bench_xdp(f, 1).unwrap().as_nanos() as f64);
+            samples_on.push(on.dataplane().bench_xdp(f, 1).unwrap().as_nanos() as f64);
+        }
+        while ring.drain(&mut reports, 4096) > 0 {}
+    }
+    let n = frames.len() as u64;
+    let e = Expect::of(Kind::Syn, true);
+    prove(
+        &before_off,
+        &counts(&off),
+        n,
+        e,
+        "sticky SYN insert, report off",
+    );
+    prove(
+        &before_on,
+        &counts(&on),
+        n,
+        e,
+        "sticky SYN insert, report on",
+    );
+    let c = ring.counts().unwrap();
+    assert_eq!(
+        (
+            reports.len() as u64,
+            c[lb_common::PinReportStat::RingFull as usize]
+        ),
+        (n, 0),
+        "every insert reported, none dropped"
+    );
+    for (slot, samples, what) in [
+        (Slot::StickyInsertReportOff, &samples_off, "off"),
+        (Slot::StickyInsertReportOn, &samples_on, "on"),
+    ] {
+        rows.push(Row {
+            case: Case::new(
+                Fam::V4,
+                Traffic::Kind(Kind::Syn),
+                syn_template.len(),
+                4,
+                slot,
+            ),
+            label: format!(
+                "ipv4 tcp syn (new flow), sticky slot, inserts a flow, pin report {what}"
+            ),
+            ns: sys::median(samples) - overhead,
+            baseline_ns: base_small,
+            method: Method::Once,
+            runs: n,
+        });
+    }
 }
 
 /// Makes `w` what a fresh load with `n` backends would be, without the
@@ -832,6 +918,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
         });
         let _ = filled;
     }
+    pin_report_pair(&syn_template, base_small, overhead, scale, &mut rows);
     // Cross-check of the repeat=1 method on a case the repeat method also
     // measures: a clean-slot SYN.
     let f = v4_spec_frame(Kind::Syn, clean_src, clean_port);

@@ -67,6 +67,11 @@ pub enum Slot {
     StickyPinned,
     /// A slot whose backend changed, every run inserting a flow.
     StickyInsert,
+    /// The same on a fresh pair of programs, one loaded with `pin_report`
+    /// (each new pin also reported to the pin ring) and one without,
+    /// measured interleaved.
+    StickyInsertReportOff,
+    StickyInsertReportOn,
     /// After 100 backend changes, before the sweep (pinned) and after it.
     AfterChangesPinned,
     AfterChangesSwept,
@@ -89,6 +94,8 @@ impl fmt::Display for Slot {
             Slot::Clean => "clean_slot",
             Slot::StickyPinned => "sticky_slot_pinned",
             Slot::StickyInsert => "sticky_slot_insert",
+            Slot::StickyInsertReportOff => "sticky_slot_insert_report_off",
+            Slot::StickyInsertReportOn => "sticky_slot_insert_report_on",
             Slot::AfterChangesPinned => "after_100_changes_pinned",
             Slot::AfterChangesSwept => "after_100_changes_swept",
             Slot::CleanSpread => "clean_table_spread",

@@ -62,6 +62,11 @@ pub mod maps {
     /// old program never tail-calls into a new one.
     pub const QUIC_SCRATCH: &str = "LB_QUIC_SCRATCH";
     pub const QUIC_PROGS: &str = "LB_QUIC_PROGS";
+    /// Not pinned: pin reports ([`crate::PinReport`]) for the daemon that
+    /// loaded this program; a new daemon reads its own program's ring.
+    pub const PIN_RING: &str = "LB_PIN_RING";
+    /// Not pinned: pin reports by [`crate::PinReportStat`], per CPU.
+    pub const PIN_STATS: &str = "LB_PIN_STATS";
     pub const ALL: [&str; 25] = [
         PORTS,
         ADDR_SERVICES,
@@ -492,6 +497,37 @@ counted! {
     }
 }
 
+/// One new pin in a changed slot, as `LB_PIN_RING` reports it to the
+/// daemon (which shares it with the other nodes of a cluster). The backend
+/// is named by address, since backend ids differ between nodes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PinReport {
+    pub key: FlowKey,
+    pub backend_addr: Addr,
+    /// Host byte order.
+    pub backend_port: u16,
+    pub _pad: u16,
+    /// This node's service id (for logs; receivers look the service up).
+    pub service: u32,
+}
+const _: () = assert!(size_of::<PinReport>() == 64);
+
+/// Bytes of `LB_PIN_RING` (a power of two, a multiple of the page size):
+/// 4096 reports of 64 bytes (plus the ring's 8-byte headers) between two
+/// reads of the daemon.
+pub const PIN_RING_BYTES: u32 = 512 * 1024;
+
+counted! {
+    /// Pin reports, indexed by value in `LB_PIN_STATS` (per CPU).
+    pub enum PinReportStat [PIN_REPORT_STAT_COUNT, PIN_REPORT_STAT_NAMES] {
+        /// A report written to the ring.
+        Reported = 0 => "reported",
+        /// A report dropped because the ring was full.
+        RingFull = 1 => "ring_full",
+    }
+}
+
 /// Entries of `LB_FLOW_COUNT`, which tells the flow table's size without a
 /// walk: the program counts the pins it adds under a new key (per CPU), the
 /// daemon the pins it removes, and at each walk of the table (the sweep's)
@@ -661,6 +697,8 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for FlowValue {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
+    unsafe impl aya::Pod for PinReport {}
     // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for FragKey {}
     // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::quic::{
     AesTables, QUIC_ROUTE_COUNT, QuicScratch, QuicServiceEntry, QuicSidKey, QuicSidValue,
@@ -12,8 +12,9 @@ use lb_common::{
     ACTION_COUNT, AddrKey, BackendEntry, Counters, DEFAULT_FLOW_INSERT_RATE,
     DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, EVENT_COUNT, FloodState, FlowKey, FlowValue,
     FragKey, FragValue, MAX_ADDR_SERVICES, MAX_BACKENDS, MAX_FRAGS, MAX_SERVICES, MAX_TX_PORTS,
-    MaglevSlot, NEXTHOP_VIA_COUNT, NextHop, PORT_SLOTS, PortEntry, REASON_COUNT, RevAddrValue,
-    RevPortEntry, ServiceEntry, TABLES_PER_SERVICE, UDP_SEEN_BUCKETS, UDP_SEEN_WAYS,
+    MaglevSlot, NEXTHOP_VIA_COUNT, NextHop, PIN_REPORT_STAT_COUNT, PIN_RING_BYTES, PORT_SLOTS,
+    PortEntry, REASON_COUNT, RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE,
+    UDP_SEEN_BUCKETS, UDP_SEEN_WAYS,
 };
 
 #[map]
@@ -97,6 +98,26 @@ pub fn flow_insert_rate() -> u32 {
     // SAFETY: a plain read of a global the loader may have rewritten; the
     // volatile read keeps the compiler from folding the default in.
     unsafe { core::ptr::read_volatile(&FLOW_INSERT_RATE) }
+}
+
+/// New pins in changed slots, for the daemon to share with its peers
+/// (`PinReport`). Not pinned: each loaded program has its own ring.
+#[map]
+pub static LB_PIN_RING: RingBuf = RingBuf::with_byte_size(PIN_RING_BYTES, 0);
+
+/// Pin reports written and dropped on a full ring (`PinReportStat`).
+#[map]
+pub static LB_PIN_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PIN_REPORT_STAT_COUNT, 0);
+
+/// Non-zero: new pins are reported to `LB_PIN_RING`; set by the daemon at
+/// load time when it shares pins (`[cluster] pin_sync`).
+#[unsafe(no_mangle)]
+pub static PIN_REPORT: u32 = 0;
+
+#[inline(always)]
+pub fn pin_report() -> bool {
+    // SAFETY: as for `flow_insert_rate`: a global the loader may rewrite.
+    unsafe { core::ptr::read_volatile(&PIN_REPORT) != 0 }
 }
 /// Where the first fragment of a fragmented datagram went, for its later
 /// fragments (which carry no ports). Written and read only for fragments.

@@ -11,15 +11,15 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     Addr, AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_REWRITE_ADDR, BackendEntry, Event,
-    FlowKey, FlowValue, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, Reason,
-    ServiceEntry, TABLES_PER_SERVICE, TCP_MISS_PREV_SECS, UDP_AFFINITY_SECS, UDP_SEEN_BITS,
-    flow_hash, maglev_index, maglev_slot, port_slot,
+    FlowKey, FlowValue, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, PinReport,
+    PinReportStat, Reason, ServiceEntry, TABLES_PER_SERVICE, TCP_MISS_PREV_SECS, UDP_AFFINITY_SECS,
+    UDP_SEEN_BITS, flow_hash, maglev_index, maglev_slot, port_slot,
 };
 
 use crate::{
     maps::{
-        LB_ADDR_SVCS, LB_BACKENDS, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_PORTS, LB_SERVICES,
-        LB_UDP_SEEN, flow_insert_rate,
+        LB_ADDR_SVCS, LB_BACKENDS, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_PIN_RING, LB_PORTS,
+        LB_SERVICES, LB_UDP_SEEN, flow_insert_rate, pin_report,
     },
     parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
     stats,
@@ -270,8 +270,13 @@ fn sticky(
                 slot,
                 generation: entry.generation,
             };
-            if LB_FLOWS.insert(&key, &v, 0).is_ok() && !held {
-                stats::flow_added();
+            if LB_FLOWS.insert(&key, &v, 0).is_ok() {
+                if !held {
+                    stats::flow_added();
+                }
+                if pin_report() {
+                    report(&key, entry, id);
+                }
             }
             stats::event(Event::PinInserted);
         } else {
@@ -279,6 +284,27 @@ fn sticky(
         }
     }
     Ok((choice, entry))
+}
+
+/// Reports a pin just written to the daemon (which shares it with the
+/// cluster's other nodes), written in place in the ring: no stack copy.
+/// A full ring drops the report and counts it.
+#[inline(always)]
+fn report(key: &FlowKey, entry: &BackendEntry, service: u32) {
+    match LB_PIN_RING.reserve::<PinReport>(0) {
+        Some(mut slot) => {
+            slot.write(PinReport {
+                key: *key,
+                backend_addr: entry.addr,
+                backend_port: entry.port,
+                _pad: 0,
+                service,
+            });
+            slot.submit(0);
+            stats::pin_report(PinReportStat::Reported);
+        }
+        None => stats::pin_report(PinReportStat::RingFull),
+    }
 }
 
 /// Whether a reply leaving from backend port `port` (host order) and

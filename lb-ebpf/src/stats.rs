@@ -2,11 +2,11 @@
 //! Array lookups are inlined by the verifier, so counting costs no helper
 //! call.
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
-use lb_common::{Counters, Event, FLOW_COUNT_ADDED, NextHopVia, Reason};
+use lb_common::{Counters, Event, FLOW_COUNT_ADDED, NextHopVia, PinReportStat, Reason};
 
 use crate::maps::{
-    LB_ACT_STATS, LB_BE_STATS, LB_DROP_STATS, LB_EVENTS, LB_FLOW_COUNT, LB_NH_STATS, LB_RSN_STATS,
-    LB_SVC_STATS,
+    LB_ACT_STATS, LB_BE_STATS, LB_DROP_STATS, LB_EVENTS, LB_FLOW_COUNT, LB_NH_STATS, LB_PIN_STATS,
+    LB_RSN_STATS, LB_SVC_STATS,
 };
 
 /// A packet not forwarded to a backend: passed to the stack or dropped,
@@ -64,6 +64,12 @@ pub fn event(event: Event) {
 #[inline(always)]
 pub fn flow_added() {
     bump(LB_FLOW_COUNT.get_ptr_mut(FLOW_COUNT_ADDED));
+}
+
+/// A pin report written, or dropped on a full ring.
+#[inline(always)]
+pub fn pin_report(stat: PinReportStat) {
+    bump(LB_PIN_STATS.get_ptr_mut(stat as u32));
 }
 
 /// Where a `nat`/`dsr` packet's next hop came from.

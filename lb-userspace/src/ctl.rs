@@ -411,6 +411,25 @@ pub fn status(client: &Client, out: &Output) -> Result<()> {
                 println!("  last cluster error: {e}");
             }
         }
+        if let Some(p) = &st.pin_sync {
+            println!(
+                "pin sync on {}: peers [{}]; pins sent {}, received {}, inserted {}",
+                p.listen,
+                p.peers.join(", "),
+                p.sent,
+                p.received,
+                p.inserted
+            );
+            let dropped: Vec<String> = p
+                .dropped
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(r, n)| format!("{r} {n}"))
+                .collect();
+            if !dropped.is_empty() {
+                println!("  dropped: {}", dropped.join(", "));
+            }
+        }
     }
     let services: Vec<ServiceView> = typed("GET /services", services)?;
     for s in &services {

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod nexthop;
 pub mod notify;
 pub mod pins;
+pub mod pinsync;
 pub mod privs;
 pub mod rates;
 mod rtnl;

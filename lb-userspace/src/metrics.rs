@@ -44,6 +44,8 @@ pub struct Snapshot {
     pub reconcile_stalled_seconds: f64,
     /// QUIC-LB services' UDP packets by `lb_common::quic::QuicRoute`.
     pub quic: Vec<(String, [u64; lb_common::quic::QUIC_ROUTE_COUNT as usize])>,
+    /// `[cluster] pin_sync`'s counters.
+    pub pin_sync: Option<crate::pinsync::PinSyncView>,
 }
 
 pub struct Metrics {
@@ -78,6 +80,8 @@ pub struct Metrics {
     reconcile_pending: IntGauge,
     reconcile_stalled: Gauge,
     quic_packets: IntCounterVec,
+    pin_sync_pins: IntCounterVec,
+    pin_sync_dropped: IntCounterVec,
     /// Label sets currently exported per backend, to drop removed ones.
     exported: Mutex<HashSet<(String, String)>>,
 }
@@ -228,6 +232,21 @@ impl Metrics {
                 "lb_service_announced",
                 "1 while this node announces the service's address over BGP ([bgp] only)",
                 &["service"],
+            ),
+            pin_sync_pins: counter_vec(
+                &r,
+                "lb_pin_sync_pins_total",
+                "Flow pins shared with the cluster's other nodes ([cluster] pin_sync): sent \
+                 (once each, whatever the number of peers), received (in authenticated, fresh \
+                 datagrams), inserted into this node's flow table; datagrams_sent per peer",
+                &["what"],
+            ),
+            pin_sync_dropped: counter_vec(
+                &r,
+                "lb_pin_sync_dropped_total",
+                "Flow pins (datagrams for bad_mac, malformed, replay) not shared or not \
+                 inserted, by reason",
+                &["reason"],
             ),
             table_info: gauge_vec(
                 &r,
@@ -425,6 +444,23 @@ impl Metrics {
             self.announced
                 .with_label_values(&[s.as_str()])
                 .set(i64::from(*on));
+        }
+        if let Some(p) = &snap.pin_sync {
+            for (what, v) in [
+                ("sent", p.sent),
+                ("received", p.received),
+                ("inserted", p.inserted),
+                ("datagrams_sent", p.datagrams_sent),
+                ("send_errors", p.send_errors),
+            ] {
+                set(&self.pin_sync_pins.with_label_values(&[what]), v);
+            }
+            for (reason, v) in &p.dropped {
+                set(
+                    &self.pin_sync_dropped.with_label_values(&[reason.as_str()]),
+                    *v,
+                );
+            }
         }
         self.table_info.reset();
         for (s, fp) in &snap.table_fingerprints {

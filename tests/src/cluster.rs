@@ -160,6 +160,13 @@ pub struct Cluster {
     pub dir: TempDir,
     _topo: Topology,
     bpf: BpfFs,
+    /// The nodes share their flow pins (`[cluster] pin_sync`).
+    pin_sync: bool,
+}
+
+/// Where node `i` takes the other nodes' flow pins.
+pub fn pin_sync_addr(i: usize) -> String {
+    format!("{}:7946", node_addr(i))
 }
 
 fn router_config(dir: &TempDir, nodes: usize) -> PathBuf {
@@ -289,28 +296,71 @@ fn full_checksums(ns: &str, ifname: &str) {
     run_in(ns, &["ethtool", "-K", ifname, "tx", "off"]);
 }
 
+/// What a cluster has beyond BGP: spare backends (running, in no node's
+/// config), an etcd member per node, pin sharing.
+#[derive(Clone, Copy, Debug, Default)]
+struct Extras {
+    spare: usize,
+    etcd: bool,
+    pin_sync: bool,
+}
+
 impl Cluster {
     /// `nodes` nodes and `backends` HTTPS backends, every node announcing;
     /// each node has its services from its own config file.
     pub fn start(nodes: usize, backends: usize) -> Cluster {
-        Cluster::launch(nodes, backends, 0, false)
+        Cluster::launch(nodes, backends, Extras::default())
     }
 
     /// The whole topology: as [`Cluster::start`], and each node
     /// also runs an etcd member, the nodes sharing their services and
     /// health verdicts through the 3-member (`nodes`-member) cluster.
     pub fn start_with_etcd(nodes: usize, backends: usize) -> Cluster {
-        Cluster::launch(nodes, backends, 0, true)
+        Cluster::launch(
+            nodes,
+            backends,
+            Extras {
+                etcd: true,
+                ..Extras::default()
+            },
+        )
     }
 
     /// [`Cluster::start_with_etcd`] with `spare` more backend hosts (the
     /// last ones) running but in no node's config: backends to add
     /// through the API.
     pub fn start_with_etcd_and_spares(nodes: usize, backends: usize, spare: usize) -> Cluster {
-        Cluster::launch(nodes, backends + spare, spare, true)
+        Cluster::launch(
+            nodes,
+            backends + spare,
+            Extras {
+                spare,
+                etcd: true,
+                pin_sync: false,
+            },
+        )
     }
 
-    fn launch(nodes: usize, backends: usize, spare: usize, with_etcd: bool) -> Cluster {
+    /// [`Cluster::start_with_etcd`], the nodes also sharing their flow
+    /// pins (`[cluster] pin_sync`, one key file for all).
+    pub fn start_with_pin_sync(nodes: usize, backends: usize) -> Cluster {
+        Cluster::launch(
+            nodes,
+            backends,
+            Extras {
+                spare: 0,
+                etcd: true,
+                pin_sync: true,
+            },
+        )
+    }
+
+    fn launch(nodes: usize, backends: usize, extras: Extras) -> Cluster {
+        let Extras {
+            spare,
+            etcd: with_etcd,
+            pin_sync,
+        } = extras;
         require_tool("bird", "bird2");
         require_tool("birdc", "bird2");
         let mut topo = Topology::new();
@@ -441,6 +491,7 @@ impl Cluster {
             dir,
             _topo: topo,
             bpf,
+            pin_sync,
         };
         for i in 0..nodes {
             let lb = cluster.start_lb(i);
@@ -455,16 +506,32 @@ impl Cluster {
         self.backends[i] = Backend::start_with(&self._backend_rts[i], 443, identity, false);
     }
 
+    /// Writes node `i`'s config file afresh; its path.
+    fn node_config(&self, i: usize) -> PathBuf {
+        let config = lb_config(&self.dir, &self.bpf, i, self.listed, self.etcd.as_ref());
+        if self.pin_sync {
+            let key = self.dir.secret("pinsync.key", &"k".repeat(32));
+            let mut text = fs::read_to_string(&config).unwrap();
+            text += &format!(
+                "pin_sync = {{ listen = \"{}\", key_file = \"{}\" }}\n",
+                pin_sync_addr(i),
+                key.display()
+            );
+            fs::write(&config, text).unwrap();
+        }
+        config
+    }
+
     /// Starts node `i`'s lb (its config is the same at every start).
     pub fn start_lb(&self, i: usize) -> Lb {
-        let config = lb_config(&self.dir, &self.bpf, i, self.listed, self.etcd.as_ref());
+        let config = self.node_config(i);
         Lb::start(&self.nodes[i], &config, API, &[])
     }
 
     /// Starts node `i`'s lb on its config as `edit` changes it: a
     /// node-local setting (the next [`Cluster::start_lb`] restores it).
     pub fn start_lb_edited(&self, i: usize, edit: impl FnOnce(String) -> String) -> Lb {
-        let config = lb_config(&self.dir, &self.bpf, i, self.listed, self.etcd.as_ref());
+        let config = self.node_config(i);
         let text = fs::read_to_string(&config).unwrap();
         fs::write(&config, edit(text)).unwrap();
         Lb::start(&self.nodes[i], &config, API, &[])

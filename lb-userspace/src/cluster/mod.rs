@@ -277,6 +277,7 @@ mod tests {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            pin_sync: None,
         };
         let c = Cluster::new(&cfg).unwrap();
         c.connected("x".into());

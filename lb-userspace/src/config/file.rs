@@ -357,6 +357,11 @@ fn parse_cluster(raw: &RawCluster) -> Result<ClusterConfig, FieldError> {
             "TLS files are set but no endpoint is https://: they would never be used",
         ));
     }
+    let pin_sync = raw
+        .pin_sync
+        .as_ref()
+        .map(|p| super::pin_sync::parse(&at, p))
+        .transpose()?;
     Ok(ClusterConfig {
         endpoints,
         node,
@@ -364,6 +369,7 @@ fn parse_cluster(raw: &RawCluster) -> Result<ClusterConfig, FieldError> {
         ca_file,
         cert_file,
         key_file,
+        pin_sync,
     })
 }
 

@@ -8,6 +8,7 @@ mod errors;
 mod file;
 mod model;
 mod paths;
+pub mod pin_sync;
 pub mod quic;
 mod spans;
 mod validate;

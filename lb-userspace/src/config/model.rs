@@ -43,6 +43,8 @@ pub struct ClusterConfig {
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// Flow pins of changed slots shared with the other nodes.
+    pub pin_sync: Option<super::pin_sync::PinSyncConfig>,
 }
 
 /// One etcd member's client URL.

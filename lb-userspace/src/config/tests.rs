@@ -1007,3 +1007,60 @@ fn bgp_section_defaults_and_errors() {
         assert!(e.contains(":4:"), "{line}: error placed on its line: {e}");
     }
 }
+
+#[test]
+fn pin_sync_defaults_and_errors() {
+    let base = "[dataplane]\ninterface = \"eth0\"\n[cluster]\netcd_endpoints = [\"http://10.0.0.1:2379\"]\nnode = \"a\"\nname = \"c\"\n";
+    let c = Config::parse(Path::new("/x/lb.toml"), base).unwrap();
+    assert_eq!(c.cluster.unwrap().pin_sync, None);
+    let good = "pin_sync = { listen = \"10.0.0.1:7946\", key_file = \"/etc/lb/pinsync.key\" }";
+    let c = Config::parse(Path::new("/x/lb.toml"), &format!("{base}{good}\n")).unwrap();
+    let p = c.cluster.unwrap().pin_sync.unwrap();
+    assert_eq!(p.listen, "10.0.0.1:7946".parse().unwrap());
+    assert_eq!(p.key_file, Path::new("/etc/lb/pinsync.key"));
+    assert_eq!(p.max_pins_per_second, pin_sync::DEFAULT_MAX_PINS_PER_SECOND);
+    for (line, field, says) in [
+        (
+            "pin_sync = { key_file = \"/k\" }",
+            "cluster.pin_sync.listen",
+            "required",
+        ),
+        (
+            "pin_sync = { listen = \"0.0.0.0:7946\", key_file = \"/k\" }",
+            "cluster.pin_sync.listen",
+            "specific address",
+        ),
+        (
+            "pin_sync = { listen = \"10.0.0.1\", key_file = \"/k\" }",
+            "cluster.pin_sync.listen",
+            "not an ip:port",
+        ),
+        (
+            "pin_sync = { listen = \"10.0.0.1:7946\" }",
+            "cluster.pin_sync.key_file",
+            "required",
+        ),
+        (
+            "pin_sync = { listen = \"10.0.0.1:7946\", key_file = \"k\" }",
+            "cluster.pin_sync.key_file",
+            "absolute file path",
+        ),
+        (
+            "pin_sync = { listen = \"10.0.0.1:7946\", key_file = \"/k\", max_pins_per_second = 0 }",
+            "cluster.pin_sync.max_pins_per_second",
+            "out of range",
+        ),
+        (
+            "pin_sync = { listen = \"10.0.0.1:7946\", key_file = \"/k\", peers = [] }",
+            "peers",
+            "unknown field",
+        ),
+    ] {
+        let text = format!("{base}{line}\n");
+        let e = Config::parse(Path::new("/x/lb.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(field) && e.contains(says), "{line}: {e}");
+        assert!(e.contains(":7:"), "{line}: error placed on its line: {e}");
+    }
+}

@@ -56,6 +56,8 @@ pub struct RawCluster {
     /// Client certificate (PEM) and its key, for etcd's client auth.
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
+    /// Flow pins shared with the other nodes (`{ listen, key_file }`).
+    pub pin_sync: Option<super::pin_sync::RawPinSync>,
 }
 
 /// `[limits]`: how much the daemon takes on, from any source (config file,

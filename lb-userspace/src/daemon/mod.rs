@@ -29,6 +29,7 @@ use crate::{
 
 mod announce;
 mod cluster;
+mod pinsync;
 mod reconcile;
 mod start;
 mod views;
@@ -84,6 +85,13 @@ pub enum StartError {
     Announce(#[from] crate::announce::AnnounceError),
     #[error("[cluster]: {0}")]
     Cluster(#[from] crate::cluster::etcd::EtcdError),
+    #[error("[cluster] pin_sync: {0}")]
+    PinSyncKey(#[from] crate::pinsync::KeyError),
+    #[error("[cluster] pin_sync: listening on {listen}: {source}")]
+    PinSyncListen {
+        listen: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// How `lb run` was asked to start.
@@ -110,6 +118,8 @@ pub struct Prepared {
     writer: MapWriter,
     logger: Option<aya_log::EbpfLogger<crate::dataplane::EbpfLog>>,
     flow_counter: crate::dataplane::FlowCounter,
+    /// With `[cluster] pin_sync`: the program's pin reports.
+    pin_ring: Option<crate::dataplane::PinRing>,
 }
 
 type AnyBox = Box<dyn std::any::Any + Send>;
@@ -225,6 +235,8 @@ struct Shared {
     announce_states: Mutex<std::collections::BTreeMap<String, crate::announce::AnnounceView>>,
     /// `[cluster]`: the services live in etcd.
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// `[cluster] pin_sync`: flow pins shared with the other nodes.
+    pin_sync: Option<Arc<pinsync::PinSync>>,
 }
 
 impl Progress {

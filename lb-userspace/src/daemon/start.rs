@@ -269,7 +269,12 @@ impl Daemon {
             );
         }
 
-        let opts = config.dataplane.clone();
+        let mut opts = config.dataplane.clone();
+        // The program reports new pins only when the daemon shares them.
+        opts.pin_report = config
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.pin_sync.is_some());
         let all_local = services.iter().all(|s| s.forwarding == Forwarding::Local);
         let (mode, why) = config.xdp_mode.resolve(&iface, all_local);
         info!(interface = %iface, mode = mode.name(), "attach mode: {why}");
@@ -277,8 +282,10 @@ impl Daemon {
             .map_err(|e| StartError::StateConflict(e.in_body().to_string()))?;
         let services_for_check = services.clone();
         let attached_iface = iface.clone();
-        let (writer, logger, flow_counter) = {
+        let (writer, logger, flow_counter, pin_ring) = {
+            let pin_report = opts.pin_report;
             let mut dp = Dataplane::load(opts)?;
+            let pin_ring = pin_report.then(|| dp.take_pin_ring()).transpose()?;
             let logger = dp.logger().unwrap_or_else(|e| {
                 warn!("eBPF log records will not be shown: {e}");
                 None
@@ -286,7 +293,7 @@ impl Daemon {
             let flow_counter = dp.flow_counter()?;
             dp.attach(&iface, mode)?;
             check_reply_routes(&iface, &services_for_check);
-            (MapWriter::new(dp), logger, flow_counter)
+            (MapWriter::new(dp), logger, flow_counter, pin_ring)
         };
         Ok(Prepared {
             token,
@@ -302,6 +309,7 @@ impl Daemon {
             writer,
             logger,
             flow_counter,
+            pin_ring,
         })
     }
 
@@ -331,6 +339,7 @@ impl Daemon {
             .map(crate::cluster::Cluster::new)
             .transpose()?
             .map(Arc::new);
+        let pin_sync = pinsync::start(config, p.pin_ring).await?;
         let metrics = Metrics::new();
         let (tx, rx) = mpsc::unbounded_channel();
         let (requests, request_rx) = mpsc::unbounded_channel();
@@ -375,6 +384,7 @@ impl Daemon {
                 announcer,
                 announce_states: Mutex::new(Default::default()),
                 cluster: cluster.clone(),
+                pin_sync: pin_sync.as_ref().map(|(s, _)| s.clone()),
             }
         });
         let daemon = Daemon { shared };
@@ -434,6 +444,9 @@ impl Daemon {
         }
         if let Some(c) = cluster {
             loops.push(tokio::spawn(daemon.clone().cluster_publish(c.clone())));
+            if let Some((state, io)) = pin_sync {
+                loops.extend(daemon.clone().pin_sync_loops(c.clone(), state, io));
+            }
             loops.push(tokio::spawn(daemon.clone().cluster_sync(c)));
         }
         *lock(&daemon.shared.loops) = loops;

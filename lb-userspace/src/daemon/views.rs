@@ -29,6 +29,9 @@ pub struct StatusView {
     /// `[cluster]`: etcd reachable or not, the revision applied, the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::cluster::ClusterView>,
+    /// `[cluster] pin_sync`: flow pins shared with the other nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_sync: Option<crate::pinsync::PinSyncView>,
 }
 
 /// What a reload did.
@@ -155,6 +158,7 @@ impl Daemon {
             limits: inner.limits,
             attach_mode: self.shared.attach_mode,
             cluster: self.shared.cluster.as_ref().map(|c| c.view(&inner.health)),
+            pin_sync: self.shared.pin_sync.as_ref().map(|s| s.view()),
         }
     }
 
@@ -378,6 +382,7 @@ impl Daemon {
             lock(&self.shared.progress).gauges(Instant::now());
         // Two counters, no walk of the table.
         snap.flow_entries = self.shared.flow_counter.count().unwrap_or(0);
+        snap.pin_sync = self.shared.pin_sync.as_ref().map(|s| s.view());
         self.shared.metrics.render(&snap)
     }
 }

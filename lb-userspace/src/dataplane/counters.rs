@@ -188,7 +188,10 @@ fn sum_u64(map: &PerCpuArray<MapData, u64>, id: u32, name: &'static str) -> Resu
 }
 
 /// Every entry of a per-CPU counter array, summed over CPUs.
-fn sums<const N: usize>(map: &PerCpuArray<MapData, u64>, name: &'static str) -> Result<[u64; N]> {
+pub(super) fn sums<const N: usize>(
+    map: &PerCpuArray<MapData, u64>,
+    name: &'static str,
+) -> Result<[u64; N]> {
     let mut out = [0u64; N];
     for (i, o) in out.iter_mut().enumerate() {
         *o = sum_u64(map, i as u32, name)?;

@@ -42,11 +42,13 @@ impl Dataplane {
         opts.validate()?;
         let maglev_len = opts.max_services * TABLES_PER_SERVICE * opts.maglev_size;
         let log_level = ebpf_log_level();
+        let pin_report = u32::from(opts.pin_report);
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(maps::MAGLEV, maglev_len)
             .map_max_entries(maps::FLOWS, opts.flow_table_size)
             .override_global("FLOW_INSERT_RATE", &opts.flow_insert_rate, true)
+            .override_global("PIN_REPORT", &pin_report, true)
             // Absent while the programs have no log calls.
             .override_global(aya_log::LEVEL, &log_level, false);
         let mut adopted = false;

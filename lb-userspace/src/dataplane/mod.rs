@@ -9,6 +9,7 @@ mod attach;
 mod counters;
 mod load;
 mod nexthop;
+mod pin_ring;
 mod quic;
 mod spec;
 mod store;
@@ -35,11 +36,12 @@ pub use attach::{AttachMode, interfaces};
 pub use counters::FlowCounter;
 pub use load::EbpfLog;
 pub use nexthop::NextHopWriter;
+pub use pin_ring::PinRing;
 pub use spec::{AdminState, BackendSpec, Forwarding, Protocol, ServiceSpec, WhenAllDown};
 pub use tables::TableReader;
 pub use writer::{
-    ApplyReport, MapWriter, QuicSpec, QuicSpecs, SweepFound, SweepPlan, SweepReport,
-    monotonic_secs, next_slots, rewrites_address, walk_pins,
+    ApplyReport, MapWriter, PinOutcome, PinRefusal, QuicSpec, QuicSpecs, SweepFound, SweepPlan,
+    SweepReport, monotonic_secs, next_slots, rewrites_address, walk_pins,
 };
 
 use crate::{maglev, pins};
@@ -93,6 +95,9 @@ pub struct Options {
     /// Flow-table inserts allowed per CPU per second (0: no cap). Flows
     /// over the cap are forwarded unpinned and counted (`pin_refused`).
     pub flow_insert_rate: u32,
+    /// The program reports each new pin in a changed slot to `LB_PIN_RING`
+    /// (cluster pin sharing); off, it costs nothing.
+    pub pin_report: bool,
     /// Where maps and links are pinned so the data plane outlives the
     /// daemon (restarts, crashes) and a new daemon adopts it. `None`: the
     /// data plane lives and dies with this process.
@@ -110,6 +115,7 @@ impl Default for Options {
             max_services: 8,
             flow_table_size: lb_common::DEFAULT_FLOW_TABLE_SIZE,
             flow_insert_rate: lb_common::DEFAULT_FLOW_INSERT_RATE,
+            pin_report: false,
             pin_path: None,
             record_path: None,
         }

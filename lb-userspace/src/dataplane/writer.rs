@@ -4,6 +4,7 @@
 
 mod lookup;
 mod quic;
+mod replicated;
 mod sticky;
 
 use std::{
@@ -19,11 +20,13 @@ use lb_common::{
 use tracing::{debug, info, warn};
 
 pub use quic::{QuicSpec, QuicSpecs};
+pub use replicated::{PinOutcome, PinRefusal};
 pub use sticky::{SweepFound, SweepPlan, SweepReport, monotonic_secs, next_slots, walk_pins};
 
 use super::{
     Dataplane, DataplaneError, Result, addr_words,
     spec::{AdminState, BackendSpec, Forwarding, ServiceSpec, WhenAllDown},
+    words_addr,
 };
 use crate::{maglev, mapstore::MapStore, pins};
 

@@ -1,0 +1,372 @@
+//! Flow pins shared between the nodes of a cluster (`[cluster] pin_sync`):
+//! the UDP wire format of a batch of pins, its HMAC-SHA256 under the shared
+//! key, the replay window each receiver keeps per sender, the sender's rate
+//! cap, and the counters. The daemon's tasks that use them are in
+//! `daemon/pinsync.rs`.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use lb_common::FlowKey;
+use ring::hmac;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// First bytes of every datagram: the protocol and its version.
+pub const MAGIC: [u8; 4] = *b"LBP1";
+/// Pins in one datagram at most: 20 x 55 bytes plus the header and MAC
+/// stay under 1,300 bytes, inside any path's MTU.
+pub const MAX_PINS_PER_DATAGRAM: usize = 20;
+/// One pin: source, destination and backend addresses (16 bytes each,
+/// IPv4 as IPv4-mapped IPv6), source, destination and backend ports, the
+/// protocol.
+pub const PIN_BYTES: usize = 16 * 3 + 2 * 3 + 1;
+pub const MAC_BYTES: usize = 32;
+/// The shared key's length at least (HMAC-SHA256's block of entropy).
+pub const MIN_KEY_BYTES: usize = 32;
+/// A datagram stamped further than this from the receiver's clock is
+/// dropped: with the sequence window, a captured datagram cannot be
+/// replayed later, even to a receiver that restarted and forgot the
+/// sequence numbers it saw.
+pub const MAX_SKEW: Duration = Duration::from_secs(10);
+/// Sequence numbers remembered per sender below the highest seen.
+pub const REPLAY_WINDOW: u64 = 64;
+
+/// A flow's pin as the nodes exchange it: the flow, and its backend by
+/// address (backend ids differ between nodes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pin {
+    pub key: FlowKey,
+    pub backend: SocketAddr,
+}
+
+/// One datagram's content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// The sending node's name (`cluster.node`).
+    pub node: String,
+    /// Increasing per sender; starts at the sender's start time in
+    /// microseconds, so a restarted sender continues above its last one.
+    pub seq: u64,
+    /// The sender's clock (Unix milliseconds) when it sent the batch.
+    pub unix_ms: u64,
+    pub pins: Vec<Pin>,
+}
+
+/// Why a datagram was dropped before its pins were looked at.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("not a pin-sync datagram (length or magic)")]
+    Malformed,
+    #[error("bad MAC (another key, or forged)")]
+    BadMac,
+}
+
+/// Why an authenticated datagram was dropped.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum ReplayError {
+    #[error("stamped {0} ms away from this node's clock")]
+    Skew(u64),
+    #[error("sequence number already seen or below the window")]
+    Replayed,
+}
+
+#[derive(Debug, Error)]
+pub enum KeyError {
+    #[error("pin_sync.key_file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "pin_sync.key_file {path}: {len} bytes; the shared key needs at least {MIN_KEY_BYTES} \
+         (e.g. `head -c 32 /dev/urandom | base64 > {path}`, the same file on every node)"
+    )]
+    Short { path: PathBuf, len: usize },
+}
+
+/// The cluster's shared key.
+pub struct Key(hmac::Key);
+
+impl Key {
+    /// The key from `path`: its bytes, surrounding whitespace trimmed.
+    pub fn from_file(path: &Path) -> Result<Key, KeyError> {
+        let bytes = std::fs::read(path).map_err(|source| KeyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let trimmed = bytes.trim_ascii();
+        if trimmed.len() < MIN_KEY_BYTES {
+            return Err(KeyError::Short {
+                path: path.to_path_buf(),
+                len: trimmed.len(),
+            });
+        }
+        Ok(Key::new(trimmed))
+    }
+
+    pub fn new(bytes: &[u8]) -> Key {
+        Key(hmac::Key::new(hmac::HMAC_SHA256, bytes))
+    }
+}
+
+fn octets(words: &lb_common::Addr) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    o
+}
+
+fn words(o: &[u8]) -> lb_common::Addr {
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+fn ip_octets(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn ip_of(o: &[u8]) -> IpAddr {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(o);
+    let v6 = Ipv6Addr::from(a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// The datagram for `batch` (at most `MAX_PINS_PER_DATAGRAM` pins; the
+/// node name at most 63 bytes, as the config allows), MAC last.
+pub fn encode(key: &Key, batch: &Batch) -> Vec<u8> {
+    debug_assert!(batch.pins.len() <= MAX_PINS_PER_DATAGRAM);
+    let name = &batch.node.as_bytes()[..batch.node.len().min(63)];
+    let mut b = Vec::with_capacity(64 + name.len() + batch.pins.len() * PIN_BYTES + MAC_BYTES);
+    b.extend_from_slice(&MAGIC);
+    b.push(name.len() as u8);
+    b.extend_from_slice(name);
+    b.extend_from_slice(&batch.seq.to_be_bytes());
+    b.extend_from_slice(&batch.unix_ms.to_be_bytes());
+    b.extend_from_slice(&(batch.pins.len() as u16).to_be_bytes());
+    for p in &batch.pins {
+        b.extend_from_slice(&octets(&p.key.src));
+        b.extend_from_slice(&octets(&p.key.dst));
+        // Packet byte order in the key: its bytes are the wire's.
+        b.extend_from_slice(&p.key.sport.to_ne_bytes());
+        b.extend_from_slice(&p.key.dport.to_ne_bytes());
+        b.push(p.key.proto);
+        b.extend_from_slice(&ip_octets(p.backend.ip()));
+        b.extend_from_slice(&p.backend.port().to_be_bytes());
+    }
+    let tag = hmac::sign(&key.0, &b);
+    b.extend_from_slice(tag.as_ref());
+    b
+}
+
+/// Checks the MAC first (nothing unauthenticated is parsed further), then
+/// reads the batch.
+pub fn decode(key: &Key, d: &[u8]) -> Result<Batch, WireError> {
+    if d.len() < MAGIC.len() + 1 + 18 + MAC_BYTES || d[..4] != MAGIC {
+        return Err(WireError::Malformed);
+    }
+    let (body, tag) = d.split_at(d.len() - MAC_BYTES);
+    hmac::verify(&key.0, body, tag).map_err(|_| WireError::BadMac)?;
+    let n = usize::from(body[4]);
+    let rest = body.get(5..).ok_or(WireError::Malformed)?;
+    if n == 0 || rest.len() < n + 18 {
+        return Err(WireError::Malformed);
+    }
+    let node = std::str::from_utf8(&rest[..n])
+        .map_err(|_| WireError::Malformed)?
+        .to_string();
+    let rest = &rest[n..];
+    let u64_at = |i: usize| u64::from_be_bytes(rest[i..i + 8].try_into().unwrap_or_default());
+    let (seq, unix_ms) = (u64_at(0), u64_at(8));
+    let count = usize::from(u16::from_be_bytes([rest[16], rest[17]]));
+    let pins_bytes = &rest[18..];
+    if count > MAX_PINS_PER_DATAGRAM || pins_bytes.len() != count * PIN_BYTES {
+        return Err(WireError::Malformed);
+    }
+    let pins = pins_bytes
+        .chunks_exact(PIN_BYTES)
+        .map(|p| Pin {
+            key: FlowKey {
+                src: words(&p[0..16]),
+                dst: words(&p[16..32]),
+                sport: u16::from_ne_bytes([p[32], p[33]]),
+                dport: u16::from_ne_bytes([p[34], p[35]]),
+                proto: p[36],
+                _pad: [0; 3],
+            },
+            backend: SocketAddr::new(ip_of(&p[37..53]), u16::from_be_bytes([p[53], p[54]])),
+        })
+        .collect();
+    Ok(Batch {
+        node,
+        seq,
+        unix_ms,
+        pins,
+    })
+}
+
+/// The receiver's memory of each sender's sequence numbers: the highest
+/// seen and a bitmap of the `REPLAY_WINDOW` below it (IPsec's window).
+/// Entries exist only for senders that knew the key.
+#[derive(Default)]
+pub struct ReplayWindow {
+    senders: HashMap<String, (u64, u64)>,
+}
+
+impl ReplayWindow {
+    /// Accepts `batch` once: within `MAX_SKEW` of `now_unix_ms` and a
+    /// sequence number not seen before and not below the window.
+    pub fn accept(&mut self, batch: &Batch, now_unix_ms: u64) -> Result<(), ReplayError> {
+        let skew = batch.unix_ms.abs_diff(now_unix_ms);
+        if skew > MAX_SKEW.as_millis() as u64 {
+            return Err(ReplayError::Skew(skew));
+        }
+        let seq = batch.seq;
+        let Some((top, bits)) = self.senders.get_mut(&batch.node) else {
+            self.senders.insert(batch.node.clone(), (seq, 1));
+            return Ok(());
+        };
+        if seq > *top {
+            let shift = seq - *top;
+            *bits = if shift >= REPLAY_WINDOW {
+                0
+            } else {
+                *bits << shift
+            } | 1;
+            *top = seq;
+            return Ok(());
+        }
+        let back = *top - seq;
+        if back >= REPLAY_WINDOW || *bits & (1 << back) != 0 {
+            return Err(ReplayError::Replayed);
+        }
+        *bits |= 1 << back;
+        Ok(())
+    }
+}
+
+/// A token bucket of pins a second, a second's worth deep: a flood of new
+/// flows sends at most the cap to the peers; the rest are dropped (and
+/// counted) on the sender.
+pub struct RateCap {
+    per_second: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateCap {
+    pub fn new(per_second: u32, now: Instant) -> RateCap {
+        RateCap {
+            per_second: f64::from(per_second),
+            tokens: f64::from(per_second),
+            last: now,
+        }
+    }
+
+    /// How many of `n` pins may go now.
+    pub fn take(&mut self, n: usize, now: Instant) -> usize {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.per_second).min(self.per_second);
+        let ok = (n as f64).min(self.tokens.floor()).max(0.0);
+        self.tokens -= ok;
+        ok as usize
+    }
+}
+
+/// What pin sharing did since the daemon started (the program's ring-full
+/// count is since the program was loaded).
+#[derive(Default)]
+pub struct Counters {
+    pub sent: AtomicU64,
+    pub datagrams_sent: AtomicU64,
+    pub send_errors: AtomicU64,
+    pub received: AtomicU64,
+    pub inserted: AtomicU64,
+    pub dropped_rate_cap: AtomicU64,
+    pub dropped_bad_mac: AtomicU64,
+    pub dropped_malformed: AtomicU64,
+    pub dropped_replay: AtomicU64,
+    pub dropped_unknown_backend: AtomicU64,
+    pub dropped_not_live: AtomicU64,
+    pub dropped_ring_full: AtomicU64,
+}
+
+/// Pin sharing as `GET /api/v1/status` and `lb status` show it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PinSyncView {
+    /// Where this node takes pins.
+    pub listen: String,
+    /// The other nodes' pin-sync addresses, from etcd.
+    pub peers: Vec<String>,
+    /// Pins sent (each counted once, whatever the number of peers).
+    pub sent: u64,
+    pub datagrams_sent: u64,
+    pub send_errors: u64,
+    /// Pins received in authenticated, fresh datagrams.
+    pub received: u64,
+    /// Pins written into this node's flow table.
+    pub inserted: u64,
+    /// Pins or datagrams dropped, by reason: `rate_cap` (sender over
+    /// `max_pins_per_second`), `ring_full` (the program's report ring was
+    /// full), `bad_mac`, `malformed`, `replay` (datagrams), `unknown_backend`
+    /// (no such service or backend here, after 2 s of retries), `not_live` (the backend keeps no
+    /// flows here: down, disabled).
+    pub dropped: std::collections::BTreeMap<String, u64>,
+}
+
+/// The reasons of [`PinSyncView::dropped`], in metric-label order.
+pub const DROP_REASONS: [&str; 7] = [
+    "rate_cap",
+    "ring_full",
+    "bad_mac",
+    "malformed",
+    "replay",
+    "unknown_backend",
+    "not_live",
+];
+
+impl Counters {
+    pub fn view(&self, listen: SocketAddr, peers: Vec<String>) -> PinSyncView {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let dropped = DROP_REASONS
+            .iter()
+            .zip([
+                &self.dropped_rate_cap,
+                &self.dropped_ring_full,
+                &self.dropped_bad_mac,
+                &self.dropped_malformed,
+                &self.dropped_replay,
+                &self.dropped_unknown_backend,
+                &self.dropped_not_live,
+            ])
+            .map(|(r, c)| (r.to_string(), g(c)))
+            .collect();
+        PinSyncView {
+            listen: listen.to_string(),
+            peers,
+            sent: g(&self.sent),
+            datagrams_sent: g(&self.datagrams_sent),
+            send_errors: g(&self.send_errors),
+            received: g(&self.received),
+            inserted: g(&self.inserted),
+            dropped,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
