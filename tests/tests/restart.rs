@@ -279,6 +279,12 @@ fn a_crash_during_api_changes_keeps_every_acknowledged_change() {
             w
         });
         thread::sleep(Duration::from_millis(150 + 97 * round));
+        // A loaded machine may not have acknowledged one yet: the kill
+        // must land among acknowledged changes.
+        let first = std::time::Instant::now();
+        while acked.load(Ordering::SeqCst) == 0 && first.elapsed() < Duration::from_secs(10) {
+            thread::sleep(Duration::from_millis(5));
+        }
         lb.kill();
         stop.store(true, Ordering::Relaxed);
         next = burst.join().unwrap() + 1;
