@@ -49,13 +49,15 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Benchmark against same-run baselines and the usual gateways:
-    /// per-packet cost, packets per second, end to end, control plane.
+    /// per-packet cost, packets per second, end to end, control plane, and
+    /// a 3-node cluster (failover, change propagation, per-node CPU).
     /// Writes target/bench/results.json; the full run also docs/BENCHMARKS.md.
     Bench {
-        /// A shorter run of everything (under 90 s).
+        /// A shorter run of everything but the cluster (under 90 s).
         #[arg(long)]
         quick: bool,
-        /// More arguments for lb-bench (`--only e2e`, `--setups lb,nftables`).
+        /// More arguments for lb-bench: `--only SECTION,...` of per-packet,
+        /// pps, e2e, control, cluster; `--setups lb,nftables`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
