@@ -109,7 +109,7 @@ fn program_seconds(ids: &[u32]) -> f64 {
 /// and egress. aya attaches TC programs as tcx links where the kernel has
 /// them, which `tc filter show` does not list: those come from the kernel's
 /// tcx query, the netlink (clsact) ones from `tc`.
-fn attached_programs(ns: &str, dev: &str) -> Vec<u32> {
+pub(crate) fn attached_programs(ns: &str, dev: &str) -> Vec<u32> {
     let mut ids = Vec::new();
     if let Ok(out) = Command::new("ip")
         .args(["-n", ns, "-j", "-d", "link", "show", dev])

@@ -9,16 +9,21 @@
 //!   connection and the gateways users run instead (nftables, HAProxy,
 //!   nginx, Caddy);
 //! - the control plane: Maglev builds, flows moved by a backend change, time
-//!   from a backend's death to the new table, daemon memory under API load.
+//!   from a backend's death to the new table, daemon memory under API load;
+//! - several nodes behind an ECMP router (BIRD, etcd): failover time, time
+//!   for a change to reach every node, per-node data-plane CPU with 1 and 3
+//!   nodes.
 //!
 //! Writes `results.json` (every figure, with an id and a unit),
 //! `BENCHMARKS.md` and a chart to the output directory (`target/bench`);
 //! the full run also writes the last two to `docs/`.
 //!
-//! `--quick` is a shorter run of everything, `--smoke` a CI-sized one that
-//! needs no package from outside (no peers); `--only SECTION,...` runs some
-//! of `per-packet`, `pps`, `e2e`, `control`.
+//! `--quick` is a shorter run of everything but `cluster`, `--smoke` a
+//! CI-sized one of the same that needs no package from outside (no peers);
+//! `--only SECTION,...` runs some of `per-packet`, `pps`, `e2e`, `control`,
+//! `cluster` (a short form with `--quick` or `--smoke`).
 mod chart;
+mod cluster;
 mod control;
 mod e2e;
 mod load;
@@ -64,14 +69,16 @@ pub enum Section {
     Pps,
     E2e,
     Control,
+    Cluster,
 }
 
 impl Section {
-    const ALL: [Section; 4] = [
+    const ALL: [Section; 5] = [
         Section::PerPacket,
         Section::Pps,
         Section::E2e,
         Section::Control,
+        Section::Cluster,
     ];
 
     fn name(self) -> &'static str {
@@ -80,6 +87,7 @@ impl Section {
             Section::Pps => "pps",
             Section::E2e => "e2e",
             Section::Control => "control",
+            Section::Cluster => "cluster",
         }
     }
 
@@ -87,7 +95,9 @@ impl Section {
         Section::ALL
             .into_iter()
             .find(|x| x.name() == s)
-            .unwrap_or_else(|| panic!("unknown section {s:?}: per-packet, pps, e2e, control"))
+            .unwrap_or_else(|| {
+                panic!("unknown section {s:?}: per-packet, pps, e2e, control, cluster")
+            })
     }
 }
 
@@ -119,6 +129,12 @@ pub struct Scale {
     pub share_flows: usize,
     pub death_trials: usize,
     pub api_changes: usize,
+    /// Cluster: nodes killed (one at a time, brought back between), API
+    /// changes timed, and the offered load of each CPU phase.
+    pub failovers: usize,
+    pub cluster_changes: usize,
+    pub cluster_rate: u32,
+    pub cluster_phase: Duration,
 }
 
 impl Scale {
@@ -142,6 +158,10 @@ impl Scale {
                 share_flows: 50_000,
                 death_trials: 5,
                 api_changes: 10_000,
+                failovers: 5,
+                cluster_changes: 20,
+                cluster_rate: 100,
+                cluster_phase: Duration::from_secs(5),
             },
             Mode::Quick => Scale {
                 mode,
@@ -164,6 +184,10 @@ impl Scale {
                 // Each change rebuilds a table and writes the state file
                 // (~70 a second here).
                 api_changes: 300,
+                failovers: 3,
+                cluster_changes: 10,
+                cluster_rate: 100,
+                cluster_phase: Duration::from_secs(3),
             },
             Mode::Smoke => Scale {
                 mode,
@@ -183,6 +207,10 @@ impl Scale {
                 share_flows: 2_000,
                 death_trials: 1,
                 api_changes: 100,
+                failovers: 1,
+                cluster_changes: 3,
+                cluster_rate: 100,
+                cluster_phase: Duration::from_secs(1),
             },
         }
     }
@@ -214,9 +242,17 @@ fn main() {
     };
     let mut scale = Scale::of(mode);
     scale.setups = value("--setups").map(|v| v.split(',').map(peers::Setup::parse).collect());
+    // The cluster (BIRD, etcd, ~30 s of start and failovers) runs in a
+    // full run, or when asked for.
     let sections: Vec<Section> = value("--only")
         .map(|v| v.split(',').map(Section::parse).collect())
-        .unwrap_or_else(|| Section::ALL.to_vec());
+        .unwrap_or_else(|| match mode {
+            Mode::Full => Section::ALL.to_vec(),
+            Mode::Quick | Mode::Smoke => Section::ALL
+                .into_iter()
+                .filter(|s| *s != Section::Cluster)
+                .collect(),
+        });
     let out = value("--out")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target/bench"));
@@ -241,6 +277,7 @@ fn main() {
             Section::Pps => pps::run(&scale, &mut report),
             Section::E2e => e2e::run(&scale, &mut report),
             Section::Control => control::run(&scale, &mut report),
+            Section::Cluster => cluster::run(&scale, &mut report),
         }
         println!(
             "bench: {} took {:.0} s",
@@ -275,7 +312,7 @@ fn main() {
     }
     let md_path = out.join("BENCHMARKS.md");
     markdown::write(&report, &meta, &md_path, "benchmarks.png");
-    if mode == Mode::Full && sections.len() == 4 {
+    if mode == Mode::Full && sections.len() == Section::ALL.len() {
         let docs = workspace().join("docs");
         std::fs::create_dir_all(&docs).unwrap();
         let _ = std::fs::copy(&png, docs.join("benchmarks.png"));

@@ -403,6 +403,43 @@ pub enum FigureId {
         entries: usize,
         walk: bool,
     },
+    Cluster(ClusterMetric),
+}
+
+/// "1_node", "3_nodes": how many nodes announced, in a cluster figure's id.
+struct NodesId(usize);
+
+impl fmt::Display for NodesId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            1 => f.write_str("1_node"),
+            n => write!(f, "{n}_nodes"),
+        }
+    }
+}
+
+/// A figure of the cluster section (several nodes behind an ECMP router).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ClusterMetric {
+    /// A node killed whole to the router's withdrawal of its next hop.
+    FailoverMedianMs,
+    FailoverMinMs,
+    FailoverMaxMs,
+    /// A change through one node's API to equal new tables on every node.
+    ChangeToAllNodesMedianMs,
+    ChangeToAllNodesMaxMs,
+    /// With `nodes` announcing, under the same offered load: the data
+    /// plane's ns per packet over all nodes, the busiest node's share of
+    /// the data plane's run time, and that node's run time per second.
+    NsPerPacket {
+        nodes: usize,
+    },
+    BusiestNodeShare {
+        nodes: usize,
+    },
+    BusiestNodeMsPerS {
+        nodes: usize,
+    },
 }
 
 impl FigureId {
@@ -439,6 +476,16 @@ impl FigureId {
                 D::Deaths50TableInstalls => "installs",
                 D::RssIdleMib | D::RssAfterApiChangesMib | D::RssPeakMib => "MiB",
                 D::ApiChangesPerS => "changes/s",
+            },
+            FigureId::Cluster(m) => match m {
+                ClusterMetric::FailoverMedianMs
+                | ClusterMetric::FailoverMinMs
+                | ClusterMetric::FailoverMaxMs
+                | ClusterMetric::ChangeToAllNodesMedianMs
+                | ClusterMetric::ChangeToAllNodesMaxMs => "ms",
+                ClusterMetric::NsPerPacket { .. } => "ns",
+                ClusterMetric::BusiestNodeShare { .. } => "share",
+                ClusterMetric::BusiestNodeMsPerS { .. } => "ms/s",
             },
         }
     }
@@ -523,6 +570,26 @@ impl fmt::Display for FigureId {
                 D::RssPeakMib => "control/daemon_rss/peak_mib",
                 D::ApiChangesPerS => "control/api_changes_per_s",
             }),
+            FigureId::Cluster(m) => match m {
+                ClusterMetric::FailoverMedianMs => f.write_str("cluster/failover/median_ms"),
+                ClusterMetric::FailoverMinMs => f.write_str("cluster/failover/min_ms"),
+                ClusterMetric::FailoverMaxMs => f.write_str("cluster/failover/max_ms"),
+                ClusterMetric::ChangeToAllNodesMedianMs => {
+                    f.write_str("cluster/change_to_all_nodes/median_ms")
+                }
+                ClusterMetric::ChangeToAllNodesMaxMs => {
+                    f.write_str("cluster/change_to_all_nodes/max_ms")
+                }
+                ClusterMetric::NsPerPacket { nodes } => {
+                    write!(f, "cluster/cpu/{}/ns_per_packet", NodesId(nodes))
+                }
+                ClusterMetric::BusiestNodeShare { nodes } => {
+                    write!(f, "cluster/cpu/{}/busiest_node_share", NodesId(nodes))
+                }
+                ClusterMetric::BusiestNodeMsPerS { nodes } => {
+                    write!(f, "cluster/cpu/{}/busiest_node_ms_per_s", NodesId(nodes))
+                }
+            },
         }
     }
 }
@@ -710,6 +777,41 @@ pub struct Sections {
     pub flows_moved: Vec<FlowsMovedRow>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub daemon: Vec<DaemonRow>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterRow>,
+}
+
+/// The cluster section: every sample, and each node's data-plane CPU.
+#[derive(Serialize)]
+pub struct ClusterRow {
+    pub nodes: usize,
+    pub failover_ms: Vec<f64>,
+    pub change_to_all_nodes_ms: Vec<f64>,
+    /// The offered load of the CPU phases.
+    pub load_conn_per_s: u32,
+    pub load_seconds: f64,
+    pub cpu: Vec<NodeCpuRow>,
+}
+
+/// One node's XDP (and TC, where attached) programs during a load phase,
+/// from the kernel's BPF run-time statistics.
+#[derive(Serialize)]
+pub struct NodeCpuRow {
+    pub nodes_announcing: usize,
+    pub node: usize,
+    /// Everything the programs saw in the phase, and their run time.
+    pub packets: u64,
+    pub run_time_ms: f64,
+    pub ns_per_packet: f64,
+    /// Packets the node's programs saw a second without the load (BGP,
+    /// BFD, etcd, health checks), measured before the load phases.
+    pub idle_packets_per_s: f64,
+    /// The phase's packets and run time less the idle rate's (at least 0):
+    /// the load's part.
+    pub load_packets: u64,
+    pub load_run_time_ms: f64,
+    /// This node's share of all nodes' load run time in the phase.
+    pub share: f64,
 }
 
 /// The run itself: what ran, where, for how long.
@@ -852,6 +954,22 @@ mod tests {
             (
                 FigureId::Daemon(DaemonMetric::RssAfterApiChangesMib),
                 "control/daemon_rss/after_api_changes_mib",
+            ),
+            (
+                FigureId::Cluster(ClusterMetric::FailoverMedianMs),
+                "cluster/failover/median_ms",
+            ),
+            (
+                FigureId::Cluster(ClusterMetric::ChangeToAllNodesMedianMs),
+                "cluster/change_to_all_nodes/median_ms",
+            ),
+            (
+                FigureId::Cluster(ClusterMetric::BusiestNodeShare { nodes: 3 }),
+                "cluster/cpu/3_nodes/busiest_node_share",
+            ),
+            (
+                FigureId::Cluster(ClusterMetric::NsPerPacket { nodes: 1 }),
+                "cluster/cpu/1_node/ns_per_packet",
             ),
         ];
         for (id, want) in cases {

@@ -53,13 +53,30 @@ const REQUIRED: &[&str] = &[
     "control/daemon_rss/after_api_changes_mib",
 ];
 
-#[test]
-fn a_smoke_run_of_the_bench_writes_every_figure() {
-    lb_tests::require_root();
-    let dir = TempDir::new("bench-smoke");
+/// The cluster section's figures (`--only cluster`; BIRD and etcd).
+const REQUIRED_CLUSTER: &[&str] = &[
+    "cluster/failover/median_ms",
+    "cluster/failover/max_ms",
+    "cluster/change_to_all_nodes/median_ms",
+    "cluster/cpu/1_node/ns_per_packet",
+    "cluster/cpu/3_nodes/ns_per_packet",
+    "cluster/cpu/1_node/busiest_node_share",
+    "cluster/cpu/3_nodes/busiest_node_share",
+    "cluster/cpu/3_nodes/busiest_node_ms_per_s",
+];
+
+/// One bench run at a time: the figures of two at once would be each
+/// other's noise.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `lb-bench --smoke` with `args` into `dir`: results.json, parsed.
+fn smoke_run(dir: &TempDir, args: &[&str]) -> Value {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_lb-bench"))
-        .args(["--smoke", "--out"])
+        .arg("--smoke")
+        .args(args)
+        .arg("--out")
         .arg(&dir.0)
         .output()
         .expect("run lb-bench");
@@ -68,13 +85,19 @@ fn a_smoke_run_of_the_bench_writes_every_figure() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "lb-bench --smoke failed:\n{log}");
-    println!("lb-bench --smoke took {:?}", started.elapsed());
-
+    assert!(
+        out.status.success(),
+        "lb-bench --smoke {args:?} failed:\n{log}"
+    );
+    println!("lb-bench --smoke {args:?} took {:?}", started.elapsed());
     let text = std::fs::read_to_string(dir.path("results.json")).expect("results.json written");
     let v: Value = serde_json::from_str(&text).expect("results.json is JSON");
     assert_eq!(v["meta"]["mode"], "smoke");
-    assert!(v["meta"]["machine"]["cpus"].as_u64().unwrap_or(0) >= 1);
+    v
+}
+
+/// Every figure's id once, with a unit and a finite value that can be one.
+fn check_figures(v: &Value, required: &[&str]) {
     let figures = v["figures"].as_array().expect("a figures array");
     let mut ids = HashSet::new();
     for f in figures {
@@ -93,9 +116,22 @@ fn a_smoke_run_of_the_bench_writes_every_figure() {
             assert!(value > 0.0, "figure {id} = {value} {unit}");
         }
     }
-    for id in REQUIRED {
+    for id in required {
         assert!(ids.contains(*id), "figure {id} missing; written:\n{ids:#?}");
     }
+}
+
+#[test]
+fn a_smoke_run_of_the_bench_writes_every_figure() {
+    lb_tests::require_root();
+    let dir = TempDir::new("bench-smoke");
+    let v = smoke_run(&dir, &[]);
+    assert!(v["meta"]["machine"]["cpus"].as_u64().unwrap_or(0) >= 1);
+    check_figures(&v, REQUIRED);
+    assert!(
+        v["sections"].get("cluster").is_none(),
+        "the cluster section runs only when asked for"
+    );
     // lb's programs ran on every connection, in XDP and in TC mode alike
     // (TC programs attached as tcx links are found too).
     let e2e = v["sections"]["e2e"].as_array().expect("an e2e section");
@@ -131,5 +167,38 @@ fn a_smoke_run_of_the_bench_writes_every_figure() {
             dir.path("benchmarks.png").exists(),
             "benchmarks.png written"
         );
+    }
+}
+
+/// `--only cluster`: the topology (router, 3 nodes with lb + BIRD +
+/// etcd member), its figures written, and the load spread as it should be:
+/// every node carries some of it with 3 announcing, node0 most of it alone.
+#[test]
+fn a_smoke_run_of_the_cluster_rows_writes_every_figure() {
+    lb_tests::require_root();
+    lb_tests::cluster::require_tool("bird", "bird2");
+    lb_tests::etcd::require_etcd();
+    let dir = TempDir::new("bench-smoke-cluster");
+    let v = smoke_run(&dir, &["--only", "cluster"]);
+    check_figures(&v, REQUIRED_CLUSTER);
+    let cpu = v["sections"]["cluster"]["cpu"]
+        .as_array()
+        .expect("per-node CPU rows");
+    let load = |announcing: u64, node: u64| {
+        cpu.iter()
+            .find(|r| r["nodes_announcing"] == announcing && r["node"] == node)
+            .and_then(|r| r["load_packets"].as_u64())
+            .unwrap_or_else(|| panic!("no row for node{node} with {announcing} announcing"))
+    };
+    for node in 0..3 {
+        assert!(load(3, node) > 0, "node{node}: {cpu:?}");
+    }
+    assert!(
+        load(1, 0) > 2 * (load(1, 1) + load(1, 2)),
+        "node0 alone should carry the load: {cpu:?}"
+    );
+    let md = std::fs::read_to_string(dir.path("BENCHMARKS.md")).expect("BENCHMARKS.md written");
+    for title in ["failover and change propagation", "data-plane CPU per node"] {
+        assert!(md.contains(title), "BENCHMARKS.md lacks {title:?}");
     }
 }

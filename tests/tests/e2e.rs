@@ -956,6 +956,122 @@ fn the_demo_prints_how_to_try_it_and_removes_everything() {
     assert!(left.is_empty(), "the demo left namespaces behind: {left:?}");
 }
 
+/// Pids of the processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            pid.parse::<u32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline
+                .contains(needle)
+                .then(|| format!("{pid}: {cmdline}"))
+        })
+        .collect()
+}
+
+/// `cargo xtask run -- --cluster 3`: the router, 3 nodes (lb + BIRD + etcd
+/// member) and the backends come up, the per-second lines show every node
+/// balancing new flows of the background load, and at the end no
+/// namespace, lb, BIRD or etcd process of the demo is left.
+#[test]
+fn the_cluster_demo_spreads_the_load_over_every_node_and_removes_everything() {
+    let _serial = serial();
+    lb_tests::cluster::require_tool("bird", "bird2");
+    lb_tests::etcd::require_etcd();
+    let dir = lb_tests::daemon::TempDir::new("cluster-demo-smoke");
+    let out_path = dir.path("demo.out");
+    let demo = lb_tests::daemon::lb_binary()
+        .with_file_name("examples")
+        .join("cluster_demo");
+    assert!(
+        demo.exists(),
+        "{} is missing: build it first (`cargo build -p lb-tests --example cluster_demo`)",
+        demo.display()
+    );
+    let mut child = std::process::Command::new(&demo)
+        .args(["--cluster", "3", "--for", "4"])
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start the cluster demo");
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "the cluster demo (--for 4) still running after 90 s:\n{}",
+                std::fs::read_to_string(&out_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = std::fs::read_to_string(&out_path).unwrap();
+    println!("{out}");
+    assert!(status.success(), "the cluster demo exited with {status}");
+    let curl = out
+        .lines()
+        .find(|l| l.contains("curl -sk https://10.215.0.100/"))
+        .expect("the curl line");
+    assert!(
+        curl.trim_start().starts_with("sudo ip netns exec lbt-"),
+        "{curl}"
+    );
+    for what in ["status --socket", "link set eth0 down", "kill -9"] {
+        assert!(out.contains(what), "the intro does not show {what:?}");
+    }
+    // Every node's new flows over the whole run, from the last line.
+    let last = out
+        .lines()
+        .rfind(|l| l.starts_with('[') && l.contains("|| new flows per backend"))
+        .expect("a per-second line");
+    let flows: Vec<u64> = (0..3)
+        .map(|i| {
+            let part = last
+                .split(" | ")
+                .map(|p| p.split("] ").last().unwrap_or(p))
+                .find(|p| p.starts_with(&format!("node{i} ")))
+                .unwrap_or_else(|| panic!("node{i} is not in {last:?}"));
+            assert!(part.contains(" announced "), "{part}");
+            let words: Vec<&str> = part.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "flows").expect("flows");
+            words[at + 1].parse().expect("a number of flows")
+        })
+        .collect();
+    assert!(
+        flows.iter().all(|f| *f > 0),
+        "not every node carried traffic: {flows:?} in {last:?}"
+    );
+    assert!(out.contains("removed namespaces"), "no goodbye");
+    let left: Vec<String> = lb_tests::netns::run(&["ip", "netns", "list"])
+        .lines()
+        .filter(|l| l.starts_with(&format!("lbt-{pid}-")))
+        .map(str::to_string)
+        .collect();
+    assert!(left.is_empty(), "the demo left namespaces behind: {left:?}");
+    // lb and BIRD run with their configs in the first directory, etcd with
+    // its data in the second: nothing may still name them.
+    let files = out
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("files:"))
+        .expect("the files line");
+    let dirs: Vec<&str> = files.split_whitespace().collect();
+    assert_eq!(dirs.len(), 2, "{files}");
+    for d in dirs {
+        let procs = processes_mentioning(d);
+        assert!(procs.is_empty(), "left running: {procs:?}");
+        assert!(!std::path::Path::new(d).exists(), "{d} left behind");
+    }
+}
+
 /// A 64 MiB upload through the balancer to a plain TCP sink. With TC the
 /// client's GSO packets reach the backend whole (rewritten in place, counted
 /// once each by the program: far more bytes a packet than the MTU); with

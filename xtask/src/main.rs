@@ -33,8 +33,10 @@ enum Cmd {
     /// page, completions, the dashboard and the alert rules.
     Package,
     /// Build, then run the demo (no arguments, or `-- demo [--for SECONDS]`),
-    /// or the daemon on an interface (`-- --config FILE [--iface IF]`), or
-    /// `lb` with any other arguments (`-- status`), as root.
+    /// the cluster demo (`-- --cluster N [--for SECONDS]`: N nodes with lb,
+    /// BIRD and etcd behind an ECMP router), or the daemon on an interface
+    /// (`-- --config FILE [--iface IF]`), or `lb` with any other arguments
+    /// (`-- status`), as root.
     Run {
         /// Arguments after `--`: none for the demo, `--config FILE` for `lb run`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -47,13 +49,15 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Benchmark against same-run baselines and the usual gateways:
-    /// per-packet cost, packets per second, end to end, control plane.
+    /// per-packet cost, packets per second, end to end, control plane, and
+    /// a 3-node cluster (failover, change propagation, per-node CPU).
     /// Writes target/bench/results.json; the full run also docs/BENCHMARKS.md.
     Bench {
-        /// A shorter run of everything (under 90 s).
+        /// A shorter run of everything but the cluster (under 90 s).
         #[arg(long)]
         quick: bool,
-        /// More arguments for lb-bench (`--only e2e`, `--setups lb,nftables`).
+        /// More arguments for lb-bench: `--only SECTION,...` of per-packet,
+        /// pps, e2e, control, cluster; `--setups lb,nftables`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -95,7 +99,8 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// `cargo xtask run`: the demo with no arguments (or `demo ...`); `lb run`
+/// `cargo xtask run`: the demo with no arguments (or `demo ...`), the
+/// cluster demo with `--cluster N` among the demo's arguments; `lb run`
 /// when the arguments start with one of its flags (`--config`, `--iface`);
 /// `lb` with the arguments as they are otherwise (`status`, `backends ...`).
 fn run_cmd(env: &setup::Env, args: &[String]) -> Result<()> {
@@ -103,11 +108,18 @@ fn run_cmd(env: &setup::Env, args: &[String]) -> Result<()> {
     build(env)?;
     let first = args.first().map(String::as_str);
     let demo_args = match first {
-        None | Some("--for") => Some(args),
+        None | Some("--for" | "--cluster") => Some(args),
         Some("demo") => Some(&args[1..]),
         _ => None,
     };
     if let Some(demo_args) = demo_args {
+        // The cluster demo runs BIRD and etcd: `setup::ensure` above
+        // installed them (bird2, etcd-server, etcd-client) if missing.
+        let example = if demo_args.iter().any(|a| a == "--cluster") {
+            "cluster_demo"
+        } else {
+            "demo"
+        };
         println!(
             "xtask: building the demo (release; the first time takes a minute) and starting it..."
         );
@@ -118,7 +130,7 @@ fn run_cmd(env: &setup::Env, args: &[String]) -> Result<()> {
             "-p",
             "lb-tests",
             "--example",
-            "demo",
+            example,
             "--",
         ]);
         cmd.args(demo_args);
@@ -222,12 +234,21 @@ fn test(env: &setup::Env, args: &[String]) -> Result<()> {
         .args(["build", "-p", "lb-userspace", "--bin", "lb"])
         .status()?;
     check(status, "cargo build of lb")?;
-    // tests/tests/e2e.rs runs the demo (tests/examples/demo.rs).
+    // tests/tests/e2e.rs runs the demos (tests/examples/demo.rs and
+    // cluster_demo.rs).
     let status = env
         .cargo()
-        .args(["build", "-p", "lb-tests", "--example", "demo"])
+        .args([
+            "build",
+            "-p",
+            "lb-tests",
+            "--example",
+            "demo",
+            "--example",
+            "cluster_demo",
+        ])
         .status()?;
-    check(status, "cargo build of the demo")?;
+    check(status, "cargo build of the demos")?;
     // tests/tests/package.rs installs the package (release build); skipped
     // when `--test` selects other test files only.
     let mut cargo_test = env.cargo();
