@@ -2,6 +2,7 @@
 //! (lb + BIRD + etcd member per node): failover time, time for an API change
 //! to reach every node's table, and each node's data-plane CPU under the
 //! same offered load with 1 and with 3 nodes announcing.
+use lb_tests::wait_for;
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -172,33 +173,13 @@ pub fn run(scale: &Scale, report: &mut Report) {
     });
 }
 
-fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < within, "{what}: not after {within:?}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    start.elapsed()
-}
-
-/// Each node's table fingerprint for the service.
-fn fingerprints(c: &Cluster) -> Vec<String> {
-    (0..NODES)
-        .map(|i| {
-            let (status, body) = c.lb(i).get("/api/v1/services/web");
-            assert_eq!(status, 200, "{body}");
-            body["table_fingerprint"].as_str().unwrap_or("").to_string()
-        })
-        .collect()
-}
-
 /// `n` weight changes of one backend, through node 0, 1, 2, 0, ... in
 /// turn: ms from the API call until every node has the same new table.
 fn change_times(c: &Cluster, n: usize) -> Vec<f64> {
     let backend = format!("{}:443", backend_addr(0));
     let mut times = Vec::new();
     for k in 0..n {
-        let before = fingerprints(c);
+        let before = c.fingerprints();
         assert!(before.iter().all(|f| *f == before[0]), "{before:?}");
         let weight = if k % 2 == 0 { 200 } else { 100 };
         let node = c.lb(k % NODES);
@@ -214,7 +195,7 @@ fn change_times(c: &Cluster, n: usize) -> Vec<f64> {
             "a change in every node's table",
             Duration::from_secs(10),
             || {
-                let f = fingerprints(c);
+                let f = c.fingerprints();
                 f.iter().all(|x| *x == f[0] && *x != before[0])
             },
         );

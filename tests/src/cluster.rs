@@ -619,6 +619,27 @@ impl Cluster {
         }
     }
 
+    /// Node `i`'s view of the service `web` (`GET /api/v1/services/web`).
+    pub fn web(&self, i: usize) -> serde_json::Value {
+        let (status, body) = self.lb(i).get("/api/v1/services/web");
+        assert_eq!(status, 200, "node {i}: {body}");
+        body
+    }
+
+    /// Each node's table fingerprint of `web` ("" for a node whose lb is
+    /// not running).
+    pub fn fingerprints(&self) -> Vec<String> {
+        (0..self.nodes.len())
+            .map(|i| match self.lbs[i] {
+                Some(_) => self.web(i)["table_fingerprint"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                None => String::new(),
+            })
+            .collect()
+    }
+
     pub fn lb(&self, i: usize) -> &Lb {
         self.lbs[i].as_ref().expect("node's lb is running")
     }

@@ -24,3 +24,18 @@ pub fn require_root() {
         );
     }
 }
+
+/// Polls `ok` every 2 ms until it holds; how long that took. Fails the
+/// test, naming `what`, after `within`.
+pub fn wait_for(
+    what: &str,
+    within: std::time::Duration,
+    mut ok: impl FnMut() -> bool,
+) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    start.elapsed()
+}

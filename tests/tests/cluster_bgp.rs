@@ -8,16 +8,6 @@ use std::time::{Duration, Instant};
 use lb_tests::cluster::{Cluster, new_flows};
 use serde_json::Value;
 
-/// The service as node `lb`'s API shows it.
-fn web(c: &Cluster, i: usize) -> Value {
-    let (status, body) = c.lb(i).get("/api/v1/services");
-    assert_eq!(status, 200, "{body}");
-    body.as_array()
-        .and_then(|a| a.iter().find(|s| s["name"] == "web"))
-        .cloned()
-        .unwrap_or_else(|| panic!("no service web: {body}"))
-}
-
 /// Flows each running node took while `f` ran.
 fn flows_during(c: &Cluster, f: impl FnOnce()) -> Vec<u64> {
     let count = |c: &Cluster| -> Vec<u64> {
@@ -58,7 +48,7 @@ fn three_nodes_announce_spread_and_withdraw() {
 
     // (1) Identical tables (backends listed in another order on each node),
     // announced everywhere, traffic on every node.
-    let views: Vec<Value> = (0..3).map(|i| web(&c, i)).collect();
+    let views: Vec<Value> = (0..3).map(|i| c.web(i)).collect();
     let fp = views[0]["table_fingerprint"]
         .as_str()
         .expect("a fingerprint")
@@ -132,7 +122,7 @@ fn three_nodes_announce_spread_and_withdraw() {
     c.lbs[0] = Some(c.start_lb(0));
     let back = c.wait_next_hops(&[0, 1, 2], Duration::from_secs(5));
     println!("node 0's lb restarted: announced again {back:?} after its API answered");
-    assert_eq!(web(&c, 0)["table_fingerprint"], fp.as_str());
+    assert_eq!(c.web(0)["table_fingerprint"], fp.as_str());
     let per_node = all_succeed(&c, "node 0 back", 150);
     assert!(
         per_node[0] > 0,
@@ -208,7 +198,7 @@ fn three_nodes_announce_spread_and_withdraw() {
         down.elapsed()
     );
     for i in 0..3 {
-        let v = web(&c, i);
+        let v = c.web(i);
         assert_eq!(v["announce"]["announced"], false, "node {i}: {v}");
         assert_eq!(
             v["announce"]["reason"], "no_usable_backend",

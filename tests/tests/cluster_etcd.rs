@@ -4,6 +4,7 @@
 //! others; concurrent changes never lose one; etcd members dying, stopping
 //! and coming back change nothing for traffic. etcd runs in a namespace of
 //! the test, joined to each balancer namespace by a veth.
+use lb_tests::wait_for;
 use std::{
     path::PathBuf,
     process::{Command, Stdio},
@@ -42,15 +43,6 @@ fn cluster_config(site: &Site, i: usize, svc: &ServiceConf) -> PathBuf {
     ));
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    start.elapsed()
 }
 
 fn ports(lb: &Lb) -> Vec<u16> {
@@ -575,17 +567,6 @@ fn etcd_over_tls_with_client_certificates() {
     drop(extra);
 }
 
-/// Each node's table fingerprint for the cluster topology's service.
-fn fingerprints(c: &Cluster) -> Vec<String> {
-    (0..c.nodes.len())
-        .map(|i| {
-            let (status, body) = c.lb(i).get("/api/v1/services/web");
-            assert_eq!(status, 200, "{body}");
-            body["table_fingerprint"].as_str().unwrap_or("").to_string()
-        })
-        .collect()
-}
-
 /// Scenario 3 on the whole topology (router, 3 nodes each with lb,
 /// BIRD and an etcd member): a backend removed through node 0 and added
 /// back through node 1 leaves every node with the same table within a
@@ -599,7 +580,7 @@ fn a_change_through_one_node_gives_every_node_the_same_table_within_a_second() {
         Duration::from_secs(10),
         || (0..3).all(|i| cluster_status(c.lb(i))["connected"] == true),
     );
-    let before = fingerprints(&c);
+    let before = c.fingerprints();
     assert!(
         before.iter().all(|f| !f.is_empty() && *f == before[0]),
         "{before:?}"
@@ -613,7 +594,7 @@ fn a_change_through_one_node_gives_every_node_the_same_table_within_a_second() {
     );
     assert_eq!(s, 204, "{v}");
     let took = wait_for("the removal in every table", Duration::from_secs(1), || {
-        let f = fingerprints(&c);
+        let f = c.fingerprints();
         f.iter().all(|x| *x == f[0] && *x != before[0])
     });
     println!("backend removed through node 0: every table equal after {took:?}");
@@ -627,7 +608,7 @@ fn a_change_through_one_node_gives_every_node_the_same_table_within_a_second() {
     let took = wait_for(
         "the addition in every table",
         Duration::from_secs(1),
-        || fingerprints(&c) == before,
+        || c.fingerprints() == before,
     );
     println!("backend added back through node 1: every table as at the start after {took:?}");
     c.wait_next_hops(&[0, 1, 2], Duration::from_secs(1));

@@ -5,6 +5,7 @@
 //! node had pinned in changed slots break when it dies (the baseline flow
 //! pin sharing removes). Also scenario 1's packet-fixture half: each
 //! node's own program, on its live maps, sends a flow to the same backend.
+use lb_tests::wait_for;
 use std::{
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
@@ -28,15 +29,6 @@ const STREAMS: usize = 30;
 /// The bytes of a whole stream: every chunk and the end line.
 fn whole_bytes() -> u64 {
     CHUNKS * CHUNK as u64 + format!("end {CHUNKS}\n").len() as u64
-}
-
-fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    start.elapsed()
 }
 
 /// Each node's table fingerprint for the service.

@@ -6,6 +6,7 @@
 //! node-local policy); a node that rejoins while etcd is unreachable announces
 //! nothing until it has synced and its fingerprint is the cluster's
 //! (scenario 5).
+use lb_tests::wait_for;
 use std::{
     sync::{
         Arc,
@@ -32,26 +33,10 @@ fn one_cluster() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The service as node `i`'s API shows it.
-fn web(c: &Cluster, i: usize) -> Value {
-    let (status, body) = c.lb(i).get("/api/v1/services/web");
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
 fn cluster_status(c: &Cluster, i: usize) -> Value {
     let (status, v) = c.lb(i).get("/api/v1/status");
     assert_eq!(status, 200, "{v}");
     v["cluster"].clone()
-}
-
-fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    start.elapsed()
 }
 
 fn addrs(nodes: &[usize]) -> Vec<String> {
@@ -122,7 +107,7 @@ fn change(c: &Cluster, node: usize, add: bool) {
 }
 
 fn fingerprint(c: &Cluster, i: usize) -> String {
-    web(c, i)["table_fingerprint"]
+    c.web(i)["table_fingerprint"]
         .as_str()
         .unwrap_or("")
         .to_string()
@@ -145,7 +130,7 @@ fn all_in_step(c: &Cluster) {
         || {
             (0..3).all(|i| {
                 let st = cluster_status(c, i);
-                let w = web(c, i);
+                let w = c.web(i);
                 st["connected"] == true
                     && st["synced"] == true
                     && w["table_fingerprint"] == w["cluster_fingerprint"]
@@ -206,12 +191,12 @@ fn changes_withdraw_nobody_and_a_node_with_another_table_never_announces() {
     let differs = wait_for(
         "node 2 withdrawn as table_differs",
         Duration::from_secs(10),
-        || web(&c, 2)["announce"]["reason"] == "table_differs",
+        || c.web(2)["announce"]["reason"] == "table_differs",
     );
     // Past the grace: still out, the others still in.
     std::thread::sleep(Duration::from_millis(2500));
     let samples = hops.finish(&[0, 1]);
-    let w = web(&c, 2);
+    let w = c.web(2);
     assert_eq!(w["announce"]["reason"], "table_differs", "{w}");
     assert_ne!(w["table_fingerprint"], w["cluster_fingerprint"], "{w}");
     assert_eq!(
@@ -266,7 +251,7 @@ fn changes_withdraw_nobody_and_a_node_with_another_table_never_announces() {
     wait_for(
         "node 2 refusing the cluster's services",
         Duration::from_secs(10),
-        || web(&c, 2)["announce"]["reason"] == "table_differs",
+        || c.web(2)["announce"]["reason"] == "table_differs",
     );
     std::thread::sleep(Duration::from_millis(2500));
     let samples = hops.finish(&[0, 1]);
@@ -277,7 +262,7 @@ fn changes_withdraw_nobody_and_a_node_with_another_table_never_announces() {
             .is_some_and(|e| e.contains("not applied")),
         "{st}"
     );
-    assert_eq!(web(&c, 2)["announce"]["reason"], "table_differs");
+    assert_eq!(c.web(2)["announce"]["reason"], "table_differs");
     let t = Instant::now();
     change(&c, 0, false);
     let back = c.wait_next_hops(&[0, 1, 2], Duration::from_secs(5));
@@ -324,7 +309,7 @@ fn a_rejoining_node_announces_only_once_its_table_is_the_clusters() {
     let flows_before = new_flows(c.lb(2));
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(3) {
-        let w = web(&c, 2);
+        let w = c.web(2);
         assert_eq!(w["announce"]["reason"], "cluster_not_synced", "{w}");
         assert_eq!(w["table_fingerprint"].as_str(), Some(&*stale), "{w}");
         std::thread::sleep(Duration::from_millis(100));
@@ -341,7 +326,7 @@ fn a_rejoining_node_announces_only_once_its_table_is_the_clusters() {
         "flows reached node 2's stale table"
     );
     for i in 0..2 {
-        assert_eq!(web(&c, i)["announce"]["reason"], "announced");
+        assert_eq!(c.web(i)["announce"]["reason"], "announced");
     }
     let out = c.lb(2).cli(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -360,10 +345,10 @@ fn a_rejoining_node_announces_only_once_its_table_is_the_clusters() {
         assert!(
             t.elapsed() < Duration::from_secs(15),
             "node 2 did not announce: {}\n{}",
-            web(&c, 2),
+            c.web(2),
             c.lb(2).log()
         );
-        let w = web(&c, 2);
+        let w = c.web(2);
         if synced.is_none() && cluster_status(&c, 2)["synced"] == true {
             synced = Some(t.elapsed());
         }

@@ -3,6 +3,7 @@
 //! hop and when it asks the FIB, the resolver against a namespace's real
 //! routes and neighbours, and live traffic that must follow a backend's
 //! MAC address and route changes within a second.
+use lb_tests::wait_for;
 use std::{
     net::{SocketAddr, UdpSocket},
     sync::{
@@ -358,16 +359,6 @@ fn outage(traffic: &Traffic, what: &str, change: impl FnOnce()) -> Duration {
         || traffic.recovered_after(done).is_some(),
     );
     traffic.recovered_after(done).unwrap() + (done - start)
-}
-
-/// Waits up to `limit` for `f`; returns how long it took.
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    start.elapsed()
 }
 
 /// Client, balancer and a backend host reached over two links. Under
