@@ -137,6 +137,7 @@ mod tests {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            pin_sync: None,
         };
         let c = Cluster::new(&cfg).unwrap();
         // Alone and not synced: no vote, no majority.

@@ -155,3 +155,182 @@ fn a_short_key_file_is_refused() {
         Err(KeyError::Read { .. })
     ));
 }
+
+#[test]
+fn join_messages_round_trip_and_keep_their_kind() {
+    let b = batch(9, 1_700_000_000_000);
+    let ask = Batch {
+        pins: Vec::new(),
+        ..b.clone()
+    };
+    let kinds = [
+        (Kind::Pins, b.clone()),
+        (Kind::JoinRequest, ask.clone()),
+        (Kind::JoinPins { request: 77 }, b.clone()),
+        (
+            Kind::JoinEnd {
+                request: 77,
+                pins: 1234,
+            },
+            ask.clone(),
+        ),
+    ];
+    for (kind, batch) in &kinds {
+        let d = encode_kind(&key(), *kind, batch);
+        assert_eq!(
+            decode_kind(&key(), &d),
+            Ok((*kind, batch.clone())),
+            "{kind:?}"
+        );
+        // The kind is under the MAC: another magic fails it.
+        for (other, _) in &kinds {
+            if other.magic() != kind.magic() {
+                let mut forged = d.clone();
+                forged[..4].copy_from_slice(&other.magic());
+                assert_eq!(decode_kind(&key(), &forged), Err(WireError::BadMac));
+            }
+        }
+    }
+    // Only pin batches pass the pins-only decoder.
+    let d = encode_kind(&key(), Kind::JoinPins { request: 1 }, &b);
+    assert_eq!(decode(&key(), &d), Err(WireError::Malformed));
+    // A request or an end marker carrying pins is refused, even signed.
+    let d = encode_kind(&key(), Kind::JoinRequest, &b);
+    assert_eq!(decode_kind(&key(), &d), Err(WireError::Malformed));
+    let d = encode_kind(
+        &key(),
+        Kind::JoinEnd {
+            request: 1,
+            pins: 2,
+        },
+        &b,
+    );
+    assert_eq!(decode_kind(&key(), &d), Err(WireError::Malformed));
+    // The join exchange falls under the same replay window.
+    let now = 1_700_000_000_000;
+    let mut w = ReplayWindow::default();
+    assert_eq!(w.accept(&batch(5, now), now), Ok(()));
+    let (_, replayed) = decode_kind(
+        &key(),
+        &encode_kind(
+            &key(),
+            Kind::JoinRequest,
+            &Batch {
+                seq: 5,
+                unix_ms: now,
+                ..ask
+            },
+        ),
+    )
+    .unwrap();
+    assert_eq!(w.accept(&replayed, now), Err(ReplayError::Replayed));
+}
+
+fn peers(names: &[&str]) -> Vec<(String, SocketAddr)> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            (
+                n.to_string(),
+                format!("10.9.0.{}:7946", i + 1).parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn asked(step: JoinStep) -> (String, u64) {
+    match step {
+        JoinStep::Ask { peer, request, .. } => (peer, request),
+        other => panic!("expected a request, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_join_is_synced_once_one_peer_answers_whole() {
+    let t0 = Instant::now();
+    let mut j = Join::new(t0);
+    let p = peers(&["b", "c"]);
+    let (peer, r) = asked(j.next(&p, || 10, t0));
+    assert_eq!((peer.as_str(), r), ("b", 10));
+    assert!(!j.done());
+    assert_eq!(
+        j.next(&p, || 11, t0 + Duration::from_millis(10)),
+        JoinStep::Wait
+    );
+    // Pins of another request or from another node do not count.
+    j.on_pins("c", 10, 20);
+    j.on_pins("b", 9, 20);
+    j.on_pins("b", 10, 20);
+    j.on_pins("b", 10, 5);
+    // An end marker for another request changes nothing.
+    j.on_end("b", 9, 25, t0);
+    assert!(!j.done());
+    j.on_end("b", 10, 25, t0 + Duration::from_millis(30));
+    assert_eq!(
+        j.outcome(),
+        &JoinOutcome::Synced {
+            peer: "b".into(),
+            pins: 25
+        }
+    );
+    assert_eq!(
+        j.next(&p, || 12, t0 + Duration::from_secs(9)),
+        JoinStep::Done
+    );
+    let v = j.view();
+    assert_eq!(
+        (
+            v.state.as_str(),
+            v.peer.as_deref(),
+            v.pins,
+            v.requests,
+            v.took_ms
+        ),
+        ("synced", Some("b"), 25, 1, Some(30))
+    );
+}
+
+#[test]
+fn a_lost_answer_is_asked_again_of_the_next_peer_within_the_bound() {
+    let t0 = Instant::now();
+    let mut j = Join::new(t0);
+    let p = peers(&["b", "c"]);
+    asked(j.next(&p, || 1, t0));
+    // An answer that lost a datagram: asked again at once, of the next.
+    j.on_pins("b", 1, 20);
+    j.on_end("b", 1, 40, t0);
+    assert!(!j.done());
+    let (peer, r) = asked(j.next(&p, || 2, t0));
+    assert_eq!((peer.as_str(), r), ("c", 2));
+    // No answer at all: the next peer after JOIN_ATTEMPT.
+    let t1 = t0 + JOIN_ATTEMPT;
+    let (peer, _) = asked(j.next(&p, || 3, t1));
+    assert_eq!(peer, "b");
+    // A late end marker of an earlier request does not count.
+    j.on_end("c", 2, 0, t1);
+    assert!(!j.done());
+    // Past the bound the node announces without the pins.
+    assert_eq!(j.next(&p, || 4, t0 + JOIN_BOUND), JoinStep::Done);
+    assert_eq!(j.outcome(), &JoinOutcome::TimedOut);
+    assert_eq!(j.view().requests, 3);
+}
+
+#[test]
+fn a_node_without_peers_joins_at_once() {
+    let t0 = Instant::now();
+    let mut j = Join::new(t0);
+    assert_eq!(
+        j.next(&[], || panic!("no request without a peer"), t0),
+        JoinStep::Done
+    );
+    assert_eq!(j.outcome(), &JoinOutcome::NoPeer);
+    assert_eq!(j.view().state, "no_peer");
+    // A peer that left after being asked is not "no peer": the bound decides.
+    let mut j = Join::new(t0);
+    asked(j.next(&peers(&["b"]), || 1, t0));
+    assert_eq!(j.next(&[], || 2, t0 + JOIN_ATTEMPT), JoinStep::Wait);
+    assert!(!j.done());
+    assert_eq!(j.next(&[], || 3, t0 + JOIN_BOUND), JoinStep::Done);
+    assert_eq!(j.outcome(), &JoinOutcome::TimedOut);
+}

@@ -1,8 +1,12 @@
 //! Pins another node of the cluster reported: finding this node's service,
-//! backend id, generation and slot for them (ids differ between nodes), and
-//! refusing a pin to a backend that does not hold flows here.
+//! backend id, generation and slot for them (ids differ between nodes),
+//! refusing a pin to a backend that does not hold flows here, and choosing
+//! the pins a joining node is sent.
 
-use std::net::SocketAddr;
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+};
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, FlowKey, FlowValue, flow_hash, maglev_slot, maps,
@@ -74,6 +78,57 @@ impl<S: MapStore> MapWriter<S> {
             slot: maglev_slot(h, m),
             generation: entry.generation,
         })
+    }
+}
+
+/// What a join answer needs from the writer, taken under its lock and used
+/// without it while the flow table is walked.
+#[derive(Debug, Default, Clone)]
+pub struct JoinPlan {
+    /// (service id, slot) of every changed (sticky) slot.
+    pub changed: HashSet<(u32, u32)>,
+    /// Backend id -> (service id, generation, address) for backends
+    /// keeping flows.
+    pub holders: HashMap<u32, (u32, u32, SocketAddr)>,
+}
+
+/// The pins a joining node needs: those in changed slots whose backend
+/// still keeps them, by backend address. A joining node builds its tables
+/// fresh (no slot remembers a previous backend), so a flow of a changed
+/// slot pinned anywhere but the slot's current backend breaks there
+/// without its pin; one on the current backend needs it for the next
+/// change. Clean slots need none.
+pub fn join_pins(
+    plan: &JoinPlan,
+    pins: impl Iterator<Item = (FlowKey, FlowValue)>,
+) -> Vec<(FlowKey, SocketAddr)> {
+    pins.filter_map(|(k, v)| {
+        let (service, generation, addr) = plan.holders.get(&v.backend)?;
+        let live = (*service, *generation) == (v.service, v.generation);
+        (live && plan.changed.contains(&(v.service, v.slot))).then_some((k, *addr))
+    })
+    .collect()
+}
+
+impl<S: MapStore> MapWriter<S> {
+    /// What [`join_pins`] needs.
+    pub fn join_plan(&self) -> JoinPlan {
+        let mut plan = JoinPlan::default();
+        for inst in self.services.values() {
+            for (i, s) in inst.slots.iter().enumerate() {
+                if s.is_sticky() {
+                    plan.changed.insert((inst.id, i as u32));
+                }
+            }
+            for (addr, id) in &inst.backend_ids {
+                if let Some(e) = self.backend_entries.get(id)
+                    && (e.state == BACKEND_ACTIVE || e.state == BACKEND_DRAINING)
+                {
+                    plan.holders.insert(*id, (e.service, e.generation, *addr));
+                }
+            }
+        }
+        plan
     }
 }
 
