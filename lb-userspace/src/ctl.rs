@@ -431,12 +431,18 @@ pub fn status(client: &Client, out: &Output) -> Result<()> {
             }
             let j = &p.join;
             println!(
-                "  join: {}{}, {} pins taken, {} requests{}; answered {} joins with {} pins",
+                "  join: {}{}{}, {} pins taken, {} requests{}; answered {} joins with {} pins",
                 j.state,
-                j.peer
-                    .as_ref()
-                    .map(|p| format!(" from {p}"))
-                    .unwrap_or_default(),
+                if j.peers.is_empty() {
+                    String::new()
+                } else {
+                    format!(" from {}", j.peers.join(", "))
+                },
+                if j.missing.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (not {})", j.missing.join(", "))
+                },
                 j.pins,
                 j.requests,
                 j.took_ms

@@ -217,7 +217,7 @@ impl Daemon {
                         }
                         Kind::JoinEnd { request, pins } => {
                             if let Some(j) = lock(&s.join).as_mut() {
-                                j.on_end(&batch.node, request, pins, Instant::now());
+                                j.on_end(&batch.node, request, pins);
                             }
                             s.join_wake.notify_one();
                             continue;
@@ -511,8 +511,8 @@ impl Daemon {
 
 /// This node's join: once its services are etcd's and the peers were read
 /// (after its own address was published, so a peer that answers has it
-/// too), asks the peers in turn for their pins of changed slots until one
-/// answers whole, none exists, or `JOIN_BOUND` passes. The announce gate
+/// too), asks every peer for its pins of changed slots until all answered
+/// whole, none exists, or `JOIN_BOUND` passes. The announce gate
 /// holds the node's addresses until then (`pins_not_synced`).
 async fn pin_join(c: Arc<Cluster>, s: Arc<PinSync>, socket: Arc<UdpSocket>, key: Arc<Key>) {
     while !(c.is_synced() && s.peers_listed.load(Relaxed)) {
@@ -529,33 +529,45 @@ async fn pin_join(c: Arc<Cluster>, s: Arc<PinSync>, socket: Arc<UdpSocket>, key:
             None => return,
         };
         match step {
-            JoinStep::Ask {
-                peer,
-                addr,
-                request,
-            } => {
-                debug!(peer = %peer, %addr, request, "pin sync: asking for pins of changed slots");
-                let ask = Batch {
-                    node: s.node.clone(),
-                    seq: request,
-                    unix_ms: unix_ms(),
-                    pins: Vec::new(),
-                };
-                if let Err(e) = socket
-                    .send_to(&ps::encode_kind(&key, Kind::JoinRequest, &ask), addr)
-                    .await
-                {
-                    debug!(peer = %peer, "pin sync: sending a join request: {e}");
-                    add(&s.counters.send_errors, 1);
+            JoinStep::Ask(asks) => {
+                for (peer, addr, request) in asks {
+                    debug!(peer = %peer, %addr, request, "pin sync: asking for pins of changed slots");
+                    let ask = Batch {
+                        node: s.node.clone(),
+                        seq: request,
+                        unix_ms: unix_ms(),
+                        pins: Vec::new(),
+                    };
+                    if let Err(e) = socket
+                        .send_to(&ps::encode_kind(&key, Kind::JoinRequest, &ask), addr)
+                        .await
+                    {
+                        debug!(peer = %peer, "pin sync: sending a join request: {e}");
+                        add(&s.counters.send_errors, 1);
+                    }
                 }
             }
             JoinStep::Wait => {}
             JoinStep::Done => {
                 let view = s.view().join;
                 match lock(&s.join).as_ref().map(|j| j.outcome().clone()) {
-                    Some(JoinOutcome::Synced { peer, pins }) => info!(
-                        peer = %peer, pins, took_ms = view.took_ms, requests = view.requests,
-                        "pin sync: took a peer's pins of changed slots; may announce"
+                    Some(JoinOutcome::Synced {
+                        peers,
+                        pins,
+                        missing,
+                    }) if missing.is_empty() => info!(
+                        peers = ?peers, pins, took_ms = view.took_ms, requests = view.requests,
+                        "pin sync: took the peers' pins of changed slots; may announce"
+                    ),
+                    Some(JoinOutcome::Synced {
+                        peers,
+                        pins,
+                        missing,
+                    }) => warn!(
+                        peers = ?peers, pins, missing = ?missing, requests = view.requests,
+                        "pin sync: some peers did not answer whole within {:?}; announcing with \
+                         the others' pins",
+                        ps::JOIN_BOUND
                     ),
                     Some(JoinOutcome::NoPeer) => info!(
                         "pin sync: no other node publishes pins (the cluster's first node); may announce"

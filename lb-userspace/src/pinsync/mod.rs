@@ -4,7 +4,7 @@
 //! per sender, the sender's rate cap, the join's state, and the counters. The daemon's tasks that use them are in
 //! `daemon/pinsync.rs`.
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
@@ -371,11 +371,12 @@ impl RateCap {
     }
 }
 
-/// How long a joining node waits for one peer's whole answer before it
-/// asks the next (or the same again: the answer may have lost a datagram).
+/// How long a joining node waits for a peer's whole answer before it asks
+/// that peer again (the answer may have lost a datagram).
 pub const JOIN_ATTEMPT: Duration = Duration::from_secs(1);
 /// How long a joining node holds its announcement for the peers' pins at
-/// most: past this it announces without them (logged and counted).
+/// most: past this it announces with the answers it has (none: logged and
+/// counted as timed out).
 pub const JOIN_BOUND: Duration = Duration::from_secs(5);
 
 /// Where a node's join stands.
@@ -383,8 +384,13 @@ pub const JOIN_BOUND: Duration = Duration::from_secs(5);
 pub enum JoinOutcome {
     /// Still asking: the node does not announce yet (`pins_not_synced`).
     Pending,
-    /// `peer` answered whole with `pins` pins.
-    Synced { peer: String, pins: u64 },
+    /// `peers` answered whole, with `pins` pins in all; `missing` peers
+    /// had not when the bound passed.
+    Synced {
+        peers: Vec<String>,
+        pins: u64,
+        missing: Vec<String>,
+    },
     /// No other node has published its pin-sync address: the cluster's
     /// first node.
     NoPeer,
@@ -395,28 +401,34 @@ pub enum JoinOutcome {
 /// What the join task does next.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum JoinStep {
-    /// Send a join request numbered `request` to `peer` at `addr`.
-    Ask {
-        peer: String,
-        addr: SocketAddr,
-        request: u64,
-    },
-    /// An answer is awaited.
+    /// Send a join request numbered `request` to each `peer` at `addr`.
+    Ask(Vec<(String, SocketAddr, u64)>),
+    /// Answers are awaited.
     Wait,
     /// Decided (see [`Join::outcome`]).
     Done,
 }
 
-/// A joining node's exchange: one request at a time, to the peers in turn,
-/// until one answers whole (its end marker and every pin it counts), no
-/// peer exists, or [`JOIN_BOUND`] passes.
+/// One peer's part of a join.
+#[derive(Clone, Copy, Debug)]
+struct Asked {
+    request: u64,
+    /// When the request went (None: ask again at once).
+    sent: Option<Instant>,
+    got: u64,
+    whole: bool,
+}
+
+/// A joining node's exchange. Every peer is asked, since a pin is reported
+/// only when it is made in a changed slot: a pin made before its slot
+/// changed is on its own node only, and that node alone can send it. The
+/// join is done once every listed peer answered whole (its end marker and
+/// every pin it counts), or no peer exists, or [`JOIN_BOUND`] passes.
 #[derive(Debug)]
 pub struct Join {
     started: Instant,
     outcome: JoinOutcome,
-    /// The request awaited: number, peer, when sent, pins taken so far.
-    current: Option<(u64, String, Instant, u64)>,
-    asked: usize,
+    asked: BTreeMap<String, Asked>,
     /// Requests sent.
     pub requests: u64,
     /// When the outcome was decided.
@@ -428,8 +440,7 @@ impl Join {
         Join {
             started: now,
             outcome: JoinOutcome::Pending,
-            current: None,
-            asked: 0,
+            asked: BTreeMap::new(),
             requests: 0,
             decided: None,
         }
@@ -446,94 +457,145 @@ impl Join {
 
     fn decide(&mut self, outcome: JoinOutcome, now: Instant) {
         self.outcome = outcome;
-        self.current = None;
         self.decided = Some(now);
     }
 
-    /// The next step at `now`, given the peers (by name, in a stable
-    /// order) and the number a new request would take.
-    /// A new request takes its number from `request`.
+    /// The next step at `now`, given the peers (by name); a new request
+    /// takes its number from `request`.
     pub fn next(
         &mut self,
         peers: &[(String, SocketAddr)],
-        request: impl FnOnce() -> u64,
+        mut request: impl FnMut() -> u64,
         now: Instant,
     ) -> JoinStep {
         if self.done() {
             return JoinStep::Done;
         }
-        if let Some((_, _, sent, _)) = &self.current
-            && now.saturating_duration_since(*sent) < JOIN_ATTEMPT
-        {
-            return JoinStep::Wait;
-        }
-        if now.saturating_duration_since(self.started) >= JOIN_BOUND {
-            self.decide(JoinOutcome::TimedOut, now);
+        if peers.is_empty() && self.asked.is_empty() {
+            self.decide(JoinOutcome::NoPeer, now);
             return JoinStep::Done;
         }
-        if peers.is_empty() {
-            // An unanswered request to a peer that left since is not "no
-            // peer": the bound decides then.
-            if self.requests == 0 {
-                self.decide(JoinOutcome::NoPeer, now);
-                return JoinStep::Done;
-            }
-            self.current = None;
-            return JoinStep::Wait;
+        let whole: Vec<String> = peers
+            .iter()
+            .filter(|(n, _)| self.asked.get(n).is_some_and(|a| a.whole))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let pins = |j: &Join, names: &[String]| -> u64 {
+            names
+                .iter()
+                .filter_map(|n| j.asked.get(n))
+                .map(|a| a.got)
+                .sum()
+        };
+        if !peers.is_empty() && whole.len() == peers.len() {
+            let pins = pins(self, &whole);
+            self.decide(
+                JoinOutcome::Synced {
+                    peers: whole,
+                    pins,
+                    missing: Vec::new(),
+                },
+                now,
+            );
+            return JoinStep::Done;
         }
-        let (peer, addr) = peers[self.asked % peers.len()].clone();
-        let request = request();
-        self.asked += 1;
-        self.requests += 1;
-        self.current = Some((request, peer.clone(), now, 0));
-        JoinStep::Ask {
-            peer,
-            addr,
-            request,
+        if now.saturating_duration_since(self.started) >= JOIN_BOUND {
+            // Answers of peers that left the list since still count.
+            let whole: Vec<String> = self
+                .asked
+                .iter()
+                .filter(|(_, a)| a.whole)
+                .map(|(n, _)| n.clone())
+                .collect();
+            let outcome = if whole.is_empty() {
+                JoinOutcome::TimedOut
+            } else {
+                JoinOutcome::Synced {
+                    pins: pins(self, &whole),
+                    missing: peers
+                        .iter()
+                        .map(|(n, _)| n.clone())
+                        .filter(|n| !whole.contains(n))
+                        .collect(),
+                    peers: whole,
+                }
+            };
+            self.decide(outcome, now);
+            return JoinStep::Done;
+        }
+        let mut ask = Vec::new();
+        for (peer, addr) in peers {
+            let due = match self.asked.get(peer) {
+                None => true,
+                Some(a) if a.whole => false,
+                Some(a) => a
+                    .sent
+                    .is_none_or(|t| now.saturating_duration_since(t) >= JOIN_ATTEMPT),
+            };
+            if due {
+                let r = request();
+                self.asked.insert(
+                    peer.clone(),
+                    Asked {
+                        request: r,
+                        sent: Some(now),
+                        got: 0,
+                        whole: false,
+                    },
+                );
+                self.requests += 1;
+                ask.push((peer.clone(), *addr, r));
+            }
+        }
+        if ask.is_empty() {
+            JoinStep::Wait
+        } else {
+            JoinStep::Ask(ask)
         }
     }
 
     /// `n` pins answering `request` arrived from `node`.
     pub fn on_pins(&mut self, node: &str, request: u64, n: u64) {
-        if let Some((r, peer, _, got)) = &mut self.current
-            && *r == request
-            && peer == node
+        if let Some(a) = self.asked.get_mut(node)
+            && a.request == request
+            && !a.whole
         {
-            *got += n;
+            a.got += n;
         }
     }
 
-    /// `node`'s end marker for `request`, announcing `pins` pins: the join
-    /// is synced if every one arrived; else the next step asks again.
-    pub fn on_end(&mut self, node: &str, request: u64, pins: u64, now: Instant) {
-        let Some((r, peer, _, got)) = &self.current else {
-            return;
-        };
-        if *r != request || peer != node {
-            return;
-        }
-        if *got >= pins {
-            let outcome = JoinOutcome::Synced {
-                peer: peer.clone(),
-                pins: *got,
-            };
-            self.decide(outcome, now);
-        } else {
-            self.current = None;
+    /// `node`'s end marker for `request`, announcing `pins` pins: that peer
+    /// answered whole if every one arrived; else it is asked again at the
+    /// next step.
+    pub fn on_end(&mut self, node: &str, request: u64, pins: u64) {
+        if let Some(a) = self.asked.get_mut(node)
+            && a.request == request
+            && !a.whole
+        {
+            if a.got >= pins {
+                a.whole = true;
+            } else {
+                a.sent = None;
+            }
         }
     }
 
     /// The join as the status shows it.
     pub fn view(&self) -> JoinView {
-        let (state, peer, pins) = match &self.outcome {
-            JoinOutcome::Pending => ("pending", None, 0),
-            JoinOutcome::Synced { peer, pins } => ("synced", Some(peer.clone()), *pins),
-            JoinOutcome::NoPeer => ("no_peer", None, 0),
-            JoinOutcome::TimedOut => ("timed_out", None, 0),
+        let (state, peers, pins, missing) = match &self.outcome {
+            JoinOutcome::Pending => ("pending", Vec::new(), 0, Vec::new()),
+            JoinOutcome::Synced {
+                peers,
+                pins,
+                missing,
+            } => ("synced", peers.clone(), *pins, missing.clone()),
+            JoinOutcome::NoPeer => ("no_peer", Vec::new(), 0, Vec::new()),
+            JoinOutcome::TimedOut => ("timed_out", Vec::new(), 0, Vec::new()),
         };
         JoinView {
             state: state.to_string(),
-            peer,
+            peers,
+            missing,
             pins,
             requests: self.requests,
             took_ms: self
@@ -550,9 +612,11 @@ pub struct JoinView {
     /// whole), `no_peer` (the cluster's first node), `timed_out` (no peer
     /// answered whole within the bound; announced without).
     pub state: String,
-    /// The peer whose pins this node took.
-    pub peer: Option<String>,
-    /// Pins that peer sent.
+    /// The peers whose pins this node took (each answered whole).
+    pub peers: Vec<String>,
+    /// Peers listed that had not answered whole when the bound passed.
+    pub missing: Vec<String>,
+    /// Pins those peers sent.
     pub pins: u64,
     /// Join requests sent.
     pub requests: u64,
@@ -601,7 +665,7 @@ pub struct PinSyncView {
     /// full), `bad_mac`, `malformed`, `replay` (datagrams), `unknown_backend`
     /// (no such service or backend here, after 2 s of retries), `not_live` (the backend keeps no
     /// flows here: down, disabled).
-    pub dropped: std::collections::BTreeMap<String, u64>,
+    pub dropped: BTreeMap<String, u64>,
     /// This node's join: the pins of changed slots it took from a peer
     /// before announcing.
     pub join: JoinView,

@@ -239,81 +239,113 @@ fn peers(names: &[&str]) -> Vec<(String, SocketAddr)> {
         .collect()
 }
 
-fn asked(step: JoinStep) -> (String, u64) {
+fn asked(step: JoinStep) -> Vec<(String, u64)> {
     match step {
-        JoinStep::Ask { peer, request, .. } => (peer, request),
-        other => panic!("expected a request, got {other:?}"),
+        JoinStep::Ask(asks) => asks.into_iter().map(|(p, _, r)| (p, r)).collect(),
+        other => panic!("expected requests, got {other:?}"),
+    }
+}
+
+fn counter(from: u64) -> impl FnMut() -> u64 {
+    let mut n = from;
+    move || {
+        n += 1;
+        n
     }
 }
 
 #[test]
-fn a_join_is_synced_once_one_peer_answers_whole() {
+fn a_join_is_synced_once_every_peer_answers_whole() {
     let t0 = Instant::now();
     let mut j = Join::new(t0);
     let p = peers(&["b", "c"]);
-    let (peer, r) = asked(j.next(&p, || 10, t0));
-    assert_eq!((peer.as_str(), r), ("b", 10));
-    assert!(!j.done());
+    let mut seq = counter(10);
     assert_eq!(
-        j.next(&p, || 11, t0 + Duration::from_millis(10)),
-        JoinStep::Wait
+        asked(j.next(&p, &mut seq, t0)),
+        vec![("b".to_string(), 11), ("c".to_string(), 12)]
     );
-    // Pins of another request or from another node do not count.
-    j.on_pins("c", 10, 20);
-    j.on_pins("b", 9, 20);
-    j.on_pins("b", 10, 20);
-    j.on_pins("b", 10, 5);
-    // An end marker for another request changes nothing.
-    j.on_end("b", 9, 25, t0);
     assert!(!j.done());
-    j.on_end("b", 10, 25, t0 + Duration::from_millis(30));
+    let t = t0 + Duration::from_millis(10);
+    assert_eq!(j.next(&p, &mut seq, t), JoinStep::Wait);
+    // Pins of another request or from another node do not count.
+    j.on_pins("c", 11, 20);
+    j.on_pins("b", 9, 20);
+    j.on_pins("b", 11, 20);
+    j.on_pins("b", 11, 5);
+    // An end marker for another request changes nothing.
+    j.on_end("b", 9, 25);
+    j.on_end("b", 11, 25);
+    // One peer whole is not enough: the other may hold pins made before
+    // their slot changed, which only it has.
+    assert_eq!(j.next(&p, &mut seq, t), JoinStep::Wait);
+    assert!(!j.done());
+    j.on_end("c", 12, 0);
+    assert_eq!(
+        j.next(&p, &mut seq, t0 + Duration::from_millis(30)),
+        JoinStep::Done
+    );
     assert_eq!(
         j.outcome(),
         &JoinOutcome::Synced {
-            peer: "b".into(),
-            pins: 25
+            peers: vec!["b".into(), "c".into()],
+            pins: 25,
+            missing: vec![]
         }
     );
     assert_eq!(
-        j.next(&p, || 12, t0 + Duration::from_secs(9)),
+        j.next(&p, &mut seq, t0 + Duration::from_secs(9)),
         JoinStep::Done
     );
     let v = j.view();
     assert_eq!(
         (
             v.state.as_str(),
-            v.peer.as_deref(),
+            v.peers.len(),
             v.pins,
             v.requests,
             v.took_ms
         ),
-        ("synced", Some("b"), 25, 1, Some(30))
+        ("synced", 2, 25, 2, Some(30))
     );
 }
 
 #[test]
-fn a_lost_answer_is_asked_again_of_the_next_peer_within_the_bound() {
+fn a_lost_answer_is_asked_again_within_the_bound() {
     let t0 = Instant::now();
     let mut j = Join::new(t0);
     let p = peers(&["b", "c"]);
-    asked(j.next(&p, || 1, t0));
-    // An answer that lost a datagram: asked again at once, of the next.
+    let mut seq = counter(0);
+    asked(j.next(&p, &mut seq, t0));
+    // An answer that lost a datagram: asked again at once.
     j.on_pins("b", 1, 20);
-    j.on_end("b", 1, 40, t0);
-    assert!(!j.done());
-    let (peer, r) = asked(j.next(&p, || 2, t0));
-    assert_eq!((peer.as_str(), r), ("c", 2));
-    // No answer at all: the next peer after JOIN_ATTEMPT.
+    j.on_end("b", 1, 40);
+    assert_eq!(asked(j.next(&p, &mut seq, t0)), vec![("b".to_string(), 3)]);
+    // A late end marker of the earlier request does not count.
+    j.on_end("b", 1, 0);
+    // No answer at all: asked again after JOIN_ATTEMPT.
     let t1 = t0 + JOIN_ATTEMPT;
-    let (peer, _) = asked(j.next(&p, || 3, t1));
-    assert_eq!(peer, "b");
-    // A late end marker of an earlier request does not count.
-    j.on_end("c", 2, 0, t1);
+    assert_eq!(
+        asked(j.next(&p, &mut seq, t1)),
+        vec![("b".to_string(), 4), ("c".to_string(), 5)]
+    );
+    j.on_end("b", 4, 0);
     assert!(!j.done());
-    // Past the bound the node announces without the pins.
-    assert_eq!(j.next(&p, || 4, t0 + JOIN_BOUND), JoinStep::Done);
+    // Past the bound the node announces with the answers it has.
+    assert_eq!(j.next(&p, &mut seq, t0 + JOIN_BOUND), JoinStep::Done);
+    assert_eq!(
+        j.outcome(),
+        &JoinOutcome::Synced {
+            peers: vec!["b".into()],
+            pins: 0,
+            missing: vec!["c".into()]
+        }
+    );
+    // None at all: timed out.
+    let mut j = Join::new(t0);
+    asked(j.next(&p, &mut seq, t0));
+    assert_eq!(j.next(&p, &mut seq, t0 + JOIN_BOUND), JoinStep::Done);
     assert_eq!(j.outcome(), &JoinOutcome::TimedOut);
-    assert_eq!(j.view().requests, 3);
+    assert_eq!(j.view().state, "timed_out");
 }
 
 #[test]
@@ -328,9 +360,10 @@ fn a_node_without_peers_joins_at_once() {
     assert_eq!(j.view().state, "no_peer");
     // A peer that left after being asked is not "no peer": the bound decides.
     let mut j = Join::new(t0);
-    asked(j.next(&peers(&["b"]), || 1, t0));
-    assert_eq!(j.next(&[], || 2, t0 + JOIN_ATTEMPT), JoinStep::Wait);
+    let mut seq = counter(0);
+    asked(j.next(&peers(&["b"]), &mut seq, t0));
+    assert_eq!(j.next(&[], &mut seq, t0 + JOIN_ATTEMPT), JoinStep::Wait);
     assert!(!j.done());
-    assert_eq!(j.next(&[], || 3, t0 + JOIN_BOUND), JoinStep::Done);
+    assert_eq!(j.next(&[], &mut seq, t0 + JOIN_BOUND), JoinStep::Done);
     assert_eq!(j.outcome(), &JoinOutcome::TimedOut);
 }
