@@ -73,18 +73,18 @@ impl PinSync {
             .iter()
             .map(|(n, a)| format!("{n}={a}"))
             .collect();
-        let join = lock(&self.join)
-            .as_ref()
-            .map(Join::view)
-            .unwrap_or_else(|| ps::JoinView {
+        let join = lock(&self.join).as_ref().map_or_else(
+            || ps::JoinView {
                 state: "pending".into(),
                 ..Default::default()
-            });
+            },
+            Join::view,
+        );
         self.counters.view(self.config.listen, peers, join)
     }
 
-    /// Whether the join lets the node announce: a peer's pins taken, or
-    /// none to take (no peer, or none answered within the bound).
+    /// Whether the join lets the node announce: the peers' pins taken, or
+    /// none to take (no peer), or the bound passed.
     pub(super) fn joined(&self) -> bool {
         lock(&self.join).as_ref().is_some_and(Join::done)
     }
