@@ -524,10 +524,9 @@ async fn pin_join(c: Arc<Cluster>, s: Arc<PinSync>, socket: Arc<UdpSocket>, key:
             .iter()
             .map(|(n, a)| (n.clone(), *a))
             .collect();
-        let step = match lock(&s.join).as_mut() {
-            Some(j) => j.next(&peers, || s.next_seq(), Instant::now()),
-            None => return,
-        };
+        let step = lock(&s.join)
+            .get_or_insert_with(|| Join::new(Instant::now()))
+            .next(&peers, || s.next_seq(), Instant::now());
         match step {
             JoinStep::Ask(asks) => {
                 for (peer, addr, request) in asks {
@@ -579,7 +578,8 @@ async fn pin_join(c: Arc<Cluster>, s: Arc<PinSync>, socket: Arc<UdpSocket>, key:
                     ),
                     Some(JoinOutcome::Pending) | None => {}
                 }
-                return;
+                // A loop of the daemon's: its end would read as a dead daemon.
+                return std::future::pending().await;
             }
         }
         tokio::select! {

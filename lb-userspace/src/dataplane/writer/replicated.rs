@@ -132,6 +132,50 @@ impl<S: MapStore> MapWriter<S> {
     }
 }
 
+impl<S: MapStore> MapWriter<S> {
+    /// Makes every changed slot clean again, in the writer and in the
+    /// active tables, on a data plane this process loaded fresh (not
+    /// adopted): a node of a cluster installs its config file's tables
+    /// first, then etcd's, before it announces. Those changes were never
+    /// served; remembered, a miss within the window would go to the file's
+    /// backend instead of the cluster's (and break the flow). Returns the
+    /// slots cleaned (0 on an adopted data plane: its changes were served).
+    pub fn forget_unserved_changes(&mut self) -> Result<usize> {
+        if self.dp.adopted() {
+            return Ok(0);
+        }
+        let mut cleaned = 0;
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            let Some(inst) = self.services.get_mut(&name) else {
+                continue;
+            };
+            let entry = self.dp.service_entry(inst.id)?;
+            if entry.table_size != self.dp.options().maglev_size
+                || entry.active >= lb_common::TABLES_PER_SERVICE
+            {
+                continue;
+            }
+            let sticky: Vec<usize> = (0..inst.slots.len())
+                .filter(|i| inst.slots[*i].is_sticky())
+                .collect();
+            for &i in &sticky {
+                inst.slots[i] = lb_common::MaglevSlot::clean(inst.slots[i].backend);
+            }
+            let table = self.dp.table_mut(inst.id, entry.active);
+            for &i in &sticky {
+                let slot = &mut table[i];
+                slot.changed = 0;
+                slot.prev_gen = 0;
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                slot.prev = slot.backend;
+            }
+            cleaned += sticky.len();
+        }
+        Ok(cleaned)
+    }
+}
+
 /// What became of one replicated pin.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PinOutcome {
