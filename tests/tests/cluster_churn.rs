@@ -255,6 +255,17 @@ fn churn_then_each_node_killed_and_revived_breaks_no_stream() {
             ended.is_empty(),
             "streams ended before node {i}'s kill: {ended:#?}"
         );
+        let route = |c: &Cluster| {
+            lb_tests::netns::run_in(
+                &c.router,
+                &["ip", "-4", "route", "show", &format!("{VIP}/32")],
+            )
+            .split_whitespace()
+            .filter(|w| w.starts_with("10.213."))
+            .collect::<Vec<_>>()
+            .join(" ")
+        };
+        let route_before = route(&c);
         let killed = Instant::now();
         c.kill_node(i);
         let rest: Vec<usize> = (0..3).filter(|j| *j != i).collect();
@@ -268,6 +279,12 @@ fn churn_then_each_node_killed_and_revived_breaks_no_stream() {
         let lb_up = revived.elapsed();
         c.wait_next_hops(&[0, 1, 2], Duration::from_secs(30));
         let announced = revived.elapsed();
+        // ECMP's hash-threshold mapping depends on the next hops' order.
+        println!(
+            "node {i}: the router's next hops in order before the kill [{route_before}], after \
+             the revive [{}]",
+            route(&c)
+        );
         println!("node {i}: {ended_at_kill} streams ended after the kill, before the revive");
         let join = status(&c, i)["pin_sync"]["join"].clone();
         // Streams of this node that its fresh table sends elsewhere: only
