@@ -429,6 +429,28 @@ pub fn status(client: &Client, out: &Output) -> Result<()> {
             if !dropped.is_empty() {
                 println!("  dropped: {}", dropped.join(", "));
             }
+            let j = &p.join;
+            println!(
+                "  join: {}{}{}, {} pins taken, {} requests{}; answered {} joins with {} pins",
+                j.state,
+                if j.peers.is_empty() {
+                    String::new()
+                } else {
+                    format!(" from {}", j.peers.join(", "))
+                },
+                if j.missing.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (not {})", j.missing.join(", "))
+                },
+                j.pins,
+                j.requests,
+                j.took_ms
+                    .map(|t| format!(", took {t} ms"))
+                    .unwrap_or_default(),
+                p.join_answers,
+                p.join_pins_sent
+            );
         }
     }
     let services: Vec<ServiceView> = typed("GET /services", services)?;

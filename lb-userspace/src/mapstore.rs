@@ -289,7 +289,8 @@ mod tests {
 
     use super::*;
     use crate::dataplane::{
-        BackendSpec, DataplaneError, Forwarding, MapWriter, Protocol, ServiceSpec, walk_pins,
+        BackendSpec, DataplaneError, Forwarding, MapWriter, Protocol, ServiceSpec, join_pins,
+        walk_pins,
     };
 
     const M: u32 = 251;
@@ -657,5 +658,58 @@ mod tests {
         let after = w.store().active_table(sid);
         assert!(after[kept].is_sticky(), "a slot a live pin needs stays");
         assert_eq!(after.iter().filter(|s| s.is_sticky()).count(), 1);
+    }
+
+    #[test]
+    fn a_join_gets_the_live_pins_of_changed_slots_by_address() {
+        let mut web = svc("web", "0.0.0.0:443", &[8001, 8002, 8003]);
+        let mut w = writer(std::slice::from_ref(&web));
+        let sid = w.service_id("web").unwrap();
+        assert!(
+            w.join_plan().changed.is_empty(),
+            "a first table changed nothing"
+        );
+        web.backends
+            .push(BackendSpec::new("127.0.0.1:8004".parse().unwrap(), 100));
+        w.apply(std::slice::from_ref(&web)).unwrap();
+        let table = w.store().active_table(sid).to_vec();
+        let sticky: Vec<usize> = (0..table.len()).filter(|i| table[*i].is_sticky()).collect();
+        let clean = (0..table.len()).find(|i| !table[*i].is_sticky()).unwrap();
+        let plan = w.join_plan();
+        assert_eq!(plan.changed.len(), sticky.len());
+        let pin = |slot: usize, backend: u32, generation: u32| {
+            (
+                FlowKey {
+                    sport: slot as u16,
+                    ..FlowKey::default()
+                },
+                FlowValue {
+                    backend,
+                    service: sid,
+                    slot: slot as u32,
+                    generation,
+                },
+            )
+        };
+        let gen_of = |id: u32| w.store().backends[&id].generation;
+        let (a, b) = (sticky[0], sticky[1]);
+        let (prev, cur) = (table[a].prev, table[b].backend);
+        let flows = [
+            // On the changed slot's previous backend and on its new one.
+            pin(a, prev, gen_of(prev)),
+            pin(b, cur, gen_of(cur)),
+            // A clean slot's pin, and a stale one (an old generation).
+            pin(clean, table[clean].backend, gen_of(table[clean].backend)),
+            pin(sticky[2], prev, gen_of(prev) + 100),
+        ];
+        let got = join_pins(&plan, flows.iter().copied());
+        let addr = |id: u32| {
+            web.backends
+                .iter()
+                .map(|b| b.address)
+                .find(|x| w.backend_id("web", *x) == Some(id))
+                .unwrap()
+        };
+        assert_eq!(got, vec![(flows[0].0, addr(prev)), (flows[1].0, addr(cur))]);
     }
 }

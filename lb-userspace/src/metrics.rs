@@ -82,6 +82,7 @@ pub struct Metrics {
     quic_packets: IntCounterVec,
     pin_sync_pins: IntCounterVec,
     pin_sync_dropped: IntCounterVec,
+    pin_sync_join: IntGaugeVec,
     /// Label sets currently exported per backend, to drop removed ones.
     exported: Mutex<HashSet<(String, String)>>,
 }
@@ -238,7 +239,9 @@ impl Metrics {
                 "lb_pin_sync_pins_total",
                 "Flow pins shared with the cluster's other nodes ([cluster] pin_sync): sent \
                  (once each, whatever the number of peers), received (in authenticated, fresh \
-                 datagrams), inserted into this node's flow table; datagrams_sent per peer",
+                 datagrams), inserted into this node's flow table; datagrams_sent per peer; \
+                 join_fetched (taken from a peer when this node joined), join_sent (sent \
+                 answering other nodes' joins)",
                 &["what"],
             ),
             pin_sync_dropped: counter_vec(
@@ -247,6 +250,14 @@ impl Metrics {
                 "Flow pins (datagrams for bad_mac, malformed, replay) not shared or not \
                  inserted, by reason",
                 &["reason"],
+            ),
+            pin_sync_join: gauge_vec(
+                &r,
+                "lb_pin_sync_join",
+                "1 for this node's pin-sync join state ([cluster] pin_sync): pending (not \
+                 announcing for it yet), synced (a peer's pins of changed slots taken), no_peer \
+                 (the cluster's first node), timed_out (announced without a peer's pins)",
+                &["state"],
             ),
             table_info: gauge_vec(
                 &r,
@@ -452,9 +463,15 @@ impl Metrics {
                 ("inserted", p.inserted),
                 ("datagrams_sent", p.datagrams_sent),
                 ("send_errors", p.send_errors),
+                ("join_fetched", p.join.pins),
+                ("join_sent", p.join_pins_sent),
             ] {
                 set(&self.pin_sync_pins.with_label_values(&[what]), v);
             }
+            self.pin_sync_join.reset();
+            self.pin_sync_join
+                .with_label_values(&[p.join.state.as_str()])
+                .set(1);
             for (reason, v) in &p.dropped {
                 set(
                     &self.pin_sync_dropped.with_label_values(&[reason.as_str()]),

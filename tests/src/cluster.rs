@@ -355,6 +355,20 @@ impl Cluster {
         )
     }
 
+    /// [`Cluster::start_with_pin_sync`] with `spare` more backend hosts,
+    /// as [`Cluster::start_with_etcd_and_spares`].
+    pub fn start_with_pin_sync_and_spares(nodes: usize, backends: usize, spare: usize) -> Cluster {
+        Cluster::launch(
+            nodes,
+            backends + spare,
+            Extras {
+                spare,
+                etcd: true,
+                pin_sync: true,
+            },
+        )
+    }
+
     fn launch(nodes: usize, backends: usize, extras: Extras) -> Cluster {
         let Extras {
             spare,
@@ -638,6 +652,27 @@ impl Cluster {
                 None => String::new(),
             })
             .collect()
+    }
+
+    /// Brings node `i` back after [`Cluster::kill_node`], as a machine that
+    /// rebooted: its bpffs is empty (no pins, no attached program), its
+    /// disk kept (etcd's data dir, lb's state file). Link up and its
+    /// default route back, etcd member, BIRD, then lb, which must rejoin,
+    /// take etcd's services and the peers' pins before it announces.
+    /// Returns when lb answers (not when it announces).
+    pub fn revive_node(&mut self, i: usize) {
+        assert!(self.lbs[i].is_none(), "node {i} is running");
+        lb_userspace::pins::remove_all(&self.bpf.0.join(format!("node{i}")));
+        let ns = self.nodes[i].clone();
+        run_in(&ns, &["ip", "link", "set", "eth0", "up"]);
+        run_in(&ns, &["ip", "route", "replace", "default", "via", ROUTER]);
+        if let Some(etcd) = self.etcd.as_mut() {
+            etcd.spawn(i);
+            etcd.wait_healthy(Duration::from_secs(20));
+        }
+        self.node_birds[i] = Bird::start(&ns, &node_bird_config(&self.dir, i));
+        let lb = self.start_lb(i);
+        self.lbs[i] = Some(lb);
     }
 
     pub fn lb(&self, i: usize) -> &Lb {

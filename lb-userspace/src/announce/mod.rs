@@ -41,6 +41,10 @@ pub enum Reason {
     /// started (restarted, rejoining, or etcd unreachable since): its
     /// tables may be stale.
     ClusterNotSynced,
+    /// `[cluster] pin_sync`: the node has not yet taken a peer's pins of
+    /// changed slots since it started (it announces once one peer answered
+    /// whole, or no peer exists, or none answered within the join's bound).
+    PinsNotSynced,
     /// `[cluster]`: the service's table fingerprint is not the cluster's
     /// (the one a majority of live nodes hold) for longer than
     /// [`TABLE_GRACE`].
@@ -58,6 +62,7 @@ impl Reason {
             Reason::NoUsableBackend => "no_usable_backend",
             Reason::BirdError => "bird_error",
             Reason::ClusterNotSynced => "cluster_not_synced",
+            Reason::PinsNotSynced => "pins_not_synced",
             Reason::TableDiffers => "table_differs",
         }
     }
@@ -86,6 +91,8 @@ pub struct NodeInput {
     pub stopping: bool,
     pub attached: bool,
     pub alive: bool,
+    /// The pin-sync join is done (always true without `pin_sync`).
+    pub pins_synced: bool,
 }
 
 /// The reason for one service, before BIRD is asked.
@@ -100,6 +107,8 @@ pub fn decide(node: NodeInput, s: &ServiceInput) -> Reason {
         Reason::NotAlive
     } else if s.table == TableState::NotSynced {
         Reason::ClusterNotSynced
+    } else if !node.pins_synced {
+        Reason::PinsNotSynced
     } else if !s.usable {
         Reason::NoUsableBackend
     } else if s.table == TableState::Differs {
@@ -329,6 +338,7 @@ impl Announcer {
             stopping: true,
             attached: true,
             alive: true,
+            pins_synced: true,
         };
         self.tun = None;
         self.tick(node, services).await;
@@ -362,6 +372,7 @@ mod tests {
         stopping: false,
         attached: true,
         alive: true,
+        pins_synced: true,
     };
 
     #[test]
@@ -406,6 +417,44 @@ mod tests {
             ..differs
         };
         assert_eq!(decide(UP, &differs_unusable), Reason::NoUsableBackend);
+    }
+
+    #[test]
+    fn the_pin_join_is_checked_after_the_cluster_sync() {
+        let joining = NodeInput {
+            pins_synced: false,
+            ..UP
+        };
+        assert_eq!(
+            decide(joining, &svc("10.0.0.1", true)),
+            Reason::PinsNotSynced
+        );
+        // Before it: what the node is and whether its tables are etcd's.
+        let not_synced = ServiceInput {
+            table: TableState::NotSynced,
+            ..svc("10.0.0.1", true)
+        };
+        assert_eq!(decide(joining, &not_synced), Reason::ClusterNotSynced);
+        let dead = NodeInput {
+            alive: false,
+            ..joining
+        };
+        assert_eq!(decide(dead, &svc("10.0.0.1", true)), Reason::NotAlive);
+        assert_eq!(
+            decide(joining, &svc("0.0.0.0", true)),
+            Reason::WildcardAddress
+        );
+        // After it: usability and the table comparison.
+        assert_eq!(
+            decide(joining, &svc("10.0.0.1", false)),
+            Reason::PinsNotSynced
+        );
+        let differs = ServiceInput {
+            table: TableState::Differs,
+            ..svc("10.0.0.1", true)
+        };
+        assert_eq!(decide(joining, &differs), Reason::PinsNotSynced);
+        assert_eq!(decide(UP, &differs), Reason::TableDiffers);
     }
 
     const SYNCED: ClusterLink = ClusterLink {

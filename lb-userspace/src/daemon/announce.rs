@@ -76,6 +76,7 @@ impl Daemon {
                 stopping,
                 attached: self.attached(),
                 alive: self.alive(ALIVE_WITHIN).await,
+                pins_synced: self.shared.pin_sync.as_ref().is_none_or(|s| s.joined()),
             };
             let mut services = self.announce_inputs().await;
             self.gate_tables(&mut gate, &mut services);

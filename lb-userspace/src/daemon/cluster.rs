@@ -283,10 +283,25 @@ impl Daemon {
             return;
         }
         let limits = inner.limits;
+        // Before the first sync the node is not announced (with `[bgp]`):
+        // the file's tables it ran until now served nothing.
+        let unserved = !c.is_synced() && self.shared.announcer.is_some();
         match self.commit(&mut inner, services, &limits).await {
             Ok(()) => {
                 c.set_applied(revision);
                 info!(revision, "applied the cluster's services from etcd");
+                if unserved {
+                    match lock(&self.shared.writer).forget_unserved_changes() {
+                        Ok(n) if n > 0 => {
+                            info!(
+                                slots = n,
+                                "changes from the config file's tables forgotten (never served)"
+                            );
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!("forgetting the config file's table changes: {e}"),
+                    }
+                }
             }
             Err(e) => {
                 // This node runs its old table: the table gate withdraws it

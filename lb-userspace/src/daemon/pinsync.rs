@@ -1,10 +1,11 @@
 //! The daemon's side of pin sharing (`[cluster] pin_sync`): reads the
 //! program's reports of new pins in changed slots, sends them in batches to
-//! the other nodes (found in etcd), and writes theirs into this node's flow
-//! table.
+//! the other nodes (found in etcd), writes theirs into this node's flow
+//! table, and runs the join exchange: a starting node asks a peer for its
+//! pins of changed slots before it announces, and answers others' asks.
 use std::{
     collections::BTreeMap,
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
 };
 
 use tokio::{
@@ -17,7 +18,10 @@ use crate::{
     cluster::Cluster,
     config::pin_sync::PinSyncConfig,
     dataplane::{PinOutcome, PinRefusal, PinRing, words_addr},
-    pinsync::{self as ps, Batch, Counters, Key, Pin, PinSyncView, RateCap, ReplayWindow},
+    pinsync::{
+        self as ps, Batch, Counters, Join, JoinOutcome, JoinStep, Key, Kind, Pin, PinSyncView,
+        RateCap, ReplayWindow,
+    },
 };
 
 /// A batch leaves this long after its first pin at the latest (sooner when
@@ -38,6 +42,13 @@ const RETRY: Duration = Duration::from_millis(300);
 const UNKNOWN_RETRY_FOR: Duration = Duration::from_secs(2);
 const UNKNOWN_RETRY_EVERY: Duration = Duration::from_millis(100);
 const UNKNOWN_RETRY_MAX: usize = 65_536;
+/// A join answer pauses this long after every `ANSWER_BURST` datagrams, so
+/// a large flow table does not overrun the joining node's socket buffer.
+const ANSWER_BURST: usize = 32;
+const ANSWER_PAUSE: Duration = Duration::from_millis(1);
+/// How often the join task looks again while it waits (an end marker
+/// wakes it at once).
+const JOIN_POLL: Duration = Duration::from_millis(50);
 
 /// Pin sharing's state, shared with the API and the metrics.
 pub(super) struct PinSync {
@@ -46,6 +57,14 @@ pub(super) struct PinSync {
     counters: Counters,
     /// The other nodes' pin-sync addresses, by node.
     peers: Mutex<BTreeMap<String, SocketAddr>>,
+    /// Read from etcd at least once since this node published its own.
+    peers_listed: AtomicBool,
+    /// The last sequence number sent (reports, join requests and answers
+    /// share it: the receivers keep one window per sender).
+    seq: AtomicU64,
+    /// This node's join; `None` until it starts asking.
+    join: Mutex<Option<Join>>,
+    join_wake: tokio::sync::Notify,
 }
 
 impl PinSync {
@@ -54,7 +73,24 @@ impl PinSync {
             .iter()
             .map(|(n, a)| format!("{n}={a}"))
             .collect();
-        self.counters.view(self.config.listen, peers)
+        let join = lock(&self.join).as_ref().map_or_else(
+            || ps::JoinView {
+                state: "pending".into(),
+                ..Default::default()
+            },
+            Join::view,
+        );
+        self.counters.view(self.config.listen, peers, join)
+    }
+
+    /// Whether the join lets the node announce: the peers' pins taken, or
+    /// none to take (no peer), or the bound passed.
+    pub(super) fn joined(&self) -> bool {
+        lock(&self.join).as_ref().is_some_and(Join::done)
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Relaxed) + 1
     }
 }
 
@@ -91,6 +127,15 @@ pub(super) async fn start(
             node: cluster.node.clone(),
             counters: Counters::default(),
             peers: Mutex::new(BTreeMap::new()),
+            peers_listed: AtomicBool::new(false),
+            // Above anything this node sent before a restart.
+            seq: AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64),
+            ),
+            join: Mutex::new(None),
+            join_wake: tokio::sync::Notify::new(),
         }),
         PinSyncIo {
             ring,
@@ -124,7 +169,11 @@ impl Daemon {
                 io.socket.clone(),
                 io.key.clone(),
             )),
-            tokio::spawn(self.pin_receive(s.clone(), io.socket, io.key)),
+            tokio::spawn(
+                self.clone()
+                    .pin_receive(s.clone(), io.socket.clone(), io.key.clone()),
+            ),
+            tokio::spawn(pin_join(c.clone(), s.clone(), io.socket, io.key)),
             tokio::spawn(pin_peers(c, s)),
         ]
     }
@@ -144,17 +193,36 @@ impl Daemon {
             let mut pins: Vec<(Instant, Pin)> = Vec::new();
             tokio::select! {
                 got = socket.recv_from(&mut buf) => {
-                    let n = match got {
-                        Ok((n, _)) => n,
+                    let (n, from) = match got {
+                        Ok(got) => got,
                         Err(e) => {
                             debug!("pin sync: receiving: {e}");
                             tokio::time::sleep(RETRY).await;
                             continue;
                         }
                     };
-                    let Some(batch) = accept(&s, &key, &mut window, &buf[..n]) else {
+                    let Some((kind, batch)) = accept(&s, &key, &mut window, &buf[..n]) else {
                         continue;
                     };
+                    match kind {
+                        Kind::Pins => {}
+                        Kind::JoinPins { request } => {
+                            if let Some(j) = lock(&s.join).as_mut() {
+                                j.on_pins(&batch.node, request, batch.pins.len() as u64);
+                            }
+                        }
+                        Kind::JoinRequest => {
+                            self.answer_join(&s, &socket, &key, &batch.node, from, batch.seq);
+                            continue;
+                        }
+                        Kind::JoinEnd { request, pins } => {
+                            if let Some(j) = lock(&s.join).as_mut() {
+                                j.on_end(&batch.node, request, pins);
+                            }
+                            s.join_wake.notify_one();
+                            continue;
+                        }
+                    }
                     add(&s.counters.received, batch.pins.len());
                     let now = Instant::now();
                     pins.extend(batch.pins.into_iter().map(|p| (now, p)));
@@ -191,10 +259,10 @@ impl Daemon {
     }
 }
 
-/// The batch in datagram `d` if it is authentic, another node's, and
+/// The message in datagram `d` if it is authentic, another node's, and
 /// fresh; counts why not otherwise.
-fn accept(s: &PinSync, key: &Key, window: &mut ReplayWindow, d: &[u8]) -> Option<Batch> {
-    let batch = match ps::decode(key, d) {
+fn accept(s: &PinSync, key: &Key, window: &mut ReplayWindow, d: &[u8]) -> Option<(Kind, Batch)> {
+    let (kind, batch) = match ps::decode_kind(key, d) {
         Ok(b) => b,
         Err(ps::WireError::BadMac) => {
             add(&s.counters.dropped_bad_mac, 1);
@@ -213,7 +281,7 @@ fn accept(s: &PinSync, key: &Key, window: &mut ReplayWindow, d: &[u8]) -> Option
         add(&s.counters.dropped_replay, 1);
         return None;
     }
-    Some(batch)
+    Some((kind, batch))
 }
 
 /// Reads the program's reports and sends them to every peer: full
@@ -231,10 +299,6 @@ async fn pin_reports(s: Arc<PinSync>, ring: PinRing, socket: Arc<UdpSocket>, key
         }
     };
     let mut cap = RateCap::new(s.config.max_pins_per_second, Instant::now());
-    // Above anything this node sent before a restart.
-    let mut seq = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64);
     let mut reports = Vec::new();
     let mut first: Option<tokio::time::Instant> = None;
     loop {
@@ -281,12 +345,11 @@ async fn pin_reports(s: Arc<PinSync>, ring: PinRing, socket: Arc<UdpSocket>, key
             continue;
         }
         for chunk in batch[..allowed].chunks(ps::MAX_PINS_PER_DATAGRAM) {
-            seq += 1;
             let d = ps::encode(
                 &key,
                 &Batch {
                     node: s.node.clone(),
-                    seq,
+                    seq: s.next_seq(),
                     unix_ms: unix_ms(),
                     pins: chunk
                         .iter()
@@ -361,6 +424,7 @@ async fn pin_peers(c: Arc<Cluster>, s: Arc<PinSync>) {
                         info!(peers = ?peers, "pin sync: peers");
                         *cur = peers;
                     }
+                    s.peers_listed.store(true, Relaxed);
                 }
                 Err(e) => debug!("pin sync: reading the peers: {e}"),
             }
@@ -373,5 +437,154 @@ async fn pin_peers(c: Arc<Cluster>, s: Arc<PinSync>) {
             tokio::time::sleep(PEERS_EVERY).await;
         }
         tokio::time::sleep(RETRY).await;
+    }
+}
+
+impl Daemon {
+    /// Answers `node`'s join request `request` (from `from`, its pin-sync
+    /// socket): takes `node` as a peer at once, so pins made from now on
+    /// reach it even before etcd lists it here, then walks the flow table
+    /// for its pins of changed slots and sends them, then the end marker.
+    fn answer_join(
+        &self,
+        s: &Arc<PinSync>,
+        socket: &Arc<UdpSocket>,
+        key: &Arc<Key>,
+        node: &str,
+        from: SocketAddr,
+        request: u64,
+    ) {
+        lock(&s.peers).insert(node.to_string(), from);
+        let (s, socket, key, node) = (s.clone(), socket.clone(), key.clone(), node.to_string());
+        let writer = self.shared.writer.clone();
+        let counter = self.shared.flow_counter.clone();
+        tokio::spawn(async move {
+            let walked = tokio::task::spawn_blocking(move || {
+                let plan = lock(&writer).join_plan();
+                counter.walk_join(&plan)
+            })
+            .await;
+            let Ok(pins) = walked else {
+                warn!(node = %node, "pin sync: walking the flow table for a join failed");
+                return;
+            };
+            let batch = |pins: Vec<Pin>| Batch {
+                node: s.node.clone(),
+                seq: s.next_seq(),
+                unix_ms: unix_ms(),
+                pins,
+            };
+            for (i, chunk) in pins.chunks(ps::MAX_PINS_PER_DATAGRAM).enumerate() {
+                let pins = chunk
+                    .iter()
+                    .map(|(key, backend)| Pin {
+                        key: *key,
+                        backend: *backend,
+                    })
+                    .collect();
+                let d = ps::encode_kind(&key, Kind::JoinPins { request }, &batch(pins));
+                if let Err(e) = socket.send_to(&d, from).await {
+                    debug!(peer = %from, "pin sync: sending a join answer: {e}");
+                    add(&s.counters.send_errors, 1);
+                }
+                if (i + 1) % ANSWER_BURST == 0 {
+                    tokio::time::sleep(ANSWER_PAUSE).await;
+                }
+            }
+            let end = Kind::JoinEnd {
+                request,
+                pins: pins.len() as u64,
+            };
+            if let Err(e) = socket
+                .send_to(&ps::encode_kind(&key, end, &batch(Vec::new())), from)
+                .await
+            {
+                debug!(peer = %from, "pin sync: sending a join answer's end: {e}");
+                add(&s.counters.send_errors, 1);
+            }
+            add(&s.counters.join_answers, 1);
+            add(&s.counters.join_pins_sent, pins.len());
+            info!(node = %node, pins = pins.len(), "pin sync: answered a join");
+        });
+    }
+}
+
+/// This node's join: once its services are etcd's and the peers were read
+/// (after its own address was published, so a peer that answers has it
+/// too), asks every peer for its pins of changed slots until all answered
+/// whole, none exists, or `JOIN_BOUND` passes. The announce gate
+/// holds the node's addresses until then (`pins_not_synced`).
+async fn pin_join(c: Arc<Cluster>, s: Arc<PinSync>, socket: Arc<UdpSocket>, key: Arc<Key>) {
+    while !(c.is_synced() && s.peers_listed.load(Relaxed)) {
+        tokio::time::sleep(JOIN_POLL).await;
+    }
+    *lock(&s.join) = Some(Join::new(Instant::now()));
+    loop {
+        let peers: Vec<(String, SocketAddr)> = lock(&s.peers)
+            .iter()
+            .map(|(n, a)| (n.clone(), *a))
+            .collect();
+        let step = lock(&s.join)
+            .get_or_insert_with(|| Join::new(Instant::now()))
+            .next(&peers, || s.next_seq(), Instant::now());
+        match step {
+            JoinStep::Ask(asks) => {
+                for (peer, addr, request) in asks {
+                    debug!(peer = %peer, %addr, request, "pin sync: asking for pins of changed slots");
+                    let ask = Batch {
+                        node: s.node.clone(),
+                        seq: request,
+                        unix_ms: unix_ms(),
+                        pins: Vec::new(),
+                    };
+                    if let Err(e) = socket
+                        .send_to(&ps::encode_kind(&key, Kind::JoinRequest, &ask), addr)
+                        .await
+                    {
+                        debug!(peer = %peer, "pin sync: sending a join request: {e}");
+                        add(&s.counters.send_errors, 1);
+                    }
+                }
+            }
+            JoinStep::Wait => {}
+            JoinStep::Done => {
+                let view = s.view().join;
+                match lock(&s.join).as_ref().map(|j| j.outcome().clone()) {
+                    Some(JoinOutcome::Synced {
+                        peers,
+                        pins,
+                        missing,
+                    }) if missing.is_empty() => info!(
+                        peers = ?peers, pins, took_ms = view.took_ms, requests = view.requests,
+                        "pin sync: took the peers' pins of changed slots; may announce"
+                    ),
+                    Some(JoinOutcome::Synced {
+                        peers,
+                        pins,
+                        missing,
+                    }) => warn!(
+                        peers = ?peers, pins, missing = ?missing, requests = view.requests,
+                        "pin sync: some peers did not answer whole within {:?}; announcing with \
+                         the others' pins",
+                        ps::JOIN_BOUND
+                    ),
+                    Some(JoinOutcome::NoPeer) => info!(
+                        "pin sync: no other node publishes pins (the cluster's first node); may announce"
+                    ),
+                    Some(JoinOutcome::TimedOut) => warn!(
+                        requests = view.requests,
+                        "pin sync: no peer answered whole within {:?}; announcing without their pins",
+                        ps::JOIN_BOUND
+                    ),
+                    Some(JoinOutcome::Pending) | None => {}
+                }
+                // A loop of the daemon's: its end would read as a dead daemon.
+                return std::future::pending().await;
+            }
+        }
+        tokio::select! {
+            () = s.join_wake.notified() => {}
+            () = tokio::time::sleep(JOIN_POLL) => {}
+        }
     }
 }

@@ -136,6 +136,12 @@ impl FlowCounter {
         found
     }
 
+    /// Walks the flow table for a joining node: its pins of changed
+    /// slots, by backend address ([`super::join_pins`]).
+    pub fn walk_join(&self, plan: &super::JoinPlan) -> Vec<(FlowKey, std::net::SocketAddr)> {
+        super::join_pins(plan, self.flows.iter().filter_map(std::result::Result::ok))
+    }
+
     /// Entries in the flow table, as [`Dataplane::flow_entries`] (no walk).
     pub fn count(&self) -> Result<u64> {
         entries(&crate::lock(&self.counts), self.capacity)

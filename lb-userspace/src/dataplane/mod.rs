@@ -40,8 +40,8 @@ pub use pin_ring::PinRing;
 pub use spec::{AdminState, BackendSpec, Forwarding, Protocol, ServiceSpec, WhenAllDown};
 pub use tables::TableReader;
 pub use writer::{
-    ApplyReport, MapWriter, PinOutcome, PinRefusal, QuicSpec, QuicSpecs, SweepFound, SweepPlan,
-    SweepReport, monotonic_secs, next_slots, rewrites_address, walk_pins,
+    ApplyReport, JoinPlan, MapWriter, PinOutcome, PinRefusal, QuicSpec, QuicSpecs, SweepFound,
+    SweepPlan, SweepReport, join_pins, monotonic_secs, next_slots, rewrites_address, walk_pins,
 };
 
 use crate::{maglev, pins};

@@ -20,7 +20,7 @@ use lb_common::{
 use tracing::{debug, info, warn};
 
 pub use quic::{QuicSpec, QuicSpecs};
-pub use replicated::{PinOutcome, PinRefusal};
+pub use replicated::{JoinPlan, PinOutcome, PinRefusal, join_pins};
 pub use sticky::{SweepFound, SweepPlan, SweepReport, monotonic_secs, next_slots, walk_pins};
 
 use super::{

@@ -155,3 +155,215 @@ fn a_short_key_file_is_refused() {
         Err(KeyError::Read { .. })
     ));
 }
+
+#[test]
+fn join_messages_round_trip_and_keep_their_kind() {
+    let b = batch(9, 1_700_000_000_000);
+    let ask = Batch {
+        pins: Vec::new(),
+        ..b.clone()
+    };
+    let kinds = [
+        (Kind::Pins, b.clone()),
+        (Kind::JoinRequest, ask.clone()),
+        (Kind::JoinPins { request: 77 }, b.clone()),
+        (
+            Kind::JoinEnd {
+                request: 77,
+                pins: 1234,
+            },
+            ask.clone(),
+        ),
+    ];
+    for (kind, batch) in &kinds {
+        let d = encode_kind(&key(), *kind, batch);
+        assert_eq!(
+            decode_kind(&key(), &d),
+            Ok((*kind, batch.clone())),
+            "{kind:?}"
+        );
+        // The kind is under the MAC: another magic fails it.
+        for (other, _) in &kinds {
+            if other.magic() != kind.magic() {
+                let mut forged = d.clone();
+                forged[..4].copy_from_slice(&other.magic());
+                assert_eq!(decode_kind(&key(), &forged), Err(WireError::BadMac));
+            }
+        }
+    }
+    // Only pin batches pass the pins-only decoder.
+    let d = encode_kind(&key(), Kind::JoinPins { request: 1 }, &b);
+    assert_eq!(decode(&key(), &d), Err(WireError::Malformed));
+    // A request or an end marker carrying pins is refused, even signed.
+    let d = encode_kind(&key(), Kind::JoinRequest, &b);
+    assert_eq!(decode_kind(&key(), &d), Err(WireError::Malformed));
+    let d = encode_kind(
+        &key(),
+        Kind::JoinEnd {
+            request: 1,
+            pins: 2,
+        },
+        &b,
+    );
+    assert_eq!(decode_kind(&key(), &d), Err(WireError::Malformed));
+    // The join exchange falls under the same replay window.
+    let now = 1_700_000_000_000;
+    let mut w = ReplayWindow::default();
+    assert_eq!(w.accept(&batch(5, now), now), Ok(()));
+    let (_, replayed) = decode_kind(
+        &key(),
+        &encode_kind(
+            &key(),
+            Kind::JoinRequest,
+            &Batch {
+                seq: 5,
+                unix_ms: now,
+                ..ask
+            },
+        ),
+    )
+    .unwrap();
+    assert_eq!(w.accept(&replayed, now), Err(ReplayError::Replayed));
+}
+
+fn peers(names: &[&str]) -> Vec<(String, SocketAddr)> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            (
+                n.to_string(),
+                format!("10.9.0.{}:7946", i + 1).parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn asked(step: JoinStep) -> Vec<(String, u64)> {
+    match step {
+        JoinStep::Ask(asks) => asks.into_iter().map(|(p, _, r)| (p, r)).collect(),
+        other => panic!("expected requests, got {other:?}"),
+    }
+}
+
+fn counter(from: u64) -> impl FnMut() -> u64 {
+    let mut n = from;
+    move || {
+        n += 1;
+        n
+    }
+}
+
+#[test]
+fn a_join_is_synced_once_every_peer_answers_whole() {
+    let t0 = Instant::now();
+    let mut j = Join::new(t0);
+    let p = peers(&["b", "c"]);
+    let mut seq = counter(10);
+    assert_eq!(
+        asked(j.next(&p, &mut seq, t0)),
+        vec![("b".to_string(), 11), ("c".to_string(), 12)]
+    );
+    assert!(!j.done());
+    let t = t0 + Duration::from_millis(10);
+    assert_eq!(j.next(&p, &mut seq, t), JoinStep::Wait);
+    // Pins of another request or from another node do not count.
+    j.on_pins("c", 11, 20);
+    j.on_pins("b", 9, 20);
+    j.on_pins("b", 11, 20);
+    j.on_pins("b", 11, 5);
+    // An end marker for another request changes nothing.
+    j.on_end("b", 9, 25);
+    j.on_end("b", 11, 25);
+    // One peer whole is not enough: the other may hold pins made before
+    // their slot changed, which only it has.
+    assert_eq!(j.next(&p, &mut seq, t), JoinStep::Wait);
+    assert!(!j.done());
+    j.on_end("c", 12, 0);
+    assert_eq!(
+        j.next(&p, &mut seq, t0 + Duration::from_millis(30)),
+        JoinStep::Done
+    );
+    assert_eq!(
+        j.outcome(),
+        &JoinOutcome::Synced {
+            peers: vec!["b".into(), "c".into()],
+            pins: 25,
+            missing: vec![]
+        }
+    );
+    assert_eq!(
+        j.next(&p, &mut seq, t0 + Duration::from_secs(9)),
+        JoinStep::Done
+    );
+    let v = j.view();
+    assert_eq!(
+        (
+            v.state.as_str(),
+            v.peers.len(),
+            v.pins,
+            v.requests,
+            v.took_ms
+        ),
+        ("synced", 2, 25, 2, Some(30))
+    );
+}
+
+#[test]
+fn a_lost_answer_is_asked_again_within_the_bound() {
+    let t0 = Instant::now();
+    let mut j = Join::new(t0);
+    let p = peers(&["b", "c"]);
+    let mut seq = counter(0);
+    asked(j.next(&p, &mut seq, t0));
+    // An answer that lost a datagram: asked again at once.
+    j.on_pins("b", 1, 20);
+    j.on_end("b", 1, 40);
+    assert_eq!(asked(j.next(&p, &mut seq, t0)), vec![("b".to_string(), 3)]);
+    // A late end marker of the earlier request does not count.
+    j.on_end("b", 1, 0);
+    // No answer at all: asked again after JOIN_ATTEMPT.
+    let t1 = t0 + JOIN_ATTEMPT;
+    assert_eq!(
+        asked(j.next(&p, &mut seq, t1)),
+        vec![("b".to_string(), 4), ("c".to_string(), 5)]
+    );
+    j.on_end("b", 4, 0);
+    assert!(!j.done());
+    // Past the bound the node announces with the answers it has.
+    assert_eq!(j.next(&p, &mut seq, t0 + JOIN_BOUND), JoinStep::Done);
+    assert_eq!(
+        j.outcome(),
+        &JoinOutcome::Synced {
+            peers: vec!["b".into()],
+            pins: 0,
+            missing: vec!["c".into()]
+        }
+    );
+    // None at all: timed out.
+    let mut j = Join::new(t0);
+    asked(j.next(&p, &mut seq, t0));
+    assert_eq!(j.next(&p, &mut seq, t0 + JOIN_BOUND), JoinStep::Done);
+    assert_eq!(j.outcome(), &JoinOutcome::TimedOut);
+    assert_eq!(j.view().state, "timed_out");
+}
+
+#[test]
+fn a_node_without_peers_joins_at_once() {
+    let t0 = Instant::now();
+    let mut j = Join::new(t0);
+    assert_eq!(
+        j.next(&[], || panic!("no request without a peer"), t0),
+        JoinStep::Done
+    );
+    assert_eq!(j.outcome(), &JoinOutcome::NoPeer);
+    assert_eq!(j.view().state, "no_peer");
+    // A peer that left after being asked is not "no peer": the bound decides.
+    let mut j = Join::new(t0);
+    let mut seq = counter(0);
+    asked(j.next(&peers(&["b"]), &mut seq, t0));
+    assert_eq!(j.next(&[], &mut seq, t0 + JOIN_ATTEMPT), JoinStep::Wait);
+    assert!(!j.done());
+    assert_eq!(j.next(&[], &mut seq, t0 + JOIN_BOUND), JoinStep::Done);
+    assert_eq!(j.outcome(), &JoinOutcome::TimedOut);
+}

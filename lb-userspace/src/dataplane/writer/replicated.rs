@@ -1,8 +1,12 @@
 //! Pins another node of the cluster reported: finding this node's service,
-//! backend id, generation and slot for them (ids differ between nodes), and
-//! refusing a pin to a backend that does not hold flows here.
+//! backend id, generation and slot for them (ids differ between nodes),
+//! refusing a pin to a backend that does not hold flows here, and choosing
+//! the pins a joining node is sent.
 
-use std::net::SocketAddr;
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+};
 
 use lb_common::{
     BACKEND_ACTIVE, BACKEND_DRAINING, FlowKey, FlowValue, flow_hash, maglev_slot, maps,
@@ -74,6 +78,101 @@ impl<S: MapStore> MapWriter<S> {
             slot: maglev_slot(h, m),
             generation: entry.generation,
         })
+    }
+}
+
+/// What a join answer needs from the writer, taken under its lock and used
+/// without it while the flow table is walked.
+#[derive(Debug, Default, Clone)]
+pub struct JoinPlan {
+    /// (service id, slot) of every changed (sticky) slot.
+    pub changed: HashSet<(u32, u32)>,
+    /// Backend id -> (service id, generation, address) for backends
+    /// keeping flows.
+    pub holders: HashMap<u32, (u32, u32, SocketAddr)>,
+}
+
+/// The pins a joining node needs: those in changed slots whose backend
+/// still keeps them, by backend address. A joining node builds its tables
+/// fresh (no slot remembers a previous backend), so a flow of a changed
+/// slot pinned anywhere but the slot's current backend breaks there
+/// without its pin; one on the current backend needs it for the next
+/// change. Clean slots need none.
+pub fn join_pins(
+    plan: &JoinPlan,
+    pins: impl Iterator<Item = (FlowKey, FlowValue)>,
+) -> Vec<(FlowKey, SocketAddr)> {
+    pins.filter_map(|(k, v)| {
+        let (service, generation, addr) = plan.holders.get(&v.backend)?;
+        let live = (*service, *generation) == (v.service, v.generation);
+        (live && plan.changed.contains(&(v.service, v.slot))).then_some((k, *addr))
+    })
+    .collect()
+}
+
+impl<S: MapStore> MapWriter<S> {
+    /// What [`join_pins`] needs.
+    pub fn join_plan(&self) -> JoinPlan {
+        let mut plan = JoinPlan::default();
+        for inst in self.services.values() {
+            for (i, s) in inst.slots.iter().enumerate() {
+                if s.is_sticky() {
+                    plan.changed.insert((inst.id, i as u32));
+                }
+            }
+            for (addr, id) in &inst.backend_ids {
+                if let Some(e) = self.backend_entries.get(id)
+                    && (e.state == BACKEND_ACTIVE || e.state == BACKEND_DRAINING)
+                {
+                    plan.holders.insert(*id, (e.service, e.generation, *addr));
+                }
+            }
+        }
+        plan
+    }
+}
+
+impl<S: MapStore> MapWriter<S> {
+    /// Makes every changed slot clean again, in the writer and in the
+    /// active tables, on a data plane this process loaded fresh (not
+    /// adopted): a node of a cluster installs its config file's tables
+    /// first, then etcd's, before it announces. Those changes were never
+    /// served; remembered, a miss within the window would go to the file's
+    /// backend instead of the cluster's (and break the flow). Returns the
+    /// slots cleaned (0 on an adopted data plane: its changes were served).
+    pub fn forget_unserved_changes(&mut self) -> Result<usize> {
+        if self.dp.adopted() {
+            return Ok(0);
+        }
+        let mut cleaned = 0;
+        let names: Vec<String> = self.services.keys().cloned().collect();
+        for name in names {
+            let Some(inst) = self.services.get_mut(&name) else {
+                continue;
+            };
+            let entry = self.dp.service_entry(inst.id)?;
+            if entry.table_size != self.dp.options().maglev_size
+                || entry.active >= lb_common::TABLES_PER_SERVICE
+            {
+                continue;
+            }
+            let sticky: Vec<usize> = (0..inst.slots.len())
+                .filter(|i| inst.slots[*i].is_sticky())
+                .collect();
+            for &i in &sticky {
+                inst.slots[i] = lb_common::MaglevSlot::clean(inst.slots[i].backend);
+            }
+            let table = self.dp.table_mut(inst.id, entry.active);
+            for &i in &sticky {
+                let slot = &mut table[i];
+                slot.changed = 0;
+                slot.prev_gen = 0;
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                slot.prev = slot.backend;
+            }
+            cleaned += sticky.len();
+        }
+        Ok(cleaned)
     }
 }
 
