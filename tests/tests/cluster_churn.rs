@@ -184,11 +184,7 @@ fn at_risk(c: &Cluster, i: usize, flows: Vec<(u16, IpAddr)>) -> Vec<(bool, bool)
     })
 }
 
-/// Fails today: after node 0's revive, 1 to 8 of its streams in changed
-/// slots are reset although every node, the revived one included, holds
-/// their pins (see the branch's report); run with `--ignored`.
 #[test]
-#[ignore = "fails: streams in changed slots reset after a node's revive (under investigation)"]
 fn churn_then_each_node_killed_and_revived_breaks_no_stream() {
     let mut c = Cluster::start_with_pin_sync_and_spares(3, LISTED, SPARE);
     c.wait_next_hops(&[0, 1, 2], Duration::from_secs(20));

@@ -6,10 +6,12 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
+    sync::atomic::{Ordering, fence},
 };
 
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, FlowKey, FlowValue, flow_hash, maglev_slot, maps,
+    BACKEND_ACTIVE, BACKEND_DRAINING, FlowKey, FlowValue, MaglevSlot, TABLES_PER_SERVICE,
+    flow_hash, maglev_slot, maps,
 };
 
 use super::{Dataplane, MapWriter, Result, words_addr};
@@ -111,6 +113,44 @@ pub fn join_pins(
 }
 
 impl<S: MapStore> MapWriter<S> {
+    /// The program reads the flow table only in changed (sticky) slots: a
+    /// replicated pin naming another backend than its slot's, in a slot
+    /// this node holds clean (a node that joined builds its tables fresh,
+    /// or swept the slot already), would be ignored. Such a slot becomes
+    /// changed here, its previous backend the pinned one, as of now: the
+    /// sender's slot changed away from that backend, and misses there go
+    /// to it for the same window. The sweep makes it clean again once no
+    /// pin needs it.
+    fn make_sticky_for(&mut self, v: &FlowValue) -> Result<()> {
+        let Some(inst) = self.services.values_mut().find(|i| i.id == v.service) else {
+            return Ok(());
+        };
+        let Some(s) = inst.slots.get_mut(v.slot as usize) else {
+            return Ok(());
+        };
+        if s.is_sticky() || s.backend == v.backend {
+            return Ok(());
+        }
+        let entry = self.dp.service_entry(inst.id)?;
+        if entry.table_size != self.dp.options().maglev_size || entry.active >= TABLES_PER_SERVICE {
+            return Ok(());
+        }
+        let now = super::sticky::monotonic_secs();
+        *s = MaglevSlot {
+            backend: s.backend,
+            prev: v.backend,
+            changed: now,
+            prev_gen: v.generation,
+        };
+        let slot = &mut self.dp.table_mut(inst.id, entry.active)[v.slot as usize];
+        slot.changed = now;
+        slot.prev_gen = v.generation;
+        // `prev` last: the slot turns sticky with its window already set.
+        fence(Ordering::SeqCst);
+        slot.prev = v.backend;
+        Ok(())
+    }
+
     /// What [`join_pins`] needs.
     pub fn join_plan(&self) -> JoinPlan {
         let mut plan = JoinPlan::default();
@@ -152,7 +192,7 @@ impl<S: MapStore> MapWriter<S> {
             };
             let entry = self.dp.service_entry(inst.id)?;
             if entry.table_size != self.dp.options().maglev_size
-                || entry.active >= lb_common::TABLES_PER_SERVICE
+                || entry.active >= TABLES_PER_SERVICE
             {
                 continue;
             }
@@ -160,14 +200,14 @@ impl<S: MapStore> MapWriter<S> {
                 .filter(|i| inst.slots[*i].is_sticky())
                 .collect();
             for &i in &sticky {
-                inst.slots[i] = lb_common::MaglevSlot::clean(inst.slots[i].backend);
+                inst.slots[i] = MaglevSlot::clean(inst.slots[i].backend);
             }
             let table = self.dp.table_mut(inst.id, entry.active);
             for &i in &sticky {
                 let slot = &mut table[i];
                 slot.changed = 0;
                 slot.prev_gen = 0;
-                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                fence(Ordering::SeqCst);
                 slot.prev = slot.backend;
             }
             cleaned += sticky.len();
@@ -198,6 +238,7 @@ impl MapWriter<Dataplane> {
                     .flows
                     .insert(key, v, 0)
                     .map_err(map_err(maps::FLOWS))?;
+                self.make_sticky_for(&v)?;
                 Ok(PinOutcome::Inserted)
             }
             Err(r) => Ok(PinOutcome::Refused(r)),
