@@ -169,6 +169,29 @@ fn new_pins_in_changed_slots_are_reported_and_replay_on_another_node() {
     }
     assert_eq!(send(b.dataplane(), &subset, TCP_ACK), want);
 
+    // Node c joined later: it built the table after one more change
+    // (8007 added) from scratch, so all its slots are clean, and a clean
+    // slot's packets never read the flow table. A replicated pin naming
+    // another backend than its slot's makes that slot changed there.
+    let (mut c, _) = loaded(false);
+    c.apply(&[with_backend(&svc, 8007)]).unwrap();
+    let fresh = send(c.dataplane(), &subset, TCP_ACK);
+    let moved = fresh.iter().zip(&want).filter(|(x, y)| x != y).count();
+    println!(
+        "node c (fresh table, one change later) without the pins: {moved} of {} flows moved",
+        want.len()
+    );
+    assert!(moved > 0, "some slots moved to 8007");
+    c.dataplane_mut().clear_flows();
+    for r in &reports {
+        let backend = SocketAddr::new(words_addr(&r.backend_addr), r.backend_port);
+        assert_eq!(
+            c.insert_replicated_pin(&r.key, backend).unwrap(),
+            PinOutcome::Inserted
+        );
+    }
+    assert_eq!(send(c.dataplane(), &subset, TCP_ACK), want);
+
     // Refused: a backend this node does not have, and one that is down here.
     let r = reports.iter().find(|r| r.backend_port == 8006).unwrap();
     let unknown: SocketAddr = "127.0.0.1:8999".parse().unwrap();
