@@ -8,10 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::{
-    cluster::{Bird, Cluster, ROUTER, VIP, backend_addr},
-    netns::run_in,
-};
+use lb_tests::cluster::{Bird, Cluster, VIP, backend_addr};
 
 use crate::{
     Scale,
@@ -329,21 +326,6 @@ fn cpu_phases(c: &mut Cluster, scale: &Scale) -> (Vec<NodeCpuRow>, Duration) {
     (rows, offered)
 }
 
-/// Brings node `i` back after [`Cluster::kill_node`]: link up (with the
-/// default route the link's loss removed), etcd member, BIRD, lb.
-fn restore_node(c: &mut Cluster, i: usize) {
-    let ns = c.nodes[i].clone();
-    run_in(&ns, &["ip", "link", "set", "eth0", "up"]);
-    run_in(&ns, &["ip", "route", "replace", "default", "via", ROUTER]);
-    if let Some(etcd) = c.etcd.as_mut() {
-        etcd.spawn(i);
-    }
-    let config = c.node_birds[i].config.clone();
-    c.node_birds[i] = Bird::start(&ns, &config);
-    let lb = c.start_lb(i);
-    c.lbs[i] = Some(lb);
-}
-
 /// `n` trials, killing node 0, 1, 2, 0, ... whole: ms from the kill until
 /// the router's route has lost that node. The node comes back, and every
 /// node announces again, before the next trial.
@@ -358,7 +340,7 @@ fn failover_times(c: &mut Cluster, n: usize) -> Vec<f64> {
         c.wait_next_hops(&others, Duration::from_secs(10));
         times.push(t0.elapsed().as_secs_f64() * 1e3);
         if k + 1 < n {
-            restore_node(c, i);
+            c.revive_node(i);
             if let Some(etcd) = c.etcd.as_ref() {
                 etcd.wait_healthy(Duration::from_secs(20));
             }

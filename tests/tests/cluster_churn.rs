@@ -6,6 +6,7 @@
 //! node builds its tables fresh, so a stream of a changed slot that ECMP
 //! hands back to it breaks unless the node took the peers' pins before it
 //! announced (the join). Every stream must end whole.
+use lb_tests::wait_for;
 use std::{
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
@@ -25,29 +26,10 @@ const OPEN_PER_CHANGE: usize = 4;
 const LISTED: usize = 3;
 const SPARE: usize = 3;
 
-fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    start.elapsed()
-}
-
 fn status(c: &Cluster, i: usize) -> serde_json::Value {
     let (s, v) = c.lb(i).get("/api/v1/status");
     assert_eq!(s, 200, "{v}");
     v
-}
-
-fn fingerprints(c: &Cluster) -> Vec<String> {
-    (0..c.nodes.len())
-        .map(|i| {
-            let (s, body) = c.lb(i).get("/api/v1/services/web");
-            assert_eq!(s, 200, "{body}");
-            body["table_fingerprint"].as_str().unwrap_or("").to_string()
-        })
-        .collect()
 }
 
 /// Change `k` of the churn: a spare added or a weight changed, through
@@ -85,14 +67,14 @@ fn change(c: &Cluster, k: usize) {
             )
         }
     };
-    let before = fingerprints(c)[0].clone();
+    let before = c.fingerprints()[0].clone();
     let (s, v) = c.lb(k % 3).call(method, &path, Some(&body), None);
     assert_eq!(s, want, "change {k}: {method} {path} {body}: {v}");
     wait_for(
         &format!("change {k} in every table"),
         Duration::from_secs(5),
         || {
-            let f = fingerprints(c);
+            let f = c.fingerprints();
             f.iter().all(|x| *x == f[0] && *x != before)
         },
     );

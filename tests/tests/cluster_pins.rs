@@ -4,7 +4,8 @@
 //! lost node in a changed slot break (the other nodes send them to the
 //! slot's previous backend: `cluster_failover.rs`'s baseline); with
 //! `[cluster] pin_sync` none does.
-use std::time::{Duration, Instant};
+use lb_tests::wait_for;
+use std::time::Duration;
 
 use lb_tests::{
     cluster::{Cluster, VIP, backend_addr},
@@ -18,29 +19,10 @@ const STREAMS: usize = 30;
 const EVERY: Duration = Duration::from_millis(100);
 const CHUNKS: u64 = 80;
 
-fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    start.elapsed()
-}
-
 fn status(lb: &Lb) -> serde_json::Value {
     let (s, v) = lb.get("/api/v1/status");
     assert_eq!(s, 200, "{v}");
     v
-}
-
-fn fingerprints(c: &Cluster) -> Vec<String> {
-    (0..c.nodes.len())
-        .map(|i| {
-            let (s, body) = c.lb(i).get("/api/v1/services/web");
-            assert_eq!(s, 200, "{body}");
-            body["table_fingerprint"].as_str().unwrap_or("").to_string()
-        })
-        .collect()
 }
 
 /// New flows node `lb` sent to `backend` since it started.
@@ -76,7 +58,7 @@ fn backend_change_then_node_loss(c: &mut Cluster) -> Outcome {
         Duration::from_secs(10),
         || (0..3).all(|i| status(c.lb(i))["cluster"]["connected"] == true),
     );
-    let before = fingerprints(c);
+    let before = c.fingerprints();
     let added = format!("{}:443", backend_addr(2));
     let (s, v) = c.lb(0).call(
         "DELETE",
@@ -86,7 +68,7 @@ fn backend_change_then_node_loss(c: &mut Cluster) -> Outcome {
     );
     assert_eq!(s, 204, "{v}");
     wait_for("the removal in every table", Duration::from_secs(3), || {
-        let f = fingerprints(c);
+        let f = c.fingerprints();
         f.iter().all(|x| *x == f[0] && *x != before[0])
     });
     let (s, v) = c.lb(1).call(
@@ -99,7 +81,7 @@ fn backend_change_then_node_loss(c: &mut Cluster) -> Outcome {
     wait_for(
         "the addition in every table",
         Duration::from_secs(3),
-        || fingerprints(c) == before,
+        || c.fingerprints() == before,
     );
     c.wait_next_hops(&[0, 1, 2], Duration::from_secs(5));
     let totals = |c: &Cluster| -> Vec<(u64, u64)> {
