@@ -33,6 +33,20 @@ pub fn node_addr(i: usize) -> String {
     format!("10.213.0.{}", 11 + i)
 }
 
+/// The client's TCP connection from `sport` to the service, as the flow
+/// table keys it.
+pub fn client_flow_key(sport: u16) -> lb_common::FlowKey {
+    use lb_userspace::dataplane::addr_words;
+    lb_common::FlowKey {
+        src: addr_words(CLIENT.parse().expect("an address")),
+        dst: addr_words(VIP.parse().expect("an address")),
+        sport: sport.to_be(),
+        dport: 443u16.to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    }
+}
+
 /// A backend's address on the shared segment (`i` from 0).
 pub fn backend_addr(i: usize) -> String {
     format!("10.213.0.{}", 21 + i)

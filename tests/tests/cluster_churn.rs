@@ -12,9 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{FlowKey, MaglevSlot};
-use lb_tests::cluster::{CLIENT, Cluster, VIP, backend_addr};
-use lb_userspace::dataplane::{Dataplane, addr_words};
+use lb_common::MaglevSlot;
+use lb_tests::cluster::{Cluster, VIP, backend_addr, client_flow_key};
+use lb_userspace::dataplane::Dataplane;
 
 /// A chunk (and a client line) every this, per stream.
 const EVERY: Duration = Duration::from_millis(200);
@@ -126,17 +126,6 @@ fn open(c: &Cluster, stop: &tokio::sync::watch::Receiver<bool>) -> Open {
     }
 }
 
-fn flow_key(sport: u16) -> FlowKey {
-    FlowKey {
-        src: addr_words(CLIENT.parse().unwrap()),
-        dst: addr_words(VIP.parse().unwrap()),
-        sport: sport.to_be(),
-        dport: 443u16.to_be(),
-        proto: 6,
-        _pad: [0; 3],
-    }
-}
-
 /// On node `i`'s live maps, for each (sport, backend address): whether its
 /// fresh table would send the flow elsewhere (at risk without a pin), and
 /// whether the node holds a pin to its backend.
@@ -153,7 +142,7 @@ fn at_risk(c: &Cluster, i: usize, flows: Vec<(u16, IpAddr)>) -> Vec<(bool, bool)
         flows
             .iter()
             .map(|(sport, backend)| {
-                let k = flow_key(*sport);
+                let k = client_flow_key(*sport);
                 let h = lb_common::flow_hash(&k.src, &k.dst, k.sport, k.dport, k.proto);
                 let s: MaglevSlot = table[lb_common::maglev_slot(h, table.len() as u32) as usize];
                 let risk = addr(s.backend) != Some(*backend);

@@ -11,13 +11,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{FlowKey, MaglevSlot};
+use lb_common::MaglevSlot;
 use lb_tests::{
-    cluster::{CLIENT, Cluster, VIP, backend_addr},
+    cluster::{CLIENT, Cluster, VIP, backend_addr, client_flow_key},
     https::StreamRun,
     packet::{Spec, TCP_ACK, TCP_SYN},
 };
-use lb_userspace::dataplane::{Dataplane, addr_words};
+use lb_userspace::dataplane::Dataplane;
 use tokio::task::JoinHandle;
 
 const XDP_TX: u32 = 3;
@@ -161,18 +161,6 @@ fn backend_index(c: &Cluster, name: &str) -> usize {
         .unwrap_or_else(|| panic!("{name} is no backend"))
 }
 
-/// The client's connection from `sport` as the flow table keys it.
-fn flow_key(sport: u16) -> FlowKey {
-    FlowKey {
-        src: addr_words(CLIENT.parse().unwrap()),
-        dst: addr_words(VIP.parse().unwrap()),
-        sport: sport.to_be(),
-        dport: 443u16.to_be(),
-        proto: 6,
-        _pad: [0; 3],
-    }
-}
-
 /// Node `i`'s view of each port's flow: its slot in the active table (the
 /// backends as addresses: ids differ between nodes) and the node's pin.
 #[derive(Clone, Debug)]
@@ -209,7 +197,7 @@ fn views(c: &Cluster, i: usize, sports: Vec<u16>, fixture: bool) -> Vec<View> {
         let mut out: Vec<View> = sports
             .iter()
             .map(|sport| {
-                let k = flow_key(*sport);
+                let k = client_flow_key(*sport);
                 let h = lb_common::flow_hash(&k.src, &k.dst, k.sport, k.dport, k.proto);
                 let s: MaglevSlot = table[lb_common::maglev_slot(h, table.len() as u32) as usize];
                 View {

@@ -902,38 +902,7 @@ fn the_demo_prints_how_to_try_it_and_removes_everything() {
     let dir = lb_tests::daemon::TempDir::new("demo-smoke");
     let out_path = dir.path("demo.out");
     // tests/examples/demo.rs, built beside lb (`cargo xtask test` does).
-    let demo = lb_tests::daemon::lb_binary()
-        .with_file_name("examples")
-        .join("demo");
-    assert!(
-        demo.exists(),
-        "{} is missing: build it first (`cargo build -p lb-tests --example demo`)",
-        demo.display()
-    );
-    let mut child = std::process::Command::new(&demo)
-        .args(["--for", "3"])
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("start lb-demo");
-    let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!(
-                "lb-demo --for 3 still running after 60 s:\n{}",
-                std::fs::read_to_string(&out_path).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let out = std::fs::read_to_string(&out_path).unwrap();
-    println!("{out}");
-    assert!(status.success(), "lb-demo exited with {status}");
+    let (pid, out) = run_example("demo", &["--for", "3"], Duration::from_secs(60), &out_path);
     let curl = out
         .lines()
         .find(|l| l.contains("curl -k https://10.202.0.1/"))
@@ -985,38 +954,12 @@ fn the_cluster_demo_spreads_the_load_over_every_node_and_removes_everything() {
     lb_tests::etcd::require_etcd();
     let dir = lb_tests::daemon::TempDir::new("cluster-demo-smoke");
     let out_path = dir.path("demo.out");
-    let demo = lb_tests::daemon::lb_binary()
-        .with_file_name("examples")
-        .join("cluster_demo");
-    assert!(
-        demo.exists(),
-        "{} is missing: build it first (`cargo build -p lb-tests --example cluster_demo`)",
-        demo.display()
+    let (pid, out) = run_example(
+        "cluster_demo",
+        &["--cluster", "3", "--for", "4"],
+        Duration::from_secs(90),
+        &out_path,
     );
-    let mut child = std::process::Command::new(&demo)
-        .args(["--cluster", "3", "--for", "4"])
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .expect("start the cluster demo");
-    let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!(
-                "the cluster demo (--for 4) still running after 90 s:\n{}",
-                std::fs::read_to_string(&out_path).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let out = std::fs::read_to_string(&out_path).unwrap();
-    println!("{out}");
-    assert!(status.success(), "the cluster demo exited with {status}");
     let curl = out
         .lines()
         .find(|l| l.contains("curl -sk https://10.215.0.100/"))
@@ -1140,4 +1083,47 @@ fn a_bulk_upload_keeps_gso_only_in_tc_mode(#[case] mode: &'static str) {
             "XDP mode: {per_packet} bytes a packet, more than a frame"
         );
     }
+}
+
+/// Runs the example `name` (built beside lb) with `args` until it exits by
+/// itself, within `within`, its output in `out_path`: its pid and output.
+fn run_example(
+    name: &str,
+    args: &[&str],
+    within: Duration,
+    out_path: &std::path::Path,
+) -> (u32, String) {
+    let demo = lb_tests::daemon::lb_binary()
+        .with_file_name("examples")
+        .join(name);
+    assert!(
+        demo.exists(),
+        "{} is missing: build it first (`cargo build -p lb-tests --example {name}`)",
+        demo.display()
+    );
+    let mut child = std::process::Command::new(&demo)
+        .args(args)
+        .stdout(std::fs::File::create(out_path).unwrap())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {name}: {e}"));
+    let pid = child.id();
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "{name} {args:?} still running after {within:?}:\n{}",
+                std::fs::read_to_string(out_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = std::fs::read_to_string(out_path).unwrap();
+    println!("{out}");
+    assert!(status.success(), "{name} exited with {status}");
+    (pid, out)
 }

@@ -260,26 +260,33 @@ impl Cluster {
     }
 }
 
+/// A cluster handle for unit tests: node `a` of cluster `c`, one plain
+/// endpoint, not yet connected.
+#[cfg(test)]
+pub(crate) fn test_cluster() -> Cluster {
+    let cfg = ClusterConfig {
+        endpoints: vec![config::EtcdEndpoint {
+            tls: false,
+            authority: "127.0.0.1:2379".into(),
+            host: "127.0.0.1".into(),
+            port: 2379,
+        }],
+        node: "a".into(),
+        name: "c".into(),
+        ca_file: None,
+        cert_file: None,
+        key_file: None,
+        pin_sync: None,
+    };
+    Cluster::new(&cfg).expect("a valid test cluster")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn cluster() -> Cluster {
-        let cfg = ClusterConfig {
-            endpoints: vec![config::EtcdEndpoint {
-                tls: false,
-                authority: "127.0.0.1:2379".into(),
-                host: "127.0.0.1".into(),
-                port: 2379,
-            }],
-            node: "a".into(),
-            name: "c".into(),
-            ca_file: None,
-            cert_file: None,
-            key_file: None,
-            pin_sync: None,
-        };
-        let c = Cluster::new(&cfg).unwrap();
+        let c = test_cluster();
         c.connected("x".into());
         c
     }

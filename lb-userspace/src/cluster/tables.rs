@@ -125,21 +125,7 @@ mod tests {
 
     #[test]
     fn the_cluster_fingerprint_counts_live_nodes_and_this_one_once_synced() {
-        let cfg = crate::config::ClusterConfig {
-            endpoints: vec![crate::config::EtcdEndpoint {
-                tls: false,
-                authority: "127.0.0.1:2379".into(),
-                host: "127.0.0.1".into(),
-                port: 2379,
-            }],
-            node: "a".into(),
-            name: "c".into(),
-            ca_file: None,
-            cert_file: None,
-            key_file: None,
-            pin_sync: None,
-        };
-        let c = Cluster::new(&cfg).unwrap();
+        let c = crate::cluster::test_cluster();
         // Alone and not synced: no vote, no majority.
         assert_eq!(c.cluster_fingerprints(&fp("x")).get("web"), None);
         c.mark_synced();
