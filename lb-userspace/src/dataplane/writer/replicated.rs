@@ -6,12 +6,10 @@
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
-    sync::atomic::{Ordering, fence},
 };
 
 use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, FlowKey, FlowValue, MaglevSlot, TABLES_PER_SERVICE,
-    flow_hash, maglev_slot, maps,
+    BACKEND_ACTIVE, BACKEND_DRAINING, FlowKey, FlowValue, MaglevSlot, flow_hash, maglev_slot, maps,
 };
 
 use super::{Dataplane, MapWriter, Result, words_addr};
@@ -122,32 +120,24 @@ impl<S: MapStore> MapWriter<S> {
     /// to it for the same window. The sweep makes it clean again once no
     /// pin needs it.
     fn make_sticky_for(&mut self, v: &FlowValue) -> Result<()> {
-        let Some(inst) = self.services.values_mut().find(|i| i.id == v.service) else {
-            return Ok(());
-        };
-        let Some(s) = inst.slots.get_mut(v.slot as usize) else {
+        let Some((name, s)) = self
+            .services
+            .iter()
+            .find(|(_, i)| i.id == v.service)
+            .and_then(|(name, i)| Some((name.clone(), *i.slots.get(v.slot as usize)?)))
+        else {
             return Ok(());
         };
         if s.is_sticky() || s.backend == v.backend {
             return Ok(());
         }
-        let entry = self.dp.service_entry(inst.id)?;
-        if entry.table_size != self.dp.options().maglev_size || entry.active >= TABLES_PER_SERVICE {
-            return Ok(());
-        }
-        let now = super::sticky::monotonic_secs();
-        *s = MaglevSlot {
+        let sticky = MaglevSlot {
             backend: s.backend,
             prev: v.backend,
-            changed: now,
+            changed: super::sticky::monotonic_secs(),
             prev_gen: v.generation,
         };
-        let slot = &mut self.dp.table_mut(inst.id, entry.active)[v.slot as usize];
-        slot.changed = now;
-        slot.prev_gen = v.generation;
-        // `prev` last: the slot turns sticky with its window already set.
-        fence(Ordering::SeqCst);
-        slot.prev = v.backend;
+        self.rewrite_slots(&name, &[(v.slot as usize, sticky)])?;
         Ok(())
     }
 
@@ -187,30 +177,14 @@ impl<S: MapStore> MapWriter<S> {
         let mut cleaned = 0;
         let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {
-            let Some(inst) = self.services.get_mut(&name) else {
-                continue;
-            };
-            let entry = self.dp.service_entry(inst.id)?;
-            if entry.table_size != self.dp.options().maglev_size
-                || entry.active >= TABLES_PER_SERVICE
-            {
-                continue;
-            }
-            let sticky: Vec<usize> = (0..inst.slots.len())
-                .filter(|i| inst.slots[*i].is_sticky())
+            let clean: Vec<(usize, MaglevSlot)> = self.services[&name]
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.is_sticky())
+                .map(|(i, s)| (i, MaglevSlot::clean(s.backend)))
                 .collect();
-            for &i in &sticky {
-                inst.slots[i] = MaglevSlot::clean(inst.slots[i].backend);
-            }
-            let table = self.dp.table_mut(inst.id, entry.active);
-            for &i in &sticky {
-                let slot = &mut table[i];
-                slot.changed = 0;
-                slot.prev_gen = 0;
-                fence(Ordering::SeqCst);
-                slot.prev = slot.backend;
-            }
-            cleaned += sticky.len();
+            cleaned += self.rewrite_slots(&name, &clean)?;
         }
         Ok(cleaned)
     }

@@ -100,44 +100,61 @@ impl<S: MapStore> MapWriter<S> {
         }
         let names: Vec<String> = self.services.keys().cloned().collect();
         for name in names {
-            let Some(inst) = self.services.get_mut(&name) else {
-                continue;
-            };
+            let inst = &self.services[&name];
             let Some(slots) = by_service.get(&inst.id) else {
                 continue;
             };
-            let entry = self.dp.service_entry(inst.id)?;
-            if entry.table_size != self.dp.options().maglev_size
-                || entry.active >= TABLES_PER_SERVICE
-            {
-                continue;
-            }
-            let mut cleaned = Vec::new();
-            for &i in slots {
-                let planned = plan.candidates[&(inst.id, i)];
-                let Some(s) = inst.slots.get_mut(i as usize) else {
-                    continue;
-                };
-                // The table changed since the plan: the next sweep decides.
-                if !s.is_sticky() || (s.backend, s.changed) != planned {
-                    continue;
-                }
-                *s = MaglevSlot::clean(s.backend);
-                cleaned.push(i);
-            }
-            let table = self.dp.table_mut(inst.id, entry.active);
-            for &i in &cleaned {
-                let slot = &mut table[i as usize];
-                // `prev` last: a packet that reads the slot halfway sees
-                // a sticky slot past its window, which behaves the same.
-                slot.changed = 0;
-                slot.prev_gen = 0;
-                fence(Ordering::SeqCst);
-                slot.prev = slot.backend;
-            }
-            report.slots_cleaned += cleaned.len();
+            let clean: Vec<(usize, MaglevSlot)> = slots
+                .iter()
+                .filter_map(|&i| {
+                    let s = inst.slots.get(i as usize)?;
+                    // The table changed since the plan: the next sweep decides.
+                    let planned = plan.candidates[&(inst.id, i)];
+                    (s.is_sticky() && (s.backend, s.changed) == planned)
+                        .then(|| (i as usize, MaglevSlot::clean(s.backend)))
+                })
+                .collect();
+            report.slots_cleaned += self.rewrite_slots(&name, &clean)?;
         }
         Ok(report)
+    }
+}
+
+impl<S: MapStore> MapWriter<S> {
+    /// Rewrites slots of service `name`'s active table in place, in the
+    /// writer's record and in the kernel's table: each `(index, slot)`
+    /// keeps its backend and gets the new previous backend and window.
+    /// `prev` goes last, so a packet that reads a slot halfway sees it as
+    /// it was, or (turning clean) as a sticky slot past its window, which
+    /// behaves the same. Nothing is written, and 0 returned, when the
+    /// table cannot be rewritten in place (another size, none active).
+    pub(super) fn rewrite_slots(
+        &mut self,
+        name: &str,
+        slots: &[(usize, MaglevSlot)],
+    ) -> Result<usize> {
+        let Some(inst) = self.services.get_mut(name) else {
+            return Ok(0);
+        };
+        let entry = self.dp.service_entry(inst.id)?;
+        if slots.is_empty()
+            || entry.table_size != self.dp.options().maglev_size
+            || entry.active >= TABLES_PER_SERVICE
+        {
+            return Ok(0);
+        }
+        for &(i, new) in slots {
+            inst.slots[i] = new;
+        }
+        let table = self.dp.table_mut(inst.id, entry.active);
+        for &(i, new) in slots {
+            let slot = &mut table[i];
+            slot.changed = new.changed;
+            slot.prev_gen = new.prev_gen;
+            fence(Ordering::SeqCst);
+            slot.prev = new.prev;
+        }
+        Ok(slots.len())
     }
 }
 
