@@ -79,17 +79,7 @@ fn main() -> ExitCode {
     println!("lb-cluster-demo: using {}", lb_binary().display());
 
     // Signals first, so a Ctrl-C during setup still cleans up.
-    let signals = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let (mut int, mut term) = signals.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        (
-            signal(SignalKind::interrupt()).expect("SIGINT handler"),
-            signal(SignalKind::terminate()).expect("SIGTERM handler"),
-        )
-    });
+    let mut signals = lb_tests::demo::Signals::catch();
 
     println!(
         "lb-cluster-demo: creating the router, {nodes} nodes (lb, BIRD, etcd member each) and \
@@ -129,23 +119,10 @@ fn main() -> ExitCode {
 
     let started = Instant::now();
     let mut last = Last::default();
-    let reason = loop {
-        let tick = signals.block_on(async {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => None,
-                _ = int.recv() => Some("Ctrl-C"),
-                _ = term.recv() => Some("SIGTERM"),
-            }
-        });
-        if let Some(r) = tick {
-            break r;
-        }
+    let reason = signals.every_second(started, limit, || {
         restart_crashed(&mut cluster);
         summary(&cluster, started, &mut last, (&ok, &failed));
-        if limit.is_some_and(|l| started.elapsed() >= l) {
-            break "time is up";
-        }
-    };
+    });
 
     println!(
         "lb-cluster-demo: {reason}; stopping the load, the nodes, the router and the backends..."

@@ -69,17 +69,7 @@ fn main() -> ExitCode {
     println!("lb-demo: using {}", lb.display());
 
     // Signals first, so a Ctrl-C during setup still cleans up.
-    let signals = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let (mut int, mut term) = signals.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        (
-            signal(SignalKind::interrupt()).expect("SIGINT handler"),
-            signal(SignalKind::terminate()).expect("SIGTERM handler"),
-        )
-    });
+    let mut signals = lb_tests::demo::Signals::catch();
 
     println!("lb-demo: creating namespaces, backends and the daemon...");
     let site = Site::new("demo");
@@ -147,17 +137,7 @@ fn main() -> ExitCode {
 
     let started = Instant::now();
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
-    let reason = loop {
-        let tick = signals.block_on(async {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => None,
-                _ = int.recv() => Some("Ctrl-C"),
-                _ = term.recv() => Some("SIGTERM"),
-            }
-        });
-        if let Some(r) = tick {
-            break r;
-        }
+    let reason = signals.every_second(started, limit, || {
         summary(
             &daemon,
             started,
@@ -166,10 +146,7 @@ fn main() -> ExitCode {
             (&ok, &failed),
             &quic_load,
         );
-        if limit.is_some_and(|l| started.elapsed() >= l) {
-            break "time is up";
-        }
-    };
+    });
 
     println!("lb-demo: {reason}; stopping the load, the daemon and the backends...");
     stop.store(true, Ordering::SeqCst);

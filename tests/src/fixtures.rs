@@ -76,6 +76,21 @@ pub fn service(name: &str, listen: &str, backends: &[&str]) -> ServiceSpec {
     forwarded_service(name, listen, Forwarding::Local, backends)
 }
 
+/// A service of five backends, 127.0.0.1:8001-8005, on port 443.
+pub fn five_backends() -> ServiceSpec {
+    service(
+        "web",
+        "0.0.0.0:443",
+        &[
+            "127.0.0.1:8001",
+            "127.0.0.1:8002",
+            "127.0.0.1:8003",
+            "127.0.0.1:8004",
+            "127.0.0.1:8005",
+        ],
+    )
+}
+
 /// A map writer serving `services` on a data plane of its own.
 pub fn writer(services: &[ServiceSpec]) -> MapWriter {
     crate::require_root();

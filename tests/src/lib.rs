@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod cluster;
 pub mod daemon;
+pub mod demo;
 pub mod etcd;
 pub mod fixtures;
 pub mod https;

@@ -17,7 +17,7 @@ use std::{
 };
 
 use lb_common::{REASON_NAMES, Reason};
-use lb_tests::fixtures::{backend_port, hex, service, slot_of, writer};
+use lb_tests::fixtures::{backend_port, five_backends, hex, service, slot_of, writer};
 use lb_tests::{
     netns::{self, Topology, run_in},
     packet::{
@@ -270,20 +270,6 @@ fn icmp_errors_about_a_flow_reach_its_local_backend() {
     assert_eq!(c.new_flows, 0);
     assert_eq!(dp.reason_counts().unwrap().iter().sum::<u64>(), 0);
     assert_eq!(dp.flow_count(), 0);
-}
-
-fn five_backends() -> ServiceSpec {
-    service(
-        "web",
-        "0.0.0.0:443",
-        &[
-            "127.0.0.1:8001",
-            "127.0.0.1:8002",
-            "127.0.0.1:8003",
-            "127.0.0.1:8004",
-            "127.0.0.1:8005",
-        ],
-    )
 }
 
 /// A client's flow, a reply of it and the frag-needed error about that.

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 
 use lb_common::{REASON_NAMES, Reason};
-use lb_tests::fixtures::{age_table, backend_port, hex, options, service, slot_of, writer};
+use lb_tests::fixtures::{
+    age_table, backend_port, five_backends, hex, options, service, slot_of, writer,
+};
 use lb_tests::packet::{self, Spec, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN};
 use lb_userspace::dataplane::{
     AdminState, BackendSpec, Dataplane, MapWriter, Options, ServiceSpec,
@@ -569,20 +571,6 @@ fn client_flows(n: u16) -> Vec<Spec> {
             Spec::tcp(&src, "10.0.0.1", 20000 + i, 443, TCP_SYN)
         })
         .collect()
-}
-
-fn five_backends() -> ServiceSpec {
-    service(
-        "web",
-        "0.0.0.0:443",
-        &[
-            "127.0.0.1:8001",
-            "127.0.0.1:8002",
-            "127.0.0.1:8003",
-            "127.0.0.1:8004",
-            "127.0.0.1:8005",
-        ],
-    )
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use lb_common::{FlowKey, PinReport, PinReportStat};
-use lb_tests::fixtures::{options, service};
+use lb_tests::fixtures::{five_backends, options, service};
 use lb_tests::packet::{self, Spec, TCP_ACK, TCP_SYN};
 use lb_userspace::dataplane::{
     BackendSpec, Dataplane, MapWriter, Options, PinOutcome, PinRefusal, PinRing, ServiceSpec,
@@ -13,20 +13,6 @@ use lb_userspace::dataplane::{
 };
 
 const XDP_PASS: u32 = 2;
-
-fn five_backends() -> ServiceSpec {
-    service(
-        "web",
-        "0.0.0.0:443",
-        &[
-            "127.0.0.1:8001",
-            "127.0.0.1:8002",
-            "127.0.0.1:8003",
-            "127.0.0.1:8004",
-            "127.0.0.1:8005",
-        ],
-    )
-}
 
 fn client_flows(n: u16) -> Vec<Spec> {
     (0..n)
