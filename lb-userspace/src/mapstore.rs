@@ -324,6 +324,22 @@ mod tests {
         }
     }
 
+    /// A pin of service `sid`'s slot `slot` (the flow keyed by its port).
+    fn pin(sid: u32, slot: usize, backend: u32, generation: u32) -> (FlowKey, FlowValue) {
+        (
+            FlowKey {
+                sport: slot as u16,
+                ..FlowKey::default()
+            },
+            FlowValue {
+                backend,
+                service: sid,
+                slot: slot as u32,
+                generation,
+            },
+        )
+    }
+
     fn writer(services: &[ServiceSpec]) -> MapWriter<MemStore> {
         let mut w = MapWriter::new(MemStore::new(opts()));
         w.apply(services).unwrap();
@@ -622,20 +638,7 @@ mod tests {
         // One live pin on a sticky slot's previous backend, one stale pin.
         let (kept, other) = (sticky[0], sticky[1]);
         let prev = table[kept].prev;
-        let pin = |slot: usize, backend: u32, generation: u32| {
-            (
-                FlowKey {
-                    sport: slot as u16,
-                    ..FlowKey::default()
-                },
-                FlowValue {
-                    backend,
-                    service: sid,
-                    slot: slot as u32,
-                    generation,
-                },
-            )
-        };
+        let pin = |slot: usize, backend: u32, generation: u32| pin(sid, slot, backend, generation);
         let live_gen = w.store().backends[&prev].generation;
         let mut flows: Vec<(FlowKey, FlowValue)> =
             vec![pin(kept, prev, live_gen), pin(other, prev, live_gen + 100)];
@@ -677,20 +680,7 @@ mod tests {
         let clean = (0..table.len()).find(|i| !table[*i].is_sticky()).unwrap();
         let plan = w.join_plan();
         assert_eq!(plan.changed.len(), sticky.len());
-        let pin = |slot: usize, backend: u32, generation: u32| {
-            (
-                FlowKey {
-                    sport: slot as u16,
-                    ..FlowKey::default()
-                },
-                FlowValue {
-                    backend,
-                    service: sid,
-                    slot: slot as u32,
-                    generation,
-                },
-            )
-        };
+        let pin = |slot: usize, backend: u32, generation: u32| pin(sid, slot, backend, generation);
         let gen_of = |id: u32| w.store().backends[&id].generation;
         let (a, b) = (sticky[0], sticky[1]);
         let (prev, cur) = (table[a].prev, table[b].backend);
