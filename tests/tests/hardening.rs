@@ -1054,35 +1054,38 @@ fn changes_are_rate_limited_and_every_one_is_audited() {
     let mut lb = s.start(&s.config("change_rate = 5", true), "127.0.0.1:9180", "info");
     let socket = lb.lb.socket.clone();
     let path = "/api/v1/services/web/backends/127.0.0.1:8001";
-    // 30 changes at once through the socket: the burst (twice the rate)
-    // passes, the rest get 429 with Retry-After, and nothing else. Each
-    // change writes the state file, so on a loaded machine the 30 take a
-    // second or more and the bucket refills meanwhile: the bound on what
-    // passes is the burst plus what the rate allows in the time it took.
+    // 30 changes at once through the socket, each on its own connection:
+    // the burst (twice the rate) passes, the rest get 429 with
+    // Retry-After, and nothing else. The limit is taken as a request
+    // arrives, before the change is applied; the bucket refills at the
+    // rate meanwhile, so what passes is bounded by the burst plus the rate
+    // over the time the 30 took (a loaded machine takes longer).
     let started = std::time::Instant::now();
-    let statuses: Vec<u16> = (0..30)
-        .map(|i| {
-            lb_tests::daemon::unix_http(
-                &socket,
-                "PATCH",
-                path,
-                Some(&format!("{{\"weight\": {}}}", 10 + i)),
-            )
-            .0
-        })
-        .collect();
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let socket = &socket;
+        let sent: Vec<_> = (0..30)
+            .map(|i| {
+                scope.spawn(move || {
+                    lb_tests::daemon::unix_http(
+                        socket,
+                        "PATCH",
+                        path,
+                        Some(&format!("{{\"weight\": {}}}", 10 + i)),
+                    )
+                    .0
+                })
+            })
+            .collect();
+        sent.into_iter().map(|t| t.join().unwrap()).collect()
+    });
     let took = started.elapsed().as_secs_f64();
     let ok = statuses.iter().filter(|s| **s == 200).count();
     let limited = statuses.iter().filter(|s| **s == 429).count();
     assert_eq!(ok + limited, 30, "{statuses:?}");
-    assert!(
-        statuses[..10].iter().all(|s| *s == 200),
-        "the burst of 10 passes: {statuses:?}"
-    );
     let allowed = 10 + (5.0 * took).ceil() as usize + 1;
     assert!(
-        ok <= allowed && limited >= 1,
-        "{ok} passed, at most {allowed} allowed in {took:.2} s: {statuses:?}"
+        (10..=allowed).contains(&ok) && limited >= 1,
+        "{ok} passed, 10 to {allowed} allowed in {took:.2} s: {statuses:?}"
     );
     // A second later, changes pass again; reads were never limited.
     std::thread::sleep(Duration::from_millis(1100));
