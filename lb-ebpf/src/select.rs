@@ -8,6 +8,8 @@
 //! - `LB_FLOWS` (LRU): only in "sticky" slots, whose backend changed; flows in
 //!   slots that never changed cannot be pinned anywhere else, so a SYN or an
 //!   established packet in a clean slot costs no helper call at all.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     Addr, AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_REWRITE_ADDR, BackendEntry, Event,
@@ -148,17 +150,33 @@ fn udp_new(h: u32) -> bool {
     true
 }
 
-/// The flow table's key for a packet's 5-tuple.
+/// The flow table's key for a packet's 5-tuple. `proto` and its three pad
+/// bytes are written as one word ([`proto_word`]).
 #[inline(always)]
 fn flow_key(p: &Packet) -> FlowKey {
-    FlowKey {
-        src: p.src,
-        dst: p.dst,
-        sport: p.sport,
-        dport: p.dport,
-        proto: p.proto,
-        _pad: [0; 3],
+    let mut k = MaybeUninit::<FlowKey>::uninit();
+    let k = k.as_mut_ptr();
+    // SAFETY: every byte of the key is written before it is read: the
+    // fields one by one, then `proto` with `_pad` (offset 36, 4-aligned).
+    unsafe {
+        (&raw mut (*k).src).write(p.src);
+        (&raw mut (*k).dst).write(p.dst);
+        (&raw mut (*k).sport).write(p.sport);
+        (&raw mut (*k).dport).write(p.dport);
+        (&raw mut (*k).proto)
+            .cast::<u32>()
+            .write(proto_word(p.proto));
+        k.read()
     }
+}
+
+/// A key's `proto` byte and the three zero pad bytes after it, as the one
+/// little-endian word they form. A `_pad: [0; 3]` field initializer makes
+/// LLVM call a byte-loop `memset` (a BPF-to-BPF call on every sticky-slot
+/// packet); one 4-byte store does the same.
+#[inline(always)]
+pub(crate) fn proto_word(proto: u8) -> u32 {
+    u32::from_le_bytes([proto, 0, 0, 0])
 }
 
 /// Seconds of CLOCK_MONOTONIC (coarse, as the daemon's
