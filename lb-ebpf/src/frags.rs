@@ -3,21 +3,30 @@
 //! remembered in `LB_FRAGS` (an LRU update, only for first fragments); a
 //! later fragment looks it up (an LRU lookup, only for later fragments).
 //! Unfragmented packets never reach this module.
+use core::mem::MaybeUninit;
+
 use lb_common::{BACKEND_UNUSED, BackendEntry, FragKey, FragValue, Reason, ServiceEntry};
 
 use crate::{
     maps::{LB_BACKENDS, LB_FRAGS, LB_SERVICES},
     parse::Packet,
+    select::proto_word,
 };
 
 #[inline(always)]
 fn key(p: &Packet) -> FragKey {
-    FragKey {
-        src: p.src,
-        dst: p.dst,
-        id: p.frag_id,
-        proto: p.proto,
-        _pad: [0; 3],
+    let mut k = MaybeUninit::<FragKey>::uninit();
+    let k = k.as_mut_ptr();
+    // SAFETY: every byte is written before it is read, `proto` with its
+    // pad bytes as one word (offset 36, 4-aligned), as in `flow_key`.
+    unsafe {
+        (&raw mut (*k).src).write(p.src);
+        (&raw mut (*k).dst).write(p.dst);
+        (&raw mut (*k).id).write(p.frag_id);
+        (&raw mut (*k).proto)
+            .cast::<u32>()
+            .write(proto_word(p.proto));
+        k.read()
     }
 }
 

@@ -34,6 +34,7 @@ use crate::{
 };
 
 #[xdp]
+#[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let b = Bounds {
         start: ctx.data(),

@@ -83,6 +83,20 @@ pub static LB_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_COU
 #[map]
 pub static LB_FLOOD: PerCpuArray<FloodState> = PerCpuArray::with_max_entries(1, 0);
 
+/// This CPU's last clock read: the jiffy it was made in and the second it
+/// gave ([`crate::select::now_secs`]). Not pinned: a cache, each loaded
+/// program has its own.
+#[map]
+pub static LB_CLOCK: PerCpuArray<ClockCache> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ClockCache {
+    pub jiffies: u64,
+    pub secs: u32,
+    pub _pad: u32,
+}
+
 /// Hashes of UDP flows seen, in 4-way buckets picked by the hash's top
 /// bits: a packet whose hash is not in its bucket starts a new flow.
 #[map]

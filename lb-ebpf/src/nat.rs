@@ -3,7 +3,10 @@
 //! next hop is found and checked before anything in the frame changes, so
 //! a packet that cannot be forwarded is dropped or passed as it came (the
 //! one exception is documented on `nat`).
-use core::{ffi::c_void, mem::size_of};
+use core::{
+    ffi::c_void,
+    mem::{MaybeUninit, size_of},
+};
 
 use aya_ebpf::{
     bindings::{
@@ -137,12 +140,26 @@ pub struct Hop {
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
+#[repr(C, align(8))]
+struct Aligned8<T>(T);
+const _: () = assert!(size_of::<bpf_fib_lookup>() % 8 == 0);
+
 /// Asks the kernel's FIB for the next hop towards `to`: egress interface
 /// and MAC addresses. Reads the packet, changes nothing. The per-packet
 /// path asks only when `LB_NEXTHOPS` has no usable entry (`nexthop`).
 #[inline(always)]
 pub fn fib(ctx: &XdpContext, b: &Bounds, p: &Packet, to: &Addr) -> Result<Hop, Reason> {
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    // Zeroed by eight volatile word stores: a plain zeroing is merged into
+    // a `memset`, which the BPF backend turns into a call to a byte loop
+    // (64 iterations on every FIB lookup).
+    let mut fib = MaybeUninit::<Aligned8<bpf_fib_lookup>>::uninit();
+    let words = fib.as_mut_ptr().cast::<u64>();
+    for i in 0..size_of::<bpf_fib_lookup>() / 8 {
+        // SAFETY: within the 8-aligned 64 bytes of `fib`.
+        unsafe { words.add(i).write_volatile(0) };
+    }
+    // SAFETY: every byte is zero, a valid `bpf_fib_lookup`.
+    let fib = unsafe { &mut (*fib.as_mut_ptr()).0 };
     fib.l4_protocol = p.proto;
     fib.sport = p.sport;
     fib.dport = p.dport;
@@ -161,7 +178,7 @@ pub fn fib(ctx: &XdpContext, b: &Bounds, p: &Packet, to: &Addr) -> Result<Hop, R
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx as *mut c_void,
-            &mut fib,
+            fib,
             size_of::<bpf_fib_lookup>() as i32,
             0,
         )

@@ -8,7 +8,9 @@
 //! - `LB_FLOWS` (LRU): only in "sticky" slots, whose backend changed; flows in
 //!   slots that never changed cannot be pinned anywhere else, so a SYN or an
 //!   established packet in a clean slot costs no helper call at all.
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use core::mem::MaybeUninit;
+
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     Addr, AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_REWRITE_ADDR, BackendEntry, Event,
     FlowKey, FlowValue, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, PinReport,
@@ -18,7 +20,7 @@ use lb_common::{
 
 use crate::{
     maps::{
-        LB_ADDR_SVCS, LB_BACKENDS, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_PIN_RING, LB_PORTS,
+        LB_ADDR_SVCS, LB_BACKENDS, LB_CLOCK, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_PIN_RING, LB_PORTS,
         LB_SERVICES, LB_UDP_SEEN, flow_insert_rate, pin_report,
     },
     parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
@@ -148,21 +150,58 @@ fn udp_new(h: u32) -> bool {
     true
 }
 
-/// The flow table's key for a packet's 5-tuple.
+/// The flow table's key for a packet's 5-tuple. `proto` and its three pad
+/// bytes are written as one word ([`proto_word`]).
 #[inline(always)]
 fn flow_key(p: &Packet) -> FlowKey {
-    FlowKey {
-        src: p.src,
-        dst: p.dst,
-        sport: p.sport,
-        dport: p.dport,
-        proto: p.proto,
-        _pad: [0; 3],
+    let mut k = MaybeUninit::<FlowKey>::uninit();
+    let k = k.as_mut_ptr();
+    // SAFETY: every byte of the key is written before it is read: the
+    // fields one by one, then `proto` with `_pad` (offset 36, 4-aligned).
+    unsafe {
+        (&raw mut (*k).src).write(p.src);
+        (&raw mut (*k).dst).write(p.dst);
+        (&raw mut (*k).sport).write(p.sport);
+        (&raw mut (*k).dport).write(p.dport);
+        (&raw mut (*k).proto)
+            .cast::<u32>()
+            .write(proto_word(p.proto));
+        k.read()
     }
 }
 
+/// A key's `proto` byte and the three zero pad bytes after it, as the one
+/// little-endian word they form. A `_pad: [0; 3]` field initializer makes
+/// LLVM call a byte-loop `memset` (a BPF-to-BPF call on every sticky-slot
+/// packet); one 4-byte store does the same.
+#[inline(always)]
+pub(crate) fn proto_word(proto: u8) -> u32 {
+    u32::from_le_bytes([proto, 0, 0, 0])
+}
+
+/// Seconds of CLOCK_MONOTONIC (coarse, as the daemon's
+/// `monotonic_secs`). The coarse clock moves once a tick, as jiffies do,
+/// so a CPU reads it once a jiffy and keeps the second it gave: the
+/// verifier inlines `bpf_jiffies64` to a plain load, where the clock is a
+/// helper call and a 64-bit division (15-20 ns a packet on `nat`/`dsr`).
+/// Just after a tick the clock may not have moved yet; the cached second
+/// is then at most a tick behind until the next one.
 #[inline(always)]
 pub fn now_secs() -> u32 {
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(c) = LB_CLOCK.get_ptr_mut(0) else {
+        return clock_secs();
+    };
+    let c = unsafe { &mut *c };
+    if c.jiffies != jiffies {
+        c.jiffies = jiffies;
+        c.secs = clock_secs();
+    }
+    c.secs
+}
+
+#[inline(always)]
+fn clock_secs() -> u32 {
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 

@@ -33,6 +33,7 @@ const PULL_LEN: u32 = 128;
 /// The counters' actions are XDP's: `XDP_PASS` counts `TC_ACT_OK` (up the
 /// stack, rewritten or not), `XDP_DROP` counts `TC_ACT_SHOT`.
 #[classifier]
+#[inline(always)]
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
     let action = match ingress(&ctx) {
         Ok(action) => action,
