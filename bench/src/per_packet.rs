@@ -44,6 +44,7 @@ use lb_userspace::{
 };
 
 const XDP_PASS: u32 = 2;
+const XDP_DROP: u32 = 1;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
@@ -405,6 +406,8 @@ impl Bench {
             .try_into()
             .unwrap();
         prog.load().expect("baseline loads");
+        let sink: &mut Xdp = baseline.program_mut("sink").unwrap().try_into().unwrap();
+        sink.load().expect("sink loads");
         Bench {
             repeat,
             rounds,
@@ -447,6 +450,26 @@ impl Bench {
     fn baseline(&self, frame: &[u8]) -> f64 {
         let v: Vec<f64> = (0..self.rounds)
             .map(|_| self.baseline_once(frame, self.repeat))
+            .collect();
+        sys::median(&v)
+    }
+
+    /// The test-run harness alone, per run: the `sink` program, which
+    /// returns `XDP_DROP` without reading the frame. Every row pays it.
+    fn harness(&self, frame: &[u8]) -> f64 {
+        let sink: &Xdp = self.baseline.program("sink").unwrap().try_into().unwrap();
+        let v: Vec<f64> = (0..self.rounds)
+            .map(|_| {
+                let r = sink
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        repeat: self.repeat,
+                        ..Default::default()
+                    })
+                    .expect("sink test run");
+                assert_eq!(r.return_value, XDP_DROP, "the sink drops");
+                r.duration.as_nanos() as f64
+            })
             .collect();
         sys::median(&v)
     }
@@ -675,6 +698,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
             baselines.push((fam, size, f.len(), base_ns(fam, size, &b)));
         }
     }
+    let harness_ns = b.harness(&frame(Fam::V4, Kind::Syn, Size::Small, 40000));
     let baseline_of = |fam: Fam, size: Size| {
         baselines
             .iter()
@@ -994,6 +1018,21 @@ pub fn run(scale: &Scale, report: &mut Report) {
             case: None,
         });
     }
+    let clean = |kind: Kind| {
+        rows.iter()
+            .find(|r| r.case == Case::new(Fam::V4, Traffic::Kind(kind), 64, 3, Slot::Clean))
+            .map_or(f64::NAN, |r| r.ns)
+    };
+    let work = |ns: f64| num((ns - harness_ns).max(0.0));
+    notes.push(format!(
+        "the test-run harness alone (a program that returns XDP_DROP at once, ipv4 64 B): {} ns \
+         of every row; beyond it the baseline program works {} ns, an ipv4 established packet \
+         in a clean slot {} ns and a SYN {} ns",
+        num(harness_ns),
+        work(base_small),
+        work(clean(Kind::Est)),
+        work(clean(Kind::Syn)),
+    ));
     for r in rows {
         let c = r.case;
         let x_baseline = r.ns / r.baseline_ns;
@@ -1024,6 +1063,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
         });
     }
     report.figure(FigureId::Repeat1Overhead, overhead.max(0.0));
+    report.figure(FigureId::Harness, harness_ns);
     t.note(
         "every measured run is proven to take the path it claims: the service's packet and \
          new-flow counters, the action counter and the drop-reason counters advance by exactly \

@@ -381,6 +381,8 @@ pub enum FigureId {
     PerPacketXBaseline(Case),
     /// The fixed cost of one repeat=1 call.
     Repeat1Overhead,
+    /// The test-run harness alone: a program that returns at once, per run.
+    Harness,
     Pps(PpsCase),
     PpsNs(PpsCase),
     E2e(Setup, E2eMetric),
@@ -450,6 +452,7 @@ impl FigureId {
             FigureId::PerPacketBaseline { .. }
             | FigureId::PerPacketNs(_)
             | FigureId::Repeat1Overhead
+            | FigureId::Harness
             | FigureId::PpsNs(_) => "ns",
             FigureId::PerPacketXBaseline(_) | FigureId::LbVs(..) => "ratio",
             FigureId::Pps(_) => "packets/s",
@@ -502,6 +505,7 @@ impl fmt::Display for FigureId {
             FigureId::PerPacketNs(c) => write!(f, "{}/ns", PerPacketId::Case(c)),
             FigureId::PerPacketXBaseline(c) => write!(f, "{}/x_baseline", PerPacketId::Case(c)),
             FigureId::Repeat1Overhead => f.write_str("per_packet/repeat1_overhead/ns"),
+            FigureId::Harness => f.write_str("per_packet/harness/ns"),
             FigureId::Pps(c) => write!(f, "{c}/pps"),
             FigureId::PpsNs(c) => write!(f, "{c}/ns"),
             FigureId::E2e(setup, m) => {
@@ -897,6 +901,7 @@ mod tests {
                 "per_packet/ipv4/quic_short_encrypted_4pass/64B/3_backends/clean_slot/empty_table/ns",
             ),
             (FigureId::Repeat1Overhead, "per_packet/repeat1_overhead/ns"),
+            (FigureId::Harness, "per_packet/harness/ns"),
             (
                 FigureId::Pps(PpsCase::BaselineUdp),
                 "pps/baseline/udp_64B/pps",

@@ -25,6 +25,7 @@ const REQUIRED: &[&str] = &[
     "per_packet/ipv4/quic_short_plaintext/64B/3_backends/clean_slot/empty_table/ns",
     "per_packet/ipv4/quic_short_encrypted_4pass/64B/3_backends/clean_slot/empty_table/x_baseline",
     "per_packet/repeat1_overhead/ns",
+    "per_packet/harness/ns",
     "pps/baseline/udp_64B/pps",
     "pps/lb/udp_64B/pps",
     "pps/lb/non_service_64B/ns",
