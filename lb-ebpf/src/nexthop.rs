@@ -32,7 +32,8 @@ pub fn find(
 /// The cached hop if it may stand for the FIB's answer: written for this
 /// holder of the id (generation), the packet fits the route's MTU (else
 /// the FIB refuses it, as before), and confirmed by the daemon within
-/// `NEXTHOP_FRESH_SECS`. An array read (inlined) and the coarse clock.
+/// `NEXTHOP_FRESH_SECS`. An array read (inlined) and the clock, which a CPU
+/// reads once a jiffy (`now_secs`).
 #[inline(always)]
 fn cached(b: &Bounds, p: &Packet, id: u32, be: &BackendEntry) -> Option<Hop> {
     let e = LB_NEXTHOPS.get(id)?;

@@ -8,6 +8,9 @@
 //! - `LB_FLOWS` (LRU): only in "sticky" slots, whose backend changed; flows in
 //!   slots that never changed cannot be pinned anywhere else, so a SYN or an
 //!   established packet in a clean slot costs no helper call at all.
+//! - `LB_CLOCK` (per-CPU array): the second of the last clock read, for the
+//!   sticky path and the next-hop cache; the clock itself (a helper) is read
+//!   once a jiffy.
 use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
