@@ -30,6 +30,9 @@ pub trait MapStore {
     fn write_backend(&mut self, id: u32, entry: &BackendEntry) -> Result<()>;
     /// Empties backend `id`'s `LB_NEXTHOPS` entry (its holder changed).
     fn clear_next_hop(&mut self, id: u32) -> Result<()>;
+    /// Zeroes backend `id`'s counters (`LB_BE_STATS`): the id is handed to
+    /// a new backend, which must not show its predecessor's packets.
+    fn reset_backend_counters(&mut self, id: u32) -> Result<()>;
     /// Writes `slots` into a table no packet reads and flips the service to
     /// it; returns the table's index.
     fn install_table(&mut self, service: u32, slots: &[MaglevSlot], forwarding: u8) -> Result<u32>;
@@ -82,6 +85,8 @@ pub struct MemStore {
     pub installs: usize,
     /// Backend ids whose next hop was cleared, in order.
     pub next_hops_cleared: Vec<u32>,
+    /// Backend ids whose counters were zeroed, in order.
+    pub counters_reset: Vec<u32>,
 }
 
 impl MemStore {
@@ -145,6 +150,11 @@ impl MapStore for MemStore {
 
     fn clear_next_hop(&mut self, id: u32) -> Result<()> {
         self.next_hops_cleared.push(id);
+        Ok(())
+    }
+
+    fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
+        self.counters_reset.push(id);
         Ok(())
     }
 
@@ -524,6 +534,42 @@ mod tests {
         for id in new {
             assert!(w2.store().backends[&id].generation > top);
         }
+    }
+
+    /// A new backend starts with zero counters, also on an id its
+    /// predecessor's packets were counted under; an adopted backend keeps
+    /// its counts across a restart.
+    #[test]
+    fn an_id_handed_to_a_new_backend_starts_with_zero_counters() {
+        let web = svc("web", "0.0.0.0:443", &[8001, 8002, 8003]);
+        let mut w = writer(std::slice::from_ref(&web));
+        let first = ids(&w, &web);
+        assert_eq!(
+            w.store().counters_reset.iter().collect::<HashSet<_>>(),
+            first.iter().collect::<HashSet<_>>()
+        );
+        // 8002 goes; after a restart its id is the lowest free one, and
+        // the new backend gets it.
+        let mut fewer = web.clone();
+        fewer.backends.remove(1);
+        w.apply(std::slice::from_ref(&fewer)).unwrap();
+        let gone = first[1];
+        let mut restarted = w.store().restarted();
+        restarted.counters_reset.clear();
+        let mut w2 = MapWriter::new(restarted);
+        let mut more = fewer.clone();
+        more.backends
+            .push(BackendSpec::new("127.0.0.1:8004".parse().unwrap(), 100));
+        w2.apply(std::slice::from_ref(&more)).unwrap();
+        let new_id = w2
+            .backend_id("web", "127.0.0.1:8004".parse().unwrap())
+            .unwrap();
+        assert_eq!(new_id, gone, "the freed id is handed out again");
+        assert_eq!(
+            w2.store().counters_reset,
+            vec![gone],
+            "only the new backend's counters are zeroed; 8001 and 8003 keep theirs"
+        );
     }
 
     #[test]

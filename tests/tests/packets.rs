@@ -57,7 +57,7 @@ fn service_packets_are_rewritten_to_the_picked_backend() {
     // Wildcards are per family: IPv4 packets take `web`, IPv6 ones `web6`.
     let svc = service("web", "0.0.0.0:443", &["127.0.0.1:8001", "127.0.0.1:8002"]);
     let svc6 = service("web6", "[::]:443", &["127.0.0.1:8001", "127.0.0.1:8002"]);
-    let w = writer(&[svc.clone(), svc6.clone()]);
+    let mut w = writer(&[svc.clone(), svc6.clone()]);
     let dp = w.dataplane();
 
     let mut v4_opts = Spec::tcp("10.0.0.2", "10.0.0.1", 40001, 443, TCP_SYN);
@@ -155,6 +155,23 @@ fn service_packets_are_rewritten_to_the_picked_backend() {
     assert_eq!(dp.reason_counts().unwrap().iter().sum::<u64>(), 0);
     // Nothing in a table that never changed needs the flow table.
     assert_eq!(dp.flow_count(), 0);
+    // What the writer does to an id it hands to a new backend: its counters
+    // read zero on every CPU; the other backends keep theirs.
+    let [a, b] = [0, 1].map(|i| w.backend_id(&svc.name, svc.backends[i].address).unwrap());
+    let (first, second) = if dp.backend_counters(a).unwrap().packets > 0 {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let kept = dp.backend_counters(second).unwrap();
+    assert!(dp.backend_counters(first).unwrap().packets > 0);
+    w.dataplane_mut().reset_backend_counters(first).unwrap();
+    let dp = w.dataplane();
+    assert_eq!(
+        dp.backend_counters(first).unwrap(),
+        lb_common::Counters::default()
+    );
+    assert_eq!(dp.backend_counters(second).unwrap(), kept);
 }
 
 #[test]

@@ -25,6 +25,15 @@ impl Dataplane {
         sum_counters(&self.backend_stats, id, maps::BACKEND_STATS)
     }
 
+    /// Zeroes backend `id`'s counters on every CPU.
+    pub fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
+        let map = &mut self.backend_stats;
+        let cpus = map.get(&id, 0).map_err(map_err(maps::BACKEND_STATS))?.len();
+        let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])
+            .map_err(|e| DataplaneError::Options(format!("backend counters: {e}")))?;
+        map.set(id, zero, 0).map_err(map_err(maps::BACKEND_STATS))
+    }
+
     /// Packets per XDP action, indexed by the action's value.
     pub fn action_counts(&self) -> Result<[u64; lb_common::ACTION_COUNT as usize]> {
         sums(&self.action_stats, maps::ACTION_STATS)

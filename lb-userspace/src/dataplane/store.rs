@@ -61,6 +61,10 @@ impl MapStore for Dataplane {
         Dataplane::clear_next_hop(self, id)
     }
 
+    fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
+        Dataplane::reset_backend_counters(self, id)
+    }
+
     fn install_table(&mut self, service: u32, slots: &[MaglevSlot], forwarding: u8) -> Result<u32> {
         Dataplane::install_table(self, service, slots, forwarding)
     }

@@ -66,6 +66,17 @@ impl Installed {
     }
 }
 
+/// A free backend id for a new backend, its counters zeroed: an id comes
+/// back to the free list when its backend goes (and, after a restart, may
+/// be handed out first), and its `LB_BE_STATS` entry still holds the old
+/// backend's packets. Ids of backends a restarted daemon adopts are not
+/// taken here, so their counters carry on.
+fn take_backend_id<S: MapStore>(free: &mut Vec<u32>, dp: &mut S) -> Result<u32> {
+    let id = free.pop().ok_or(DataplaneError::Full("backends"))?;
+    dp.reset_backend_counters(id)?;
+    Ok(id)
+}
+
 /// Slots per backend id in a table (empty slots are not counted).
 fn count_slots(slots: &[MaglevSlot]) -> HashMap<u32, u32> {
     let mut counts = HashMap::new();
@@ -354,11 +365,7 @@ impl<S: MapStore> MapWriter<S> {
                 if let std::collections::hash_map::Entry::Vacant(slot) =
                     inst.backend_ids.entry(b.address)
                 {
-                    let bid = self
-                        .free_backend_ids
-                        .pop()
-                        .ok_or(DataplaneError::Full("backends"))?;
-                    slot.insert(bid);
+                    slot.insert(take_backend_id(&mut self.free_backend_ids, &mut self.dp)?);
                 }
             }
         }
@@ -505,10 +512,7 @@ impl<S: MapStore> MapWriter<S> {
             let bid = if let Some(bid) = inst.backend_ids.get(&b.address) {
                 *bid
             } else {
-                let bid = self
-                    .free_backend_ids
-                    .pop()
-                    .ok_or(DataplaneError::Full("backends"))?;
+                let bid = take_backend_id(&mut self.free_backend_ids, &mut self.dp)?;
                 inst.backend_ids.insert(b.address, bid);
                 bid
             };
