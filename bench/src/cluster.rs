@@ -188,13 +188,10 @@ fn change_times(c: &Cluster, n: usize) -> Vec<f64> {
             None,
         );
         assert_eq!(status, 200, "{body}\n{}", node.log());
-        wait_for(
+        c.wait_new_table(
             "a change in every node's table",
+            &before[0],
             Duration::from_secs(10),
-            || {
-                let f = c.fingerprints();
-                f.iter().all(|x| *x == f[0] && *x != before[0])
-            },
         );
         times.push(t0.elapsed().as_secs_f64() * 1e3);
         // Let the nodes settle (health publishes, watch) between changes.
@@ -341,9 +338,6 @@ fn failover_times(c: &mut Cluster, n: usize) -> Vec<f64> {
         times.push(t0.elapsed().as_secs_f64() * 1e3);
         if k + 1 < n {
             c.revive_node(i);
-            if let Some(etcd) = c.etcd.as_ref() {
-                etcd.wait_healthy(Duration::from_secs(20));
-            }
             c.wait_next_hops(&all, Duration::from_secs(30));
         }
     }

@@ -654,18 +654,31 @@ impl Cluster {
         body
     }
 
-    /// Each node's table fingerprint of `web` ("" for a node whose lb is
-    /// not running).
+    /// Node `i`'s table fingerprint of `web` ("" when its lb is not
+    /// running).
+    pub fn fingerprint(&self, i: usize) -> String {
+        match self.lbs[i] {
+            Some(_) => self.web(i)["table_fingerprint"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            None => String::new(),
+        }
+    }
+
+    /// Each node's table fingerprint of `web` ([`Cluster::fingerprint`]).
     pub fn fingerprints(&self) -> Vec<String> {
-        (0..self.nodes.len())
-            .map(|i| match self.lbs[i] {
-                Some(_) => self.web(i)["table_fingerprint"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string(),
-                None => String::new(),
-            })
-            .collect()
+        (0..self.nodes.len()).map(|i| self.fingerprint(i)).collect()
+    }
+
+    /// Waits (up to `within`) until every node has the same table of `web`
+    /// and it is not `before`: a change reached all of them. Returns how
+    /// long it took.
+    pub fn wait_new_table(&self, what: &str, before: &str, within: Duration) -> Duration {
+        crate::wait_for(what, within, || {
+            let f = self.fingerprints();
+            f.iter().all(|x| *x == f[0] && x != before)
+        })
     }
 
     /// Brings node `i` back after [`Cluster::kill_node`], as a machine that

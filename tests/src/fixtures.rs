@@ -76,6 +76,17 @@ pub fn service(name: &str, listen: &str, backends: &[&str]) -> ServiceSpec {
     forwarded_service(name, listen, Forwarding::Local, backends)
 }
 
+/// SYNs of `n` client flows to 10.0.0.1:443, each from its own address
+/// (10.1.x.y) and port (20000 + i).
+pub fn client_flows(n: u16) -> Vec<crate::packet::Spec> {
+    (0..n)
+        .map(|i| {
+            let src = format!("10.1.{}.{}", i / 250, i % 250 + 1);
+            crate::packet::Spec::tcp(&src, "10.0.0.1", 20000 + i, 443, crate::packet::TCP_SYN)
+        })
+        .collect()
+}
+
 /// A service of five backends, 127.0.0.1:8001-8005, on port 443.
 pub fn five_backends() -> ServiceSpec {
     service(

@@ -70,13 +70,10 @@ fn change(c: &Cluster, k: usize) {
     let before = c.fingerprints()[0].clone();
     let (s, v) = c.lb(k % 3).call(method, &path, Some(&body), None);
     assert_eq!(s, want, "change {k}: {method} {path} {body}: {v}");
-    wait_for(
+    c.wait_new_table(
         &format!("change {k} in every table"),
+        &before,
         Duration::from_secs(5),
-        || {
-            let f = c.fingerprints();
-            f.iter().all(|x| *x == f[0] && *x != before)
-        },
     );
 }
 

@@ -31,17 +31,6 @@ fn whole_bytes() -> u64 {
     CHUNKS * CHUNK as u64 + format!("end {CHUNKS}\n").len() as u64
 }
 
-/// Each node's table fingerprint for the service.
-fn fingerprints(c: &Cluster) -> Vec<String> {
-    (0..c.nodes.len())
-        .map(|i| {
-            let (status, body) = c.lb(i).get("/api/v1/services/web");
-            assert_eq!(status, 200, "{body}");
-            body["table_fingerprint"].as_str().unwrap_or("").to_string()
-        })
-        .collect()
-}
-
 fn new_flows_per_node(c: &Cluster) -> Vec<u64> {
     (0..c.nodes.len()).map(|i| c.pinned_new_flows(i)).collect()
 }
@@ -295,7 +284,7 @@ fn streams_of_a_dead_node_move_to_the_others_and_finish_whole() {
     let mut c = Cluster::start_with_etcd(3, 3);
     c.wait_next_hops(&[0, 1, 2], Duration::from_secs(20));
     wait_for("one table on every node", Duration::from_secs(10), || {
-        let f = fingerprints(&c);
+        let f = c.fingerprints();
         f.iter().all(|x| !x.is_empty() && *x == f[0])
     });
 
@@ -390,10 +379,10 @@ fn after_a_backend_change_node_loss_breaks_the_new_streams_pinned_on_it() {
     let mut c = Cluster::start_with_etcd_and_spares(3, 3, 1);
     c.wait_next_hops(&[0, 1, 2], Duration::from_secs(20));
     wait_for("one table on every node", Duration::from_secs(10), || {
-        let f = fingerprints(&c);
+        let f = c.fingerprints();
         f.iter().all(|x| !x.is_empty() && *x == f[0])
     });
-    let before_fp = fingerprints(&c)[0].clone();
+    let before_fp = c.fingerprints()[0].clone();
 
     // Opened before the change: 2 MB over 16 s, so they outlive the kill.
     let old = open_streams(&c, STREAMS, Duration::from_millis(80));
@@ -405,13 +394,10 @@ fn after_a_backend_change_node_loss_breaks_the_new_streams_pinned_on_it() {
         None,
     );
     assert_eq!(s, 201, "{v}");
-    let took = wait_for(
+    let took = c.wait_new_table(
         "the new table on every node",
+        &before_fp,
         Duration::from_secs(5),
-        || {
-            let f = fingerprints(&c);
-            f.iter().all(|x| *x == f[0] && *x != before_fp)
-        },
     );
     println!("backend {added} added through node 0: every node's table has it after {took:?}");
 

@@ -106,13 +106,6 @@ fn change(c: &Cluster, node: usize, add: bool) {
     assert_eq!(s, if add { 201 } else { 204 }, "{v}");
 }
 
-fn fingerprint(c: &Cluster, i: usize) -> String {
-    c.web(i)["table_fingerprint"]
-        .as_str()
-        .unwrap_or("")
-        .to_string()
-}
-
 fn matches_metric(c: &Cluster, i: usize) -> Option<f64> {
     Metrics::scrape(c.lb(i))
         .0
@@ -155,16 +148,9 @@ fn changes_withdraw_nobody_and_a_node_with_another_table_never_announces() {
     let hops = HopLog::start(&c);
     let mut took = Vec::new();
     for n in 0..10 {
-        let before = fingerprint(&c, 0);
+        let before = c.fingerprint(0);
         change(&c, n % 2, n % 2 == 1);
-        took.push(wait_for(
-            "the change in every table",
-            Duration::from_secs(2),
-            || {
-                let f: Vec<String> = (0..3).map(|i| fingerprint(&c, i)).collect();
-                f.iter().all(|x| *x == f[0] && *x != before)
-            },
-        ));
+        took.push(c.wait_new_table("the change in every table", &before, Duration::from_secs(2)));
         let (_, failures) = c.spread(8);
         assert!(failures.is_empty(), "change {n}: {failures:?}");
     }
@@ -199,10 +185,7 @@ fn changes_withdraw_nobody_and_a_node_with_another_table_never_announces() {
     let w = c.web(2);
     assert_eq!(w["announce"]["reason"], "table_differs", "{w}");
     assert_ne!(w["table_fingerprint"], w["cluster_fingerprint"], "{w}");
-    assert_eq!(
-        w["cluster_fingerprint"].as_str(),
-        Some(&*fingerprint(&c, 0))
-    );
+    assert_eq!(w["cluster_fingerprint"].as_str(), Some(&*c.fingerprint(0)));
     assert_eq!(matches_metric(&c, 2), Some(0.0));
     assert_eq!(matches_metric(&c, 0), Some(1.0));
     let out = c.lb(2).cli(&["status"]);
@@ -285,7 +268,7 @@ fn a_rejoining_node_announces_only_once_its_table_is_the_clusters() {
     let _one = one_cluster();
     let mut c = Cluster::start_with_etcd(3, 3);
     all_in_step(&c);
-    let stale = fingerprint(&c, 2);
+    let stale = c.fingerprint(2);
 
     c.lbs[2].take().unwrap().kill();
     c.wait_next_hops(&[0, 1], Duration::from_secs(2));
@@ -294,11 +277,11 @@ fn a_rejoining_node_announces_only_once_its_table_is_the_clusters() {
         "the removal on nodes 0 and 1",
         Duration::from_secs(2),
         || {
-            let (a, b) = (fingerprint(&c, 0), fingerprint(&c, 1));
+            let (a, b) = (c.fingerprint(0), c.fingerprint(1));
             a == b && a != stale
         },
     );
-    let current = fingerprint(&c, 0);
+    let current = c.fingerprint(0);
 
     // Every member stopped: node 2 cannot sync; 0 and 1 keep announcing.
     for m in 0..3 {

@@ -67,10 +67,11 @@ fn backend_change_then_node_loss(c: &mut Cluster) -> Outcome {
         None,
     );
     assert_eq!(s, 204, "{v}");
-    wait_for("the removal in every table", Duration::from_secs(3), || {
-        let f = c.fingerprints();
-        f.iter().all(|x| *x == f[0] && *x != before[0])
-    });
+    c.wait_new_table(
+        "the removal in every table",
+        &before[0],
+        Duration::from_secs(3),
+    );
     let (s, v) = c.lb(1).call(
         "POST",
         "/api/v1/services/web/backends",

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use lb_common::{REASON_NAMES, Reason};
 use lb_tests::fixtures::{
-    age_table, backend_port, five_backends, hex, options, service, slot_of, writer,
+    age_table, backend_port, client_flows, five_backends, hex, options, service, slot_of, writer,
 };
 use lb_tests::packet::{self, Spec, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN};
 use lb_userspace::dataplane::{
@@ -577,15 +577,6 @@ fn send(dp: &Dataplane, flows: &[Spec], flags: u8) -> Vec<u16> {
             assert_eq!(action, XDP_PASS);
             packet::verify_checksums(&out).unwrap();
             packet::parse(&out).unwrap().dport
-        })
-        .collect()
-}
-
-fn client_flows(n: u16) -> Vec<Spec> {
-    (0..n)
-        .map(|i| {
-            let src = format!("10.1.{}.{}", i / 250, i % 250 + 1);
-            Spec::tcp(&src, "10.0.0.1", 20000 + i, 443, TCP_SYN)
         })
         .collect()
 }

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use lb_common::{FlowKey, PinReport, PinReportStat};
-use lb_tests::fixtures::{five_backends, options, service};
+use lb_tests::fixtures::{client_flows, five_backends, options, service};
 use lb_tests::packet::{self, Spec, TCP_ACK, TCP_SYN};
 use lb_userspace::dataplane::{
     BackendSpec, Dataplane, MapWriter, Options, PinOutcome, PinRefusal, PinRing, ServiceSpec,
@@ -13,15 +13,6 @@ use lb_userspace::dataplane::{
 };
 
 const XDP_PASS: u32 = 2;
-
-fn client_flows(n: u16) -> Vec<Spec> {
-    (0..n)
-        .map(|i| {
-            let src = format!("10.1.{}.{}", i / 250, i % 250 + 1);
-            Spec::tcp(&src, "10.0.0.1", 20000 + i, 443, TCP_SYN)
-        })
-        .collect()
-}
 
 /// The backend port each flow's packet (with `flags`) was sent to.
 fn send(dp: &Dataplane, flows: &[Spec], flags: u8) -> Vec<u16> {
