@@ -654,6 +654,13 @@ impl Cluster {
         body
     }
 
+    /// Node `i`'s daemon status (`GET /api/v1/status`).
+    pub fn status(&self, i: usize) -> serde_json::Value {
+        let (status, body) = self.lb(i).get("/api/v1/status");
+        assert_eq!(status, 200, "node {i}: {body}");
+        body
+    }
+
     /// Node `i`'s table fingerprint of `web` ("" when its lb is not
     /// running).
     pub fn fingerprint(&self, i: usize) -> String {

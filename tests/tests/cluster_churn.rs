@@ -26,12 +26,6 @@ const OPEN_PER_CHANGE: usize = 4;
 const LISTED: usize = 3;
 const SPARE: usize = 3;
 
-fn status(c: &Cluster, i: usize) -> serde_json::Value {
-    let (s, v) = c.lb(i).get("/api/v1/status");
-    assert_eq!(s, 200, "{v}");
-    v
-}
-
 /// Change `k` of the churn: a spare added or a weight changed, through
 /// node `k % 3`'s API; returns when every node installed the new table.
 fn change(c: &Cluster, k: usize) {
@@ -161,7 +155,7 @@ fn churn_then_each_node_killed_and_revived_breaks_no_stream() {
         Duration::from_secs(10),
         || {
             (0..3).all(|i| {
-                let s = status(&c, i);
+                let s = c.status(i);
                 s["cluster"]["connected"] == true
                     && s["pin_sync"]["peers"]
                         .as_array()
@@ -171,7 +165,7 @@ fn churn_then_each_node_killed_and_revived_breaks_no_stream() {
     );
     // The nodes start one after the other: the first finds no peer.
     for i in 0..3 {
-        let join = status(&c, i)["pin_sync"]["join"].clone();
+        let join = c.status(i)["pin_sync"]["join"].clone();
         println!("node {i}'s join at start: {join}");
         assert!(
             join["state"] == "no_peer" || join["state"] == "synced",
@@ -250,7 +244,7 @@ fn churn_then_each_node_killed_and_revived_breaks_no_stream() {
             route(&c)
         );
         println!("node {i}: {ended_at_kill} streams ended after the kill, before the revive");
-        let join = status(&c, i)["pin_sync"]["join"].clone();
+        let join = c.status(i)["pin_sync"]["join"].clone();
         // Streams of this node that its fresh table sends elsewhere: only
         // the pins taken at join keep them.
         let mine: Vec<&Open> = streams.iter().filter(|s| s.carrier == i).collect();

@@ -21,7 +21,6 @@ use lb_tests::{
     topology::Metrics,
 };
 use rustix::process::Signal;
-use serde_json::Value;
 
 /// One cluster at a time: the gate's grace and the samples' timings want
 /// the CPU (two clusters are 6 daemons, 8 BIRDs and 6 etcd members).
@@ -31,12 +30,6 @@ fn one_cluster() -> std::sync::MutexGuard<'static, ()> {
     ONE_CLUSTER
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn cluster_status(c: &Cluster, i: usize) -> Value {
-    let (status, v) = c.lb(i).get("/api/v1/status");
-    assert_eq!(status, 200, "{v}");
-    v["cluster"].clone()
 }
 
 fn addrs(nodes: &[usize]) -> Vec<String> {
@@ -122,7 +115,7 @@ fn all_in_step(c: &Cluster) {
         Duration::from_secs(10),
         || {
             (0..3).all(|i| {
-                let st = cluster_status(c, i);
+                let st = c.status(i)["cluster"].clone();
                 let w = c.web(i);
                 st["connected"] == true
                     && st["synced"] == true
@@ -238,7 +231,7 @@ fn changes_withdraw_nobody_and_a_node_with_another_table_never_announces() {
     );
     std::thread::sleep(Duration::from_millis(2500));
     let samples = hops.finish(&[0, 1]);
-    let st = cluster_status(&c, 2);
+    let st = c.status(2)["cluster"].clone();
     assert!(
         st["last_error"]
             .as_str()
@@ -297,7 +290,7 @@ fn a_rejoining_node_announces_only_once_its_table_is_the_clusters() {
         assert_eq!(w["table_fingerprint"].as_str(), Some(&*stale), "{w}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let st = cluster_status(&c, 2);
+    let st = c.status(2)["cluster"].clone();
     assert_eq!(st["synced"], false, "{st}");
     assert_eq!(st["connected"], false, "{st}");
     let (per, failures) = c.spread(60);
@@ -332,7 +325,7 @@ fn a_rejoining_node_announces_only_once_its_table_is_the_clusters() {
             c.lb(2).log()
         );
         let w = c.web(2);
-        if synced.is_none() && cluster_status(&c, 2)["synced"] == true {
+        if synced.is_none() && c.status(2)["cluster"]["synced"] == true {
             synced = Some(t.elapsed());
         }
         if matched.is_none() && w["table_fingerprint"].as_str() == Some(&*current) {

@@ -19,12 +19,6 @@ const STREAMS: usize = 30;
 const EVERY: Duration = Duration::from_millis(100);
 const CHUNKS: u64 = 80;
 
-fn status(lb: &Lb) -> serde_json::Value {
-    let (s, v) = lb.get("/api/v1/status");
-    assert_eq!(s, 200, "{v}");
-    v
-}
-
 /// New flows node `lb` sent to `backend` since it started.
 fn new_flows_to(lb: &Lb, backend: &str) -> u64 {
     let labels = vec![
@@ -56,7 +50,7 @@ fn backend_change_then_node_loss(c: &mut Cluster) -> Outcome {
     wait_for(
         "every node connected to etcd",
         Duration::from_secs(10),
-        || (0..3).all(|i| status(c.lb(i))["cluster"]["connected"] == true),
+        || (0..3).all(|i| c.status(i)["cluster"]["connected"] == true),
     );
     let before = c.fingerprints();
     let added = format!("{}:443", backend_addr(2));
@@ -135,7 +129,7 @@ fn backend_change_then_node_loss(c: &mut Cluster) -> Outcome {
     let broken = c.client_rt.wait(finishing);
     let pin_sync = (0..3)
         .filter(|&i| i != killed)
-        .map(|i| status(c.lb(i))["pin_sync"].clone())
+        .map(|i| c.status(i)["pin_sync"].clone())
         .collect();
     Outcome {
         per_node,
@@ -158,7 +152,7 @@ fn shared_pins_keep_every_stream_through_a_node_loss_after_a_backend_change() {
         Duration::from_secs(10),
         || {
             (0..3).all(|i| {
-                status(c.lb(i))["pin_sync"]["peers"]
+                c.status(i)["pin_sync"]["peers"]
                     .as_array()
                     .is_some_and(|p| p.len() == 2)
             })
