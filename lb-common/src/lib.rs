@@ -314,6 +314,15 @@ pub struct BackendEntry {
 }
 const _: () = assert!(size_of::<BackendEntry>() == 28);
 
+impl BackendEntry {
+    /// Whether flows pinned to this backend stay on it: active or draining
+    /// (not down, disabled or unused).
+    #[inline(always)]
+    pub fn keeps_flows(&self) -> bool {
+        self.state == BACKEND_ACTIVE || self.state == BACKEND_DRAINING
+    }
+}
+
 /// Value of `LB_NEXTHOPS[backend id]`: how to reach a backend on another
 /// host (`nat`, `dsr`) without asking the FIB, as the daemon resolved it
 /// from routes, neighbours and links. An array by backend id rather than

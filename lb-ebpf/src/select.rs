@@ -15,10 +15,10 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
-    Addr, AddrKey, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_REWRITE_ADDR, BackendEntry, Event,
-    FlowKey, FlowValue, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, PinReport,
-    PinReportStat, Reason, ServiceEntry, TABLES_PER_SERVICE, TCP_MISS_PREV_SECS, UDP_AFFINITY_SECS,
-    UDP_SEEN_BITS, flow_hash, maglev_index, maglev_slot, port_slot,
+    Addr, AddrKey, BACKEND_ACTIVE, BACKEND_REWRITE_ADDR, BackendEntry, Event, FlowKey, FlowValue,
+    MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, PinReport, PinReportStat, Reason,
+    ServiceEntry, TABLES_PER_SERVICE, TCP_MISS_PREV_SECS, UDP_AFFINITY_SECS, UDP_SEEN_BITS,
+    flow_hash, maglev_index, maglev_slot, port_slot,
 };
 
 use crate::{
@@ -75,8 +75,7 @@ pub struct Pick {
 #[inline(always)]
 pub(crate) fn holder(id: u32, service: u32, generation: u32) -> Option<&'static BackendEntry> {
     let e = LB_BACKENDS.get(id)?;
-    let keeps = e.state == BACKEND_ACTIVE || e.state == BACKEND_DRAINING;
-    if keeps && e.service == service && e.generation == generation {
+    if e.keeps_flows() && e.service == service && e.generation == generation {
         Some(e)
     } else {
         None

@@ -41,8 +41,7 @@ impl Daemon {
         let Some(c) = &self.shared.cluster else {
             return;
         };
-        let own: crate::cluster::tables::Fingerprints =
-            self.table_fingerprints().into_iter().collect();
+        let own = self.table_fingerprints();
         let cluster = c.cluster_fingerprints(&own);
         let link = ClusterLink {
             synced: c.is_synced(),
@@ -104,7 +103,7 @@ impl Daemon {
     }
 
     /// Each service's installed table fingerprint (hex).
-    pub(super) fn table_fingerprints(&self) -> HashMap<String, String> {
+    pub(super) fn table_fingerprints(&self) -> crate::cluster::tables::Fingerprints {
         let w = lock(&self.shared.writer);
         w.service_names()
             .filter_map(|n| Some((n.to_string(), format!("{:016x}", w.table_fingerprint(n)?))))

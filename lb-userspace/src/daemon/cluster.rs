@@ -66,7 +66,7 @@ impl Daemon {
                     }
                     published = Some(local);
                 }
-                let tables: Fingerprints = self.table_fingerprints().into_iter().collect();
+                let tables = self.table_fingerprints();
                 if c.is_synced() && tables_published.as_ref() != Some(&tables) {
                     let value = tables::encode(&tables);
                     if let Err(e) = c.client.put_leased(&tables_key, &value, lease).await {

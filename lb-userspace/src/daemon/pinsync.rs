@@ -129,11 +129,7 @@ pub(super) async fn start(
             peers: Mutex::new(BTreeMap::new()),
             peers_listed: AtomicBool::new(false),
             // Above anything this node sent before a restart.
-            seq: AtomicU64::new(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_micros() as u64),
-            ),
+            seq: AtomicU64::new(unix_now().as_micros() as u64),
             join: Mutex::new(None),
             join_wake: tokio::sync::Notify::new(),
         }),
@@ -146,9 +142,13 @@ pub(super) async fn start(
 }
 
 fn unix_ms() -> u64 {
+    unix_now().as_millis() as u64
+}
+
+fn unix_now() -> Duration {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 fn add(c: &AtomicU64, n: usize) {
@@ -524,9 +524,13 @@ async fn pin_join(c: Arc<Cluster>, s: Arc<PinSync>, socket: Arc<UdpSocket>, key:
             .iter()
             .map(|(n, a)| (n.clone(), *a))
             .collect();
-        let step = lock(&s.join)
-            .get_or_insert_with(|| Join::new(Instant::now()))
-            .next(&peers, || s.next_seq(), Instant::now());
+        let Some(step) = lock(&s.join)
+            .as_mut()
+            .map(|j| j.next(&peers, || s.next_seq(), Instant::now()))
+        else {
+            // Not reached: the join is set above and never taken.
+            return std::future::pending().await;
+        };
         match step {
             JoinStep::Ask(asks) => {
                 for (peer, addr, request) in asks {
@@ -548,35 +552,40 @@ async fn pin_join(c: Arc<Cluster>, s: Arc<PinSync>, socket: Arc<UdpSocket>, key:
             }
             JoinStep::Wait => {}
             JoinStep::Done => {
-                let view = s.view().join;
-                match lock(&s.join).as_ref().map(|j| j.outcome().clone()) {
-                    Some(JoinOutcome::Synced {
+                let Some((outcome, view)) = lock(&s.join)
+                    .as_ref()
+                    .map(|j| (j.outcome().clone(), j.view()))
+                else {
+                    return std::future::pending().await;
+                };
+                match outcome {
+                    JoinOutcome::Synced {
                         peers,
                         pins,
                         missing,
-                    }) if missing.is_empty() => info!(
+                    } if missing.is_empty() => info!(
                         peers = ?peers, pins, took_ms = view.took_ms, requests = view.requests,
                         "pin sync: took the peers' pins of changed slots; may announce"
                     ),
-                    Some(JoinOutcome::Synced {
+                    JoinOutcome::Synced {
                         peers,
                         pins,
                         missing,
-                    }) => warn!(
+                    } => warn!(
                         peers = ?peers, pins, missing = ?missing, requests = view.requests,
                         "pin sync: some peers did not answer whole within {:?}; announcing with \
                          the others' pins",
                         ps::JOIN_BOUND
                     ),
-                    Some(JoinOutcome::NoPeer) => info!(
+                    JoinOutcome::NoPeer => info!(
                         "pin sync: no other node publishes pins (the cluster's first node); may announce"
                     ),
-                    Some(JoinOutcome::TimedOut) => warn!(
+                    JoinOutcome::TimedOut => warn!(
                         requests = view.requests,
                         "pin sync: no peer answered whole within {:?}; announcing without their pins",
                         ps::JOIN_BOUND
                     ),
-                    Some(JoinOutcome::Pending) | None => {}
+                    JoinOutcome::Pending => {}
                 }
                 // A loop of the daemon's: its end would read as a dead daemon.
                 return std::future::pending().await;

@@ -375,8 +375,8 @@ impl Daemon {
             .iter()
             .map(|(s, fp)| (s.clone(), own.get(s) == Some(fp)))
             .collect();
+        // In the service names' order (a BTreeMap).
         snap.table_fingerprints = own.into_iter().collect();
-        snap.table_fingerprints.sort();
         snap.flow_capacity = u64::from(self.shared.config.dataplane.flow_table_size);
         (snap.reconcile_pending, snap.reconcile_stalled_seconds) =
             lock(&self.shared.progress).gauges(Instant::now());
@@ -392,13 +392,11 @@ impl Daemon {
     /// (`own`); empty without `[cluster]`.
     fn cluster_fingerprints(
         &self,
-        own: &HashMap<String, String>,
+        own: &crate::cluster::tables::Fingerprints,
     ) -> crate::cluster::tables::Fingerprints {
         self.shared
             .cluster
             .as_ref()
-            .map_or_else(Default::default, |c| {
-                c.cluster_fingerprints(&own.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            })
+            .map_or_else(Default::default, |c| c.cluster_fingerprints(own))
     }
 }

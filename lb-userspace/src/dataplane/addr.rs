@@ -11,23 +11,33 @@ pub fn addr_words(ip: IpAddr) -> Addr {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         IpAddr::V6(v6) => v6,
     };
-    let o = v6.octets();
-    std::array::from_fn(|i| {
-        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
-    })
+    octets_addr(&v6.octets())
 }
 
 /// The other way round.
 pub fn words_addr(words: &Addr) -> IpAddr {
-    let mut o = [0u8; 16];
-    for (i, w) in words.iter().enumerate() {
-        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
-    }
-    let v6 = std::net::Ipv6Addr::from(o);
+    let v6 = std::net::Ipv6Addr::from(addr_octets(words));
     match v6.to_ipv4_mapped() {
         Some(v4) => IpAddr::V4(v4),
         None => IpAddr::V6(v6),
     }
+}
+
+/// The 16 bytes of an address in the data plane's form, in the order they
+/// sit in memory (network order, as in the packet).
+pub fn addr_octets(words: &Addr) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    o
+}
+
+/// The other way round, from the first 16 bytes of `o`.
+pub fn octets_addr(o: &[u8]) -> Addr {
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use lb_common::{
 };
 use thiserror::Error;
 
-pub use addr::{addr_words, words_addr};
+pub use addr::{addr_octets, addr_words, octets_addr, words_addr};
 pub use attach::{AttachMode, interfaces};
 pub use counters::FlowCounter;
 pub use load::EbpfLog;

@@ -5,13 +5,15 @@
 //! `daemon/pinsync.rs`.
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
 use lb_common::FlowKey;
+
+use crate::dataplane::{addr_octets, addr_words, octets_addr, words_addr};
 use ring::hmac;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -114,37 +116,6 @@ impl Key {
     }
 }
 
-fn octets(words: &lb_common::Addr) -> [u8; 16] {
-    let mut o = [0u8; 16];
-    for (i, w) in words.iter().enumerate() {
-        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
-    }
-    o
-}
-
-fn words(o: &[u8]) -> lb_common::Addr {
-    std::array::from_fn(|i| {
-        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
-    })
-}
-
-fn ip_octets(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-fn ip_of(o: &[u8]) -> IpAddr {
-    let mut a = [0u8; 16];
-    a.copy_from_slice(o);
-    let v6 = Ipv6Addr::from(a);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
-}
-
 /// What a datagram is. Each kind has its own magic; all share the batch's
 /// layout (node, sequence number, stamp, pins) and MAC, so the replay rules
 /// cover the join exchange too.
@@ -202,13 +173,13 @@ pub fn encode_kind(key: &Key, kind: Kind, batch: &Batch) -> Vec<u8> {
         b.extend_from_slice(&w.to_be_bytes());
     }
     for p in &batch.pins {
-        b.extend_from_slice(&octets(&p.key.src));
-        b.extend_from_slice(&octets(&p.key.dst));
+        b.extend_from_slice(&addr_octets(&p.key.src));
+        b.extend_from_slice(&addr_octets(&p.key.dst));
         // Packet byte order in the key: its bytes are the wire's.
         b.extend_from_slice(&p.key.sport.to_ne_bytes());
         b.extend_from_slice(&p.key.dport.to_ne_bytes());
         b.push(p.key.proto);
-        b.extend_from_slice(&ip_octets(p.backend.ip()));
+        b.extend_from_slice(&addr_octets(&addr_words(p.backend.ip())));
         b.extend_from_slice(&p.backend.port().to_be_bytes());
     }
     let tag = hmac::sign(&key.0, &b);
@@ -216,8 +187,8 @@ pub fn encode_kind(key: &Key, kind: Kind, batch: &Batch) -> Vec<u8> {
     b
 }
 
-/// Checks the MAC first (nothing unauthenticated is parsed further), then
-/// reads the batch; only pin batches ([`Kind::Pins`]).
+/// [`decode_kind`] for pin batches ([`Kind::Pins`]) only; the wire tests'.
+#[cfg(test)]
 pub fn decode(key: &Key, d: &[u8]) -> Result<Batch, WireError> {
     match decode_kind(key, d)? {
         (Kind::Pins, b) => Ok(b),
@@ -225,7 +196,8 @@ pub fn decode(key: &Key, d: &[u8]) -> Result<Batch, WireError> {
     }
 }
 
-/// [`decode`] for any kind.
+/// Checks the MAC first (nothing unauthenticated is parsed further), then
+/// reads the datagram: its kind and its batch.
 pub fn decode_kind(key: &Key, d: &[u8]) -> Result<(Kind, Batch), WireError> {
     if d.len() < MAGIC.len() + 1 + 18 + MAC_BYTES {
         return Err(WireError::Malformed);
@@ -281,14 +253,17 @@ pub fn decode_kind(key: &Key, d: &[u8]) -> Result<(Kind, Batch), WireError> {
         .chunks_exact(PIN_BYTES)
         .map(|p| Pin {
             key: FlowKey {
-                src: words(&p[0..16]),
-                dst: words(&p[16..32]),
+                src: octets_addr(&p[0..16]),
+                dst: octets_addr(&p[16..32]),
                 sport: u16::from_ne_bytes([p[32], p[33]]),
                 dport: u16::from_ne_bytes([p[34], p[35]]),
                 proto: p[36],
                 _pad: [0; 3],
             },
-            backend: SocketAddr::new(ip_of(&p[37..53]), u16::from_be_bytes([p[53], p[54]])),
+            backend: SocketAddr::new(
+                words_addr(&octets_addr(&p[37..53])),
+                u16::from_be_bytes([p[53], p[54]]),
+            ),
         })
         .collect();
     Ok((

@@ -1,5 +1,6 @@
+use std::net::IpAddr;
+
 use super::*;
-use crate::dataplane::addr_words;
 
 fn key() -> Key {
     Key::new(b"0123456789abcdef0123456789abcdef")

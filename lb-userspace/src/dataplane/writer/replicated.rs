@@ -8,9 +8,7 @@ use std::{
     net::SocketAddr,
 };
 
-use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, FlowKey, FlowValue, MaglevSlot, flow_hash, maglev_slot, maps,
-};
+use lb_common::{FlowKey, FlowValue, MaglevSlot, flow_hash, maglev_slot, maps};
 
 use super::{Dataplane, MapWriter, Result, words_addr};
 use crate::{dataplane::map_err, mapstore::MapStore};
@@ -68,7 +66,7 @@ impl<S: MapStore> MapWriter<S> {
             .backend_entries
             .get(&id)
             .ok_or(PinRefusal::UnknownBackend)?;
-        if entry.state != BACKEND_ACTIVE && entry.state != BACKEND_DRAINING {
+        if !entry.keeps_flows() {
             return Err(PinRefusal::NotLive);
         }
         let h = flow_hash(&key.src, &key.dst, key.sport, key.dport, key.proto);
@@ -152,7 +150,7 @@ impl<S: MapStore> MapWriter<S> {
             }
             for (addr, id) in &inst.backend_ids {
                 if let Some(e) = self.backend_entries.get(id)
-                    && (e.state == BACKEND_ACTIVE || e.state == BACKEND_DRAINING)
+                    && e.keeps_flows()
                 {
                     plan.holders.insert(*id, (e.service, e.generation, *addr));
                 }

@@ -5,10 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{Ordering, fence};
 
-use lb_common::{
-    BACKEND_ACTIVE, BACKEND_DRAINING, FlowKey, FlowValue, MaglevSlot, NO_BACKEND, STICKY_MISS_SECS,
-    TABLES_PER_SERVICE,
-};
+use lb_common::{FlowKey, FlowValue, MaglevSlot, NO_BACKEND, STICKY_MISS_SECS, TABLES_PER_SERVICE};
 
 use super::MapWriter;
 use crate::{dataplane::Result, mapstore::MapStore};
@@ -73,7 +70,7 @@ impl<S: MapStore> MapWriter<S> {
             }
         }
         for (id, e) in &self.backend_entries {
-            if e.state == BACKEND_ACTIVE || e.state == BACKEND_DRAINING {
+            if e.keeps_flows() {
                 plan.holders.insert(*id, (e.service, e.generation));
             }
         }
