@@ -1208,6 +1208,41 @@ fn only_replies_of_balanced_flows_are_translated() {
     assert!(translated > 10 && untouched > 100);
 }
 
+/// A backend that leaves the service still has the replies of its flows
+/// translated while their slots remember it: a reply on its way when the
+/// table changed reaches the client as the service's. Untranslated, the
+/// client drops it as a packet from a port it never spoke to, and then
+/// waits for an answer that never comes (a reload under traffic showed it).
+#[test]
+fn replies_of_a_removed_backend_still_leave_as_the_service() {
+    let mut svc = five_backends();
+    let mut w = writer(std::slice::from_ref(&svc));
+    let fwd = |cport| Spec::tcp("10.0.0.2", "10.0.0.1", cport, 443, TCP_ACK).build();
+    let (held, other): (Vec<u16>, Vec<u16>) =
+        (40000..40400).partition(|c| table_port(&w, &svc, &fwd(*c)) == 8003);
+    assert!(held.len() > 20 && other.len() > 200, "{}", held.len());
+
+    svc.backends.retain(|b| b.address.port() != 8003);
+    w.apply(std::slice::from_ref(&svc)).unwrap();
+    let dp = w.dataplane();
+    let reply = |port, cport| Spec::tcp("10.0.0.1", "10.0.0.2", port, cport, TCP_ACK).payload(b"r");
+    for &cport in &held {
+        let (action, out) = dp.test_run_tc(&reply(8003, cport).build()).unwrap();
+        assert_eq!(action, TC_ACT_OK);
+        assert_eq!(
+            hex(&out),
+            hex(&reply(443, cport).build()),
+            "a reply of flow {cport}, which the removed backend held"
+        );
+    }
+    // The removed backend's port answers no other flow.
+    for &cport in &other {
+        let input = reply(8003, cport).build();
+        let (_, out) = dp.test_run_tc(&input).unwrap();
+        assert_eq!(hex(&out), hex(&input), "flow {cport} was never on 8003");
+    }
+}
+
 /// Backend ids are reused lowest first after a restart (the new daemon knows
 /// only the ids of services that still exist). A pin made for the earlier
 /// holder of an id must not match the new holder: it names the same service

@@ -2,11 +2,11 @@
 //! address-specific services, and the reverse translation of replies, all
 //! rewritten from the desired services.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use lb_common::{
-    AddrKey, BACKEND_REWRITE_ADDR, PORT_HAS_ADDR_SERVICES, PortEntry, REV_HAS_ADDRS, REV_PORT_ONLY,
-    RevAddrValue, RevPortEntry, port_slot,
+    AddrKey, BACKEND_REWRITE_ADDR, BackendEntry, PORT_HAS_ADDR_SERVICES, PortEntry, REV_HAS_ADDRS,
+    REV_PORT_ONLY, RevAddrValue, RevPortEntry, port_slot,
 };
 
 use super::{Forwarding, MapWriter, ServiceSpec, addr_words};
@@ -24,8 +24,7 @@ impl<S: MapStore> MapWriter<S> {
     ) -> Result<()> {
         let mut ports: HashMap<u32, PortEntry> = HashMap::new();
         let mut addr_services: HashMap<AddrKey, u32> = HashMap::new();
-        let mut rev_ports: HashMap<u32, RevPortEntry> = HashMap::new();
-        let mut rev_addrs: HashMap<AddrKey, RevAddrValue> = HashMap::new();
+        let mut reverse = Reverse::default();
         for spec in desired {
             let Some(inst) = self.services.get(&spec.name) else {
                 continue;
@@ -55,37 +54,48 @@ impl<S: MapStore> MapWriter<S> {
                     );
                 }
                 // Replies of `dsr` backends never pass through here.
-                let backends = if spec.forwarding == Forwarding::Dsr {
-                    &[][..]
-                } else {
-                    &spec.backends[..]
-                };
-                for b in backends {
-                    let rslot = port_slot(b.address.port(), proto);
-                    let r = rev_ports.entry(rslot).or_default();
+                if spec.forwarding == Forwarding::Dsr {
+                    continue;
+                }
+                for b in &spec.backends {
                     let entry = self.backend_entry(spec, inst.id, b.address);
-                    if entry.flags & BACKEND_REWRITE_ADDR != 0 {
-                        r.flags |= REV_HAS_ADDRS;
-                        rev_addrs.insert(
-                            AddrKey {
-                                addr: entry.addr,
-                                port: b.address.port(),
-                                proto,
-                                _pad: 0,
-                            },
-                            RevAddrValue {
-                                addr: addr_words(spec.listen.ip()),
-                                port: spec.listen.port(),
-                                _pad: [0; 2],
-                            },
-                        );
-                    } else {
-                        r.flags |= REV_PORT_ONLY;
-                        r.service_port = spec.listen.port();
-                    }
+                    reverse.add(spec, proto, &entry);
                 }
             }
         }
+        // Backends that leave a service keep their reverse entries, from
+        // before their table changes until their id is handed out again: a
+        // reply on its way (or a handshake that began just before the
+        // change) still leaves as the service, so the client gets it, or
+        // the reset its next packet earns, instead of dropping it and
+        // waiting for an answer. The program translates such a reply only
+        // while the flow's slot remembers the backend (`select::answers`).
+        // Entries of the desired backends win.
+        let claimed: HashSet<u32> = reverse.ports.keys().copied().collect();
+        for entry in self.backend_entries.values() {
+            if entry.port == 0 {
+                continue;
+            }
+            let Some(spec) = desired.iter().find(|s| {
+                s.forwarding != Forwarding::Dsr
+                    && self
+                        .services
+                        .get(&s.name)
+                        .is_some_and(|i| i.id == entry.service)
+            }) else {
+                continue;
+            };
+            for p in &spec.protocols {
+                let proto = p.number();
+                if !claimed.contains(&port_slot(entry.port, proto)) {
+                    reverse.add(spec, proto, entry);
+                }
+            }
+        }
+        let Reverse {
+            ports: rev_ports,
+            addrs: rev_addrs,
+        } = reverse;
         // Additions and changes, then deletions of what is left over.
         if replies_only {
             ports.clear();
@@ -157,5 +167,43 @@ impl<S: MapStore> MapWriter<S> {
         self.dp.delete_addr_service(key)?;
         self.addr_services.remove(key);
         Ok(())
+    }
+}
+
+/// The reverse-translation entries being built: by port slot, and by
+/// backend address and port for backends whose address is rewritten.
+#[derive(Default)]
+struct Reverse {
+    ports: HashMap<u32, RevPortEntry>,
+    addrs: HashMap<AddrKey, RevAddrValue>,
+}
+
+impl Reverse {
+    /// Replies from `backend` (its port, and its address where the program
+    /// rewrites it) leave as `spec`'s listen address and port.
+    fn add(&mut self, spec: &ServiceSpec, proto: u8, backend: &BackendEntry) {
+        let r = self
+            .ports
+            .entry(port_slot(backend.port, proto))
+            .or_default();
+        if backend.flags & BACKEND_REWRITE_ADDR != 0 {
+            r.flags |= REV_HAS_ADDRS;
+            self.addrs.insert(
+                AddrKey {
+                    addr: backend.addr,
+                    port: backend.port,
+                    proto,
+                    _pad: 0,
+                },
+                RevAddrValue {
+                    addr: addr_words(spec.listen.ip()),
+                    port: spec.listen.port(),
+                    _pad: [0; 2],
+                },
+            );
+        } else {
+            r.flags |= REV_PORT_ONLY;
+            r.service_port = spec.listen.port();
+        }
     }
 }
