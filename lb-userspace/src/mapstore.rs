@@ -83,6 +83,8 @@ pub struct MemStore {
     pub quic_server_ids: BTreeMap<QuicSidKey, QuicSidValue>,
     /// Table installs, for tests that count them.
     pub installs: usize,
+    /// The backend entries as they were when the last table went in.
+    pub backends_at_install: BTreeMap<u32, BackendEntry>,
     /// Backend ids whose next hop was cleared, in order.
     pub next_hops_cleared: Vec<u32>,
     /// Backend ids whose counters were zeroed, in order.
@@ -179,6 +181,7 @@ impl MapStore for MemStore {
         e.forwarding = forwarding;
         self.services.insert(service, e);
         self.installs += 1;
+        self.backends_at_install = self.backends.clone();
         Ok(next)
     }
 
@@ -435,7 +438,7 @@ mod tests {
     }
 
     #[test]
-    fn a_removed_backend_goes_down_with_a_new_generation_and_slots_remember_it() {
+    fn a_removed_backend_goes_down_once_the_table_without_it_is_in() {
         let mut web = svc("web", "0.0.0.0:443", &[8001, 8002, 8003]);
         let mut w = writer(std::slice::from_ref(&web));
         let sid = w.service_id("web").unwrap();
@@ -449,6 +452,14 @@ mod tests {
                 .tables_installed,
             1
         );
+        // While the old table was read, its backend still held its flows.
+        assert_eq!(
+            w.store().backends_at_install[&gone].state,
+            BACKEND_ACTIVE,
+            "down before the table that leaves it out"
+        );
+        // Then down, with a new generation: the slots remember the one it
+        // had, so neither they nor its pins hold it any more.
         let e = w.store().backends[&gone];
         assert_eq!(e.state, BACKEND_DOWN);
         assert_ne!(e.generation, old_gen);
@@ -456,7 +467,7 @@ mod tests {
         for (old, new) in before.iter().zip(w.store().active_table(sid)) {
             if old.backend == gone {
                 assert_ne!(new.backend, gone);
-                assert_eq!((new.prev, new.prev_gen), (gone, e.generation));
+                assert_eq!((new.prev, new.prev_gen), (gone, old_gen));
             } else if new.backend != old.backend {
                 // Maglev moves a few other slots too: each remembers its
                 // previous backend, which keeps its flows.

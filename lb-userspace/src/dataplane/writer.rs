@@ -474,7 +474,14 @@ impl<S: MapStore> MapWriter<S> {
     ) -> Result<()> {
         let id = inst.id;
         inst.fingerprint = None;
-        // Backends that left the service: down first, so flows are re-picked.
+        // Backends that go down (they left the service, or failed their
+        // checks) are written down only once the new table, which no
+        // longer names them, is in: until then the installed table keeps
+        // sending them its flows, whole. Written first, a SYN in a changed
+        // slot would still go to such a backend, and the handshake's next
+        // packet, no longer pinned to a holder, to the slot's previous one,
+        // which resets it. Once down, their flows are re-picked: pins and
+        // slots name the generation they had.
         let wanted: HashSet<SocketAddr> = spec.backends.iter().map(|b| b.address).collect();
         let leaving: Vec<SocketAddr> = inst
             .backend_ids
@@ -482,6 +489,7 @@ impl<S: MapStore> MapWriter<S> {
             .filter(|a| !wanted.contains(a))
             .copied()
             .collect();
+        let mut going_down = Vec::new();
         let mut released = Vec::new();
         for addr in leaving {
             let Some(bid) = inst.backend_ids.remove(&addr) else {
@@ -489,7 +497,7 @@ impl<S: MapStore> MapWriter<S> {
             };
             let mut e = self.backend_entry(spec, id, addr);
             e.state = BACKEND_DOWN;
-            self.put_backend(bid, e)?;
+            going_down.push((bid, e));
             released.push(bid);
         }
         // Fail open: when health checks (not the operator) leave no backend
@@ -522,7 +530,11 @@ impl<S: MapStore> MapWriter<S> {
             } else {
                 b.dataplane_state()
             };
-            self.put_backend(bid, e)?;
+            if e.state == BACKEND_DOWN {
+                going_down.push((bid, e));
+            } else {
+                self.put_backend(bid, e)?;
+            }
         }
 
         let entries: Vec<maglev::Entry> = spec
@@ -552,6 +564,9 @@ impl<S: MapStore> MapWriter<S> {
                 report.installed.push(spec.name.clone());
             }
             inst.entries = entries;
+        }
+        for (bid, e) in going_down {
+            self.put_backend(bid, e)?;
         }
         // A released id stays down (flows still pinned to it, or slots that
         // remember it, re-pick) and is handed out again last.
