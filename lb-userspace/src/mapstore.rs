@@ -482,6 +482,44 @@ mod tests {
     }
 
     #[test]
+    fn a_removed_backend_keeps_its_reverse_entry_and_the_last_holder_of_a_port_wins() {
+        let rev = |w: &MapWriter<MemStore>| {
+            w.store()
+                .rev_ports
+                .get(&port_slot(8003, PROTO_TCP))
+                .copied()
+        };
+        let mut w = writer(&[
+            svc("a", "0.0.0.0:443", &[8001, 8003]),
+            svc("b", "0.0.0.0:8443", &[8004]),
+        ]);
+        assert_eq!(rev(&w).map(|r| r.service_port), Some(443));
+        // 8003 leaves a: its replies still leave as a's.
+        w.apply(&[
+            svc("a", "0.0.0.0:443", &[8001]),
+            svc("b", "0.0.0.0:8443", &[8004]),
+        ])
+        .unwrap();
+        let r = rev(&w).expect("the leaving backend's entry");
+        assert_eq!((r.flags, r.service_port), (REV_PORT_ONLY, 443));
+        // b takes port 8003, then lets it go: two backends that left held
+        // it, and the one that held it last (b's) keeps the entry.
+        for b in [&[8004, 8003][..], &[8004]] {
+            w.apply(&[
+                svc("a", "0.0.0.0:443", &[8001]),
+                svc("b", "0.0.0.0:8443", b),
+            ])
+            .unwrap();
+            assert_eq!(rev(&w).map(|r| r.service_port), Some(8443));
+        }
+        // Once its service goes, nothing is left to answer for.
+        w.apply(&[svc("a", "0.0.0.0:443", &[8001])]).unwrap();
+        assert_eq!(rev(&w).map(|r| r.service_port), Some(443), "a's own leaver");
+        w.apply(&[]).unwrap();
+        assert_eq!(rev(&w).map_or(0, |r| r.flags), 0);
+    }
+
+    #[test]
     fn remote_backends_are_listed_and_an_id_that_changes_hands_loses_its_next_hop() {
         let mut web = svc("web", "10.0.0.1:443", &[8001, 8002]);
         web.forwarding = Forwarding::Nat;

@@ -70,12 +70,16 @@ impl<S: MapStore> MapWriter<S> {
         // the reset its next packet earns, instead of dropping it and
         // waiting for an answer. The program translates such a reply only
         // while the flow's slot remembers the backend (`select::answers`).
-        // Entries of the desired backends win.
-        let claimed: HashSet<u32> = reverse.ports.keys().copied().collect();
-        for entry in self.backend_entries.values() {
-            if entry.port == 0 {
-                continue;
-            }
+        // Entries of the desired backends win, then the backend that held
+        // a port last (the highest generation).
+        let mut claimed: HashSet<u32> = reverse.ports.keys().copied().collect();
+        let mut left: Vec<&BackendEntry> = self
+            .backend_entries
+            .values()
+            .filter(|e| e.port != 0)
+            .collect();
+        left.sort_by_key(|e| std::cmp::Reverse(e.generation));
+        for entry in left {
             let Some(spec) = desired.iter().find(|s| {
                 s.forwarding != Forwarding::Dsr
                     && self
@@ -87,7 +91,7 @@ impl<S: MapStore> MapWriter<S> {
             };
             for p in &spec.protocols {
                 let proto = p.number();
-                if !claimed.contains(&port_slot(entry.port, proto)) {
+                if claimed.insert(port_slot(entry.port, proto)) {
                     reverse.add(spec, proto, entry);
                 }
             }
