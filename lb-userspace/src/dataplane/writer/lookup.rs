@@ -25,10 +25,15 @@ impl<S: MapStore> MapWriter<S> {
         let mut ports: HashMap<u32, PortEntry> = HashMap::new();
         let mut addr_services: HashMap<AddrKey, u32> = HashMap::new();
         let mut reverse = Reverse::default();
+        // Services whose backends' replies pass through here, by id.
+        let mut answering: HashMap<u32, &ServiceSpec> = HashMap::new();
         for spec in desired {
             let Some(inst) = self.services.get(&spec.name) else {
                 continue;
             };
+            if spec.forwarding != Forwarding::Dsr {
+                answering.insert(inst.id, spec);
+            }
             for p in &spec.protocols {
                 let proto = p.number();
                 let slot = port_slot(spec.listen.port(), proto);
@@ -73,22 +78,14 @@ impl<S: MapStore> MapWriter<S> {
         // Entries of the desired backends win, then the backend that held
         // a port last (the highest generation).
         let mut claimed: HashSet<u32> = reverse.ports.keys().copied().collect();
-        let mut left: Vec<&BackendEntry> = self
+        let mut left: Vec<(&BackendEntry, &ServiceSpec)> = self
             .backend_entries
             .values()
             .filter(|e| e.port != 0)
+            .filter_map(|e| Some((e, *answering.get(&e.service)?)))
             .collect();
-        left.sort_by_key(|e| std::cmp::Reverse(e.generation));
-        for entry in left {
-            let Some(spec) = desired.iter().find(|s| {
-                s.forwarding != Forwarding::Dsr
-                    && self
-                        .services
-                        .get(&s.name)
-                        .is_some_and(|i| i.id == entry.service)
-            }) else {
-                continue;
-            };
+        left.sort_by_key(|(e, _)| std::cmp::Reverse(e.generation));
+        for (entry, spec) in left {
             for p in &spec.protocols {
                 let proto = p.number();
                 if claimed.insert(port_slot(entry.port, proto)) {
