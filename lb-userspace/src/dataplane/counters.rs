@@ -27,11 +27,13 @@ impl Dataplane {
 
     /// Zeroes backend `id`'s counters on every CPU.
     pub fn reset_backend_counters(&mut self, id: u32) -> Result<()> {
-        let map = &mut self.backend_stats;
-        let cpus = map.get(&id, 0).map_err(map_err(maps::BACKEND_STATS))?.len();
-        let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])
-            .map_err(|e| DataplaneError::Options(format!("backend counters: {e}")))?;
-        map.set(id, zero, 0).map_err(map_err(maps::BACKEND_STATS))
+        set_per_cpu(
+            &mut self.backend_stats,
+            id,
+            Counters::default(),
+            maps::BACKEND_STATS,
+            |e| DataplaneError::Options(format!("backend counters: {e}")),
+        )
     }
 
     /// Packets per XDP action, indexed by the action's value.
@@ -176,13 +178,31 @@ fn entries(counts: &PerCpuArray<MapData, u64>, capacity: u32) -> Result<u64> {
 
 /// Sets entry `index` of a per-CPU counter to `total` (in CPU 0's value).
 fn set_total(map: &mut PerCpuArray<MapData, u64>, index: u32, total: u64) -> Result<()> {
-    let cpus = map.get(&index, 0).map_err(map_err(maps::FLOW_COUNT))?.len();
-    let mut values = vec![0u64; cpus];
-    if let Some(first) = values.first_mut() {
-        *first = total;
+    set_per_cpu(
+        map,
+        index,
+        total,
+        maps::FLOW_COUNT,
+        DataplaneError::FlowCount,
+    )
+}
+
+/// Sets entry `index` of per-CPU map `name` to `first` in CPU 0's value
+/// and the default in every other CPU's.
+fn set_per_cpu<T: aya::Pod + Clone + Default>(
+    map: &mut PerCpuArray<MapData, T>,
+    index: u32,
+    first: T,
+    name: &'static str,
+    err: fn(std::io::Error) -> DataplaneError,
+) -> Result<()> {
+    let cpus = map.get(&index, 0).map_err(map_err(name))?.len();
+    let mut values = vec![T::default(); cpus];
+    if let Some(v) = values.first_mut() {
+        *v = first;
     }
-    let values = PerCpuValues::try_from(values).map_err(DataplaneError::FlowCount)?;
-    map.set(index, values, 0).map_err(map_err(maps::FLOW_COUNT))
+    let values = PerCpuValues::try_from(values).map_err(err)?;
+    map.set(index, values, 0).map_err(map_err(name))
 }
 
 fn sum_counters(
