@@ -8,7 +8,7 @@ use crate::{
     maps::LB_NEXTHOPS,
     nat::{Hop, fib},
     parse::{Bounds, Packet},
-    select::now_secs,
+    select::{now_secs, secs_since},
     stats,
 };
 
@@ -43,7 +43,7 @@ fn cached(b: &Bounds, p: &Packet, id: u32, be: &BackendEntry) -> Option<Hop> {
     if b.len() as usize - p.l3_off > e.mtu as usize {
         return None;
     }
-    if now_secs().wrapping_sub(e.resolved) > NEXTHOP_FRESH_SECS {
+    if secs_since(now_secs(), e.resolved) > NEXTHOP_FRESH_SECS {
         return None;
     }
     Some(Hop {

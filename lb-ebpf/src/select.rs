@@ -202,6 +202,16 @@ pub fn now_secs() -> u32 {
     c.secs
 }
 
+/// Seconds from the daemon's stamp `then` to `now` (`now_secs`). A stamp
+/// one second ahead is taken as just now: the daemon reads the same clock,
+/// but this CPU's second can lag it by up to a tick (`now_secs`), and a
+/// plain difference would then wrap to "four billion seconds ago".
+#[inline(always)]
+pub fn secs_since(now: u32, then: u32) -> u32 {
+    let d = now.wrapping_sub(then);
+    if d == u32::MAX { 0 } else { d }
+}
+
 #[inline(always)]
 fn clock_secs() -> u32 {
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
@@ -282,7 +292,7 @@ fn sticky(
         } else {
             UDP_AFFINITY_SECS
         };
-        let prev = if now.wrapping_sub(e.changed) < window {
+        let prev = if secs_since(now, e.changed) < window {
             holder(e.prev, id, e.prev_gen)
         } else {
             None

@@ -148,19 +148,25 @@ pub fn backend_port(w: &MapWriter, svc: &ServiceSpec, id: u32) -> u16 {
 /// Installs the service's active table again with every change made
 /// `secs` older, as if that much time had passed since.
 pub fn age_table(w: &mut MapWriter, svc: &str, secs: u32) {
+    restamp_table(w, svc, |changed| changed.wrapping_sub(secs));
+}
+
+/// Sets when each slot of `svc`'s active table changed to `stamp` of the
+/// time it has.
+pub fn restamp_table(w: &mut MapWriter, svc: &str, stamp: impl Fn(u32) -> u32) {
     let id = w.service_id(svc).unwrap();
-    let aged: Vec<MaglevSlot> = w
+    let restamped: Vec<MaglevSlot> = w
         .dataplane()
         .active_table(id)
         .unwrap()
         .1
         .iter()
         .map(|s| MaglevSlot {
-            changed: s.changed.wrapping_sub(secs),
+            changed: stamp(s.changed),
             ..*s
         })
         .collect();
     w.dataplane_mut()
-        .install_table(id, &aged, lb_common::FWD_LOCAL)
+        .install_table(id, &restamped, lb_common::FWD_LOCAL)
         .unwrap();
 }

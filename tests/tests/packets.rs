@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use lb_common::{REASON_NAMES, Reason};
 use lb_tests::fixtures::{
-    age_table, backend_port, client_flows, five_backends, hex, options, service, slot_of, writer,
+    age_table, backend_port, client_flows, five_backends, hex, options, restamp_table, service,
+    slot_of, writer,
 };
 use lb_tests::packet::{self, Spec, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN};
 use lb_userspace::dataplane::{
@@ -1003,7 +1004,17 @@ fn misses_follow_the_age_of_the_change() {
     };
     let young_old = right(&mut w, &old, &old_ports);
     let young_new = right(&mut w, &new, &new_ports);
-    age_table(&mut w, "web", lb_common::TCP_MISS_PREV_SECS + 1);
+    // A change stamped a second ahead of the program's clock is young too:
+    // a CPU's cached second lags the daemon's clock by up to a tick, and
+    // the difference must not wrap to "four billion seconds ago".
+    let ahead = lb_userspace::dataplane::monotonic_secs() + 1;
+    restamp_table(&mut w, "web", |_| ahead);
+    assert_eq!(
+        right(&mut w, &old, &old_ports),
+        young_old,
+        "change stamped a second ahead: old connections moved"
+    );
+    age_table(&mut w, "web", 1 + lb_common::TCP_MISS_PREV_SECS + 1);
     let aged_old = right(&mut w, &old, &old_ports);
     let aged_new = right(&mut w, &new, &new_ports);
     println!(

@@ -155,9 +155,12 @@ impl<S: MapStore> MapWriter<S> {
     }
 }
 
-/// Seconds of CLOCK_MONOTONIC, the clock the data plane reads.
+/// Seconds of CLOCK_MONOTONIC_COARSE, the clock the data plane reads
+/// (`bpf_ktime_get_coarse_ns`). The fine clock runs up to a tick ahead of
+/// it: a stamp taken from it in the last tick of a second was a second in
+/// the program's future.
 pub fn monotonic_secs() -> u32 {
-    rustix::time::clock_gettime(rustix::time::ClockId::Monotonic).tv_sec as u32
+    rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse).tv_sec as u32
 }
 
 /// The slots to install for a freshly built table: a slot whose backend
