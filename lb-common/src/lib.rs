@@ -7,7 +7,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a map layout or the meaning of a field changes, so a daemon
 /// never adopts pinned maps written by an incompatible version.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Interfaces `nat` and `dsr` packets may be redirected to.
 pub const MAX_TX_PORTS: u32 = 64;
@@ -35,6 +35,7 @@ pub const MAX_FRAGS: u32 = 8192;
 pub mod maps {
     pub const PORTS: &str = "LB_PORTS";
     pub const ADDR_SERVICES: &str = "LB_ADDR_SVCS";
+    pub const ADDR_SLOTS: &str = "LB_ADDR_SLOTS";
     pub const SERVICES: &str = "LB_SERVICES";
     pub const MAGLEV: &str = "LB_MAGLEV";
     pub const BACKENDS: &str = "LB_BACKENDS";
@@ -67,9 +68,10 @@ pub mod maps {
     pub const PIN_RING: &str = "LB_PIN_RING";
     /// Not pinned: pin reports by [`crate::PinReportStat`], per CPU.
     pub const PIN_STATS: &str = "LB_PIN_STATS";
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 26] = [
         PORTS,
         ADDR_SERVICES,
+        ADDR_SLOTS,
         SERVICES,
         MAGLEV,
         BACKENDS,
@@ -166,7 +168,7 @@ pub const PORT_HAS_ADDR_SERVICES: u32 = 1;
 
 /// Key of `LB_ADDR_SVCS` (value: service id) and `LB_REV_ADDRS`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AddrKey {
     pub addr: Addr,
     /// Host byte order.
@@ -175,6 +177,39 @@ pub struct AddrKey {
     pub _pad: u8,
 }
 const _: () = assert!(size_of::<AddrKey>() == 20);
+
+/// An entry of `LB_ADDR_SLOTS`, the direct-mapped front of `LB_ADDR_SVCS`
+/// that the program reads first: an array read the verifier inlines, where
+/// the hash map is a hashed lookup (about 45 ns a packet, measured).
+/// Every key of `LB_ADDR_SVCS` is in the slot [`addr_slot`] gives it,
+/// alone or, when keys share the slot, behind `ADDR_SLOT_SHARED`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrSlot {
+    pub key: AddrKey,
+    /// 0: no address service has this slot; `ADDR_SLOT_SHARED`: several
+    /// do, ask `LB_ADDR_SVCS`; else `key`'s service id + 1.
+    pub service: u32,
+}
+const _: () = assert!(size_of::<AddrSlot>() == 24);
+pub const ADDR_SLOT_SHARED: u32 = u32::MAX;
+pub const ADDR_SLOT_BITS: u32 = 13;
+/// Twice `MAX_ADDR_SERVICES`, so that few keys share a slot.
+pub const ADDR_SLOTS: u32 = 1 << ADDR_SLOT_BITS;
+const _: () = assert!(ADDR_SLOTS >= 2 * MAX_ADDR_SERVICES);
+
+/// The slot of `LB_ADDR_SLOTS` for `key`: its words folded together,
+/// then a multiplicative hash, whose top bits depend on every bit folded.
+#[inline(always)]
+pub fn addr_slot(key: &AddrKey) -> u32 {
+    let a = &key.addr;
+    let h = a[0]
+        ^ a[1].rotate_left(7)
+        ^ a[2].rotate_left(14)
+        ^ a[3]
+        ^ (u32::from(key.port) << 8 | u32::from(key.proto)).rotate_left(21);
+    h.wrapping_mul(0x9e37_79b1) >> (32 - ADDR_SLOT_BITS)
+}
 
 /// How a service reaches its backends.
 pub const FWD_LOCAL: u8 = 0;
@@ -696,6 +731,8 @@ mod pod {
     unsafe impl aya::Pod for PortEntry {}
     // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for AddrKey {}
+    // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
+    unsafe impl aya::Pod for AddrSlot {}
     // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.
     unsafe impl aya::Pod for ServiceEntry {}
     // SAFETY: #[repr(C)], integer fields only, every byte pattern valid.

@@ -9,7 +9,7 @@ use lb_common::quic::{
     AesTables, QUIC_ROUTE_COUNT, QuicScratch, QuicServiceEntry, QuicSidKey, QuicSidValue,
 };
 use lb_common::{
-    ACTION_COUNT, AddrKey, BackendEntry, Counters, DEFAULT_FLOW_INSERT_RATE,
+    ACTION_COUNT, ADDR_SLOTS, AddrKey, AddrSlot, BackendEntry, Counters, DEFAULT_FLOW_INSERT_RATE,
     DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, EVENT_COUNT, FloodState, FlowKey, FlowValue,
     FragKey, FragValue, MAX_ADDR_SERVICES, MAX_BACKENDS, MAX_FRAGS, MAX_SERVICES, MAX_TX_PORTS,
     MaglevSlot, NEXTHOP_VIA_COUNT, NextHop, PIN_REPORT_STAT_COUNT, PIN_RING_BYTES, PORT_SLOTS,
@@ -22,6 +22,10 @@ pub static LB_PORTS: Array<PortEntry> = Array::with_max_entries(PORT_SLOTS, 0);
 
 #[map]
 pub static LB_ADDR_SVCS: HashMap<AddrKey, u32> = HashMap::with_max_entries(MAX_ADDR_SERVICES, 0);
+
+/// The direct-mapped front of `LB_ADDR_SVCS` (`AddrSlot`), read first.
+#[map]
+pub static LB_ADDR_SLOTS: Array<AddrSlot> = Array::with_max_entries(ADDR_SLOTS, 0);
 
 #[map]
 pub static LB_SERVICES: Array<ServiceEntry> = Array::with_max_entries(MAX_SERVICES, 0);

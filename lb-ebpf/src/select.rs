@@ -3,7 +3,8 @@
 //! Map lookups on the hot path, and why each is there:
 //! - `LB_PORTS`, `LB_SERVICES`, `LB_MAGLEV`, `LB_BACKENDS`: arrays, inlined by
 //!   the verifier, no helper call.
-//! - `LB_ADDR_SVCS` (hash): only for ports that have address-specific services.
+//! - `LB_ADDR_SLOTS`: an array, only for ports that have address-specific
+//!   services; `LB_ADDR_SVCS` (hash) only for a slot several of them share.
 //! - `LB_UDP_SEEN`: an array, read for UDP packets to count new flows.
 //! - `LB_FLOWS` (LRU): only in "sticky" slots, whose backend changed; flows in
 //!   slots that never changed cannot be pinned anywhere else, so a SYN or an
@@ -15,16 +16,16 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
-    Addr, AddrKey, BACKEND_ACTIVE, BACKEND_REWRITE_ADDR, BackendEntry, Event, FlowKey, FlowValue,
-    MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, PinReport, PinReportStat, Reason,
-    ServiceEntry, TABLES_PER_SERVICE, TCP_MISS_PREV_SECS, UDP_AFFINITY_SECS, UDP_SEEN_BITS,
-    flow_hash, maglev_index, maglev_slot, port_slot,
+    ADDR_SLOT_SHARED, Addr, AddrKey, BACKEND_ACTIVE, BACKEND_REWRITE_ADDR, BackendEntry, Event,
+    FlowKey, FlowValue, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, PinReport,
+    PinReportStat, Reason, ServiceEntry, TABLES_PER_SERVICE, TCP_MISS_PREV_SECS, UDP_AFFINITY_SECS,
+    UDP_SEEN_BITS, addr_slot, flow_hash, maglev_index, maglev_slot, port_slot,
 };
 
 use crate::{
     maps::{
-        LB_ADDR_SVCS, LB_BACKENDS, LB_CLOCK, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_PIN_RING, LB_PORTS,
-        LB_SERVICES, LB_UDP_SEEN, flow_insert_rate, pin_report,
+        LB_ADDR_SLOTS, LB_ADDR_SVCS, LB_BACKENDS, LB_CLOCK, LB_FLOOD, LB_FLOWS, LB_MAGLEV,
+        LB_PIN_RING, LB_PORTS, LB_SERVICES, LB_UDP_SEEN, flow_insert_rate, pin_report,
     },
     parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
     stats,
@@ -51,8 +52,8 @@ pub fn service(p: &Packet) -> Result<(u32, &'static ServiceEntry), Reason> {
             proto: p.proto,
             _pad: 0,
         };
-        if let Some(id) = unsafe { LB_ADDR_SVCS.get(&key) } {
-            id_plus_one = *id + 1;
+        if let Some(id) = addr_service(&key) {
+            id_plus_one = id + 1;
         }
     }
     if id_plus_one == 0 {
@@ -61,6 +62,35 @@ pub fn service(p: &Packet) -> Result<(u32, &'static ServiceEntry), Reason> {
     let id = id_plus_one - 1;
     let svc = LB_SERVICES.get(id).ok_or(Reason::NoService)?;
     Ok((id, svc))
+}
+
+/// The address-specific service of `key`: its slot of `LB_ADDR_SLOTS`
+/// names it, or says the hash map must (`ADDR_SLOT_SHARED`). The slot's
+/// service word is read before its key: the daemon writes a new key only
+/// under `ADDR_SLOT_SHARED`, so a slot being rewritten is never taken for
+/// a key it does not hold.
+#[inline(always)]
+fn addr_service(key: &AddrKey) -> Option<u32> {
+    let slot = LB_ADDR_SLOTS.get(addr_slot(key))?;
+    // SAFETY: a read of an aligned word of a map value.
+    let service = unsafe { core::ptr::read_volatile(&slot.service) };
+    match service {
+        0 => None,
+        ADDR_SLOT_SHARED => unsafe { LB_ADDR_SVCS.get(key) }.copied(),
+        id_plus_one if same_key(&slot.key, key) => Some(id_plus_one - 1),
+        _ => None,
+    }
+}
+
+/// Word by word: an array comparison may become a `bcmp` call.
+#[inline(always)]
+fn same_key(a: &AddrKey, b: &AddrKey) -> bool {
+    a.addr[0] == b.addr[0]
+        && a.addr[1] == b.addr[1]
+        && a.addr[2] == b.addr[2]
+        && a.addr[3] == b.addr[3]
+        && a.port == b.port
+        && a.proto == b.proto
 }
 
 pub struct Pick {

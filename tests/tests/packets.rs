@@ -240,6 +240,117 @@ fn each_wildcard_serves_its_own_family() {
     assert_eq!(dp.reason_counts().unwrap().iter().sum::<u64>(), 0);
 }
 
+/// Services on addresses of their own are found through `LB_ADDR_SLOTS`:
+/// one alone in its slot by the array alone, two whose keys share a slot
+/// through the hash map behind it. A restarted daemon adopts the slots with
+/// the pins, and removing one of the two leaves the other found, now alone
+/// in the slot.
+#[test]
+fn address_services_sharing_a_slot_each_find_their_own() {
+    lb_tests::require_root();
+    let bpf = lb_tests::daemon::BpfFs::mount("addrslots");
+    let dir = lb_tests::daemon::TempDir::new("addrslots");
+    let opts = Options {
+        pin_path: Some(bpf.0.join("lb")),
+        record_path: Some(dir.path("record.json")),
+        ..options()
+    };
+    let key = |a: &str| lb_common::AddrKey {
+        addr: lb_userspace::dataplane::addr_words(a.parse().unwrap()),
+        port: 443,
+        proto: lb_common::PROTO_TCP,
+        _pad: 0,
+    };
+    // Two addresses of 10.0.x.y whose keys share a slot, by search.
+    let mut by_slot: HashMap<u32, String> = HashMap::new();
+    let (a, b) = (0..=255u32)
+        .flat_map(|x| (1..=254u32).map(move |y| format!("10.0.{x}.{y}")))
+        .find_map(|addr| {
+            by_slot
+                .insert(lb_common::addr_slot(&key(&addr)), addr.clone())
+                .map(|other| (other, addr))
+        })
+        .unwrap();
+    let c = (1..=254u32)
+        .map(|y| format!("10.9.0.{y}"))
+        .find(|c| !by_slot.contains_key(&lb_common::addr_slot(&key(c))))
+        .unwrap();
+    let svc =
+        |name: &str, addr: &str, backend: &str| service(name, &format!("{addr}:443"), &[backend]);
+    let services = vec![
+        svc("a", &a, "127.0.0.1:8001"),
+        svc("b", &b, "127.0.0.1:8002"),
+        svc("c", &c, "127.0.0.1:8003"),
+    ];
+    let mut w = MapWriter::new(Dataplane::load(opts.clone()).unwrap());
+    w.apply(&services).unwrap();
+    let syn = |to: &str| Spec::tcp("10.1.0.2", to, 40000, 443, TCP_SYN);
+    let to = |w: &MapWriter, addr: &str| {
+        let (action, out) = run(w.dataplane(), &syn(addr).build());
+        assert_eq!(action, XDP_PASS, "{addr}");
+        packet::parse(&out).unwrap().dport
+    };
+    assert_eq!(
+        [to(&w, &a), to(&w, &b), to(&w, &c)],
+        [8001, 8002, 8003],
+        "{a} and {b} share a slot, {c} has its own"
+    );
+    let slot = |w: &MapWriter, addr: &str| {
+        let s = lb_common::addr_slot(&key(addr));
+        let slots = w.dataplane().addr_slots().unwrap();
+        slots.into_iter().find(|(i, _)| *i == s).map(|(_, e)| e)
+    };
+    assert_eq!(
+        slot(&w, &a).map(|e| e.service),
+        Some(lb_common::ADDR_SLOT_SHARED)
+    );
+    let c_id = w.service_id("c").unwrap();
+    assert_eq!(
+        slot(&w, &c),
+        Some(lb_common::AddrSlot {
+            key: key(&c),
+            service: c_id + 1
+        })
+    );
+    // Another address on the port, served by nobody: passed untouched.
+    let frame = syn("10.9.9.9").build();
+    assert_eq!(run(w.dataplane(), &frame), (XDP_PASS, frame.clone()));
+
+    // A restart: the next daemon adopts the pinned slots as they are.
+    let slots = w.dataplane().addr_slots().unwrap();
+    w.dataplane_mut().shutdown(true);
+    drop(w);
+    let mut w = MapWriter::new(Dataplane::load(opts).unwrap());
+    assert_eq!(w.dataplane().addr_slots().unwrap(), slots);
+    w.apply(&services).unwrap();
+    assert_eq!(w.dataplane().addr_slots().unwrap(), slots);
+    assert_eq!(
+        [to(&w, &a), to(&w, &b), to(&w, &c)],
+        [8001, 8002, 8003],
+        "after the restart"
+    );
+
+    w.apply(&services[1..]).unwrap();
+    let frame = syn(&a).build();
+    assert_eq!(
+        run(w.dataplane(), &frame),
+        (XDP_PASS, frame.clone()),
+        "{a} after its service left"
+    );
+    assert_eq!([to(&w, &b), to(&w, &c)], [8002, 8003]);
+    let b_id = w.service_id("b").unwrap();
+    assert_eq!(
+        slot(&w, &b),
+        Some(lb_common::AddrSlot {
+            key: key(&b),
+            service: b_id + 1
+        }),
+        "{b} alone in the slot now"
+    );
+    w.apply(&[]).unwrap();
+    assert_eq!(w.dataplane().addr_slots().unwrap(), vec![]);
+}
+
 #[test]
 fn a_wildcard_of_one_family_leaves_the_other_alone() {
     for (listen, other) in [

@@ -131,6 +131,8 @@ impl Dataplane {
             maglev_map: maglev_data,
             ports: typed!(&mut ebpf, maps::PORTS),
             addr_services: typed!(&mut ebpf, maps::ADDR_SERVICES),
+            addr_slots: typed!(&mut ebpf, maps::ADDR_SLOTS),
+            addr_slot_keys: Default::default(),
             services: typed!(&mut ebpf, maps::SERVICES),
             backends: typed!(&mut ebpf, maps::BACKENDS),
             flows: typed!(&mut ebpf, maps::FLOWS),
@@ -159,6 +161,11 @@ impl Dataplane {
                 ids: pins::Ids::default(),
             }),
         };
+        let mut dp = dp;
+        // New maps are empty, the array and the hash map alike.
+        if dp.adopted {
+            dp.adopt_addr_slots()?;
+        }
         dp.write_record()?;
         Ok(dp)
     }

@@ -5,6 +5,7 @@
 //! `Dataplane` handle; each concern lives in its own module below.
 
 mod addr;
+mod addr_slots;
 mod attach;
 mod counters;
 mod load;
@@ -158,6 +159,9 @@ pub struct Dataplane {
     maglev_map: MapData,
     ports: Array<MapData, PortEntry>,
     addr_services: BpfHashMap<MapData, AddrKey, u32>,
+    addr_slots: Array<MapData, lb_common::AddrSlot>,
+    /// The keys behind each slot of `addr_slots`.
+    addr_slot_keys: addr_slots::AddrSlots,
     services: Array<MapData, ServiceEntry>,
     backends: Array<MapData, BackendEntry>,
     flows: BpfHashMap<MapData, FlowKey, FlowValue>,

@@ -81,13 +81,17 @@ impl MapStore for Dataplane {
         self.ports.set(slot, entry, 0).map_err(map_err(maps::PORTS))
     }
 
+    /// The hash map first, then its front array (`addr_slots`).
     fn set_addr_service(&mut self, key: &AddrKey, id: u32) -> Result<()> {
         self.addr_services
             .insert(key, id, 0)
-            .map_err(map_err(maps::ADDR_SERVICES))
+            .map_err(map_err(maps::ADDR_SERVICES))?;
+        self.set_addr_slot(key, id)
     }
 
+    /// The front array first, then the hash map.
     fn delete_addr_service(&mut self, key: &AddrKey) -> Result<()> {
+        self.remove_addr_slot(key)?;
         match self.addr_services.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_err(maps::ADDR_SERVICES)(e)),
