@@ -1224,6 +1224,9 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
                     }
                     resolver
                 });
+                // A row that fails its checks panics: the refresher must
+                // stop then too, or the scope waits on it for ever.
+                let _stop = StopOnDrop(&fresh);
                 for kind in [Kind::Syn, Kind::Est, Kind::Udp] {
                     let before = via(&w);
                     out.push(dsr_row(b, &w, kind, false, base_small, runs));
@@ -1311,6 +1314,15 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
     });
     rows.extend(measured);
     drop(topo);
+}
+
+/// Clears its flag when dropped, by a panic's unwinding too.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// A `dsr` row (the repeat method; the service named "bench" is the one
