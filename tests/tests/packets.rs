@@ -247,14 +247,7 @@ fn each_wildcard_serves_its_own_family() {
 /// in the slot.
 #[test]
 fn address_services_sharing_a_slot_each_find_their_own() {
-    lb_tests::require_root();
-    let bpf = lb_tests::daemon::BpfFs::mount("addrslots");
-    let dir = lb_tests::daemon::TempDir::new("addrslots");
-    let opts = Options {
-        pin_path: Some(bpf.0.join("lb")),
-        record_path: Some(dir.path("record.json")),
-        ..options()
-    };
+    let (_bpf, _dir, opts) = pinned_options("addrslots");
     let key = |a: &str| lb_common::AddrKey {
         addr: lb_userspace::dataplane::addr_words(a.parse().unwrap()),
         port: 443,
@@ -304,14 +297,16 @@ fn address_services_sharing_a_slot_each_find_their_own() {
         slot(&w, &a).map(|e| e.service),
         Some(lb_common::ADDR_SLOT_SHARED)
     );
-    let c_id = w.service_id("c").unwrap();
-    assert_eq!(
-        slot(&w, &c),
-        Some(lb_common::AddrSlot {
-            key: key(&c),
-            service: c_id + 1
-        })
-    );
+    // The slot of `addr` holds its key alone, with service `name`.
+    let alone = |w: &MapWriter, name: &str, addr: &str| {
+        let service = w.service_id(name).unwrap() + 1;
+        let want = lb_common::AddrSlot {
+            key: key(addr),
+            service,
+        };
+        assert_eq!(slot(w, addr), Some(want), "{addr} alone in its slot");
+    };
+    alone(&w, "c", &c);
     // Another address on the port, served by nobody: passed untouched.
     let frame = syn("10.9.9.9").build();
     assert_eq!(run(w.dataplane(), &frame), (XDP_PASS, frame.clone()));
@@ -338,15 +333,7 @@ fn address_services_sharing_a_slot_each_find_their_own() {
         "{a} after its service left"
     );
     assert_eq!([to(&w, &b), to(&w, &c)], [8002, 8003]);
-    let b_id = w.service_id("b").unwrap();
-    assert_eq!(
-        slot(&w, &b),
-        Some(lb_common::AddrSlot {
-            key: key(&b),
-            service: b_id + 1
-        }),
-        "{b} alone in the slot now"
-    );
+    alone(&w, "b", &b);
     w.apply(&[]).unwrap();
     assert_eq!(w.dataplane().addr_slots().unwrap(), vec![]);
 }
@@ -1365,20 +1352,27 @@ fn replies_of_a_removed_backend_still_leave_as_the_service() {
     }
 }
 
+/// Options that pin the data plane in a bpffs of the test's own, with the
+/// record in a directory of its own; both go when the first two are dropped.
+fn pinned_options(tag: &str) -> (lb_tests::daemon::BpfFs, lb_tests::daemon::TempDir, Options) {
+    lb_tests::require_root();
+    let bpf = lb_tests::daemon::BpfFs::mount(tag);
+    let dir = lb_tests::daemon::TempDir::new(tag);
+    let opts = Options {
+        pin_path: Some(bpf.0.join("lb")),
+        record_path: Some(dir.path("record.json")),
+        ..options()
+    };
+    (bpf, dir, opts)
+}
+
 /// Backend ids are reused lowest first after a restart (the new daemon knows
 /// only the ids of services that still exist). A pin made for the earlier
 /// holder of an id must not match the new holder: it names the same service
 /// id and backend id, but not the generation.
 #[test]
 fn a_reused_backend_id_never_matches_old_pins() {
-    lb_tests::require_root();
-    let bpf = lb_tests::daemon::BpfFs::mount("reuse");
-    let dir = lb_tests::daemon::TempDir::new("reuse");
-    let opts = Options {
-        pin_path: Some(bpf.0.join("lb")),
-        record_path: Some(dir.path("record.json")),
-        ..options()
-    };
+    let (_bpf, _dir, opts) = pinned_options("reuse");
     let flows = client_flows(3000);
     let old_ids: Vec<u32>;
     {
