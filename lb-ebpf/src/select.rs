@@ -82,15 +82,21 @@ fn addr_service(key: &AddrKey) -> Option<u32> {
     }
 }
 
-/// Word by word: an array comparison may become a `bcmp` call.
+/// Whether a slot's key is `key`, read after the slot's service word:
+/// volatile reads, which the compiler keeps in order, field by field (an
+/// array comparison may become a `bcmp` call).
 #[inline(always)]
-fn same_key(a: &AddrKey, b: &AddrKey) -> bool {
-    a.addr[0] == b.addr[0]
-        && a.addr[1] == b.addr[1]
-        && a.addr[2] == b.addr[2]
-        && a.addr[3] == b.addr[3]
-        && a.port == b.port
-        && a.proto == b.proto
+fn same_key(slot: &AddrKey, key: &AddrKey) -> bool {
+    // SAFETY: reads of aligned fields of a map value.
+    unsafe {
+        use core::ptr::read_volatile as read;
+        read(&slot.addr[0]) == key.addr[0]
+            && read(&slot.addr[1]) == key.addr[1]
+            && read(&slot.addr[2]) == key.addr[2]
+            && read(&slot.addr[3]) == key.addr[3]
+            && read(&slot.port) == key.port
+            && read(&slot.proto) == key.proto
+    }
 }
 
 pub struct Pick {

@@ -127,14 +127,7 @@ impl Dataplane {
             .iter()
             .collect::<std::result::Result<_, _>>()
             .map_err(map_err(maps::ADDR_SERVICES))?;
-        let mut current = Vec::new();
-        for (i, e) in self.addr_slots.iter().enumerate() {
-            let e = e.map_err(map_err(maps::ADDR_SLOTS))?;
-            if e != AddrSlot::default() {
-                current.push((i as u32, e));
-            }
-        }
-        let (slots, writes) = AddrSlots::adopt(&entries, current);
+        let (slots, writes) = AddrSlots::adopt(&entries, self.addr_slots()?);
         self.addr_slot_keys = slots;
         write_slots(&mut self.addr_slots, &writes)
     }
@@ -151,14 +144,7 @@ impl Dataplane {
 
     /// The non-empty entries of `LB_ADDR_SLOTS`, by slot.
     pub fn addr_slots(&self) -> Result<Vec<(u32, AddrSlot)>> {
-        let mut out = Vec::new();
-        for (i, e) in self.addr_slots.iter().enumerate() {
-            let e = e.map_err(map_err(maps::ADDR_SLOTS))?;
-            if e != AddrSlot::default() {
-                out.push((i as u32, e));
-            }
-        }
-        Ok(out)
+        super::store::set_entries(&self.addr_slots, maps::ADDR_SLOTS)
     }
 }
 

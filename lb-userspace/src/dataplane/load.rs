@@ -126,7 +126,7 @@ impl Dataplane {
             return Err(DataplaneError::Missing(maps::MAGLEV));
         };
         let maglev = map_tables(&maglev_data, maglev_len as usize, true)?;
-        let dp = Self {
+        let mut dp = Self {
             maglev,
             maglev_map: maglev_data,
             ports: typed!(&mut ebpf, maps::PORTS),
@@ -161,7 +161,6 @@ impl Dataplane {
                 ids: pins::Ids::default(),
             }),
         };
-        let mut dp = dp;
         // New maps are empty, the array and the hash map alike.
         if dp.adopted {
             dp.adopt_addr_slots()?;

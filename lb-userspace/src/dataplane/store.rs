@@ -178,7 +178,7 @@ impl MapStore for Dataplane {
 }
 
 /// The entries of an array map that are not the default, with their index.
-fn set_entries<T: aya::Pod + Default + PartialEq>(
+pub(super) fn set_entries<T: aya::Pod + Default + PartialEq>(
     map: &Array<MapData, T>,
     name: &'static str,
 ) -> Result<Vec<(u32, T)>> {
