@@ -8,6 +8,7 @@ use aya::maps::{Array, MapData};
 use lb_common::{ADDR_SLOT_SHARED, AddrKey, AddrSlot, addr_slot, maps};
 
 use super::{Dataplane, Result, map_err};
+use crate::mapstore::MapStore;
 
 /// The keys of `LB_ADDR_SVCS` by slot, and what each slot was last
 /// written with.
@@ -122,11 +123,7 @@ impl AddrSlots {
 impl Dataplane {
     /// Brings `LB_ADDR_SLOTS` in line with `LB_ADDR_SVCS` at load.
     pub(super) fn adopt_addr_slots(&mut self) -> Result<()> {
-        let entries: Vec<(AddrKey, u32)> = self
-            .addr_services
-            .iter()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(map_err(maps::ADDR_SERVICES))?;
+        let entries = MapStore::read_addr_services(self)?;
         let (slots, writes) = AddrSlots::adopt(&entries, self.addr_slots()?);
         self.addr_slot_keys = slots;
         write_slots(&mut self.addr_slots, &writes)
