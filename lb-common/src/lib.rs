@@ -168,7 +168,7 @@ pub const PORT_HAS_ADDR_SERVICES: u32 = 1;
 
 /// Key of `LB_ADDR_SVCS` (value: service id) and `LB_REV_ADDRS`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AddrKey {
     pub addr: Addr,
     /// Host byte order.

@@ -2,7 +2,7 @@
 //! program reads first (`lb_common::AddrSlot`): which keys each slot holds,
 //! and the writes that move a slot from what it says to what it should say
 //! without ever naming a service for a key it does not hold.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use aya::maps::{Array, MapData};
 use lb_common::{ADDR_SLOT_SHARED, AddrKey, AddrSlot, addr_slot, maps};
@@ -14,7 +14,7 @@ use crate::mapstore::MapStore;
 /// written with.
 #[derive(Debug, Default)]
 pub struct AddrSlots {
-    keys: HashMap<u32, BTreeMap<AddrKey, u32>>,
+    keys: HashMap<u32, HashMap<AddrKey, u32>>,
     written: HashMap<u32, AddrSlot>,
 }
 
@@ -90,10 +90,10 @@ impl AddrSlots {
     fn settle(&mut self, slot: u32) -> Vec<(u32, AddrSlot)> {
         let want = self.wanted(slot);
         let cur = self.current(slot);
-        let mut steps: Vec<AddrSlot> = Vec::new();
         if want == cur {
             return Vec::new();
         }
+        let mut steps = Vec::new();
         if want.key != cur.key {
             if cur.service != 0 && cur.service != ADDR_SLOT_SHARED {
                 steps.push(AddrSlot {
@@ -180,7 +180,7 @@ mod tests {
 
     /// The program's reading of a slot (`select::addr_service`), with the
     /// hash map `hash`.
-    fn read(slot: &AddrSlot, hash: &BTreeMap<AddrKey, u32>, k: &AddrKey) -> Option<u32> {
+    fn read(slot: &AddrSlot, hash: &HashMap<AddrKey, u32>, k: &AddrKey) -> Option<u32> {
         match slot.service {
             0 => None,
             ADDR_SLOT_SHARED => hash.get(k).copied(),
@@ -212,7 +212,7 @@ mod tests {
     fn check_change(
         s: &mut AddrSlots,
         array: &mut HashMap<u32, AddrSlot>,
-        hash: &mut BTreeMap<AddrKey, u32>,
+        hash: &mut HashMap<AddrKey, u32>,
         keys: &[AddrKey],
         change: (AddrKey, Option<u32>),
     ) {
@@ -275,7 +275,7 @@ mod tests {
         let keys = [a, b, c];
         let mut s = AddrSlots::default();
         let mut array = HashMap::new();
-        let mut hash = BTreeMap::new();
+        let mut hash = HashMap::new();
         for change in [
             (a, Some(1)),
             (b, Some(2)),
@@ -316,7 +316,7 @@ mod tests {
         for (slot, e) in writes {
             array.insert(slot, e);
         }
-        let hash: BTreeMap<AddrKey, u32> = entries.into_iter().collect();
+        let hash: HashMap<AddrKey, u32> = entries.into_iter().collect();
         for k in [a, b, c, gone] {
             let slot = array.get(&addr_slot(&k)).copied().unwrap_or_default();
             assert_eq!(read(&slot, &hash, &k), hash.get(&k).copied(), "{k:?}");
