@@ -212,7 +212,7 @@ fn ports_from_table(w: &MapWriter, flows: &[(Ipv4Addr, u16)], ports: &[u16]) -> 
     flows
         .iter()
         .map(|(src, sport)| {
-            let h = lb_common::flow_hash(
+            let h = w.dataplane().flow_hash().hash(
                 &addr_words((*src).into()),
                 &addr_words("10.9.0.1".parse().unwrap()),
                 sport.to_be(),

@@ -31,7 +31,7 @@ use crate::{
     sys,
 };
 use aya::{Ebpf, TestRun, TestRunOptions, programs::Xdp};
-use lb_common::{NextHopVia, Reason, flow_hash};
+use lb_common::{NextHopVia, Reason};
 use lb_tests::{
     netns::{self, Topology, run_in},
     packet::{Spec, TCP_ACK, TCP_SYN},
@@ -605,8 +605,14 @@ fn steady_state(
 
 /// A v4 TCP flow's Maglev slot in the service's active table:
 /// (backend, previous backend).
-fn slot_of(table: &[lb_common::MaglevSlot], src: Ipv4Addr, sport: u16, proto: u8) -> (u32, u32) {
-    let h = flow_hash(
+fn slot_of(
+    hash: lb_common::FlowHash,
+    table: &[lb_common::MaglevSlot],
+    src: Ipv4Addr,
+    sport: u16,
+    proto: u8,
+) -> (u32, u32) {
+    let h = hash.hash(
         &addr_words(IpAddr::V4(src)),
         &addr_words("10.9.0.1".parse().unwrap()),
         sport.to_be(),
@@ -639,7 +645,7 @@ fn flows(
             (1024u16..=65535).step_by(7).map(move |p| (src, p))
         })
         .filter(move |(src, p)| {
-            let (b, prev) = slot_of(table, *src, *p, proto);
+            let (b, prev) = slot_of(w.dataplane().flow_hash(), table, *src, *p, proto);
             (b != prev) == sticky
         })
 }

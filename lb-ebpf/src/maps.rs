@@ -10,11 +10,11 @@ use lb_common::quic::{
 };
 use lb_common::{
     ACTION_COUNT, ADDR_SLOTS, AddrKey, AddrSlot, BackendEntry, Counters, DEFAULT_FLOW_INSERT_RATE,
-    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, EVENT_COUNT, FloodState, FlowKey, FlowValue,
-    FragKey, FragValue, MAX_ADDR_SERVICES, MAX_BACKENDS, MAX_FRAGS, MAX_SERVICES, MAX_TX_PORTS,
-    MaglevSlot, NEXTHOP_VIA_COUNT, NextHop, PIN_REPORT_STAT_COUNT, PIN_RING_BYTES, PORT_SLOTS,
-    PortEntry, REASON_COUNT, RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE,
-    UDP_SEEN_BUCKETS, UDP_SEEN_WAYS,
+    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_MAGLEV_SIZE, EVENT_COUNT, FloodState, FlowHash, FlowKey,
+    FlowValue, FragKey, FragValue, MAX_ADDR_SERVICES, MAX_BACKENDS, MAX_FRAGS, MAX_SERVICES,
+    MAX_TX_PORTS, MaglevSlot, NEXTHOP_VIA_COUNT, NextHop, PIN_REPORT_STAT_COUNT, PIN_RING_BYTES,
+    PORT_SLOTS, PortEntry, REASON_COUNT, RevAddrValue, RevPortEntry, ServiceEntry,
+    TABLES_PER_SERVICE, UDP_SEEN_BUCKETS, UDP_SEEN_WAYS,
 };
 
 #[map]
@@ -116,6 +116,22 @@ pub fn flow_insert_rate() -> u32 {
     // SAFETY: a plain read of a global the loader may have rewritten; the
     // volatile read keeps the compiler from folding the default in.
     unsafe { core::ptr::read_volatile(&FLOW_INSERT_RATE) }
+}
+
+/// The flow hash (`FlowHash` as u32); set by the daemon at load time. The
+/// verifier sees the loaded value (a frozen global), so the branch between
+/// the two hashes is gone from the program that runs.
+#[unsafe(no_mangle)]
+pub static FLOW_HASH: u32 = FlowHash::Murmur3 as u32;
+
+#[inline(always)]
+pub fn flow_hash() -> FlowHash {
+    // SAFETY: as for `flow_insert_rate`: a global the loader may rewrite.
+    if unsafe { core::ptr::read_volatile(&FLOW_HASH) } == FlowHash::Fast as u32 {
+        FlowHash::Fast
+    } else {
+        FlowHash::Murmur3
+    }
 }
 
 /// New pins in changed slots, for the daemon to share with its peers

@@ -19,12 +19,12 @@ use lb_common::{
     ADDR_SLOT_SHARED, Addr, AddrKey, BACKEND_ACTIVE, BACKEND_REWRITE_ADDR, BackendEntry, Event,
     FlowKey, FlowValue, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, PinReport,
     PinReportStat, Reason, ServiceEntry, TABLES_PER_SERVICE, TCP_MISS_PREV_SECS, UDP_AFFINITY_SECS,
-    UDP_SEEN_BITS, addr_slot, flow_hash, maglev_index, maglev_slot, port_slot,
+    UDP_SEEN_BITS, addr_slot, maglev_index, maglev_slot, port_slot,
 };
 
 use crate::{
     maps::{
-        LB_ADDR_SLOTS, LB_ADDR_SVCS, LB_BACKENDS, LB_CLOCK, LB_FLOOD, LB_FLOWS, LB_MAGLEV,
+        self, LB_ADDR_SLOTS, LB_ADDR_SVCS, LB_BACKENDS, LB_CLOCK, LB_FLOOD, LB_FLOWS, LB_MAGLEV,
         LB_PIN_RING, LB_PORTS, LB_SERVICES, LB_UDP_SEEN, flow_insert_rate, pin_report,
     },
     parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
@@ -99,6 +99,12 @@ fn same_key(slot: &AddrKey, key: &AddrKey) -> bool {
     }
 }
 
+/// The packet's flow hash, by the function the daemon chose at load.
+#[inline(always)]
+fn hash(p: &Packet) -> u32 {
+    maps::flow_hash().hash(&p.src, &p.dst, p.sport, p.dport, p.proto)
+}
+
 pub struct Pick {
     pub backend: u32,
     pub entry: &'static BackendEntry,
@@ -130,7 +136,7 @@ pub fn backend(p: &Packet, id: u32, svc: &ServiceEntry, pin: bool) -> Result<Pic
     if m == 0 || table >= TABLES_PER_SERVICE {
         return Err(Reason::NoBackend);
     }
-    let h = flow_hash(&p.src, &p.dst, p.sport, p.dport, p.proto);
+    let h = hash(p);
     let slot = maglev_slot(h, m);
     let e = LB_MAGLEV
         .get(maglev_index(id, table, m, slot))
@@ -413,10 +419,7 @@ pub fn answers(fwd: &Packet, port: u16, addr: &Addr) -> bool {
     if m == 0 || svc.active >= TABLES_PER_SERVICE {
         return false;
     }
-    let slot = maglev_slot(
-        flow_hash(&fwd.src, &fwd.dst, fwd.sport, fwd.dport, fwd.proto),
-        m,
-    );
+    let slot = maglev_slot(hash(fwd), m);
     let Some(e) = LB_MAGLEV.get(maglev_index(id, svc.active, m, slot)) else {
         return false;
     };

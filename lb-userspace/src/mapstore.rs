@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use lb_common::quic::{QuicServiceEntry, QuicSidKey, QuicSidValue};
 use lb_common::{
-    AddrKey, BackendEntry, FlowKey, FlowValue, MaglevSlot, PortEntry, RevAddrValue, RevPortEntry,
-    ServiceEntry, TABLES_PER_SERVICE,
+    AddrKey, BackendEntry, FlowHash, FlowKey, FlowValue, MaglevSlot, PortEntry, RevAddrValue,
+    RevPortEntry, ServiceEntry, TABLES_PER_SERVICE,
 };
 
 use crate::{
@@ -21,6 +21,11 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 /// (`set_*`) are idempotent; a default entry clears a slot.
 pub trait MapStore {
     fn options(&self) -> &Options;
+    /// The flow hash the programs run (a `MemStore`: the configured one, else
+    /// `Fast`, as for a data plane new to its host).
+    fn flow_hash(&self) -> FlowHash {
+        self.options().flow_hash.unwrap_or(FlowHash::Fast)
+    }
     /// The maps came from an earlier daemon (their contents can be read back).
     fn adopted(&self) -> bool;
     fn recorded_ids(&self) -> &pins::Ids;

@@ -59,6 +59,21 @@ pub fn link_path(pin: &Path, name: &str) -> PathBuf {
 pub struct Record {
     pub layout: Layout,
     pub ids: Ids,
+    /// The flow hash the data plane runs with (`FlowHash::name`). Records
+    /// of releases before the choice have none: they ran `murmur3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_hash: Option<String>,
+}
+
+impl Record {
+    /// The flow hash the recorded data plane ran with; `None` for a name
+    /// this release does not know.
+    pub fn flow_hash(&self) -> Option<lb_common::FlowHash> {
+        match &self.flow_hash {
+            None => Some(lb_common::FlowHash::Murmur3),
+            Some(name) => lb_common::FlowHash::from_name(name),
+        }
+    }
 }
 
 /// True when every map of the object is pinned under `pin`.

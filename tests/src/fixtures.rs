@@ -124,7 +124,7 @@ pub fn slot_of(
     (sport, dport): (u16, u16),
     proto: u8,
 ) -> MaglevSlot {
-    let h = lb_common::flow_hash(
+    let h = w.dataplane().flow_hash().hash(
         &addr_words(src),
         &addr_words(dst),
         sport.to_be(),

@@ -134,7 +134,9 @@ fn at_risk(c: &Cluster, i: usize, flows: Vec<(u16, IpAddr)>) -> Vec<(bool, bool)
             .iter()
             .map(|(sport, backend)| {
                 let k = client_flow_key(*sport);
-                let h = lb_common::flow_hash(&k.src, &k.dst, k.sport, k.dport, k.proto);
+                // Nodes of a cluster not told otherwise run murmur3, alike.
+                let h =
+                    lb_common::FlowHash::Murmur3.hash(&k.src, &k.dst, k.sport, k.dport, k.proto);
                 let s: MaglevSlot = table[lb_common::maglev_slot(h, table.len() as u32) as usize];
                 let risk = addr(s.backend) != Some(*backend);
                 let pinned = dp

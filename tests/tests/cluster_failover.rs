@@ -187,7 +187,9 @@ fn views(c: &Cluster, i: usize, sports: Vec<u16>, fixture: bool) -> Vec<View> {
             .iter()
             .map(|sport| {
                 let k = client_flow_key(*sport);
-                let h = lb_common::flow_hash(&k.src, &k.dst, k.sport, k.dport, k.proto);
+                // Nodes of a cluster not told otherwise run murmur3, alike.
+                let h =
+                    lb_common::FlowHash::Murmur3.hash(&k.src, &k.dst, k.sport, k.dport, k.proto);
                 let s: MaglevSlot = table[lb_common::maglev_slot(h, table.len() as u32) as usize];
                 View {
                     slot: (addr(s.backend), addr(s.prev)),

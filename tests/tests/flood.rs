@@ -23,7 +23,7 @@
 //! `LB_FUZZ_SEED` picks the spoofed sources; `LB_FUZZ_SCALE` the flood size.
 use std::{path::Path, time::Instant};
 
-use lb_common::{MaglevSlot, flow_hash};
+use lb_common::MaglevSlot;
 use lb_tests::{
     packet::{self, Spec, TCP_ACK, TCP_SYN},
     rng::{self, Rng},
@@ -113,7 +113,7 @@ fn establish(dp: &Dataplane, specs: &[Spec]) -> Vec<Flow> {
 /// The slot of the active table a flow hashes to.
 fn slot(w: &MapWriter, spec: &Spec) -> MaglevSlot {
     let p = packet::parse(&spec.build()).unwrap();
-    let h = flow_hash(
+    let h = w.dataplane().flow_hash().hash(
         &addr_words(p.src),
         &addr_words(p.dst),
         p.sport.to_be(),

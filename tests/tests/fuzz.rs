@@ -11,8 +11,8 @@
 use std::{collections::HashMap, time::Instant};
 
 use lb_common::{
-    Addr, FragKey, MaglevSlot, NO_BACKEND, PROTO_TCP, PROTO_UDP, REASON_COUNT, REASON_NAMES,
-    Reason, flow_hash, v4_mapped,
+    Addr, FlowHash, FragKey, MaglevSlot, NO_BACKEND, PROTO_TCP, PROTO_UDP, REASON_COUNT,
+    REASON_NAMES, Reason, v4_mapped,
 };
 use lb_tests::{
     fixtures::{hex, service_in_states},
@@ -390,6 +390,7 @@ fn later_fragment_key(f: &[u8]) -> Option<(FragKey, usize, bool)> {
 
 struct Oracle {
     svcs: Vec<Svc>,
+    hash: FlowHash,
 }
 
 impl Oracle {
@@ -431,7 +432,10 @@ impl Oracle {
                 }
             })
             .collect();
-        Oracle { svcs }
+        Oracle {
+            svcs,
+            hash: dp.flow_hash(),
+        }
     }
 
     /// The address-specific service when one matches, else the wildcard of
@@ -500,7 +504,9 @@ impl Oracle {
     /// and in a slot that changed, also the one it had before.
     fn candidates(&self, svc: usize, hdr: &Hdr) -> Option<Vec<u32>> {
         let s = &self.svcs[svc];
-        let h = flow_hash(&hdr.src, &hdr.dst, hdr.sport_raw, hdr.dport_raw, hdr.proto);
+        let h = self
+            .hash
+            .hash(&hdr.src, &hdr.dst, hdr.sport_raw, hdr.dport_raw, hdr.proto);
         let slot = s.table[lb_common::maglev_slot(h, s.table.len() as u32) as usize];
         if slot.backend == NO_BACKEND {
             // These services never had a backend: nothing is sticky there.

@@ -4,14 +4,14 @@
 //! incremental checksum updates.
 use std::collections::HashMap;
 
-use lb_common::{REASON_NAMES, Reason};
+use lb_common::{FlowHash, REASON_NAMES, Reason};
 use lb_tests::fixtures::{
     age_table, backend_port, client_flows, five_backends, hex, options, restamp_table, service,
     slot_of, writer,
 };
 use lb_tests::packet::{self, Spec, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN};
 use lb_userspace::dataplane::{
-    AdminState, BackendSpec, Dataplane, MapWriter, Options, ServiceSpec,
+    AdminState, BackendSpec, Dataplane, MapWriter, Options, ServiceSpec, addr_words,
 };
 
 const XDP_PASS: u32 = 2;
@@ -1521,4 +1521,116 @@ fn when_every_backend_fails_the_last_ones_keep_their_flows() {
     let (action, out) = run(w.dataplane(), &fresh[0].build());
     assert_eq!((action, out), (XDP_PASS, fresh[0].build()));
     assert!(reason(w.dataplane(), Reason::NoBackend) > 0);
+}
+
+/// The backend port each of `flows` goes to by `hash` over the active table.
+fn ports_by_hash(w: &MapWriter, svc: &ServiceSpec, flows: &[Spec], hash: FlowHash) -> Vec<u16> {
+    let id = w.service_id(&svc.name).unwrap();
+    let (_, table) = w.dataplane().active_table(id).unwrap();
+    flows
+        .iter()
+        .map(|f| {
+            let p = packet::parse(&f.build()).unwrap();
+            let h = hash.hash(
+                &addr_words(p.src),
+                &addr_words(p.dst),
+                p.sport.to_be(),
+                p.dport.to_be(),
+                p.proto,
+            );
+            let slot = table[lb_common::maglev_slot(h, table.len() as u32) as usize];
+            backend_port(w, svc, slot.backend)
+        })
+        .collect()
+}
+
+/// Which hash the program runs: the configured one; else, on pins, the one
+/// their record names (a record of a release before the choice names
+/// none: murmur3); else fast. Every packet goes where that hash and the
+/// table say, and the two hashes disagree for most flows, so the check
+/// tells them apart.
+#[test]
+fn the_program_hashes_flows_by_the_chosen_function() {
+    let svc = five_backends();
+    let flows = client_flows(500);
+    let expect = |w: &MapWriter, hash: FlowHash, what: &str| {
+        assert_eq!(w.dataplane().flow_hash(), hash, "{what}");
+        let want = ports_by_hash(w, &svc, &flows, hash);
+        let other = match hash {
+            FlowHash::Fast => FlowHash::Murmur3,
+            FlowHash::Murmur3 => FlowHash::Fast,
+        };
+        let differ = want
+            .iter()
+            .zip(ports_by_hash(w, &svc, &flows, other))
+            .filter(|(a, b)| **a != *b)
+            .count();
+        assert!(
+            differ > 300,
+            "{what}: the hashes differ for {differ} of 500 flows"
+        );
+        assert_eq!(send(w.dataplane(), &flows, TCP_SYN), want, "{what}: SYNs");
+        assert_eq!(
+            send(w.dataplane(), &flows, TCP_ACK),
+            want,
+            "{what}: established"
+        );
+    };
+    // No pins, nothing configured: fast. Configured: that one.
+    let w = writer(std::slice::from_ref(&svc));
+    expect(&w, FlowHash::Fast, "default");
+    for hash in [FlowHash::Murmur3, FlowHash::Fast] {
+        let opts = Options {
+            flow_hash: Some(hash),
+            ..options()
+        };
+        let mut w = MapWriter::new(Dataplane::load(opts).unwrap());
+        w.apply(std::slice::from_ref(&svc)).unwrap();
+        expect(&w, hash, "configured");
+    }
+
+    // On pins: a data plane new to the host gets fast and records it; a
+    // restart that configures nothing keeps it.
+    let (_bpf, dir, opts) = pinned_options("flowhash");
+    let record = dir.path("record.json");
+    {
+        let mut w = MapWriter::new(Dataplane::load(opts.clone()).unwrap());
+        w.apply(std::slice::from_ref(&svc)).unwrap();
+        expect(&w, FlowHash::Fast, "fresh pins");
+        w.dataplane_mut().shutdown(true);
+    }
+    let text = std::fs::read_to_string(&record).unwrap();
+    assert!(text.contains("\"flow_hash\": \"fast\""), "{text}");
+    {
+        let mut w = MapWriter::new(Dataplane::load(opts.clone()).unwrap());
+        w.apply(std::slice::from_ref(&svc)).unwrap();
+        expect(&w, FlowHash::Fast, "adopted, recorded fast");
+        w.dataplane_mut().shutdown(true);
+    }
+    // A record written by a release before the choice (no flow_hash): the
+    // data plane it left ran murmur3, and keeps it, adopted or not.
+    let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
+    old.as_object_mut().unwrap().remove("flow_hash");
+    std::fs::write(&record, serde_json::to_vec(&old).unwrap()).unwrap();
+    {
+        let mut w = MapWriter::new(Dataplane::load(opts.clone()).unwrap());
+        w.apply(std::slice::from_ref(&svc)).unwrap();
+        expect(&w, FlowHash::Murmur3, "record of an earlier release");
+        w.dataplane_mut().shutdown(true);
+    }
+    let text = std::fs::read_to_string(&record).unwrap();
+    assert!(text.contains("\"flow_hash\": \"murmur3\""), "{text}");
+    // Told otherwise, the daemon switches (and says flows move) and records it.
+    {
+        let told = Options {
+            flow_hash: Some(FlowHash::Fast),
+            ..opts.clone()
+        };
+        let mut w = MapWriter::new(Dataplane::load(told).unwrap());
+        w.apply(std::slice::from_ref(&svc)).unwrap();
+        expect(&w, FlowHash::Fast, "configured over the record");
+        // Detached: pins and record are gone, the next start is new.
+        w.dataplane_mut().shutdown(false);
+    }
+    assert!(!record.exists());
 }

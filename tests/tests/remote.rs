@@ -1172,7 +1172,7 @@ fn nat_delivers_fragmented_udp_datagrams_whole_v4_and_v6() {
         } else {
             (&services[1], "[fd00:203::10]:443".parse().unwrap())
         };
-        let h = lb_common::flow_hash(
+        let h = dp.flow_hash().hash(
             &lb_userspace::dataplane::addr_words(local.ip()),
             &lb_userspace::dataplane::addr_words(vip.ip()),
             local.port().to_be(),

@@ -93,6 +93,14 @@ fn validate(path: &Path, raw: &RawFile) -> Result<Config, FieldError> {
         opts.flow_insert_rate =
             int_in(&key(&dp_path, "flow_insert_rate"), v, 0, 100_000_000)? as u32;
     }
+    if let Some(name) = &dp.flow_hash {
+        opts.flow_hash = Some(lb_common::FlowHash::from_name(name).ok_or_else(|| {
+            FieldError::new(
+                &key(&dp_path, "flow_hash"),
+                format!("{name:?} is not a flow hash: \"fast\" or \"murmur3\""),
+            )
+        })?);
+    }
     if let Some(v) = dp.maglev_table_size {
         let m = int_in(
             &key(&dp_path, "maglev_table_size"),

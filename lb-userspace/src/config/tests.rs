@@ -1064,3 +1064,29 @@ fn pin_sync_defaults_and_errors() {
         assert!(e.contains(":7:"), "{line}: error placed on its line: {e}");
     }
 }
+
+#[test]
+fn the_flow_hash_is_named_or_left_to_the_data_plane() {
+    let c = Config::parse(Path::new("lb.toml"), GOOD).unwrap();
+    assert_eq!(c.dataplane.flow_hash, None, "unset: chosen at load");
+    for (name, want) in [
+        ("fast", lb_common::FlowHash::Fast),
+        ("murmur3", lb_common::FlowHash::Murmur3),
+    ] {
+        let text = GOOD.replace(
+            "flow_table_size = 1048576",
+            &format!("flow_table_size = 1048576\nflow_hash = \"{name}\""),
+        );
+        let c = Config::parse(Path::new("lb.toml"), &text).unwrap();
+        assert_eq!(c.dataplane.flow_hash, Some(want));
+    }
+    let e = err(&GOOD.replace(
+        "flow_table_size = 1048576",
+        "flow_table_size = 1048576\nflow_hash = \"jhash\"",
+    ));
+    let message = e.to_string();
+    assert!(
+        message.contains("dataplane.flow_hash") && message.contains("\"fast\" or \"murmur3\""),
+        "{message}"
+    );
+}

@@ -95,6 +95,8 @@ pub struct RawDataplane {
     pub maglev_table_size: Option<i64>,
     pub max_services: Option<i64>,
     pub pin_path: Option<String>,
+    /// `fast` or `murmur3` (see `lb_common::FlowHash`).
+    pub flow_hash: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -275,6 +275,12 @@ impl Daemon {
             .cluster
             .as_ref()
             .is_some_and(|c| c.pin_sync.is_some());
+        // Nodes of a cluster must hash alike (a flow ECMP moves keeps its
+        // backend only then): unless told, a node runs the hash of every
+        // release before the choice, as a node that started with one does.
+        if config.cluster.is_some() && opts.flow_hash.is_none() {
+            opts.flow_hash = Some(lb_common::FlowHash::Murmur3);
+        }
         let all_local = services.iter().all(|s| s.forwarding == Forwarding::Local);
         let (mode, why) = config.xdp_mode.resolve(&iface, all_local);
         info!(interface = %iface, mode = mode.name(), "attach mode: {why}");

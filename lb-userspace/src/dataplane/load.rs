@@ -7,7 +7,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapError},
 };
-use lb_common::{TABLES_PER_SERVICE, maps, programs};
+use lb_common::{FlowHash, TABLES_PER_SERVICE, maps, programs};
 use tracing::{info, warn};
 
 use super::{Dataplane, DataplaneError, Options, Result, map_err, tables::map_tables};
@@ -51,6 +51,7 @@ impl Dataplane {
             .override_global("PIN_REPORT", &pin_report, true)
             // Absent while the programs have no log calls.
             .override_global(aya_log::LEVEL, &log_level, false);
+        let mut flow_hash = opts.flow_hash.unwrap_or(FlowHash::Fast);
         let mut adopted = false;
         let mut record = None;
         let mut linked_interface = None;
@@ -66,6 +67,7 @@ impl Dataplane {
             pins::ensure_bpffs(pin).map_err(pin_err)?;
             let wanted = Self::layout_for(&opts, None);
             let found = opts.record_path.as_deref().and_then(pins::read_record);
+            flow_hash = Self::choose_flow_hash(opts.flow_hash, found.as_ref());
             let pinned = pins::maps_pinned(pin);
             // Some of the maps but not all: pinned by a build with other
             // maps, whatever its record says.
@@ -104,6 +106,8 @@ impl Dataplane {
                 loader.map_pin_path(name, path.as_path());
             }
         }
+        let hash_word = flow_hash as u32;
+        loader.override_global("FLOW_HASH", &hash_word, true);
         let mut ebpf = loader.load(object)?;
         for name in [
             programs::XDP,
@@ -156,10 +160,15 @@ impl Dataplane {
             adopted,
             linked_interface,
             attach_mode: None,
-            record: record.unwrap_or_else(|| pins::Record {
-                layout: Self::layout_for(&opts_copy, None),
-                ids: pins::Ids::default(),
-            }),
+            record: pins::Record {
+                flow_hash: Some(flow_hash.name().to_string()),
+                ..record.unwrap_or_else(|| pins::Record {
+                    layout: Self::layout_for(&opts_copy, None),
+                    ids: pins::Ids::default(),
+                    flow_hash: None,
+                })
+            },
+            flow_hash,
         };
         // New maps are empty, the array and the hash map alike.
         if dp.adopted {
@@ -167,6 +176,45 @@ impl Dataplane {
         }
         dp.write_record()?;
         Ok(dp)
+    }
+
+    /// The flow hash to load with: the configured one, else the one the
+    /// record names (every flow in a clean slot keeps its backend only while
+    /// the hash stays), else `Fast` for a data plane new to this host.
+    fn choose_flow_hash(configured: Option<FlowHash>, found: Option<&pins::Record>) -> FlowHash {
+        let recorded = found.map(|r| (r.flow_hash(), r.flow_hash.as_deref()));
+        match (configured, recorded) {
+            (Some(h), Some((Some(r), _))) if h != r => {
+                warn!(
+                    from = r.name(),
+                    to = h.name(),
+                    "dataplane.flow_hash differs from the hash the data plane ran with: \
+                     established flows in most Maglev slots move to other backends"
+                );
+                h
+            }
+            (Some(h), _) => h,
+            (None, Some((Some(r), _))) => {
+                info!(
+                    flow_hash = r.name(),
+                    "keeping the flow hash the data plane ran with"
+                );
+                r
+            }
+            (None, Some((None, name))) => {
+                warn!(
+                    recorded = name.unwrap_or_default(),
+                    "the record names a flow hash this release does not know; using fast"
+                );
+                FlowHash::Fast
+            }
+            (None, None) => FlowHash::Fast,
+        }
+    }
+
+    /// The flow hash the loaded programs run.
+    pub fn flow_hash(&self) -> FlowHash {
+        self.flow_hash
     }
 
     /// Saves the layout and ids record (with pinning only).

@@ -27,8 +27,8 @@ use aya::{
     programs::{ProgramError, links::FdLink},
 };
 use lb_common::{
-    AddrKey, BackendEntry, Counters, FlowKey, FlowValue, FragKey, FragValue, MAX_SERVICES, NextHop,
-    PortEntry, RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE,
+    AddrKey, BackendEntry, Counters, FlowHash, FlowKey, FlowValue, FragKey, FragValue,
+    MAX_SERVICES, NextHop, PortEntry, RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE,
 };
 use thiserror::Error;
 
@@ -96,6 +96,10 @@ pub struct Options {
     /// Flow-table inserts allowed per CPU per second (0: no cap). Flows
     /// over the cap are forwarded unpinned and counted (`pin_refused`).
     pub flow_insert_rate: u32,
+    /// The flow hash (`dataplane.flow_hash`). `None`: the one recorded
+    /// beside the pins (a data plane already running keeps its hash), else
+    /// `FlowHash::Fast`.
+    pub flow_hash: Option<FlowHash>,
     /// The program reports each new pin in a changed slot to `LB_PIN_RING`
     /// (cluster pin sharing); off, it costs nothing.
     pub pin_report: bool,
@@ -116,6 +120,7 @@ impl Default for Options {
             max_services: 8,
             flow_table_size: lb_common::DEFAULT_FLOW_TABLE_SIZE,
             flow_insert_rate: lb_common::DEFAULT_FLOW_INSERT_RATE,
+            flow_hash: None,
             pin_report: false,
             pin_path: None,
             record_path: None,
@@ -190,6 +195,8 @@ pub struct Dataplane {
     linked_interface: Option<String>,
     /// How ingress is attached (`auto` resolved), once attached.
     attach_mode: Option<AttachMode>,
+    /// The flow hash the loaded programs run (`Options::flow_hash` resolved).
+    flow_hash: FlowHash,
 }
 
 impl Dataplane {

@@ -33,6 +33,10 @@ impl MapStore for Dataplane {
         &self.opts
     }
 
+    fn flow_hash(&self) -> lb_common::FlowHash {
+        Dataplane::flow_hash(self)
+    }
+
     fn adopted(&self) -> bool {
         self.adopted
     }

@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
 };
 
-use lb_common::{FlowKey, FlowValue, MaglevSlot, flow_hash, maglev_slot, maps};
+use lb_common::{FlowKey, FlowValue, MaglevSlot, maglev_slot, maps};
 
 use super::{Dataplane, MapWriter, Result, words_addr};
 use crate::{dataplane::map_err, mapstore::MapStore};
@@ -69,7 +69,10 @@ impl<S: MapStore> MapWriter<S> {
         if !entry.keeps_flows() {
             return Err(PinRefusal::NotLive);
         }
-        let h = flow_hash(&key.src, &key.dst, key.sport, key.dport, key.proto);
+        let h = self
+            .store()
+            .flow_hash()
+            .hash(&key.src, &key.dst, key.sport, key.dport, key.proto);
         Ok(FlowValue {
             backend: id,
             service: inst.id,
