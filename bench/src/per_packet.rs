@@ -179,12 +179,23 @@ fn writer(n: usize, flow_table: u32) -> MapWriter {
 
 /// [`writer`], the program loaded with or without pin reports.
 fn writer_reporting(n: usize, flow_table: u32, pin_report: bool) -> MapWriter {
+    writer_with(n, flow_table, pin_report, None)
+}
+
+/// [`writer_reporting`], with a flow hash (`None`: as a new data plane).
+fn writer_with(
+    n: usize,
+    flow_table: u32,
+    pin_report: bool,
+    flow_hash: Option<lb_common::FlowHash>,
+) -> MapWriter {
     let dp = Dataplane::load(Options {
         max_services: 2,
         flow_table_size: flow_table,
         // The bench fills the table through the program as fast as it can.
         flow_insert_rate: 0,
         pin_report,
+        flow_hash,
         ..Options::default()
     })
     .expect("load the data plane");
@@ -745,6 +756,29 @@ pub fn run(scale: &Scale, report: &mut Report) {
             }
         }
     }
+    // The same clean-slot packets hashed by murmur3, the hash of data
+    // planes that started before the fast one.
+    {
+        let m = writer_with(3, scale.flow_table, false, Some(lb_common::FlowHash::Murmur3));
+        for (fam, kind) in [
+            (Fam::V4, Kind::Syn),
+            (Fam::V4, Kind::Est),
+            (Fam::V4, Kind::Udp),
+            (Fam::V6, Kind::Est),
+        ] {
+            let f = frame(fam, kind, Size::Small, 40000);
+            let label = format!("{} {}, murmur3 flow hash", fam.name(), kind.label());
+            let ns = b.lb(&m, &f, Expect::of(kind, kind == Kind::Syn), &label);
+            rows.push(Row {
+                case: Case::new(fam, Traffic::Kind(kind), f.len(), 3, Slot::CleanMurmur3),
+                label,
+                ns,
+                baseline_ns: baseline_of(fam, Size::Small),
+                method: Method::Repeat,
+                runs: scale.repeat as u64 * scale.rounds as u64,
+            });
+        }
+    }
     quic_rows(&b, &mut w, baseline_of(Fam::V4, Size::Small), &mut rows);
     // Fragments of a UDP datagram: the first records its pick in LB_FRAGS
     // (an LRU update on every run), a later one finds it there (an LRU
@@ -1087,6 +1121,11 @@ pub fn run(scale: &Scale, report: &mut Report) {
         "clean slot: a Maglev slot that never changed, where the program does no flow-table \
          work; sticky slot: a slot whose backend changed (a 4th backend joined), where the LRU \
          flow table decides",
+    );
+    t.note(
+        "flow hash: every row but the \"murmur3 flow hash\" ones runs the fast hash, which a \
+         data plane new to its host gets; murmur3 is the hash of data planes and clusters that \
+         started before it (dataplane.flow_hash)",
     );
     t.note(
         "\"inserts a flow\" cannot repeat on one buffer: it runs once per distinct frame \

@@ -63,6 +63,9 @@ impl fmt::Display for Traffic {
 pub enum Slot {
     /// A slot that never changed: no flow-table work.
     Clean,
+    /// The same on a program loaded with the murmur3 flow hash (data
+    /// planes and clusters that started before the fast hash).
+    CleanMurmur3,
     /// A slot whose backend changed, the flow pinned in the flow table.
     StickyPinned,
     /// A slot whose backend changed, every run inserting a flow.
@@ -92,6 +95,7 @@ impl fmt::Display for Slot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Slot::Clean => "clean_slot",
+            Slot::CleanMurmur3 => "clean_slot_murmur3",
             Slot::StickyPinned => "sticky_slot_pinned",
             Slot::StickyInsert => "sticky_slot_insert",
             Slot::StickyInsertReportOff => "sticky_slot_insert_report_off",
