@@ -759,7 +759,12 @@ pub fn run(scale: &Scale, report: &mut Report) {
     // The same clean-slot packets hashed by murmur3, the hash of data
     // planes that started before the fast one.
     {
-        let m = writer_with(3, scale.flow_table, false, Some(lb_common::FlowHash::Murmur3));
+        let m = writer_with(
+            3,
+            scale.flow_table,
+            false,
+            Some(lb_common::FlowHash::Murmur3),
+        );
         for (fam, kind) in [
             (Fam::V4, Kind::Syn),
             (Fam::V4, Kind::Est),

@@ -366,6 +366,9 @@ pub fn status(client: &Client, out: &Output) -> Result<()> {
                     "XDP (native if the driver supports it)",
             }
         );
+        if !st.flow_hash.is_empty() {
+            println!("flow hash: {}", st.flow_hash);
+        }
         let l = st.limits;
         println!(
             "limits: {} services, {} backends a service, {} backends in all",

@@ -120,6 +120,8 @@ fn nodes_share_services_through_etcd() {
         assert_eq!(st["node"], format!("node{i}"));
         assert_eq!(st["name"], "test");
         assert!(st["revision"].as_i64().unwrap() > 0, "{st}");
+        // Nodes not told otherwise hash like every release before the choice.
+        assert_eq!(lb(i).get("/api/v1/status").1["flow_hash"], "murmur3");
     }
     let out = lb(1).cli(&["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -127,6 +129,7 @@ fn nodes_share_services_through_etcd() {
         text.contains("cluster test as node node1: etcd connected"),
         "{text}"
     );
+    assert!(text.contains("flow hash: murmur3"), "{text}");
 
     // (3) A backend added on node 0 is in the tables of nodes 1 and 2.
     let sent = Instant::now();

@@ -375,6 +375,8 @@ fn auto_picks_tc_on_a_veth_and_restarts_switch_modes() {
         lb.log()
     );
     assert_eq!(lb.get("/api/v1/status").1["attach_mode"], "tc");
+    // A data plane new to the host: the fast hash, kept by every restart.
+    assert_eq!(lb.get("/api/v1/status").1["flow_hash"], "fast");
     assert_eq!(ingress(&s), (false, true, false), "auto: TC only");
     one_exchange(&s).expect("a connection through TC ingress");
 
@@ -390,6 +392,7 @@ fn auto_picks_tc_on_a_veth_and_restarts_switch_modes() {
         assert!(lb.stop().success(), "{}", lb.log());
         lb = Lb::start(&s.lb_ns, &s.config_in(mode, 65536), API, &[]);
         assert_eq!(lb.get("/api/v1/status").1["attach_mode"], mode);
+        assert_eq!(lb.get("/api/v1/status").1["flow_hash"], "fast");
         assert_eq!(
             ingress(&s),
             want,

@@ -198,6 +198,8 @@ struct Shared {
     config: Config,
     /// How ingress is attached: `xdp_mode` with `auto` resolved.
     attach_mode: crate::dataplane::AttachMode,
+    /// The flow hash the loaded programs run (`dataplane.flow_hash` resolved).
+    flow_hash: lb_common::FlowHash,
     state_file: PathBuf,
     /// The pin directory's lock, held for the daemon's life.
     _lock: Option<std::fs::File>,

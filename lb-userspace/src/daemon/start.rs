@@ -350,6 +350,8 @@ impl Daemon {
         let (tx, rx) = mpsc::unbounded_channel();
         let (requests, request_rx) = mpsc::unbounded_channel();
         let (stop, _) = tokio::sync::watch::channel(false);
+        let flow_hash = p.writer.dataplane().flow_hash();
+        info!(flow_hash = flow_hash.name(), "flow hash");
         let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
             let weak = weak.clone();
             let hook: health::ResultHook = Arc::new(move |svc, backend, result| {
@@ -360,6 +362,7 @@ impl Daemon {
             Shared {
                 config: config.clone(),
                 attach_mode: p.mode,
+                flow_hash,
                 state_file: config.admin.state_file.clone(),
                 _lock: p.lock,
                 private_pins: p.private_pins,

@@ -26,6 +26,10 @@ pub struct StatusView {
     /// How ingress is attached: `tc`, or the XDP mode (`auto`: native if
     /// the driver supports it, generic otherwise).
     pub attach_mode: crate::dataplane::AttachMode,
+    /// The flow hash the programs run: `fast` or `murmur3`
+    /// (`dataplane.flow_hash`, or kept from the running data plane).
+    #[serde(default)]
+    pub flow_hash: String,
     /// `[cluster]`: etcd reachable or not, the revision applied, the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::cluster::ClusterView>,
@@ -157,6 +161,7 @@ impl Daemon {
             last_reload_error: inner.last_reload_error.clone(),
             limits: inner.limits,
             attach_mode: self.shared.attach_mode,
+            flow_hash: self.shared.flow_hash.name().to_string(),
             cluster: self.shared.cluster.as_ref().map(|c| c.view(&inner.health)),
             pin_sync: self.shared.pin_sync.as_ref().map(|s| s.view()),
         }
