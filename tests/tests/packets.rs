@@ -1589,48 +1589,45 @@ fn the_program_hashes_flows_by_the_chosen_function() {
         expect(&w, hash, "configured");
     }
 
-    // On pins: a data plane new to the host gets fast and records it; a
-    // restart that configures nothing keeps it.
-    let (_bpf, dir, opts) = pinned_options("flowhash");
+    // On pins. Each daemon loads, installs the service, checks the hash
+    // and ends, leaving the data plane (or, `keep` false, detaching it).
+    let (bpf, dir, opts) = pinned_options("flowhash");
     let record = dir.path("record.json");
-    {
+    let daemon = |opts: &Options, hash: FlowHash, what: &str, keep: bool| {
         let mut w = MapWriter::new(Dataplane::load(opts.clone()).unwrap());
         w.apply(std::slice::from_ref(&svc)).unwrap();
-        expect(&w, FlowHash::Fast, "fresh pins");
-        w.dataplane_mut().shutdown(true);
-    }
+        expect(&w, hash, what);
+        w.dataplane_mut().shutdown(keep);
+    };
+    // A data plane new to the host gets fast and records it; a restart that
+    // configures nothing keeps it.
+    daemon(&opts, FlowHash::Fast, "fresh pins", true);
     let text = std::fs::read_to_string(&record).unwrap();
     assert!(text.contains("\"flow_hash\": \"fast\""), "{text}");
-    {
-        let mut w = MapWriter::new(Dataplane::load(opts.clone()).unwrap());
-        w.apply(std::slice::from_ref(&svc)).unwrap();
-        expect(&w, FlowHash::Fast, "adopted, recorded fast");
-        w.dataplane_mut().shutdown(true);
-    }
+    daemon(&opts, FlowHash::Fast, "adopted, recorded fast", true);
     // A record written by a release before the choice (no flow_hash): the
-    // data plane it left ran murmur3, and keeps it, adopted or not.
+    // data plane it left ran murmur3, and keeps it.
     let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
     old.as_object_mut().unwrap().remove("flow_hash");
     std::fs::write(&record, serde_json::to_vec(&old).unwrap()).unwrap();
-    {
-        let mut w = MapWriter::new(Dataplane::load(opts.clone()).unwrap());
-        w.apply(std::slice::from_ref(&svc)).unwrap();
-        expect(&w, FlowHash::Murmur3, "record of an earlier release");
-        w.dataplane_mut().shutdown(true);
-    }
+    daemon(
+        &opts,
+        FlowHash::Murmur3,
+        "record of an earlier release",
+        true,
+    );
     let text = std::fs::read_to_string(&record).unwrap();
     assert!(text.contains("\"flow_hash\": \"murmur3\""), "{text}");
-    // Told otherwise, the daemon switches (and says flows move) and records it.
-    {
-        let told = Options {
-            flow_hash: Some(FlowHash::Fast),
-            ..opts.clone()
-        };
-        let mut w = MapWriter::new(Dataplane::load(told).unwrap());
-        w.apply(std::slice::from_ref(&svc)).unwrap();
-        expect(&w, FlowHash::Fast, "configured over the record");
-        // Detached: pins and record are gone, the next start is new.
-        w.dataplane_mut().shutdown(false);
-    }
+    // After a reboot the pins are gone and the record (a regular file) is
+    // not: the next data plane hashes as the one before it.
+    std::fs::remove_dir_all(bpf.0.join("lb")).unwrap();
+    daemon(&opts, FlowHash::Murmur3, "after a reboot", true);
+    // Told otherwise, the daemon switches (and warns that flows move) and
+    // records it; detached, pins and record are gone.
+    let told = Options {
+        flow_hash: Some(FlowHash::Fast),
+        ..opts.clone()
+    };
+    daemon(&told, FlowHash::Fast, "configured over the record", false);
     assert!(!record.exists());
 }
