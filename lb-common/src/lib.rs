@@ -699,11 +699,13 @@ pub enum FlowHash {
     /// `Fast`, kept for data planes and clusters that started with it.
     Murmur3 = 0,
     /// Independent products of the words, summed and mixed once: the same
-    /// spread in about a quarter of the time (no serial chain).
+    /// spread without a serial chain.
     Fast = 1,
 }
 
 impl FlowHash {
+    const ALL: [FlowHash; 2] = [FlowHash::Murmur3, FlowHash::Fast];
+
     /// The name the config and the status use.
     pub const fn name(self) -> &'static str {
         match self {
@@ -713,11 +715,7 @@ impl FlowHash {
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "murmur3" => Some(FlowHash::Murmur3),
-            "fast" => Some(FlowHash::Fast),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|h| h.name() == name)
     }
 
     /// The hash of a 5-tuple; addresses and ports in packet byte order.

@@ -116,15 +116,27 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 /// The active table's slot for a flow (addresses and ports as the client
-/// sends them).
+/// sends them), by the hash the program runs.
 pub fn slot_of(
+    w: &MapWriter,
+    svc: &ServiceSpec,
+    addrs: (IpAddr, IpAddr),
+    ports: (u16, u16),
+    proto: u8,
+) -> MaglevSlot {
+    slot_by(w.dataplane().flow_hash(), w, svc, addrs, ports, proto)
+}
+
+/// [`slot_of`] by `hash`, whichever the program runs.
+pub fn slot_by(
+    hash: lb_common::FlowHash,
     w: &MapWriter,
     svc: &ServiceSpec,
     (src, dst): (IpAddr, IpAddr),
     (sport, dport): (u16, u16),
     proto: u8,
 ) -> MaglevSlot {
-    let h = w.dataplane().flow_hash().hash(
+    let h = hash.hash(
         &addr_words(src),
         &addr_words(dst),
         sport.to_be(),

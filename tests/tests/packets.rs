@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use lb_common::{FlowHash, REASON_NAMES, Reason};
 use lb_tests::fixtures::{
     age_table, backend_port, client_flows, five_backends, hex, options, restamp_table, service,
-    slot_of, writer,
+    slot_by, slot_of, writer,
 };
 use lb_tests::packet::{self, Spec, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN};
 use lb_userspace::dataplane::{
-    AdminState, BackendSpec, Dataplane, MapWriter, Options, ServiceSpec, addr_words,
+    AdminState, BackendSpec, Dataplane, MapWriter, Options, ServiceSpec,
 };
 
 const XDP_PASS: u32 = 2;
@@ -1525,20 +1525,11 @@ fn when_every_backend_fails_the_last_ones_keep_their_flows() {
 
 /// The backend port each of `flows` goes to by `hash` over the active table.
 fn ports_by_hash(w: &MapWriter, svc: &ServiceSpec, flows: &[Spec], hash: FlowHash) -> Vec<u16> {
-    let id = w.service_id(&svc.name).unwrap();
-    let (_, table) = w.dataplane().active_table(id).unwrap();
     flows
         .iter()
         .map(|f| {
             let p = packet::parse(&f.build()).unwrap();
-            let h = hash.hash(
-                &addr_words(p.src),
-                &addr_words(p.dst),
-                p.sport.to_be(),
-                p.dport.to_be(),
-                p.proto,
-            );
-            let slot = table[lb_common::maglev_slot(h, table.len() as u32) as usize];
+            let slot = slot_by(hash, w, svc, (p.src, p.dst), (p.sport, p.dport), p.proto);
             backend_port(w, svc, slot.backend)
         })
         .collect()

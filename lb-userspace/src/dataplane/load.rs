@@ -181,10 +181,11 @@ impl Dataplane {
     /// The flow hash to load with: the configured one, else the one the
     /// record names (every flow in a clean slot keeps its backend only while
     /// the hash stays), else `Fast` for a data plane new to this host.
+    /// The daemon logs the choice at start.
     fn choose_flow_hash(configured: Option<FlowHash>, found: Option<&pins::Record>) -> FlowHash {
-        let recorded = found.map(|r| (r.flow_hash(), r.flow_hash.as_deref()));
+        let recorded = found.map(pins::Record::flow_hash);
         match (configured, recorded) {
-            (Some(h), Some((Some(r), _))) if h != r => {
+            (Some(h), Some(Some(r))) if h != r => {
                 warn!(
                     from = r.name(),
                     to = h.name(),
@@ -194,16 +195,10 @@ impl Dataplane {
                 h
             }
             (Some(h), _) => h,
-            (None, Some((Some(r), _))) => {
-                info!(
-                    flow_hash = r.name(),
-                    "keeping the flow hash the data plane ran with"
-                );
-                r
-            }
-            (None, Some((None, name))) => {
+            (None, Some(Some(r))) => r,
+            (None, Some(None)) => {
                 warn!(
-                    recorded = name.unwrap_or_default(),
+                    recorded = ?found.and_then(|r| r.flow_hash.as_deref()),
                     "the record names a flow hash this release does not know; using fast"
                 );
                 FlowHash::Fast
