@@ -22,6 +22,8 @@ const REQUIRED: &[&str] = &[
     "per_packet/ipv4/tcp_established/64B/4_backends/sticky_slot_pinned/full_table/ns",
     "per_packet/ipv4/udp/64B/4_backends/sticky_slot_pinned/empty_table/ns",
     "per_packet/ipv4/tcp_syn/64B/4_backends/sticky_slot_insert/full_table/ns",
+    "per_packet/ipv4/tcp_established/64B/3_backends/dsr/empty_table/ns",
+    "per_packet/ipv4/tcp_established/64B/3_backends/nat/empty_table/ns",
     "per_packet/ipv4/quic_short_plaintext/64B/3_backends/clean_slot/empty_table/ns",
     "per_packet/ipv4/quic_short_encrypted_4pass/64B/3_backends/clean_slot/empty_table/x_baseline",
     "per_packet/repeat1_overhead/ns",
