@@ -6,26 +6,26 @@
 //! - `LB_ADDR_SLOTS`: an array, only for ports that have address-specific
 //!   services; `LB_ADDR_SVCS` (hash) only for a slot several of them share.
 //! - `LB_UDP_SEEN`: an array, read for UDP packets to count new flows.
-//! - `LB_FLOWS` (LRU): only in "sticky" slots, whose backend changed; flows in
-//!   slots that never changed cannot be pinned anywhere else, so a SYN or an
-//!   established packet in a clean slot costs no helper call at all.
+//! - `LB_FLOWS4` / `LB_FLOWS` (LRU, IPv4 / IPv6): only in "sticky" slots,
+//!   whose backend changed; flows in slots that never changed cannot be
+//!   pinned anywhere else, so a SYN or an established packet in a clean slot
+//!   costs no helper call at all.
 //! - `LB_CLOCK` (per-CPU array): the second of the last clock read, for the
 //!   sticky path and the next-hop cache; the clock itself (a helper) is read
 //!   once a jiffy.
-use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use lb_common::{
     ADDR_SLOT_SHARED, Addr, AddrKey, BACKEND_ACTIVE, BACKEND_REWRITE_ADDR, BackendEntry, Event,
-    FlowKey, FlowValue, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP, PinReport,
-    PinReportStat, Reason, ServiceEntry, TABLES_PER_SERVICE, TCP_MISS_PREV_SECS, UDP_AFFINITY_SECS,
-    UDP_SEEN_BITS, addr_slot, maglev_index, maglev_slot, port_slot,
+    FlowKey, FlowKey4, FlowValue, MaglevSlot, NO_BACKEND, PORT_HAS_ADDR_SERVICES, PROTO_TCP,
+    PinReport, PinReportStat, Reason, ServiceEntry, TABLES_PER_SERVICE, TCP_MISS_PREV_SECS,
+    UDP_AFFINITY_SECS, UDP_SEEN_BITS, addr_slot, maglev_index, maglev_slot, port_slot,
 };
 
 use crate::{
     maps::{
-        self, LB_ADDR_SLOTS, LB_ADDR_SVCS, LB_BACKENDS, LB_CLOCK, LB_FLOOD, LB_FLOWS, LB_MAGLEV,
-        LB_PIN_RING, LB_PORTS, LB_SERVICES, LB_UDP_SEEN, flow_insert_rate, pin_report,
+        self, LB_ADDR_SLOTS, LB_ADDR_SVCS, LB_BACKENDS, LB_CLOCK, LB_FLOOD, LB_FLOWS, LB_FLOWS4,
+        LB_MAGLEV, LB_PIN_RING, LB_PORTS, LB_SERVICES, LB_UDP_SEEN, flow_insert_rate, pin_report,
     },
     parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN},
     stats,
@@ -194,24 +194,66 @@ fn udp_new(h: u32) -> bool {
     true
 }
 
-/// The flow table's key for a packet's 5-tuple. `proto` and its three pad
-/// bytes are written as one word ([`proto_word`]).
+/// The pin of the packet's flow, from the flow table of its family.
+#[inline(always)]
+fn pin_of(p: &Packet) -> Option<FlowValue> {
+    let v = if p.v6 {
+        LB_FLOWS.get_ptr(&flow_key(p))
+    } else {
+        LB_FLOWS4.get_ptr(&flow_key4(p))
+    }?;
+    Some(unsafe { *v })
+}
+
+/// Pins the packet's flow in the flow table of its family.
+#[inline(always)]
+fn pin_flow(p: &Packet, v: &FlowValue) -> bool {
+    if p.v6 {
+        LB_FLOWS.insert(&flow_key(p), v, 0).is_ok()
+    } else {
+        LB_FLOWS4.insert(&flow_key4(p), v, 0).is_ok()
+    }
+}
+
+/// The IPv6 flow table's key for a packet's 5-tuple (and the key pin
+/// reports carry for either family), built as whole words: see
+/// [`flow_key4`].
 #[inline(always)]
 fn flow_key(p: &Packet) -> FlowKey {
-    let mut k = MaybeUninit::<FlowKey>::uninit();
-    let k = k.as_mut_ptr();
-    // SAFETY: every byte of the key is written before it is read: the
-    // fields one by one, then `proto` with `_pad` (offset 36, 4-aligned).
-    unsafe {
-        (&raw mut (*k).src).write(p.src);
-        (&raw mut (*k).dst).write(p.dst);
-        (&raw mut (*k).sport).write(p.sport);
-        (&raw mut (*k).dport).write(p.dport);
-        (&raw mut (*k).proto)
-            .cast::<u32>()
-            .write(proto_word(p.proto));
-        k.read()
-    }
+    let words: [u32; 10] = [
+        p.src[0],
+        p.src[1],
+        p.src[2],
+        p.src[3],
+        p.dst[0],
+        p.dst[1],
+        p.dst[2],
+        p.dst[3],
+        ports_word(p),
+        proto_word(p.proto),
+    ];
+    // SAFETY: `FlowKey` is `repr(C)`, 40 bytes of integers with no padding
+    // (asserted in lb-common), and 4-aligned like `[u32; 10]`.
+    unsafe { core::mem::transmute::<[u32; 10], FlowKey>(words) }
+}
+
+/// The IPv4 flow table's key for a packet's 5-tuple. Built as whole words:
+/// the kernel hashes a key a word at a time, and a word read back over two
+/// 2-byte stores (the ports written field by field) stalls the load until
+/// the stores retire, about 10 ns a lookup.
+#[inline(always)]
+fn flow_key4(p: &Packet) -> FlowKey4 {
+    let words: [u32; 4] = [p.src[3], p.dst[3], ports_word(p), proto_word(p.proto)];
+    // SAFETY: `FlowKey4` is `repr(C)`, 16 bytes of integers with no padding
+    // (asserted in lb-common), and 4-aligned like `[u32; 4]`.
+    unsafe { core::mem::transmute::<[u32; 4], FlowKey4>(words) }
+}
+
+/// A key's `sport` and `dport` (packet byte order each) as the one
+/// little-endian word they form.
+#[inline(always)]
+fn ports_word(p: &Packet) -> u32 {
+    u32::from(p.sport) | u32::from(p.dport) << 16
 }
 
 /// A key's `proto` byte and the three zero pad bytes after it, as the one
@@ -307,13 +349,11 @@ fn sticky(
     new_flow: bool,
     pin: bool,
 ) -> Result<(u32, &'static BackendEntry), Reason> {
-    let key = flow_key(p);
     let tcp = p.proto == PROTO_TCP;
     // A pin written below replaces this one rather than adding an entry.
     let mut held = false;
-    if let Some(v) = LB_FLOWS.get_ptr(&key) {
+    if let Some(v) = pin_of(p) {
         held = true;
-        let v = unsafe { *v };
         match holder(v.backend, id, v.generation) {
             // A SYN on the 4-tuple of a pinned flow is a new connection
             // from a reused client port (or a retransmitted SYN, which
@@ -363,12 +403,12 @@ fn sticky(
                 slot,
                 generation: entry.generation,
             };
-            if LB_FLOWS.insert(&key, &v, 0).is_ok() {
+            if pin_flow(p, &v) {
                 if !held {
-                    stats::flow_added();
+                    stats::flow_added(p.v6);
                 }
                 if pin_report() {
-                    report(&key, entry, id);
+                    report(p, entry, id);
                 }
             }
             stats::event(Event::PinInserted);
@@ -383,11 +423,11 @@ fn sticky(
 /// cluster's other nodes), written in place in the ring: no stack copy.
 /// A full ring drops the report and counts it.
 #[inline(always)]
-fn report(key: &FlowKey, entry: &BackendEntry, service: u32) {
+fn report(p: &Packet, entry: &BackendEntry, service: u32) {
     match LB_PIN_RING.reserve::<PinReport>(0) {
         Some(mut slot) => {
             slot.write(PinReport {
-                key: *key,
+                key: flow_key(p),
                 backend_addr: entry.addr,
                 backend_port: entry.port,
                 _pad: 0,
@@ -440,9 +480,8 @@ pub fn answers(fwd: &Packet, port: u16, addr: &Addr) -> bool {
     if is(e.prev) {
         return true;
     }
-    let key = flow_key(fwd);
-    match LB_FLOWS.get_ptr(&key) {
-        Some(v) => is(unsafe { (*v).backend }),
+    match pin_of(fwd) {
+        Some(v) => is(v.backend),
         None => false,
     }
 }

@@ -2,7 +2,9 @@
 //! Array lookups are inlined by the verifier, so counting costs no helper
 //! call.
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
-use lb_common::{Counters, Event, FLOW_COUNT_ADDED, NextHopVia, PinReportStat, Reason};
+use lb_common::{
+    Counters, Event, FLOW_COUNT_ADDED, FLOW_COUNT_V4, NextHopVia, PinReportStat, Reason,
+};
 
 use crate::maps::{
     LB_ACT_STATS, LB_BE_STATS, LB_DROP_STATS, LB_EVENTS, LB_FLOW_COUNT, LB_NH_STATS, LB_PIN_STATS,
@@ -60,10 +62,11 @@ pub fn event(event: Event) {
     bump(LB_EVENTS.get_ptr_mut(event as u32));
 }
 
-/// A pin written under a key the flow table did not hold.
+/// A pin written under a key the flow table of its family did not hold.
 #[inline(always)]
-pub fn flow_added() {
-    bump(LB_FLOW_COUNT.get_ptr_mut(FLOW_COUNT_ADDED));
+pub fn flow_added(v6: bool) {
+    let family = if v6 { 0 } else { FLOW_COUNT_V4 };
+    bump(LB_FLOW_COUNT.get_ptr_mut(FLOW_COUNT_ADDED + family));
 }
 
 /// A pin report written, or dropped on a full ring.

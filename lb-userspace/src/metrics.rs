@@ -23,7 +23,8 @@ pub struct Snapshot {
     pub passed: [u64; lb_common::REASON_COUNT as usize],
     /// Packets dropped, by reason.
     pub dropped: [u64; lb_common::REASON_COUNT as usize],
-    pub flow_entries: u64,
+    /// Entries in each flow table, by address family ("ipv4", "ipv6").
+    pub flow_entries: Vec<(&'static str, u64)>,
     /// (service, failing open) per service.
     pub fail_open: Vec<(String, bool)>,
     /// (service, announced over BGP) per service; empty without `[bgp]`.
@@ -35,7 +36,7 @@ pub struct Snapshot {
     pub table_matches_cluster: Vec<(String, bool)>,
     /// Whether the interface the data plane is attached to still exists.
     pub dataplane_attached: Option<bool>,
-    /// Entries the flow table holds at most (`flow_table_size`).
+    /// Entries each family's flow table holds at most (`flow_table_size`).
     pub flow_capacity: u64,
     /// Pieces of work waiting for the reconcile loop.
     pub reconcile_pending: u64,
@@ -63,7 +64,7 @@ pub struct Metrics {
     backend_up: IntGaugeVec,
     backend_weight: IntGaugeVec,
     health_checks: IntCounterVec,
-    flow_entries: IntGauge,
+    flow_entries: IntGaugeVec,
     rebuild: Histogram,
     fail_open: IntGaugeVec,
     announced: IntGaugeVec,
@@ -76,7 +77,7 @@ pub struct Metrics {
     health_batches: IntCounter,
     api_changes: IntCounterVec,
     api_refused: IntCounterVec,
-    flow_capacity: IntGauge,
+    flow_capacity: IntGaugeVec,
     reconcile_pending: IntGauge,
     reconcile_stalled: Gauge,
     quic_packets: IntCounterVec,
@@ -156,7 +157,12 @@ impl Metrics {
             "lb_dataplane_attached",
             "1 while the interface the data plane is attached to exists",
         );
-        let flow_entries = gauge(&r, "lb_flow_table_entries", "Entries in the LRU flow table");
+        let flow_entries = gauge_vec(
+            &r,
+            "lb_flow_table_entries",
+            "Entries in the LRU flow table of each address family",
+            &["family"],
+        );
         let verdict_to_install = histogram(
             &r,
             "lb_health_verdict_to_install_seconds",
@@ -307,10 +313,12 @@ impl Metrics {
                  bad_token, read_scope, tcp_read_only, rate_limited, host, peer)",
                 &["reason"],
             ),
-            flow_capacity: gauge(
+            flow_capacity: gauge_vec(
                 &r,
                 "lb_flow_table_capacity",
-                "Entries the LRU flow table holds at most (flow_table_size)",
+                "Entries the LRU flow table of each address family holds at most \
+                 (flow_table_size)",
+                &["family"],
             ),
             reconcile_pending: gauge(
                 &r,
@@ -437,8 +445,16 @@ impl Metrics {
                 );
             }
         }
-        self.flow_entries.set(snap.flow_entries as i64);
-        self.flow_capacity.set(snap.flow_capacity as i64);
+        for (family, n) in &snap.flow_entries {
+            self.flow_entries
+                .with_label_values(&[*family])
+                .set(*n as i64);
+        }
+        for family in crate::dataplane::Family::ALL {
+            self.flow_capacity
+                .with_label_values(&[family.name()])
+                .set(snap.flow_capacity as i64);
+        }
         self.reconcile_pending.set(snap.reconcile_pending as i64);
         self.reconcile_stalled.set(snap.reconcile_stalled_seconds);
         if let Some(up) = snap.dataplane_attached {
@@ -517,7 +533,7 @@ mod tests {
                 },
             )],
             backend_state: vec![("web".into(), "127.0.0.1:8001".into(), 100, true)],
-            flow_entries: 3,
+            flow_entries: vec![("ipv4", 3), ("ipv6", 1)],
             ..Default::default()
         };
         snap.actions[2] = 12;
@@ -538,7 +554,8 @@ mod tests {
             "lb_backend_up{backend=\"127.0.0.1:8001\",service=\"web\"} 1",
             "lb_backend_weight{backend=\"127.0.0.1:8001\",service=\"web\"} 100",
             "lb_health_checks_total{backend=\"127.0.0.1:8001\",result=\"success\",service=\"web\"} 1",
-            "lb_flow_table_entries 3",
+            "lb_flow_table_entries{family=\"ipv4\"} 3",
+            "lb_flow_table_entries{family=\"ipv6\"} 1",
             "lb_flow_events_total{event=\"pin_refused\"} 4",
             "lb_next_hop_lookups_total{via=\"cache\"} 7",
             "lb_next_hop_lookups_total{via=\"fib\"} 0",
@@ -565,7 +582,8 @@ mod tests {
             ..Default::default()
         });
         for line in [
-            "lb_flow_table_capacity 65536",
+            "lb_flow_table_capacity{family=\"ipv4\"} 65536",
+            "lb_flow_table_capacity{family=\"ipv6\"} 65536",
             "lb_reconcile_pending 0",
             "lb_reconcile_stalled_seconds 0",
         ] {

@@ -8,6 +8,20 @@ use lb_userspace::dataplane::{
     addr_words,
 };
 
+/// A flow's key as the daemon names it (and pin reports carry it), for
+/// either family.
+pub fn flow_key(f: &crate::packet::Spec) -> lb_common::FlowKey {
+    let p = crate::packet::parse(&f.build()).unwrap();
+    lb_common::FlowKey {
+        src: addr_words(p.src),
+        dst: addr_words(p.dst),
+        sport: p.sport.to_be(),
+        dport: p.dport.to_be(),
+        proto: p.proto,
+        _pad: [0; 3],
+    }
+}
+
 /// The data plane options of the fixture tests: small tables.
 pub fn options() -> Options {
     Options {

@@ -31,7 +31,8 @@ use lb_tests::{
 use lb_userspace::{
     config::Config,
     dataplane::{
-        BackendSpec, Dataplane, Forwarding, MapWriter, Options, Protocol, ServiceSpec, addr_words,
+        BackendSpec, Dataplane, Family, Forwarding, MapWriter, Options, Protocol, ServiceSpec,
+        addr_words,
     },
 };
 
@@ -170,9 +171,10 @@ impl Flooder {
     }
 }
 
-/// Maximum entries and locked memory of this process's flow tables (LRU
-/// hash maps keyed by a 40-byte `FlowKey`), from `/proc/self/fdinfo`.
-fn flow_maps() -> Vec<(u32, u64)> {
+/// Key size, maximum entries and locked memory of this process's flow
+/// tables (LRU hash maps of 16-byte values keyed by a 16-byte `FlowKey4`
+/// or a 40-byte `FlowKey`), from `/proc/self/fdinfo`.
+fn flow_maps() -> Vec<(u32, u32, u64)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc/self/fdinfo").unwrap().flatten() {
         let Ok(text) = std::fs::read_to_string(e.path()) else {
@@ -183,13 +185,15 @@ fn flow_maps() -> Vec<(u32, u64)> {
                 .find_map(|l| l.strip_prefix(name))
                 .map(|v| v.trim().to_string())
         };
-        // The LRU map of 40-byte flow keys and 16-byte values (the
-        // fragments map has 40-byte keys too, and 8-byte values).
+        // The LRU maps of 16-byte values (the fragments map has 40-byte
+        // keys too, and 8-byte values).
+        let key_size = field("key_size:").and_then(|v| v.parse().ok());
         if field("map_type:").as_deref() == Some("9")
-            && field("key_size:").as_deref() == Some("40")
+            && matches!(key_size, Some(16 | 40))
             && field("value_size:").as_deref() == Some("16")
         {
             out.push((
+                key_size.unwrap(),
                 field("max_entries:").unwrap().parse().unwrap(),
                 field("memlock:").and_then(|v| v.parse().ok()).unwrap_or(0),
             ));
@@ -263,7 +267,9 @@ fn a_syn_flood_keeps_established_flows_and_the_flow_table_bounded() {
     let dp = dataplane();
     let maps = flow_maps();
     assert!(
-        !maps.is_empty() && maps.iter().all(|(max, _)| *max == FLOW_TABLE),
+        maps.iter().any(|(key, _, _)| *key == 16)
+            && maps.iter().any(|(key, _, _)| *key == 40)
+            && maps.iter().all(|(_, max, _)| *max == FLOW_TABLE),
         "flow table sizes in this process: {maps:?}"
     );
     let mut svc = web(8001..=8005);
@@ -296,9 +302,12 @@ fn a_syn_flood_keeps_established_flows_and_the_flow_table_bounded() {
             "a flow moved when a backend was added"
         );
     }
+    let locked = |key: u32| maps.iter().find(|m| m.0 == key).map_or(0, |m| m.2);
     println!(
-        "flow table {FLOW_TABLE} entries ({} bytes locked), set by dataplane.flow_table_size",
-        maps[0].1
+        "flow tables of {FLOW_TABLE} entries each, set by dataplane.flow_table_size: IPv4 {} \
+         bytes locked, IPv6 {} bytes",
+        locked(16),
+        locked(40)
     );
     let mut first_port = 30000;
     for (ack, what) in [(false, "SYN flood"), (true, "SYN+ACK flood")] {
@@ -425,9 +434,12 @@ fn the_flow_table_size_follows_inserts_and_removals_without_a_walk() {
     w.apply(std::slice::from_ref(&svc)).unwrap();
     let counter = w.dataplane().flow_counter().unwrap();
     let size = |w: &MapWriter| {
-        let counted = counter.count().unwrap();
-        assert_eq!(w.dataplane().flow_entries().unwrap(), counted);
-        counted as usize
+        let v4 = counter.count(Family::V4).unwrap();
+        assert_eq!(w.dataplane().flow_entries_of(Family::V4).unwrap(), v4);
+        // Every flow here is IPv4: the IPv6 table stays empty.
+        assert_eq!(counter.count(Family::V6).unwrap(), 0);
+        assert_eq!(w.dataplane().flow_entries().unwrap(), v4);
+        v4 as usize
     };
     assert_eq!(size(&w), 0);
 

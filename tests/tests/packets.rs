@@ -6,12 +6,12 @@ use std::collections::HashMap;
 
 use lb_common::{FlowHash, REASON_NAMES, Reason};
 use lb_tests::fixtures::{
-    age_table, backend_port, client_flows, five_backends, hex, options, restamp_table, service,
-    slot_by, slot_of, writer,
+    age_table, backend_port, client_flows, five_backends, flow_key, hex, options, restamp_table,
+    service, slot_by, slot_of, writer,
 };
 use lb_tests::packet::{self, Spec, TCP_ACK, TCP_PSH, TCP_RST, TCP_SYN};
 use lb_userspace::dataplane::{
-    AdminState, BackendSpec, Dataplane, MapWriter, Options, ServiceSpec,
+    AdminState, BackendSpec, Dataplane, Family, MapWriter, Options, ServiceSpec,
 };
 
 const XDP_PASS: u32 = 2;
@@ -1281,6 +1281,118 @@ fn sticky_slots_become_clean_once_no_pin_needs_them() {
         w.dataplane().flow_count(),
         pins_before - report.stale_pins_removed
     );
+}
+
+/// IPv4 flows are pinned in `LB_FLOWS4`, under 16-byte keys, and IPv6 ones
+/// in `LB_FLOWS`: each family's pins are found under the flow's one
+/// `FlowKey`, counted in its own table's size, and swept from its own
+/// table, and flows of both keep their backends through changes.
+#[test]
+fn each_family_pins_its_flows_in_its_own_table() {
+    let mut v4 = five_backends();
+    let v6_backends: Vec<String> = (9001..=9005).map(|p| format!("[::1]:{p}")).collect();
+    let v6_refs: Vec<&str> = v6_backends.iter().map(String::as_str).collect();
+    let mut v6 = service("web6", "[::]:443", &v6_refs);
+    let mut w = writer(&[v4.clone(), v6.clone()]);
+    let flows4 = client_flows(2000);
+    let flows6: Vec<Spec> = (0..2000u16)
+        .map(|i| {
+            Spec::tcp(
+                &format!("fd00:1::{:x}", i + 1),
+                "fd00::1",
+                20000 + i,
+                443,
+                TCP_SYN,
+            )
+        })
+        .collect();
+    let first4 = send(w.dataplane(), &flows4, TCP_SYN);
+    let first6 = send(w.dataplane(), &flows6, TCP_SYN);
+    assert_eq!(w.dataplane().flow_count(), 0, "clean slots pin nothing");
+
+    // A sixth backend each; every connection speaks, and those in changed
+    // slots are pinned to the backend they had.
+    v4.backends
+        .push(BackendSpec::new("127.0.0.1:8006".parse().unwrap(), 100));
+    v6.backends
+        .push(BackendSpec::new("[::1]:9006".parse().unwrap(), 100));
+    w.apply(&[v4.clone(), v6.clone()]).unwrap();
+    assert_eq!(send(w.dataplane(), &flows4, TCP_ACK), first4);
+    assert_eq!(send(w.dataplane(), &flows6, TCP_ACK), first6);
+    let sticky = |svc: &ServiceSpec, flows: &[Spec], first: &[u16]| -> Vec<(Spec, u16)> {
+        flows
+            .iter()
+            .zip(first)
+            .filter(|(f, _)| sticky_slot(&w, svc, f).is_some())
+            .map(|(f, p)| (f.clone(), *p))
+            .collect()
+    };
+    let pinned4 = sticky(&v4, &flows4, &first4);
+    let pinned6 = sticky(&v6, &flows6, &first6);
+    assert!(
+        pinned4.len() > 100 && pinned6.len() > 100,
+        "{} and {} flows in changed slots",
+        pinned4.len(),
+        pinned6.len()
+    );
+    let dp = w.dataplane();
+    assert_eq!(
+        dp.flow_entries_of(Family::V4).unwrap(),
+        pinned4.len() as u64
+    );
+    assert_eq!(
+        dp.flow_entries_of(Family::V6).unwrap(),
+        pinned6.len() as u64
+    );
+    assert_eq!(dp.flow_count(), pinned4.len() + pinned6.len());
+    for (name, host, pinned) in [("web", "127.0.0.1", &pinned4), ("web6", "[::1]", &pinned6)] {
+        for (f, port) in pinned {
+            let pin = dp
+                .flow_pin(&flow_key(f))
+                .expect("a pin under the flow's key");
+            let want = w.backend_id(name, format!("{host}:{port}").parse().unwrap());
+            assert_eq!(Some(pin.backend), want, "{f:?} pinned elsewhere");
+        }
+    }
+
+    // A backend of each goes down: the sweep ends the pins on it, in each
+    // family's table, and counts them there.
+    let gone =
+        |pinned: &[(Spec, u16)], port: u16| pinned.iter().filter(|(_, p)| *p == port).count();
+    let (gone4, gone6) = (gone(&pinned4, 8001), gone(&pinned6, 9001));
+    assert!(gone4 > 0 && gone6 > 0);
+    v4.backends.retain(|b| b.address.port() != 8001);
+    v6.backends.retain(|b| b.address.port() != 9001);
+    w.apply(&[v4.clone(), v6.clone()]).unwrap();
+    let counter = w.dataplane().flow_counter().unwrap();
+    let later = lb_userspace::dataplane::monotonic_secs() + lb_common::STICKY_MISS_SECS + 1;
+    let plan = w.sweep_plan(later);
+    let found = counter.walk(&plan);
+    let report = w.finish_sweep(&plan, &found).unwrap();
+    assert_eq!(report.stale_pins_removed, gone4 + gone6, "{report:?}");
+    let dp = w.dataplane();
+    for (family, left) in [
+        (Family::V4, pinned4.len() - gone4),
+        (Family::V6, pinned6.len() - gone6),
+    ] {
+        assert_eq!(
+            dp.flow_entries_of(family).unwrap(),
+            left as u64,
+            "{family:?}"
+        );
+        assert_eq!(counter.count(family).unwrap(), left as u64, "{family:?}");
+    }
+    assert_eq!(
+        dp.flow_count(),
+        pinned4.len() - gone4 + pinned6.len() - gone6
+    );
+    // Flows on the backends that stayed keep them.
+    for (pinned, dead) in [(&pinned4, 8001), (&pinned6, 9001)] {
+        let live: Vec<&(Spec, u16)> = pinned.iter().filter(|(_, p)| *p != dead).collect();
+        let specs: Vec<Spec> = live.iter().map(|(f, _)| f.clone()).collect();
+        let ports: Vec<u16> = live.iter().map(|(_, p)| *p).collect();
+        assert_eq!(send(w.dataplane(), &specs, TCP_ACK), ports);
+    }
 }
 
 /// Replies are translated back only for flows the program balanced: a

@@ -4,12 +4,12 @@
 //! maps (other ids) keeping the flow on its backend.
 use std::net::SocketAddr;
 
-use lb_common::{FlowKey, PinReport, PinReportStat};
-use lb_tests::fixtures::{client_flows, five_backends, options, service};
+use lb_common::{PinReport, PinReportStat};
+use lb_tests::fixtures::{client_flows, five_backends, flow_key, options, service};
 use lb_tests::packet::{self, Spec, TCP_ACK, TCP_SYN};
 use lb_userspace::dataplane::{
     BackendSpec, Dataplane, MapWriter, Options, PinOutcome, PinRefusal, PinRing, ServiceSpec,
-    addr_words, words_addr,
+    words_addr,
 };
 
 const XDP_PASS: u32 = 2;
@@ -26,18 +26,6 @@ fn send(dp: &Dataplane, flows: &[Spec], flags: u8) -> Vec<u16> {
             packet::parse(&out).unwrap().dport
         })
         .collect()
-}
-
-fn key_of(f: &Spec) -> FlowKey {
-    let p = packet::parse(&f.build()).unwrap();
-    FlowKey {
-        src: addr_words(p.src),
-        dst: addr_words(p.dst),
-        sport: p.sport.to_be(),
-        dport: p.dport.to_be(),
-        proto: p.proto,
-        _pad: [0; 3],
-    }
 }
 
 fn loaded(pin_report: bool) -> (MapWriter, PinRing) {
@@ -101,7 +89,7 @@ fn new_pins_in_changed_slots_are_reported_and_replay_on_another_node() {
     for r in &reports {
         let i = flows
             .iter()
-            .position(|f| key_of(f) == r.key)
+            .position(|f| flow_key(f) == r.key)
             .expect("a report names a flow that was sent");
         assert_eq!(r.backend_port, ports[i], "the backend the SYN went to");
         assert_eq!(words_addr(&r.backend_addr).to_string(), "127.0.0.1");

@@ -1,19 +1,22 @@
 //! Reading the data plane's counters (per service, backend, action, reason,
 //! event) and the flow and fragment tables; counting the pins the daemon
-//! removes, so the flow table's size is known without a walk.
+//! removes, so each flow table's size is known without a walk.
 
 use std::{
     os::fd::{AsFd, OwnedFd},
     sync::Mutex,
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
     Counters, EVENT_COUNT, FLOW_COUNT_ADDED, FLOW_COUNT_EVICTED, FLOW_COUNT_REMOVED, FlowKey,
-    FlowValue, FragKey, FragValue, NEXTHOP_VIA_COUNT, REASON_COUNT, maps,
+    FragKey, FragValue, NEXTHOP_VIA_COUNT, REASON_COUNT, maps,
 };
 
-use super::{Dataplane, DataplaneError, Result, SweepFound, SweepPlan, map_err, walk_pins};
+use super::{
+    Dataplane, DataplaneError, Family, Result, SweepFound, SweepPlan, flows::FlowTables, map_err,
+    walk_pins,
+};
 
 impl Dataplane {
     /// Summed over CPUs.
@@ -69,43 +72,50 @@ impl Dataplane {
         self.frags.get(key, 0).ok()
     }
 
-    /// Entries in the flow table (walks it: exact, about a second for a
-    /// million entries).
+    /// Entries in both flow tables (walks them: exact, about a second for
+    /// a million entries).
     pub fn flow_count(&self) -> usize {
-        self.flows.keys().filter(std::result::Result::is_ok).count()
+        Family::ALL.iter().map(|f| self.flows.count(*f)).sum()
     }
 
-    /// Entries in the flow table from `LB_FLOW_COUNT` (no walk): pins the
-    /// program added under a new key minus those the daemon removed and
-    /// those the last walk found evicted, at most the capacity.
+    /// Entries in both flow tables from `LB_FLOW_COUNT` (no walk):
+    /// [`Dataplane::flow_entries_of`] summed.
     pub fn flow_entries(&self) -> Result<u64> {
-        entries(&self.flow_count, self.opts.flow_table_size)
+        Family::ALL.iter().map(|f| self.flow_entries_of(*f)).sum()
     }
 
-    /// Counts `n` pins this process removed from the flow table. Only the
-    /// map writer writes this entry, so the read-modify-write races nothing.
-    pub(super) fn count_flows_removed(&mut self, n: u64) -> Result<()> {
+    /// Entries in `family`'s flow table from `LB_FLOW_COUNT` (no walk):
+    /// pins the program added under a new key minus those the daemon
+    /// removed and those the last walk found evicted, at most the capacity.
+    pub fn flow_entries_of(&self, family: Family) -> Result<u64> {
+        entries(&self.flow_count, family, self.opts.flow_table_size)
+    }
+
+    /// Counts `n` pins this process removed from `family`'s flow table.
+    /// Only the map writer writes this entry, so the read-modify-write
+    /// races nothing.
+    pub(super) fn count_flows_removed(&mut self, family: Family, n: u64) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
-        let removed = sum_u64(&self.flow_count, FLOW_COUNT_REMOVED, maps::FLOW_COUNT)?;
-        set_total(&mut self.flow_count, FLOW_COUNT_REMOVED, removed + n)
+        let index = family.count_index(FLOW_COUNT_REMOVED);
+        let removed = sum_u64(&self.flow_count, index, maps::FLOW_COUNT)?;
+        set_total(&mut self.flow_count, index, removed + n)
     }
 
-    /// A second handle on the flow table and its counts, to count and walk
-    /// it from another thread without holding up whoever writes maps.
+    /// A second handle on the flow tables and their counts, to count and
+    /// walk them from another thread without holding up whoever writes
+    /// maps.
     pub fn flow_counter(&self) -> Result<FlowCounter> {
         let dup = |fd: std::os::fd::BorrowedFd<'_>| -> Result<OwnedFd> {
             fd.try_clone_to_owned().map_err(DataplaneError::FlowCount)
         };
-        let flows = dup(aya::maps::IterableMap::map(&self.flows).fd().as_fd())?;
-        let flows = MapData::from_fd(flows).map_err(map_err(maps::FLOWS))?;
         let counts = dup(aya::maps::IterableMap::map(&self.flow_count).fd().as_fd())?;
         let counts = MapData::from_fd(counts).map_err(map_err(maps::FLOW_COUNT))?;
         let counts =
             PerCpuArray::try_from(Map::PerCpuArray(counts)).map_err(map_err(maps::FLOW_COUNT))?;
         Ok(FlowCounter {
-            flows: BpfHashMap::try_from(Map::LruHashMap(flows)).map_err(map_err(maps::FLOWS))?,
+            flows: self.flows.try_clone()?,
             counts: Mutex::new(counts),
             capacity: self.opts.flow_table_size,
         })
@@ -114,7 +124,7 @@ impl Dataplane {
 
 /// Counts flow-table entries beside a writing [`Dataplane`].
 pub struct FlowCounter {
-    flows: BpfHashMap<MapData, FlowKey, FlowValue>,
+    flows: FlowTables,
     /// Written only by `walk` (`FLOW_COUNT_EVICTED`).
     counts: Mutex<PerCpuArray<MapData, u64>>,
     capacity: u32,
@@ -128,21 +138,26 @@ impl FlowCounter {
     /// The lock is not held during the walk, so a scrape never waits on it.
     pub fn walk(&self, plan: &SweepPlan) -> SweepFound {
         // The guard ends with the statement: the walk runs without it.
-        let before = added_net(&crate::lock(&self.counts));
-        let mut seen = 0u64;
+        let before = Family::ALL.map(|f| added_net(&crate::lock(&self.counts), f));
+        let mut seen = [0u64; 2];
         let found = walk_pins(
             plan,
             self.flows
                 .iter()
-                .filter_map(std::result::Result::ok)
-                .inspect(|_| seen += 1),
+                .inspect(|(k, _)| seen[Family::of(k) as usize] += 1),
         );
-        let corrected = before.and_then(|net| {
-            let evicted = net.saturating_sub(seen);
-            set_total(&mut crate::lock(&self.counts), FLOW_COUNT_EVICTED, evicted)
-        });
-        if let Err(e) = corrected {
-            tracing::warn!("correcting the flow table's count: {e}");
+        for (family, net) in Family::ALL.into_iter().zip(before) {
+            let corrected = net.and_then(|net| {
+                let evicted = net.saturating_sub(seen[family as usize]);
+                let index = family.count_index(FLOW_COUNT_EVICTED);
+                set_total(&mut crate::lock(&self.counts), index, evicted)
+            });
+            if let Err(e) = corrected {
+                tracing::warn!(
+                    family = family.name(),
+                    "correcting the flow table's count: {e}"
+                );
+            }
         }
         found
     }
@@ -150,24 +165,25 @@ impl FlowCounter {
     /// Walks the flow table for a joining node: its pins of changed
     /// slots, by backend address ([`super::join_pins`]).
     pub fn walk_join(&self, plan: &super::JoinPlan) -> Vec<(FlowKey, std::net::SocketAddr)> {
-        super::join_pins(plan, self.flows.iter().filter_map(std::result::Result::ok))
+        super::join_pins(plan, self.flows.iter())
     }
 
-    /// Entries in the flow table, as [`Dataplane::flow_entries`] (no walk).
-    pub fn count(&self) -> Result<u64> {
-        entries(&crate::lock(&self.counts), self.capacity)
+    /// Entries in `family`'s flow table, as [`Dataplane::flow_entries_of`]
+    /// (no walk).
+    pub fn count(&self, family: Family) -> Result<u64> {
+        entries(&crate::lock(&self.counts), family, self.capacity)
     }
 }
 
-/// Pins added minus pins the daemon removed (evictions not counted).
-fn added_net(counts: &PerCpuArray<MapData, u64>) -> Result<u64> {
-    let added = sum_u64(counts, FLOW_COUNT_ADDED, maps::FLOW_COUNT)?;
-    let removed = sum_u64(counts, FLOW_COUNT_REMOVED, maps::FLOW_COUNT)?;
-    Ok(added.saturating_sub(removed))
+/// Pins added to `family`'s table minus pins the daemon removed
+/// (evictions not counted).
+fn added_net(counts: &PerCpuArray<MapData, u64>, family: Family) -> Result<u64> {
+    let sum = |i| sum_u64(counts, family.count_index(i), maps::FLOW_COUNT);
+    Ok(sum(FLOW_COUNT_ADDED)?.saturating_sub(sum(FLOW_COUNT_REMOVED)?))
 }
 
-fn entries(counts: &PerCpuArray<MapData, u64>, capacity: u32) -> Result<u64> {
-    let sum = |i| sum_u64(counts, i, maps::FLOW_COUNT);
+fn entries(counts: &PerCpuArray<MapData, u64>, family: Family, capacity: u32) -> Result<u64> {
+    let sum = |i| sum_u64(counts, family.count_index(i), maps::FLOW_COUNT);
     Ok(lb_common::flow_entries(
         sum(FLOW_COUNT_ADDED)?,
         sum(FLOW_COUNT_REMOVED)?,

@@ -47,6 +47,7 @@ impl Dataplane {
         loader
             .map_max_entries(maps::MAGLEV, maglev_len)
             .map_max_entries(maps::FLOWS, opts.flow_table_size)
+            .map_max_entries(maps::FLOWS4, opts.flow_table_size)
             .override_global("FLOW_INSERT_RATE", &opts.flow_insert_rate, true)
             .override_global("PIN_REPORT", &pin_report, true)
             // Absent while the programs have no log calls.
@@ -139,7 +140,10 @@ impl Dataplane {
             addr_slot_keys: Default::default(),
             services: typed!(&mut ebpf, maps::SERVICES),
             backends: typed!(&mut ebpf, maps::BACKENDS),
-            flows: typed!(&mut ebpf, maps::FLOWS),
+            flows: super::flows::FlowTables::new(
+                take(&mut ebpf, maps::FLOWS4)?,
+                take(&mut ebpf, maps::FLOWS)?,
+            )?,
             rev_ports: typed!(&mut ebpf, maps::REV_PORTS),
             rev_addrs: typed!(&mut ebpf, maps::REV_ADDRS),
             service_stats: typed!(&mut ebpf, maps::SERVICE_STATS),

@@ -8,6 +8,7 @@ mod addr;
 mod addr_slots;
 mod attach;
 mod counters;
+mod flows;
 mod load;
 mod nexthop;
 mod pin_ring;
@@ -27,14 +28,15 @@ use aya::{
     programs::{ProgramError, links::FdLink},
 };
 use lb_common::{
-    AddrKey, BackendEntry, Counters, FlowHash, FlowKey, FlowValue, FragKey, FragValue,
-    MAX_SERVICES, NextHop, PortEntry, RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE,
+    AddrKey, BackendEntry, Counters, FlowHash, FragKey, FragValue, MAX_SERVICES, NextHop,
+    PortEntry, RevAddrValue, RevPortEntry, ServiceEntry, TABLES_PER_SERVICE,
 };
 use thiserror::Error;
 
 pub use addr::{addr_octets, addr_words, octets_addr, words_addr};
 pub use attach::{AttachMode, interfaces};
 pub use counters::FlowCounter;
+pub use flows::Family;
 pub use load::EbpfLog;
 pub use nexthop::NextHopWriter;
 pub use pin_ring::PinRing;
@@ -169,7 +171,7 @@ pub struct Dataplane {
     addr_slot_keys: addr_slots::AddrSlots,
     services: Array<MapData, ServiceEntry>,
     backends: Array<MapData, BackendEntry>,
-    flows: BpfHashMap<MapData, FlowKey, FlowValue>,
+    flows: flows::FlowTables,
     rev_ports: Array<MapData, RevPortEntry>,
     rev_addrs: BpfHashMap<MapData, AddrKey, RevAddrValue>,
     service_stats: PerCpuArray<MapData, Counters>,

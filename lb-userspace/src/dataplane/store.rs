@@ -119,10 +119,9 @@ impl MapStore for Dataplane {
     }
 
     fn remove_flow_if(&mut self, key: &FlowKey, value: &FlowValue) -> bool {
-        let removed =
-            self.flows.get(key, 0).ok().as_ref() == Some(value) && self.flows.remove(key).is_ok();
+        let removed = self.flows.get(key).as_ref() == Some(value) && self.flows.remove(key);
         // A failed count only makes the size read high until the next removal.
-        if removed && let Err(e) = self.count_flows_removed(1) {
+        if removed && let Err(e) = self.count_flows_removed(super::Family::of(key), 1) {
             tracing::warn!("counting a removed pin: {e}");
         }
         removed

@@ -14,21 +14,22 @@ impl Dataplane {
     /// Removes every pin, as an LRU under pressure would evict them; returns
     /// how many there were. For tests of what misses do.
     pub fn clear_flows(&mut self) -> usize {
-        let keys: Vec<FlowKey> = self
-            .flows
-            .keys()
-            .filter_map(std::result::Result::ok)
-            .collect();
-        let removed = keys.iter().filter(|k| self.flows.remove(k).is_ok()).count();
-        // Counted as the daemon's removals are, so the size stays right.
-        let _ = self.count_flows_removed(removed as u64);
+        let keys: Vec<FlowKey> = self.flows.iter().map(|(k, _)| k).collect();
+        for family in super::Family::ALL {
+            let removed = keys
+                .iter()
+                .filter(|k| super::Family::of(k) == family && self.flows.remove(k))
+                .count();
+            // Counted as the daemon's removals are, so the size stays right.
+            let _ = self.count_flows_removed(family, removed as u64);
+        }
         keys.len()
     }
 
     /// The flow table's pin for `key`, if there is one: which node holds a
     /// flow's pin, and to which backend.
     pub fn flow_pin(&self, key: &FlowKey) -> Option<FlowValue> {
-        self.flows.get(key, 0).ok()
+        self.flows.get(key)
     }
 
     /// Runs the XDP program once on `frame` with `BPF_PROG_TEST_RUN`;

@@ -8,10 +8,10 @@ use std::{
     net::SocketAddr,
 };
 
-use lb_common::{FlowKey, FlowValue, MaglevSlot, maglev_slot, maps};
+use lb_common::{FlowKey, FlowValue, MaglevSlot, maglev_slot};
 
 use super::{Dataplane, MapWriter, Result, words_addr};
-use crate::{dataplane::map_err, mapstore::MapStore};
+use crate::mapstore::MapStore;
 
 /// Why a replicated pin was not inserted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -209,10 +209,7 @@ impl MapWriter<Dataplane> {
     ) -> Result<PinOutcome> {
         match self.replicated_pin(key, backend) {
             Ok(v) => {
-                self.dp
-                    .flows
-                    .insert(key, v, 0)
-                    .map_err(map_err(maps::FLOWS))?;
+                self.dp.flows.insert(key, &v)?;
                 self.make_sticky_for(&v)?;
                 Ok(PinOutcome::Inserted)
             }
