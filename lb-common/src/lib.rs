@@ -395,7 +395,7 @@ pub const NEXTHOP_FRESH_SECS: u32 = 3;
 /// A flow's 5-tuple: the key of the IPv6 flow table `LB_FLOWS`, and how
 /// the daemon and pin reports name flows of either family (IPv4 addresses
 /// mapped). IPv4 flows live in `LB_FLOWS4` under [`FlowKey4`]: the kernel
-/// hashes and compares a 16-byte key in less than half the time.
+/// hashes and compares the whole key on every lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -452,8 +452,9 @@ impl From<FlowKey4> for FlowKey {
     }
 }
 
-/// Value of `LB_FLOWS` and `LB_FLOWS4`: where the flow is pinned, and the slot that made it
-/// sticky (so userspace can tell which slots still have pinned flows).
+/// Value of `LB_FLOWS` and `LB_FLOWS4`: where the flow is pinned, and the
+/// slot that made it sticky (so userspace can tell which slots still have
+/// pinned flows).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {

@@ -47,7 +47,8 @@ pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
 
 /// Pins of IPv4 flows, under a 16-byte key: the kernel hashes and compares
-/// keys on every lookup, and 40 bytes cost a pinned packet about 10 ns more.
+/// the whole key on every lookup, and a 40-byte one cost a pinned IPv4
+/// packet about 10 ns more (A/B, minimum of alternating runs: 54 -> 43 ns).
 #[map]
 pub static LB_FLOWS4: LruHashMap<FlowKey4, FlowValue> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
