@@ -1284,7 +1284,7 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
     let services = vec![
         spec(
             "bench",
-            "10.213.0.20:443",
+            &format!("{DSR_VIP}:443"),
             Forwarding::Dsr,
             &["10.213.0.7:443", "10.213.0.8:443", "10.213.0.9:443"],
         ),
@@ -1452,16 +1452,7 @@ impl Drop for StopOnDrop<'_> {
 /// whose counters `counts` reads), through the cache or, with `fib`, with
 /// no entry present.
 fn dsr_row(b: &Bench, w: &MapWriter, kind: Kind, fib: bool, base_small: f64, runs: u64) -> Row {
-    let s = match kind {
-        Kind::Syn => Spec::tcp("10.213.0.2", "10.213.0.20", 40000, 443, TCP_SYN),
-        Kind::Est => Spec::tcp("10.213.0.2", "10.213.0.20", 40000, 443, TCP_ACK),
-        _ => Spec::udp("10.213.0.2", "10.213.0.20", 40000, 443),
-    };
-    let l4 = if kind == Kind::Udp { 8 } else { 20 };
-    let f = s
-        .payload(&vec![0u8; 64 - 14 - 20 - l4])
-        .with_macs(PEER_MAC, LB0_MAC)
-        .build();
+    let f = remote_frame(kind, DSR_VIP);
     let (slot, label) = if fib {
         (
             Slot::DsrFib,
@@ -1487,14 +1478,17 @@ fn dsr_row(b: &Bench, w: &MapWriter, kind: Kind, fib: bool, base_small: f64, run
 
 /// The `nat` service's address.
 const NAT_VIP: &str = "10.213.0.10";
+/// The `dsr` service's address.
+const DSR_VIP: &str = "10.213.0.20";
 
-/// The `nat` bench frame of `kind`, with the MACs a packet leaving towards
-/// [`NAT_VIP`] gets, as a return service's rewrite leaves it.
-fn nat_frame(kind: Kind) -> Vec<u8> {
+/// The 64-byte bench frame of `kind` from the client to `vip`, with the
+/// MACs a packet leaving lb0 towards the peer gets: what dsr leaves as it
+/// was, and what a nat return service's rewrite gives back.
+fn remote_frame(kind: Kind, vip: &str) -> Vec<u8> {
     let s = match kind {
-        Kind::Syn => Spec::tcp("10.213.0.2", NAT_VIP, 40000, 443, TCP_SYN),
-        Kind::Est => Spec::tcp("10.213.0.2", NAT_VIP, 40000, 443, TCP_ACK),
-        _ => Spec::udp("10.213.0.2", NAT_VIP, 40000, 443),
+        Kind::Syn => Spec::tcp("10.213.0.2", vip, 40000, 443, TCP_SYN),
+        Kind::Est => Spec::tcp("10.213.0.2", vip, 40000, 443, TCP_ACK),
+        _ => Spec::udp("10.213.0.2", vip, 40000, 443),
     };
     let l4 = if kind == Kind::Udp { 8 } else { 20 };
     s.payload(&vec![0u8; 64 - 14 - 20 - l4])
@@ -1508,7 +1502,10 @@ fn nat_frame(kind: Kind) -> Vec<u8> {
 fn nat_return_services(w: &MapWriter) -> Vec<ServiceSpec> {
     let mut to: Vec<(std::net::SocketAddr, Vec<Protocol>)> = Vec::new();
     for kind in [Kind::Syn, Kind::Est, Kind::Udp] {
-        let (action, o) = w.dataplane().test_run_xdp(&nat_frame(kind)).unwrap();
+        let (action, o) = w
+            .dataplane()
+            .test_run_xdp(&remote_frame(kind, NAT_VIP))
+            .unwrap();
         assert_eq!(action, XDP_REDIRECT, "nat {kind:?}: action");
         let p = lb_tests::packet::parse(&o).expect("nat output parses");
         let addr = std::net::SocketAddr::new(p.dst, p.dport);
@@ -1551,7 +1548,7 @@ fn nat_row(
     runs: u64,
     services: &[&str],
 ) -> Row {
-    let f = nat_frame(kind);
+    let f = remote_frame(kind, NAT_VIP);
     let (action, o) = w.dataplane().test_run_xdp(&f).unwrap();
     assert_eq!(action, XDP_REDIRECT, "nat {kind:?}: action");
     let p = lb_tests::packet::parse(&o).expect("nat output parses");

@@ -638,6 +638,13 @@ pub const FLOW_COUNT_EVICTED: u32 = 2;
 pub const FLOW_COUNT_V4: u32 = 3;
 pub const FLOW_COUNT_ENTRIES: u32 = 6;
 
+/// The index of `LB_FLOW_COUNT` entry `which` (`FLOW_COUNT_ADDED`, ...) for
+/// the IPv4 or the IPv6 flow table.
+#[inline(always)]
+pub const fn flow_count_index(v4: bool, which: u32) -> u32 {
+    if v4 { FLOW_COUNT_V4 + which } else { which }
+}
+
 /// The flow table's size from the counts of `LB_FLOW_COUNT`.
 pub fn flow_entries(added: u64, removed: u64, evicted: u64, capacity: u32) -> u64 {
     added

@@ -3,7 +3,7 @@
 //! call.
 use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use lb_common::{
-    Counters, Event, FLOW_COUNT_ADDED, FLOW_COUNT_V4, NextHopVia, PinReportStat, Reason,
+    Counters, Event, FLOW_COUNT_ADDED, NextHopVia, PinReportStat, Reason, flow_count_index,
 };
 
 use crate::maps::{
@@ -65,8 +65,7 @@ pub fn event(event: Event) {
 /// A pin written under a key the flow table of its family did not hold.
 #[inline(always)]
 pub fn flow_added(v6: bool) {
-    let family = if v6 { 0 } else { FLOW_COUNT_V4 };
-    bump(LB_FLOW_COUNT.get_ptr_mut(FLOW_COUNT_ADDED + family));
+    bump(LB_FLOW_COUNT.get_ptr_mut(flow_count_index(!v6, FLOW_COUNT_ADDED)));
 }
 
 /// A pin report written, or dropped on a full ring.

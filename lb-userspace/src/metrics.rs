@@ -23,8 +23,8 @@ pub struct Snapshot {
     pub passed: [u64; lb_common::REASON_COUNT as usize],
     /// Packets dropped, by reason.
     pub dropped: [u64; lb_common::REASON_COUNT as usize],
-    /// Entries in each flow table, by address family ("ipv4", "ipv6").
-    pub flow_entries: Vec<(&'static str, u64)>,
+    /// Entries in each flow table, indexed by `Family as usize`.
+    pub flow_entries: [u64; 2],
     /// (service, failing open) per service.
     pub fail_open: Vec<(String, bool)>,
     /// (service, announced over BGP) per service; empty without `[bgp]`.
@@ -445,12 +445,10 @@ impl Metrics {
                 );
             }
         }
-        for (family, n) in &snap.flow_entries {
-            self.flow_entries
-                .with_label_values(&[*family])
-                .set(*n as i64);
-        }
         for family in crate::dataplane::Family::ALL {
+            self.flow_entries
+                .with_label_values(&[family.name()])
+                .set(snap.flow_entries[family as usize] as i64);
             self.flow_capacity
                 .with_label_values(&[family.name()])
                 .set(snap.flow_capacity as i64);
@@ -533,7 +531,8 @@ mod tests {
                 },
             )],
             backend_state: vec![("web".into(), "127.0.0.1:8001".into(), 100, true)],
-            flow_entries: vec![("ipv4", 3), ("ipv6", 1)],
+            // IPv4, IPv6.
+            flow_entries: [3, 1],
             ..Default::default()
         };
         snap.actions[2] = 12;

@@ -386,10 +386,8 @@ impl Daemon {
         (snap.reconcile_pending, snap.reconcile_stalled_seconds) =
             lock(&self.shared.progress).gauges(Instant::now());
         // Two counters, no walk of the table.
-        snap.flow_entries = crate::dataplane::Family::ALL
-            .iter()
-            .map(|f| (f.name(), self.shared.flow_counter.count(*f).unwrap_or(0)))
-            .collect();
+        snap.flow_entries =
+            crate::dataplane::Family::ALL.map(|f| self.shared.flow_counter.count(f).unwrap_or(0));
         snap.pin_sync = self.shared.pin_sync.as_ref().map(|s| s.view());
         self.shared.metrics.render(&snap)
     }

@@ -6,11 +6,12 @@
 use std::os::fd::AsFd;
 
 use aya::maps::{HashMap as BpfHashMap, IterableMap, Map, MapData};
-use lb_common::{FLOW_COUNT_V4, FlowKey, FlowKey4, FlowValue, maps};
+use lb_common::{FlowKey, FlowKey4, FlowValue, maps};
 
 use super::{DataplaneError, Result, map_err};
 
-/// The address family of a flow table.
+/// The address family of a flow table; `as usize`, its index in
+/// [`Family::ALL`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Family {
     V4,
@@ -40,10 +41,7 @@ impl Family {
     /// The index of `LB_FLOW_COUNT` entry `which` (`FLOW_COUNT_ADDED`, ...)
     /// for this family's table.
     pub fn count_index(self, which: u32) -> u32 {
-        match self {
-            Family::V4 => FLOW_COUNT_V4 + which,
-            Family::V6 => which,
-        }
+        lb_common::flow_count_index(self == Family::V4, which)
     }
 }
 
