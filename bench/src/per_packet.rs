@@ -17,7 +17,7 @@
 //! distinct frame (`repeat` = 1) and the fixed cost of such a call, measured
 //! on the baseline program the same way, is subtracted.
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::atomic::{AtomicBool, Ordering},
 };
 
@@ -59,6 +59,14 @@ impl Fam {
         match self {
             Fam::V4 => "ipv4",
             Fam::V6 => "ipv6",
+        }
+    }
+
+    /// The bench service of the family (`services`).
+    fn service(self) -> &'static str {
+        match self {
+            Fam::V4 => "bench",
+            Fam::V6 => "bench6",
         }
     }
     fn addrs(self) -> (&'static str, &'static str) {
@@ -535,6 +543,37 @@ impl Bench {
     }
 }
 
+/// Rows of flows pinned in sticky slots: established, SYN (a new connection
+/// on the pinned 4-tuple) and UDP, from the TCP flow `flows[0]` and the
+/// UDP flow `flows[1]`.
+fn pinned_rows(
+    b: &Bench,
+    w: &MapWriter,
+    fam: Fam,
+    flows: [(IpAddr, u16); 2],
+    table: FlowTable,
+    baseline_ns: f64,
+    rows: &mut Vec<Row>,
+) {
+    for kind in [Kind::Est, Kind::Syn, Kind::Udp] {
+        let (src, port) = flows[usize::from(kind == Kind::Udp)];
+        let f = spec_frame(fam, kind, src, port);
+        // The first run pins the flow (UDP has its own key). A SYN
+        // counts as a new flow each time, pinned or not.
+        w.dataplane().test_run_xdp(&f).unwrap();
+        let label = format!("{} {}, sticky slot, pinned flow", fam.name(), kind.label());
+        let ns = b.lb(w, &f, Expect::of(kind, kind == Kind::Syn), &label);
+        rows.push(Row {
+            case: Case::new(fam, Traffic::Kind(kind), f.len(), 4, Slot::StickyPinned).table(table),
+            label,
+            ns,
+            baseline_ns,
+            method: Method::Repeat,
+            runs: b.repeat as u64 * b.rounds as u64,
+        });
+    }
+}
+
 /// 100 backend changes (a backend leaves or joins, weights change), then the
 /// sweep the daemon runs once the changes are older than misses look back:
 /// with no pin needing a previous backend every slot is clean again, and
@@ -647,18 +686,19 @@ fn steady_state(
     ));
 }
 
-/// A v4 TCP flow's Maglev slot in the service's active table:
-/// (backend, previous backend).
+/// A flow's Maglev slot in its family's service's active table, to the
+/// family's service address: its backend and previous backend.
 fn slot_of(
     hash: lb_common::FlowHash,
     table: &[lb_common::MaglevSlot],
-    src: Ipv4Addr,
+    fam: Fam,
+    src: IpAddr,
     sport: u16,
     proto: u8,
 ) -> (u32, u32) {
     let h = hash.hash(
-        &addr_words(IpAddr::V4(src)),
-        &addr_words("10.9.0.1".parse().unwrap()),
+        &addr_words(src),
+        &addr_words(fam.addrs().1.parse().unwrap()),
         sport.to_be(),
         443u16.to_be(),
         proto,
@@ -676,20 +716,46 @@ fn flows(
     sticky: bool,
     proto: u8,
 ) -> impl Iterator<Item = (Ipv4Addr, u16)> + '_ {
-    let id = w.service_id("bench").unwrap();
+    flows_of(w, Fam::V4, first_net, sticky, proto).map(|(src, p)| match src {
+        IpAddr::V4(src) => (src, p),
+        IpAddr::V6(_) => unreachable!("v4 flows"),
+    })
+}
+
+/// [`flows`] of either family: IPv6 sources are `fd00:first_net::host`.
+fn flows_of(
+    w: &MapWriter,
+    fam: Fam,
+    first_net: u8,
+    sticky: bool,
+    proto: u8,
+) -> impl Iterator<Item = (IpAddr, u16)> + '_ {
+    let id = w.service_id(fam.service()).unwrap();
     let (_, table) = w.dataplane().active_table(id).unwrap();
     (0u32..)
         .flat_map(move |host| {
-            let src = Ipv4Addr::new(
-                10,
-                first_net.wrapping_add((host >> 16) as u8),
-                (host >> 8) as u8,
-                host as u8,
-            );
+            let src = match fam {
+                Fam::V4 => IpAddr::V4(Ipv4Addr::new(
+                    10,
+                    first_net.wrapping_add((host >> 16) as u8),
+                    (host >> 8) as u8,
+                    host as u8,
+                )),
+                Fam::V6 => IpAddr::V6(Ipv6Addr::new(
+                    0xfd00,
+                    u16::from(first_net),
+                    0,
+                    0,
+                    0,
+                    0,
+                    (host >> 16) as u16,
+                    host as u16,
+                )),
+            };
             (1024u16..=65535).step_by(7).map(move |p| (src, p))
         })
         .filter(move |(src, p)| {
-            let (b, prev) = slot_of(w.dataplane().flow_hash(), table, *src, *p, proto);
+            let (b, prev) = slot_of(w.dataplane().flow_hash(), table, fam, *src, *p, proto);
             (b != prev) == sticky
         })
 }
@@ -721,15 +787,23 @@ fn fragment_frames(fam: Fam, dst: Option<&str>, macs: Option<([u8; 6], [u8; 6])>
 }
 
 fn v4_spec_frame(kind: Kind, src: Ipv4Addr, sport: u16) -> Vec<u8> {
-    let base = frame(Fam::V4, kind, Size::Small, sport);
+    spec_frame(Fam::V4, kind, IpAddr::V4(src), sport)
+}
+
+/// A 64-byte (IPv4) or 74-byte (IPv6) frame of `kind` from `src`, `sport`
+/// to the family's service address.
+fn spec_frame(fam: Fam, kind: Kind, src: IpAddr, sport: u16) -> Vec<u8> {
+    let base = frame(fam, kind, Size::Small, sport);
+    let l3 = if fam == Fam::V4 { 20 } else { 40 };
     let l4 = if kind == Kind::Udp { 8 } else { 20 };
     let s = src.to_string();
-    let pad = vec![0u8; base.len() - 14 - 20 - l4];
+    let dst = fam.addrs().1;
+    let pad = vec![0u8; base.len() - 14 - l3 - l4];
     match kind {
-        Kind::Syn => Spec::tcp(&s, "10.9.0.1", sport, 443, TCP_SYN),
-        Kind::Est => Spec::tcp(&s, "10.9.0.1", sport, 443, TCP_ACK),
-        Kind::Udp => Spec::udp(&s, "10.9.0.1", sport, 443),
-        Kind::Other => Spec::tcp(&s, "10.9.0.1", sport, 80, TCP_ACK),
+        Kind::Syn => Spec::tcp(&s, dst, sport, 443, TCP_SYN),
+        Kind::Est => Spec::tcp(&s, dst, sport, 443, TCP_ACK),
+        Kind::Udp => Spec::udp(&s, dst, sport, 443),
+        Kind::Other => Spec::tcp(&s, dst, sport, 80, TCP_ACK),
         Kind::Icmp => unreachable!("clean and sticky slot cases are TCP/UDP"),
     }
     .payload(&pad)
@@ -881,6 +955,11 @@ pub fn run(scale: &Scale, report: &mut Report) {
     let mut sticky_udp = flows(&w, 32, true, 17);
     let mut clean_iter = flows(&w, 64, false, 6);
     let (clean_src, clean_port) = clean_iter.next().unwrap();
+    // IPv6 flows are pinned in a table of their own (`LB_FLOWS`, 40-byte
+    // keys), which the fill below leaves empty.
+    let pinned6 = [6, 17].map(|proto| flows_of(&w, Fam::V6, 64, true, proto).next().unwrap());
+    let base6 = baseline_of(Fam::V6, Size::Small);
+    pinned_rows(&b, &w, Fam::V6, pinned6, FlowTable::Empty, base6, &mut rows);
     for (fill, table) in [(0.0, FlowTable::Empty), (scale.fill, FlowTable::NearlyFull)] {
         let mut filled = 0usize;
         if fill > 0.0 {
@@ -960,27 +1039,16 @@ pub fn run(scale: &Scale, report: &mut Report) {
         // Sticky slot, flow pinned: one LRU lookup that hits.
         let (src, port) = sticky_iter.next().unwrap();
         let (usrc, uport) = sticky_udp.next().unwrap();
-        for kind in [Kind::Est, Kind::Syn, Kind::Udp] {
-            let f = if kind == Kind::Udp {
-                v4_spec_frame(kind, usrc, uport)
-            } else {
-                v4_spec_frame(kind, src, port)
-            };
-            // The first run pins the flow (UDP has its own key). A SYN
-            // counts as a new flow each time, pinned or not.
-            w.dataplane().test_run_xdp(&f).unwrap();
-            let label = format!("ipv4 {}, sticky slot, pinned flow", kind.label());
-            let ns = b.lb(&w, &f, Expect::of(kind, kind == Kind::Syn), &label);
-            rows.push(Row {
-                case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 4, Slot::StickyPinned)
-                    .table(table),
-                label,
-                ns,
-                baseline_ns: base_small,
-                method: Method::Repeat,
-                runs: scale.repeat as u64 * scale.rounds as u64,
-            });
-        }
+        let (src, usrc) = (IpAddr::V4(src), IpAddr::V4(usrc));
+        pinned_rows(
+            &b,
+            &w,
+            Fam::V4,
+            [(src, port), (usrc, uport)],
+            table,
+            base_small,
+            &mut rows,
+        );
         // Sticky slot, new flow: every run inserts. One run per distinct
         // frame; the kernel's time for a repeat=1 call holds the same fixed
         // cost as the baseline's, which is subtracted.
