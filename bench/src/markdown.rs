@@ -60,7 +60,16 @@ const METHOD: &str = "## Method\n\n\
   before and after it whose output is checked. A SYN that must insert into \
   the flow table runs once per distinct frame; the fixed cost of such a \
   call is measured on the baseline and subtracted. Baseline: \
-  `test-ebpf/src/baseline.rs` (parse Ethernet/IP/TCP, swap MACs, `XDP_TX`).\n\
+  `test-ebpf/src/baseline.rs` (parse Ethernet/IP/TCP, swap MACs, `XDP_TX`). \
+  A repeated row's baseline is measured in rounds alternating with its \
+  own (a round of the baseline, then a round of the row), on the baseline \
+  frame of the row's family and size. Its ratio (x baseline) is the median \
+  of the rounds' ratios, each round over the baseline round just before \
+  it; ns/pkt and baseline ns are the medians of each. The machine moves \
+  between speed levels for seconds at a time, and a baseline measured once \
+  per run would give a row that ran on another level a ratio it does not \
+  have. Rows measured once per call (the fixed cost subtracted) use the \
+  baseline rows at the top, measured once at the start.\n\
 - **Packets per second**: live frames (`BPF_F_TEST_XDP_LIVE_FRAMES`) sent \
   from a generator namespace out of a veth into the program attached \
   (native XDP) to its peer; one pinned core does all the work; the \

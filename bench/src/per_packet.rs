@@ -286,6 +286,7 @@ fn pin_report_pair(
             ),
             ns: sys::median(samples) - overhead,
             baseline_ns: base_small,
+            x_baseline: None,
             method: Method::Once,
             runs: n,
         });
@@ -418,6 +419,9 @@ pub struct Row {
     pub label: String,
     pub ns: f64,
     pub baseline_ns: f64,
+    /// The median of the per-round ratios of a row measured against its
+    /// own baseline ([`Measured`]); else `ns / baseline_ns`.
+    pub x_baseline: Option<f64>,
     pub method: Method,
     pub runs: u64,
 }
@@ -500,7 +504,7 @@ impl Bench {
     }
 
     /// Median over rounds of the mean ns per run, every round proven.
-    fn lb(&self, w: &MapWriter, frame: &[u8], e: Expect, what: &str) -> f64 {
+    fn lb(&self, w: &MapWriter, frame: &[u8], e: Expect, what: &str) -> Measured {
         self.lb_cycle(w, &[frame], e, what, &["bench", "bench6"])
     }
 
@@ -517,7 +521,24 @@ impl Bench {
         e: Expect,
         what: &str,
         services: &[&str],
-    ) -> f64 {
+    ) -> Measured {
+        self.lb_against(w, cycle, &floor_frame(cycle[0]), e, what, services)
+    }
+
+    /// [`Bench::lb_cycle`], each round after a round of the baseline
+    /// program on `floor`: the row and its baseline see the machine in the
+    /// same state, so their ratio holds when the machine slows down or
+    /// speeds up between rows (it moves between levels here, for seconds
+    /// at a time, whatever runs).
+    fn lb_against(
+        &self,
+        w: &MapWriter,
+        cycle: &[&[u8]],
+        floor: &[u8],
+        e: Expect,
+        what: &str,
+        services: &[&str],
+    ) -> Measured {
         assert_eq!(
             self.repeat as usize % cycle.len(),
             0,
@@ -531,16 +552,56 @@ impl Bench {
         check();
         let dp = w.dataplane();
         let mut samples = Vec::new();
+        let mut floor_samples = Vec::new();
+        let mut ratios = Vec::new();
         for _ in 0..self.rounds {
+            let floor_ns = self.baseline_once(floor, self.repeat);
             let before = counts_of(w, services);
             let d = dp.bench_xdp(cycle[0], self.repeat).unwrap();
             let after = counts_of(w, services);
             prove(&before, &after, self.repeat as u64, e, what);
-            samples.push(d.as_nanos() as f64);
+            let ns = d.as_nanos() as f64;
+            samples.push(ns);
+            floor_samples.push(floor_ns);
+            ratios.push(ns / floor_ns);
         }
         check();
-        sys::median(&samples)
+        Measured {
+            ns: sys::median(&samples),
+            baseline_ns: sys::median(&floor_samples),
+            x_baseline: sys::median(&ratios),
+        }
     }
+}
+
+/// A repeated row: its ns per run and its baseline's, measured in
+/// alternating rounds (median of each), and the median of the rounds'
+/// ratios (each round over the baseline round just before it).
+#[derive(Clone, Copy)]
+struct Measured {
+    ns: f64,
+    baseline_ns: f64,
+    x_baseline: f64,
+}
+
+/// The baseline's frame for a row's frame: the standard frame of its family
+/// (the ethertype after any VLAN tag) and size.
+fn floor_frame(f: &[u8]) -> Vec<u8> {
+    let mut off = 12;
+    while matches!(f.get(off..off + 2), Some([0x81, 0x00] | [0x88, 0xa8])) {
+        off += 4;
+    }
+    let fam = if f.get(off..off + 2) == Some(&[0x86, 0xdd]) {
+        Fam::V6
+    } else {
+        Fam::V4
+    };
+    let size = if f.len() >= 1000 {
+        Size::Mtu
+    } else {
+        Size::Small
+    };
+    frame(fam, Kind::Syn, size, 40000)
 }
 
 /// Rows of flows pinned in sticky slots: established, SYN (a new connection
@@ -552,7 +613,6 @@ fn pinned_rows(
     fam: Fam,
     flows: [(IpAddr, u16); 2],
     table: FlowTable,
-    baseline_ns: f64,
     rows: &mut Vec<Row>,
 ) {
     for kind in [Kind::Est, Kind::Syn, Kind::Udp] {
@@ -562,12 +622,13 @@ fn pinned_rows(
         // counts as a new flow each time, pinned or not.
         w.dataplane().test_run_xdp(&f).unwrap();
         let label = format!("{} {}, sticky slot, pinned flow", fam.name(), kind.label());
-        let ns = b.lb(w, &f, Expect::of(kind, kind == Kind::Syn), &label);
+        let measured = b.lb(w, &f, Expect::of(kind, kind == Kind::Syn), &label);
         rows.push(Row {
             case: Case::new(fam, Traffic::Kind(kind), f.len(), 4, Slot::StickyPinned).table(table),
             label,
-            ns,
-            baseline_ns,
+            ns: measured.ns,
+            baseline_ns: measured.baseline_ns,
+            x_baseline: Some(measured.x_baseline),
             method: Method::Repeat,
             runs: b.repeat as u64 * b.rounds as u64,
         });
@@ -614,6 +675,7 @@ fn steady_state(
             label,
             ns: sys::median(&ns) - overhead,
             baseline_ns: base_small,
+            x_baseline: None,
             method: Method::Once,
             runs: spread.len() as u64,
         }
@@ -651,12 +713,13 @@ fn steady_state(
             let f = v4_spec_frame(kind, src, port);
             w.dataplane().test_run_xdp(&f).unwrap();
             let label = format!("ipv4 {}, after 100 changes, {phase}", kind.label());
-            let ns = b.lb(w, &f, Expect::of(kind, kind == Kind::Syn), &label);
+            let measured = b.lb(w, &f, Expect::of(kind, kind == Kind::Syn), &label);
             rows.push(Row {
                 case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 10, slot),
                 label,
-                ns,
-                baseline_ns: base_small,
+                ns: measured.ns,
+                baseline_ns: measured.baseline_ns,
+                x_baseline: Some(measured.x_baseline),
                 method: Method::Repeat,
                 runs: b.repeat as u64 * b.rounds as u64,
             });
@@ -844,19 +907,20 @@ pub fn run(scale: &Scale, report: &mut Report) {
                 let f = frame(fam, kind, size, 40000);
                 let e = Expect::of(kind, kind == Kind::Syn);
                 let label = format!("{} {}", fam.name(), kind.label());
-                let ns = b.lb(&w, &f, e, &label);
                 // An ICMP error is not the size of the other frames: the
                 // baseline runs on the same frame.
-                let baseline_ns = if kind == Kind::Icmp {
-                    b.baseline(&f)
+                let floor = if kind == Kind::Icmp {
+                    f.clone()
                 } else {
-                    baseline_of(fam, size)
+                    floor_frame(&f)
                 };
+                let measured = b.lb_against(&w, &[&f], &floor, e, &label, &["bench", "bench6"]);
                 rows.push(Row {
                     case: Case::new(fam, Traffic::Kind(kind), f.len(), 3, Slot::Clean),
                     label,
-                    ns,
-                    baseline_ns,
+                    ns: measured.ns,
+                    baseline_ns: measured.baseline_ns,
+                    x_baseline: Some(measured.x_baseline),
                     method: Method::Repeat,
                     runs: scale.repeat as u64 * scale.rounds as u64,
                 });
@@ -880,18 +944,19 @@ pub fn run(scale: &Scale, report: &mut Report) {
         ] {
             let f = frame(fam, kind, Size::Small, 40000);
             let label = format!("{} {}, murmur3 flow hash", fam.name(), kind.label());
-            let ns = b.lb(&m, &f, Expect::of(kind, kind == Kind::Syn), &label);
+            let measured = b.lb(&m, &f, Expect::of(kind, kind == Kind::Syn), &label);
             rows.push(Row {
                 case: Case::new(fam, Traffic::Kind(kind), f.len(), 3, Slot::CleanMurmur3),
                 label,
-                ns,
-                baseline_ns: baseline_of(fam, Size::Small),
+                ns: measured.ns,
+                baseline_ns: measured.baseline_ns,
+                x_baseline: Some(measured.x_baseline),
                 method: Method::Repeat,
                 runs: scale.repeat as u64 * scale.rounds as u64,
             });
         }
     }
-    quic_rows(&b, &mut w, baseline_of(Fam::V4, Size::Small), &mut rows);
+    quic_rows(&b, &mut w, &mut rows);
     // Fragments of a UDP datagram: the first records its pick in LB_FRAGS
     // (an LRU update on every run), a later one finds it there (an LRU
     // lookup) and goes where the first went. Both come out as they went in
@@ -904,12 +969,13 @@ pub fn run(scale: &Scale, report: &mut Report) {
             ("udp later fragment", Traffic::UdpLaterFragment, &later),
         ] {
             let label = format!("{} {what}", fam.name());
-            let ns = b.lb(&w, f, e, &label);
+            let measured = b.lb(&w, f, e, &label);
             rows.push(Row {
                 case: Case::new(fam, traffic, f.len(), 3, Slot::Clean),
                 label,
-                ns,
-                baseline_ns: baseline_of(fam, Size::Small),
+                ns: measured.ns,
+                baseline_ns: measured.baseline_ns,
+                x_baseline: Some(measured.x_baseline),
                 method: Method::Repeat,
                 runs: scale.repeat as u64 * scale.rounds as u64,
             });
@@ -922,12 +988,13 @@ pub fn run(scale: &Scale, report: &mut Report) {
         for kind in [Kind::Syn, Kind::Est] {
             let f = frame(Fam::V4, kind, Size::Small, 40000);
             let label = format!("ipv4 {}", kind.label());
-            let ns = b.lb(&w, &f, Expect::of(kind, kind == Kind::Syn), &label);
+            let measured = b.lb(&w, &f, Expect::of(kind, kind == Kind::Syn), &label);
             rows.push(Row {
                 case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), n, Slot::Clean),
                 label,
-                ns,
-                baseline_ns: baseline_of(Fam::V4, Size::Small),
+                ns: measured.ns,
+                baseline_ns: measured.baseline_ns,
+                x_baseline: Some(measured.x_baseline),
                 method: Method::Repeat,
                 runs: scale.repeat as u64 * scale.rounds as u64,
             });
@@ -958,8 +1025,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
     // IPv6 flows are pinned in a table of their own (`LB_FLOWS`, 40-byte
     // keys), which the fill below leaves empty.
     let pinned6 = [6, 17].map(|proto| flows_of(&w, Fam::V6, 64, true, proto).next().unwrap());
-    let base6 = baseline_of(Fam::V6, Size::Small);
-    pinned_rows(&b, &w, Fam::V6, pinned6, FlowTable::Empty, base6, &mut rows);
+    pinned_rows(&b, &w, Fam::V6, pinned6, FlowTable::Empty, &mut rows);
     for (fill, table) in [(0.0, FlowTable::Empty), (scale.fill, FlowTable::NearlyFull)] {
         let mut filled = 0usize;
         if fill > 0.0 {
@@ -1026,12 +1092,13 @@ pub fn run(scale: &Scale, report: &mut Report) {
         for kind in [Kind::Syn, Kind::Est] {
             let f = v4_spec_frame(kind, clean_src, clean_port);
             let label = format!("ipv4 {}, clean slot", kind.label());
-            let ns = b.lb(&w, &f, Expect::of(kind, kind == Kind::Syn), &label);
+            let measured = b.lb(&w, &f, Expect::of(kind, kind == Kind::Syn), &label);
             rows.push(Row {
                 case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 4, Slot::Clean).table(table),
                 label,
-                ns,
-                baseline_ns: base_small,
+                ns: measured.ns,
+                baseline_ns: measured.baseline_ns,
+                x_baseline: Some(measured.x_baseline),
                 method: Method::Repeat,
                 runs: scale.repeat as u64 * scale.rounds as u64,
             });
@@ -1046,7 +1113,6 @@ pub fn run(scale: &Scale, report: &mut Report) {
             Fam::V4,
             [(src, port), (usrc, uport)],
             table,
-            base_small,
             &mut rows,
         );
         // Sticky slot, new flow: every run inserts. One run per distinct
@@ -1083,6 +1149,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
             label,
             ns: sys::median(&samples) - overhead,
             baseline_ns: base_small,
+            x_baseline: None,
             method: Method::Once,
             runs: frames.len() as u64,
         });
@@ -1113,6 +1180,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
         label: "ipv4 tcp syn (new flow), clean slot (repeat=1 method, cross-check)".into(),
         ns: sys::median(&samples) - overhead,
         baseline_ns: base_small,
+        x_baseline: None,
         method: Method::Once,
         runs: scale.insert_samples as u64,
     });
@@ -1200,7 +1268,7 @@ pub fn run(scale: &Scale, report: &mut Report) {
     ));
     for r in rows {
         let c = r.case;
-        let x_baseline = r.ns / r.baseline_ns;
+        let x_baseline = r.x_baseline.unwrap_or(r.ns / r.baseline_ns);
         t.row(vec![
             r.label.clone(),
             format!("{} B", c.frame_bytes),
@@ -1412,7 +1480,7 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
                 let _stop = StopOnDrop(&fresh);
                 for kind in [Kind::Syn, Kind::Est, Kind::Udp] {
                     let before = via(&w);
-                    out.push(dsr_row(b, &w, kind, false, base_small, runs));
+                    out.push(dsr_row(b, &w, kind, false, runs));
                     let after = via(&w);
                     assert!(
                         after[NextHopVia::Cache as usize] > before[NextHopVia::Cache as usize]
@@ -1422,7 +1490,7 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
                 }
                 for kind in [Kind::Syn, Kind::Est, Kind::Udp] {
                     let before = via(&w);
-                    out.push(nat_row(b, &w, kind, false, base_small, runs, &nat_services));
+                    out.push(nat_row(b, &w, kind, false, runs, &nat_services));
                     let after = via(&w);
                     assert!(
                         after[NextHopVia::Cache as usize] > before[NextHopVia::Cache as usize]
@@ -1472,6 +1540,7 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
                     label: "ipv4 udp later fragment, nat".into(),
                     ns: sys::median(&samples) - overhead,
                     baseline_ns: base_small,
+                    x_baseline: None,
                     method: Method::Once,
                     runs: n,
                 });
@@ -1481,16 +1550,8 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
                 // the cache.
                 resolver.clear().expect("clearing next hops");
                 let before = via(&w);
-                out.push(dsr_row(b, &w, Kind::Est, true, base_small, runs));
-                out.push(nat_row(
-                    b,
-                    &w,
-                    Kind::Est,
-                    true,
-                    base_small,
-                    runs,
-                    &nat_services,
-                ));
+                out.push(dsr_row(b, &w, Kind::Est, true, runs));
+                out.push(nat_row(b, &w, Kind::Est, true, runs, &nat_services));
                 let after = via(&w);
                 assert_eq!(
                     after[NextHopVia::Cache as usize],
@@ -1519,7 +1580,7 @@ impl Drop for StopOnDrop<'_> {
 /// A `dsr` row (the repeat method; the service named "bench" is the one
 /// whose counters `counts` reads), through the cache or, with `fib`, with
 /// no entry present.
-fn dsr_row(b: &Bench, w: &MapWriter, kind: Kind, fib: bool, base_small: f64, runs: u64) -> Row {
+fn dsr_row(b: &Bench, w: &MapWriter, kind: Kind, fib: bool, runs: u64) -> Row {
     let f = remote_frame(kind, DSR_VIP);
     let (slot, label) = if fib {
         (
@@ -1533,12 +1594,13 @@ fn dsr_row(b: &Bench, w: &MapWriter, kind: Kind, fib: bool, base_small: f64, run
         action: XDP_REDIRECT,
         ..Expect::of(kind, kind == Kind::Syn)
     };
-    let ns = b.lb(w, &f, e, &label);
+    let measured = b.lb(w, &f, e, &label);
     Row {
         case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 3, slot),
         label,
-        ns,
-        baseline_ns: base_small,
+        ns: measured.ns,
+        baseline_ns: measured.baseline_ns,
+        x_baseline: Some(measured.x_baseline),
         method: Method::Repeat,
         runs,
     }
@@ -1607,15 +1669,7 @@ fn nat_return_services(w: &MapWriter) -> Vec<ServiceSpec> {
 /// A `nat` row, the repeat method: the runs alternate between the `nat`
 /// service's forward to a backend and a return service's forward back
 /// (`services`: all of them), each a whole nat forward, both checked.
-fn nat_row(
-    b: &Bench,
-    w: &MapWriter,
-    kind: Kind,
-    fib: bool,
-    base_small: f64,
-    runs: u64,
-    services: &[&str],
-) -> Row {
+fn nat_row(b: &Bench, w: &MapWriter, kind: Kind, fib: bool, runs: u64, services: &[&str]) -> Row {
     let f = remote_frame(kind, NAT_VIP);
     let (action, o) = w.dataplane().test_run_xdp(&f).unwrap();
     assert_eq!(action, XDP_REDIRECT, "nat {kind:?}: action");
@@ -1640,12 +1694,13 @@ fn nat_row(
         action: XDP_REDIRECT,
         ..Expect::of(kind, kind == Kind::Syn)
     };
-    let ns = b.lb_cycle(w, &[&f, &o], e, &label, services);
+    let measured = b.lb_cycle(w, &[&f, &o], e, &label, services);
     Row {
         case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 3, slot),
         label,
-        ns,
-        baseline_ns: base_small,
+        ns: measured.ns,
+        baseline_ns: measured.baseline_ns,
+        x_baseline: Some(measured.x_baseline),
         method: Method::Repeat,
         runs,
     }
@@ -1654,7 +1709,7 @@ fn nat_row(
 /// QUIC-LB on a `bench` service like the plain `udp` rows' (3 backends): a long header (the 4-tuple pick after the
 /// QUIC checks), then short headers whose CID names backend 2, in plaintext
 /// and encrypted with each of the three decryption paths.
-fn quic_rows(b: &Bench, w: &mut MapWriter, base_small: f64, rows: &mut Vec<Row>) {
+fn quic_rows(b: &Bench, w: &mut MapWriter, rows: &mut Vec<Row>) {
     use lb_common::quic::{CidConfig, CidMode};
     use lb_userspace::dataplane::{QuicSpec, QuicSpecs};
     // The shared data plane, as a fresh load would be; the other rows'
@@ -1748,7 +1803,7 @@ fn quic_rows(b: &Bench, w: &mut MapWriter, base_small: f64, rows: &mut Vec<Row>)
             .dataplane()
             .quic_route_counts(w.service_id("bench").unwrap())
             .unwrap();
-        let ns = b.lb(w, &f, Expect::of(Kind::Udp, false), &label);
+        let measured = b.lb(w, &f, Expect::of(Kind::Udp, false), &label);
         // Every run took the path the row names.
         let after = w
             .dataplane()
@@ -1767,8 +1822,9 @@ fn quic_rows(b: &Bench, w: &mut MapWriter, base_small: f64, rows: &mut Vec<Row>)
         rows.push(Row {
             case: Case::new(Fam::V4, Traffic::Quic(case), f.len(), 3, Slot::Clean),
             label,
-            ns,
-            baseline_ns: base_small,
+            ns: measured.ns,
+            baseline_ns: measured.baseline_ns,
+            x_baseline: Some(measured.x_baseline),
             method: Method::Repeat,
             runs: b.repeat as u64 * b.rounds as u64,
         });
