@@ -426,6 +426,21 @@ pub struct Row {
     pub runs: u64,
 }
 
+impl Row {
+    /// A row measured by the repeat method against its own baseline.
+    fn repeated(case: Case, label: String, m: Measured, runs: u64) -> Self {
+        Row {
+            case,
+            label,
+            ns: m.ns,
+            baseline_ns: m.baseline_ns,
+            x_baseline: Some(m.x_baseline),
+            method: Method::Repeat,
+            runs,
+        }
+    }
+}
+
 impl Bench {
     fn new(repeat: u32, rounds: usize) -> Self {
         let mut baseline = Ebpf::load(crate::objects::BASELINE_OBJECT).expect("baseline object");
@@ -623,15 +638,12 @@ fn pinned_rows(
         w.dataplane().test_run_xdp(&f).unwrap();
         let label = format!("{} {}, sticky slot, pinned flow", fam.name(), kind.label());
         let measured = b.lb(w, &f, Expect::of(kind, kind == Kind::Syn), &label);
-        rows.push(Row {
-            case: Case::new(fam, Traffic::Kind(kind), f.len(), 4, Slot::StickyPinned).table(table),
+        rows.push(Row::repeated(
+            Case::new(fam, Traffic::Kind(kind), f.len(), 4, Slot::StickyPinned).table(table),
             label,
-            ns: measured.ns,
-            baseline_ns: measured.baseline_ns,
-            x_baseline: Some(measured.x_baseline),
-            method: Method::Repeat,
-            runs: b.repeat as u64 * b.rounds as u64,
-        });
+            measured,
+            b.repeat as u64 * b.rounds as u64,
+        ));
     }
 }
 
@@ -714,15 +726,12 @@ fn steady_state(
             w.dataplane().test_run_xdp(&f).unwrap();
             let label = format!("ipv4 {}, after 100 changes, {phase}", kind.label());
             let measured = b.lb(w, &f, Expect::of(kind, kind == Kind::Syn), &label);
-            rows.push(Row {
-                case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 10, slot),
+            rows.push(Row::repeated(
+                Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 10, slot),
                 label,
-                ns: measured.ns,
-                baseline_ns: measured.baseline_ns,
-                x_baseline: Some(measured.x_baseline),
-                method: Method::Repeat,
-                runs: b.repeat as u64 * b.rounds as u64,
-            });
+                measured,
+                b.repeat as u64 * b.rounds as u64,
+            ));
         }
     };
     measure(w, "sticky slot, pinned", Slot::AfterChangesPinned);
@@ -915,15 +924,12 @@ pub fn run(scale: &Scale, report: &mut Report) {
                     floor_frame(&f)
                 };
                 let measured = b.lb_against(&w, &[&f], &floor, e, &label, &["bench", "bench6"]);
-                rows.push(Row {
-                    case: Case::new(fam, Traffic::Kind(kind), f.len(), 3, Slot::Clean),
+                rows.push(Row::repeated(
+                    Case::new(fam, Traffic::Kind(kind), f.len(), 3, Slot::Clean),
                     label,
-                    ns: measured.ns,
-                    baseline_ns: measured.baseline_ns,
-                    x_baseline: Some(measured.x_baseline),
-                    method: Method::Repeat,
-                    runs: scale.repeat as u64 * scale.rounds as u64,
-                });
+                    measured,
+                    scale.repeat as u64 * scale.rounds as u64,
+                ));
             }
         }
     }
@@ -945,15 +951,12 @@ pub fn run(scale: &Scale, report: &mut Report) {
             let f = frame(fam, kind, Size::Small, 40000);
             let label = format!("{} {}, murmur3 flow hash", fam.name(), kind.label());
             let measured = b.lb(&m, &f, Expect::of(kind, kind == Kind::Syn), &label);
-            rows.push(Row {
-                case: Case::new(fam, Traffic::Kind(kind), f.len(), 3, Slot::CleanMurmur3),
+            rows.push(Row::repeated(
+                Case::new(fam, Traffic::Kind(kind), f.len(), 3, Slot::CleanMurmur3),
                 label,
-                ns: measured.ns,
-                baseline_ns: measured.baseline_ns,
-                x_baseline: Some(measured.x_baseline),
-                method: Method::Repeat,
-                runs: scale.repeat as u64 * scale.rounds as u64,
-            });
+                measured,
+                scale.repeat as u64 * scale.rounds as u64,
+            ));
         }
     }
     quic_rows(&b, &mut w, &mut rows);
@@ -970,15 +973,12 @@ pub fn run(scale: &Scale, report: &mut Report) {
         ] {
             let label = format!("{} {what}", fam.name());
             let measured = b.lb(&w, f, e, &label);
-            rows.push(Row {
-                case: Case::new(fam, traffic, f.len(), 3, Slot::Clean),
+            rows.push(Row::repeated(
+                Case::new(fam, traffic, f.len(), 3, Slot::Clean),
                 label,
-                ns: measured.ns,
-                baseline_ns: measured.baseline_ns,
-                x_baseline: Some(measured.x_baseline),
-                method: Method::Repeat,
-                runs: scale.repeat as u64 * scale.rounds as u64,
-            });
+                measured,
+                scale.repeat as u64 * scale.rounds as u64,
+            ));
         }
     }
 
@@ -989,15 +989,12 @@ pub fn run(scale: &Scale, report: &mut Report) {
             let f = frame(Fam::V4, kind, Size::Small, 40000);
             let label = format!("ipv4 {}", kind.label());
             let measured = b.lb(&w, &f, Expect::of(kind, kind == Kind::Syn), &label);
-            rows.push(Row {
-                case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), n, Slot::Clean),
+            rows.push(Row::repeated(
+                Case::new(Fam::V4, Traffic::Kind(kind), f.len(), n, Slot::Clean),
                 label,
-                ns: measured.ns,
-                baseline_ns: measured.baseline_ns,
-                x_baseline: Some(measured.x_baseline),
-                method: Method::Repeat,
-                runs: scale.repeat as u64 * scale.rounds as u64,
-            });
+                measured,
+                scale.repeat as u64 * scale.rounds as u64,
+            ));
         }
     }
 
@@ -1093,15 +1090,12 @@ pub fn run(scale: &Scale, report: &mut Report) {
             let f = v4_spec_frame(kind, clean_src, clean_port);
             let label = format!("ipv4 {}, clean slot", kind.label());
             let measured = b.lb(&w, &f, Expect::of(kind, kind == Kind::Syn), &label);
-            rows.push(Row {
-                case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 4, Slot::Clean).table(table),
+            rows.push(Row::repeated(
+                Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 4, Slot::Clean).table(table),
                 label,
-                ns: measured.ns,
-                baseline_ns: measured.baseline_ns,
-                x_baseline: Some(measured.x_baseline),
-                method: Method::Repeat,
-                runs: scale.repeat as u64 * scale.rounds as u64,
-            });
+                measured,
+                scale.repeat as u64 * scale.rounds as u64,
+            ));
         }
         // Sticky slot, flow pinned: one LRU lookup that hits.
         let (src, port) = sticky_iter.next().unwrap();
@@ -1595,15 +1589,12 @@ fn dsr_row(b: &Bench, w: &MapWriter, kind: Kind, fib: bool, runs: u64) -> Row {
         ..Expect::of(kind, kind == Kind::Syn)
     };
     let measured = b.lb(w, &f, e, &label);
-    Row {
-        case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 3, slot),
+    Row::repeated(
+        Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 3, slot),
         label,
-        ns: measured.ns,
-        baseline_ns: measured.baseline_ns,
-        x_baseline: Some(measured.x_baseline),
-        method: Method::Repeat,
+        measured,
         runs,
-    }
+    )
 }
 
 /// The `nat` service's address.
@@ -1695,15 +1686,12 @@ fn nat_row(b: &Bench, w: &MapWriter, kind: Kind, fib: bool, runs: u64, services:
         ..Expect::of(kind, kind == Kind::Syn)
     };
     let measured = b.lb_cycle(w, &[&f, &o], e, &label, services);
-    Row {
-        case: Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 3, slot),
+    Row::repeated(
+        Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 3, slot),
         label,
-        ns: measured.ns,
-        baseline_ns: measured.baseline_ns,
-        x_baseline: Some(measured.x_baseline),
-        method: Method::Repeat,
+        measured,
         runs,
-    }
+    )
 }
 
 /// QUIC-LB on a `bench` service like the plain `udp` rows' (3 backends): a long header (the 4-tuple pick after the
@@ -1819,15 +1807,12 @@ fn quic_rows(b: &Bench, w: &mut MapWriter, rows: &mut Vec<Row>) {
             b.repeat as u64 * b.rounds as u64 + 2,
             "{label}: every run routed by {route}"
         );
-        rows.push(Row {
-            case: Case::new(Fam::V4, Traffic::Quic(case), f.len(), 3, Slot::Clean),
+        rows.push(Row::repeated(
+            Case::new(Fam::V4, Traffic::Quic(case), f.len(), 3, Slot::Clean),
             label,
-            ns: measured.ns,
-            baseline_ns: measured.baseline_ns,
-            x_baseline: Some(measured.x_baseline),
-            method: Method::Repeat,
-            runs: b.repeat as u64 * b.rounds as u64,
-        });
+            measured,
+            b.repeat as u64 * b.rounds as u64,
+        ));
     }
     w.apply_quic(&QuicSpecs::new()).unwrap();
     reset(w, 3);
