@@ -126,6 +126,12 @@ pub fn frame(fam: Fam, kind: Kind, size: Size, sport: u16) -> Vec<u8> {
         return icmp_frame(fam, size, sport);
     }
     let (src, dst) = fam.addrs();
+    spec(fam, kind, size, (src, sport), dst).build()
+}
+
+/// The packet of `kind` from `src` (address, port) to port 443 of `dst`
+/// (port 80 for `Other`), padded to a frame of `size`.
+fn spec(fam: Fam, kind: Kind, size: Size, (src, sport): (&str, u16), dst: &str) -> Spec {
     let l3 = if fam == Fam::V4 { 20 } else { 40 };
     let l4 = if kind == Kind::Udp { 8 } else { 20 };
     let target: usize = match size {
@@ -133,14 +139,14 @@ pub fn frame(fam: Fam, kind: Kind, size: Size, sport: u16) -> Vec<u8> {
         Size::Mtu => 1514,
     };
     let pad = vec![0u8; target.saturating_sub(14 + l3 + l4)];
-    let spec = match kind {
+    match kind {
         Kind::Syn => Spec::tcp(src, dst, sport, 443, TCP_SYN),
         Kind::Est => Spec::tcp(src, dst, sport, 443, TCP_ACK),
         Kind::Udp => Spec::udp(src, dst, sport, 443),
         Kind::Other => Spec::tcp(src, dst, sport, 80, TCP_ACK),
         Kind::Icmp => unreachable!("built by icmp_frame"),
-    };
-    spec.payload(&pad).build()
+    }
+    .payload(&pad)
 }
 
 /// A router's error about a full-size reply of the flow from port `sport`:
@@ -166,7 +172,7 @@ fn icmp_frame(fam: Fam, size: Size, sport: u16) -> Vec<u8> {
 fn services(n: usize) -> [ServiceSpec; 2] {
     let v4 = service(n);
     let v6 = ServiceSpec {
-        name: "bench6".into(),
+        name: Fam::V6.service().into(),
         listen: "[::]:443".parse().unwrap(),
         ..v4.clone()
     };
@@ -178,7 +184,7 @@ fn service(n: usize) -> ServiceSpec {
         .map(|i| format!("127.0.{}.{}:443", i / 250, i % 250 + 1))
         .collect();
     let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    lb_tests::fixtures::service("bench", "0.0.0.0:443", &addrs)
+    lb_tests::fixtures::service(Fam::V4.service(), "0.0.0.0:443", &addrs)
 }
 
 fn writer(n: usize, flow_table: u32) -> MapWriter {
@@ -428,7 +434,7 @@ pub struct Row {
 
 impl Row {
     /// A row measured by the repeat method against its own baseline.
-    fn repeated(case: Case, label: String, m: Measured, runs: u64) -> Self {
+    fn repeated(case: Case, label: String, m: Measured) -> Self {
         Row {
             case,
             label,
@@ -436,7 +442,7 @@ impl Row {
             baseline_ns: m.baseline_ns,
             x_baseline: Some(m.x_baseline),
             method: Method::Repeat,
-            runs,
+            runs: m.runs,
         }
     }
 }
@@ -585,6 +591,7 @@ impl Bench {
             ns: sys::median(&samples),
             baseline_ns: sys::median(&floor_samples),
             x_baseline: sys::median(&ratios),
+            runs: self.repeat as u64 * self.rounds as u64,
         }
     }
 }
@@ -597,6 +604,8 @@ struct Measured {
     ns: f64,
     baseline_ns: f64,
     x_baseline: f64,
+    /// Runs measured, all rounds.
+    runs: u64,
 }
 
 /// The baseline's frame for a row's frame: the standard frame of its family
@@ -642,7 +651,6 @@ fn pinned_rows(
             Case::new(fam, Traffic::Kind(kind), f.len(), 4, Slot::StickyPinned).table(table),
             label,
             measured,
-            b.repeat as u64 * b.rounds as u64,
         ));
     }
 }
@@ -730,7 +738,6 @@ fn steady_state(
                 Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 10, slot),
                 label,
                 measured,
-                b.repeat as u64 * b.rounds as u64,
             ));
         }
     };
@@ -865,20 +872,13 @@ fn v4_spec_frame(kind: Kind, src: Ipv4Addr, sport: u16) -> Vec<u8> {
 /// A 64-byte (IPv4) or 74-byte (IPv6) frame of `kind` from `src`, `sport`
 /// to the family's service address.
 fn spec_frame(fam: Fam, kind: Kind, src: IpAddr, sport: u16) -> Vec<u8> {
-    let base = frame(fam, kind, Size::Small, sport);
-    let l3 = if fam == Fam::V4 { 20 } else { 40 };
-    let l4 = if kind == Kind::Udp { 8 } else { 20 };
-    let s = src.to_string();
-    let dst = fam.addrs().1;
-    let pad = vec![0u8; base.len() - 14 - l3 - l4];
-    match kind {
-        Kind::Syn => Spec::tcp(&s, dst, sport, 443, TCP_SYN),
-        Kind::Est => Spec::tcp(&s, dst, sport, 443, TCP_ACK),
-        Kind::Udp => Spec::udp(&s, dst, sport, 443),
-        Kind::Other => Spec::tcp(&s, dst, sport, 80, TCP_ACK),
-        Kind::Icmp => unreachable!("clean and sticky slot cases are TCP/UDP"),
-    }
-    .payload(&pad)
+    spec(
+        fam,
+        kind,
+        Size::Small,
+        (&src.to_string(), sport),
+        fam.addrs().1,
+    )
     .build()
 }
 
@@ -928,7 +928,6 @@ pub fn run(scale: &Scale, report: &mut Report) {
                     Case::new(fam, Traffic::Kind(kind), f.len(), 3, Slot::Clean),
                     label,
                     measured,
-                    scale.repeat as u64 * scale.rounds as u64,
                 ));
             }
         }
@@ -955,7 +954,6 @@ pub fn run(scale: &Scale, report: &mut Report) {
                 Case::new(fam, Traffic::Kind(kind), f.len(), 3, Slot::CleanMurmur3),
                 label,
                 measured,
-                scale.repeat as u64 * scale.rounds as u64,
             ));
         }
     }
@@ -977,7 +975,6 @@ pub fn run(scale: &Scale, report: &mut Report) {
                 Case::new(fam, traffic, f.len(), 3, Slot::Clean),
                 label,
                 measured,
-                scale.repeat as u64 * scale.rounds as u64,
             ));
         }
     }
@@ -993,7 +990,6 @@ pub fn run(scale: &Scale, report: &mut Report) {
                 Case::new(Fam::V4, Traffic::Kind(kind), f.len(), n, Slot::Clean),
                 label,
                 measured,
-                scale.repeat as u64 * scale.rounds as u64,
             ));
         }
     }
@@ -1094,7 +1090,6 @@ pub fn run(scale: &Scale, report: &mut Report) {
                 Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 4, Slot::Clean).table(table),
                 label,
                 measured,
-                scale.repeat as u64 * scale.rounds as u64,
             ));
         }
         // Sticky slot, flow pinned: one LRU lookup that hits.
@@ -1425,7 +1420,6 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
             &["10.213.1.5:8443", "10.213.1.6:8443", "10.213.1.7:8443"],
         ),
     ];
-    let runs = scale.repeat as u64 * scale.rounds as u64;
     let measured: Vec<Row> = std::thread::scope(|sc| {
         sc.spawn(|| {
             netns::enter(&ns);
@@ -1474,7 +1468,7 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
                 let _stop = StopOnDrop(&fresh);
                 for kind in [Kind::Syn, Kind::Est, Kind::Udp] {
                     let before = via(&w);
-                    out.push(dsr_row(b, &w, kind, false, runs));
+                    out.push(dsr_row(b, &w, kind, false));
                     let after = via(&w);
                     assert!(
                         after[NextHopVia::Cache as usize] > before[NextHopVia::Cache as usize]
@@ -1484,7 +1478,7 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
                 }
                 for kind in [Kind::Syn, Kind::Est, Kind::Udp] {
                     let before = via(&w);
-                    out.push(nat_row(b, &w, kind, false, runs, &nat_services));
+                    out.push(nat_row(b, &w, kind, false, &nat_services));
                     let after = via(&w);
                     assert!(
                         after[NextHopVia::Cache as usize] > before[NextHopVia::Cache as usize]
@@ -1544,8 +1538,8 @@ fn remote(b: &Bench, scale: &Scale, base_small: f64, overhead: f64, rows: &mut V
                 // the cache.
                 resolver.clear().expect("clearing next hops");
                 let before = via(&w);
-                out.push(dsr_row(b, &w, Kind::Est, true, runs));
-                out.push(nat_row(b, &w, Kind::Est, true, runs, &nat_services));
+                out.push(dsr_row(b, &w, Kind::Est, true));
+                out.push(nat_row(b, &w, Kind::Est, true, &nat_services));
                 let after = via(&w);
                 assert_eq!(
                     after[NextHopVia::Cache as usize],
@@ -1574,7 +1568,7 @@ impl Drop for StopOnDrop<'_> {
 /// A `dsr` row (the repeat method; the service named "bench" is the one
 /// whose counters `counts` reads), through the cache or, with `fib`, with
 /// no entry present.
-fn dsr_row(b: &Bench, w: &MapWriter, kind: Kind, fib: bool, runs: u64) -> Row {
+fn dsr_row(b: &Bench, w: &MapWriter, kind: Kind, fib: bool) -> Row {
     let f = remote_frame(kind, DSR_VIP);
     let (slot, label) = if fib {
         (
@@ -1593,7 +1587,6 @@ fn dsr_row(b: &Bench, w: &MapWriter, kind: Kind, fib: bool, runs: u64) -> Row {
         Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 3, slot),
         label,
         measured,
-        runs,
     )
 }
 
@@ -1606,13 +1599,7 @@ const DSR_VIP: &str = "10.213.0.20";
 /// MACs a packet leaving lb0 towards the peer gets: what dsr leaves as it
 /// was, and what a nat return service's rewrite gives back.
 fn remote_frame(kind: Kind, vip: &str) -> Vec<u8> {
-    let s = match kind {
-        Kind::Syn => Spec::tcp("10.213.0.2", vip, 40000, 443, TCP_SYN),
-        Kind::Est => Spec::tcp("10.213.0.2", vip, 40000, 443, TCP_ACK),
-        _ => Spec::udp("10.213.0.2", vip, 40000, 443),
-    };
-    let l4 = if kind == Kind::Udp { 8 } else { 20 };
-    s.payload(&vec![0u8; 64 - 14 - 20 - l4])
+    spec(Fam::V4, kind, Size::Small, ("10.213.0.2", 40000), vip)
         .with_macs(PEER_MAC, LB0_MAC)
         .build()
 }
@@ -1660,7 +1647,7 @@ fn nat_return_services(w: &MapWriter) -> Vec<ServiceSpec> {
 /// A `nat` row, the repeat method: the runs alternate between the `nat`
 /// service's forward to a backend and a return service's forward back
 /// (`services`: all of them), each a whole nat forward, both checked.
-fn nat_row(b: &Bench, w: &MapWriter, kind: Kind, fib: bool, runs: u64, services: &[&str]) -> Row {
+fn nat_row(b: &Bench, w: &MapWriter, kind: Kind, fib: bool, services: &[&str]) -> Row {
     let f = remote_frame(kind, NAT_VIP);
     let (action, o) = w.dataplane().test_run_xdp(&f).unwrap();
     assert_eq!(action, XDP_REDIRECT, "nat {kind:?}: action");
@@ -1690,7 +1677,6 @@ fn nat_row(b: &Bench, w: &MapWriter, kind: Kind, fib: bool, runs: u64, services:
         Case::new(Fam::V4, Traffic::Kind(kind), f.len(), 3, slot),
         label,
         measured,
-        runs,
     )
 }
 
@@ -1811,7 +1797,6 @@ fn quic_rows(b: &Bench, w: &mut MapWriter, rows: &mut Vec<Row>) {
             Case::new(Fam::V4, Traffic::Quic(case), f.len(), 3, Slot::Clean),
             label,
             measured,
-            b.repeat as u64 * b.rounds as u64,
         ));
     }
     w.apply_quic(&QuicSpecs::new()).unwrap();
