@@ -609,17 +609,10 @@ struct Measured {
 }
 
 /// The baseline's frame for a row's frame: the standard frame of its family
-/// (the ethertype after any VLAN tag) and size.
+/// and size.
 fn floor_frame(f: &[u8]) -> Vec<u8> {
-    let mut off = 12;
-    while matches!(f.get(off..off + 2), Some([0x81, 0x00] | [0x88, 0xa8])) {
-        off += 4;
-    }
-    let fam = if f.get(off..off + 2) == Some(&[0x86, 0xdd]) {
-        Fam::V6
-    } else {
-        Fam::V4
-    };
+    let p = lb_tests::packet::parse(f).expect("a bench frame parses");
+    let fam = if p.dst.is_ipv6() { Fam::V6 } else { Fam::V4 };
     let size = if f.len() >= 1000 {
         Size::Mtu
     } else {
